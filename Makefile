@@ -1,0 +1,21 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+$(BIN)/mergekit-seed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+install: $(BIN)/mergekit-seed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/mergekit-seed quickstart --out quickstart-out
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+.PHONY: install demo test

@@ -1,0 +1,134 @@
+"""The ``mergekit-seed`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+from mergekit.options import MergeOptions, add_merge_options
+
+from mergekit_seed.recipe import RecipeError, check_recipe, load_recipe
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit with status 1 (no traceback)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-seed")
+def main() -> None:
+    """Multi-seed model merging for mergekit: SeedFT, SeedLoRA, LoRE-Merging."""
+
+
+def _prepare_output(out_path: Path, overwrite: bool) -> Path:
+    """Refuse to mix with an existing non-empty OUT; return the temporary sibling to write into."""
+    if out_path.exists() and not out_path.is_dir():
+        fail(f"{out_path}: exists and is not a folder; choose another output path")
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
+        fail(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _publish(staging: Path, out_path: Path) -> None:
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    staging.rename(out_path)
+
+
+def _terminate_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_recipe(recipe: str, out: str, merge_options: MergeOptions, overwrite: bool) -> None:
+    """Validate ``recipe``, merge into a temporary sibling of ``out``, then rename it into place."""
+    try:
+        config, source = load_recipe(recipe)
+    except RecipeError as error:
+        fail(str(error))
+    problems: List[str] = check_recipe(config, recipe)
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
+
+    from mergekit.merge import run_merge
+
+    out_path = Path(out).absolute()
+    staging = _prepare_output(out_path, overwrite)
+    previous = signal.signal(signal.SIGTERM, _terminate_on_signal)
+    try:
+        merge_options.apply_global_options()
+        run_merge(config, str(staging), options=merge_options, config_source=source)
+        _publish(staging, out_path)
+    except (RecipeError, ValueError) as error:
+        fail(f"{recipe}: {str(error).splitlines()[0]}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+@add_merge_options
+def run_command(merge_options: MergeOptions, recipe: str, out: str, overwrite: bool) -> None:
+    """Merge RECIPE (a mergekit YAML file) into the folder OUT.
+
+    Accepts every mergekit-yaml option. The recipe is validated before any tensor is
+    loaded, and OUT only appears once the merge has finished.
+    """
+    run_recipe(recipe, out, merge_options, overwrite)
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def methods_command(as_json: bool) -> None:
+    """List mergekit-seed's merge methods with their papers and parameters."""
+    from mergekit_seed.methods import METHODS, describe
+
+    described = [describe(method) for method in METHODS]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for entry in described:
+        click.echo(f"{entry['name']}  ({entry['pretty_name']})")
+        click.echo(f"  paper: {entry['paper']}")
+        click.echo(f"  inputs: base model {entry['base_model']}, at least {entry['min_seeds']} seeds")
+        for parameter in entry["parameters"]:
+            click.echo(
+                f"  {parameter['name']:<20} {parameter['type']:<22} default {parameter['default']!s:<8}"
+                f" {parameter['description']}"
+            )
+        click.echo("")
+
+
+@main.command("quickstart")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="quickstart-out",
+    show_default=True,
+    help="Folder for the generated models, recipe and merge.",
+)
+@click.option("--method", default="seedft", show_default=True, help="Which of our methods to run.")
+def quickstart_command(out: str, method: str) -> None:
+    """Generate a tiny base model and three seeds, merge them, and report what happened."""
+    from mergekit_seed.demo.quickstart import run_quickstart
+
+    run_quickstart(Path(out).absolute(), method, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

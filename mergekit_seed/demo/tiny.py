@@ -1,0 +1,78 @@
+"""Tiny LLaMA checkpoints generated locally (no Hub access), for the quickstart and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny LlamaForCausalLM saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    model.save_pretrained(path, safe_serialization=True)
+    save_char_tokenizer(path)
+    return path
+
+
+def save_char_tokenizer(path: Path) -> None:
+    """A character-level fast tokenizer over TINY_LLAMA's vocabulary (so mergekit can copy it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(33, 33 + TINY_LLAMA["vocab_size"] - 3)]
+    vocab = {token: index for index, token in enumerate(alphabet)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(path)
+
+
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    weights: Dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        weights.update(load_file(file))
+    return weights
+
+
+def derive_seeds(base: Path, out_dir: Path, count: int, scale: float = 0.02) -> List[Path]:
+    """Seed checkpoints = base + shared low-rank update + seed-specific noise."""
+    weights = load_weights(base)
+    generator = torch.Generator().manual_seed(1234)
+    shared = {
+        name: scale * torch.randn(t.shape, generator=generator) for name, t in weights.items()
+    }
+    paths = []
+    for index in range(count):
+        seed_weights = {
+            name: (t + shared[name] + 0.5 * scale * torch.randn(t.shape, generator=generator)).to(
+                t.dtype
+            ).contiguous()
+            for name, t in weights.items()
+        }
+        seed_dir = out_dir / f"seed{index}"
+        seed_dir.mkdir(parents=True)
+        for file in base.iterdir():
+            if file.suffix != ".safetensors":
+                (seed_dir / file.name).write_bytes(file.read_bytes())
+        save_file(seed_weights, seed_dir / "model.safetensors", metadata={"format": "pt"})
+        paths.append(seed_dir)
+    return paths

@@ -1,0 +1,1 @@
+"""Pure tensor math, one module per paper. No I/O and no mergekit imports."""

@@ -1,0 +1,43 @@
+"""SeedFT: Structure-Preserving Fusion for Multi-Seed LLM Fine-Tuning (Sec. 3.4, Alg. 1).
+
+Notation follows the paper: ``tau`` are the seed deltas Delta theta_i (m, n) in PyTorch
+(out, in) layout, ``Delta_c`` their column concatenation, ``V_i`` the seed coordinates,
+``V_bar`` their mean and ``V_star`` its orthogonal polar factor.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_seed.linalg import column_block_svd, compute_dtype, polar_factor
+
+
+def seedft(
+    tau: Sequence[torch.Tensor], rank: Optional[int] = None, rtol: float = 1e-6
+) -> torch.Tensor:
+    """Merged delta Delta theta_M (Eq. 7), without the global scale alpha.
+
+    ``tau``: N >= 1 deltas of one shape. 2-D deltas (m, n) go through Alg. 1 with
+    r = min(numerical rank of Delta_c at ``rtol``, n, ``rank``); any other shape gets
+    the mean of the deltas. Returns float32 (float64 for float64 inputs) on the
+    inputs' device.
+    """
+    out_dtype = compute_dtype(tau[0])
+    if tau[0].ndim != 2:
+        return torch.stack([t.to(out_dtype) for t in tau]).mean(0)
+
+    m, n = tau[0].shape
+    max_rank = n if rank is None else min(n, rank)
+    # Steps 1-2: Delta_c = [tau_1 | ... | tau_N] = U Sigma V^T, r = min(rank(Delta_c), n)  (Eq. 3)
+    svd = column_block_svd(tau, rtol=rtol, max_rank=max_rank)
+    if svd.rank == 0:
+        return torch.zeros_like(tau[0], dtype=out_dtype)
+    # Step 3: V_bar = (1/N) sum_i V_i  (Eq. 4)
+    V_bar = svd.mean_right_block()
+    # Step 4: V_bar = P D Q^T, V_star = P Q^T  (Eqs. 5-6, orthogonal Procrustes)
+    V_star = polar_factor(V_bar, rtol=rtol)
+    # Step 5: Delta theta_M = U Sigma V_star^T  (Eq. 7)
+    delta_M = (svd.U * svd.S) @ V_star.T
+    return delta_M.to(out_dtype)

@@ -1,0 +1,124 @@
+"""The plugin path: registration, stock mergekit-yaml, and the mergekit-seed CLI."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import run_cli, write_recipe
+from mergekit_seed.demo.tiny import load_weights
+from mergekit_seed.kernels.seedft import seedft
+
+
+def test_interpreter_start_imports_neither_torch_nor_mergekit():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True
+    )
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()]
+    assert "mergekit_seed._hook" in imported, "the .pth hook is not installed"
+    assert not [name for name in imported if name.split(".")[0] in ("torch", "mergekit")]
+
+
+def test_registry_import_registers_our_methods():
+    code = "import mergekit.merge_methods as m; print(m.get('seedft').spec.pretty_name)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "SeedFT", result.stderr
+
+
+def test_register_is_idempotent():
+    import mergekit_seed
+    from mergekit import merge_methods
+
+    mergekit_seed.register()
+    mergekit_seed.register()
+    names = [m.spec.name for m in merge_methods.registered_methods()]
+    assert names.count("seedft") == 1
+
+
+def test_stock_mergekit_yaml_runs_seedft_tensor_by_tensor(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "seedft.yml", "seedft", base, seeds)
+    run_cli("mergekit-yaml", recipe, tmp_path / "out", check=True)
+    merged = load_weights(tmp_path / "out")
+    base_weights = load_weights(base)
+    seed_weights = [load_weights(seed) for seed in seeds]
+    assert set(merged) == set(base_weights)
+    for name, base_tensor in base_weights.items():
+        tau = [w[name] - base_tensor for w in seed_weights]
+        expected = base_tensor + seedft(tau) / 3**0.5
+        torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_run_writes_the_same_merge_and_a_card(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, {"lambda": 0.5, "rank": 4})
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+    merged = load_weights(tmp_path / "out")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base_tensor = load_weights(base)[name]
+    tau = [load_weights(seed)[name] - base_tensor for seed in seeds]
+    torch.testing.assert_close(merged[name], base_tensor + 0.5 * seedft(tau, rank=4), atol=1e-6, rtol=1e-5)
+    assert "SeedFT" in (tmp_path / "out" / "README.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def assert_refused(result, *fragments, out=None):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines, result.stderr
+    for fragment in fragments:
+        assert any(fragment in line for line in lines), result.stderr
+    if out is not None:
+        assert not out.exists() or not any(out.glob("*.safetensors"))
+
+
+def test_one_seed_is_refused(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds[:1])
+    out = tmp_path / "out"
+    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "at least 2 seed", out=out)
+
+
+def test_missing_base_is_refused(tiny_family, tmp_path):
+    _, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", None, seeds)
+    out = tmp_path / "out"
+    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "needs base_model", out=out)
+
+
+def test_bad_parameters_are_refused_by_name(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, {"rnak": 2, "rtol": -1, "lambda": "big"})
+    out = tmp_path / "out"
+    assert_refused(
+        run_cli("mergekit-seed", "run", recipe, out), "did you mean 'rank'", "'rtol'", "'lambda'", out=out
+    )
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: seedft\nmodels: [\n")
+    assert_refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "line 3")
+
+
+def test_existing_output_is_not_mixed(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
+    assert (out / "keep.txt").exists()
+
+
+def test_methods_json_lists_parameters_and_defaults():
+    result = run_cli("mergekit-seed", "methods", "--json", check=True)
+    methods = {m["name"]: m for m in json.loads(result.stdout)}
+    seedft_entry = methods["seedft"]
+    assert seedft_entry["pretty_name"] == "SeedFT"
+    assert "Structure-Preserving Fusion" in seedft_entry["paper"]
+    defaults = {p["name"]: p["default"] for p in seedft_entry["parameters"]}
+    assert defaults == {"lambda": "auto", "rank": None, "rtol": 1e-6}
