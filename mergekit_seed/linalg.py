@@ -124,3 +124,69 @@ def polar_factor(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     vectors = vectors[:, :keep]
     inverse_sqrt = (vectors / singular_values[:keep]) @ vectors.T
     return matrix @ inverse_sqrt
+
+
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values.flatten(), q)`` (linear interpolation) for tensors of any size.
+
+    torch.quantile refuses inputs above 2**24 elements; two ``kthvalue`` selections are
+    O(numel) and have no such limit.
+    """
+    flat = values.flatten()
+    position = q * (flat.numel() - 1)
+    lower = int(position)
+    upper = min(lower + 1, flat.numel() - 1)
+    low_value = flat.kthvalue(lower + 1).values
+    if upper == lower:
+        return low_value
+    high_value = flat.kthvalue(upper + 1).values
+    return low_value + (high_value - low_value) * (position - lower)
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r whose leading singular values keep ``energy`` of the sum of squares."""
+    squares = singular_values.to(DECOMPOSITION_DTYPE) ** 2
+    total = squares.sum()
+    if total <= 0:
+        return 0
+    cumulative = squares.cumsum(0) / total
+    return min(int((cumulative < energy - 1e-12).sum().item()) + 1, singular_values.numel())
+
+
+# Below this many rows/columns a full SVD is cheap; above it, a small wanted rank goes randomized.
+_FULL_SVD_SIZE = 512
+_RANDOMIZED_OVERSAMPLE = 16
+
+
+def truncated_svd(
+    matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
+):
+    """Leading singular triplets ``U (m, r), S (r,), V (n, r)`` of a 2-D float matrix.
+
+    Exactly one of ``rank`` (r = min(rank, min(m, n))) and ``energy`` (smallest r keeping that
+    share of ||matrix||_F^2) is used; ``rank`` wins when both are given. A full SVD is used for
+    small matrices or large ranks; when the wanted rank is below a quarter of min(m, n) on a
+    large matrix, ``torch.svd_lowrank`` (randomized, 4 power iterations) is used, growing the
+    sketch for ``energy`` until the kept energy is reached and falling back to a full SVD.
+    """
+    smaller = min(matrix.shape)
+    total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
+    randomized_ok = smaller > _FULL_SVD_SIZE
+    if rank is not None:
+        rank = min(rank, smaller)
+        if randomized_ok and rank <= smaller // 4:
+            U, S, V = torch.svd_lowrank(matrix, q=min(rank + _RANDOMIZED_OVERSAMPLE, smaller), niter=4)
+            return U[:, :rank], S[:rank], V[:, :rank]
+    elif randomized_ok and energy is not None and total > 0:
+        sketch = 32
+        while sketch <= smaller // 4:
+            U, S, V = torch.svd_lowrank(matrix, q=sketch + _RANDOMIZED_OVERSAMPLE, niter=4)
+            captured = (S.to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
+            if captured[-1] >= energy:
+                keep = int((captured < energy - 1e-12).sum().item()) + 1
+                return U[:, :keep], S[:keep], V[:, :keep]
+            sketch *= 2
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    if rank is None:
+        rank = rank_for_energy(S, energy if energy is not None else 1.0)
+    return U[:, :rank], S[:rank], Vh[:rank].T

@@ -10,6 +10,7 @@ and defaults here are the recipe format (see DESIGN.md); never rename them.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -28,10 +29,14 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.kernels.seedft import seedft
+from mergekit_seed.kernels.seedlora import fuse_mean, seedlora_dm, seedlora_twostage
 from mergekit_seed.linalg import compute_dtype
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
+UnitFloat = Annotated[float, Field(gt=0, le=1)]
 
 Kernel = Callable[[List[torch.Tensor], Dict[str, Any], TensorGroup], torch.Tensor]
 
@@ -69,11 +74,13 @@ class DeltaMergeMethod(GroupMergeMethod):
         parameters: Tuple[Parameter, ...],
         kernel: Kernel,
         auto_lambda: Optional[Callable[[int], float]] = None,
+        seed_bounded: Tuple[str, ...] = (),
     ):
         self.paper = paper
         self.parameters = parameters
         self.kernel = kernel
         self.auto_lambda = auto_lambda
+        self.seed_bounded = seed_bounded
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,
@@ -87,8 +94,25 @@ class DeltaMergeMethod(GroupMergeMethod):
             return self.auto_lambda(seed_count)
         return float(value)
 
+    def check_parameters(self, global_parameters: Dict[str, Any], seed_count: int) -> List[str]:
+        """Problems that depend on the number of seeds (e.g. ``min_agree`` <= N)."""
+        problems = []
+        for name in self.seed_bounded:
+            value = global_parameters.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > seed_count:
+                problems.append(
+                    f"parameters: '{name}' = {value} exceeds the number of seeds ({seed_count})"
+                )
+        return problems
+
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         base = group.base.tensor
+        for name in self.seed_bounded:
+            value = parameters[name]
+            if value is not None and value > len(group.non_base):
+                raise ValueError(
+                    f"parameter '{name}' = {value} exceeds the number of seeds ({len(group.non_base)})"
+                )
         work_dtype = compute_dtype(base)
         base_work = base.to(work_dtype)
         tau = [entry.tensor.to(work_dtype) - base_work for entry in group.non_base]
@@ -132,7 +156,154 @@ SEEDFT = DeltaMergeMethod(
     auto_lambda=lambda seed_count: 1.0 / math.sqrt(seed_count),
 )
 
-METHODS: Tuple[DeltaMergeMethod, ...] = (SEEDFT,)
+LAMBDA = Parameter("lambda", float, 1.0, "float", "global scale of the merged delta")
+
+
+def _seedlora_dm_kernel(tau, parameters, group) -> torch.Tensor:
+    weights = parameters["weight"].values_for(group.non_base)
+    return seedlora_dm(tau, weights=weights, normalize=parameters["normalize"])
+
+
+SEEDLORA_DM = DeltaMergeMethod(
+    name="seedlora_dm",
+    pretty_name="SeedLoRA (distribution matching)",
+    paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (weight distribution matching, Sec. 3.4)",
+    parameters=(
+        Parameter(
+            "weight",
+            float,
+            1.0,
+            "float",
+            "importance weight w_i of a seed (Eq. 4)",
+            scope=ParameterScope.NON_BASE,
+        ),
+        Parameter(
+            "normalize", bool, True, "bool", "divide the weighted sum by sum(w_i); false: by N"
+        ),
+        LAMBDA,
+    ),
+    kernel=_seedlora_dm_kernel,
+)
+
+
+def elect_signs(trimmed: torch.Tensor, tie_rtol: float = 1e-6) -> torch.Tensor:
+    """TIES sign election over stacked values (N, ...): the sign of their sum.
+
+    In the SVD basis of M_avg the seeds' off-diagonal coordinates sum to exactly zero
+    (sum_i Z_i = N U^T M_avg V = N S), so a plain ``sum >= 0`` would elect by rounding noise.
+    Sums within ``tie_rtol`` of the total magnitude count as ties and go to the sign of the
+    largest-magnitude value, which keeps the election independent of seed order.
+    """
+    total = trimmed.sum(0)
+    tie = total.abs() <= tie_rtol * trimmed.abs().sum(0)
+    largest = trimmed.gather(0, trimmed.abs().argmax(0, keepdim=True)).squeeze(0)
+    return torch.where(tie, largest.sign(), total.sign())
+
+
+def make_fusion(name: str, density: float, seed: Optional[int], tensor_name: Optional[str]):
+    """The stage-2 fusion of the coordinates Z (N, r, r), built on mergekit's sparsification."""
+    if name == "mean":
+        return fuse_mean
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+    if name == "ties":
+
+        def fuse_ties(Z: torch.Tensor) -> torch.Tensor:
+            trimmed = torch.stack(
+                [sparsify(z, density, SparsificationMethod.magnitude) for z in Z]
+            )
+            agree = trimmed.sign() == elect_signs(trimmed)
+            return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+        return fuse_ties
+
+    def fuse_dare(Z: torch.Tensor) -> torch.Tensor:
+        def drop() -> torch.Tensor:
+            return torch.stack(
+                [
+                    sparsify(z, density, SparsificationMethod.random, rescale_norm=RescaleNorm.l1)
+                    for z in Z
+                ]
+            ).mean(0)
+
+        if seed is None:
+            return drop()  # global RNG: mergekit's --random-seed makes it reproducible
+        devices = [Z.device] if Z.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # one stream per tensor, so equal-shaped tensors do not share a mask
+            torch.manual_seed(seed ^ zlib.crc32((tensor_name or "").encode()))
+            return drop()
+
+    return fuse_dare
+
+
+def _seedlora_twostage_kernel(tau, parameters, group) -> torch.Tensor:
+    fusion = make_fusion(
+        parameters["fusion"], parameters["density"], parameters["seed"], group.metadata.name
+    )
+    return seedlora_twostage(
+        tau,
+        threshold=parameters["threshold"],
+        threshold_quantile=parameters["threshold_quantile"],
+        min_agree=parameters["min_agree"],
+        rank=parameters["rank"],
+        energy=parameters["energy"],
+        fusion=fusion,
+    )
+
+
+SEEDLORA_TWOSTAGE = DeltaMergeMethod(
+    name="seedlora_twostage",
+    pretty_name="SeedLoRA (two-stage)",
+    paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (robust/conflict + subspace fusion, Sec. 3.4)",
+    parameters=(
+        Parameter(
+            "threshold",
+            Optional[NonNegativeFloat],
+            None,
+            "float >= 0 | null",
+            "absolute magnitude threshold sigma; overrides threshold_quantile",
+        ),
+        Parameter(
+            "threshold_quantile",
+            OpenUnitFloat,
+            0.5,
+            "0 < float < 1",
+            "sigma = this quantile of |tau_i(j)| over all seeds' entries (0.5 = median)",
+        ),
+        Parameter(
+            "min_agree",
+            Optional[PositiveInt],
+            None,
+            "int >= 1 | null",
+            "large same-sign entries needed for a robust entry; null = ceil(N/2)",
+        ),
+        Parameter(
+            "rank", Optional[PositiveInt], None, "int >= 1 | null", "stage-2 SVD rank; null: use energy"
+        ),
+        Parameter(
+            "energy",
+            UnitFloat,
+            0.99,
+            "0 < float <= 1",
+            "share of ||M_avg||_F^2 the stage-2 rank keeps when rank is null",
+        ),
+        Parameter(
+            "fusion",
+            Literal["mean", "ties", "dare"],
+            "mean",
+            "mean | ties | dare",
+            "how the projected coordinates Z_i are fused",
+        ),
+        Parameter("density", UnitFloat, 0.5, "0 < float <= 1", "kept share for ties/dare fusion"),
+        Parameter("seed", Optional[int], None, "int | null", "random seed for dare fusion"),
+        LAMBDA,
+    ),
+    kernel=_seedlora_twostage_kernel,
+    seed_bounded=("min_agree",),
+)
+
+METHODS: Tuple[DeltaMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE)
 
 
 def register_all() -> None:

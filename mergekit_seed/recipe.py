@@ -125,5 +125,5 @@ def check_recipe(config: Any, path: str = "recipe") -> List[str]:
             )
         check = getattr(method, "check_parameters", None)
         if check is not None:
-            problems += [f"{path}: {line}" for line in check(config, len(seeds))]
+            problems += [f"{path}: {line}" for line in check(config.parameters or {}, len(seeds))]
     return problems

@@ -1,0 +1,154 @@
+"""SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning.
+
+Two papers share the name; each section below follows one of them:
+- ``seedlora_dm``: weight distribution matching (Sec. 3.4, Eqs. 4-5 of the
+  distribution-matching paper);
+- ``seedlora_twostage``: robust/conflict dimensions, then subspace fusion of the residual
+  (Sec. 3.4, Eqs. 4-9 of the two-stage paper).
+
+``tau`` are the seed deltas tau_i = theta_i - theta_pre, all of one shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from mergekit_seed.linalg import compute_dtype, quantile, truncated_svd
+
+# ---------------------------------------------------------------- distribution matching
+
+
+def seedlora_dm(
+    tau: Sequence[torch.Tensor],
+    weights: Optional[Sequence[float]] = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Weighted mean of the deltas rescaled to the seeds' mean statistics (Eqs. 4-5).
+
+    ``weights`` w_i default to 1; ``normalize`` divides by sum_i w_i, else by N. Statistics
+    are per tensor: mu = mean, sigma = population std over all entries. When the merged
+    delta has zero spread the rescale is skipped. Returns float32 (float64 for float64).
+    """
+    dtype = compute_dtype(tau[0])
+    weights = [1.0] * len(tau) if weights is None else list(weights)
+    stacked = torch.stack([t.to(dtype) for t in tau])
+    w = torch.tensor(weights, dtype=dtype, device=stacked.device).view(-1, *[1] * tau[0].ndim)
+    divisor = sum(weights) if normalize else len(tau)
+    # Eq. 4: tau_m = (1/n) sum_i w_i tau_i
+    tau_m = (w * stacked).sum(0) / divisor
+    # mu_hat, sigma_hat: unweighted means over seeds of each tau_i's mean and std
+    flat = stacked.flatten(1)
+    mu_hat = flat.mean(1).mean()
+    sigma_hat = flat.std(1, correction=0).mean()
+    sigma_m = tau_m.std(correction=0)
+    if sigma_m == 0 or tau_m.numel() < 2:
+        return tau_m
+    # Eq. 5: tau_m <- sigma_hat * (tau_m - mu(tau_m)) / sigma(tau_m) + mu_hat
+    return sigma_hat * (tau_m - tau_m.mean()) / sigma_m + mu_hat
+
+
+# ---------------------------------------------------------------- two-stage fusion
+
+Fusion = Callable[[torch.Tensor], torch.Tensor]
+"""Fuses stacked coordinates Z (N, r, r) into one (r, r) (mean, TIES or DARE)."""
+
+
+def fuse_mean(Z: torch.Tensor) -> torch.Tensor:
+    return Z.mean(0)
+
+
+@dataclass
+class StageOne:
+    """Stage 1 of the two-stage paper, per entry j of the tensor.
+
+    ``robust``/``conflict``: merged values (zero elsewhere); ``residual``: boolean mask R of the
+    entries left to stage 2.
+    """
+
+    robust: torch.Tensor
+    conflict: torch.Tensor
+    residual: torch.Tensor
+
+
+def default_min_agree(seed_count: int) -> int:
+    return math.ceil(seed_count / 2)
+
+
+def robust_and_conflict(
+    tau: torch.Tensor, sigma: torch.Tensor | float, min_agree: int
+) -> StageOne:
+    """Classify entries of stacked deltas ``tau`` (N, ...) with magnitude threshold ``sigma``.
+
+    Entry j is large in seed i when |tau_i(j)| >= sigma and tau_i(j) != 0.
+    Conflicting: large entries of both signs; the sign whose large entries have the larger
+    total magnitude is elected (ties go to +) and the elected entries are averaged.
+    Robust (Eq. 4): large entries of a single sign, at least ``min_agree`` of them, averaged.
+    """
+    large = (tau.abs() >= sigma) & (tau != 0)
+    positive = large & (tau > 0)
+    negative = large & (tau < 0)
+    positive_count = positive.sum(0)
+    negative_count = negative.sum(0)
+    positive_mass = (tau * positive).sum(0)
+    negative_mass = -(tau * negative).sum(0)
+
+    conflict = (positive_count > 0) & (negative_count > 0)
+    elect_positive = positive_mass >= negative_mass
+    elected_sum = torch.where(elect_positive, positive_mass, -negative_mass)
+    elected_count = torch.where(elect_positive, positive_count, negative_count).clamp_min(1)
+    conflict_value = torch.where(conflict, elected_sum / elected_count, 0)
+
+    large_count = positive_count + negative_count
+    robust = ~conflict & (large_count >= min_agree) & (large_count > 0)
+    robust_value = torch.where(
+        robust, (positive_mass - negative_mass) / large_count.clamp_min(1), 0
+    )
+    return StageOne(
+        robust=robust_value.to(tau.dtype),
+        conflict=conflict_value.to(tau.dtype),
+        residual=~(conflict | robust),
+    )
+
+
+def seedlora_twostage(
+    tau: Sequence[torch.Tensor],
+    threshold: Optional[float] = None,
+    threshold_quantile: float = 0.5,
+    min_agree: Optional[int] = None,
+    rank: Optional[int] = None,
+    energy: float = 0.99,
+    fusion: Fusion = fuse_mean,
+) -> torch.Tensor:
+    """tau_final = tau_robust + tau_conflict + tau_fused (Eq. 9).
+
+    ``threshold`` is the absolute sigma; when None, sigma is the ``threshold_quantile`` of
+    |tau_i(j)| over all entries of all seeds. Stage 2 on the residual mask R:
+    M_avg = mean_i(tau_i * R) (Eq. 5), M_avg ~ U S V^T truncated to ``rank`` or to the
+    smallest rank keeping ``energy`` of ||M_avg||_F^2 (Eq. 6), Z_i = U^T (tau_i * R) V
+    (Eq. 7), Z~ = fusion(Z), tau_fused = U Z~ V^T (Eq. 8). Tensors that are not 2-D get
+    stage 1 and then the residual mean. Returns float32 (float64 for float64).
+    """
+    dtype = compute_dtype(tau[0])
+    stacked = torch.stack([t.to(dtype) for t in tau])
+    if min_agree is None:
+        min_agree = default_min_agree(len(tau))
+    sigma = threshold if threshold is not None else quantile(stacked.abs(), threshold_quantile)
+
+    stage_one = robust_and_conflict(stacked, sigma, min_agree)
+    residual_tau = stacked * stage_one.residual
+    M_avg = residual_tau.mean(0)  # Eq. 5
+    merged = stage_one.robust + stage_one.conflict
+    if M_avg.ndim != 2:
+        return merged + M_avg
+
+    U, S, V = truncated_svd(M_avg, rank=rank, energy=energy)  # Eq. 6
+    if S.numel() == 0:
+        return merged
+    Z = U.T @ residual_tau @ V  # Eq. 7, batched over seeds: (N, r, r)
+    Z_fused = fusion(Z)
+    tau_fused = U @ Z_fused @ V.T  # Eq. 8
+    return merged + tau_fused  # Eq. 9
