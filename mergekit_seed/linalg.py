@@ -158,30 +158,36 @@ _FULL_SVD_SIZE = 512
 _RANDOMIZED_OVERSAMPLE = 16
 
 
+def _sketch_size(rank: int) -> int:
+    """Columns sketched to get ``rank`` accurate triplets: at least 16 extra, at most 2x."""
+    return rank + max(_RANDOMIZED_OVERSAMPLE, rank)
+
+
 def truncated_svd(
     matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
 ):
     """Leading singular triplets ``U (m, r), S (r,), V (n, r)`` of a 2-D float matrix.
 
-    Exactly one of ``rank`` (r = min(rank, min(m, n))) and ``energy`` (smallest r keeping that
-    share of ||matrix||_F^2) is used; ``rank`` wins when both are given. A full SVD is used for
-    small matrices or large ranks; when the wanted rank is below a quarter of min(m, n) on a
-    large matrix, ``torch.svd_lowrank`` (randomized, 4 power iterations) is used, growing the
-    sketch for ``energy`` until the kept energy is reached and falling back to a full SVD.
+    ``rank`` gives r = min(rank, min(m, n)); otherwise r is the smallest rank keeping
+    ``energy`` (default 1.0) of ||matrix||_F^2. A full SVD is used for small matrices or large
+    ranks; when the wanted rank is below a quarter of min(m, n) on a matrix above 512 on both
+    sides, a seeded randomized subspace iteration run to convergence
+    (:func:`top_singular_triplets`) is used, growing the sketch for ``energy`` until the
+    energy is reached.
     """
     smaller = min(matrix.shape)
-    total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
     randomized_ok = smaller > _FULL_SVD_SIZE
     if rank is not None:
         rank = min(rank, smaller)
-        if randomized_ok and rank <= smaller // 4:
-            U, S, V = torch.svd_lowrank(matrix, q=min(rank + _RANDOMIZED_OVERSAMPLE, smaller), niter=4)
+        if randomized_ok and _sketch_size(rank) <= smaller // 4:
+            U, S, V = top_singular_triplets(matrix, _sketch_size(rank), wanted=rank)
             return U[:, :rank], S[:rank], V[:, :rank]
-    elif randomized_ok and energy is not None and total > 0:
+    elif randomized_ok and energy is not None:
+        total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
         sketch = 32
-        while sketch <= smaller // 4:
-            U, S, V = torch.svd_lowrank(matrix, q=sketch + _RANDOMIZED_OVERSAMPLE, niter=4)
-            captured = (S.to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
+        while total > 0 and _sketch_size(sketch) <= smaller // 4:
+            U, S, V = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
+            captured = (S[:sketch].to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
             if captured[-1] >= energy:
                 keep = int((captured < energy - 1e-12).sum().item()) + 1
                 return U[:, :keep], S[:keep], V[:, :keep]
@@ -190,3 +196,113 @@ def truncated_svd(
     if rank is None:
         rank = rank_for_energy(S, energy if energy is not None else 1.0)
     return U[:, :rank], S[:rank], Vh[:rank].T
+
+
+def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(matrix).Q
+
+
+def top_singular_triplets(
+    matrix: torch.Tensor,
+    sketch: int,
+    wanted: Optional[int] = None,
+    start: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    rtol: float = 1e-5,
+    max_power_iterations: int = 32,
+):
+    """Randomized subspace iteration for the leading singular triplets, run to convergence.
+
+    Sketches ``sketch`` columns (``start`` (n, k), for example the previous iterate's right
+    singular vectors, warm-starts the subspace and is padded with seeded Gaussian columns),
+    then alternates power iterations with Rayleigh-Ritz checks until the leading ``wanted``
+    (default: half the sketch) Ritz triplets satisfy ||X v_j - s_j u_j|| <= rtol * s_1, or
+    ``max_power_iterations`` is reached. Returns ``U (m, q), S (q,), V (n, q)`` with
+    q = min(sketch, min(m, n)); deterministic for a given ``seed``.
+    """
+    m, n = matrix.shape
+    sketch = min(sketch, m, n)
+    wanted = min(wanted if wanted is not None else max(1, sketch // 2), sketch)
+    columns = []
+    if start is not None and start.numel():
+        columns.append(start[:, :sketch].to(matrix.dtype))
+    missing = sketch - sum(c.shape[1] for c in columns)
+    if missing > 0:
+        generator = torch.Generator(device=matrix.device).manual_seed(seed)
+        columns.append(
+            torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype)
+        )
+    basis = _orthonormal_columns(matrix @ torch.cat(columns, dim=1))
+    iterations = 0
+    while True:
+        projected = basis.T @ matrix  # (q, n): Rayleigh-Ritz on the current range basis
+        small_U, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+        U, V = basis @ small_U, Vh.T
+        if iterations >= max_power_iterations or S[0] == 0:
+            return U, S, V
+        # X^T u_j = s_j v_j holds by construction; X v_j - s_j u_j measures convergence
+        residual = matrix @ V[:, :wanted] - U[:, :wanted] * S[:wanted]
+        if residual.norm(dim=0).max() <= rtol * S[0]:
+            return U, S, V
+        for _ in range(2):
+            basis = _orthonormal_columns(matrix @ _orthonormal_columns(matrix.T @ basis))
+        iterations += 2
+
+
+def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """Largest singular value (exact for small matrices, randomized with oversampling otherwise)."""
+    if min(matrix.shape) <= _FULL_SVD_SIZE:
+        return torch.linalg.matrix_norm(matrix, ord=2)
+    _, S, _ = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1)
+    return S[0]
+
+
+@dataclass
+class Thresholded:
+    """``SVT_mu(X) = U max(S - mu, 0) V^T`` and what produced it.
+
+    ``matrix`` (m, n); ``shrunk`` the kept, shrunk singular values (their sum is the nuclear
+    norm of ``matrix``); ``V`` (n, k) the kept right singular vectors (a warm start).
+    """
+
+    matrix: torch.Tensor
+    shrunk: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.shrunk.numel())
+
+
+def singular_value_threshold(
+    matrix: torch.Tensor, mu: float, warm_start: Optional[torch.Tensor] = None
+) -> Thresholded:
+    """SVT_mu(matrix), computing only the singular values above ``mu`` where possible.
+
+    Small matrices (min side <= 512) take a full SVD. Otherwise a rank guess (the warm
+    start's rank, at least 8) is sketched with oversampling by a randomized subspace
+    iteration run to convergence, and the guess doubles until no more than
+    ``guess`` computed singular values exceed ``mu`` (randomized estimates err low, so the
+    oversampled tail must lie below ``mu`` too); a sketch beyond a quarter of the smaller
+    side falls back to a full SVD.
+    """
+    smaller = min(matrix.shape)
+    if smaller > _FULL_SVD_SIZE:
+        guess = max(8, warm_start.shape[1] if warm_start is not None else 0)
+        while _sketch_size(guess) <= smaller // 4:
+            U, S, V = top_singular_triplets(
+                matrix, _sketch_size(guess), wanted=guess, start=warm_start
+            )
+            if int((S > mu).sum().item()) <= guess:
+                return _shrink(U, S, V, mu)
+            guess *= 2
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return _shrink(U, S, Vh.T, mu)
+
+
+def _shrink(U, S, V, mu: float) -> Thresholded:
+    keep = int((S > mu).sum().item())
+    shrunk = S[:keep] - mu
+    return Thresholded(
+        matrix=(U[:, :keep] * shrunk) @ V[:, :keep].T, shrunk=shrunk, V=V[:, :keep]
+    )

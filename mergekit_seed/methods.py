@@ -1,14 +1,13 @@
 """mergekit ``MergeMethod`` specs wrapping the kernels, and their registration.
 
 Importing this module registers the methods with mergekit. Each method is a
-:class:`DeltaMergeMethod`: it forms the seed deltas
-``tau_i = seed_i - base`` in float32, calls its kernel, and returns
-``base + lambda * merged_delta`` in the base's dtype. Parameter names, types, ranges
-and defaults here are the recipe format (see DESIGN.md); never rename them.
+:class:`SeedMergeMethod` around one kernel. Parameter names, types, ranges and defaults
+here are the recipe format (see DESIGN.md); never rename them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
+from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, lore
 from mergekit_seed.kernels.seedft import seedft
 from mergekit_seed.kernels.seedlora import fuse_mean, seedlora_dm, seedlora_twostage
 from mergekit_seed.linalg import compute_dtype
@@ -40,6 +40,10 @@ UnitFloat = Annotated[float, Field(gt=0, le=1)]
 
 Kernel = Callable[[List[torch.Tensor], Dict[str, Any], TensorGroup], torch.Tensor]
 
+MIN_SEEDS = 2
+
+LOG = logging.getLogger("mergekit_seed")
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -51,6 +55,7 @@ class Parameter:
     type_label: str
     description: str
     scope: ParameterScope = ParameterScope.SHARED
+    shown_default: Any = None  # what `methods` shows when the spec default is a placeholder
 
     def spec(self) -> ParameterSpec:
         return ParameterSpec(
@@ -62,8 +67,14 @@ class Parameter:
         )
 
 
-class DeltaMergeMethod(GroupMergeMethod):
-    """A base-required multi-seed method: ``base + lambda * kernel(tau_1..tau_N)``."""
+class SeedMergeMethod(GroupMergeMethod):
+    """One of our methods as a mergekit ``GroupMergeMethod``.
+
+    With ``needs_base`` (the default) the kernel receives the seed deltas
+    ``tau_i = seed_i - base`` in float32 and returns the merged delta; the result is
+    ``base + lambda * delta`` in the base's dtype. Without it, the kernel receives the
+    models' weights (a listed base is not an input) and returns the merged weights.
+    """
 
     def __init__(
         self,
@@ -73,20 +84,29 @@ class DeltaMergeMethod(GroupMergeMethod):
         paper: str,
         parameters: Tuple[Parameter, ...],
         kernel: Kernel,
+        needs_base: bool = True,
         auto_lambda: Optional[Callable[[int], float]] = None,
         seed_bounded: Tuple[str, ...] = (),
+        exclusive: Tuple[Tuple[str, str], ...] = (),
     ):
         self.paper = paper
         self.parameters = parameters
         self.kernel = kernel
+        self.needs_base = needs_base
         self.auto_lambda = auto_lambda
         self.seed_bounded = seed_bounded
+        self.exclusive = exclusive
+        contract = (
+            InputContract(base=BasePolicy.REQUIRED, min_non_base=MIN_SEEDS)
+            if needs_base
+            else InputContract(base=BasePolicy.IGNORED, min_inputs=MIN_SEEDS)
+        )
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,
             reference_url=None,
             parameters=tuple(p.spec() for p in parameters),
-            contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+            contract=contract,
         )
 
     def resolve_lambda(self, value: Union[float, str], seed_count: int) -> float:
@@ -94,28 +114,35 @@ class DeltaMergeMethod(GroupMergeMethod):
             return self.auto_lambda(seed_count)
         return float(value)
 
-    def check_parameters(self, global_parameters: Dict[str, Any], seed_count: int) -> List[str]:
-        """Problems that depend on the number of seeds (e.g. ``min_agree`` <= N)."""
+    def parameter_problems(self, values: Dict[str, Any], seed_count: int) -> List[str]:
+        """Problems between parameters or with the seed count (e.g. ``min_agree`` <= N)."""
         problems = []
+        for first, second in self.exclusive:
+            if values.get(first) is not None and values.get(second) is not None:
+                problems.append(f"parameters '{first}' and '{second}' exclude each other; give one")
         for name in self.seed_bounded:
-            value = global_parameters.get(name)
+            value = values.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > seed_count:
                 problems.append(
-                    f"parameters: '{name}' = {value} exceeds the number of seeds ({seed_count})"
+                    f"parameter '{name}' = {value} exceeds the number of seeds ({seed_count})"
                 )
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        inputs = [entry.tensor for entry in group.entries if not entry.is_base]
+        if len(inputs) < MIN_SEEDS:
+            raise ValueError(
+                f"{self.spec.name} needs at least {MIN_SEEDS} models for {group.metadata.name}, got {len(inputs)}"
+            )
+        problems = self.parameter_problems(parameters, len(inputs))
+        if problems:
+            raise ValueError(problems[0])
+        if not self.needs_base:
+            return self.kernel(inputs, parameters, group).to(inputs[0].dtype)
         base = group.base.tensor
-        for name in self.seed_bounded:
-            value = parameters[name]
-            if value is not None and value > len(group.non_base):
-                raise ValueError(
-                    f"parameter '{name}' = {value} exceeds the number of seeds ({len(group.non_base)})"
-                )
         work_dtype = compute_dtype(base)
         base_work = base.to(work_dtype)
-        tau = [entry.tensor.to(work_dtype) - base_work for entry in group.non_base]
+        tau = [tensor.to(work_dtype) - base_work for tensor in inputs]
         delta = self.kernel(tau, parameters, group)
         scale = self.resolve_lambda(parameters["lambda"], len(tau))
         return (base_work + scale * delta.to(work_dtype)).to(base.dtype)
@@ -125,7 +152,7 @@ def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
     return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"])
 
 
-SEEDFT = DeltaMergeMethod(
+SEEDFT = SeedMergeMethod(
     name="seedft",
     pretty_name="SeedFT",
     paper="SeedFT: Structure-Preserving Fusion for Multi-Seed LLM Fine-Tuning",
@@ -164,7 +191,7 @@ def _seedlora_dm_kernel(tau, parameters, group) -> torch.Tensor:
     return seedlora_dm(tau, weights=weights, normalize=parameters["normalize"])
 
 
-SEEDLORA_DM = DeltaMergeMethod(
+SEEDLORA_DM = SeedMergeMethod(
     name="seedlora_dm",
     pretty_name="SeedLoRA (distribution matching)",
     paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (weight distribution matching, Sec. 3.4)",
@@ -252,7 +279,7 @@ def _seedlora_twostage_kernel(tau, parameters, group) -> torch.Tensor:
     )
 
 
-SEEDLORA_TWOSTAGE = DeltaMergeMethod(
+SEEDLORA_TWOSTAGE = SeedMergeMethod(
     name="seedlora_twostage",
     pretty_name="SeedLoRA (two-stage)",
     paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (robust/conflict + subspace fusion, Sec. 3.4)",
@@ -303,7 +330,75 @@ SEEDLORA_TWOSTAGE = DeltaMergeMethod(
     seed_bounded=("min_agree",),
 )
 
-METHODS: Tuple[DeltaMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE)
+def _lore_kernel(theta, parameters, group) -> torch.Tensor:
+    name = group.metadata.name
+
+    def report(estimate: LoreEstimate) -> None:
+        LOG.info(
+            "lore %s: mu=%.4g, %d iterations, kept ranks %s",
+            name,
+            estimate.mu,
+            estimate.iterations,
+            estimate.ranks,
+        )
+
+    post_merge = "mean" if parameters["post_merge"] == "average" else "ties"
+    return lore(
+        theta,
+        mu=parameters["mu"],
+        mu_relative=parameters["mu_relative"],
+        iterations=parameters["iterations"],
+        tol=parameters["tol"],
+        post_merge=make_fusion(post_merge, parameters["density"], None, name),
+        lambda_=parameters["lambda"],
+        report=report,
+    )
+
+
+LORE = SeedMergeMethod(
+    name="lore",
+    pretty_name="LoRE-Merging",
+    paper="LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging",
+    parameters=(
+        Parameter(
+            "mu",
+            Optional[NonNegativeFloat],
+            None,
+            "float >= 0 | null",
+            "absolute nuclear-norm weight mu of Eq. 1 (excludes mu_relative)",
+        ),
+        Parameter(
+            "mu_relative",
+            Optional[NonNegativeFloat],
+            None,
+            "float >= 0 | null",
+            "mu = mu_relative * max_i ||theta_i - mean theta||_2 per tensor; used when mu is null",
+            shown_default=DEFAULT_MU_RELATIVE,
+        ),
+        Parameter("iterations", PositiveInt, 10, "int >= 1", "coordinate-descent iterations"),
+        Parameter(
+            "tol",
+            NonNegativeFloat,
+            1e-6,
+            "float >= 0",
+            "stop when ||theta0 change|| <= tol * ||theta0||; 0 runs every iteration",
+        ),
+        Parameter(
+            "post_merge",
+            Literal["average", "ties"],
+            "average",
+            "average | ties",
+            "how the low-rank task vectors delta_i are combined",
+        ),
+        Parameter("density", UnitFloat, 0.5, "0 < float <= 1", "kept share for post_merge: ties"),
+        LAMBDA,
+    ),
+    kernel=_lore_kernel,
+    needs_base=False,
+    exclusive=(("mu", "mu_relative"),),
+)
+
+METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
 
 
 def register_all() -> None:
@@ -318,19 +413,19 @@ def register_all() -> None:
 register_all()
 
 
-def describe(method: DeltaMergeMethod) -> Dict[str, Any]:
+def describe(method: SeedMergeMethod) -> Dict[str, Any]:
     """JSON-ready description of a method (used by ``mergekit-seed methods``)."""
     return {
         "name": method.spec.name,
         "pretty_name": method.spec.pretty_name,
         "paper": method.paper,
-        "base_model": method.spec.contract.base.value,
-        "min_seeds": method.spec.contract.min_non_base,
+        "base_model": "required" if method.needs_base else "not used",
+        "min_seeds": MIN_SEEDS,
         "parameters": [
             {
                 "name": p.name,
                 "type": p.type_label,
-                "default": p.default,
+                "default": p.default if p.shown_default is None else p.shown_default,
                 "scope": "per-model" if p.scope != ParameterScope.SHARED else "global",
                 "description": p.description,
             }

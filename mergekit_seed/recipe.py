@@ -123,7 +123,12 @@ def check_recipe(config: Any, path: str = "recipe") -> List[str]:
             problems.append(
                 f"{path}: {config.merge_method} needs at least {minimum} seed models under models:, got {len(seeds)}"
             )
-        check = getattr(method, "check_parameters", None)
+        check = getattr(method, "parameter_problems", None)
         if check is not None:
-            problems += [f"{path}: {line}" for line in check(config.parameters or {}, len(seeds))]
+            scalars = {
+                name: value
+                for name, value in (config.parameters or {}).items()
+                if isinstance(value, (int, float, str, bool))
+            }
+            problems += [f"{path}: {line}" for line in check(scalars, len(seeds))]
     return problems

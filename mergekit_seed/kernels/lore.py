@@ -1,0 +1,132 @@
+"""LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging (Sec. 3.2).
+
+The extracted paper lost its formulas; DESIGN.md restates them. For models theta_i
+(i = 1..N) of one shape, LoRE estimates a base theta0 and low-rank task vectors delta_i:
+
+    min_{theta0, delta_i}  sum_i 1/2 ||theta0 + delta_i - theta_i||_F^2 + mu ||delta_i||_*   (Eq. 1)
+
+by coordinate descent (Eq. 2) from delta_i = 0. One iteration:
+    theta0  <- (1/N) sum_i (theta_i - delta_i)
+    delta_i <- SVT_mu(theta_i - theta0),   SVT_mu(X) = U max(S - mu, 0) V^T
+and the merge is theta0 + lambda * post_merge(delta_1..delta_N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from mergekit_seed.linalg import compute_dtype, singular_value_threshold, spectral_norm
+
+DEFAULT_MU_RELATIVE = 0.1
+
+
+@dataclass
+class LoreEstimate:
+    """The solution of Eq. 1 after the last iteration.
+
+    ``theta0`` (m, n); ``deltas`` N x (m, n); ``ranks`` the kept rank of each delta_i;
+    ``objective`` the value of Eq. 1 after each iteration (only when tracked).
+    """
+
+    theta0: torch.Tensor
+    deltas: List[torch.Tensor]
+    mu: float
+    iterations: int
+    ranks: List[int]
+    objective: List[float] = field(default_factory=list)
+
+
+def relative_mu(theta: Sequence[torch.Tensor], mu_relative: float) -> float:
+    """mu = mu_relative * max_i ||theta_i - mean_j theta_j||_2 (spectral norm)."""
+    mean = torch.stack(list(theta)).mean(0)
+    return mu_relative * max(spectral_norm(t - mean).item() for t in theta)
+
+
+def objective(theta, theta0, deltas, nuclear_norms, mu: float) -> float:
+    """Eq. 1 in float64."""
+    fit = sum(
+        0.5 * (theta0 + d - t).double().pow(2).sum().item() for t, d in zip(theta, deltas)
+    )
+    return fit + mu * sum(nuclear_norms)
+
+
+def lore_estimate(
+    theta: Sequence[torch.Tensor],
+    mu: Optional[float] = None,
+    mu_relative: Optional[float] = None,
+    iterations: int = 10,
+    tol: float = 1e-6,
+    track_objective: bool = False,
+) -> LoreEstimate:
+    """Coordinate descent on Eq. 1 for 2-D ``theta`` (each (m, n)).
+
+    ``mu`` is absolute; otherwise ``mu_relative`` (default 0.1) sets it via
+    :func:`relative_mu`. Stops after ``iterations`` or once
+    ||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F (``tol`` = 0: never early).
+    Each SVT is warm-started from the previous iteration's singular vectors.
+    """
+    dtype = compute_dtype(theta[0])
+    theta = [t.to(dtype) for t in theta]
+    if mu is None:
+        mu = relative_mu(theta, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
+    deltas = [torch.zeros_like(theta[0]) for _ in theta]
+    warm: List[Optional[torch.Tensor]] = [None] * len(theta)
+    theta0_previous: Optional[torch.Tensor] = None
+    history: List[float] = []
+    ranks: List[int] = [0] * len(theta)
+    done = 0
+    for done in range(1, iterations + 1):
+        # Eq. 2, theta0 block: the mean of theta_i - delta_i
+        theta0 = torch.stack([t - d for t, d in zip(theta, deltas)]).mean(0)
+        # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
+        nuclear_norms = []
+        for index, t in enumerate(theta):
+            thresholded = singular_value_threshold(t - theta0, mu, warm_start=warm[index])
+            deltas[index] = thresholded.matrix
+            warm[index] = thresholded.V if thresholded.rank else None
+            ranks[index] = thresholded.rank
+            nuclear_norms.append(thresholded.shrunk.sum().item())
+        if track_objective:
+            history.append(objective(theta, theta0, deltas, nuclear_norms, mu))
+        converged = theta0_previous is not None and (
+            (theta0 - theta0_previous).norm() <= tol * theta0.norm()
+        )
+        theta0_previous = theta0
+        if tol > 0 and converged:
+            break
+    return LoreEstimate(
+        theta0=theta0, deltas=deltas, mu=mu, iterations=done, ranks=ranks, objective=history
+    )
+
+
+def average(deltas: torch.Tensor) -> torch.Tensor:
+    """Average Merging of stacked task vectors (N, ...)."""
+    return deltas.mean(0)
+
+
+def lore(
+    theta: Sequence[torch.Tensor],
+    mu: Optional[float] = None,
+    mu_relative: Optional[float] = None,
+    iterations: int = 10,
+    tol: float = 1e-6,
+    post_merge: Callable[[torch.Tensor], torch.Tensor] = average,
+    lambda_: float = 1.0,
+    report: Optional[Callable[[LoreEstimate], None]] = None,
+) -> torch.Tensor:
+    """The merged weights theta0 + lambda * post_merge(delta_1..delta_N).
+
+    ``theta`` are the models' weights (not deltas: no base is needed). Tensors that are not
+    2-D get the mean of the models. ``report`` receives the estimate (iterations, ranks).
+    Returns float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(theta[0])
+    if theta[0].ndim != 2:
+        return torch.stack([t.to(dtype) for t in theta]).mean(0)
+    estimate = lore_estimate(theta, mu, mu_relative, iterations, tol)
+    if report is not None:
+        report(estimate)
+    return estimate.theta0 + lambda_ * post_merge(torch.stack(estimate.deltas))

@@ -1,0 +1,143 @@
+"""LoRE-Merging kernel against a float64 coordinate-descent reference (DESIGN.md's restatement)."""
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import run_cli, write_recipe
+from mergekit_seed.demo.tiny import load_weights
+from mergekit_seed.kernels.lore import lore, lore_estimate, relative_mu
+
+
+def svt_reference(X, mu):
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U @ torch.diag((S - mu).clamp_min(0)) @ Vh
+
+
+def lore_reference(theta, mu, iterations):
+    """Eq. 2 coordinate descent in float64 with full SVDs, all iterations, average post-merge."""
+    theta = [t.double() for t in theta]
+    deltas = [torch.zeros_like(theta[0]) for _ in theta]
+    for _ in range(iterations):
+        theta0 = sum(t - d for t, d in zip(theta, deltas)) / len(theta)
+        deltas = [svt_reference(t - theta0, mu) for t in theta]
+    return theta0 + sum(deltas) / len(deltas)
+
+
+def models(shape, N, seed, spread=0.3):
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return [(common + spread * torch.randn(shape, generator=generator, dtype=torch.float64)).float() for _ in range(N)]
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("N", [2, 3, 4])
+@pytest.mark.parametrize("shape", [(20, 30), (40, 12)])
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_matches_float64_reference(N, shape, iterations):
+    theta = models(shape, N, seed=N + iterations)
+    mu = relative_mu(theta, 0.1)
+    result = lore(theta, mu=mu, iterations=iterations, tol=0)
+    assert relative_error(result, lore_reference(theta, mu, iterations)) < 1e-5
+
+
+def test_randomized_svt_path_matches_reference_on_a_large_matrix():
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(600, 560, generator=generator)
+    theta = [
+        common
+        + torch.randn(600, 6, generator=generator) @ torch.randn(6, 560, generator=generator)
+        + 0.01 * torch.randn(600, 560, generator=generator)
+        for _ in range(3)
+    ]
+    mu = relative_mu(theta, 0.1)
+    result = lore(theta, mu=mu, iterations=3, tol=0)
+    assert relative_error(result, lore_reference(theta, mu, 3)) < 1e-4
+
+
+def test_mu_relative_uses_the_largest_spectral_norm_of_the_deviations():
+    theta = models((15, 9), 3, seed=2)
+    mean = torch.stack(theta).mean(0)
+    expected = 0.25 * max(torch.linalg.matrix_norm((t - mean).double(), ord=2).item() for t in theta)
+    assert relative_mu(theta, 0.25) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mu_zero_and_huge_mu_give_the_mean():
+    theta = models((12, 18), 3, seed=3)
+    mean = torch.stack(theta).mean(0)
+    torch.testing.assert_close(lore(theta, mu=0.0, tol=0), mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lore(theta, mu=1e6, tol=0), mean, atol=1e-5, rtol=1e-5)
+
+
+def test_objective_never_increases():
+    theta = models((16, 20), 4, seed=4, spread=1.0)
+    estimate = lore_estimate(theta, mu_relative=0.2, iterations=12, tol=0, track_objective=True)
+    history = estimate.objective
+    assert len(history) == 12
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+
+
+def test_exact_low_rank_deviations_come_back_as_deltas():
+    generator = torch.Generator().manual_seed(5)
+    theta_true = torch.randn(30, 24, generator=generator)
+    deviations = [torch.randn(30, 2, generator=generator) @ torch.randn(2, 24, generator=generator) for _ in range(3)]
+    mean_deviation = sum(deviations) / 3
+    deviations = [d - mean_deviation for d in deviations]  # identifiable: they sum to zero
+    noise = [1e-5 * torch.randn(30, 24, generator=generator) for _ in range(3)]
+    theta = [theta_true + d + e for d, e in zip(deviations, noise)]
+    estimate = lore_estimate(theta, mu=1e-3, iterations=10, tol=0)
+    for delta, deviation in zip(estimate.deltas, deviations):
+        assert torch.linalg.matrix_rank(delta, rtol=1e-4) == torch.linalg.matrix_rank(deviation, rtol=1e-4)
+        assert relative_error(delta, deviation) < 1e-2
+    assert relative_error(estimate.theta0, theta_true) < 1e-3
+
+
+def test_identical_models_and_order_invariance():
+    t = models((10, 14), 1, seed=6)[0]
+    torch.testing.assert_close(lore([t, t, t]), t)
+    theta = models((10, 14), 3, seed=7)
+    expected = lore(theta, tol=0)
+    for order in itertools.permutations(range(3)):
+        torch.testing.assert_close(lore([theta[i] for i in order], tol=0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tol_stops_early_and_non_matrices_get_the_mean():
+    theta = models((10, 14), 3, seed=8)
+    assert lore_estimate(theta, iterations=50, tol=1e-3).iterations < 50
+    assert lore_estimate(theta, iterations=7, tol=0).iterations == 7
+    vectors = [torch.randn(5) for _ in range(3)]
+    torch.testing.assert_close(lore(vectors), torch.stack(vectors).mean(0))
+
+
+def test_stock_mergekit_yaml_runs_lore_without_a_base(tiny_family, tmp_path):
+    _, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds)
+    run_cli("mergekit-yaml", recipe, tmp_path / "out", check=True)
+    merged = load_weights(tmp_path / "out")
+    weights = [load_weights(s) for s in seeds]
+    name = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(merged[name], lore([w[name] for w in weights]), atol=1e-6, rtol=1e-5)
+    norm = "model.norm.weight"
+    torch.testing.assert_close(merged[norm], torch.stack([w[norm] for w in weights]).mean(0))
+
+
+@pytest.mark.parametrize(
+    "parameters,fragment",
+    [
+        ({"mu": -1}, "'mu'"),
+        ({"iterations": 0}, "'iterations'"),
+        ({"mu": 0.1, "mu_relative": 0.2}, "'mu' and 'mu_relative' exclude each other"),
+        ({"post_merge": "mean"}, "'post_merge'"),
+    ],
+)
+def test_bad_lore_parameters_are_refused_by_name(tiny_family, tmp_path, parameters, fragment):
+    _, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds, parameters)
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert fragment in result.stderr
+    assert not (tmp_path / "out").exists()
