@@ -13,7 +13,8 @@ from typing import List, Optional
 import click
 from mergekit.options import MergeOptions, add_merge_options
 
-from mergekit_seed.recipe import RecipeError, check_recipe, load_recipe
+from mergekit_seed.errors import UserError
+from mergekit_seed.recipe import check_recipe, load_recipe
 
 
 def fail(message: str) -> None:
@@ -50,29 +51,38 @@ def _terminate_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_recipe(recipe: str, out: str, merge_options: MergeOptions, overwrite: bool) -> None:
-    """Validate ``recipe``, merge into a temporary sibling of ``out``, then rename it into place."""
+def run_recipe(recipe_path: str, out: str, merge_options: MergeOptions, overwrite: bool) -> None:
+    """Validate a recipe, merge into a temporary sibling of ``out``, then rename it into place.
+
+    Recipes whose models are adapter folders go to the adapter-native engine; all others to
+    mergekit's ``run_merge``.
+    """
     try:
-        config, source = load_recipe(recipe)
-    except RecipeError as error:
+        recipe = load_recipe(recipe_path)
+    except UserError as error:
         fail(str(error))
-    problems: List[str] = check_recipe(config, recipe)
+    problems: List[str] = check_recipe(recipe, recipe_path)
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
-
-    from mergekit.merge import run_merge
 
     out_path = Path(out).absolute()
     staging = _prepare_output(out_path, overwrite)
     previous = signal.signal(signal.SIGTERM, _terminate_on_signal)
     try:
         merge_options.apply_global_options()
-        run_merge(config, str(staging), options=merge_options, config_source=source)
+        if recipe.is_adapter_recipe:
+            from mergekit_seed.adapters.engine import run_adapter_merge
+
+            run_adapter_merge(recipe.config, recipe.raw, staging, quiet=merge_options.quiet, echo=click.echo)
+        else:
+            from mergekit.merge import run_merge
+
+            run_merge(recipe.config, str(staging), options=merge_options, config_source=recipe.source)
         _publish(staging, out_path)
-    except (RecipeError, ValueError) as error:
-        fail(f"{recipe}: {str(error).splitlines()[0]}")
+    except (UserError, ValueError) as error:
+        fail(f"{recipe_path}: {str(error).splitlines()[0]}")
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(staging, ignore_errors=True)

@@ -306,3 +306,130 @@ def _shrink(U, S, V, mu: float) -> Thresholded:
     return Thresholded(
         matrix=(U[:, :keep] * shrunk) @ V[:, :keep].T, shrunk=shrunk, V=V[:, :keep]
     )
+
+
+# ---------------------------------------------------------------- factored (low-rank) deltas
+
+
+@dataclass
+class LowRank:
+    """A delta kept as factors: ``left @ right`` with left (m, k) and right (k, n).
+
+    A LoRA module is ``LowRank(scaling * lora_B, lora_A)``; k may be 0 (a zero delta).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self):
+        return (self.left.shape[0], self.right.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def to(self, dtype: torch.dtype) -> "LowRank":
+        return LowRank(self.left.to(dtype), self.right.to(dtype))
+
+    @classmethod
+    def zeros(cls, shape, dtype=torch.float32, device=None) -> "LowRank":
+        m, n = shape
+        return cls(
+            torch.zeros(m, 0, dtype=dtype, device=device), torch.zeros(0, n, dtype=dtype, device=device)
+        )
+
+
+def low_rank_moments(delta: LowRank):
+    """Mean and population standard deviation of the entries of ``left @ right``, unmaterialised.
+
+    sum = (1^T left)(right 1), sum of squares = <left^T left, right right^T>.
+    """
+    left, right = delta.left.to(DECOMPOSITION_DTYPE), delta.right.to(DECOMPOSITION_DTYPE)
+    count = delta.shape[0] * delta.shape[1]
+    total = left.sum(0) @ right.sum(1)
+    squares = ((left.T @ left) * (right @ right.T)).sum()
+    mean = total / count
+    variance = (squares / count - mean**2).clamp_min(0)
+    return mean, variance.sqrt()
+
+
+def _truncate(U, S, V, rtol: float, max_rank: Optional[int]):
+    """Keep the singular triplets above ``rtol`` times the largest (at most ``max_rank``);
+    also return the kept share of the energy sum(S^2)."""
+    rank = _numerical_rank(S, rtol)
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    total = (S.to(DECOMPOSITION_DTYPE) ** 2).sum()
+    kept = ((S[:rank].to(DECOMPOSITION_DTYPE) ** 2).sum() / total).item() if total > 0 else 1.0
+    return U[:, :rank], S[:rank], V[:, :rank], kept
+
+
+def _balanced_pair(U, S, V, dtype: torch.dtype) -> LowRank:
+    root = S.sqrt()
+    return LowRank((U * root).to(dtype), (root[:, None] * V.T).to(dtype))
+
+
+def factored_svd(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None):
+    """SVD ``U S V^T`` of ``left @ right`` through QR of both factors and an SVD of the k x k core.
+
+    Keeps singular values above ``rtol`` times the largest, at most ``max_rank``. Returns
+    float64 ``U (m, r), S (r,), V (n, r)`` and the kept share of ||delta||_F^2. Cost
+    O((m + n) k^2 + k^3); no m x n matrix is formed.
+    """
+    left, right = delta.left.to(DECOMPOSITION_DTYPE), delta.right.to(DECOMPOSITION_DTYPE)
+    Q_left, T_left = torch.linalg.qr(left)
+    Q_right, T_right = torch.linalg.qr(right.T)
+    core_U, S, core_Vh = torch.linalg.svd(T_left @ T_right.T)
+    return _truncate(Q_left @ core_U, S, Q_right @ core_Vh.T, rtol, max_rank)
+
+
+def compress(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None):
+    """Re-factor ``delta`` to its numerical rank (or ``max_rank``), balanced as
+    ``(U sqrt(S), sqrt(S) V^T)``; returns the new pair and the kept energy share."""
+    U, S, V, kept = factored_svd(delta, rtol, max_rank)
+    return _balanced_pair(U, S, V, delta.left.dtype), kept
+
+
+def factored_column_block_svd(
+    blocks: Sequence[LowRank], rtol: float, max_rank: Optional[int] = None
+):
+    """SVD of ``[X_1 | ... | X_N]`` for factored blocks X_i = L_i R_i, never formed.
+
+    [X_1 | ... | X_N] = [L_1 .. L_N] blockdiag(R_1 .. R_N). With QR factorisations
+    [L_1 .. L_N] = Q T and R_i^T = Q_i T_i, it equals Q core blockdiag(Q_i)^T where
+    core = [T_{:,1} T_1^T | ... | T_{:,N} T_N^T] is K x K (K = sum of ranks). Returns float64
+    ``U (m, r), S (r,)`` and the right blocks ``V_i (n, r)``.
+    """
+    lefts = [b.left.to(DECOMPOSITION_DTYPE) for b in blocks]
+    rights = [b.right.to(DECOMPOSITION_DTYPE) for b in blocks]
+    Q, T = torch.linalg.qr(torch.cat(lefts, dim=1))
+    right_bases, core_blocks, start = [], [], 0
+    for right in rights:
+        Q_i, T_i = torch.linalg.qr(right.T)
+        k = right.shape[0]
+        core_blocks.append(T[:, start : start + k] @ T_i.T)
+        right_bases.append(Q_i)
+        start += k
+    core_U, S, core_Vh = torch.linalg.svd(torch.cat(core_blocks, dim=1), full_matrices=False)
+    rank = _numerical_rank(S, rtol)
+    if max_rank is not None:
+        rank = min(rank, max_rank)
+    core_V = core_Vh[:rank].T
+    V_blocks, start = [], 0
+    for Q_i in right_bases:
+        k = Q_i.shape[1]
+        V_blocks.append(Q_i @ core_V[start : start + k])
+        start += k
+    return Q @ core_U[:, :rank], S[:rank], V_blocks
+
+
+def factor_dense(matrix: torch.Tensor, rtol: float = 1e-6, max_rank: Optional[int] = None):
+    """Factor a dense (m, n) delta as a balanced pair ``(U sqrt(S), sqrt(S) V^T)`` of its
+    numerical rank (or ``max_rank``); returns the pair and the kept energy share."""
+    U, S, Vh = torch.linalg.svd(matrix.to(DECOMPOSITION_DTYPE), full_matrices=False)
+    U, S, V, kept = _truncate(U, S, Vh.T, rtol, max_rank)
+    return _balanced_pair(U, S, V, matrix.dtype), kept

@@ -9,39 +9,59 @@ returns every problem as one line.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 from pydantic import ValidationError
 
-
-class RecipeError(Exception):
-    """A user error in a recipe; the message is one line naming the file or parameter."""
+from mergekit_seed.errors import UserError
 
 
-def load_recipe(path: str) -> Tuple[Any, str]:
-    """Parse ``path`` as a mergekit recipe; returns (MergeConfiguration, YAML text)."""
+@dataclass
+class Recipe:
+    """A parsed recipe: mergekit's configuration, the YAML text and the raw mapping."""
+
+    config: Any
+    source: str
+    raw: Dict[str, Any]
+
+    @property
+    def adapter_paths(self) -> List[str]:
+        """Local model paths that are adapter folders (PEFT LoRA or SeRA)."""
+        from mergekit_seed.adapters.formats import is_adapter_folder
+
+        paths = [str(entry.model.model.path) for entry in self.config.models or []]
+        return [path for path in paths if is_adapter_folder(path)]
+
+    @property
+    def is_adapter_recipe(self) -> bool:
+        return bool(self.adapter_paths)
+
+
+def load_recipe(path: str) -> Recipe:
+    """Parse ``path`` as a mergekit recipe (safe YAML, mergekit's schema)."""
     from mergekit.config import MergeConfiguration
 
     try:
         source = Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise RecipeError(f"{path}: cannot read recipe ({error.strerror})") from None
+        raise UserError(f"{path}: cannot read recipe ({error.strerror})") from None
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError(f"{path}:{where} YAML syntax error: {problem}") from None
+        raise UserError(f"{path}:{where} YAML syntax error: {problem}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping with merge_method and models")
+        raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method and models")
     try:
         config = MergeConfiguration.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(f"{path}: {format_validation_error(error)}") from None
-    return config, source
+        raise UserError(f"{path}: {format_validation_error(error)}") from None
+    return Recipe(config=config, source=source, raw=data)
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -87,13 +107,14 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str) -> List
     return problems
 
 
-def check_recipe(config: Any, path: str = "recipe") -> List[str]:
+def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     """Every problem with a parsed recipe, one line each; empty when it can run."""
     from mergekit import merge_methods
 
     import mergekit_seed
 
     mergekit_seed.register()
+    config = recipe.config
     try:
         method = merge_methods.get(config.merge_method)
     except RuntimeError:
@@ -107,28 +128,54 @@ def check_recipe(config: Any, path: str = "recipe") -> List[str]:
         problems += _check_parameters(
             method, model.parameters, f"{path}: models[{index}] ({model.model}) parameters"
         )
+    problems += _check_output_section(recipe, path)
+    if not config.models:
+        return problems
 
-    contract = method.spec.contract
     from mergekit.merge_methods.base import BasePolicy
 
-    if config.models:
-        base = config.base_model
-        seeds = [m for m in config.models if base is None or m.model != base]
-        if contract.base == BasePolicy.REQUIRED and base is None:
-            problems.append(
-                f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)"
-            )
-        minimum = contract.min_non_base if contract.min_non_base is not None else contract.min_inputs
-        if len(seeds) < minimum:
-            problems.append(
-                f"{path}: {config.merge_method} needs at least {minimum} seed models under models:, got {len(seeds)}"
-            )
-        check = getattr(method, "parameter_problems", None)
-        if check is not None:
-            scalars = {
-                name: value
-                for name, value in (config.parameters or {}).items()
-                if isinstance(value, (int, float, str, bool))
-            }
-            problems += [f"{path}: {line}" for line in check(scalars, len(seeds))]
+    from mergekit_seed.methods import MIN_SEEDS
+
+    base = config.base_model
+    seeds = [m for m in config.models if base is None or m.model != base]
+    adapters = recipe.adapter_paths
+    if adapters and len(adapters) != len(seeds):
+        problems.append(
+            f"{path}: mix of adapter folders and full models under models:; list only adapters "
+            f"(or use model: BASE+ADAPTER for every seed)"
+        )
+    needs_base = method.spec.contract.base == BasePolicy.REQUIRED and not adapters
+    if needs_base and base is None:
+        problems.append(
+            f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)"
+        )
+    if len(seeds) < MIN_SEEDS:
+        problems.append(
+            f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}"
+        )
+    check = getattr(method, "parameter_problems", None)
+    if check is not None:
+        scalars = {
+            name: value
+            for name, value in (config.parameters or {}).items()
+            if isinstance(value, (int, float, str, bool))
+        }
+        problems += [f"{path}: {line}" for line in check(scalars, len(seeds))]
     return problems
+
+
+def _check_output_section(recipe: Recipe, path: str) -> List[str]:
+    output = recipe.raw.get("output")
+    if output is None:
+        return []
+    if not recipe.is_adapter_recipe:
+        return [f"{path}: output: applies only to recipes whose models are adapter folders"]
+    from mergekit_seed.adapters.engine import OutputSection
+
+    try:
+        section = OutputSection.model_validate(output)
+    except ValidationError as error:
+        return [f"{path}: output.{format_validation_error(error)}"]
+    if section.format == "full" and recipe.config.base_model is None:
+        return [f"{path}: output.format: full needs base_model (the model the adapters were trained on)"]
+    return []

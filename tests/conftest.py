@@ -45,3 +45,38 @@ def run_cli(*args, check=False):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def save_random_lora(base: Path, out: Path, r: int, seed: int, targets=("q_proj", "v_proj"), use_rslora=False, alpha=16):
+    """A PEFT LoRA adapter on the tiny base with random (non-zero) A and B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def save_random_sera(base: Path, out: Path, r: int, split: int, seed: int, targets=("q_proj", "v_proj")):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_seed.sera import SeraConfig, apply_sera, save_sera, sera_layers
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = SeraConfig(r=r, split=split, sera_alpha=2 * r, target_modules=list(targets), base_model_name_or_path=str(base))
+    apply_sera(model, config)
+    with torch.no_grad():
+        for layer in sera_layers(model).values():
+            layer.sera_B.normal_(0, 0.05)
+    save_sera(model, out, config)
+    return out

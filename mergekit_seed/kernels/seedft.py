@@ -11,7 +11,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import column_block_svd, compute_dtype, polar_factor
+from mergekit_seed.linalg import (
+    LowRank,
+    column_block_svd,
+    compute_dtype,
+    factored_column_block_svd,
+    polar_factor,
+)
 
 
 def seedft(
@@ -41,3 +47,26 @@ def seedft(
     # Step 5: Delta theta_M = U Sigma V_star^T  (Eq. 7)
     delta_M = (svd.U * svd.S) @ V_star.T
     return delta_M.to(out_dtype)
+
+
+def seedft_factored(
+    tau: Sequence[LowRank], rank: Optional[int] = None, rtol: float = 1e-6
+) -> LowRank:
+    """Alg. 1 on factored deltas tau_i = L_i R_i, exactly, without forming any m x n matrix.
+
+    Same result as :func:`seedft` on the dense deltas (without alpha): Delta_c's SVD comes
+    from QR factorisations of the stacked factors and an SVD of the small core
+    (:func:`factored_column_block_svd`). Returns the merged delta as a rank-r pair (float32).
+    """
+    n = tau[0].shape[1]
+    max_rank = n if rank is None else min(n, rank)
+    # Steps 1-2: Delta_c = [tau_1 | ... | tau_N] = U Sigma V^T  (Eq. 3)
+    U, S, V_blocks = factored_column_block_svd(tau, rtol=rtol, max_rank=max_rank)
+    if S.numel() == 0:
+        return LowRank.zeros(tau[0].shape, device=tau[0].left.device)
+    # Step 3: V_bar = (1/N) sum_i V_i  (Eq. 4)
+    V_bar = torch.stack(V_blocks).mean(0)
+    # Step 4: V_star = P Q^T  (Eqs. 5-6)
+    V_star = polar_factor(V_bar, rtol=rtol)
+    # Step 5: Delta theta_M = (U Sigma) V_star^T  (Eq. 7)
+    return LowRank((U * S).float(), V_star.T.float())

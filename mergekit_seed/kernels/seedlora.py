@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import compute_dtype, quantile, truncated_svd
+from mergekit_seed.linalg import LowRank, compress, compute_dtype, low_rank_moments, quantile, truncated_svd
 
 # ---------------------------------------------------------------- distribution matching
 
@@ -49,6 +49,38 @@ def seedlora_dm(
         return tau_m
     # Eq. 5: tau_m <- sigma_hat * (tau_m - mu(tau_m)) / sigma(tau_m) + mu_hat
     return sigma_hat * (tau_m - tau_m.mean()) / sigma_m + mu_hat
+
+
+def seedlora_dm_factored(
+    tau: Sequence[LowRank],
+    weights: Optional[Sequence[float]] = None,
+    normalize: bool = True,
+) -> LowRank:
+    """Eqs. 4-5 on factored deltas tau_i = L_i R_i, exactly, without forming any m x n matrix.
+
+    Eq. 4 stacks the weighted factors; the moments come from the factors
+    (:func:`low_rank_moments`); Eq. 5 is an affine map a tau_m + b 1 1^T, so it adds one
+    rank (the mean shift). The result is re-factored to its numerical rank (float32).
+    """
+    weights = [1.0] * len(tau) if weights is None else list(weights)
+    divisor = sum(weights) if normalize else len(tau)
+    left = torch.cat([t.left.double() * (w / divisor) for t, w in zip(tau, weights)], dim=1)
+    right = torch.cat([t.right.double() for t in tau], dim=0)
+    tau_m = LowRank(left, right)  # Eq. 4
+    moments = [low_rank_moments(t) for t in tau]
+    mu_hat = sum(m for m, _ in moments) / len(tau)
+    sigma_hat = sum(s for _, s in moments) / len(tau)
+    mu_m, sigma_m = low_rank_moments(tau_m)
+    m, n = tau_m.shape
+    if sigma_m > 0 and m * n > 1:
+        # Eq. 5: sigma_hat (tau_m - mu_m) / sigma_m + mu_hat = a tau_m + b 1 1^T
+        a = sigma_hat / sigma_m
+        b = mu_hat - a * mu_m
+        ones_left = torch.full((m, 1), 1.0, dtype=left.dtype, device=left.device)
+        ones_right = torch.full((1, n), 1.0, dtype=left.dtype, device=left.device)
+        tau_m = LowRank(torch.cat([a * left, b * ones_left], 1), torch.cat([right, ones_right], 0))
+    merged, _ = compress(tau_m)
+    return merged.to(torch.float32)
 
 
 # ---------------------------------------------------------------- two-stage fusion

@@ -1,0 +1,226 @@
+"""The adapter-native engine: adapter seeds in, a merged LoRA adapter (or full model) out.
+
+``seedft`` and ``seedlora_dm`` run on the factors, exactly, and never form an m x n matrix;
+``seedlora_twostage`` and ``lore`` materialise one module's deltas at a time and run the same
+mergekit method object that ``mergekit-yaml`` runs (with a zero base, since a LoRA delta is
+already the task vector; LoRE is translation-equivariant, so running it on the deltas gives
+the merged delta).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import Literal
+
+from mergekit_seed.adapters.formats import AdapterSeed, read_adapter, write_lora_adapter
+from mergekit_seed.errors import UserError
+from mergekit_seed.linalg import LowRank, compress, factor_dense
+
+LOG = logging.getLogger("mergekit_seed")
+
+
+class OutputSection(BaseModel):
+    """The recipe's ``output:`` section (adapter recipes only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["lora", "full"] = "lora"
+    rank: Optional[int] = Field(None, ge=1)
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    rank: int
+    kept_energy: float
+
+
+def resolve_module_parameters(method, config, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Global and per-seed parameter values for one module, with mergekit's precedence rules."""
+    from mergekit.parameter_resolver import resolve_parameters
+
+    models = [entry.model for entry in config.models]
+    per_model = {entry.model: entry.parameters for entry in config.models}
+
+    def sources(model):
+        if model is not None:
+            yield per_model.get(model)
+        yield config.parameters
+
+    shared, per_input = resolve_parameters(
+        method.spec,
+        tensor_name=tensor_name,
+        inputs={model: tensor_name for model in models},
+        sources=sources,
+        base_model=None,
+    )
+    return shared, [per_input[model] for model in models]
+
+
+def merge_module(method, tau: List[LowRank], shared: Dict[str, Any], per_seed: List[Dict[str, Any]], name: str) -> Union[LowRank, torch.Tensor]:
+    """The merged delta of one module: a factor pair (exact methods) or a dense matrix."""
+    from mergekit_seed.kernels.seedft import seedft_factored
+    from mergekit_seed.kernels.seedlora import seedlora_dm_factored
+
+    problems = method.parameter_problems(shared, len(tau))
+    if problems:
+        raise UserError(problems[0])
+    if method.spec.name in ("seedft", "seedlora_dm"):
+        scale = method.resolve_lambda(shared["lambda"], len(tau))
+        if method.spec.name == "seedft":
+            merged = seedft_factored(tau, rank=shared["rank"], rtol=shared["rtol"])
+        else:
+            weights = [values["weight"] for values in per_seed]
+            merged = seedlora_dm_factored(tau, weights=weights, normalize=shared["normalize"])
+        return LowRank(scale * merged.left, merged.right)
+
+    from mergekit.merge_methods.base import TensorGroup
+
+    dense = [pair.dense() for pair in tau]
+    if method.needs_base:
+        group = TensorGroup.from_tensors([torch.zeros_like(dense[0])] + dense, base_index=0, name=name)
+        seed_ids = list(range(1, len(dense) + 1))
+    else:
+        group = TensorGroup.from_tensors(dense, name=name)
+        seed_ids = list(range(len(dense)))
+    parameters = dict(shared)
+    for parameter in method.spec.input_parameters:
+        # our per-model parameters are all per seed (mergekit's NON_BASE scope)
+        parameters[parameter.name] = {i: values[parameter.name] for i, values in zip(seed_ids, per_seed)}
+    (result,) = method([group], parameters=parameters)
+    return result
+
+
+def _load_base_files(base: str) -> Path:
+    folder = Path(base)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as error:
+        raise UserError(f"base_model {base}: not a local folder and not downloadable ({str(error).splitlines()[0]})") from None
+
+
+def write_full_model(out: Path, base: str, deltas: Dict[str, torch.Tensor], dtype: Optional[str]) -> None:
+    """Copy the base model's files to ``out`` with each delta added to its weight."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mergekit.common import dtype_from_name
+
+    folder = _load_base_files(base)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"base_model {base}: no .safetensors weights found")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in folder.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and not file.name.startswith("README"):
+            shutil.copy2(file, out / file.name)
+    target_dtype = dtype_from_name(dtype) if dtype else None
+    remaining = set(deltas)
+    for shard in shards:
+        tensors = {}
+        with safe_open(shard, framework="pt") as reader:
+            for name in reader.keys():
+                tensor = reader.get_tensor(name)
+                if name in deltas:
+                    base_weight = tensor.float()
+                    if base_weight.shape != deltas[name].shape:
+                        raise UserError(
+                            f"{name}: the adapters' delta has shape {tuple(deltas[name].shape)} but the base weight has {tuple(base_weight.shape)}"
+                        )
+                    tensor = (base_weight + deltas[name].float()).to(tensor.dtype)
+                    remaining.discard(name)
+                if target_dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(target_dtype)
+                tensors[name] = tensor.contiguous()
+        save_file(tensors, out / shard.name, metadata={"format": "pt"})
+    if remaining:
+        raise UserError(f"base_model {base}: has no weight {sorted(remaining)[0]} that the adapters change")
+
+
+def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str]) -> Optional[str]:
+    names = {seed.base_model for seed in seeds if seed.base_model}
+    if len(names) > 1:
+        LOG.warning("the adapters name different base models: %s", ", ".join(sorted(names)))
+    if recipe_base:
+        return recipe_base
+    return sorted(names)[0] if names else None
+
+
+def run_adapter_merge(
+    config,
+    raw: Dict[str, Any],
+    out: Path,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> List[ModuleReport]:
+    """Merge the adapter seeds of a parsed recipe into ``out`` (which must not exist yet)."""
+    from tqdm import tqdm
+
+    from mergekit import merge_methods
+
+    import mergekit_seed
+
+    mergekit_seed.register()
+    output = OutputSection.model_validate(raw.get("output") or {})
+    method = merge_methods.get(config.merge_method)
+    recipe_base = str(config.base_model.model.path) if config.base_model else None
+    if output.format == "full" and not recipe_base:
+        raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
+    seeds = [read_adapter(str(entry.model.model.path)) for entry in config.models]
+    base_name = _base_model_name(seeds, recipe_base)
+
+    names = sorted(set().union(*(seed.deltas for seed in seeds)))
+    module_kinds: Dict[str, str] = {}
+    for seed in seeds:
+        module_kinds.update(seed.module_kinds)
+    merged_pairs: Dict[str, LowRank] = {}
+    merged_dense: Dict[str, torch.Tensor] = {}
+    reports: List[ModuleReport] = []
+    for name in tqdm(names, desc="Merging modules", disable=quiet):
+        shapes = {tuple(seed.deltas[name].shape) for seed in seeds if name in seed.deltas}
+        if len(shapes) > 1:
+            raise UserError(f"{name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base model")
+        missing = [str(seed.path) for seed in seeds if name not in seed.deltas]
+        if missing:
+            LOG.warning("%s: missing in %s; counted as a zero delta there", name, ", ".join(missing))
+        shape = shapes.pop()
+        tau = [seed.deltas.get(name) or LowRank.zeros(shape) for seed in seeds]
+        shared, per_seed = resolve_module_parameters(method, config, name)
+        merged = merge_module(method, tau, shared, per_seed, name)
+        if output.format == "full":
+            merged_dense[name] = merged.dense() if isinstance(merged, LowRank) else merged
+            continue
+        if isinstance(merged, LowRank):
+            pair, kept = compress(merged, max_rank=output.rank)
+        else:
+            pair, kept = factor_dense(merged, max_rank=output.rank)
+        merged_pairs[name] = pair
+        reports.append(ModuleReport(name, pair.rank, kept))
+
+    if output.format == "full":
+        write_full_model(out, recipe_base, merged_dense, config.out_dtype or config.dtype)
+        echo(f"wrote a full model with {len(merged_dense)} merged modules to {out}")
+        return reports
+    task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
+    write_lora_adapter(out, merged_pairs, module_kinds, base_name, task_type)
+    if output.rank is not None:
+        lowest = min(reports, key=lambda report: report.kept_energy)
+        echo(
+            f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
+            f"to {max(r.kept_energy for r in reports):.4f}"
+        )
+        for report in reports:
+            LOG.info("%s: rank %d, kept energy %.6f", report.name, report.rank, report.kept_energy)
+    echo(f"wrote a LoRA adapter with {len(merged_pairs)} modules to {out}")
+    return reports

@@ -1,0 +1,184 @@
+"""SeRA: Vector Segmented and Recombined Adaptation (Eqs. 1-3), so SeRA seeds can be trained.
+
+A SeRA layer adds ``x A C B`` (row-vector form) to a frozen linear layer ``x W0^T``, where
+A (d_in x r) is block-diagonal with ``split`` blocks A_k (d_in/split x r/split), C (r x r) is
+dense, and B (r x d_out) is block-diagonal with blocks B_k (r/split x d_out/split):
+
+    h = x W0^T + scaling * x A C B,     scaling = sera_alpha / r           (Eq. 1)
+
+Init per the paper: A and C Kaiming-uniform, B zero (the adapter starts as the identity).
+
+On disk a SeRA adapter is a folder like a PEFT adapter: ``adapter_config.json`` with
+``"peft_type": "SERA"``, ``r``, ``split``, ``sera_alpha``, ``target_modules``,
+``base_model_name_or_path``; ``adapter_model.safetensors`` with
+``base_model.model.<module>.sera_A`` (split, d_in/split, r/split),
+``.sera_C`` (r, r) and ``.sera_B`` (split, r/split, d_out/split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+PEFT_TYPE = "SERA"
+
+
+class SeraConfig(BaseModel):
+    """SeRA hyper-parameters, stored as ``adapter_config.json``."""
+
+    peft_type: str = PEFT_TYPE
+    r: int = Field(8, ge=1)
+    split: int = Field(8, ge=1)
+    sera_alpha: float = 8.0
+    target_modules: List[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    base_model_name_or_path: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _split_divides_rank(self) -> "SeraConfig":
+        if self.peft_type != PEFT_TYPE:
+            raise ValueError(f"peft_type must be {PEFT_TYPE!r}, got {self.peft_type!r}")
+        if self.r % self.split:
+            raise ValueError(f"split ({self.split}) must divide r ({self.r})")
+        return self
+
+    @property
+    def scaling(self) -> float:
+        return self.sera_alpha / self.r
+
+    def save(self, folder: Union[str, Path]) -> None:
+        Path(folder, CONFIG_NAME).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Union[str, Path]) -> "SeraConfig":
+        return cls.model_validate(json.loads(Path(folder, CONFIG_NAME).read_text()))
+
+
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(split, p, q) blocks -> the (split*p, split*q) block-diagonal matrix."""
+    return torch.block_diag(*blocks.unbind(0))
+
+
+def sera_delta_factors(A: torch.Tensor, C: torch.Tensor, B: torch.Tensor, scaling: float):
+    """The PyTorch-layout delta ``scaling * (A C B)^T`` (d_out, d_in) as a factor pair.
+
+    Returns ``(left (d_out, r), right (r, d_in))`` with left @ right = scaling * B^T C^T A^T,
+    A and B being the block-diagonal matrices built from the stored blocks.
+    """
+    A_full, B_full = block_diagonal(A), block_diagonal(B)
+    return scaling * B_full.T, C.T @ A_full.T
+
+
+class SeraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable SeRA update (Eqs. 1-3)."""
+
+    def __init__(self, base: nn.Linear, r: int, split: int, scaling: float):
+        super().__init__()
+        d_in, d_out = base.in_features, base.out_features
+        if r % split or d_in % split or d_out % split:
+            raise ValueError(
+                f"SeRA split {split} must divide r ({r}), d_in ({d_in}) and d_out ({d_out})"
+            )
+        self.base_layer = base
+        self.split, self.r, self.scaling = split, r, scaling
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.sera_A = nn.Parameter(torch.empty(split, d_in // split, r // split, **factory))
+        self.sera_C = nn.Parameter(torch.empty(r, r, **factory))
+        self.sera_B = nn.Parameter(torch.zeros(split, r // split, d_out // split, **factory))
+        for block in self.sera_A:
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.sera_C, a=math.sqrt(5))
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * (A C B)^T in the base layer's (d_out, d_in) layout."""
+        left, right = sera_delta_factors(self.sera_A, self.sera_C, self.sera_B, self.scaling)
+        return left @ right
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        # Eq. 3: split x into sub-vectors, reduce each with its A_k, concatenate to c_in (r)
+        pieces = x.to(self.sera_A.dtype).unflatten(-1, (self.split, -1))
+        c_in = torch.einsum("...kd,kdr->...kr", pieces, self.sera_A).flatten(-2)
+        # C recombines the reduced sub-vectors; each block of B expands its part again
+        c_out = (c_in @ self.sera_C).unflatten(-1, (self.split, -1))
+        update = torch.einsum("...kr,kro->...ko", c_out, self.sera_B).flatten(-2)
+        return result + self.scaling * update.to(result.dtype)
+
+
+def _matches(module_name: str, targets: List[str]) -> bool:
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def apply_sera(model: nn.Module, config: SeraConfig) -> nn.Module:
+    """Replace every ``nn.Linear`` named by ``config.target_modules`` with a :class:`SeraLinear`."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, config.target_modules)
+    ]
+    if not targets:
+        raise ValueError(f"no nn.Linear module matches target_modules {config.target_modules}")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SeraLinear(module, config.r, config.split, config.scaling))
+    for parameter_name, parameter in model.named_parameters():
+        parameter.requires_grad_(parameter_name.rsplit(".", 1)[-1].startswith("sera_"))
+    return model
+
+
+def sera_layers(model: nn.Module) -> Dict[str, SeraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SeraLinear)}
+
+
+def save_sera(model: nn.Module, folder: Union[str, Path], config: SeraConfig) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for a SeRA model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in sera_layers(model).items():
+        for part in ("sera_A", "sera_C", "sera_B"):
+            tensors[f"{KEY_PREFIX}{name}.{part}"] = getattr(layer, part).detach().contiguous().cpu()
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    config.save(folder)
+
+
+def load_sera(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """Apply the SeRA adapter stored in ``folder`` to ``model`` and load its weights."""
+    from safetensors.torch import load_file
+
+    config = SeraConfig.load(folder)
+    apply_sera(model, config)
+    tensors = load_file(Path(folder) / WEIGHTS_NAME)
+    for name, layer in sera_layers(model).items():
+        for part in ("sera_A", "sera_C", "sera_B"):
+            key = f"{KEY_PREFIX}{name}.{part}"
+            if key not in tensors:
+                raise ValueError(f"{folder}: {key} is missing from {WEIGHTS_NAME}")
+            getattr(layer, part).data.copy_(tensors[key])
+    return model
+
+
+def merge_sera(model: nn.Module) -> nn.Module:
+    """Fold every SeRA update into its base weight and put the plain ``nn.Linear`` back."""
+    for name, layer in sera_layers(model).items():
+        base = layer.base_layer
+        with torch.no_grad():
+            base.weight += layer.delta_weight().to(base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, base)
+    return model
