@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import click
-from mergekit.options import MergeOptions, add_merge_options
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
@@ -23,7 +22,25 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose heavy commands are built on first use.
+
+    ``run`` takes mergekit's merge options, and importing ``mergekit.options`` costs seconds
+    (torch, transformers, peft); the other commands should not pay for it.
+    """
+
+    lazy_commands: dict = {}
+
+    def list_commands(self, context):
+        return sorted(set(super().list_commands(context)) | set(self.lazy_commands))
+
+    def get_command(self, context, name):
+        if name in self.lazy_commands and name not in self.commands:
+            self.add_command(self.lazy_commands[name](), name)
+        return super().get_command(context, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-seed")
 def main() -> None:
     """Multi-seed model merging for mergekit: SeedFT, SeedLoRA, LoRE-Merging."""
@@ -51,8 +68,9 @@ def _terminate_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_recipe(recipe_path: str, out: str, merge_options: MergeOptions, overwrite: bool) -> None:
-    """Validate a recipe, merge into a temporary sibling of ``out``, then rename it into place.
+def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwrite: bool) -> None:
+    """Validate a recipe, merge into a temporary sibling of ``out``, write the model card,
+    then rename the folder into place.
 
     Recipes whose models are adapter folders go to the adapter-native engine; all others to
     mergekit's ``run_merge``.
@@ -67,6 +85,20 @@ def run_recipe(recipe_path: str, out: str, merge_options: MergeOptions, overwrit
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
 
+    from mergekit import merge_methods
+
+    from mergekit_seed.adapters.engine import OutputSection
+    from mergekit_seed.card import CARD_NAME, render_card
+
+    method = merge_methods.get(recipe.config.merge_method)
+    output_kind = (
+        OutputSection.model_validate(recipe.raw.get("output") or {}).format
+        if recipe.is_adapter_recipe
+        else "full"
+    )
+    # rendered first: the inputs are hashed as they are when the merge reads them, and
+    # mergekit's planner rewrites the configuration object while it runs
+    card = render_card(recipe, method, merge_options.model_dump(exclude_defaults=True), output_kind)
     out_path = Path(out).absolute()
     staging = _prepare_output(out_path, overwrite)
     previous = signal.signal(signal.SIGTERM, _terminate_on_signal)
@@ -80,6 +112,7 @@ def run_recipe(recipe_path: str, out: str, merge_options: MergeOptions, overwrit
             from mergekit.merge import run_merge
 
             run_merge(recipe.config, str(staging), options=merge_options, config_source=recipe.source)
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
         _publish(staging, out_path)
     except (UserError, ValueError) as error:
         fail(f"{recipe_path}: {str(error).splitlines()[0]}")
@@ -88,18 +121,26 @@ def run_recipe(recipe_path: str, out: str, merge_options: MergeOptions, overwrit
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@main.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
-@add_merge_options
-def run_command(merge_options: MergeOptions, recipe: str, out: str, overwrite: bool) -> None:
-    """Merge RECIPE (a mergekit YAML file) into the folder OUT.
+def _build_run_command() -> click.Command:
+    from mergekit.options import MergeOptions, add_merge_options
 
-    Accepts every mergekit-yaml option. The recipe is validated before any tensor is
-    loaded, and OUT only appears once the merge has finished.
-    """
-    run_recipe(recipe, out, merge_options, overwrite)
+    @click.command("run")
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.argument("out", type=click.Path(file_okay=False))
+    @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+    @add_merge_options
+    def run_command(merge_options: MergeOptions, recipe: str, out: str, overwrite: bool) -> None:
+        """Merge RECIPE (a mergekit YAML file) into the folder OUT.
+
+        Accepts every mergekit-yaml option. The recipe is validated before any tensor is
+        loaded, and OUT only appears once the merge has finished.
+        """
+        run_recipe(recipe, out, merge_options, overwrite)
+
+    return run_command
+
+
+LazyGroup.lazy_commands = {"run": _build_run_command}
 
 
 @main.command("methods")
@@ -122,6 +163,112 @@ def methods_command(as_json: bool) -> None:
                 f" {parameter['description']}"
             )
         click.echo("")
+
+
+@main.command("validate")
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--offline", is_flag=True, help="Skip the checks that read the inputs on disk.")
+def validate_command(recipes: tuple, offline: bool) -> None:
+    """Check RECIPES before anything is loaded; list every problem, one line each.
+
+    Checks YAML syntax, mergekit's schema, the method, every parameter's type and range,
+    unknown parameters, input counts and the base model and, unless --offline, that local
+    paths exist and that every shared tensor has one shape across inputs (file headers only).
+    """
+    from mergekit_seed.recipe import check_files
+
+    problems: List[str] = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(path)
+        except UserError as error:
+            problems.append(str(error))
+            continue
+        problems += check_recipe(recipe, path)
+        if not offline:
+            problems += check_files(recipe, path)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{len(recipes)} recipe(s) valid")
+
+
+@main.group("recipes", invoke_without_command=True)
+@click.pass_context
+def recipes_group(context: click.Context) -> None:
+    """List the shipped recipes (paper settings and demo settings)."""
+    if context.invoked_subcommand is not None:
+        return
+    from mergekit_seed.recipe import recipe_summary, shipped_recipes
+
+    for name, path in shipped_recipes().items():
+        click.echo(f"{name:<42} {recipe_summary(path)}")
+
+
+@recipes_group.command("show")
+@click.argument("name")
+@click.option("--models", type=click.Path(file_okay=False), help="Fill ${DEMO_MODELS} with this folder.")
+def recipes_show_command(name: str, models: Optional[str]) -> None:
+    """Print the shipped recipe NAME."""
+    from mergekit_seed.recipe import shipped_recipe_text
+
+    try:
+        click.echo(shipped_recipe_text(name, models), nl=False)
+    except UserError as error:
+        fail(str(error))
+
+
+@main.command("reproduce")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--check", "check_dir", type=click.Path(file_okay=False, exists=True), help="Compare every tensor with this folder.")
+@click.option("--atol", type=float, default=1e-6, show_default=True, help="Largest absolute difference --check accepts.")
+@click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool) -> None:
+    """Re-run the merge described by SOURCE (a model card README.md or an output folder) into OUT."""
+    import tempfile
+
+    from mergekit_seed.card import compare_weights, package_version, read_card, verify_inputs
+
+    try:
+        card = read_card(Path(source))
+    except UserError as error:
+        fail(str(error))
+    provenance = card["provenance"]
+    for package, key in (("mergekit-seed", "version"), ("mergekit", "mergekit_version")):
+        recorded, installed = provenance.get(key), package_version(package)
+        if recorded and recorded != installed:
+            click.echo(f"warning: the merge was made with {package} {recorded}; {installed} is installed", err=True)
+    mismatches = verify_inputs(provenance.get("inputs") or {})
+    for mismatch in mismatches:
+        click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
+    if mismatches and not no_verify_inputs:
+        click.echo("error: inputs differ from the ones the card records; pass --no-verify-inputs to merge anyway", err=True)
+        sys.exit(1)
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(**(provenance.get("options") or {}))
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe_path = Path(scratch) / "recipe.yml"
+        recipe_path.write_text(card["recipe"], encoding="utf-8")
+        run_recipe(str(recipe_path), out, options, overwrite)
+    if check_dir is None:
+        click.echo(f"reproduced the merge into {out}")
+        return
+    try:
+        worst_name, worst, problems = compare_weights(Path(out), Path(check_dir))
+    except UserError as error:
+        fail(str(error))
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    click.echo(f"largest difference: {worst:.3g} in {worst_name}")
+    if problems or worst > atol:
+        if worst > atol:
+            click.echo(f"error: {worst_name} differs by {worst:.3g} > --atol {atol:g}", err=True)
+        sys.exit(1)
+    click.echo(f"every tensor matches {check_dir} within {atol:g}")
 
 
 @main.command("quickstart")

@@ -37,7 +37,8 @@ class Recipe:
 
     @property
     def is_adapter_recipe(self) -> bool:
-        return bool(self.adapter_paths)
+        """Models are adapter folders (on disk, or on the Hub when an ``output:`` section says so)."""
+        return bool(self.adapter_paths) or "output" in self.raw
 
 
 def load_recipe(path: str) -> Recipe:
@@ -168,8 +169,6 @@ def _check_output_section(recipe: Recipe, path: str) -> List[str]:
     output = recipe.raw.get("output")
     if output is None:
         return []
-    if not recipe.is_adapter_recipe:
-        return [f"{path}: output: applies only to recipes whose models are adapter folders"]
     from mergekit_seed.adapters.engine import OutputSection
 
     try:
@@ -179,3 +178,88 @@ def _check_output_section(recipe: Recipe, path: str) -> List[str]:
     if section.format == "full" and recipe.config.base_model is None:
         return [f"{path}: output.format: full needs base_model (the model the adapters were trained on)"]
     return []
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).exists() or path.count("/") != 1
+
+
+def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
+    """Problems with the inputs on disk: missing local paths, unreadable files, and tensors
+    whose shapes differ between inputs or are missing in some (headers only)."""
+    config = recipe.config
+    problems: List[str] = []
+    shapes_by_input: Dict[str, Dict[str, tuple]] = {}
+    for reference in config.referenced_models():
+        for folder in [str(reference.model.path)] + ([str(reference.lora.path)] if reference.lora else []):
+            if not Path(folder).exists():
+                if _looks_local(folder):
+                    problems.append(f"{path}: model path {folder} does not exist")
+                continue
+        folder = Path(str(reference.model.path))
+        if not folder.is_dir():
+            continue
+        try:
+            if recipe.is_adapter_recipe and reference != config.base_model:
+                from mergekit_seed.adapters.formats import read_adapter
+
+                seed = read_adapter(folder)
+                shapes_by_input[str(folder)] = {name: tuple(d.shape) for name, d in seed.deltas.items()}
+            elif not recipe.is_adapter_recipe:
+                from mergekit_seed.weights import safetensors_shapes
+
+                shapes = safetensors_shapes(folder)
+                if not shapes:
+                    problems.append(f"{path}: {folder} has no .safetensors weights")
+                shapes_by_input[str(folder)] = shapes
+        except UserError as error:
+            problems.append(str(error))
+    if len(shapes_by_input) > 1:
+        problems += _compare_shapes(shapes_by_input, path, allow_missing=recipe.is_adapter_recipe)
+    return problems
+
+
+def _compare_shapes(shapes_by_input: Dict[str, Dict[str, tuple]], path: str, allow_missing: bool) -> List[str]:
+    problems = []
+    all_names = sorted(set().union(*shapes_by_input.values()))
+    for name in all_names:
+        present = {folder: shapes[name] for folder, shapes in shapes_by_input.items() if name in shapes}
+        if len(set(present.values())) > 1:
+            listing = ", ".join(f"{folder} {shape}" for folder, shape in present.items())
+            problems.append(f"{path}: tensor {name} has different shapes: {listing}")
+        elif not allow_missing and len(present) < len(shapes_by_input):
+            absent = sorted(set(shapes_by_input) - set(present))
+            problems.append(f"{path}: tensor {name} is missing in {', '.join(absent)}")
+    return problems
+
+
+DEMO_PLACEHOLDER = "${DEMO_MODELS}"
+
+
+def shipped_recipes_dir() -> Path:
+    """``recipes/`` as package data (wheel), or the checkout's top-level folder (editable)."""
+    packaged = Path(__file__).parent / "recipes"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "recipes"
+
+
+def shipped_recipes() -> Dict[str, Path]:
+    return {path.stem: path for path in sorted(shipped_recipes_dir().glob("*.yml"))}
+
+
+def shipped_recipe_text(name: str, models: Optional[str] = None) -> str:
+    """A shipped recipe's text, with ``${DEMO_MODELS}`` replaced by ``models`` when given."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        suggestion = difflib.get_close_matches(name, list(recipes), n=1)
+        hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
+        raise UserError(f"no shipped recipe named '{name}'{hint}; `mergekit-seed recipes` lists them")
+    text = recipes[name].read_text(encoding="utf-8")
+    if models is not None:
+        text = text.replace(DEMO_PLACEHOLDER, str(Path(models).absolute()))
+    return text
+
+
+def recipe_summary(path: Path) -> str:
+    """The first line of a shipped recipe's comment block (its one-line summary)."""
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    return first.lstrip("# ").strip() if first.startswith("#") else ""

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,46 @@ def write_recipe(path: Path, method: str, base, seeds, parameters=None, extra: s
     return path
 
 
-def run_cli(*args, check=False):
-    """Run an installed console script in a subprocess (offline)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env
-    )
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _entry_point(name):
+    if name == "mergekit-seed":
+        from mergekit_seed.cli import main
+
+        return main
+    if name == "mergekit-yaml":
+        from mergekit.scripts.run_yaml import main
+
+        return main
+    raise ValueError(name)
+
+
+def run_cli(*args, check=False, isolated=False):
+    """Run a console script (``mergekit-seed`` or stock ``mergekit-yaml``).
+
+    In-process through click's runner by default (the seconds of torch/transformers imports
+    are paid once); ``isolated=True`` runs the installed script in a subprocess, as a user
+    would. In-process, an exception other than a clean exit is re-raised: it would have been
+    a traceback.
+    """
+    if isolated:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        done = subprocess.run(
+            [str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env
+        )
+        result = CliResult(done.returncode, done.stdout, done.stderr)
+    else:
+        from click.testing import CliRunner
+
+        outcome = CliRunner().invoke(_entry_point(args[0]), [str(a) for a in args[1:]], catch_exceptions=True)
+        if outcome.exception is not None and not isinstance(outcome.exception, SystemExit):
+            raise outcome.exception
+        result = CliResult(outcome.exit_code, outcome.stdout, outcome.stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
     return result

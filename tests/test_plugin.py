@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import run_cli, write_recipe
-from mergekit_seed.demo.tiny import load_weights
+from mergekit_seed.weights import load_weights
 from mergekit_seed.kernels.seedft import seedft
 
 
@@ -39,7 +39,7 @@ def test_register_is_idempotent():
 def test_stock_mergekit_yaml_runs_seedft_tensor_by_tensor(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "seedft.yml", "seedft", base, seeds)
-    run_cli("mergekit-yaml", recipe, tmp_path / "out", check=True)
+    run_cli("mergekit-yaml", recipe, tmp_path / "out", check=True, isolated=True)
     merged = load_weights(tmp_path / "out")
     base_weights = load_weights(base)
     seed_weights = [load_weights(seed) for seed in seeds]
@@ -79,7 +79,7 @@ def test_one_seed_is_refused(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds[:1])
     out = tmp_path / "out"
-    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "at least 2 seed", out=out)
+    assert_refused(run_cli("mergekit-seed", "run", recipe, out, isolated=True), "at least 2 seed", out=out)
 
 
 def test_missing_base_is_refused(tiny_family, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_recipe
-from mergekit_seed.demo.tiny import load_weights
+from mergekit_seed.weights import load_weights
 from mergekit_seed.kernels.seedlora import fuse_mean, robust_and_conflict, seedlora_dm, seedlora_twostage
 from mergekit_seed.methods import make_fusion
 

@@ -178,9 +178,22 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
     return AdapterSeed(folder, "sera", sera.base_model_name_or_path, deltas, kinds)
 
 
+def locate_adapter(path: str | Path) -> Path:
+    """A local adapter folder, or a Hub adapter repository downloaded to the Hub cache."""
+    folder = Path(path)
+    if folder.exists() or str(path).startswith(("/", ".", "~")):
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, "adapter_model.*"]))
+    except Exception as error:
+        raise UserError(f"{path}: not a local folder and not downloadable ({str(error).splitlines()[0]})") from None
+
+
 def read_adapter(path: str | Path) -> AdapterSeed:
     """Read a PEFT LoRA or SeRA adapter folder; any problem is a one-line :class:`UserError`."""
-    folder = Path(path)
+    folder = locate_adapter(path)
     config = _read_config(folder)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type == SERA_TYPE:

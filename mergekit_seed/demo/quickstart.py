@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from mergekit_seed.demo.tiny import derive_seeds, load_weights, save_tiny_llama
+from mergekit_seed.demo.tiny import derive_seeds, save_tiny_llama
+from mergekit_seed.weights import load_weights
 
 SEED_COUNT = 3
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from mergekit_seed.weights import load_weights
 
 TINY_LLAMA = dict(
     vocab_size=64,
@@ -44,13 +46,6 @@ def save_char_tokenizer(path: Path) -> None:
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     tokenizer.save_pretrained(path)
-
-
-def load_weights(path: Path) -> Dict[str, torch.Tensor]:
-    weights: Dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        weights.update(load_file(file))
-    return weights
 
 
 def derive_seeds(base: Path, out_dir: Path, count: int, scale: float = 0.02) -> List[Path]:

@@ -1,0 +1,245 @@
+"""Model cards that let anyone reproduce a merge, and reading them back.
+
+The card follows mergekit's Hub layout (YAML front matter with ``base_model``, ``tags``,
+``library_name``; merge details; the recipe under "Configuration") and adds what
+reproduction needs: the method's paper, both versions, the resolved parameters with
+defaults filled in, a sha256 of every input weight file, the merge options, and a
+"Reproduce" section. :func:`read_card` extracts all of it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from mergekit_seed.errors import UserError
+
+CARD_NAME = "README.md"
+PROVENANCE_KEY = "mergekit_seed"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# Options that only choose hardware or verbosity; everything else is recorded for reproduction.
+HARDWARE_OPTIONS = {"cuda", "device", "multi_gpu", "read_to_gpu", "low_cpu_memory", "quiet", "verbosity", "num_threads", "lora_merge_cache", "transformers_cache"}
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_paths(reference) -> List[str]:
+    """The local folders a mergekit ModelReference points to (model and LoRA), if they exist."""
+    paths = [str(reference.model.path)]
+    if reference.lora is not None:
+        paths.append(str(reference.lora.path))
+    return [p for p in paths if Path(p).is_dir()]
+
+
+def hash_inputs(config) -> Dict[str, Dict[str, str]]:
+    """{folder: {weight file name: sha256}} for every local input of a recipe."""
+    hashes: Dict[str, Dict[str, str]] = {}
+    for reference in sorted(config.referenced_models(), key=str):
+        for folder in local_paths(reference):
+            files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+            hashes[folder] = {f.name: sha256_file(f) for f in files}
+    return hashes
+
+
+def resolved_parameters(method, config) -> Dict[str, Any]:
+    """Global parameters as the recipe sets them, with every default filled in."""
+    given = config.parameters or {}
+    resolved = {}
+    for parameter in getattr(method, "parameters", ()):
+        if parameter.scope.value != "shared":
+            continue
+        if parameter.name in given:
+            resolved[parameter.name] = given[parameter.name]
+        else:
+            shown = parameter.default if parameter.shown_default is None else parameter.shown_default
+            resolved[parameter.name] = shown
+    return resolved
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_kind: str) -> str:
+    """The README.md text for a finished merge."""
+    from mergekit.card import extract_hf_paths, modelref_md
+
+    config = recipe.config
+    options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
+    inputs = hash_inputs(config)
+    provenance = {
+        "version": package_version("mergekit-seed"),
+        "mergekit_version": package_version("mergekit"),
+        "merge_method": config.merge_method,
+        "parameters": {k: _jsonable(v) for k, v in resolved_parameters(method, config).items()},
+        "options": options,
+        "inputs": inputs,
+    }
+    metadata = {
+        "base_model": list(extract_hf_paths(config.referenced_models())),
+        "tags": ["mergekit", "merge", "mergekit-seed"],
+        "library_name": "peft" if output_kind == "lora" else "transformers",
+        PROVENANCE_KEY: provenance,
+    }
+    pretty = method.spec.pretty_name or method.spec.name
+    paper = getattr(method, "paper", None)
+    base_text = f" using {modelref_md(config.base_model)} as a base" if config.base_model else ""
+    if config.base_model and not getattr(method, "needs_base", True):
+        base_text = f" (base model {modelref_md(config.base_model)} listed but not an input: the method needs none)"
+    seeds = [m.model for m in config.models or [] if m.model != config.base_model]
+    parameter_rows = "\n".join(
+        f"| `{name}` | `{json.dumps(value)}` | "
+        f"{'recipe' if name in (config.parameters or {}) else 'default'} |"
+        for name, value in provenance["parameters"].items()
+    )
+    per_model = [
+        f"* {modelref_md(m.model)}: `{json.dumps(_jsonable(m.parameters))}`"
+        for m in config.models or []
+        if m.parameters
+    ]
+    input_rows = "\n".join(
+        f"| `{folder}` | `{name}` | `{digest}` |"
+        for folder, files in inputs.items()
+        for name, digest in files.items()
+    ) or "| (no local weight files) | | |"
+    option_text = "".join(
+        f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items() if v is not False
+    )
+    kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+# Merged model
+
+This is {kind_text} merged from {len(seeds)} seed runs with
+[mergekit-seed](https://pypi.org/project/mergekit-seed/) {provenance['version']} on
+[mergekit](https://github.com/arcee-ai/mergekit) {provenance['mergekit_version']}.
+
+## Merge Details
+
+### Merge Method
+
+This model was merged using the **{pretty}** merge method{base_text}.
+Paper: *{paper}*.
+
+### Models Merged
+
+{chr(10).join('* ' + modelref_md(m) for m in seeds)}
+
+### Parameters
+
+| parameter | value | from |
+|---|---|---|
+{parameter_rows}
+
+{('Per-model parameters:' + chr(10) + chr(10) + chr(10).join(per_model)) if per_model else ''}
+
+### Inputs
+
+| input | weight file | sha256 |
+|---|---|---|
+{input_rows}
+
+### Configuration
+
+The following YAML configuration was used to produce this model:
+
+```yaml
+{recipe.source.strip()}
+```
+
+## Reproduce
+
+```sh
+pip install torch "mergekit-seed=={provenance['version']}" "mergekit=={provenance['mergekit_version']}"
+# save the Configuration above as recipe.yml, then:
+mergekit-seed run recipe.yml OUT{option_text}
+# or straight from this card, checking every tensor against this folder:
+mergekit-seed reproduce README.md OUT --check .
+```
+"""
+
+
+_FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
+_CONFIGURATION = re.compile(r"### Configuration.*?```yaml\n(.*?)```", re.DOTALL)
+
+
+def read_card(source: Path) -> Dict[str, Any]:
+    """{"recipe": YAML text, "provenance": {...} or {}} from a card or an output folder."""
+    path = source / CARD_NAME if source.is_dir() else source
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{path}: cannot read model card ({error.strerror})") from None
+    recipe = _CONFIGURATION.search(text)
+    if recipe is None:
+        raise UserError(f"{path}: no '### Configuration' YAML block; is this a mergekit model card?")
+    provenance: Dict[str, Any] = {}
+    front = _FRONT_MATTER.search(text)
+    if front:
+        try:
+            provenance = (yaml.safe_load(front.group(1)) or {}).get(PROVENANCE_KEY) or {}
+        except yaml.YAMLError:
+            raise UserError(f"{path}: the YAML front matter is not valid YAML") from None
+    return {"recipe": recipe.group(1), "provenance": provenance}
+
+
+def verify_inputs(recorded: Dict[str, Dict[str, str]]) -> List[str]:
+    """One line per recorded input weight file that is missing or whose sha256 differs."""
+    problems = []
+    for folder, files in recorded.items():
+        for name, digest in files.items():
+            path = Path(folder) / name
+            if not path.is_file():
+                problems.append(f"input {path} is missing")
+            elif sha256_file(path) != digest:
+                problems.append(f"input {path} has changed (sha256 differs from the card)")
+    return problems
+
+
+def compare_weights(result: Path, reference: Path):
+    """Compare every tensor of two output folders' safetensors files.
+
+    Returns (name of the tensor with the largest absolute difference, that difference,
+    problems such as tensors present in one folder only or with different shapes).
+    """
+    from mergekit_seed.weights import load_weights
+
+    ours, theirs = load_weights(result), load_weights(reference)
+    if not theirs:
+        raise UserError(f"{reference}: no .safetensors files to compare with")
+    problems = [f"{name} is only in {reference}" for name in sorted(set(theirs) - set(ours))]
+    problems += [f"{name} is only in {result}" for name in sorted(set(ours) - set(theirs))]
+    worst_name, worst = "", 0.0
+    for name in sorted(set(ours) & set(theirs)):
+        a, b = ours[name], theirs[name]
+        if a.shape != b.shape:
+            problems.append(f"{name} has shape {tuple(a.shape)} here and {tuple(b.shape)} in {reference}")
+            continue
+        difference = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        if difference > worst or not worst_name:
+            worst_name, worst = name, difference
+    return worst_name, worst, problems

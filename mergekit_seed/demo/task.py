@@ -1,0 +1,164 @@
+"""The demo's synthetic task: string and arithmetic transformations written ``op:input=output``.
+
+Five sub-skills share one character vocabulary; a model is asked ``op:input=`` and must
+produce ``output`` followed by a newline. Accuracy is exact match, per sub-skill, under
+greedy decoding.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+PAD, END = "_", "\n"
+ALPHABET = PAD + END + LETTERS + DIGITS + ":=+"
+
+
+class CharVocabulary:
+    """Character <-> id, matching the saved tokenizer (see :func:`save_tokenizer`)."""
+
+    def __init__(self, alphabet: str = ALPHABET):
+        self.alphabet = alphabet
+        self.index = {c: i for i, c in enumerate(alphabet)}
+        self.pad_id = self.index[PAD]
+        self.end_id = self.index[END]
+
+    def __len__(self) -> int:
+        return len(self.alphabet)
+
+    def encode(self, text: str) -> List[int]:
+        return [self.index[c] for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def save_tokenizer(path, vocabulary: CharVocabulary) -> None:
+    """A character-level fast tokenizer over the vocabulary, so merges carry a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(dict(vocabulary.index), unk_token=PAD))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=PAD, pad_token=PAD, eos_token=END
+    )
+    tokenizer.save_pretrained(str(path))
+
+
+def _word(rng: random.Random, low: int, high: int) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(low, high)))
+
+
+def _shift(word: str) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
+
+
+def _add(rng: random.Random) -> Tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a}+{b}", str(a + b)
+
+
+SKILLS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
+    "rev": lambda rng: (lambda w: (w, w[::-1]))(_word(rng, 3, 6)),
+    "sort": lambda rng: (lambda w: (w, "".join(sorted(w))))(_word(rng, 3, 6)),
+    "next": lambda rng: (lambda w: (w, _shift(w)))(_word(rng, 3, 6)),
+    "dup": lambda rng: (lambda w: (w, "".join(c + c for c in w)))(_word(rng, 2, 4)),
+    "add": _add,
+}
+"""Each sub-skill draws (input, output) from a random generator."""
+
+
+@dataclass(frozen=True)
+class Example:
+    skill: str
+    prompt: str  # "op:input="
+    answer: str  # "output\n"
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+def make_examples(count_per_skill: int, seed: int, exclude: frozenset = frozenset()) -> List[Example]:
+    """``count_per_skill`` distinct examples of every skill, none of whose prompts is in ``exclude``."""
+    rng = random.Random(seed)
+    examples: List[Example] = []
+    for skill, draw in SKILLS.items():
+        seen = set(exclude)
+        produced = 0
+        while produced < count_per_skill:
+            source, target = draw(rng)
+            prompt = f"{skill}:{source}="
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            examples.append(Example(skill, prompt, target + END))
+            produced += 1
+    return examples
+
+
+def pretraining_corpus(count: int, seed: int) -> List[str]:
+    """Text for the base model: copies (``cpy:abc=abc``) and bare words and numbers, so the
+    base knows the format and the characters but none of the five sub-skills."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.6:
+            word = _word(rng, 2, 7)
+            lines.append(f"cpy:{word}={word}{END}")
+        elif kind < 0.8:
+            number = str(rng.randint(0, 999))
+            lines.append(f"cpy:{number}={number}{END}")
+        else:
+            lines.append(_word(rng, 3, 10) + END)
+    return lines
+
+
+def batch_tensors(
+    texts: Sequence[str], vocabulary: CharVocabulary, length: int, answer_starts: Sequence[int] | None = None
+):
+    """(input_ids, labels) padded to ``length``; labels are -100 on padding and, when
+    ``answer_starts`` is given, on the prompt (the loss is on the answer only)."""
+    ids = torch.full((len(texts), length), vocabulary.pad_id, dtype=torch.long)
+    labels = torch.full((len(texts), length), -100, dtype=torch.long)
+    for row, text in enumerate(texts):
+        encoded = vocabulary.encode(text)[:length]
+        ids[row, : len(encoded)] = torch.tensor(encoded)
+        start = answer_starts[row] if answer_starts is not None else 0
+        labels[row, start : len(encoded)] = torch.tensor(encoded[start:])
+    return ids, labels
+
+
+@torch.no_grad()
+def evaluate(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> Dict[str, float]:
+    """Exact-match accuracy per skill (and ``"all"``) under greedy decoding."""
+    model.eval()
+    by_length: Dict[int, List[Example]] = {}
+    for example in examples:
+        by_length.setdefault(len(example.prompt), []).append(example)
+    correct: Dict[str, int] = {skill: 0 for skill in SKILLS}
+    totals: Dict[str, int] = {skill: 0 for skill in SKILLS}
+    for group in by_length.values():
+        ids = torch.tensor([vocabulary.encode(e.prompt) for e in group])
+        generated = torch.empty((len(group), 0), dtype=torch.long)
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.cat([ids, generated], dim=1)).logits[:, -1]
+            next_ids = logits.argmax(-1, keepdim=True)
+            generated = torch.cat([generated, next_ids], dim=1)
+            if (generated == vocabulary.end_id).any(dim=1).all():
+                break
+        for example, row in zip(group, generated.tolist()):
+            text = vocabulary.decode(row)
+            answer = text[: text.index(END) + 1] if END in text else text
+            totals[example.skill] += 1
+            correct[example.skill] += int(answer == example.answer)
+    result = {skill: correct[skill] / totals[skill] for skill in SKILLS if totals[skill]}
+    result["all"] = sum(correct.values()) / max(1, sum(totals.values()))
+    return result

@@ -1,0 +1,160 @@
+"""Training for the demo: pre-train a tiny LLaMA base, then LoRA, SeRA and full fine-tunes."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from tqdm import tqdm
+
+from mergekit_seed.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
+
+SEQUENCE_LENGTH = 24
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """The tiny LLaMA architecture and its pre-training budget."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    pretrain_steps: int = 600
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning setting (``lora``, ``sera`` or ``full``)."""
+
+    setting: str
+    steps: int
+    lr: float
+    batch: int = 32
+    rank: int = 8
+    split: int = 4
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet: bool = False) -> Path:
+    """Pre-train the base on the synthetic corpus and save it (weights, config, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocabulary),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_attention_heads,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=vocabulary.pad_id,
+            eos_token_id=vocabulary.end_id,
+            bos_token_id=vocabulary.end_id,
+        )
+    )
+    corpus = pretraining_corpus(config.pretrain_steps * config.pretrain_batch // 4, config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=config.pretrain_steps)
+    rng = random.Random(config.seed)
+    model.train()
+    for _ in tqdm(range(config.pretrain_steps), desc="Pre-training the base", disable=quiet):
+        ids, labels = batch_tensors(rng.sample(corpus, config.pretrain_batch), vocabulary, SEQUENCE_LENGTH)
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.save_pretrained(path, safe_serialization=True)
+    save_tokenizer(path, vocabulary)
+    return path
+
+
+def finetune(
+    base: Path,
+    out: Path,
+    train: Sequence[Example],
+    config: FinetuneConfig,
+    seed: int,
+    vocabulary: CharVocabulary,
+    quiet: bool = False,
+) -> Path:
+    """Fine-tune ``base`` on ``train``; ``seed`` sets the adapter init and the data order.
+
+    Saves a PEFT LoRA adapter, a SeRA adapter or a full checkpoint to ``out``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_seed.sera import SeraConfig, apply_sera, save_sera
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if config.setting == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=list(config.targets), lora_dropout=0.0),
+        )
+    elif config.setting == "sera":
+        sera_config = SeraConfig(
+            r=config.rank,
+            split=config.split,
+            sera_alpha=2 * config.rank,
+            target_modules=list(config.targets),
+            base_model_name_or_path=str(base),
+        )
+        apply_sera(model, sera_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
+    order = random.Random(seed)
+    model.train()
+    for _ in tqdm(range(config.steps), desc=f"Fine-tuning {config.setting} seed {seed}", disable=quiet):
+        batch = order.sample(list(train), config.batch)
+        ids, labels = batch_tensors(
+            [e.text for e in batch], vocabulary, SEQUENCE_LENGTH, [len(e.prompt) for e in batch]
+        )
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    out.mkdir(parents=True, exist_ok=True)
+    if config.setting == "lora":
+        model.save_pretrained(out)
+    elif config.setting == "sera":
+        save_sera(model, out, sera_config)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+        save_tokenizer(out, vocabulary)
+    return out
+
+
+def load_for_eval(base: Path, merged: Path, kind: str):
+    """A model to evaluate: a full checkpoint, base + PEFT LoRA adapter, or base + SeRA adapter."""
+    from transformers import AutoModelForCausalLM
+
+    if kind == "full":
+        return AutoModelForCausalLM.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if kind == "sera":
+        from mergekit_seed.sera import load_sera, merge_sera
+
+        return merge_sera(load_sera(model, merged))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, merged).merge_and_unload()
+
+
+def seed_names(count: int) -> List[str]:
+    return [f"seed{i}" for i in range(count)]
