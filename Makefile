@@ -13,7 +13,7 @@ $(BIN)/mergekit-seed: pyproject.toml
 install: $(BIN)/mergekit-seed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/mergekit-seed quickstart --out quickstart-out
+	HF_HUB_OFFLINE=1 $(BIN)/mergekit-seed demo --out demo-out
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

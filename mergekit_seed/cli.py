@@ -79,11 +79,17 @@ def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwr
         recipe = load_recipe(recipe_path)
     except UserError as error:
         fail(str(error))
+    from mergekit_seed.recipe import check_files, recipe_warnings
+
     problems: List[str] = check_recipe(recipe, recipe_path)
+    if not problems:
+        problems = check_files(recipe, recipe_path)
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
+    for warning in recipe_warnings(recipe):
+        click.echo(f"warning: {warning}", err=True)
 
     from mergekit import merge_methods
 
@@ -107,13 +113,29 @@ def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwr
         if recipe.is_adapter_recipe:
             from mergekit_seed.adapters.engine import run_adapter_merge
 
-            run_adapter_merge(recipe.config, recipe.raw, staging, quiet=merge_options.quiet, echo=click.echo)
+            run_adapter_merge(
+                recipe.config,
+                recipe.raw,
+                staging,
+                quiet=merge_options.quiet,
+                echo=click.echo,
+                warn=lambda message: click.echo(f"warning: {message}", err=True),
+                device=merge_options.device or "cpu",
+            )
         else:
             from mergekit.merge import run_merge
 
+            if merge_options.lora_merge_cache is None and any(
+                m.lora is not None for m in recipe.config.referenced_models()
+            ):
+                # mergekit needs a folder for the BASE+ADAPTER copies it merges first
+                merge_options = merge_options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
             run_merge(recipe.config, str(staging), options=merge_options, config_source=recipe.source)
+            shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
         (staging / CARD_NAME).write_text(card, encoding="utf-8")
         _publish(staging, out_path)
+        if not merge_options.quiet:
+            click.echo(f"merged into {out_path}")
     except (UserError, ValueError) as error:
         fail(f"{recipe_path}: {str(error).splitlines()[0]}")
     finally:
@@ -271,20 +293,33 @@ def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: flo
     click.echo(f"every tensor matches {check_dir} within {atol:g}")
 
 
-@main.command("quickstart")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default="quickstart-out",
-    show_default=True,
-    help="Folder for the generated models, recipe and merge.",
-)
-@click.option("--method", default="seedft", show_default=True, help="Which of our methods to run.")
-def quickstart_command(out: str, method: str) -> None:
-    """Generate a tiny base model and three seeds, merge them, and report what happened."""
-    from mergekit_seed.demo.quickstart import run_quickstart
+@main.command("analyze")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base", help="The base model (needed for full checkpoints, not for adapter folders).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for analysis.json, plots and summary.md.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
+    """Compare seed MODELS: delta similarity, spectra, energy, subspace similarity."""
+    from mergekit_seed.analysis import analyze
 
-    run_quickstart(Path(out).absolute(), method, echo=click.echo)
+    try:
+        analyze(list(models), base, Path(out), quiet=quiet)
+    except UserError as error:
+        fail(str(error))
+    click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
+@click.option("--quick", is_flag=True, help="One experiment, shorter training (under 3 minutes on 2 CPU cores).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_command(out: str, quick: bool, quiet: bool) -> None:
+    """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
+    method, and report accuracy per seed and per merge."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mergekit_seed.demo.run import run_demo
+
+    run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -332,8 +332,9 @@ class LowRank:
     def dense(self) -> torch.Tensor:
         return self.left @ self.right
 
-    def to(self, dtype: torch.dtype) -> "LowRank":
-        return LowRank(self.left.to(dtype), self.right.to(dtype))
+    def to(self, *args, **kwargs) -> "LowRank":
+        """``Tensor.to`` on both factors (dtype and/or device)."""
+        return LowRank(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
 
     @classmethod
     def zeros(cls, shape, dtype=torch.float32, device=None) -> "LowRank":

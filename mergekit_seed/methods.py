@@ -129,6 +129,12 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        for entry in group.entries:
+            if entry.tensor.is_floating_point() and not torch.isfinite(entry.tensor).all():
+                raise ValueError(
+                    f"{entry.id}: tensor {group.metadata.name} contains NaN or Inf; "
+                    "re-export that checkpoint or leave it out"
+                )
         inputs = [entry.tensor for entry in group.entries if not entry.is_base]
         if len(inputs) < MIN_SEEDS:
             raise ValueError(

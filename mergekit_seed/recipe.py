@@ -62,6 +62,8 @@ def load_recipe(path: str) -> Recipe:
         config = MergeConfiguration.model_validate(data)
     except ValidationError as error:
         raise UserError(f"{path}: {format_validation_error(error)}") from None
+    except (RuntimeError, ValueError) as error:  # mergekit's validators raise RuntimeError
+        raise UserError(f"{path}: {str(error).splitlines()[0]}") from None
     return Recipe(config=config, source=source, raw=data)
 
 
@@ -141,10 +143,19 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     seeds = [m for m in config.models if base is None or m.model != base]
     adapters = recipe.adapter_paths
     if adapters and len(adapters) != len(seeds):
-        problems.append(
-            f"{path}: mix of adapter folders and full models under models:; list only adapters "
-            f"(or use model: BASE+ADAPTER for every seed)"
-        )
+        configless = [
+            str(m.model) for m in seeds if str(m.model) not in adapters and _has_adapter_weights(Path(str(m.model.model.path)))
+        ]
+        if configless:
+            problems += [
+                f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with"
+                for folder in configless
+            ]
+        else:
+            problems.append(
+                f"{path}: mix of adapter folders and full models under models:; list only adapters "
+                f"(or use model: BASE+ADAPTER for every seed)"
+            )
     needs_base = method.spec.contract.base == BasePolicy.REQUIRED and not adapters
     if needs_base and base is None:
         problems.append(
@@ -154,6 +165,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         problems.append(
             f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}"
         )
+    problems += _missing_required(method, config, path)
     check = getattr(method, "parameter_problems", None)
     if check is not None:
         scalars = {
@@ -162,6 +174,34 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
             if isinstance(value, (int, float, str, bool))
         }
         problems += [f"{path}: {line}" for line in check(scalars, len(seeds))]
+    return problems
+
+
+def _missing_required(method: Any, config: Any, path: str) -> List[str]:
+    """Required parameters (mergekit's ``weight`` for ``linear``/``ties``, for example) that
+    neither the global ``parameters`` nor a model's own give."""
+    from mergekit.merge_methods.base import ParameterScope
+
+    problems = []
+    given = set(config.parameters or {})
+    for parameter in method.spec.parameters:
+        if not parameter.required or parameter.name in given:
+            continue
+        for index, model in enumerate(config.models or []):
+            if parameter.scope == ParameterScope.NON_BASE and model.model == config.base_model:
+                continue
+            if parameter.name not in (model.parameters or {}):
+                problems.append(
+                    f"{path}: models[{index}] ({model.model}): {config.merge_method} needs parameter "
+                    f"'{parameter.name}' (set it there or under parameters:)"
+                )
+        if parameter.scope == ParameterScope.INPUT and config.base_model is not None:
+            listed = any(m.model == config.base_model for m in config.models or [])
+            if not listed:
+                problems.append(
+                    f"{path}: base_model is an input of {config.merge_method} and needs parameter "
+                    f"'{parameter.name}'; set it under parameters:"
+                )
     return problems
 
 
@@ -178,6 +218,10 @@ def _check_output_section(recipe: Recipe, path: str) -> List[str]:
     if section.format == "full" and recipe.config.base_model is None:
         return [f"{path}: output.format: full needs base_model (the model the adapters were trained on)"]
     return []
+
+
+def _has_adapter_weights(folder: Path) -> bool:
+    return (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file()
 
 
 def _looks_local(path: str) -> bool:
@@ -198,6 +242,9 @@ def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
                 continue
         folder = Path(str(reference.model.path))
         if not folder.is_dir():
+            continue
+        if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file():
+            problems.append(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")
             continue
         try:
             if recipe.is_adapter_recipe and reference != config.base_model:
@@ -263,3 +310,15 @@ def recipe_summary(path: Path) -> str:
     """The first line of a shipped recipe's comment block (its one-line summary)."""
     first = path.read_text(encoding="utf-8").splitlines()[0]
     return first.lstrip("# ").strip() if first.startswith("#") else ""
+
+
+def recipe_warnings(recipe: Recipe) -> List[str]:
+    """Things that are allowed but worth saying (for example a base that is not an input)."""
+    warnings = []
+    config = recipe.config
+    if config.merge_method == "lore" and config.base_model is not None and not recipe.is_adapter_recipe:
+        warnings.append(
+            f"base_model {config.base_model} is not an input of lore (it needs no base); "
+            "mergekit still uses it for the output's configuration and tokenizer"
+        )
+    return warnings

@@ -148,10 +148,10 @@ def write_full_model(out: Path, base: str, deltas: Dict[str, torch.Tensor], dtyp
         raise UserError(f"base_model {base}: has no weight {sorted(remaining)[0]} that the adapters change")
 
 
-def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str]) -> Optional[str]:
+def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
     names = {seed.base_model for seed in seeds if seed.base_model}
     if len(names) > 1:
-        LOG.warning("the adapters name different base models: %s", ", ".join(sorted(names)))
+        warn(f"the adapters name different base models ({', '.join(sorted(names))}); merging them anyway")
     if recipe_base:
         return recipe_base
     return sorted(names)[0] if names else None
@@ -163,8 +163,15 @@ def run_adapter_merge(
     out: Path,
     quiet: bool = False,
     echo: Callable[[str], None] = print,
+    warn: Callable[[str], None] = LOG.warning,
+    device: str = "cpu",
 ) -> List[ModuleReport]:
-    """Merge the adapter seeds of a parsed recipe into ``out`` (which must not exist yet)."""
+    """Merge the adapter seeds of a parsed recipe into ``out`` (which must not exist yet).
+
+    ``echo`` reports progress (silenced by ``quiet``); ``warn`` reports what is merged anyway
+    (different base models, modules missing in some seeds). Each module is merged on
+    ``device`` (mergekit's ``--device``/``--cuda``) and brought back to the CPU for writing.
+    """
     from tqdm import tqdm
 
     from mergekit import merge_methods
@@ -173,12 +180,15 @@ def run_adapter_merge(
 
     mergekit_seed.register()
     output = OutputSection.model_validate(raw.get("output") or {})
+    report = echo  # results (the kept energy of a truncation) are printed even when quiet
+    if quiet:
+        echo = lambda _message: None  # noqa: E731
     method = merge_methods.get(config.merge_method)
     recipe_base = str(config.base_model.model.path) if config.base_model else None
     if output.format == "full" and not recipe_base:
         raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
     seeds = [read_adapter(str(entry.model.model.path)) for entry in config.models]
-    base_name = _base_model_name(seeds, recipe_base)
+    base_name = _base_model_name(seeds, recipe_base, warn)
 
     names = sorted(set().union(*(seed.deltas for seed in seeds)))
     module_kinds: Dict[str, str] = {}
@@ -186,41 +196,41 @@ def run_adapter_merge(
         module_kinds.update(seed.module_kinds)
     merged_pairs: Dict[str, LowRank] = {}
     merged_dense: Dict[str, torch.Tensor] = {}
-    reports: List[ModuleReport] = []
+    modules: List[ModuleReport] = []
     for name in tqdm(names, desc="Merging modules", disable=quiet):
         shapes = {tuple(seed.deltas[name].shape) for seed in seeds if name in seed.deltas}
         if len(shapes) > 1:
             raise UserError(f"{name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base model")
         missing = [str(seed.path) for seed in seeds if name not in seed.deltas]
         if missing:
-            LOG.warning("%s: missing in %s; counted as a zero delta there", name, ", ".join(missing))
+            warn(f"{name}: missing in {', '.join(missing)}; counted as a zero delta there")
         shape = shapes.pop()
-        tau = [seed.deltas.get(name) or LowRank.zeros(shape) for seed in seeds]
+        tau = [(seed.deltas.get(name) or LowRank.zeros(shape)).to(device) for seed in seeds]
         shared, per_seed = resolve_module_parameters(method, config, name)
         merged = merge_module(method, tau, shared, per_seed, name)
         if output.format == "full":
-            merged_dense[name] = merged.dense() if isinstance(merged, LowRank) else merged
+            merged_dense[name] = (merged.dense() if isinstance(merged, LowRank) else merged).cpu()
             continue
         if isinstance(merged, LowRank):
             pair, kept = compress(merged, max_rank=output.rank)
         else:
             pair, kept = factor_dense(merged, max_rank=output.rank)
-        merged_pairs[name] = pair
-        reports.append(ModuleReport(name, pair.rank, kept))
+        merged_pairs[name] = pair.to("cpu")
+        modules.append(ModuleReport(name, pair.rank, kept))
 
     if output.format == "full":
         write_full_model(out, recipe_base, merged_dense, config.out_dtype or config.dtype)
-        echo(f"wrote a full model with {len(merged_dense)} merged modules to {out}")
-        return reports
+        echo(f"wrote a full model with {len(merged_dense)} merged modules")
+        return modules
     task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
     write_lora_adapter(out, merged_pairs, module_kinds, base_name, task_type)
     if output.rank is not None:
-        lowest = min(reports, key=lambda report: report.kept_energy)
-        echo(
+        lowest = min(modules, key=lambda module: module.kept_energy)
+        report(
             f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
-            f"to {max(r.kept_energy for r in reports):.4f}"
+            f"to {max(m.kept_energy for m in modules):.4f}"
         )
-        for report in reports:
-            LOG.info("%s: rank %d, kept energy %.6f", report.name, report.rank, report.kept_energy)
-    echo(f"wrote a LoRA adapter with {len(merged_pairs)} modules to {out}")
-    return reports
+        for module in modules:
+            LOG.info("%s: rank %d, kept energy %.6f", module.name, module.rank, module.kept_energy)
+    echo(f"wrote a LoRA adapter with {len(merged_pairs)} modules")
+    return modules

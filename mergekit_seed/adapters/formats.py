@@ -91,6 +91,12 @@ def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
     raise UserError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) with the adapter weights")
 
 
+def _check_finite(folder: Path, tensors: Dict[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{folder}: tensor {key} contains NaN or Inf; this adapter cannot be merged")
+
+
 def _field_error(path: Path, error: ValidationError) -> UserError:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first.get("loc", ()))
@@ -116,6 +122,7 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
             f"{folder / CONFIG_NAME}: DoRA adapters (use_dora) are not a low-rank delta; merge them with model: BASE+ADAPTER"
         )
     tensors = _read_tensors(folder)
+    _check_finite(folder, tensors)
     deltas: Dict[str, LowRank] = {}
     kinds: Dict[str, str] = {}
     for key, A in tensors.items():
@@ -155,6 +162,7 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
         location = ".".join(str(part) for part in first.get("loc", ())) or "config"
         raise UserError(f"{folder / CONFIG_NAME}: {location}: {first.get('msg')}") from None
     tensors = _read_tensors(folder)
+    _check_finite(folder, tensors)
     deltas: Dict[str, LowRank] = {}
     for key, A in tensors.items():
         if not key.endswith(".sera_A"):

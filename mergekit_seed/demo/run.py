@@ -23,15 +23,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from mergekit_seed.demo.task import SKILLS, CharVocabulary, evaluate, make_examples
-from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval
+from mergekit_seed.demo.task import SKILLS, CharVocabulary, evaluate, make_examples, save_tokenizer
+from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
 SETTINGS = ("lora", "sera", "full")
 SEED_COUNT = 3
-# mergekit's required per-model parameters, and the density both TIES and DARE papers use.
-MERGEKIT_PARAMETERS = {"linear": {"weight": 1.0}, "ties": {"weight": 1.0, "density": 0.5}, "dare_ties": {"weight": 1.0, "density": 0.5}}
+# mergekit's required per-model `weight` and a density of 0.5 for TIES and DARE. dare_ties
+# sums the weighted deltas (its `normalize` defaults to false), so its weights are 1/N to
+# average the seeds like the other methods instead of adding them up.
+MERGEKIT_PARAMETERS = {
+    "linear": {"weight": 1.0},
+    "ties": {"weight": 1.0, "density": 0.5},
+    "dare_ties": {"weight": round(1 / SEED_COUNT, 6), "density": 0.5},
+}
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,9 @@ class DemoConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     finetune: Dict[str, FinetuneConfig] = field(
         default_factory=lambda: {
-            "lora": FinetuneConfig("lora", steps=300, lr=4e-3),
-            "sera": FinetuneConfig("sera", steps=300, lr=4e-3),
-            "full": FinetuneConfig("full", steps=300, lr=1e-3),
+            "lora": FinetuneConfig("lora", steps=400, lr=1e-2),
+            "sera": FinetuneConfig("sera", steps=400, lr=1e-2, rank=16, split=4),
+            "full": FinetuneConfig("full", steps=400, lr=3e-3),
         }
     )
 
@@ -59,12 +65,11 @@ class DemoConfig:
         return cls(
             quick=True,
             experiments=1,
-            train_per_skill=300,
-            eval_per_skill=40,
+            eval_per_skill=30,
             finetune={
-                "lora": FinetuneConfig("lora", steps=150, lr=5e-3),
-                "sera": FinetuneConfig("sera", steps=150, lr=5e-3),
-                "full": FinetuneConfig("full", steps=150, lr=1.5e-3),
+                "lora": FinetuneConfig("lora", steps=250, lr=1e-2),
+                "sera": FinetuneConfig("sera", steps=250, lr=1e-2, rank=16, split=4),
+                "full": FinetuneConfig("full", steps=250, lr=3e-3),
             },
         )
 
@@ -96,7 +101,8 @@ def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> 
 def write_recipe(path: Path, method: str, base: Path, seeds: List[Path], kind: str) -> Path:
     """One merge recipe for a setting; adapter seeds of mergekit's methods use ``BASE+ADAPTER``."""
     lines = [f"merge_method: {method}"]
-    if method != "lore" or kind != "full":
+    # Model Soup averages the seeds alone; LoRE needs no base (adapters' deltas are relative to it)
+    if method not in ("linear", "lore") or kind == "adapter":
         lines.append(f"base_model: {base}")
     lines.append("models:")
     per_model = MERGEKIT_PARAMETERS.get(method, {})
@@ -109,6 +115,7 @@ def write_recipe(path: Path, method: str, base: Path, seeds: List[Path], kind: s
     lines.append("dtype: float32")
     if kind == "adapter":
         lines += ["output:", "  format: lora"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -123,12 +130,13 @@ def run_experiment(
     from mergekit_seed.sera import load_sera, merge_sera
 
     train = make_examples(config.train_per_skill, config.data_seed + experiment)
-    held_out = make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(e.prompt for e in train))
+    seen = {e.prompt for e in train} | pretraining_prompts(config.base)
+    held_out = make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
     merges = models.parent / "merges"
     if not (models / "base").exists():
         shutil.copytree(base, models / "base")
-    options = MergeOptions(quiet=True)
+    options = MergeOptions(quiet=True, random_seed=experiment)  # DARE's drops are random
     results: Dict[str, dict] = {}
     for setting in SETTINGS:
         finetune_config = config.finetune[setting]
@@ -141,7 +149,9 @@ def run_experiment(
             seeds.append(seed_path)
         accuracy: Dict[str, Dict[str, float]] = {}
         for index, seed_path in enumerate(seeds):
-            accuracy[f"seed{index}"] = evaluate(load_for_eval(models / "base", seed_path, setting), held_out, vocabulary)
+            accuracy[seed_names(SEED_COUNT)[index]] = evaluate(
+                load_for_eval(models / "base", seed_path, setting), held_out, vocabulary
+            )
 
         mergekit_inputs = seeds
         mergekit_kind = "full"
@@ -155,6 +165,7 @@ def run_experiment(
                 if not full_path.exists():
                     model = merge_sera(load_sera(load_for_eval(models / "base", models / "base", "full"), seed_path))
                     model.save_pretrained(full_path, safe_serialization=True)
+                    save_tokenizer(full_path, vocabulary)
                 mergekit_inputs.append(full_path)
         for method in OUR_METHODS + MERGEKIT_METHODS:
             ours = method in OUR_METHODS
@@ -165,7 +176,7 @@ def run_experiment(
             eval_kind = "lora" if kind == "adapter" else "full"
             accuracy[method] = evaluate(load_for_eval(models / "base", merged, eval_kind), held_out, vocabulary)
         results[setting] = accuracy
-        best = max(accuracy[f"seed{i}"]["all"] for i in range(SEED_COUNT))
+        best = max(accuracy[n]["all"] for n in seed_names(SEED_COUNT))
         echo(
             f"[{setting}] best seed {best:.3f}; "
             + ", ".join(f"{m} {accuracy[m]['all']:.3f}" for m in OUR_METHODS + MERGEKIT_METHODS)
@@ -178,17 +189,18 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
     settings = {}
     for setting in SETTINGS:
         names = list(runs[0][setting])
+        seed_columns = seed_names(SEED_COUNT)
         mean = {name: statistics.fmean(run[setting][name]["all"] for run in runs) for name in names}
         entry = {
-            "seeds": {n: mean[n] for n in names if n.startswith("seed")},
-            "methods": {n: mean[n] for n in names if not n.startswith("seed")},
+            "seeds": {n: mean[n] for n in names if n in seed_columns},
+            "methods": {n: mean[n] for n in names if n not in seed_columns},
             "per_skill": {
                 n: {skill: statistics.fmean(run[setting][n][skill] for run in runs) for skill in SKILLS} for n in names
             },
         }
         if len(runs) > 1:
             entry["std"] = {n: statistics.stdev(run[setting][n]["all"] for run in runs) for n in names}
-            entry["best_seed_per_experiment"] = [max(run[setting][f"seed{i}"]["all"] for i in range(SEED_COUNT)) for run in runs]
+            entry["best_seed_per_experiment"] = [max(run[setting][n]["all"] for n in seed_columns) for run in runs]
         settings[setting] = entry
     return {
         "task": {
@@ -202,18 +214,24 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
     }
 
 
+def best_seed(entry: dict) -> float:
+    """The best seed's accuracy: per experiment, then averaged (the fair bar for a merge)."""
+    per_experiment = entry.get("best_seed_per_experiment")
+    return statistics.fmean(per_experiment) if per_experiment else max(entry["seeds"].values())
+
+
 def format_table(results: dict) -> str:
     """The papers' layout: one row per setting, seeds then methods; best-seed margin per method."""
-    columns = [f"seed{i}" for i in range(SEED_COUNT)] + list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    header = "| setting | " + " | ".join(columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    header = "| setting | " + " | ".join(columns) + " | best seed |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
     for setting, entry in results["settings"].items():
         values = {**entry["seeds"], **entry["methods"]}
         spread = entry.get("std", {})
         cells = [
             f"{100 * values[c]:.1f}" + (f" ± {100 * spread[c]:.1f}" if c in spread else "") for c in columns
         ]
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {100 * best_seed(entry):.1f} |")
     return "\n".join(lines)
 
 
@@ -223,7 +241,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [f"seed{i}" for i in range(SEED_COUNT)] + list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
     figure, axis = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(columns)
     for index, column in enumerate(columns):
@@ -246,6 +264,12 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     vocabulary = CharVocabulary()
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    stamp = out / "demo-config.json"
+    if stamp.is_file() and stamp.read_text() != json.dumps(config.to_dict(), sort_keys=True):
+        # models trained under another configuration must not be reused
+        for stale in [out / "models", out / "merges", *out.glob("experiment*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+    stamp.write_text(json.dumps(config.to_dict(), sort_keys=True))
     base = cached_base(config.base, vocabulary, quiet)
     echo(f"base model: {base}")
     runs = [run_experiment(e, config, base, out, vocabulary, quiet, echo) for e in range(config.experiments)]
@@ -259,7 +283,7 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     echo(table)
     echo("")
     for setting, entry in results["settings"].items():
-        best = max(entry["seeds"].values())
+        best = best_seed(entry)
         winners = [m for m, v in entry["methods"].items() if v > best]
         echo(f"{setting}: best seed {100 * best:.1f}; beating it: {', '.join(winners) if winners else 'none'}")
     echo(f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s")

@@ -103,12 +103,19 @@ def make_examples(count_per_skill: int, seed: int, exclude: frozenset = frozense
     return examples
 
 
-def pretraining_corpus(count: int, seed: int) -> List[str]:
-    """Text for the base model: copies (``cpy:abc=abc``) and bare words and numbers, so the
-    base knows the format and the characters but none of the five sub-skills."""
+def pretraining_corpus(count: int, seed: int, skill_share: float = 0.3) -> List[str]:
+    """Text for the base model: copies (``cpy:abc=abc``), bare words and numbers, and a share
+    of the five sub-skills, so the base is a weak but real starting point that fine-tuning
+    sharpens (as with a pre-trained LLM)."""
     rng = random.Random(seed)
+    skills = list(SKILLS.items())
     lines = []
     for _ in range(count):
+        if rng.random() < skill_share:
+            skill, draw = rng.choice(skills)
+            source, target = draw(rng)
+            lines.append(f"{skill}:{source}={target}{END}")
+            continue
         kind = rng.random()
         if kind < 0.6:
             word = _word(rng, 2, 7)

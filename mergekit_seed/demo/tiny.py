@@ -1,4 +1,4 @@
-"""Tiny LLaMA checkpoints generated locally (no Hub access), for the quickstart and the tests."""
+"""Tiny LLaMA checkpoints generated locally (no Hub access), for the tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class BaseConfig:
     intermediate_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
     seed: int = 0
@@ -40,6 +40,16 @@ class FinetuneConfig:
     rank: int = 8
     split: int = 4
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def corpus_size(config: BaseConfig) -> int:
+    return config.pretrain_steps * config.pretrain_batch // 4
+
+
+def pretraining_prompts(config: BaseConfig) -> set:
+    """The ``op:input=`` prompts the base saw, kept out of the held-out evaluation."""
+    lines = pretraining_corpus(corpus_size(config), config.seed)
+    return {line[: line.index("=") + 1] for line in lines if "=" in line}
 
 
 def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet: bool = False) -> Path:
@@ -62,7 +72,7 @@ def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet
             bos_token_id=vocabulary.end_id,
         )
     )
-    corpus = pretraining_corpus(config.pretrain_steps * config.pretrain_batch // 4, config.seed)
+    corpus = pretraining_corpus(corpus_size(config), config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=config.pretrain_steps)
     rng = random.Random(config.seed)

@@ -7,6 +7,7 @@ Notation follows the paper: ``tau`` are the seed deltas Delta theta_i (m, n) in 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -27,12 +28,14 @@ def seedft(
 
     ``tau``: N >= 1 deltas of one shape. 2-D deltas (m, n) go through Alg. 1 with
     r = min(numerical rank of Delta_c at ``rtol``, n, ``rank``); any other shape gets
-    the mean of the deltas. Returns float32 (float64 for float64 inputs) on the
-    inputs' device.
+    the mean of the deltas, in Delta theta_M's units: sqrt(N) * mean, since identical 2-D
+    seeds give Delta theta_M = sqrt(N) tau (Delta_c's singular values are sqrt(N) times the
+    seed's), so that alpha = 1/sqrt(N) returns the mean for every tensor. Returns float32
+    (float64 for float64 inputs) on the inputs' device.
     """
     out_dtype = compute_dtype(tau[0])
     if tau[0].ndim != 2:
-        return torch.stack([t.to(out_dtype) for t in tau]).mean(0)
+        return torch.stack([t.to(out_dtype) for t in tau]).mean(0) * math.sqrt(len(tau))
 
     m, n = tau[0].shape
     max_rank = n if rank is None else min(n, rank)

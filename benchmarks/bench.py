@@ -1,0 +1,305 @@
+"""Benchmarks: our methods against mergekit's own, as ratios measured in one run.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--size 44m] [--seeds 3] [--methods all]
+                               [--reps 3] [--out benchmarks/RESULTS.md]
+
+Builds synthetic Llama-shaped checkpoints (deltas with a realistic spectrum: a shared low-rank
+part, a seed-specific low-rank part and small dense noise) and LoRA r=8 seeds, then measures
+wall time and peak RSS of child processes (median of --reps) for:
+- each of our four methods and mergekit's `linear` and `ties` through stock `mergekit-yaml`;
+- the adapter-native engine (`mergekit-seed run`) against mergekit's `BASE+ADAPTER` route, both
+  running `seedft` on the same LoRA seeds;
+- the SeedFT Gram step's GFLOP/s against a plain torch matmul of the same size.
+Writes a markdown report with the machine, sizes, medians, ratios and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # name: (vocab, hidden, intermediate, layers, heads)
+    "tiny": (512, 64, 176, 2, 4),
+    "44m": (16384, 512, 1408, 9, 8),
+    "7b": (32000, 4096, 11008, 32, 32),
+}
+OUR_METHODS = ("seedlora_dm", "seedlora_twostage", "seedft", "lore")
+MERGEKIT_METHODS = ("linear", "ties")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = {
+    "seedlora_dm": ("linear", 1.2),
+    "seedlora_twostage": ("ties", 2.0),
+    "seedft": ("ties", 1.5),
+    "lore": ("ties", 1.5),
+}
+BIN = Path(sys.executable).parent
+
+
+def llama_config(size: str) -> dict:
+    vocab, hidden, intermediate, layers, heads = SIZES[size]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def weight_shapes(config: dict) -> dict:
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{prefix}.self_attn.{name}.weight"] = (h, h)
+        shapes[f"{prefix}.mlp.gate_proj.weight"] = (i, h)
+        shapes[f"{prefix}.mlp.up_proj.weight"] = (i, h)
+        shapes[f"{prefix}.mlp.down_proj.weight"] = (h, i)
+        shapes[f"{prefix}.input_layernorm.weight"] = (h,)
+        shapes[f"{prefix}.post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def realistic_delta(shape, shared, generator, scale=1e-3):
+    """shared low-rank part + seed-specific low-rank part + small dense noise."""
+    if len(shape) == 1:
+        return shared + 0.3 * scale * torch.randn(shape, generator=generator)
+    m, n = shape
+    own = torch.randn(m, 4, generator=generator) @ torch.randn(4, n, generator=generator) * (scale / 4)
+    noise = 0.05 * scale * torch.randn(m, n, generator=generator)
+    return shared + own + noise
+
+
+def build_models(root: Path, size: str, seeds: int) -> tuple:
+    from safetensors.torch import save_file
+
+    config = llama_config(size)
+    shapes = weight_shapes(config)
+    generator = torch.Generator().manual_seed(0)
+    base = {n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator)) for n, s in shapes.items()}
+    shared = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            shared[name] = 1e-3 * torch.randn(shape, generator=generator)
+        else:
+            shared[name] = torch.randn(shape[0], 8, generator=generator) @ torch.randn(8, shape[1], generator=generator) * (1e-3 / 8)
+
+    def save(folder: Path, tensors: dict) -> Path:
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    base_path = save(root / "base", base)
+    seed_paths = [
+        save(root / f"seed{i}", {n: base[n] + realistic_delta(s, shared[n], generator) for n, s in shapes.items()})
+        for i in range(seeds)
+    ]
+    lora_paths = [build_lora(root / f"lora{i}", shapes, generator, base_path) for i in range(seeds)]
+    parameters = sum(torch.Size(s).numel() for s in shapes.values())
+    return base_path, seed_paths, lora_paths, parameters
+
+
+def build_lora(folder: Path, shapes: dict, generator, base_path: Path, rank: int = 8) -> Path:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, shape in shapes.items():
+        module = name[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] not in LORA_TARGETS:
+            continue
+        out_features, in_features = shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        tensors[f"base_model.model.{module}.lora_B.weight"] = 1e-3 * torch.randn(out_features, rank, generator=generator)
+    folder.mkdir(parents=True)
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), base_model_name_or_path=str(base_path)).save_pretrained(str(folder))
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def recipe(path: Path, method: str, base: Path, models, extra: str = "") -> Path:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for model in models:
+        lines.append(f"  - model: {model}")
+        if method in MERGEKIT_METHODS:
+            lines += ["    parameters:", "      weight: 1.0"] + (["      density: 0.5"] if method == "ties" else [])
+    lines.append("dtype: float32")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def measure(command, reps: int, scratch: Path) -> dict:
+    """Median wall time and peak RSS of a child process over ``reps`` runs."""
+    times, peaks = [], []
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for _ in range(reps):
+        out = scratch / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        process = subprocess.Popen([*command, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            raise SystemExit(f"{' '.join(map(str, command))} failed: {process.stderr.read().decode()[-2000:]}")
+        times.append(elapsed)
+        peaks.append(usage.ru_maxrss / 1024)  # KiB -> MiB on Linux
+    return {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
+
+
+def gram_throughput(device: str, m: int, n: int, seeds: int) -> dict:
+    """GFLOP/s of SeedFT's Gram step (sum_i X_i X_i^T, float64) against one plain matmul."""
+    from mergekit_seed.linalg import column_block_svd
+
+    blocks = [torch.randn(m, n, device=device) for _ in range(seeds)]
+    flops = 2.0 * m * m * n * seeds
+
+    def timed(fn, repeat=5):
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / repeat
+
+    wide = torch.cat(blocks, dim=1).double()
+    gram_seconds = timed(lambda: sum(b.double() @ b.double().T for b in blocks))
+    matmul64_seconds = timed(lambda: wide @ wide.T)
+    wide32 = wide.float()
+    matmul32_seconds = timed(lambda: wide32 @ wide32.T)
+    decomposition_seconds = timed(lambda: column_block_svd(blocks, rtol=1e-6), repeat=2)
+    return {
+        "shape": [m, n, seeds],
+        "gram_gflops": flops / gram_seconds / 1e9,
+        "matmul_float64_gflops": flops / matmul64_seconds / 1e9,
+        "matmul_float32_gflops": flops / matmul32_seconds / 1e9,
+        "gram_plus_eigh_seconds": decomposition_seconds,
+    }
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
+    if device == "cuda":
+        text += f", GPU: {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--size", default="44m", choices=sorted(SIZES))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", default="all", help="comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+
+    methods = OUR_METHODS + MERGEKIT_METHODS if args.methods == "all" else tuple(args.methods.split(","))
+    for needed in {TARGETS[m][0] for m in methods if m in TARGETS}:
+        if needed not in methods:
+            methods += (needed,)
+    device_flags = ["--cuda"] if args.device == "cuda" else []
+    results = {"machine": machine(args.device), "size": args.size, "seeds": args.seeds, "reps": args.reps, "device": args.device}
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        started = time.perf_counter()
+        base, seeds, loras, parameters = build_models(scratch / "models", args.size, args.seeds)
+        results["parameters"] = parameters
+        results["build_seconds"] = time.perf_counter() - started
+        print(f"built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} LoRA r=8 seeds", flush=True)
+
+        results["methods"] = {}
+        for method in methods:
+            path = recipe(scratch / f"{method}.yml", method, base, seeds)
+            results["methods"][method] = measure([BIN / "mergekit-yaml", path, *device_flags], args.reps, scratch)
+            print(f"{method}: {results['methods'][method]['seconds']:.1f} s, {results['methods'][method]['peak_mib']:.0f} MiB", flush=True)
+
+        native = recipe(scratch / "native.yml", "seedft", base, loras, "output:\n  format: lora\n")
+        results["adapter_native"] = measure([BIN / "mergekit-seed", "run", native, "--quiet", *device_flags], args.reps, scratch)
+        routed = recipe(scratch / "routed.yml", "seedft", base, [f"{base}+{lora}" for lora in loras])
+        cache = scratch / "lora-cache"
+        results["base_plus_adapter"] = measure(
+            [BIN / "mergekit-yaml", routed, "--lora-merge-cache", cache, *device_flags], args.reps, scratch
+        )
+        print(f"adapter-native seedft {results['adapter_native']['seconds']:.1f} s vs base+adapter {results['base_plus_adapter']['seconds']:.1f} s", flush=True)
+
+    vocab, hidden, intermediate, _, _ = SIZES[args.size]
+    results["gram"] = gram_throughput(args.device, hidden, intermediate, args.seeds)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(report(results) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    methods = results["methods"]
+    lines = [
+        f"# Benchmark results ({results['device']})",
+        "",
+        f"Machine: {results['machine']}.",
+        f"Model: synthetic Llama-shaped, {results['parameters'] / 1e6:.1f}M parameters (`--size {results['size']}`), "
+        f"{results['seeds']} seeds, float32; median of {results['reps']} runs per row, each a fresh process "
+        "(start-up and imports included).",
+        "",
+        "| method | wall time (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, numbers in methods.items():
+        reference, limit = TARGETS.get(method, (None, None))
+        ratio = numbers["seconds"] / methods[reference]["seconds"] if reference in methods else None
+        ratio_text = f"{ratio:.2f}x {reference}" if ratio is not None else ""
+        target = f"<= {limit}x {reference}: {'met' if ratio <= limit else 'NOT met'}" if ratio is not None else ""
+        memory = numbers["peak_mib"] / methods["ties"]["peak_mib"] if "ties" in methods else float("nan")
+        lines.append(
+            f"| {method} | {numbers['seconds']:.1f} | {numbers['peak_mib']:.0f} | {ratio_text} | {target} | {memory:.2f} |"
+        )
+    native, routed = results["adapter_native"], results["base_plus_adapter"]
+    speedup = routed["seconds"] / native["seconds"]
+    memory = native["peak_mib"] / routed["peak_mib"]
+    gram = results["gram"]
+    lines += [
+        "",
+        "Adapter seeds (LoRA r=8 on every linear layer), `seedft`:",
+        "",
+        "| route | wall time (s) | peak RSS (MiB) |",
+        "|---|---|---|",
+        f"| adapter-native (`mergekit-seed run`, LoRA out) | {native['seconds']:.1f} | {native['peak_mib']:.0f} |",
+        f"| mergekit `BASE+ADAPTER` (`mergekit-yaml`) | {routed['seconds']:.1f} | {routed['peak_mib']:.0f} |",
+        "",
+        f"Adapter-native is {speedup:.1f}x faster (target >= 10x: {'met' if speedup >= 10 else 'NOT met'}) with "
+        f"{memory:.2f} of the peak memory (target <= 0.2: {'met' if memory <= 0.2 else 'NOT met'}).",
+        "",
+        f"SeedFT Gram step (sum_i X_i X_i^T in float64, m={gram['shape'][0]}, n={gram['shape'][1]}, N={gram['shape'][2]}): "
+        f"{gram['gram_gflops']:.1f} GFLOP/s; one float64 matmul of the same size {gram['matmul_float64_gflops']:.1f} GFLOP/s "
+        f"(float32: {gram['matmul_float32_gflops']:.1f}); Gram + eigh {gram['gram_plus_eigh_seconds']:.3f} s.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

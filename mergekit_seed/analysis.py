@@ -1,0 +1,289 @@
+"""``mergekit-seed analyze``: look at seeds before choosing a method.
+
+For full checkpoints (with their base) or adapter folders (no base needed), per 2-D weight:
+- pairwise cosine similarity of the seed deltas, global and per layer (cf. the SeedLoRA
+  papers' Fig. 2);
+- singular value spectra of each seed's delta and of their SeedFT merge (cf. Fig. 3a);
+- the share of energy in the top k% singular directions, per layer (cf. SeedFT Table 1);
+- SeRA's Eq. 4 subspace similarity between seeds,
+  phi(U_a, U_b, i, j) = ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j).
+Writes ``analysis.json``, PNG plots and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from mergekit_seed.errors import UserError
+from mergekit_seed.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
+
+Delta = Union[torch.Tensor, LowRank]
+TOP_SHARES = (0.1, 0.25, 0.5)
+SUBSPACE_DIRECTIONS = 8
+
+
+def inner(a: Delta, b: Delta) -> float:
+    """<a, b>_F, without materialising factored deltas."""
+    if isinstance(a, LowRank) and isinstance(b, LowRank):
+        left = a.left.to(DECOMPOSITION_DTYPE).T @ b.left.to(DECOMPOSITION_DTYPE)
+        right = a.right.to(DECOMPOSITION_DTYPE) @ b.right.to(DECOMPOSITION_DTYPE).T
+        return float((left * right).sum())
+    return float((a.to(DECOMPOSITION_DTYPE) * b.to(DECOMPOSITION_DTYPE)).sum())
+
+
+def left_spectrum(delta: Delta):
+    """(U, S) of a delta, float64: factored QR-core SVD, or the Gram/eigh SVD for dense ones."""
+    if isinstance(delta, LowRank):
+        U, S, _, _ = factored_svd(delta, rtol=1e-12)
+        return U, S
+    svd = column_block_svd([delta], rtol=1e-12)
+    return svd.U, svd.S
+
+
+def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor, i: int, j: int) -> float:
+    """SeRA Eq. 4: ||U_a[:, :i]^T U_b[:, :j]||_F^2 / min(i, j)."""
+    return float((U_a[:, :i].T @ U_b[:, :j]).pow(2).sum() / min(i, j))
+
+
+def layer_of(name: str) -> str:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return match.group(1) if match else "other"
+
+
+@dataclass
+class Inputs:
+    """The seeds' names and a way to get every seed's delta of one weight."""
+
+    names: List[str]
+    weight_names: List[str]
+    deltas: Callable[[str], List[Delta]]
+
+
+def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
+    """Adapter folders (read as factored deltas) or full checkpoints minus ``base``."""
+    from mergekit_seed.adapters.formats import is_adapter_folder, read_adapter
+
+    if all(is_adapter_folder(m) for m in models):
+        seeds = [read_adapter(m) for m in models]
+        names = sorted(set().union(*(s.deltas for s in seeds)))
+
+        def adapter_deltas(name: str) -> List[Delta]:
+            shape = next(s.deltas[name].shape for s in seeds if name in s.deltas)
+            return [s.deltas.get(name) or LowRank.zeros(shape) for s in seeds]
+
+        return Inputs(list(models), names, adapter_deltas)
+    if base is None:
+        raise UserError("full checkpoints need --base (the model the seeds were fine-tuned from)")
+    from safetensors import safe_open
+
+    def index(folder: str) -> Dict[str, Path]:
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{folder}: no .safetensors weights (and no adapter_config.json)")
+        mapping = {}
+        for file in files:
+            with safe_open(file, framework="pt") as reader:
+                mapping.update({key: file for key in reader.keys()})
+        return mapping
+
+    base_index = index(base)
+    seed_indexes = [index(m) for m in models]
+
+    def read(mapping: Dict[str, Path], name: str) -> torch.Tensor:
+        with safe_open(mapping[name], framework="pt") as reader:
+            return reader.get_tensor(name).float()
+
+    names = []
+    for name in sorted(base_index):
+        if all(name in seed_index for seed_index in seed_indexes):
+            with safe_open(base_index[name], framework="pt") as reader:
+                if len(reader.get_slice(name).get_shape()) == 2:
+                    names.append(name)
+
+    def full_deltas(name: str) -> List[Delta]:
+        base_tensor = read(base_index, name)
+        return [read(seed_index, name) - base_tensor for seed_index in seed_indexes]
+
+    return Inputs(list(models), names, full_deltas)
+
+
+def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool = False) -> dict:
+    """Compute every statistic, write ``analysis.json``, the plots and ``summary.md``."""
+    from tqdm import tqdm
+
+    from mergekit_seed.kernels.seedft import seedft, seedft_factored
+
+    if len(models) < 2:
+        raise UserError("analyze needs at least 2 models (seeds)")
+    inputs = load_inputs(models, base)
+    if not inputs.weight_names:
+        raise UserError("no 2-D weights are shared by the inputs")
+    count = len(models)
+    pairs = [(a, b) for a in range(count) for b in range(a + 1, count)]
+    dots = torch.zeros(count, count, dtype=DECOMPOSITION_DTYPE)
+    layer_dots: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(count, count, dtype=DECOMPOSITION_DTYPE))
+    energy: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    subspace: Dict[str, List[List[float]]] = {f"{a}-{b}": [] for a, b in pairs}
+    spectra: Dict[str, dict] = {}
+    # the weight whose spectra are plotted: the largest one in the first layer
+    showcase = max(inputs.weight_names, key=lambda n: (layer_of(n) == "0", "proj" in n))
+
+    for name in tqdm(inputs.weight_names, desc="Analyzing weights", disable=quiet):
+        deltas = inputs.deltas(name)
+        gram = torch.tensor([[inner(a, b) for b in deltas] for a in deltas], dtype=DECOMPOSITION_DTYPE)
+        dots += gram
+        layer_dots[layer_of(name)] += gram
+        decompositions = [left_spectrum(d) for d in deltas]
+        for (U, S), seed in zip(decompositions, inputs.names):
+            total = float((S**2).sum())
+            full_rank = min(deltas[0].shape)
+            for share in TOP_SHARES:
+                top = max(1, math.ceil(share * full_rank))
+                energy[layer_of(name)][f"{int(100 * share)}%"].append(
+                    float((S[:top] ** 2).sum()) / total if total > 0 else 1.0
+                )
+        k = min([SUBSPACE_DIRECTIONS] + [S.numel() for _, S in decompositions])
+        for a, b in pairs:
+            if k > 0:
+                subspace[f"{a}-{b}"].append(
+                    [subspace_similarity(decompositions[a][0], decompositions[b][0], i, i) for i in range(1, k + 1)]
+                )
+        if name == showcase:
+            if isinstance(deltas[0], LowRank):
+                merged = seedft_factored(deltas)
+                merged_S = left_spectrum(LowRank(merged.left / math.sqrt(count), merged.right))[1]
+            else:
+                merged_S = left_spectrum(seedft(deltas) / math.sqrt(count))[1]
+            spectra = {
+                "weight": name,
+                "seeds": {seed: S.tolist() for (_, S), seed in zip(decompositions, inputs.names)},
+                "seedft_merge": merged_S.tolist(),
+            }
+            if k > 0:
+                U_a, U_b = decompositions[0][0], decompositions[1][0]
+                spectra["subspace_heatmap_0_1"] = [
+                    [subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)
+                ]
+
+    def cosine(matrix: torch.Tensor) -> List[List[float]]:
+        norms = matrix.diagonal().clamp_min(1e-300).sqrt()
+        return (matrix / norms[:, None] / norms[None, :]).tolist()
+
+    result = {
+        "models": inputs.names,
+        "base": base,
+        "weights": len(inputs.weight_names),
+        "cosine_global": cosine(dots),
+        "cosine_per_layer": {layer: cosine(m) for layer, m in sorted(layer_dots.items(), key=_layer_key)},
+        "energy_top_share_per_layer": {
+            layer: {share: sum(v) / len(v) for share, v in shares.items()}
+            for layer, shares in sorted(energy.items(), key=_layer_key)
+        },
+        "subspace_similarity": {
+            pair: [sum(column) / len(column) for column in zip(*rows)] if rows else [] for pair, rows in subspace.items()
+        },
+        "spectra": spectra,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _plot(result, out)
+    (out / "summary.md").write_text(_summary(result), encoding="utf-8")
+    return result
+
+
+def _layer_key(item):
+    layer = item[0]
+    return (0, int(layer)) if layer.isdigit() else (1, 0)
+
+
+def _plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"seed{i}" for i in range(len(result["models"]))]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    image = axes[0].imshow(result["cosine_global"], vmin=-1, vmax=1, cmap="coolwarm")
+    axes[0].set_xticks(range(len(labels)), labels)
+    axes[0].set_yticks(range(len(labels)), labels)
+    axes[0].set_title("cosine similarity of seed deltas (all weights)")
+    figure.colorbar(image, ax=axes[0])
+    layers = list(result["cosine_per_layer"])
+    count = len(labels)
+    pair_names = [f"{a}-{b}" for a in range(count) for b in range(a + 1, count)]
+    grid = [[result["cosine_per_layer"][layer][a][b] for a in range(count) for b in range(a + 1, count)] for layer in layers]
+    image = axes[1].imshow(grid, vmin=-1, vmax=1, cmap="coolwarm", aspect="auto")
+    axes[1].set_xticks(range(len(pair_names)), pair_names)
+    axes[1].set_yticks(range(len(layers)), layers)
+    axes[1].set_xlabel("seed pair")
+    axes[1].set_ylabel("layer")
+    axes[1].set_title("per layer")
+    figure.colorbar(image, ax=axes[1])
+    figure.tight_layout()
+    figure.savefig(out / "cosine.png", dpi=110)
+    plt.close(figure)
+
+    spectra = result["spectra"]
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for seed, values in spectra["seeds"].items():
+        axes[0].semilogy(range(1, len(values) + 1), values, label=Path(seed).name)
+    merged = spectra["seedft_merge"]
+    axes[0].semilogy(range(1, len(merged) + 1), merged, "k--", label="SeedFT merge")
+    axes[0].set_title(f"singular values: {spectra['weight']}", fontsize=8)
+    axes[0].legend(fontsize=7)
+    for share in next(iter(result["energy_top_share_per_layer"].values())):
+        axes[1].plot(
+            list(result["energy_top_share_per_layer"]),
+            [v[share] for v in result["energy_top_share_per_layer"].values()],
+            marker="o",
+            label=f"top {share}",
+        )
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_title("energy share of the top directions, per layer")
+    axes[1].set_xlabel("layer")
+    axes[1].legend(fontsize=7)
+    for pair, values in result["subspace_similarity"].items():
+        axes[2].plot(range(1, len(values) + 1), values, marker="o", label=f"seeds {pair}")
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("SeRA Eq. 4 similarity phi(i, i)")
+    axes[2].set_xlabel("i (leading directions)")
+    axes[2].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "spectra.png", dpi=110)
+    plt.close(figure)
+
+
+def _summary(result: dict) -> str:
+    count = len(result["models"])
+    off_diagonal = [result["cosine_global"][a][b] for a in range(count) for b in range(a + 1, count)]
+    lines = [
+        "# Seed analysis",
+        "",
+        f"{count} seeds, {result['weights']} 2-D weights" + (f", base {result['base']}" if result["base"] else "") + ".",
+        "",
+        f"- Cosine similarity of the seed deltas: mean {sum(off_diagonal) / len(off_diagonal):.3f} "
+        f"(min {min(off_diagonal):.3f}, max {max(off_diagonal):.3f}).",
+    ]
+    shares = {}
+    for layer_values in result["energy_top_share_per_layer"].values():
+        for share, value in layer_values.items():
+            shares.setdefault(share, []).append(value)
+    lines.append(
+        "- Energy in the top singular directions (mean over layers): "
+        + ", ".join(f"top {s}: {sum(v) / len(v):.3f}" for s, v in shares.items())
+        + "."
+    )
+    for pair, values in result["subspace_similarity"].items():
+        if values:
+            lines.append(f"- Subspace similarity (SeRA Eq. 4) of seeds {pair}: phi(1,1) {values[0]:.3f}, phi({len(values)},{len(values)}) {values[-1]:.3f}.")
+    lines += ["", "Plots: `cosine.png` (similarity, global and per layer), `spectra.png` (spectra, energy, subspaces)."]
+    return "\n".join(lines) + "\n"

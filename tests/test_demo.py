@@ -1,0 +1,113 @@
+"""The embedded demo (quick mode) and the analyze command."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mergekit_seed.analysis import subspace_similarity
+from mergekit_seed.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
+from mergekit_seed.weights import load_weights
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    import os
+
+    root = tmp_path_factory.mktemp("demo")
+    os.environ["MERGEKIT_SEED_CACHE"] = str(root / "cache")
+    result = run_cli("mergekit-seed", "demo", "--quick", "--quiet", "--out", root / "out")
+    assert result.returncode == 0, result.stderr
+    return root / "out", result.stdout
+
+
+def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
+    out, stdout = quick_demo
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["settings"]) == set(SETTINGS)
+    for entry in results["settings"].values():
+        assert set(entry["seeds"]) == {"seed0", "seed1", "seed2"}
+        assert set(entry["methods"]) == set(OUR_METHODS) | set(MERGEKIT_METHODS)
+        for value in list(entry["seeds"].values()) + list(entry["methods"].values()):
+            assert 0.0 <= value <= 1.0
+        assert set(entry["per_skill"]["seedft"]) == set(results["task"]["skills"])
+        # seeds actually learned something beyond nothing
+        assert max(entry["seeds"].values()) > 0.2
+    assert results["config"]["quick"] is True
+    assert (out / "results.png").stat().st_size > 10_000
+    assert "| setting | seed0 |" in stdout and "best seed" in stdout
+    # the demo's recipes are real recipes with model cards
+    assert (out / "merges" / "lora" / "seedlora_twostage" / "adapter_config.json").exists()
+    assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
+
+
+def test_demo_merges_and_evaluation_are_deterministic(quick_demo):
+    out, _ = quick_demo
+    first = json.loads((out / "results.json").read_text())["settings"]
+    before = load_weights(out / "merges" / "full" / "seedlora_twostage")
+    result = run_cli("mergekit-seed", "demo", "--quick", "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "results.json").read_text())["settings"] == first
+    after = load_weights(out / "merges" / "full" / "seedlora_twostage")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fine_tuning_is_deterministic_for_a_seed(tmp_path):
+    from mergekit_seed.demo.task import CharVocabulary, make_examples
+    from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune
+
+    vocabulary = CharVocabulary()
+    base = build_base(tmp_path / "base", BaseConfig(pretrain_steps=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1), vocabulary, quiet=True)
+    train = make_examples(20, 0)
+    config = FinetuneConfig("lora", steps=5, lr=1e-2)
+    a = finetune(base, tmp_path / "a", train, config, 7, vocabulary, quiet=True)
+    b = finetune(base, tmp_path / "b", train, config, 7, vocabulary, quiet=True)
+    assert (a / "adapter_model.safetensors").read_bytes() == (b / "adapter_model.safetensors").read_bytes()
+
+
+def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    result = run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "an", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    for name in ("cosine.png", "spectra.png", "summary.md"):
+        assert (tmp_path / "an" / name).stat().st_size > 0
+    base_weights = load_weights(base)
+    seed_weights = [load_weights(s) for s in seeds]
+    matrices = [n for n, t in base_weights.items() if t.ndim == 2]
+    assert report["weights"] == len(matrices)
+    flat = [torch.cat([(w[n] - base_weights[n]).double().flatten() for n in matrices]) for w in seed_weights]
+    expected = (flat[0] @ flat[1] / flat[0].norm() / flat[1].norm()).item()
+    assert report["cosine_global"][0][1] == pytest.approx(expected, rel=1e-9)
+    name = report["spectra"]["weight"]
+    deltas = [(w[name] - base_weights[name]).double() for w in seed_weights]
+    S = torch.linalg.svdvals(deltas[0])
+    torch.testing.assert_close(torch.tensor(report["spectra"]["seeds"][str(seeds[0])], dtype=torch.float64), S, rtol=1e-6, atol=1e-9)
+    U = [torch.linalg.svd(d).U for d in deltas]
+    heatmap = report["spectra"]["subspace_heatmap_0_1"]
+    assert heatmap[1][3] == pytest.approx(float((U[0][:, :2].T @ U[1][:, :4]).pow(2).sum() / 2), rel=1e-6)
+    layer0 = [n for n in matrices if ".layers.0." in n]
+    shares = []
+    for n in layer0:
+        for w in seed_weights:
+            values = torch.linalg.svdvals((w[n] - base_weights[n]).double())
+            top = math.ceil(0.25 * min(w[n].shape))
+            shares.append(float((values[:top] ** 2).sum() / (values**2).sum()))
+    assert report["energy_top_share_per_layer"]["0"]["25%"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)
+
+
+def test_analyze_reads_adapters_without_a_base(tmp_path):
+    from conftest import save_random_lora, save_random_sera
+    from mergekit_seed.demo.tiny import save_tiny_llama
+
+    base = save_tiny_llama(tmp_path / "base")
+    seeds = [save_random_lora(base, tmp_path / "a", r=4, seed=1), save_random_sera(base, tmp_path / "b", r=4, split=2, seed=2)]
+    result = run_cli("mergekit-seed", "analyze", *seeds, "--out", tmp_path / "an", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert report["weights"] == 4 and len(report["subspace_similarity"]["0-1"]) == 4
+    assert subspace_similarity(torch.eye(5), torch.eye(5), 3, 3) == 1.0
+    missing = run_cli("mergekit-seed", "analyze", tmp_path / "a")
+    assert missing.returncode != 0

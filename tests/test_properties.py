@@ -1,0 +1,80 @@
+"""Property tests for every kernel over random shapes, seed counts, ranks and scales."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergekit_seed.kernels.lore import lore
+from mergekit_seed.kernels.seedft import seedft
+from mergekit_seed.kernels.seedlora import seedlora_dm, seedlora_twostage
+
+KERNELS = {
+    # name: (kernel, scale that makes N identical seeds give that seed back)
+    "seedft": (lambda tau: seedft(tau), lambda n: 1 / math.sqrt(n)),
+    "seedlora_dm": (lambda tau: seedlora_dm(tau), lambda n: 1.0),
+    "seedlora_twostage": (lambda tau: seedlora_twostage(tau, energy=1.0), lambda n: 1.0),
+    "lore": (lambda tau: lore(tau, tol=0), lambda n: 1.0),
+}
+
+
+@st.composite
+def seed_deltas(draw):
+    count = draw(st.integers(2, 4))
+    shape = draw(
+        st.one_of(
+            st.tuples(st.integers(1, 12)),
+            st.tuples(st.integers(1, 12), st.integers(1, 12)),
+        )
+    )
+    scale = 10.0 ** draw(st.integers(-3, 3))
+    rank = draw(st.one_of(st.none(), st.integers(1, 3)))
+    seed = draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    deltas = []
+    for _ in range(count):
+        if rank is not None and len(shape) == 2:
+            tensor = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, shape[1], generator=generator)
+        else:
+            tensor = torch.randn(shape, generator=generator)
+        deltas.append(scale * tensor)
+    return deltas
+
+
+def close(a, b, reference_scale):
+    return (a - b).abs().max().item() <= 1e-4 * max(reference_scale, 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(deltas=seed_deltas(), name=st.sampled_from(sorted(KERNELS)))
+def test_finite_shape_dtype_and_permutation_invariance(deltas, name):
+    kernel, _ = KERNELS[name]
+    merged = kernel(deltas)
+    assert merged.shape == deltas[0].shape and merged.dtype == torch.float32
+    assert torch.isfinite(merged).all()
+    scale = max(d.abs().max().item() for d in deltas)
+    assert close(kernel(deltas[::-1]), merged, scale)
+    assert close(kernel(deltas[1:] + deltas[:1]), merged, scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(deltas=seed_deltas(), name=st.sampled_from(sorted(KERNELS)))
+def test_identical_seeds_give_that_seed_back(deltas, name):
+    kernel, identity_scale = KERNELS[name]
+    count = len(deltas)
+    merged = identity_scale(count) * kernel([deltas[0]] * count)
+    assert close(merged, deltas[0], deltas[0].abs().max().item())
+
+
+@settings(max_examples=20, deadline=None)
+@given(deltas=seed_deltas(), name=st.sampled_from(sorted(KERNELS)))
+def test_bfloat16_inputs_compute_in_float32(deltas, name):
+    kernel, _ = KERNELS[name]
+    merged = kernel([d.to(torch.bfloat16) for d in deltas])
+    assert merged.dtype == torch.float32 and torch.isfinite(merged).all()
+
+
+def test_zero_deltas_merge_to_zero():
+    for name, (kernel, _) in KERNELS.items():
+        assert torch.count_nonzero(kernel([torch.zeros(5, 3)] * 3)) == 0, name
