@@ -33,6 +33,7 @@ SIZES = {
     # name: (vocab, hidden, intermediate, layers, heads)
     "tiny": (512, 64, 176, 2, 4),
     "44m": (16384, 512, 1408, 9, 8),
+    "300m": (32000, 1024, 2816, 16, 16),
     "7b": (32000, 4096, 11008, 32, 32),
 }
 OUR_METHODS = ("seedlora_dm", "seedlora_twostage", "seedft", "lore")
@@ -139,7 +140,10 @@ def build_lora(folder: Path, shapes: dict, generator, base_path: Path, rank: int
 
 
 def recipe(path: Path, method: str, base: Path, models, extra: str = "") -> Path:
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    lines = [f"merge_method: {method}"]
+    if method != "linear":  # Model Soup averages the seeds alone; a listed base would be an input
+        lines.append(f"base_model: {base}")
+    lines.append("models:")
     for model in models:
         lines.append(f"  - model: {model}")
         if method in MERGEKIT_METHODS:
@@ -150,20 +154,30 @@ def recipe(path: Path, method: str, base: Path, models, extra: str = "") -> Path
 
 
 def measure(command, reps: int, scratch: Path) -> dict:
-    """Median wall time and peak RSS of a child process over ``reps`` runs."""
+    """Median wall time and peak RSS of a child process over ``reps`` runs.
+
+    The peak comes from GNU time, whose own small process forks the command: a child forked
+    straight from this process would start with this process's RSS (the models it built)
+    counted in its maximum.
+    """
     times, peaks = [], []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    report_file = scratch / "time.txt"
     for _ in range(reps):
         out = scratch / "out"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        process = subprocess.Popen([*command, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        done = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         elapsed = time.perf_counter() - started
-        if status != 0:
-            raise SystemExit(f"{' '.join(map(str, command))} failed: {process.stderr.read().decode()[-2000:]}")
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(map(str, command))} failed: {done.stderr.decode()[-2000:]}")
         times.append(elapsed)
-        peaks.append(usage.ru_maxrss / 1024)  # KiB -> MiB on Linux
+        peaks.append(int(report_file.read_text().split()[-1]) / 1024)  # KiB -> MiB
     return {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
 
 
@@ -213,13 +227,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", default="44m", choices=sorted(SIZES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", default="all", help="comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS))
+    parser.add_argument("--methods", default="all", help="all, none, or a comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
 
-    methods = OUR_METHODS + MERGEKIT_METHODS if args.methods == "all" else tuple(args.methods.split(","))
+    if args.methods == "all":
+        methods = OUR_METHODS + MERGEKIT_METHODS
+    elif args.methods == "none":  # only the adapter routes and the Gram step
+        methods = ()
+    else:
+        methods = tuple(args.methods.split(","))
     for needed in {TARGETS[m][0] for m in methods if m in TARGETS}:
         if needed not in methods:
             methods += (needed,)
@@ -269,6 +288,8 @@ def report(results: dict) -> str:
         "| method | wall time (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties |",
         "|---|---|---|---|---|---|",
     ]
+    if not methods:
+        lines = lines[:-3] + [""]
     for method, numbers in methods.items():
         reference, limit = TARGETS.get(method, (None, None))
         ratio = numbers["seconds"] / methods[reference]["seconds"] if reference in methods else None

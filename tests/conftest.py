@@ -23,7 +23,8 @@ def tiny_family(tmp_path_factory):
     return base, seeds
 
 
-def write_recipe(path: Path, method: str, base, seeds, parameters=None, extra: str = "") -> Path:
+def recipe_text(method: str, base, seeds, parameters=None, output=None) -> str:
+    """A recipe: merge_method, base_model (unless None), models, parameters, output section."""
     lines = [f"merge_method: {method}"]
     if base is not None:
         lines.append(f"base_model: {base}")
@@ -33,8 +34,28 @@ def write_recipe(path: Path, method: str, base, seeds, parameters=None, extra: s
         lines.append("parameters:")
         lines += [f"  {key}: {value}" for key, value in parameters.items()]
     lines.append("dtype: float32")
-    path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
+    if output:
+        lines.append("output:")
+        lines += [f"  {key}: {value}" for key, value in output.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_recipe(path: Path, method: str, base, seeds, parameters=None, output=None) -> Path:
+    path.write_text(recipe_text(method, base, seeds, parameters, output), encoding="utf-8")
     return path
+
+
+def refused(result, *fragments, out=None):
+    """Exit status 1, one `error:` line naming what is wrong, no weights or staging under OUT."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors, result.stderr
+    for fragment in fragments:
+        assert any(fragment in line for line in errors), result.stderr
+    if out is not None:
+        assert not out.exists() or not list(out.rglob("*.safetensors"))
+        assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
 @dataclass

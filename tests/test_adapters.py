@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli, save_random_lora, save_random_sera
+from conftest import recipe_text, run_cli, save_random_lora, save_random_sera
 from mergekit_seed.adapters.engine import merge_module
 from mergekit_seed.adapters.formats import read_adapter
 from mergekit_seed.demo.tiny import save_tiny_llama
@@ -55,22 +55,6 @@ def materialised(adapter_family):
     return [materialise(base, seed, root / f"full-{seed.name}") for seed in seeds]
 
 
-def recipe_text(method, base, models, output=None, parameters=None):
-    lines = [f"merge_method: {method}"]
-    if base is not None:
-        lines.append(f"base_model: {base}")
-    lines.append("models:")
-    lines += [f"  - model: {m}" for m in models]
-    if parameters:
-        lines.append("parameters:")
-        lines += [f"  {k}: {v}" for k, v in parameters.items()]
-    lines.append("dtype: float32")
-    if output:
-        lines.append("output:")
-        lines += [f"  {k}: {v}" for k, v in output.items()]
-    return "\n".join(lines) + "\n"
-
-
 def assert_same_deltas(result, expected, base, names, rtol=1e-4):
     for name in names:
         delta = expected[name] - base[name]
@@ -86,11 +70,11 @@ def test_native_full_output_equals_the_method_on_materialised_seeds(adapter_fami
     _, base, seeds = adapter_family
     parameters = {"energy": 1.0} if method == "seedlora_twostage" else None
     native = tmp_path / "native.yml"
-    native.write_text(recipe_text(method, base, seeds, {"format": "full"}, parameters))
+    native.write_text(recipe_text(method, base, seeds, parameters, {"format": "full"}))
     result = run_cli("mergekit-seed", "run", native, tmp_path / "native", "--quiet")
     assert result.returncode == 0, result.stderr
     dense = tmp_path / "dense.yml"
-    dense.write_text(recipe_text(method, base, materialised, None, parameters))
+    dense.write_text(recipe_text(method, base, materialised, parameters))
     run_cli("mergekit-yaml", dense, tmp_path / "dense", check=True)
     base_weights = load_weights(base)
     native_weights, dense_weights = load_weights(tmp_path / "native"), load_weights(tmp_path / "dense")
@@ -108,7 +92,7 @@ def test_lora_output_loads_in_peft_and_reproduces_the_full_output(adapter_family
     _, base, seeds = adapter_family
     for fmt in ("lora", "full"):
         recipe = tmp_path / f"{fmt}.yml"
-        recipe.write_text(recipe_text(method, base, seeds, {"format": fmt}))
+        recipe.write_text(recipe_text(method, base, seeds, output={"format": fmt}))
         result = run_cli("mergekit-seed", "run", recipe, tmp_path / fmt, "--quiet")
         assert result.returncode == 0, result.stderr
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "lora")
@@ -126,11 +110,11 @@ def test_mergekit_base_plus_adapter_route_agrees(adapter_family, tmp_path, metho
     _, base, seeds = adapter_family
     lora_seeds = seeds[:3]
     native = tmp_path / "native.yml"
-    native.write_text(recipe_text(method, base, lora_seeds, {"format": "full"}, {"energy": 1.0} if method != "seedft" else None))
+    native.write_text(recipe_text(method, base, lora_seeds, {"energy": 1.0} if method != "seedft" else None, {"format": "full"}))
     assert run_cli("mergekit-seed", "run", native, tmp_path / "native", "--quiet").returncode == 0
     routed = tmp_path / "routed.yml"
     routed.write_text(
-        recipe_text(method, base, [f"{base}+{s}" for s in lora_seeds], None, {"energy": 1.0} if method != "seedft" else None)
+        recipe_text(method, base, [f"{base}+{s}" for s in lora_seeds], {"energy": 1.0} if method != "seedft" else None)
     )
     run_cli("mergekit-yaml", routed, tmp_path / "routed", "--lora-merge-cache", tmp_path / "cache", check=True)
     assert_same_deltas(
@@ -141,7 +125,7 @@ def test_mergekit_base_plus_adapter_route_agrees(adapter_family, tmp_path, metho
 def test_rank_truncation_reports_kept_energy(adapter_family, tmp_path):
     _, base, seeds = adapter_family
     recipe = tmp_path / "r.yml"
-    recipe.write_text(recipe_text("seedft", None, seeds, {"rank": 2}))
+    recipe.write_text(recipe_text("seedft", None, seeds, output={"rank": 2}))
     result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "kept energy" in result.stdout

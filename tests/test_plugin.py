@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import run_cli, write_recipe
+from conftest import refused, run_cli, write_recipe
 from mergekit_seed.weights import load_weights
 from mergekit_seed.kernels.seedft import seedft
 
@@ -64,36 +64,25 @@ def test_cli_run_writes_the_same_merge_and_a_card(tiny_family, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
-def assert_refused(result, *fragments, out=None):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert lines, result.stderr
-    for fragment in fragments:
-        assert any(fragment in line for line in lines), result.stderr
-    if out is not None:
-        assert not out.exists() or not any(out.glob("*.safetensors"))
-
-
 def test_one_seed_is_refused(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds[:1])
     out = tmp_path / "out"
-    assert_refused(run_cli("mergekit-seed", "run", recipe, out, isolated=True), "at least 2 seed", out=out)
+    refused(run_cli("mergekit-seed", "run", recipe, out, isolated=True), "at least 2 seed", out=out)
 
 
 def test_missing_base_is_refused(tiny_family, tmp_path):
     _, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", None, seeds)
     out = tmp_path / "out"
-    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "needs base_model", out=out)
+    refused(run_cli("mergekit-seed", "run", recipe, out), "needs base_model", out=out)
 
 
 def test_bad_parameters_are_refused_by_name(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, {"rnak": 2, "rtol": -1, "lambda": "big"})
     out = tmp_path / "out"
-    assert_refused(
+    refused(
         run_cli("mergekit-seed", "run", recipe, out), "did you mean 'rank'", "'rtol'", "'lambda'", out=out
     )
 
@@ -101,7 +90,7 @@ def test_bad_parameters_are_refused_by_name(tiny_family, tmp_path):
 def test_yaml_syntax_error_names_the_line(tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: seedft\nmodels: [\n")
-    assert_refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "line 3")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "line 3")
 
 
 def test_existing_output_is_not_mixed(tiny_family, tmp_path):
@@ -110,7 +99,7 @@ def test_existing_output_is_not_mixed(tiny_family, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert_refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
+    refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
     assert (out / "keep.txt").exists()
 
 

@@ -12,22 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN, run_cli, save_random_lora, save_random_sera, write_recipe
+from conftest import BIN, refused, run_cli, save_random_lora, save_random_sera, write_recipe
 from mergekit_seed.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
-
-
-def refused(result, *fragments, out=None):
-    """Exit status 1, one `error:` line naming what is wrong, no weights under OUT."""
-    assert result.returncode == 1, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors, result.stderr
-    for fragment in fragments:
-        assert any(fragment in line for line in errors), result.stderr
-    if out is not None:
-        assert not out.exists() or not list(out.rglob("*.safetensors"))
-        assert not list(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def copy_family(tiny_family, root: Path):

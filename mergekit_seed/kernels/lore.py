@@ -72,20 +72,26 @@ def lore_estimate(
     theta = [t.to(dtype) for t in theta]
     if mu is None:
         mu = relative_mu(theta, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
+    count = len(theta)
     deltas = [torch.zeros_like(theta[0]) for _ in theta]
-    warm: List[Optional[torch.Tensor]] = [None] * len(theta)
+    theta_sum = torch.stack(theta).sum(0)
+    delta_sum = torch.zeros_like(theta[0])
+    residual = torch.empty_like(theta[0])
+    warm: List[Optional[torch.Tensor]] = [None] * count
     theta0_previous: Optional[torch.Tensor] = None
     history: List[float] = []
-    ranks: List[int] = [0] * len(theta)
+    ranks: List[int] = [0] * count
     done = 0
     for done in range(1, iterations + 1):
-        # Eq. 2, theta0 block: the mean of theta_i - delta_i
-        theta0 = torch.stack([t - d for t, d in zip(theta, deltas)]).mean(0)
+        # Eq. 2, theta0 block: the mean of theta_i - delta_i = (sum theta_i - sum delta_i) / N
+        theta0 = (theta_sum - delta_sum) / count
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
         nuclear_norms = []
+        delta_sum.zero_()
         for index, t in enumerate(theta):
-            thresholded = singular_value_threshold(t - theta0, mu, warm_start=warm[index])
+            thresholded = singular_value_threshold(torch.sub(t, theta0, out=residual), mu, warm_start=warm[index])
             deltas[index] = thresholded.matrix
+            delta_sum += thresholded.matrix
             warm[index] = thresholded.V if thresholded.rank else None
             ranks[index] = thresholded.rank
             nuclear_norms.append(thresholded.shrunk.sum().item())

@@ -35,20 +35,23 @@ def seedlora_dm(
     """
     dtype = compute_dtype(tau[0])
     weights = [1.0] * len(tau) if weights is None else list(weights)
-    stacked = torch.stack([t.to(dtype) for t in tau])
-    w = torch.tensor(weights, dtype=dtype, device=stacked.device).view(-1, *[1] * tau[0].ndim)
     divisor = sum(weights) if normalize else len(tau)
-    # Eq. 4: tau_m = (1/n) sum_i w_i tau_i
-    tau_m = (w * stacked).sum(0) / divisor
-    # mu_hat, sigma_hat: unweighted means over seeds of each tau_i's mean and std
-    flat = stacked.flatten(1)
-    mu_hat = flat.mean(1).mean()
-    sigma_hat = flat.std(1, correction=0).mean()
-    sigma_m = tau_m.std(correction=0)
-    if sigma_m == 0 or tau_m.numel() < 2:
+    # one pass per seed: accumulate Eq. 4's weighted sum and each tau_i's moments
+    tau_m = torch.zeros_like(tau[0], dtype=dtype)
+    mu_hat = sigma_hat = 0.0
+    for weight, t in zip(weights, tau):
+        t = t.to(dtype)
+        sigma_i, mu_i = torch.std_mean(t, correction=0)
+        mu_hat, sigma_hat = mu_hat + mu_i / len(tau), sigma_hat + sigma_i / len(tau)
+        tau_m.add_(t, alpha=weight)
+    tau_m /= divisor  # Eq. 4: tau_m = (1/n) sum_i w_i tau_i
+    if tau_m.numel() < 2:
+        return tau_m
+    sigma_m, mu_m = torch.std_mean(tau_m, correction=0)
+    if sigma_m == 0:
         return tau_m
     # Eq. 5: tau_m <- sigma_hat * (tau_m - mu(tau_m)) / sigma(tau_m) + mu_hat
-    return sigma_hat * (tau_m - tau_m.mean()) / sigma_m + mu_hat
+    return tau_m.sub_(mu_m).mul_(sigma_hat / sigma_m).add_(mu_hat)
 
 
 def seedlora_dm_factored(
