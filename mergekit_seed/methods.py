@@ -28,9 +28,9 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, lore
-from mergekit_seed.kernels.seedft import seedft
-from mergekit_seed.kernels.seedlora import fuse_mean, seedlora_dm, seedlora_twostage
-from mergekit_seed.linalg import compute_dtype
+from mergekit_seed.kernels.seedft import seedft, seedft_factored
+from mergekit_seed.kernels.seedlora import fuse_mean, seedlora_dm, seedlora_dm_factored, seedlora_twostage
+from mergekit_seed.linalg import LowRank, compute_dtype
 
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -39,6 +39,8 @@ OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
 UnitFloat = Annotated[float, Field(gt=0, le=1)]
 
 Kernel = Callable[[List[torch.Tensor], Dict[str, Any], TensorGroup], torch.Tensor]
+# (factored deltas, global parameters, per-seed parameters) -> merged delta, before lambda
+FactoredKernel = Callable[[List[LowRank], Dict[str, Any], List[Dict[str, Any]]], LowRank]
 
 MIN_SEEDS = 2
 
@@ -74,6 +76,8 @@ class SeedMergeMethod(GroupMergeMethod):
     ``tau_i = seed_i - base`` in float32 and returns the merged delta; the result is
     ``base + lambda * delta`` in the base's dtype. Without it, the kernel receives the
     models' weights (a listed base is not an input) and returns the merged weights.
+    A method that is exact on low-rank factors also has a ``factored_kernel``, which the
+    adapter-native engine uses instead of materialising the deltas.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class SeedMergeMethod(GroupMergeMethod):
         parameters: Tuple[Parameter, ...],
         kernel: Kernel,
         needs_base: bool = True,
+        factored_kernel: Optional[FactoredKernel] = None,
         auto_lambda: Optional[Callable[[int], float]] = None,
         seed_bounded: Tuple[str, ...] = (),
         exclusive: Tuple[Tuple[str, str], ...] = (),
@@ -93,6 +98,7 @@ class SeedMergeMethod(GroupMergeMethod):
         self.parameters = parameters
         self.kernel = kernel
         self.needs_base = needs_base
+        self.factored_kernel = factored_kernel
         self.auto_lambda = auto_lambda
         self.seed_bounded = seed_bounded
         self.exclusive = exclusive
@@ -129,12 +135,27 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        try:
+            result = self._merge(group, parameters)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            self._refuse_non_finite(group)  # a decomposition failed: name the culprit if any
+            raise
+        # a NaN or Inf in any input shows up in the result (or fails a decomposition above),
+        # so the inputs are only scanned, to name the culprit, when the result is not finite
+        if result.is_floating_point() and not torch.isfinite(result).all():
+            self._refuse_non_finite(group)
+        return result
+
+    @staticmethod
+    def _refuse_non_finite(group: TensorGroup) -> None:
         for entry in group.entries:
             if entry.tensor.is_floating_point() and not torch.isfinite(entry.tensor).all():
                 raise ValueError(
                     f"{entry.id}: tensor {group.metadata.name} contains NaN or Inf; "
                     "re-export that checkpoint or leave it out"
                 )
+
+    def _merge(self, group: TensorGroup, parameters: Dict[str, Any]) -> torch.Tensor:
         inputs = [entry.tensor for entry in group.entries if not entry.is_base]
         if len(inputs) < MIN_SEEDS:
             raise ValueError(
@@ -156,6 +177,10 @@ class SeedMergeMethod(GroupMergeMethod):
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
     return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"])
+
+
+def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:
+    return seedft_factored(tau, rank=shared["rank"], rtol=shared["rtol"])
 
 
 SEEDFT = SeedMergeMethod(
@@ -186,6 +211,7 @@ SEEDFT = SeedMergeMethod(
         ),
     ),
     kernel=_seedft_kernel,
+    factored_kernel=_seedft_factored_kernel,
     auto_lambda=lambda seed_count: 1.0 / math.sqrt(seed_count),
 )
 
@@ -195,6 +221,11 @@ LAMBDA = Parameter("lambda", float, 1.0, "float", "global scale of the merged de
 def _seedlora_dm_kernel(tau, parameters, group) -> torch.Tensor:
     weights = parameters["weight"].values_for(group.non_base)
     return seedlora_dm(tau, weights=weights, normalize=parameters["normalize"])
+
+
+def _seedlora_dm_factored_kernel(tau, shared, per_seed) -> LowRank:
+    weights = [values["weight"] for values in per_seed]
+    return seedlora_dm_factored(tau, weights=weights, normalize=shared["normalize"])
 
 
 SEEDLORA_DM = SeedMergeMethod(
@@ -216,6 +247,7 @@ SEEDLORA_DM = SeedMergeMethod(
         LAMBDA,
     ),
     kernel=_seedlora_dm_kernel,
+    factored_kernel=_seedlora_dm_factored_kernel,
 )
 
 

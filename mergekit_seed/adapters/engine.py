@@ -1,6 +1,7 @@
 """The adapter-native engine: adapter seeds in, a merged LoRA adapter (or full model) out.
 
-``seedft`` and ``seedlora_dm`` run on the factors, exactly, and never form an m x n matrix;
+``seedft`` and ``seedlora_dm`` (methods with a ``factored_kernel``) run on the factors,
+exactly, and never form an m x n matrix;
 ``seedlora_twostage`` and ``lore`` materialise one module's deltas at a time and run the same
 mergekit method object that ``mergekit-yaml`` runs (with a zero base, since a LoRA delta is
 already the task vector; LoRE is translation-equivariant, so running it on the deltas gives
@@ -65,20 +66,13 @@ def resolve_module_parameters(method, config, tensor_name: str) -> Tuple[Dict[st
 
 
 def merge_module(method, tau: List[LowRank], shared: Dict[str, Any], per_seed: List[Dict[str, Any]], name: str) -> Union[LowRank, torch.Tensor]:
-    """The merged delta of one module: a factor pair (exact methods) or a dense matrix."""
-    from mergekit_seed.kernels.seedft import seedft_factored
-    from mergekit_seed.kernels.seedlora import seedlora_dm_factored
-
+    """The merged delta of one module: a factor pair (methods exact on factors) or a dense matrix."""
     problems = method.parameter_problems(shared, len(tau))
     if problems:
         raise UserError(problems[0])
-    if method.spec.name in ("seedft", "seedlora_dm"):
+    if method.factored_kernel is not None:
+        merged = method.factored_kernel(tau, shared, per_seed)
         scale = method.resolve_lambda(shared["lambda"], len(tau))
-        if method.spec.name == "seedft":
-            merged = seedft_factored(tau, rank=shared["rank"], rtol=shared["rtol"])
-        else:
-            weights = [values["weight"] for values in per_seed]
-            merged = seedlora_dm_factored(tau, weights=weights, normalize=shared["normalize"])
         return LowRank(scale * merged.left, merged.right)
 
     from mergekit.merge_methods.base import TensorGroup
