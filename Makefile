@@ -5,7 +5,6 @@ BIN = $(VENV)/bin
 
 $(BIN)/mergekit-seed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[test]"
 	touch $@
