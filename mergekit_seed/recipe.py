@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 from pydantic import ValidationError
 
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import UserError, first_validation_problem
 
 
 @dataclass
@@ -69,9 +69,7 @@ def load_recipe(path: str) -> Recipe:
 
 def format_validation_error(error: ValidationError) -> str:
     """One line for the first problem pydantic found."""
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ()))
-    message = first.get("msg", str(error))
+    location, message = first_validation_problem(error)
     return f"{location}: {message}" if location else message
 
 

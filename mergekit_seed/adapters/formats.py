@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.linalg import LowRank
 from mergekit_seed.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 
@@ -98,9 +98,8 @@ def _check_finite(folder: Path, tensors: Dict[str, torch.Tensor]) -> None:
 
 
 def _field_error(path: Path, error: ValidationError) -> UserError:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ()))
-    return UserError(f"{path / CONFIG_NAME}: field '{location}': {first.get('msg')}")
+    location, message = first_validation_problem(error)
+    return UserError(f"{path / CONFIG_NAME}: field '{location}': {message}")
 
 
 def _pattern_value(patterns: Dict, module: str, default):
@@ -158,9 +157,8 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
     try:
         sera = SeraConfig.model_validate(config)
     except ValidationError as error:
-        first = error.errors()[0]
-        location = ".".join(str(part) for part in first.get("loc", ())) or "config"
-        raise UserError(f"{folder / CONFIG_NAME}: {location}: {first.get('msg')}") from None
+        location, message = first_validation_problem(error)
+        raise UserError(f"{folder / CONFIG_NAME}: {location or 'config'}: {message}") from None
     tensors = _read_tensors(folder)
     _check_finite(folder, tensors)
     deltas: Dict[str, LowRank] = {}
