@@ -8,6 +8,7 @@ from typing import List
 import torch
 from safetensors.torch import save_file
 
+from mergekit_seed.demo.task import ALPHABET, CharVocabulary, save_tokenizer
 from mergekit_seed.weights import load_weights
 
 TINY_LLAMA = dict(
@@ -20,6 +21,10 @@ TINY_LLAMA = dict(
     max_position_embeddings=64,
     tie_word_embeddings=False,
 )
+# the demo's characters, padded with other printable ones to the tiny vocabulary size
+TINY_VOCABULARY = CharVocabulary(
+    ALPHABET + "".join(c for c in map(chr, range(33, 127)) if c not in ALPHABET)[: TINY_LLAMA["vocab_size"] - len(ALPHABET)]
+)
 
 
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:
@@ -29,23 +34,8 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     model.save_pretrained(path, safe_serialization=True)
-    save_char_tokenizer(path)
+    save_tokenizer(path, TINY_VOCABULARY)
     return path
-
-
-def save_char_tokenizer(path: Path) -> None:
-    """A character-level fast tokenizer over TINY_LLAMA's vocabulary (so mergekit can copy it)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(33, 33 + TINY_LLAMA["vocab_size"] - 3)]
-    vocab = {token: index for index, token in enumerate(alphabet)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(path)
 
 
 def derive_seeds(base: Path, out_dir: Path, count: int, scale: float = 0.02) -> List[Path]:
