@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.recipe import reference_paths
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -42,19 +43,11 @@ def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def local_paths(reference) -> List[str]:
-    """The local folders a mergekit ModelReference points to (model and LoRA), if they exist."""
-    paths = [str(reference.model.path)]
-    if reference.lora is not None:
-        paths.append(str(reference.lora.path))
-    return [p for p in paths if Path(p).is_dir()]
-
-
 def hash_inputs(config) -> Dict[str, Dict[str, str]]:
     """{folder: {weight file name: sha256}} for every local input of a recipe."""
     hashes: Dict[str, Dict[str, str]] = {}
     for reference in sorted(config.referenced_models(), key=str):
-        for folder in local_paths(reference):
+        for folder in [p for p in reference_paths(reference) if Path(p).is_dir()]:
             files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
             hashes[folder] = {f.name: sha256_file(f) for f in files}
     return hashes

@@ -8,12 +8,15 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import click
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
+
+if TYPE_CHECKING:  # importing mergekit.options costs seconds; see LazyGroup
+    from mergekit.options import MergeOptions
 
 
 def fail(message: str) -> None:
@@ -144,7 +147,7 @@ def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwr
 
 
 def _build_run_command() -> click.Command:
-    from mergekit.options import MergeOptions, add_merge_options
+    from mergekit.options import add_merge_options
 
     @click.command("run")
     @click.argument("recipe", type=click.Path(dir_okay=False))

@@ -218,6 +218,14 @@ def _check_output_section(recipe: Recipe, path: str) -> List[str]:
     return []
 
 
+def reference_paths(reference) -> List[str]:
+    """The paths a mergekit ModelReference names: the model, and the LoRA of ``BASE+ADAPTER``."""
+    paths = [str(reference.model.path)]
+    if reference.lora is not None:
+        paths.append(str(reference.lora.path))
+    return paths
+
+
 def _has_adapter_weights(folder: Path) -> bool:
     return (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file()
 
@@ -233,7 +241,7 @@ def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
     problems: List[str] = []
     shapes_by_input: Dict[str, Dict[str, tuple]] = {}
     for reference in config.referenced_models():
-        for folder in [str(reference.model.path)] + ([str(reference.lora.path)] if reference.lora else []):
+        for folder in reference_paths(reference):
             if not Path(folder).exists():
                 if _looks_local(folder):
                     problems.append(f"{path}: model path {folder} does not exist")

@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import run_cli, save_random_lora, save_random_sera, write_recipe
 from mergekit_seed.demo.tiny import derive_seeds, save_tiny_llama
@@ -105,10 +104,6 @@ def test_validate_checks_paths_and_tensor_shapes(tiny_family, tmp_path):
     base, seeds = tiny_family
     result = validate(tmp_path, f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: /nowhere/seed\n")
     assert result.returncode == 1 and "/nowhere/seed does not exist" in result.stderr
-    other = save_tiny_llama(tmp_path / "wider")
-    config = yaml.safe_load((other / "config.json").read_text())
-    import json
-
     from mergekit_seed.demo.tiny import TINY_LLAMA
 
     wider = tmp_path / "wider2"
