@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.recipe import reference_paths
+from mergekit_seed.recipe import is_hub_id, reference_paths
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -43,10 +43,20 @@ def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def hash_inputs(config) -> Dict[str, Dict[str, str]]:
-    """{folder: {weight file name: sha256}} for every local input of a recipe."""
+def merge_inputs(recipe) -> List[Any]:
+    """The model references whose files the merge reads: every referenced model, except the
+    base model of an adapter merge that writes a LoRA adapter (only the adapters are read)."""
+    config = recipe.config
+    references = config.referenced_models()
+    if recipe.is_adapter_recipe and config.output.format == "lora":
+        references = [entry.model for entry in config.models]
+    return references
+
+
+def hash_inputs(references) -> Dict[str, Dict[str, str]]:
+    """{folder: {weight file name: sha256}} for every local folder the references name."""
     hashes: Dict[str, Dict[str, str]] = {}
-    for reference in sorted(config.referenced_models(), key=str):
+    for reference in sorted(references, key=str):
         for folder in [p for p in reference_paths(reference) if Path(p).is_dir()]:
             files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
             hashes[folder] = {f.name: sha256_file(f) for f in files}
@@ -76,13 +86,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _hub_link(path: str) -> str:
+    return f"[{path}](https://huggingface.co/{path})" if is_hub_id(path) else path
+
+
+def reference_md(reference) -> str:
+    """A model reference in markdown, Hub ids linked (``BASE+ADAPTER`` as ``base + adapter``)."""
+    return " + ".join(_hub_link(path) for path in reference_paths(reference))
+
+
 def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_kind: str) -> str:
     """The README.md text for a finished merge."""
-    from mergekit.card import extract_hf_paths, modelref_md
-
     config = recipe.config
     options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
-    inputs = hash_inputs(config)
+    inputs = hash_inputs(merge_inputs(recipe))
+    hub_ids = [path for reference in config.referenced_models() for path in reference_paths(reference) if is_hub_id(path)]
     provenance = {
         "version": package_version("mergekit-seed"),
         "mergekit_version": package_version("mergekit"),
@@ -92,16 +110,16 @@ def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_
         "inputs": inputs,
     }
     metadata = {
-        "base_model": list(extract_hf_paths(config.referenced_models())),
+        "base_model": hub_ids,
         "tags": ["mergekit", "merge", "mergekit-seed"],
         "library_name": "peft" if output_kind == "lora" else "transformers",
         PROVENANCE_KEY: provenance,
     }
     pretty = method.spec.pretty_name or method.spec.name
     paper = getattr(method, "paper", None)
-    base_text = f" using {modelref_md(config.base_model)} as a base" if config.base_model else ""
+    base_text = f" using {reference_md(config.base_model)} as a base" if config.base_model else ""
     if config.base_model and not getattr(method, "needs_base", True):
-        base_text = f" (base model {modelref_md(config.base_model)} listed but not an input: the method needs none)"
+        base_text = f" (base model {reference_md(config.base_model)} listed but not an input: the method needs none)"
     seeds = [m.model for m in config.models or [] if m.model != config.base_model]
     parameter_rows = "\n".join(
         f"| `{name}` | `{json.dumps(value)}` | "
@@ -109,7 +127,7 @@ def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_
         for name, value in provenance["parameters"].items()
     )
     per_model = [
-        f"* {modelref_md(m.model)}: `{json.dumps(_jsonable(m.parameters))}`"
+        f"* {reference_md(m.model)}: `{json.dumps(_jsonable(m.parameters))}`"
         for m in config.models or []
         if m.parameters
     ]
@@ -140,7 +158,7 @@ Paper: *{paper}*.
 
 ### Models Merged
 
-{chr(10).join('* ' + modelref_md(m) for m in seeds)}
+{chr(10).join('* ' + reference_md(m) for m in seeds)}
 
 ### Parameters
 

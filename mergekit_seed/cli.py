@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 import click
+from pydantic import BaseModel, model_validator
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
@@ -29,7 +30,9 @@ class LazyGroup(click.Group):
     """A group whose heavy commands are built on first use.
 
     ``run`` takes mergekit's merge options, and importing ``mergekit.options`` costs seconds
-    (torch, transformers, peft); the other commands should not pay for it.
+    (it imports transformers and peft); the other commands should not pay for it, and neither
+    should an adapter merge that uses only the options of :class:`AdapterRunOptions`: such a
+    ``run`` is parsed by a command that declares just those.
     """
 
     lazy_commands: dict = {}
@@ -41,6 +44,13 @@ class LazyGroup(click.Group):
         if name in self.lazy_commands and name not in self.commands:
             self.add_command(self.lazy_commands[name](), name)
         return super().get_command(context, name)
+
+    def resolve_command(self, context, args):
+        if args and args[0] == "run":
+            command = _build_adapter_run_command()
+            if _parses_as_adapter_run(command, context, args[1:]):
+                return "run", command, args[1:]
+        return super().resolve_command(context, args)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,7 +81,37 @@ def _terminate_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwrite: bool) -> None:
+class AdapterRunOptions(BaseModel, frozen=True):
+    """The mergekit options an adapter merge uses, under mergekit's names and meanings.
+
+    ``random_seed`` is not among them: no adapter merge draws random numbers from the global
+    generators (DARE draws from its own seeded stream per module).
+    """
+
+    cuda: bool = False
+    device: Optional[str] = None
+    quiet: bool = False
+    verbosity: int = 0
+    num_threads: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _default_device(self) -> "AdapterRunOptions":
+        if self.device is None:  # as mergekit: --cuda means the GPU, otherwise the CPU
+            object.__setattr__(self, "device", "cuda" if self.cuda else "cpu")
+        return self
+
+    def apply_global_options(self) -> None:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
+        if self.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.num_threads)
+            torch.set_num_interop_threads(self.num_threads)
+
+
+def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions | AdapterRunOptions", overwrite: bool) -> None:
     """Validate a recipe, merge into a temporary sibling of ``out``, write the model card,
     then rename the folder into place.
 
@@ -96,15 +136,10 @@ def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwr
 
     from mergekit import merge_methods
 
-    from mergekit_seed.adapters.engine import OutputSection
     from mergekit_seed.card import CARD_NAME, render_card
 
     method = merge_methods.get(recipe.config.merge_method)
-    output_kind = (
-        OutputSection.model_validate(recipe.raw.get("output") or {}).format
-        if recipe.is_adapter_recipe
-        else "full"
-    )
+    output_kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
     card = render_card(recipe, method, merge_options.model_dump(exclude_defaults=True), output_kind)
@@ -118,7 +153,6 @@ def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions", overwr
 
             run_adapter_merge(
                 recipe.config,
-                recipe.raw,
                 staging,
                 quiet=merge_options.quiet,
                 echo=click.echo,
@@ -163,6 +197,36 @@ def _build_run_command() -> click.Command:
         run_recipe(recipe, out, merge_options, overwrite)
 
     return run_command
+
+
+def _build_adapter_run_command() -> click.Command:
+    """``run`` for adapter recipes: mergekit's options that adapter merges use, nothing imported."""
+
+    @click.command("run")
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.argument("out", type=click.Path(file_okay=False))
+    @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+    @click.option("--cuda/--no-cuda", default=False, help="Perform matrix arithmetic on GPU")
+    @click.option("--device", default=None, help="Perform matrix arithmetic on specified device")
+    @click.option("--quiet/--no-quiet", default=False, help="Suppress progress bars and other non-essential output")
+    @click.option("-v", "verbosity", count=True, help="Verbose logging (repeat for more verbosity)")
+    @click.option("--num-threads", "-j", type=int, default=None, help="Number of threads to use for parallel CPU operations")
+    def adapter_run_command(recipe: str, out: str, overwrite: bool, **options) -> None:
+        run_recipe(recipe, out, AdapterRunOptions(**options), overwrite)
+
+    return adapter_run_command
+
+
+def _parses_as_adapter_run(command: click.Command, context: click.Context, args: List[str]) -> bool:
+    """Whether ``args`` name an adapter recipe and use only the adapter ``run``'s options."""
+    from mergekit_seed.recipe import is_adapter_recipe_file
+
+    try:
+        parsed, extra, _ = command.make_parser(click.Context(command, parent=context, info_name="run")).parse_args(list(args))
+    except click.UsageError:  # a mergekit option the adapter command does not declare
+        return False
+    recipe = parsed.get("recipe")
+    return not extra and "help" not in parsed and recipe is not None and is_adapter_recipe_file(recipe)
 
 
 LazyGroup.lazy_commands = {"run": _build_run_command}

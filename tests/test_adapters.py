@@ -246,3 +246,61 @@ def test_a_few_sera_steps_lower_the_loss(tmp_path):
     assert losses[-1] < losses[0]
     save_sera(model, tmp_path / "trained", SeraConfig(r=8, split=4, sera_alpha=16))
     assert (tmp_path / "trained" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_run_imports_neither_peft_nor_transformers(adapter_family, tmp_path):
+    """A LoRA-in, LoRA-out merge is parsed by the lean ``run`` and never imports the seconds of
+    transformers/peft that mergekit's configuration and options modules pull in."""
+    import subprocess
+    import sys
+
+    _, base, seeds = adapter_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(recipe_text("seedft", base, seeds[:3]))
+    script = (
+        "import sys\n"
+        "from mergekit_seed.cli import main\n"
+        f"try:\n    main(['run', {str(recipe)!r}, {str(tmp_path / 'out')!r}, '--quiet', '-j', '1'])\n"
+        "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "heavy = ('peft', 'transformers', 'mergekit.common', 'mergekit.config', 'mergekit.options')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_run_with_any_mergekit_option_gives_the_same_adapter(adapter_family, tmp_path):
+    """An option only mergekit's full ``run`` declares takes that command; the merge is the same."""
+    _, base, seeds = adapter_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(recipe_text("seedlora_dm", base, seeds))
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "lean", "--quiet", check=True)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "full", "--quiet", "--random-seed", "3", "--out-shard-size", "1B", check=True)
+    lean, full = load_weights(tmp_path / "lean"), load_weights(tmp_path / "full")
+    assert lean.keys() == full.keys()
+    for name in lean:
+        assert torch.equal(lean[name], full[name]), name
+
+
+def test_filter_conditions_choose_parameters_per_module(adapter_family, tmp_path):
+    """mergekit's ``{filter, value}`` settings apply per adapter module: lambda 0 on q_proj
+    leaves those weights at the base; v_proj gets the lambda-1 merge."""
+    _, base, seeds = adapter_family
+    conditional = tmp_path / "conditional.yml"
+    conditional.write_text(
+        recipe_text("seedlora_dm", base, seeds, {"lambda": "[{filter: q_proj, value: 0.0}, {value: 1.0}]"}, {"format": "full"})
+    )
+    plain = tmp_path / "plain.yml"
+    plain.write_text(recipe_text("seedlora_dm", base, seeds, None, {"format": "full"}))
+    run_cli("mergekit-seed", "run", conditional, tmp_path / "conditional", "--quiet", check=True)
+    run_cli("mergekit-seed", "run", plain, tmp_path / "plain", "--quiet", check=True)
+    base_weights = load_weights(base)
+    result, expected = load_weights(tmp_path / "conditional"), load_weights(tmp_path / "plain")
+    for name in ADAPTED:
+        if "q_proj" in name:
+            torch.testing.assert_close(result[name], base_weights[name])
+        else:
+            torch.testing.assert_close(result[name], expected[name])
+            assert not torch.equal(result[name], base_weights[name])

@@ -78,3 +78,29 @@ def test_bfloat16_inputs_compute_in_float32(deltas, name):
 def test_zero_deltas_merge_to_zero():
     for name, (kernel, _) in KERNELS.items():
         assert torch.count_nonzero(kernel([torch.zeros(5, 3)] * 3)) == 0, name
+
+
+SCALARS = st.one_of(st.floats(-2, 2, allow_nan=False), st.integers(-3, 3), st.booleans())
+FILTERS = st.one_of(st.none(), st.just("*"), st.sampled_from(["q_proj", "mlp", "layers.1", "k_proj"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    setting=st.one_of(
+        SCALARS,
+        st.fixed_dictionaries({"value": SCALARS, "filter": FILTERS}),
+        st.lists(st.fixed_dictionaries({"value": SCALARS, "filter": FILTERS}), min_size=1, max_size=4),
+    ),
+    tensor_name=st.sampled_from(["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]),
+)
+def test_adapter_settings_resolve_as_mergekit_resolves_them(setting, tensor_name):
+    """Adapter recipes resolve parameter settings without mergekit's configuration module;
+    the value must be the one mergekit's own evaluator gives for the parsed setting."""
+    from mergekit.config import ParameterSetting, evaluate_setting as mergekit_evaluate
+    from pydantic import TypeAdapter
+
+    from mergekit_seed.recipe import evaluate_setting
+
+    parsed = TypeAdapter(ParameterSetting).validate_python(setting)
+    expected = mergekit_evaluate(tensor_name, parsed, 0, validate=lambda value: value)
+    assert evaluate_setting(setting, tensor_name) == expected

@@ -177,6 +177,23 @@ def test_adapter_config_missing_a_field_is_refused(adapters, tmp_path):
     refused(run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, seeds), out), "field 'lora_alpha'", out=out)
 
 
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        ("parameters:\n  lambda: [0.5, 1.0]\n", "gradient over layer ranges"),
+        ("parameters:\n  lambda: [{filter: q_proj, value: 0.5, weight: 2}]\n", "keys value and (optionally) filter"),
+        ("slices:\n  - sources: []\n", "slices: not used by adapter merges"),
+    ],
+)
+def test_adapter_recipes_refuse_what_only_full_models_have(adapters, tmp_path, extra, fragment):
+    _, seeds = adapters
+    recipe = adapter_recipe(tmp_path, seeds)
+    recipe.write_text(recipe.read_text() + extra)
+    out = tmp_path / "out"
+    refused(run_cli("mergekit-seed", "run", recipe, out), fragment, out=out)
+    refused(run_cli("mergekit-seed", "validate", recipe), fragment)
+
+
 def test_adapters_for_different_base_models_warn(adapters, tmp_path):
     _, seeds = adapter_copies(adapters, tmp_path)
     config = json.loads((seeds[0] / "adapter_config.json").read_text())

@@ -6,6 +6,10 @@ exactly, and never form an m x n matrix;
 mergekit method object that ``mergekit-yaml`` runs (with a zero base, since a LoRA delta is
 already the task vector; LoRE is translation-equivariant, so running it on the deltas gives
 the merged delta).
+
+Nothing here imports ``mergekit.config``, ``mergekit.common``, transformers or peft (seconds
+of start-up that a LoRA-in, LoRA-out merge does not use); ``output.format: full`` alone
+reaches for mergekit's dtype names.
 """
 
 from __future__ import annotations
@@ -17,23 +21,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from typing_extensions import Literal
 
 from mergekit_seed.adapters.formats import AdapterSeed, read_adapter, write_lora_adapter
 from mergekit_seed.errors import UserError
 from mergekit_seed.linalg import LowRank, compress, factor_dense
+from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting
 
 LOG = logging.getLogger("mergekit_seed")
-
-
-class OutputSection(BaseModel):
-    """The recipe's ``output:`` section (adapter recipes only)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["lora", "full"] = "lora"
-    rank: Optional[int] = Field(None, ge=1)
 
 
 @dataclass
@@ -43,26 +37,26 @@ class ModuleReport:
     kept_energy: float
 
 
-def resolve_module_parameters(method, config, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Global and per-seed parameter values for one module, with mergekit's precedence rules."""
-    from mergekit.parameter_resolver import resolve_parameters
+def resolve_module_parameters(method, config: AdapterMergeConfig, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Global and per-seed parameter values for one module, with mergekit's precedence: a seed's
+    own setting, then the recipe's ``parameters``, then the method's default."""
 
-    models = [entry.model for entry in config.models]
-    per_model = {entry.model: entry.parameters for entry in config.models}
+    def resolve(parameter, scopes) -> Any:
+        for scope in scopes:
+            if scope and parameter.name in scope:
+                value = evaluate_setting(scope[parameter.name], tensor_name)
+                if value is not None:
+                    return parameter.validate(value)
+        if parameter.required:
+            raise UserError(f"{tensor_name}: parameter '{parameter.name}' is not set for this module")
+        return parameter.validate(parameter.default)
 
-    def sources(model):
-        if model is not None:
-            yield per_model.get(model)
-        yield config.parameters
-
-    shared, per_input = resolve_parameters(
-        method.spec,
-        tensor_name=tensor_name,
-        inputs={model: tensor_name for model in models},
-        sources=sources,
-        base_model=None,
-    )
-    return shared, [per_input[model] for model in models]
+    shared = {p.name: resolve(p, [config.parameters]) for p in method.spec.shared_parameters}
+    per_seed = [
+        {p.name: resolve(p, [entry.parameters, config.parameters]) for p in method.spec.input_parameters}
+        for entry in config.models
+    ]
+    return shared, per_seed
 
 
 def merge_module(method, tau: List[LowRank], shared: Dict[str, Any], per_seed: List[Dict[str, Any]], name: str) -> Union[LowRank, torch.Tensor]:
@@ -152,15 +146,14 @@ def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn:
 
 
 def run_adapter_merge(
-    config,
-    raw: Dict[str, Any],
+    config: AdapterMergeConfig,
     out: Path,
     quiet: bool = False,
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = LOG.warning,
     device: str = "cpu",
 ) -> List[ModuleReport]:
-    """Merge the adapter seeds of a parsed recipe into ``out`` (which must not exist yet).
+    """Merge the adapter seeds of an adapter recipe into ``out`` (which must not exist yet).
 
     ``echo`` reports progress (silenced by ``quiet``); ``warn`` reports what is merged anyway
     (different base models, modules missing in some seeds). Each module is merged on
@@ -173,15 +166,15 @@ def run_adapter_merge(
     import mergekit_seed
 
     mergekit_seed.register()
-    output = OutputSection.model_validate(raw.get("output") or {})
+    output = config.output
     report = echo  # results (the kept energy of a truncation) are printed even when quiet
     if quiet:
         echo = lambda _message: None  # noqa: E731
     method = merge_methods.get(config.merge_method)
-    recipe_base = str(config.base_model.model.path) if config.base_model else None
+    recipe_base = config.base_model
     if output.format == "full" and not recipe_base:
         raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
-    seeds = [read_adapter(str(entry.model.model.path)) for entry in config.models]
+    seeds = [read_adapter(entry.model) for entry in config.models]
     base_name = _base_model_name(seeds, recipe_base, warn)
 
     names = sorted(set().union(*(seed.deltas for seed in seeds)))

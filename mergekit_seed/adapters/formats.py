@@ -55,6 +55,7 @@ class AdapterSeed:
 
 
 def is_adapter_folder(path: str | Path) -> bool:
+    """A PEFT LoRA or SeRA adapter folder (it has an ``adapter_config.json``)."""
     return Path(path, CONFIG_NAME).is_file()
 
 
@@ -103,10 +104,10 @@ def _field_error(path: Path, error: ValidationError) -> UserError:
 
 
 def _pattern_value(patterns: Dict, module: str, default):
-    from peft.utils.other import get_pattern_key
-
     if not patterns:
         return default
+    from peft.utils.other import get_pattern_key  # imported only when needed: peft takes seconds to import
+
     key = get_pattern_key(list(patterns), module)
     return patterns.get(key, default)
 
@@ -219,9 +220,12 @@ def write_lora_adapter(
     """Write ``deltas`` as a PEFT LoRA adapter (scaling 1 everywhere); returns the target modules.
 
     Each module keeps its own rank through ``rank_pattern``/``alpha_pattern``; zero-rank
-    deltas are left out.
+    deltas are left out. The ``adapter_config.json`` holds the fields of PEFT's
+    ``LoraConfig`` that define the delta (PEFT fills in its defaults for the rest when it
+    loads the folder); it is written directly because importing peft takes seconds.
     """
-    from peft import LoraConfig
+    from importlib.metadata import PackageNotFoundError, version
+
     from safetensors.torch import save_file
 
     tensors: Dict[str, torch.Tensor] = {}
@@ -243,17 +247,28 @@ def write_lora_adapter(
     if not ranks:
         raise UserError("every merged delta is zero: there is no adapter to write")
     r = max(ranks.values())
-    config = LoraConfig(
-        r=r,
-        lora_alpha=r,
-        target_modules=sorted(ranks),
-        rank_pattern={m: k for m, k in ranks.items() if k != r},
-        alpha_pattern={m: k for m, k in ranks.items() if k != r},
-        base_model_name_or_path=base_model,
-        task_type=task_type,
-        lora_dropout=0.0,
-    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    try:
+        config["peft_version"] = version("peft")
+    except PackageNotFoundError:
+        pass
     folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
     return sorted(ranks)
