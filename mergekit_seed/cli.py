@@ -225,8 +225,8 @@ def _parses_as_adapter_run(command: click.Command, context: click.Context, args:
         parsed, extra, _ = command.make_parser(click.Context(command, parent=context, info_name="run")).parse_args(list(args))
     except click.UsageError:  # a mergekit option the adapter command does not declare
         return False
-    recipe = parsed.get("recipe")
-    return not extra and "help" not in parsed and recipe is not None and is_adapter_recipe_file(recipe)
+    recipe = parsed.get("recipe")  # click leaves a sentinel, not None, for a missing argument
+    return not extra and "help" not in parsed and isinstance(recipe, str) and is_adapter_recipe_file(recipe)
 
 
 LazyGroup.lazy_commands = {"run": _build_run_command}
@@ -389,5 +389,32 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
 
 
+def console_main() -> None:
+    """The ``mergekit-seed`` console script: :func:`main`, then a prompt end of the process.
+
+    Once torch is imported, the interpreter's own teardown (freeing thousands of modules and
+    their objects) takes about 0.4 s on our 2-core machines: a sixth of a small adapter merge.
+    When the command has finished, every output file is closed, so this flushes the standard
+    streams, runs the ``atexit`` handlers (logging's flush among them) and ends the process
+    with the command's exit status. A crash (any exception but a clean exit) is not caught
+    and ends the usual way, with its traceback.
+    """
+    import atexit
+
+    try:
+        main()
+    except SystemExit as exit:
+        code = exit.code
+    else:
+        code = 0
+    if code is not None and not isinstance(code, int):
+        click.echo(code, err=True)  # sys.exit("message") prints the message and exits 1
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -111,3 +111,14 @@ def test_methods_json_lists_parameters_and_defaults():
     assert "Structure-Preserving Fusion" in seedft_entry["paper"]
     defaults = {p["name"]: p["default"] for p in seedft_entry["parameters"]}
     assert defaults == {"lambda": "auto", "rank": None, "rtol": 1e-6}
+
+
+def test_console_script_keeps_exit_status_and_output():
+    """The installed script ends the process itself after the command (see cli.console_main):
+    statuses and printed output must be those of the command."""
+    listed = run_cli("mergekit-seed", "methods", "--json", isolated=True)
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 4
+    helped = run_cli("mergekit-seed", "run", "--help", isolated=True)
+    assert helped.returncode == 0 and "--out-shard-size" in helped.stdout  # mergekit's full option set
+    missing = run_cli("mergekit-seed", "run", isolated=True)
+    assert missing.returncode == 2 and "Missing argument 'RECIPE'" in missing.stderr
