@@ -84,8 +84,9 @@ def _terminate_on_signal(signum, _frame) -> None:
 class AdapterRunOptions(BaseModel, frozen=True):
     """The mergekit options an adapter merge uses, under mergekit's names and meanings.
 
-    ``random_seed`` is not among them: no adapter merge draws random numbers from the global
-    generators (DARE draws from its own seeded stream per module).
+    ``random_seed`` seeds the global generators as mergekit does (through transformers'
+    ``set_seed``: Python's, numpy's and torch's): DARE fusion without its own ``seed`` draws
+    from them.
     """
 
     cuda: bool = False
@@ -93,6 +94,7 @@ class AdapterRunOptions(BaseModel, frozen=True):
     quiet: bool = False
     verbosity: int = 0
     num_threads: Optional[int] = None
+    random_seed: Optional[int] = None
 
     @model_validator(mode="after")
     def _default_device(self) -> "AdapterRunOptions":
@@ -104,9 +106,17 @@ class AdapterRunOptions(BaseModel, frozen=True):
         import logging
 
         logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
-        if self.num_threads is not None:
-            import torch
+        import torch
 
+        if self.random_seed is not None:
+            import random
+
+            import numpy
+
+            random.seed(self.random_seed)
+            numpy.random.seed(self.random_seed)
+            torch.manual_seed(self.random_seed)  # every device's generator
+        if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
             torch.set_num_interop_threads(self.num_threads)
 
@@ -211,6 +221,7 @@ def _build_adapter_run_command() -> click.Command:
     @click.option("--quiet/--no-quiet", default=False, help="Suppress progress bars and other non-essential output")
     @click.option("-v", "verbosity", count=True, help="Verbose logging (repeat for more verbosity)")
     @click.option("--num-threads", "-j", type=int, default=None, help="Number of threads to use for parallel CPU operations")
+    @click.option("--random-seed", type=int, default=None, help="Seed for reproducible use of randomized merge methods")
     def adapter_run_command(recipe: str, out: str, overwrite: bool, **options) -> None:
         run_recipe(recipe, out, AdapterRunOptions(**options), overwrite)
 

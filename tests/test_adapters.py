@@ -272,16 +272,19 @@ def test_adapter_run_imports_neither_peft_nor_transformers(adapter_family, tmp_p
 
 
 def test_adapter_run_with_any_mergekit_option_gives_the_same_adapter(adapter_family, tmp_path):
-    """An option only mergekit's full ``run`` declares takes that command; the merge is the same."""
+    """An option only mergekit's full ``run`` declares (``--lazy-unpickle``) takes that command;
+    the merge is bitwise the same, ``--random-seed`` included (DARE draws from the global RNG)."""
     _, base, seeds = adapter_family
     recipe = tmp_path / "r.yml"
-    recipe.write_text(recipe_text("seedlora_dm", base, seeds))
-    run_cli("mergekit-seed", "run", recipe, tmp_path / "lean", "--quiet", check=True)
-    run_cli("mergekit-seed", "run", recipe, tmp_path / "full", "--quiet", "--random-seed", "3", "--out-shard-size", "1B", check=True)
-    lean, full = load_weights(tmp_path / "lean"), load_weights(tmp_path / "full")
+    recipe.write_text(recipe_text("seedlora_twostage", base, seeds, {"fusion": "dare", "energy": 1.0}))
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "lean", "--quiet", "--random-seed", "3", check=True)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "full", "--quiet", "--random-seed", "3", "--lazy-unpickle", check=True)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "other", "--quiet", "--random-seed", "4", check=True)
+    lean, full, other = (load_weights(tmp_path / name) for name in ("lean", "full", "other"))
     assert lean.keys() == full.keys()
     for name in lean:
         assert torch.equal(lean[name], full[name]), name
+    assert any(not torch.equal(lean[name], other[name]) for name in lean)
 
 
 def test_filter_conditions_choose_parameters_per_module(adapter_family, tmp_path):
