@@ -47,10 +47,9 @@ def merge_inputs(recipe) -> List[Any]:
     """The model references whose files the merge reads: every referenced model, except the
     base model of an adapter merge that writes a LoRA adapter (only the adapters are read)."""
     config = recipe.config
-    references = config.referenced_models()
     if recipe.is_adapter_recipe and config.output.format == "lora":
-        references = [entry.model for entry in config.models]
-    return references
+        return [entry.model for entry in config.models]
+    return config.referenced_models()
 
 
 def hash_inputs(references) -> Dict[str, Dict[str, str]]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
+
 
 class OutputSection(BaseModel):
     """The recipe's ``output:`` section (adapter recipes only)."""
@@ -133,7 +134,8 @@ def names_adapters(data: Dict[str, Any]) -> bool:
     )
 
 
-def _read_mapping(path: str) -> tuple:
+def _read_mapping(path: str) -> Tuple[str, Dict[str, Any]]:
+    """The recipe's text and its YAML mapping (safe loader); a :class:`UserError` otherwise."""
     try:
         source = Path(path).read_text(encoding="utf-8")
     except OSError as error:
@@ -171,7 +173,8 @@ def load_recipe(path: str) -> Recipe:
     except ValidationError as error:
         location, message = first_validation_problem(error)
         if message == "Extra inputs are not permitted":
-            message = "not used by adapter merges (they change only the adapters' modules)"
+            top_level = "." not in location  # slices, tokenizer, ...: mergekit's full-model fields
+            message = "not used by adapter merges (they change only the adapters' modules)" if top_level else "unknown field"
         raise UserError(f"{path}: {location}: {message}" if location else f"{path}: {message}") from None
     except (RuntimeError, ValueError) as error:  # mergekit's validators raise RuntimeError
         raise UserError(f"{path}: {str(error).splitlines()[0]}") from None

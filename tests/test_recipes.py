@@ -93,6 +93,7 @@ parameters:
         ("merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  rank: two\n", "'rank'"),
         ("merge_method: lore\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  mu: 1\n  mu_relative: 0.1\n", "exclude each other"),
         ("merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  format: zip\n", "output.format"),
+        ("merge_method: seedft\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  fromat: lora\n", "output.fromat: unknown field"),
     ],
 )
 def test_broken_recipes_are_refused_by_name(tmp_path, text, fragment):
