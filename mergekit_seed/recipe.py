@@ -97,7 +97,7 @@ def _setting_form_problem(setting: Any) -> Optional[str]:
 
 @dataclass
 class Recipe:
-    """A parsed recipe: its configuration, the YAML text and the raw mapping.
+    """A parsed recipe: its configuration and the YAML text.
 
     ``config`` is mergekit's ``MergeConfiguration``, or an :class:`AdapterMergeConfig` when
     the models are adapter folders (on disk, or on the Hub when an ``output:`` section says so).
@@ -105,7 +105,6 @@ class Recipe:
 
     config: Any
     source: str
-    raw: Dict[str, Any]
 
     @property
     def is_adapter_recipe(self) -> bool:
@@ -178,7 +177,7 @@ def load_recipe(path: str) -> Recipe:
         raise UserError(f"{path}: {location}: {message}" if location else f"{path}: {message}") from None
     except (RuntimeError, ValueError) as error:  # mergekit's validators raise RuntimeError
         raise UserError(f"{path}: {str(error).splitlines()[0]}") from None
-    return Recipe(config=config, source=source, raw=data)
+    return Recipe(config=config, source=source)
 
 
 def _scalar_leaves(setting: Any) -> Iterable[Any]:
