@@ -8,7 +8,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import click
 from pydantic import BaseModel, model_validator
@@ -96,11 +96,12 @@ class AdapterRunOptions(BaseModel, frozen=True):
     num_threads: Optional[int] = None
     random_seed: Optional[int] = None
 
-    @model_validator(mode="after")
-    def _default_device(self) -> "AdapterRunOptions":
-        if self.device is None:  # as mergekit: --cuda means the GPU, otherwise the CPU
-            object.__setattr__(self, "device", "cuda" if self.cuda else "cpu")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _default_device(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("device") is None:  # as mergekit: --cuda means the GPU
+            values = {**values, "device": "cuda" if values.get("cuda") else "cpu"}
+        return values
 
     def apply_global_options(self) -> None:
         import logging
