@@ -365,12 +365,15 @@ def low_rank_moments(delta: LowRank):
     return mean, variance.sqrt()
 
 
-def _truncate(U, S, V, rtol: float, max_rank: Optional[int]):
-    """Keep the singular triplets above ``rtol`` times the largest (at most ``max_rank``);
-    also return the kept share of the energy sum(S^2)."""
+def _truncate(U, S, V, rtol: float, max_rank: Optional[int], energy: Optional[float] = None):
+    """Keep the singular triplets above ``rtol`` times the largest, at most ``max_rank`` and,
+    with ``energy``, at most the smallest rank keeping that share of sum(S^2); also return
+    the kept share of the energy."""
     rank = _numerical_rank(S, rtol)
     if max_rank is not None:
         rank = min(rank, max_rank)
+    if energy is not None:
+        rank = min(rank, rank_for_energy(S, energy))
     total = (S.to(DECOMPOSITION_DTYPE) ** 2).sum()
     kept = ((S[:rank].to(DECOMPOSITION_DTYPE) ** 2).sum() / total).item() if total > 0 else 1.0
     return U[:, :rank], S[:rank], V[:, :rank], kept
@@ -381,10 +384,11 @@ def _balanced_pair(U, S, V, dtype: torch.dtype) -> LowRank:
     return LowRank((U * root).to(dtype), (root[:, None] * V.T).to(dtype))
 
 
-def factored_svd(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None):
+def factored_svd(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None, energy: Optional[float] = None):
     """SVD ``U S V^T`` of ``left @ right`` through QR of both factors and an SVD of the k x k core.
 
-    Keeps singular values above ``rtol`` times the largest, at most ``max_rank``. Returns
+    Keeps singular values above ``rtol`` times the largest, at most ``max_rank`` (and at most
+    the rank keeping ``energy`` of ||delta||_F^2, when given). Returns
     float64 ``U (m, r), S (r,), V (n, r)`` and the kept share of ||delta||_F^2. Cost
     O((m + n) k^2 + k^3); no m x n matrix is formed.
     """
@@ -392,13 +396,14 @@ def factored_svd(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = N
     Q_left, T_left = torch.linalg.qr(left)
     Q_right, T_right = torch.linalg.qr(right.T)
     core_U, S, core_Vh = torch.linalg.svd(T_left @ T_right.T)
-    return _truncate(Q_left @ core_U, S, Q_right @ core_Vh.T, rtol, max_rank)
+    return _truncate(Q_left @ core_U, S, Q_right @ core_Vh.T, rtol, max_rank, energy)
 
 
-def compress(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None):
-    """Re-factor ``delta`` to its numerical rank (or ``max_rank``), balanced as
-    ``(U sqrt(S), sqrt(S) V^T)``; returns the new pair and the kept energy share."""
-    U, S, V, kept = factored_svd(delta, rtol, max_rank)
+def compress(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None, energy: Optional[float] = None):
+    """Re-factor ``delta`` to its numerical rank (or ``max_rank``, or the rank keeping
+    ``energy``), balanced as ``(U sqrt(S), sqrt(S) V^T)``; returns the new pair and the kept
+    energy share."""
+    U, S, V, kept = factored_svd(delta, rtol, max_rank, energy)
     return _balanced_pair(U, S, V, delta.left.dtype), kept
 
 
@@ -435,9 +440,10 @@ def factored_column_block_svd(
     return Q @ core_U[:, :rank], S[:rank], V_blocks
 
 
-def factor_dense(matrix: torch.Tensor, rtol: float = 1e-6, max_rank: Optional[int] = None):
+def factor_dense(matrix: torch.Tensor, rtol: float = 1e-6, max_rank: Optional[int] = None, energy: Optional[float] = None):
     """Factor a dense (m, n) delta as a balanced pair ``(U sqrt(S), sqrt(S) V^T)`` of its
-    numerical rank (or ``max_rank``); returns the pair and the kept energy share."""
+    numerical rank (or ``max_rank``, or the rank keeping ``energy``); returns the pair and
+    the kept energy share."""
     U, S, Vh = torch.linalg.svd(matrix.to(DECOMPOSITION_DTYPE), full_matrices=False)
-    U, S, V, kept = _truncate(U, S, Vh.T, rtol, max_rank)
+    U, S, V, kept = _truncate(U, S, Vh.T, rtol, max_rank, energy)
     return _balanced_pair(U, S, V, matrix.dtype), kept

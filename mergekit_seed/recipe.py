@@ -16,22 +16,44 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from typing_extensions import Literal
+from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 
 
 class OutputSection(BaseModel):
-    """The recipe's ``output:`` section (adapter recipes only)."""
+    """The recipe's ``output:`` section (adapter recipes only).
+
+    ``rank``: null writes each module exactly (its numerical rank); an int caps every module
+    at that rank; ``auto`` keeps, per module, the smallest rank holding ``energy`` of the
+    merged delta's squared Frobenius norm, at most the break-even rank m n / (m + n) (where
+    the factors would outgrow the dense matrix).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["lora", "full"] = "lora"
-    rank: Optional[int] = Field(None, ge=1)
+    rank: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto"]]] = None
+    energy: float = Field(0.99, gt=0, le=1)
+
+
+# the dtype names mergekit.common.dtype_from_name accepts (that module imports peft and
+# transformers, which an adapter merge otherwise never needs)
+DtypeName = Literal["bfloat16", "float16", "float32", "float64", "int64",
+                    "torch.bfloat16", "torch.float16", "torch.float32", "torch.float64", "torch.int64"]
+
+
+def torch_dtype(name: Optional[str]):
+    """The torch dtype a recipe's ``dtype``/``out_dtype`` names (None for None)."""
+    if not name:
+        return None
+    import torch
+
+    return getattr(torch, name.removeprefix("torch."))
 
 
 class AdapterInput(BaseModel):
@@ -58,8 +80,8 @@ class AdapterMergeConfig(BaseModel):
     models: List[AdapterInput] = Field(min_length=1)
     base_model: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
+    dtype: Optional[DtypeName] = None
+    out_dtype: Optional[DtypeName] = None
     output: OutputSection = Field(default_factory=OutputSection)
 
     def referenced_models(self) -> List[str]:
@@ -366,7 +388,7 @@ def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
                 from mergekit_seed.adapters.formats import read_adapter
 
                 seed = read_adapter(folder)
-                shapes_by_input[str(folder)] = {name: tuple(d.shape) for name, d in seed.deltas.items()}
+                shapes_by_input[str(folder)] = seed.shapes()
             elif not recipe.is_adapter_recipe:
                 from mergekit_seed.weights import safetensors_shapes
 

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mergekit_seed.adapters.formats import AdapterSeed, read_adapter, write_lora_adapter
+from mergekit_seed.adapters.base_model import BaseWeights, has_conv1d_layers
+from mergekit_seed.adapters.formats import AdapterSeed, MergedAdapter, TokenRows, read_adapter, write_lora_adapter
 from mergekit_seed.errors import UserError
 from mergekit_seed.linalg import LowRank, compress, factor_dense
-from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting
+from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -35,6 +38,52 @@ class ModuleReport:
     name: str
     rank: int
     kept_energy: float
+    shape: Tuple[int, int] = (0, 0)
+
+    @property
+    def larger_than_dense(self) -> bool:
+        """Whether the factors hold more numbers than the dense (m, n) matrix: r (m + n) > m n."""
+        m, n = self.shape
+        return self.rank * (m + n) > m * n
+
+
+def _factor(merged: Union[LowRank, torch.Tensor], output) -> Tuple[LowRank, float]:
+    """The LoRA pair written for a merged 2-D delta, and the share of its energy kept.
+
+    ``output.rank`` null: the numerical rank (exact); an int: at most that rank; ``auto``: the
+    smallest rank keeping ``output.energy``, at most the break-even rank m n / (m + n).
+    """
+    m, n = merged.shape
+    if output.rank == "auto":
+        max_rank, energy = max(1, (m * n) // (m + n)), output.energy
+    else:
+        max_rank, energy = output.rank, None
+    if isinstance(merged, LowRank):
+        return compress(merged, max_rank=max_rank, energy=energy)
+    return factor_dense(merged, max_rank=max_rank, energy=energy)
+
+
+def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    if not modules:
+        return
+    if output.rank is not None:
+        lowest = min(modules, key=lambda module: module.kept_energy)
+        report(
+            f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
+            f"to {max(m.kept_energy for m in modules):.4f}"
+        )
+        for module in modules:
+            LOG.info("%s: rank %d, kept energy %.6f", module.name, module.rank, module.kept_energy)
+        return
+    larger = [module for module in modules if module.larger_than_dense]
+    if larger:
+        factors = sum(module.rank * sum(module.shape) for module in larger)
+        dense = sum(module.shape[0] * module.shape[1] for module in larger)
+        warn(
+            f"{len(larger)} of {len(modules)} LoRA modules (e.g. {larger[0].name}) are stored exactly at a rank whose "
+            f"factors hold more numbers than the dense weights ({factors:,} vs {dense:,}); set output.rank: auto "
+            f"(keeps output.energy of each module, at most the break-even rank) or use output.format: full"
+        )
 
 
 def resolve_module_parameters(method, config: AdapterMergeConfig, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
@@ -59,21 +108,35 @@ def resolve_module_parameters(method, config: AdapterMergeConfig, tensor_name: s
     return shared, per_seed
 
 
-def merge_module(method, tau: List[LowRank], shared: Dict[str, Any], per_seed: List[Dict[str, Any]], name: str) -> Union[LowRank, torch.Tensor]:
-    """The merged delta of one module: a factor pair (methods exact on factors) or a dense matrix."""
+def merge_module(
+    method,
+    tau: Sequence[Union[LowRank, torch.Tensor]],
+    shared: Dict[str, Any],
+    per_seed: List[Dict[str, Any]],
+    name: str,
+    base: Optional[torch.Tensor] = None,
+) -> Union[LowRank, torch.Tensor]:
+    """Merge one tensor: a factor pair (all seeds low-rank, method exact on factors) or a dense result.
+
+    ``tau`` are the seeds' deltas, or (with ``base``) their full values: then the method runs
+    on (base, values) exactly as mergekit runs it on checkpoints and returns the merged value.
+    Without ``base`` a dense delta is merged with a zero base (a delta is already the task
+    vector; LoRE is translation-equivariant) and the merged delta is returned.
+    """
     problems = method.parameter_problems(shared, len(tau))
     if problems:
         raise UserError(problems[0])
-    if method.factored_kernel is not None:
-        merged = method.factored_kernel(tau, shared, per_seed)
+    if base is None and method.factored_kernel is not None and all(isinstance(t, LowRank) for t in tau):
+        merged = method.factored_kernel(list(tau), shared, per_seed)
         scale = method.resolve_lambda(shared["lambda"], len(tau))
         return LowRank(scale * merged.left, merged.right)
 
     from mergekit.merge_methods.base import TensorGroup
 
-    dense = [pair.dense() for pair in tau]
+    dense = [t.dense() if isinstance(t, LowRank) else t for t in tau]
     if method.needs_base:
-        group = TensorGroup.from_tensors([torch.zeros_like(dense[0])] + dense, base_index=0, name=name)
+        reference = torch.zeros_like(dense[0]) if base is None else base.to(dense[0])
+        group = TensorGroup.from_tensors([reference] + dense, base_index=0, name=name)
         seed_ids = list(range(1, len(dense) + 1))
     else:
         group = TensorGroup.from_tensors(dense, name=name)
@@ -86,54 +149,43 @@ def merge_module(method, tau: List[LowRank], shared: Dict[str, Any], per_seed: L
     return result
 
 
-def _load_base_files(base: str) -> Path:
-    folder = Path(base)
-    if folder.is_dir():
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as error:
-        raise UserError(f"base_model {base}: not a local folder and not downloadable ({str(error).splitlines()[0]})") from None
-
-
-def write_full_model(out: Path, base: str, deltas: Dict[str, torch.Tensor], dtype: Optional[str]) -> None:
-    """Copy the base model's files to ``out`` with each delta added to its weight."""
+def write_full_model(
+    out: Path,
+    base: BaseWeights,
+    deltas: Dict[str, torch.Tensor],
+    values: Dict[str, torch.Tensor],
+    dtype: Optional[torch.dtype],
+) -> None:
+    """Copy the base model's files to ``out`` with each delta added to its tensor and each
+    merged value of a tensor saved whole put in place of the base's."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mergekit.common import dtype_from_name
-
-    folder = _load_base_files(base)
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise UserError(f"base_model {base}: no .safetensors weights found")
     out.mkdir(parents=True, exist_ok=True)
-    for file in folder.iterdir():
+    for file in base.folder.iterdir():
         if file.is_file() and file.suffix != ".safetensors" and not file.name.startswith("README"):
             shutil.copy2(file, out / file.name)
-    target_dtype = dtype_from_name(dtype) if dtype else None
-    remaining = set(deltas)
-    for shard in shards:
+    remaining = set(deltas) | set(values)
+    for shard in base.shards:
         tensors = {}
         with safe_open(shard, framework="pt") as reader:
             for name in reader.keys():
                 tensor = reader.get_tensor(name)
-                if name in deltas:
-                    base_weight = tensor.float()
-                    if base_weight.shape != deltas[name].shape:
+                if name in deltas or name in values:
+                    change = deltas.get(name, values.get(name))
+                    if tensor.shape != change.shape:
                         raise UserError(
-                            f"{name}: the adapters' delta has shape {tuple(deltas[name].shape)} but the base weight has {tuple(base_weight.shape)}"
+                            f"{name}: the adapters' tensor has shape {tuple(change.shape)} but the base's has {tuple(tensor.shape)}"
                         )
-                    tensor = (base_weight + deltas[name].float()).to(tensor.dtype)
+                    merged = tensor.float() + change.float() if name in deltas else change
+                    tensor = merged.to(tensor.dtype)
                     remaining.discard(name)
-                if target_dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(target_dtype)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
                 tensors[name] = tensor.contiguous()
         save_file(tensors, out / shard.name, metadata={"format": "pt"})
     if remaining:
-        raise UserError(f"base_model {base}: has no weight {sorted(remaining)[0]} that the adapters change")
+        raise UserError(f"base_model {base.reference}: has no tensor {sorted(remaining)[0]} that the adapters change")
 
 
 def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
@@ -143,6 +195,120 @@ def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn:
     if recipe_base:
         return recipe_base
     return sorted(names)[0] if names else None
+
+
+def _why_base_is_needed(seeds: List[AdapterSeed], method, output_format: str, base_name: Optional[str]) -> Optional[str]:
+    """Why this merge reads the base model's weights, or None when the adapters suffice."""
+    if output_format == "full":
+        return "output.format: full"
+    if has_conv1d_layers(base_name):
+        return f"base_model {base_name} has Conv1D layers (their deltas are stored (in, out))"
+    for seed in seeds:
+        if seed.fan_in_fan_out:
+            return f"{seed.path} is fan_in_fan_out (Conv1D layers)"
+        if seed.token_rows:
+            return f"{seed.path} has trainable tokens (their delta is taken from the base's rows)"
+    for name in sorted(set().union(*(seed.whole for seed in seeds))):
+        if method.needs_base or not _TensorInputs(seeds, name, None).whole_everywhere():
+            return f"{name} is saved whole by the adapters (its delta is taken from the base's)"
+    return None
+
+
+def _open_base(base_name: Optional[str], why: str) -> BaseWeights:
+    if not base_name:
+        raise UserError(f"{why}: this merge needs the base model's weights; set base_model: in the recipe")
+    try:
+        return BaseWeights(base_name)
+    except UserError as error:
+        raise UserError(f"{why}: this merge needs the base model's weights, and {error}") from None
+
+
+def _one_hot_rows(indices: List[int], rows: int) -> torch.Tensor:
+    """The (rows, k) selector whose column j is the unit vector of row ``indices[j]``."""
+    selector = torch.zeros(rows, len(indices))
+    selector[torch.tensor(indices, dtype=torch.long), torch.arange(len(indices))] = 1.0
+    return selector
+
+
+class _TensorInputs:
+    """The seeds' inputs for one base tensor, by role."""
+
+    def __init__(self, seeds: List[AdapterSeed], name: str, base: Optional[BaseWeights]):
+        self.name = name
+        self.seeds = seeds
+        self.base = base
+        self.whole = any(name in seed.whole for seed in seeds)
+        self.dense = any(name in seed.bias_deltas for seed in seeds)
+
+    def whole_everywhere(self) -> bool:
+        """Every seed saves this tensor whole and nothing else changes it (no base value needed
+        by a base-free method)."""
+        return all(
+            self.name in seed.whole and self.name not in seed.deltas and self.name not in seed.bias_deltas
+            for seed in self.seeds
+        )
+
+    def shape(self) -> tuple:
+        shapes = {tuple(seed.shapes()[self.name]) for seed in self.seeds if self.name in seed.shapes()}
+        shapes |= {
+            (self.base_shape[0], seed.token_rows[self.name].values.shape[1])
+            for seed in self.seeds
+            if self.name in seed.token_rows
+        }
+        if len(shapes) > 1:
+            raise UserError(f"{self.name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base model")
+        return shapes.pop()
+
+    @cached_property
+    def base_shape(self) -> tuple:
+        return tuple(self.base.tensor(self.name, "the trainable tokens replace rows of").shape)
+
+    def delta(self, seed: AdapterSeed, shape: tuple) -> Union[LowRank, torch.Tensor, None]:
+        """The seed's delta from the base (None when the seed does not change this tensor)."""
+        name = self.name
+        parts: List[Union[LowRank, torch.Tensor]] = []
+        if name in seed.deltas:
+            parts.append(seed.deltas[name])
+        if name in seed.token_rows:
+            rows = seed.token_rows[name]
+            base_rows = self.base.rows(name, rows.indices, "the trainable tokens replace rows of")
+            parts.append(LowRank(_one_hot_rows(rows.indices, shape[0]), rows.values - base_rows))
+        if name in seed.bias_deltas:
+            parts.append(seed.bias_deltas[name])
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return sum(p.dense() if isinstance(p, LowRank) else p for p in parts)
+
+    def value(self, seed: AdapterSeed, base_value: Optional[torch.Tensor], shape: tuple) -> torch.Tensor:
+        """The seed's full value of a tensor some seed saves whole."""
+        delta = self.delta(seed, shape)
+        start = seed.whole.get(self.name, base_value)
+        if delta is None:
+            return start
+        return start + (delta.dense() if isinstance(delta, LowRank) else delta)
+
+
+def _confined_rows(merged: Union[LowRank, torch.Tensor], rows: List[int], rtol: float = 1e-6) -> bool:
+    """Whether a merged (m, n) delta is zero outside ``rows`` (relative to its norm)."""
+    outside = torch.ones(merged.shape[0], dtype=torch.bool)
+    outside[torch.tensor(rows, dtype=torch.long)] = False
+    if isinstance(merged, LowRank):
+        left, right = merged.left.double(), merged.right.double()
+        gram_right = right @ right.T
+        total = ((left.T @ left) * gram_right).sum()
+        rest = ((left[outside].T @ left[outside]) * gram_right).sum()
+    else:
+        total, rest = merged.double().pow(2).sum(), merged[outside].double().pow(2).sum()
+    return bool(rest <= (rtol**2) * total)
+
+
+def _merged_rows(merged: Union[LowRank, torch.Tensor], rows: List[int]) -> torch.Tensor:
+    index = torch.tensor(rows, dtype=torch.long)
+    if isinstance(merged, LowRank):
+        return merged.left[index] @ merged.right
+    return merged[index]
 
 
 def run_adapter_merge(
@@ -155,8 +321,11 @@ def run_adapter_merge(
 ) -> List[ModuleReport]:
     """Merge the adapter seeds of an adapter recipe into ``out`` (which must not exist yet).
 
+    Every tensor of every adapter file is merged: low-rank deltas, ``lora_bias`` deltas,
+    trainable-token rows and tensors saved whole, each as the checkpoint route (PEFT's
+    ``merge_and_unload`` per seed, then the method) would merge the tensor it changes.
     ``echo`` reports progress (silenced by ``quiet``); ``warn`` reports what is merged anyway
-    (different base models, modules missing in some seeds). Each module is merged on
+    (different base models, tensors missing in some seeds). Each tensor is merged on
     ``device`` (mergekit's ``--device``/``--cuda``) and brought back to the CPU for writing.
     """
     from tqdm import tqdm
@@ -171,53 +340,87 @@ def run_adapter_merge(
     if quiet:
         echo = lambda _message: None  # noqa: E731
     method = merge_methods.get(config.merge_method)
-    recipe_base = config.base_model
-    if output.format == "full" and not recipe_base:
+    if output.format == "full" and not config.base_model:
         raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
     seeds = [read_adapter(entry.model) for entry in config.models]
-    base_name = _base_model_name(seeds, recipe_base, warn)
+    base_name = _base_model_name(seeds, config.base_model, warn)
+    why = _why_base_is_needed(seeds, method, output.format, base_name)
+    base = _open_base(base_name, why) if why else None
+    if any(seed.fan_in_fan_out for seed in seeds) or has_conv1d_layers(base_name):
+        conv1d = base.conv1d_weights()
+        seeds = [seed.in_base_layout(conv1d) for seed in seeds]
+    out_dtype = torch_dtype(config.out_dtype or config.dtype)
 
-    names = sorted(set().union(*(seed.deltas for seed in seeds)))
-    module_kinds: Dict[str, str] = {}
+    names = sorted(set().union(*(seed.tensor_names() for seed in seeds)))
+    merged_adapter = MergedAdapter(
+        modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
+        token_indices_by_module=any(seed.token_indices_by_module for seed in seeds),
+    )
     for seed in seeds:
-        module_kinds.update(seed.module_kinds)
-    merged_pairs: Dict[str, LowRank] = {}
-    merged_dense: Dict[str, torch.Tensor] = {}
+        merged_adapter.module_kinds.update(seed.module_kinds)
+    full_deltas: Dict[str, torch.Tensor] = {}
+    full_values: Dict[str, torch.Tensor] = {}
     modules: List[ModuleReport] = []
-    for name in tqdm(names, desc="Merging modules", disable=quiet):
-        shapes = {tuple(seed.deltas[name].shape) for seed in seeds if name in seed.deltas}
-        if len(shapes) > 1:
-            raise UserError(f"{name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base model")
-        missing = [str(seed.path) for seed in seeds if name not in seed.deltas]
-        if missing:
-            warn(f"{name}: missing in {', '.join(missing)}; counted as a zero delta there")
-        shape = shapes.pop()
-        tau = [(seed.deltas.get(name) or LowRank.zeros(shape)).to(device) for seed in seeds]
+    progress = tqdm(names, desc="Merging tensors", disable=quiet)
+
+    def say(message: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
+            warn(message)
+
+    for name in progress:
+        inputs = _TensorInputs(seeds, name, base)
+        shape = inputs.shape()
         shared, per_seed = resolve_module_parameters(method, config, name)
-        merged = merge_module(method, tau, shared, per_seed, name)
-        if output.format == "full":
-            merged_dense[name] = (merged.dense() if isinstance(merged, LowRank) else merged).cpu()
+        changed_by = [seed for seed in seeds if name in seed.tensor_names()]
+        if len(changed_by) < len(seeds):
+            missing = ", ".join(str(seed.path) for seed in seeds if seed not in changed_by)
+            what = "the base's value" if inputs.whole else "a zero delta"
+            say(f"{name}: missing in {missing}; counted as {what} there")
+        if inputs.whole:
+            needs_base_value = method.needs_base or not inputs.whole_everywhere()
+            base_value = base.tensor(name, "the adapters save whole") if needs_base_value else None
+            values = [inputs.value(seed, base_value, shape).to(device) for seed in seeds]
+            merged_value = merge_module(method, values, shared, per_seed, name, base=base_value).cpu()
+            if output.format == "full":
+                full_values[name] = merged_value
+            else:
+                merged_adapter.whole[name] = merged_value
             continue
-        if isinstance(merged, LowRank):
-            pair, kept = compress(merged, max_rank=output.rank)
+        tau = [inputs.delta(seed, shape) for seed in seeds]
+        tau = [(LowRank.zeros(shape) if t is None and len(shape) == 2 else torch.zeros(shape) if t is None else t) for t in tau]
+        tau = [t.to(device) for t in tau]
+        merged = merge_module(method, tau, shared, per_seed, name)
+        merged = merged.to("cpu")
+        if output.format == "full":
+            full_deltas[name] = merged.dense() if isinstance(merged, LowRank) else merged
+        elif inputs.dense:
+            merged_adapter.bias_deltas[name] = merged
+        elif any(name in seed.token_rows for seed in seeds):
+            if any(name in seed.deltas for seed in seeds):
+                raise UserError(
+                    f"{name}: some seeds train tokens of it and others a LoRA; PEFT has no adapter for "
+                    "both at once: merge with output.format: full"
+                )
+            rows = sorted(set().union(*(seed.token_rows[name].indices for seed in seeds if name in seed.token_rows)))
+            if not _confined_rows(merged, rows):
+                raise UserError(
+                    f"{name}: the merged delta changes rows beyond the trainable tokens "
+                    f"({config.merge_method} spreads it over the whole matrix); merge with output.format: full"
+                )
+            base_rows = base.rows(name, rows, "the trainable tokens replace rows of")
+            merged_adapter.token_rows[name] = TokenRows(rows, base_rows + _merged_rows(merged, rows))
         else:
-            pair, kept = factor_dense(merged, max_rank=output.rank)
-        merged_pairs[name] = pair.to("cpu")
-        modules.append(ModuleReport(name, pair.rank, kept))
+            pair, kept = _factor(merged, output)
+            merged_adapter.pairs[name] = pair
+            modules.append(ModuleReport(name, pair.rank, kept, tuple(shape)))
+    progress.close()
 
     if output.format == "full":
-        write_full_model(out, recipe_base, merged_dense, config.out_dtype or config.dtype)
-        echo(f"wrote a full model with {len(merged_dense)} merged modules")
+        write_full_model(out, base, full_deltas, full_values, out_dtype)
+        echo(f"wrote a full model with {len(full_deltas) + len(full_values)} merged tensors")
         return modules
     task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
-    write_lora_adapter(out, merged_pairs, module_kinds, base_name, task_type)
-    if output.rank is not None:
-        lowest = min(modules, key=lambda module: module.kept_energy)
-        report(
-            f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
-            f"to {max(m.kept_energy for m in modules):.4f}"
-        )
-        for module in modules:
-            LOG.info("%s: rank %d, kept energy %.6f", module.name, module.rank, module.kept_energy)
-    echo(f"wrote a LoRA adapter with {len(merged_pairs)} modules")
+    write_lora_adapter(out, merged_adapter, base_name, task_type, out_dtype)
+    _report_ranks(modules, output, report, warn)
+    echo(f"wrote a LoRA adapter with {len(merged_adapter.pairs)} LoRA modules, {len(merged_adapter.whole)} tensors saved whole")
     return modules

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.linalg import LowRank
@@ -22,11 +23,11 @@ from mergekit_seed.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, 
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-LINEAR, EMBEDDING = "linear", "embedding"
+LINEAR, EMBEDDING, CONV1D = "linear", "embedding", "conv1d"
 
 
 class LoraFolderConfig(BaseModel):
-    """The fields of a PEFT LoRA ``adapter_config.json`` that define its delta."""
+    """The fields of a PEFT LoRA ``adapter_config.json`` that define what its tensors mean."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -40,11 +41,34 @@ class LoraFolderConfig(BaseModel):
     alpha_pattern: Dict[str, float] = Field(default_factory=dict)
     base_model_name_or_path: Optional[str] = None
     task_type: Optional[str] = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
+    modules_to_save: Optional[List[str]] = None
+    trainable_token_indices: Optional[Union[List[int], Dict[str, List[int]]]] = None
+
+
+@dataclass
+class TokenRows:
+    """PEFT trainable tokens of one embedding: the rows ``indices`` of the weight are replaced
+    by ``values`` (k, dim) (PEFT's ``trainable_tokens_delta`` holds new rows, not differences)."""
+
+    indices: List[int]
+    values: torch.Tensor
 
 
 @dataclass
 class AdapterSeed:
-    """One seed: its folder, format, base model name and factored deltas by weight name."""
+    """One seed, every tensor of its file by role, keyed by the base tensor it changes.
+
+    - ``deltas``: low-rank deltas ``left @ right`` of weights, in PEFT's orientation
+      (out, in) for linear and Conv1D layers, (num_embeddings, dim) for embeddings;
+      ``module_kinds`` says which (:func:`AdapterSeed.in_base_layout` turns Conv1D modules
+      into the base's stored (in, out) layout);
+    - ``bias_deltas``: ``lora_bias`` deltas (scaling * lora_B.bias) of biases, (out,);
+    - ``whole``: tensors PEFT saved whole (``modules_to_save`` modules, trained biases with
+      ``bias: all``/``lora_only``, embedding layers saved with the adapter): new values;
+    - ``token_rows``: trainable tokens of embedding weights.
+    """
 
     path: Path
     kind: str
@@ -52,6 +76,35 @@ class AdapterSeed:
     deltas: Dict[str, LowRank]
     module_kinds: Dict[str, str] = field(default_factory=dict)
     task_type: Optional[str] = None
+    bias_deltas: Dict[str, torch.Tensor] = field(default_factory=dict)
+    whole: Dict[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: Dict[str, TokenRows] = field(default_factory=dict)
+    modules_to_save: List[str] = field(default_factory=list)
+    token_indices_by_module: bool = False  # trainable_token_indices given as {module: indices}
+    fan_in_fan_out: bool = False
+
+    def tensor_names(self) -> List[str]:
+        return sorted(set(self.deltas) | set(self.bias_deltas) | set(self.whole) | set(self.token_rows))
+
+    def shapes(self) -> Dict[str, tuple]:
+        """The shape of every base tensor this seed changes, in the base's stored layout."""
+        shapes = {name: tuple(delta.shape) for name, delta in self.deltas.items()}
+        shapes.update({name: tuple(tensor.shape) for name, tensor in {**self.bias_deltas, **self.whole}.items()})
+        return shapes
+
+    def in_base_layout(self, conv1d_weights: Iterable[str]) -> "AdapterSeed":
+        """This seed with the deltas of Conv1D weights (GPT-2's ``c_attn``, ...) transposed to
+        the (in, out) layout the base stores them in, so that every delta has its weight's shape."""
+        conv1d = set(conv1d_weights) & set(self.deltas)
+        deltas = dict(self.deltas)
+        kinds = dict(self.module_kinds)
+        for name in conv1d:
+            if kinds.get(name) == CONV1D:
+                continue
+            pair = deltas[name]
+            deltas[name] = LowRank(pair.right.T, pair.left.T)
+            kinds[name] = CONV1D
+        return replace(self, deltas=deltas, module_kinds=kinds)
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -112,7 +165,38 @@ def _pattern_value(patterns: Dict, module: str, default):
     return patterns.get(key, default)
 
 
+def _strip_prefix(key: str) -> str:
+    return key[len(KEY_PREFIX) :] if key.startswith(KEY_PREFIX) else key
+
+
+def _saved_whole(name: str, modules_to_save: Iterable[str]) -> bool:
+    """Whether tensor ``name`` belongs to a module PEFT saves whole: one whose name is an
+    entry of ``modules_to_save`` or ends with ``.entry`` (PEFT's own matching rule)."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[:end]) for end in range(1, len(parts))]
+    return any(prefix == entry or prefix.endswith("." + entry) for prefix in prefixes for entry in modules_to_save)
+
+
+def _token_indices(lora: LoraFolderConfig, module: str) -> Optional[List[int]]:
+    """The trainable token indices PEFT gave embedding ``module``, or None."""
+    indices = lora.trainable_token_indices
+    if isinstance(indices, dict):
+        for target, values in indices.items():
+            if module == target or module.endswith("." + target):
+                return list(values)
+        return None
+    return list(indices) if indices is not None else None
+
+
+UNKNOWN_KEY_HINT = (
+    "it is not a LoRA factor, a saved module, a bias or a trainable token, and nothing is dropped "
+    "silently; remove it if it is not part of the fine-tune, or merge through checkpoints "
+    "(model: BASE+ADAPTER)"
+)
+
+
 def read_lora(folder: Path, config: dict) -> AdapterSeed:
+    """Read a PEFT LoRA folder; every tensor of its file gets a role or the folder is refused."""
     try:
         lora = LoraFolderConfig.model_validate(config)
     except ValidationError as error:
@@ -123,35 +207,73 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
         )
     tensors = _read_tensors(folder)
     _check_finite(folder, tensors)
-    deltas: Dict[str, LowRank] = {}
-    kinds: Dict[str, str] = {}
-    for key, A in tensors.items():
-        for a_suffix, b_suffix, kind in (
-            (".lora_A.weight", ".lora_B.weight", LINEAR),
-            (".lora_embedding_A", ".lora_embedding_B", EMBEDDING),
-        ):
-            if not key.endswith(a_suffix):
-                continue
-            module_key = key[: -len(a_suffix)]
-            B = tensors.get(module_key + b_suffix)
-            if B is None:
-                raise UserError(f"{folder / SAFETENSORS_NAME}: {key} has no matching {b_suffix[1:]}")
-            module = module_key[len(KEY_PREFIX) :] if module_key.startswith(KEY_PREFIX) else module_key
-            r = _pattern_value(lora.rank_pattern, module, lora.r)
-            alpha = _pattern_value(lora.alpha_pattern, module, lora.lora_alpha)
-            scaling = alpha / math.sqrt(r) if lora.use_rslora else alpha / r
-            A, B = A.float(), B.float()
-            if kind == LINEAR:
-                pair = LowRank(scaling * B, A)  # delta = scaling * B A, (out, in)
-                if lora.fan_in_fan_out:
-                    pair = LowRank(pair.right.T, pair.left.T)
-            else:
-                pair = LowRank(A.T, scaling * B.T)  # weight (num_embeddings, dim) += (B A)^T
-            deltas[f"{module}.weight"] = pair
-            kinds[f"{module}.weight"] = kind
-    if not deltas:
-        raise UserError(f"{folder / SAFETENSORS_NAME}: no lora_A/lora_B tensors found")
-    return AdapterSeed(folder, "lora", lora.base_model_name_or_path, deltas, kinds, lora.task_type)
+    file = folder / SAFETENSORS_NAME
+    modules_to_save = lora.modules_to_save or []
+    seed = AdapterSeed(
+        folder,
+        "lora",
+        lora.base_model_name_or_path,
+        {},
+        task_type=lora.task_type,
+        modules_to_save=list(modules_to_save),
+        token_indices_by_module=isinstance(lora.trainable_token_indices, dict),
+        fan_in_fan_out=lora.fan_in_fan_out,
+    )
+
+    def scaling_of(module: str) -> float:
+        r = _pattern_value(lora.rank_pattern, module, lora.r)
+        alpha = _pattern_value(lora.alpha_pattern, module, lora.lora_alpha)
+        return alpha / math.sqrt(r) if lora.use_rslora else alpha / r
+
+    def partner(key: str, suffix: str, other: str) -> torch.Tensor:
+        tensor = tensors.get(key[: -len(suffix)] + other)
+        if tensor is None:
+            raise UserError(f"{file}: {key} has no matching {other[1:]}")
+        return tensor.float()
+
+    for key, tensor in tensors.items():
+        name = _strip_prefix(key)
+        if key.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
+            if A.dim() != 2 or B.dim() != 2:
+                raise UserError(f"{file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
+            seed.deltas[f"{module}.weight"] = LowRank(scaling_of(module) * B, A)  # scaling * B A, (out, in)
+            seed.module_kinds[f"{module}.weight"] = LINEAR
+        elif key.endswith(".lora_B.weight"):
+            partner(key, ".lora_B.weight", ".lora_A.weight")
+        elif key.endswith(".lora_B.bias"):
+            module = name[: -len(".lora_B.bias")]
+            seed.bias_deltas[f"{module}.bias"] = scaling_of(module) * tensor.float()  # added to the output like B A x
+        elif key.endswith(".lora_embedding_A"):
+            module = name[: -len(".lora_embedding_A")]
+            B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
+            # weight (num_embeddings, dim) += scaling * (B A)^T
+            seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, scaling_of(module) * B.T)
+            seed.module_kinds[f"{module}.weight"] = EMBEDDING
+        elif key.endswith(".lora_embedding_B"):
+            partner(key, ".lora_embedding_B", ".lora_embedding_A")
+        elif key.endswith(".token_adapter.trainable_tokens_delta"):
+            module = name[: -len(".token_adapter.trainable_tokens_delta")]
+            indices = _token_indices(lora, module)
+            if indices is None or len(indices) != tensor.shape[0] or tensor.dim() != 2:
+                raise UserError(
+                    f"{file}: {key} holds {tensor.shape[0]} token rows but trainable_token_indices in "
+                    f"{CONFIG_NAME} gives {'none' if indices is None else len(indices)} for {module}"
+                )
+            seed.token_rows[f"{module}.weight"] = TokenRows(indices, tensor.float())
+        elif ".base_layer." in name:
+            # a tensor of the layer a LoRA wraps, saved whole (trained bias, saved embedding)
+            seed.whole[name.replace(".base_layer.", ".")] = tensor.float()
+        elif _saved_whole(name, modules_to_save) or (name.endswith(".bias") and lora.bias != "none"):
+            seed.whole[name] = tensor.float()
+        else:
+            raise UserError(f"{file}: tensor {key} has no known role: {UNKNOWN_KEY_HINT}")
+    for name in set(seed.token_rows) & set(seed.deltas):
+        raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
+    if not (seed.deltas or seed.whole or seed.token_rows or seed.bias_deltas):
+        raise UserError(f"{file}: no LoRA tensors found")
+    return seed
 
 
 def read_sera(folder: Path, config: dict) -> AdapterSeed:
@@ -163,6 +285,12 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
     tensors = _read_tensors(folder)
     _check_finite(folder, tensors)
     deltas: Dict[str, LowRank] = {}
+    for key in tensors:
+        if not key.endswith((".sera_A", ".sera_B", ".sera_C")):
+            raise UserError(f"{folder / SAFETENSORS_NAME}: tensor {key} has no known role: {UNKNOWN_KEY_HINT}")
+    for key in tensors:
+        if key.endswith((".sera_B", ".sera_C")) and key[: -len(".sera_B")] + ".sera_A" not in tensors:
+            raise UserError(f"{folder / SAFETENSORS_NAME}: {key} has no matching sera_A")
     for key, A in tensors.items():
         if not key.endswith(".sera_A"):
             continue
@@ -210,19 +338,51 @@ def read_adapter(path: str | Path) -> AdapterSeed:
     raise UserError(f"{folder / CONFIG_NAME}: peft_type {peft_type!r} is not supported (LORA or SERA)")
 
 
+@dataclass
+class MergedAdapter:
+    """What a merge writes as a PEFT LoRA adapter, keyed by base tensor name.
+
+    ``pairs``: merged low-rank deltas in the base's layout (``module_kinds`` says linear,
+    Conv1D or embedding); ``bias_deltas``: merged ``lora_bias`` deltas; ``whole``: merged
+    values of tensors saved whole; ``token_rows``: merged trainable-token rows (new values);
+    ``modules_to_save``: the seeds' ``modules_to_save`` entries.
+    """
+
+    pairs: Dict[str, LowRank] = field(default_factory=dict)
+    module_kinds: Dict[str, str] = field(default_factory=dict)
+    bias_deltas: Dict[str, torch.Tensor] = field(default_factory=dict)
+    whole: Dict[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: Dict[str, TokenRows] = field(default_factory=dict)
+    modules_to_save: List[str] = field(default_factory=list)
+    token_indices_by_module: bool = False
+
+
+def _lora_factors(pair: LowRank, kind: str):
+    """PEFT's (A, B) tensors for a delta ``pair`` given in the base's layout, scaling 1."""
+    if kind == EMBEDDING:  # weight (num_embeddings, dim) += (B A)^T
+        return pair.left.T, pair.right.T
+    if kind == CONV1D:  # weight (in, out) += (B A)^T
+        return pair.left.T, pair.right.T
+    return pair.right, pair.left  # weight (out, in) += B A
+
+
 def write_lora_adapter(
     folder: Path,
-    deltas: Dict[str, LowRank],
-    module_kinds: Dict[str, str],
+    merged: MergedAdapter,
     base_model: Optional[str],
     task_type: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> List[str]:
-    """Write ``deltas`` as a PEFT LoRA adapter (scaling 1 everywhere); returns the target modules.
+    """Write ``merged`` as a PEFT LoRA adapter (scaling 1 everywhere); returns the target modules.
 
     Each module keeps its own rank through ``rank_pattern``/``alpha_pattern``; zero-rank
-    deltas are left out. The ``adapter_config.json`` holds the fields of PEFT's
-    ``LoraConfig`` that define the delta (PEFT fills in its defaults for the rest when it
-    loads the folder); it is written directly because importing peft takes seconds.
+    deltas are left out. Tensors saved whole are written under the keys PEFT saves them
+    with (``<module>.base_layer.<param>`` inside a LoRA layer), trainable tokens as
+    ``token_adapter.trainable_tokens_delta``, and ``lora_bias`` deltas as ``lora_B.bias``.
+    The ``adapter_config.json`` holds the fields of PEFT's ``LoraConfig`` that define these
+    (PEFT fills in its defaults for the rest when it loads the folder); it is written
+    directly because importing peft takes seconds. ``dtype`` (default float32) is the dtype
+    of every tensor written.
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -230,23 +390,52 @@ def write_lora_adapter(
 
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, int] = {}
-    embedding_modules: List[str] = []
-    for name, pair in sorted(deltas.items()):
-        if pair.rank == 0:
-            continue
+    kinds: Dict[str, str] = {}
+    for name, pair in sorted(merged.pairs.items()):
         module = name[: -len(".weight")]
-        ranks[module] = pair.rank
+        if pair.rank == 0:
+            if f"{module}.bias" not in merged.bias_deltas:
+                continue
+            # a lora_B.bias needs its LoRA layer: a rank-1 zero pair carries it
+            pair = LowRank(torch.zeros(pair.shape[0], 1), torch.zeros(1, pair.shape[1]))
+        kind = merged.module_kinds.get(name, LINEAR)
+        ranks[module], kinds[module] = pair.rank, kind
+        A, B = _lora_factors(pair, kind)
         prefix = f"{KEY_PREFIX}{module}"
-        if module_kinds.get(name) == EMBEDDING:
-            embedding_modules.append(module)
-            tensors[f"{prefix}.lora_embedding_A"] = pair.left.T.contiguous()
-            tensors[f"{prefix}.lora_embedding_B"] = pair.right.T.contiguous()
+        if kind == EMBEDDING:
+            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = A, B
         else:
-            tensors[f"{prefix}.lora_A.weight"] = pair.right.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = pair.left.contiguous()
-    if not ranks:
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
+    missing_layer = sorted(set(merged.bias_deltas) - {f"{module}.bias" for module in ranks})
+    if missing_layer:
+        raise UserError(f"{missing_layer[0]}: a merged lora_bias whose layer has no LoRA delta in any seed; merge with output.format: full")
+    if merged.bias_deltas:
+        for module, kind in kinds.items():
+            if kind == EMBEDDING:
+                raise UserError(f"{module}: PEFT has no lora_bias for embedding layers; merge these seeds with output.format: full")
+            B = tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
+            bias = merged.bias_deltas.get(f"{module}.bias")
+            tensors[f"{KEY_PREFIX}{module}.lora_B.bias"] = torch.zeros(B.shape[0]) if bias is None else bias
+    saved_biases = False
+    for name, value in sorted(merged.whole.items()):
+        module, parameter = name.rsplit(".", 1)
+        if module in ranks:
+            tensors[f"{KEY_PREFIX}{module}.base_layer.{parameter}"] = value
+        else:
+            tensors[f"{KEY_PREFIX}{name}"] = value
+        saved_biases |= parameter == "bias" and not _saved_whole(name, merged.modules_to_save)
+    token_indices: Dict[str, List[int]] = {}
+    for name, rows in sorted(merged.token_rows.items()):
+        module = name[: -len(".weight")]
+        token_indices[module] = rows.indices
+        tensors[f"{KEY_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = rows.values
+    if not tensors:
         raise UserError("every merged delta is zero: there is no adapter to write")
-    r = max(ranks.values())
+    if len(token_indices) == 1 and not merged.token_indices_by_module:
+        trainable_token_indices: Any = next(iter(token_indices.values()))
+    else:
+        trainable_token_indices = token_indices or None
+    r = max(ranks.values(), default=1)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -257,17 +446,21 @@ def write_lora_adapter(
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
         "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
+        "bias": "all" if saved_biases else "none",
+        "lora_bias": bool(merged.bias_deltas),
+        "fan_in_fan_out": CONV1D in kinds.values(),
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(merged.modules_to_save) or None,
+        "trainable_token_indices": trainable_token_indices,
         "inference_mode": True,
     }
     try:
         config["peft_version"] = version("peft")
     except PackageNotFoundError:
         pass
+    target_dtype = dtype or torch.float32
+    tensors = {key: tensor.to(target_dtype).contiguous() for key, tensor in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     save_file(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})

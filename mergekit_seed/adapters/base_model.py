@@ -1,0 +1,141 @@
+"""The base model of an adapter merge, read tensor by tensor.
+
+An adapter merge needs the base's weights only where an adapter holds more than low-rank
+factors: tensors PEFT saved whole (their delta is taken from the base's), trainable-token
+rows, Conv1D layouts (``fan_in_fan_out``), and ``output.format: full``. Only the tensors
+asked for are read (safetensors headers are indexed once).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, List, Optional, Set
+
+import torch
+
+from mergekit_seed.errors import UserError
+
+# model_type of the transformers architectures with Conv1D layers (transformers 5: the models
+# whose modeling file builds a Conv1D). PEFT treats those layers as fan_in_fan_out whatever
+# the saved config says (its flag keeps the value set for the last layer it wrapped).
+CONV1D_MODEL_TYPES = frozenset(
+    {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "convbert", "omniasr"}
+)
+
+
+def cached_config(reference: str) -> Optional[dict]:
+    """The base's ``config.json`` from a local folder or the Hub cache (never the network)."""
+    import json
+
+    path = Path(reference, "config.json")
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(reference, "config.json")
+        except Exception:  # not a valid repo id either
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def has_conv1d_layers(reference: Optional[str]) -> bool:
+    """Whether the base (when its config is on this machine) is an architecture with Conv1D layers."""
+    config = cached_config(reference) if reference else None
+    return bool(config) and config.get("model_type") in CONV1D_MODEL_TYPES
+
+
+def locate_base(reference: str) -> Path:
+    """A local model folder, or a Hub model downloaded to (or found in) the Hub cache."""
+    folder = Path(reference)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as error:
+        raise UserError(
+            f"base_model {reference}: not a local folder and not downloadable ({str(error).splitlines()[0]})"
+        ) from None
+
+
+class BaseWeights:
+    """The safetensors weights of a base model folder, by tensor name."""
+
+    def __init__(self, reference: str):
+        self.reference = reference
+        self.folder = locate_base(reference)
+        self.shards = sorted(self.folder.glob("*.safetensors"))
+        if not self.shards:
+            raise UserError(f"base_model {reference}: no .safetensors weights found")
+
+    @cached_property
+    def _files(self) -> Dict[str, Path]:
+        from safetensors import SafetensorError, safe_open
+
+        files: Dict[str, Path] = {}
+        for shard in self.shards:
+            try:
+                with safe_open(shard, framework="pt") as reader:
+                    files.update(dict.fromkeys(reader.keys(), shard))
+            except (SafetensorError, OSError, ValueError) as error:
+                raise UserError(f"{shard}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
+        return files
+
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def _require(self, name: str, why: str) -> Path:
+        if name not in self._files:
+            raise UserError(f"base_model {self.reference}: has no tensor {name}, which {why}; give the base the seeds were trained from")
+        return self._files[name]
+
+    def tensor(self, name: str, why: str) -> torch.Tensor:
+        """The base's ``name`` as float32 (float64 stays float64)."""
+        from safetensors import safe_open
+
+        with safe_open(self._require(name, why), framework="pt") as reader:
+            tensor = reader.get_tensor(name)
+        return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+    def rows(self, name: str, indices: List[int], why: str) -> torch.Tensor:
+        """Rows ``indices`` of the 2-D base tensor ``name`` as float32, without reading the rest."""
+        from safetensors import safe_open
+
+        with safe_open(self._require(name, why), framework="pt") as reader:
+            view = reader.get_slice(name)
+            rows = [view[index : index + 1] for index in indices]
+        return torch.cat(rows).float() if rows else torch.zeros(0)
+
+    def conv1d_weights(self) -> Set[str]:
+        """Weights of the base's transformers ``Conv1D`` layers (stored (in, out), GPT-2 style).
+
+        PEFT decides per layer whether a LoRA is ``fan_in_fan_out`` by its class, whatever the
+        config says; the class comes from building the base's architecture on the meta device
+        (no weights, no remote code).
+        """
+        import transformers
+        from transformers import AutoConfig
+        from transformers.pytorch_utils import Conv1D
+
+        try:
+            config = AutoConfig.from_pretrained(self.folder)
+            architecture = (config.architectures or [None])[0]
+            model_class = getattr(transformers, architecture or "", None)
+            if model_class is None:
+                raise ValueError(f"transformers has no architecture {architecture!r}")
+            with torch.device("meta"):
+                model = model_class(config)
+        except Exception as error:  # transformers raises many types for configs it cannot build
+            raise UserError(
+                f"base_model {self.reference}: cannot tell which layers are Conv1D for these fan_in_fan_out "
+                f"adapters ({str(error).splitlines()[0]})"
+            ) from None
+        return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}

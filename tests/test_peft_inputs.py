@@ -1,0 +1,305 @@
+"""Adapters saved by PEFT itself (``get_peft_model`` + ``save_pretrained``), with saved heads,
+biases, trainable tokens and GPT-2 ``Conv1D`` layers: nothing is dropped.
+
+The expectation is always an independent route: PEFT's own forward pass of the seed, or the
+checkpoint route (PEFT ``merge_and_unload`` per seed, then ``mergekit-seed run`` with the same
+method on the materialised checkpoints).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import refused, run_cli
+from mergekit_seed.weights import load_weights
+
+METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
+TOKENS = [3, 5, 7]
+
+
+def _llama_config(**extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    """Tiny bases of three real architectures: a LLaMA classifier (3 labels), a LLaMA causal LM
+    and a GPT-2 LM (Conv1D layers, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("peft-bases")
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(_llama_config(num_labels=3)).save_pretrained(root / "llama-cls")
+    LlamaForCausalLM(_llama_config()).save_pretrained(root / "llama-lm")
+    gpt2 = GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    gpt2.tie_word_embeddings = False
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2-untied")
+    return root
+
+
+# name: (base folder, PEFT LoraConfig arguments)
+VARIANTS = {
+    "llama-seq-cls": ("llama-cls", dict(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])),
+    "llama-trainable-tokens": ("llama-cls", dict(task_type="SEQ_CLS", target_modules=["q_proj"], trainable_token_indices=TOKENS)),
+    "llama-lm-head": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    "gpt2-bias-all": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"], bias="all")),
+    "gpt2-bias-lora-only": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"], bias="lora_only")),
+    "gpt2-lora-bias": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"], lora_bias=True)),
+    "gpt2-trainable-tokens": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=TOKENS[:2])),
+    # Conv1D and Linear layers in one adapter: PEFT saves fan_in_fan_out as set for the last layer (false)
+    "gpt2-conv1d-and-linear": ("gpt2-untied", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "lm_head"])),
+}
+
+
+def _model_class(base: Path):
+    import transformers
+
+    return getattr(transformers, json.loads((base / "config.json").read_text())["architectures"][0])
+
+
+def load_base(base: Path):
+    return _model_class(base).from_pretrained(base).eval()
+
+
+def save_peft_seed(base: Path, out: Path, seed: int, **lora_arguments) -> Path:
+    """A PEFT adapter as training leaves it: every trainable tensor moved away from its start."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base(base), LoraConfig(r=4, lora_alpha=8, **lora_arguments))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_seeds(bases, tmp_path_factory):
+    """Three distinct PEFT seeds of every variant."""
+    root = tmp_path_factory.mktemp("peft-seeds")
+    return {
+        name: [save_peft_seed(bases / base, root / f"{name}-{i}", 10 * i + 1, **arguments) for i in range(3)]
+        for name, (base, arguments) in VARIANTS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def materialised(bases, peft_seeds, tmp_path_factory):
+    """Each seed merged into its base by PEFT (``merge_and_unload``) and saved as a checkpoint."""
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp("peft-checkpoints")
+    checkpoints = {}
+    for name, seeds in peft_seeds.items():
+        base = bases / VARIANTS[name][0]
+        checkpoints[name] = []
+        for seed in seeds:
+            out = root / seed.name
+            PeftModel.from_pretrained(load_base(base), seed).merge_and_unload().save_pretrained(out)
+            checkpoints[name].append(out)
+    return checkpoints
+
+
+def adapter_recipe(path: Path, method: str, base, seeds, output: dict, parameters=None) -> Path:
+    lines = [f"merge_method: {method}"]
+    if base is not None:
+        lines.append(f"base_model: {base}")
+    lines += ["models:"] + [f"  - model: {seed}" for seed in seeds]
+    if parameters:
+        lines += ["parameters:"] + [f"  {k}: {v}" for k, v in parameters.items()]
+    lines += ["output:"] + [f"  {k}: {v}" for k, v in output.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+INPUT_IDS = torch.tensor([[1, 3, 5, 7, 9, 11, 2, 4], [6, 7, 8, 3, 10, 12, 14, 5]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS).logits.float()
+
+
+def assert_close_to(result: torch.Tensor, expected: torch.Tensor, base: torch.Tensor, where: str) -> None:
+    """Equal to 1e-4 of the fine-tune's effect on the logits."""
+    effect = (expected - base).abs().max()
+    assert effect > 1e-3, f"{where}: the fine-tune has no effect to check"
+    error = (result - expected).abs().max()
+    assert error <= 1e-4 * effect, f"{where}: off by {error / effect:.2e} of the fine-tune's effect"
+
+
+@pytest.mark.parametrize("output_format", ["lora", "full"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_identical_peft_seeds_give_back_the_seed(bases, peft_seeds, tmp_path, variant, output_format):
+    from peft import PeftModel
+
+    base = bases / VARIANTS[variant][0]
+    seed = peft_seeds[variant][0]
+    copies = [shutil.copytree(seed, tmp_path / f"copy{i}") for i in range(3)]
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, copies, {"format": output_format})
+    out = tmp_path / "out"
+    result = run_cli("mergekit-seed", "run", recipe, out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "missing in" not in result.stderr
+
+    expected = logits(PeftModel.from_pretrained(load_base(base), seed))
+    if output_format == "lora":
+        merged = logits(PeftModel.from_pretrained(load_base(base), out))
+    else:
+        merged = logits(_model_class(base).from_pretrained(out).eval())
+    assert_close_to(merged, expected, logits(load_base(base)), f"{variant} {output_format}")
+
+
+def _checkpoint_route(tmp_path, method, base, checkpoints, parameters):
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    lines += [f"  - model: {checkpoint}" for checkpoint in checkpoints]
+    if parameters:
+        lines += ["parameters:"] + [f"  {k}: {v}" for k, v in parameters.items()]
+    lines.append("dtype: float32")
+    recipe = tmp_path / "checkpoints.yml"
+    recipe.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "checkpoint-route", "--quiet", check=True)
+    return load_weights(tmp_path / "checkpoint-route")
+
+
+def assert_same_tensors(result, expected, base, where, rtol=1e-4):
+    """Every tensor equal to 1e-4 of its delta from the base (plus float32 rounding of the
+    tensor itself: LoRE rounds tensors no seed changes at ~1e-9)."""
+    assert set(result) == set(expected), f"{where}: tensors differ: {set(result) ^ set(expected)}"
+    changed = 0
+    for name, value in expected.items():
+        delta = (value - base[name]).norm()
+        rounding = 1e-6 * value.norm()
+        changed += bool(delta > rounding)
+        error = (result[name] - value).norm()
+        assert error <= rtol * delta + rounding, f"{where}: {name} off by {error / delta.clamp_min(1e-30):.2e} of its delta"
+    assert changed, f"{where}: nothing changed"
+
+
+DISTINCT = [
+    "llama-seq-cls", "llama-trainable-tokens", "llama-lm-head",
+    "gpt2-bias-all", "gpt2-lora-bias", "gpt2-trainable-tokens", "gpt2-conv1d-and-linear",
+]
+
+
+@pytest.mark.parametrize("variant", DISTINCT)
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_route_equals_the_checkpoint_route(bases, peft_seeds, materialised, tmp_path, method, variant):
+    """Full output = the method on PEFT-materialised checkpoints, every tensor (heads, biases,
+    token rows included); the LoRA output, loaded and merged by PEFT, = the full output."""
+    from peft import PeftModel
+
+    base = bases / VARIANTS[variant][0]
+    parameters = {"energy": 1.0} if method == "seedlora_twostage" else None
+    expected = _checkpoint_route(tmp_path, method, base, materialised[variant], parameters)
+    base_weights = load_weights(base)
+
+    recipe = adapter_recipe(tmp_path / "full.yml", method, base, peft_seeds[variant], {"format": "full"}, parameters)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "full", "--quiet", check=True)
+    assert_same_tensors(load_weights(tmp_path / "full"), expected, base_weights, f"{method} {variant} full")
+
+    recipe = adapter_recipe(tmp_path / "lora.yml", method, base, peft_seeds[variant], {"format": "lora"}, parameters)
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "lora", "--quiet")
+    if method == "seedlora_dm" and "tokens" in variant:
+        # distribution matching shifts every entry of the embedding: not trainable tokens any more
+        refused(result, "changes rows beyond the trainable tokens", "output.format: full", out=tmp_path / "lora")
+        return
+    assert result.returncode == 0, result.stderr
+    model = PeftModel.from_pretrained(load_base(base), tmp_path / "lora").merge_and_unload()
+    model.save_pretrained(tmp_path / "lora-merged")
+    assert_same_tensors(load_weights(tmp_path / "lora-merged"), expected, base_weights, f"{method} {variant} lora")
+
+
+def test_lora_output_of_conv1d_seeds_is_written_in_peft_layout(peft_seeds, tmp_path):
+    from safetensors.torch import load_file
+
+    seeds = peft_seeds["gpt2-bias-all"]
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedft", None, seeds, {"format": "lora"})
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["bias"] == "all"
+    tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    A = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"]
+    B = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"]
+    assert A.shape[1] == 32 and B.shape[0] == 128  # (k, in) and (out, k), as PEFT saves them
+    assert "base_model.model.transformer.h.0.ln_1.bias" in tensors
+
+
+def test_an_unknown_tensor_is_refused_by_validate_and_run(peft_seeds, bases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    seeds = [shutil.copytree(seed, tmp_path / seed.name) for seed in peft_seeds["llama-seq-cls"]]
+    file = seeds[1] / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.model.norm.mystery_scale"] = torch.ones(32)
+    save_file(tensors, file)
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedft", bases / "llama-cls", seeds, {"format": "lora"})
+    refused(run_cli("mergekit-seed", "validate", recipe), "model.norm.mystery_scale", str(seeds[1]))
+    out = tmp_path / "out"
+    refused(run_cli("mergekit-seed", "run", recipe, out), "model.norm.mystery_scale", out=out)
+    assert not out.exists()
+
+
+def test_conv1d_seeds_without_a_reachable_base_are_refused(peft_seeds, tmp_path):
+    seeds = [shutil.copytree(seed, tmp_path / seed.name) for seed in peft_seeds["gpt2-bias-all"]]
+    for seed in seeds:
+        config = json.loads((seed / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "gone")
+        (seed / "adapter_config.json").write_text(json.dumps(config))
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedft", None, seeds, {"format": "lora"})
+    out = tmp_path / "out"
+    refused(run_cli("mergekit-seed", "run", recipe, out), "fan_in_fan_out", "base model", out=out)
+
+
+def test_missing_saved_head_counts_as_the_base_with_a_warning(bases, peft_seeds, tmp_path):
+    """A seed whose file lacks the saved head merges as if it kept the base's head."""
+    from safetensors.torch import load_file, save_file
+
+    seeds = [shutil.copytree(seed, tmp_path / seed.name) for seed in peft_seeds["llama-seq-cls"]]
+    file = seeds[2] / "adapter_model.safetensors"
+    tensors = load_file(file)
+    del tensors["base_model.model.score.weight"]
+    save_file(tensors, file)
+    base = bases / "llama-cls"
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": "full"})
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "score.weight: missing in" in result.stderr and "the base's value" in result.stderr
+    heads = [load_file(s / "adapter_model.safetensors")["base_model.model.score.weight"] for s in seeds[:2]]
+    base_head = load_weights(base)["score.weight"]
+    from mergekit_seed.kernels.seedlora import seedlora_dm
+
+    expected = base_head + seedlora_dm([h - base_head for h in heads] + [torch.zeros_like(base_head)])
+    torch.testing.assert_close(load_weights(tmp_path / "out")["score.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_output_honours_dtype_and_rank_auto(peft_seeds, bases, tmp_path):
+    from safetensors.torch import load_file
+
+    seeds = peft_seeds["llama-seq-cls"]
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_twostage", bases / "llama-cls", seeds, {"format": "lora"})
+    exact = run_cli("mergekit-seed", "run", recipe, tmp_path / "exact", "--quiet")
+    assert exact.returncode == 0 and "output.rank: auto" in exact.stderr, exact.stderr
+
+    text = recipe.read_text() + "  rank: auto\ndtype: bfloat16\n"
+    recipe.write_text(text)
+    auto = run_cli("mergekit-seed", "run", recipe, tmp_path / "auto", "--quiet")
+    assert auto.returncode == 0 and "output.rank: auto" not in auto.stderr, auto.stderr
+    tensors = load_file(tmp_path / "auto" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    for key, A in tensors.items():
+        if key.endswith("lora_A.weight"):
+            B = tensors[key.replace("lora_A", "lora_B")]
+            rank, (out_features, in_features) = A.shape[0], (B.shape[0], A.shape[1])
+            assert rank * (in_features + out_features) <= in_features * out_features, key
