@@ -26,9 +26,7 @@ class _RegisteringLoader:
         self._wrapped.exec_module(module)
         if "mergekit_seed.methods" in sys.modules:
             return  # mid-import of our methods module, which registers on its last line
-        from mergekit_seed import register
-
-        register()
+        register_softly()
 
 
 class _RegistryFinder:
@@ -43,6 +41,33 @@ class _RegistryFinder:
         return spec
 
 
+def register_softly() -> None:
+    """Register our methods; if that fails, say so in one line and let mergekit carry on.
+
+    A plugin must never take its host down: with our package broken (a partial install, a
+    mergekit release that changed an API we use), mergekit's own methods still run.
+    """
+    try:
+        from mergekit_seed import register
+
+        register()
+    except Exception as error:  # any failure of ours must stay ours
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "?"
+
+        reason = (str(error).splitlines() or [""])[0] or type(error).__name__
+        sys.stderr.write(
+            f"warning: mergekit-seed {installed('mergekit-seed')} could not register its merge methods with "
+            f"mergekit {installed('mergekit')} ({type(error).__name__}: {reason}); mergekit's own methods work as usual; "
+            "run `mergekit-seed methods` to check\n"
+        )
+
+
 def _uninstall() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegistryFinder)]
 
@@ -50,9 +75,7 @@ def _uninstall() -> None:
 def install() -> None:
     """Install the finder once (no-op when the registry is already imported)."""
     if _TARGET in sys.modules:
-        from mergekit_seed import register
-
-        register()
+        register_softly()
         return
     if not any(isinstance(f, _RegistryFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegistryFinder())

@@ -45,10 +45,19 @@ def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
 
 def merge_inputs(recipe) -> List[Any]:
     """The model references whose files the merge reads: every referenced model, except the
-    base model of an adapter merge that writes a LoRA adapter (only the adapters are read)."""
+    base model of an adapter merge that writes a LoRA adapter from LoRA/SeRA factors alone
+    (then only the adapters are read; saved modules, biases, trainable tokens or Conv1D
+    layers make it read the base)."""
+    from mergekit_seed.adapters.base_model import has_conv1d_layers
+    from mergekit_seed.adapters.formats import reads_base_weights
+
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":
-        return [entry.model for entry in config.models]
+        adapters = [entry.model for entry in config.models]
+        base_read = config.base_model and (
+            has_conv1d_layers(config.base_model) or any(reads_base_weights(Path(a)) for a in adapters)
+        )
+        return ([config.base_model] if base_read else []) + adapters
     return config.referenced_models()
 
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import click
-from pydantic import BaseModel, model_validator
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
+from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, merge
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds; see LazyGroup
     from mergekit.options import MergeOptions
+
+    from mergekit_seed.recipe import Recipe
 
 
 def fail(message: str) -> None:
@@ -59,136 +59,25 @@ def main() -> None:
     """Multi-seed model merging for mergekit: SeedFT, SeedLoRA, LoRE-Merging."""
 
 
-def _prepare_output(out_path: Path, overwrite: bool) -> Path:
-    """Refuse to mix with an existing non-empty OUT; return the temporary sibling to write into."""
-    if out_path.exists() and not out_path.is_dir():
-        fail(f"{out_path}: exists and is not a folder; choose another output path")
-    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
-        fail(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    return staging
-
-
-def _publish(staging: Path, out_path: Path) -> None:
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    staging.rename(out_path)
-
-
-def _terminate_on_signal(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-class AdapterRunOptions(BaseModel, frozen=True):
-    """The mergekit options an adapter merge uses, under mergekit's names and meanings.
-
-    ``random_seed`` seeds the global generators as mergekit does (through transformers'
-    ``set_seed``: Python's, numpy's and torch's): DARE fusion without its own ``seed`` draws
-    from them.
-    """
-
-    cuda: bool = False
-    device: Optional[str] = None
-    quiet: bool = False
-    verbosity: int = 0
-    num_threads: Optional[int] = None
-    random_seed: Optional[int] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_device(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("device") is None:  # as mergekit: --cuda means the GPU
-            values = {**values, "device": "cuda" if values.get("cuda") else "cpu"}
-        return values
-
-    def apply_global_options(self) -> None:
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
-        import torch
-
-        if self.random_seed is not None:
-            import random
-
-            import numpy
-
-            random.seed(self.random_seed)
-            numpy.random.seed(self.random_seed)
-            torch.manual_seed(self.random_seed)  # every device's generator
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
-            torch.set_num_interop_threads(self.num_threads)
-
-
-def run_recipe(recipe_path: str, out: str, merge_options: "MergeOptions | AdapterRunOptions", overwrite: bool) -> None:
-    """Validate a recipe, merge into a temporary sibling of ``out``, write the model card,
-    then rename the folder into place.
-
-    Recipes whose models are adapter folders go to the adapter-native engine; all others to
-    mergekit's ``run_merge``.
-    """
+def run_recipe(recipe_path: "str | Recipe", out: str, merge_options: "MergeOptions | AdapterRunOptions", overwrite: bool) -> None:
+    """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
     try:
-        recipe = load_recipe(recipe_path)
-    except UserError as error:
-        fail(str(error))
-    from mergekit_seed.recipe import check_files, recipe_warnings
-
-    problems: List[str] = check_recipe(recipe, recipe_path)
-    if not problems:
-        problems = check_files(recipe, recipe_path)
-    if problems:
-        for problem in problems:
+        merge(
+            recipe_path,
+            out,
+            merge_options,
+            overwrite=overwrite,
+            echo=click.echo,
+            warn=lambda message: click.echo(f"warning: {message}", err=True),
+        )
+    except RecipeProblems as error:
+        for problem in error.problems:
             click.echo(f"error: {problem}", err=True)
         sys.exit(1)
-    for warning in recipe_warnings(recipe):
-        click.echo(f"warning: {warning}", err=True)
-
-    from mergekit import merge_methods
-
-    from mergekit_seed.card import CARD_NAME, render_card
-
-    method = merge_methods.get(recipe.config.merge_method)
-    output_kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
-    # rendered first: the inputs are hashed as they are when the merge reads them, and
-    # mergekit's planner rewrites the configuration object while it runs
-    card = render_card(recipe, method, merge_options.model_dump(exclude_defaults=True), output_kind)
-    out_path = Path(out).absolute()
-    staging = _prepare_output(out_path, overwrite)
-    previous = signal.signal(signal.SIGTERM, _terminate_on_signal)
-    try:
-        merge_options.apply_global_options()
-        if recipe.is_adapter_recipe:
-            from mergekit_seed.adapters.engine import run_adapter_merge
-
-            run_adapter_merge(
-                recipe.config,
-                staging,
-                quiet=merge_options.quiet,
-                echo=click.echo,
-                warn=lambda message: click.echo(f"warning: {message}", err=True),
-                device=merge_options.device or "cpu",
-            )
-        else:
-            from mergekit.merge import run_merge
-
-            if merge_options.lora_merge_cache is None and any(
-                m.lora is not None for m in recipe.config.referenced_models()
-            ):
-                # mergekit needs a folder for the BASE+ADAPTER copies it merges first
-                merge_options = merge_options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
-            run_merge(recipe.config, str(staging), options=merge_options, config_source=recipe.source)
-            shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
-        (staging / CARD_NAME).write_text(card, encoding="utf-8")
-        _publish(staging, out_path)
-        if not merge_options.quiet:
-            click.echo(f"merged into {out_path}")
-    except (UserError, ValueError) as error:
-        fail(f"{recipe_path}: {str(error).splitlines()[0]}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(staging, ignore_errors=True)
+    except UserError as error:
+        fail(str(error))
+    if not merge_options.quiet:
+        click.echo(f"merged into {Path(out).absolute()}")
 
 
 def _build_run_command() -> click.Command:
@@ -247,7 +136,15 @@ LazyGroup.lazy_commands = {"run": _build_run_command}
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def methods_command(as_json: bool) -> None:
-    """List mergekit-seed's merge methods with their papers and parameters."""
+    """List mergekit-seed's merge methods with their papers and parameters, and any problem
+    registering them with mergekit."""
+    import mergekit_seed
+
+    try:
+        mergekit_seed.register()  # prints a warning line per name another package holds
+    except Exception as error:  # the import hook's soft failure, reported here as an error
+        reason = (str(error).splitlines() or [""])[0]
+        fail(f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); reinstall it (pip install -e .) or check the mergekit version ({mergekit_seed.SUPPORTED_MERGEKIT} is supported)")
     from mergekit_seed.methods import METHODS, describe
 
     described = [describe(method) for method in METHODS]
@@ -329,9 +226,7 @@ def recipes_show_command(name: str, models: Optional[str]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
 def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool) -> None:
     """Re-run the merge described by SOURCE (a model card README.md or an output folder) into OUT."""
-    import tempfile
-
-    from mergekit_seed.card import compare_weights, package_version, read_card, verify_inputs
+    from mergekit_seed.card import CARD_NAME, compare_weights, package_version, read_card, verify_inputs
 
     try:
         card = read_card(Path(source))
@@ -350,11 +245,15 @@ def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: flo
         sys.exit(1)
     from mergekit.options import MergeOptions
 
+    from mergekit_seed.recipe import parse_recipe
+
     options = MergeOptions(**(provenance.get("options") or {}))
-    with tempfile.TemporaryDirectory() as scratch:
-        recipe_path = Path(scratch) / "recipe.yml"
-        recipe_path.write_text(card["recipe"], encoding="utf-8")
-        run_recipe(str(recipe_path), out, options, overwrite)
+    card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
+    try:
+        recipe = parse_recipe(card["recipe"], origin=f"{card_path} (recipe)")
+    except UserError as error:
+        fail(str(error))
+    run_recipe(recipe, out, options, overwrite)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
         return
@@ -398,7 +297,10 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mergekit_seed.demo.run import run_demo
 
-    run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
+    try:
+        run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
+    except UserError as error:
+        fail(str(error))
 
 
 def console_main() -> None:

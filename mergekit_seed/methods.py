@@ -11,6 +11,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -29,7 +30,15 @@ from typing_extensions import Annotated, Literal
 
 from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, lore
 from mergekit_seed.kernels.seedft import seedft, seedft_factored
-from mergekit_seed.kernels.seedlora import fuse_mean, seedlora_dm, seedlora_dm_factored, seedlora_twostage
+from mergekit_seed.kernels.seedlora import (
+    Fusion,
+    fuse_dare,
+    fuse_mean,
+    fuse_ties,
+    seedlora_dm,
+    seedlora_dm_factored,
+    seedlora_twostage,
+)
 from mergekit_seed.linalg import LowRank, compute_dtype
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -135,13 +144,21 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        # A NaN or Inf does not always reach the result: a decomposition may drop it (a NaN
+        # singular value fails every rank test, so SeedFT would return the base). One float64
+        # sum per input finds any (it is NaN or Inf exactly then); the full scan that names
+        # the culprit runs only when one is found.
+        if not all(
+            torch.isfinite(entry.tensor.sum(dtype=torch.float64))
+            for entry in group.entries
+            if entry.tensor.is_floating_point()
+        ):
+            self._refuse_non_finite(group)
         try:
             result = self._merge(group, parameters)
         except (RuntimeError, torch.linalg.LinAlgError):
             self._refuse_non_finite(group)  # a decomposition failed: name the culprit if any
             raise
-        # a NaN or Inf in any input shows up in the result (or fails a decomposition above),
-        # so the inputs are only scanned, to name the culprit, when the result is not finite
         if result.is_floating_point() and not torch.isfinite(result).all():
             self._refuse_non_finite(group)
         return result
@@ -251,55 +268,29 @@ SEEDLORA_DM = SeedMergeMethod(
 )
 
 
-def elect_signs(trimmed: torch.Tensor, tie_rtol: float = 1e-6) -> torch.Tensor:
-    """TIES sign election over stacked values (N, ...): the sign of their sum.
-
-    In the SVD basis of M_avg the seeds' off-diagonal coordinates sum to exactly zero
-    (sum_i Z_i = N U^T M_avg V = N S), so a plain ``sum >= 0`` would elect by rounding noise.
-    Sums within ``tie_rtol`` of the total magnitude count as ties and go to the sign of the
-    largest-magnitude value, which keeps the election independent of seed order.
-    """
-    total = trimmed.sum(0)
-    tie = total.abs() <= tie_rtol * trimmed.abs().sum(0)
-    largest = trimmed.gather(0, trimmed.abs().argmax(0, keepdim=True)).squeeze(0)
-    return torch.where(tie, largest.sign(), total.sign())
-
-
-def make_fusion(name: str, density: float, seed: Optional[int], tensor_name: Optional[str]):
-    """The stage-2 fusion of the coordinates Z (N, r, r), built on mergekit's sparsification."""
+def make_fusion(name: str, density: float, seed: Optional[int], tensor_name: Optional[str]) -> Fusion:
+    """The stage-2 fusion of the coordinates Z (N, r, r): the kernel's rule bound to mergekit's
+    sparsification with the recipe's ``density`` (and, for DARE, its random stream)."""
     if name == "mean":
         return fuse_mean
     from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
     if name == "ties":
+        return partial(fuse_ties, trim=lambda z: sparsify(z, density, SparsificationMethod.magnitude))
 
-        def fuse_ties(Z: torch.Tensor) -> torch.Tensor:
-            trimmed = torch.stack(
-                [sparsify(z, density, SparsificationMethod.magnitude) for z in Z]
-            )
-            agree = trimmed.sign() == elect_signs(trimmed)
-            return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    def drop(z: torch.Tensor) -> torch.Tensor:
+        return sparsify(z, density, SparsificationMethod.random, rescale_norm=RescaleNorm.l1)
 
-        return fuse_ties
-
-    def fuse_dare(Z: torch.Tensor) -> torch.Tensor:
-        def drop() -> torch.Tensor:
-            return torch.stack(
-                [
-                    sparsify(z, density, SparsificationMethod.random, rescale_norm=RescaleNorm.l1)
-                    for z in Z
-                ]
-            ).mean(0)
-
+    def fuse_dare_seeded(Z: torch.Tensor) -> torch.Tensor:
         if seed is None:
-            return drop()  # global RNG: mergekit's --random-seed makes it reproducible
+            return fuse_dare(Z, drop)  # global RNG: mergekit's --random-seed makes it reproducible
         devices = [Z.device] if Z.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # one stream per tensor, so equal-shaped tensors do not share a mask
             torch.manual_seed(seed ^ zlib.crc32((tensor_name or "").encode()))
-            return drop()
+            return fuse_dare(Z, drop)
 
-    return fuse_dare
+    return fuse_dare_seeded
 
 
 def _seedlora_twostage_kernel(tau, parameters, group) -> torch.Tensor:
@@ -439,12 +430,25 @@ LORE = SeedMergeMethod(
 METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
 
 
-def register_all() -> None:
-    """Register every method with mergekit, skipping names already registered."""
-    present = {method.spec.name for method in registry.registered_methods()}
+def register_all() -> List[str]:
+    """Register every method with mergekit; idempotent.
+
+    A name already registered by someone else is never shadowed: theirs is kept, ours is not
+    registered, and the returned list says so (one line per name).
+    """
+    present = {method.spec.name: method for method in registry.registered_methods()}
+    problems = []
     for method in METHODS:
-        if method.spec.name not in present:
+        other = present.get(method.spec.name)
+        if other is None:
             registry.register(method)
+        elif other is not method:
+            owner = type(other).__module__.split(".")[0]
+            problems.append(
+                f"merge_method '{method.spec.name}' is already registered by {owner}; mergekit-seed keeps that one "
+                f"and does not register its own, so recipes naming '{method.spec.name}' run {owner}'s method"
+            )
+    return problems
 
 
 # Importing this module registers the methods; register_all() is idempotent.

@@ -119,7 +119,8 @@ def _setting_form_problem(setting: Any) -> Optional[str]:
 
 @dataclass
 class Recipe:
-    """A parsed recipe: its configuration and the YAML text.
+    """A parsed recipe: its configuration, the YAML text, and where it came from (``origin``,
+    the path or card named in messages).
 
     ``config`` is mergekit's ``MergeConfiguration``, or an :class:`AdapterMergeConfig` when
     the models are adapter folders (on disk, or on the Hub when an ``output:`` section says so).
@@ -127,6 +128,7 @@ class Recipe:
 
     config: Any
     source: str
+    origin: str = "recipe"
 
     @property
     def is_adapter_recipe(self) -> bool:
@@ -155,22 +157,32 @@ def names_adapters(data: Dict[str, Any]) -> bool:
     )
 
 
-def _read_mapping(path: str) -> Tuple[str, Dict[str, Any]]:
-    """The recipe's text and its YAML mapping (safe loader); a :class:`UserError` otherwise."""
+def _read_text(path: str) -> str:
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"{path}: cannot read recipe ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+
+
+def _parse_mapping(source: str, origin: str) -> Dict[str, Any]:
+    """The recipe text's YAML mapping (safe loader); a :class:`UserError` otherwise."""
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{path}:{where} YAML syntax error: {problem}") from None
+        raise UserError(f"{origin}:{where} YAML syntax error: {problem}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping with merge_method and models")
-    return source, data
+        raise UserError(f"{origin}: a recipe must be a YAML mapping with merge_method and models")
+    return data
+
+
+def _read_mapping(path: str) -> Tuple[str, Dict[str, Any]]:
+    source = _read_text(path)
+    return source, _parse_mapping(source, path)
 
 
 def is_adapter_recipe_file(path: str) -> bool:
@@ -181,9 +193,10 @@ def is_adapter_recipe_file(path: str) -> bool:
         return False
 
 
-def load_recipe(path: str) -> Recipe:
-    """Parse ``path`` as a mergekit recipe (safe YAML; mergekit's schema, or the adapter subset)."""
-    source, data = _read_mapping(path)
+def parse_recipe(source: str, origin: str = "recipe") -> Recipe:
+    """Parse recipe text (safe YAML; mergekit's schema, or the adapter subset); ``origin``
+    names it in messages (its path, or the model card it came from)."""
+    data = _parse_mapping(source, origin)
     try:
         if names_adapters(data):
             config = AdapterMergeConfig.model_validate(data)
@@ -196,10 +209,15 @@ def load_recipe(path: str) -> Recipe:
         if message == "Extra inputs are not permitted":
             top_level = "." not in location  # slices, tokenizer, ...: mergekit's full-model fields
             message = "not used by adapter merges (they change only the adapters' modules)" if top_level else "unknown field"
-        raise UserError(f"{path}: {location}: {message}" if location else f"{path}: {message}") from None
+        raise UserError(f"{origin}: {location}: {message}" if location else f"{origin}: {message}") from None
     except (RuntimeError, ValueError) as error:  # mergekit's validators raise RuntimeError
-        raise UserError(f"{path}: {str(error).splitlines()[0]}") from None
-    return Recipe(config=config, source=source)
+        raise UserError(f"{origin}: {str(error).splitlines()[0]}") from None
+    return Recipe(config=config, source=source, origin=origin)
+
+
+def load_recipe(path: str) -> Recipe:
+    """Parse the recipe file ``path`` (see :func:`parse_recipe`)."""
+    return parse_recipe(_read_text(path), path)
 
 
 def _scalar_leaves(setting: Any) -> Iterable[Any]:

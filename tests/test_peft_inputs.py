@@ -189,7 +189,7 @@ def assert_same_tensors(result, expected, base, where, rtol=1e-4):
 
 DISTINCT = [
     "llama-seq-cls", "llama-trainable-tokens", "llama-lm-head",
-    "gpt2-bias-all", "gpt2-lora-bias", "gpt2-trainable-tokens", "gpt2-conv1d-and-linear",
+    "gpt2-bias-all", "gpt2-bias-lora-only", "gpt2-lora-bias", "gpt2-trainable-tokens", "gpt2-conv1d-and-linear",
 ]
 
 
@@ -303,3 +303,22 @@ def test_lora_output_honours_dtype_and_rank_auto(peft_seeds, bases, tmp_path):
             B = tensors[key.replace("lora_A", "lora_B")]
             rank, (out_features, in_features) = A.shape[0], (B.shape[0], A.shape[1])
             assert rank * (in_features + out_features) <= in_features * out_features, key
+
+
+def test_the_card_hashes_the_base_when_a_lora_output_reads_it(bases, peft_seeds, tmp_path):
+    from mergekit_seed.card import read_card
+
+    base = bases / "llama-cls"
+    recipe = adapter_recipe(tmp_path / "heads.yml", "seedft", base, peft_seeds["llama-seq-cls"], {"format": "lora"})
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "heads", "--quiet", check=True)
+    assert str(base) in read_card(tmp_path / "heads")["provenance"]["inputs"]
+
+    plain = [shutil.copytree(seed, tmp_path / f"plain{i}") for i, seed in enumerate(peft_seeds["llama-seq-cls"])]
+    from safetensors.torch import load_file, save_file
+
+    for seed in plain:  # LoRA factors only: the base's weights are not read, nor hashed
+        file = seed / "adapter_model.safetensors"
+        save_file({k: v for k, v in load_file(file).items() if "lora_" in k}, file)
+    recipe = adapter_recipe(tmp_path / "plain.yml", "seedft", base, plain, {"format": "lora"})
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "plain", "--quiet", check=True)
+    assert str(base) not in read_card(tmp_path / "plain")["provenance"]["inputs"]

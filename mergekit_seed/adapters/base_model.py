@@ -97,6 +97,13 @@ class BaseWeights:
             raise UserError(f"base_model {self.reference}: has no tensor {name}, which {why}; give the base the seeds were trained from")
         return self._files[name]
 
+    def shape(self, name: str, why: str) -> tuple:
+        """The shape of the base's ``name`` (from the file header)."""
+        from safetensors import safe_open
+
+        with safe_open(self._require(name, why), framework="pt") as reader:
+            return tuple(reader.get_slice(name).get_shape())
+
     def tensor(self, name: str, why: str) -> torch.Tensor:
         """The base's ``name`` as float32 (float64 stays float64)."""
         from safetensors import safe_open

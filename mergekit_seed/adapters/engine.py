@@ -249,7 +249,13 @@ class _TensorInputs:
         )
 
     def shape(self) -> tuple:
-        shapes = {tuple(seed.shapes()[self.name]) for seed in self.seeds if self.name in seed.shapes()}
+        shapes = {
+            tuple(tensor.shape)
+            for seed in self.seeds
+            for role in (seed.deltas, seed.bias_deltas, seed.whole)
+            if self.name in role
+            for tensor in [role[self.name]]
+        }
         shapes |= {
             (self.base_shape[0], seed.token_rows[self.name].values.shape[1])
             for seed in self.seeds
@@ -261,7 +267,7 @@ class _TensorInputs:
 
     @cached_property
     def base_shape(self) -> tuple:
-        return tuple(self.base.tensor(self.name, "the trainable tokens replace rows of").shape)
+        return self.base.shape(self.name, "the trainable tokens replace rows of")
 
     def delta(self, seed: AdapterSeed, shape: tuple) -> Union[LowRank, torch.Tensor, None]:
         """The seed's delta from the base (None when the seed does not change this tensor)."""
@@ -351,7 +357,8 @@ def run_adapter_merge(
         seeds = [seed.in_base_layout(conv1d) for seed in seeds]
     out_dtype = torch_dtype(config.out_dtype or config.dtype)
 
-    names = sorted(set().union(*(seed.tensor_names() for seed in seeds)))
+    names_by_seed = [set(seed.tensor_names()) for seed in seeds]
+    names = sorted(set().union(*names_by_seed))
     merged_adapter = MergedAdapter(
         modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
         token_indices_by_module=any(seed.token_indices_by_module for seed in seeds),
@@ -371,9 +378,9 @@ def run_adapter_merge(
         inputs = _TensorInputs(seeds, name, base)
         shape = inputs.shape()
         shared, per_seed = resolve_module_parameters(method, config, name)
-        changed_by = [seed for seed in seeds if name in seed.tensor_names()]
-        if len(changed_by) < len(seeds):
-            missing = ", ".join(str(seed.path) for seed in seeds if seed not in changed_by)
+        unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
+        if unchanged_in:
+            missing = ", ".join(unchanged_in)
             what = "the base's value" if inputs.whole else "a zero delta"
             say(f"{name}: missing in {missing}; counted as {what} there")
         if inputs.whole:

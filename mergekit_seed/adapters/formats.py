@@ -313,6 +313,25 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
     return AdapterSeed(folder, "sera", sera.base_model_name_or_path, deltas, kinds)
 
 
+FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".sera_A", ".sera_B", ".sera_C")
+
+
+def reads_base_weights(folder: Path) -> bool:
+    """Whether merging this adapter folder reads base weights: it holds tensors beyond LoRA/SeRA
+    factors (saved modules, biases, trainable tokens) or is fan_in_fan_out. From the config
+    and the safetensors header only; False when those cannot be read (the merge says why)."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        if config.get("fan_in_fan_out"):
+            return True
+        with safe_open(folder / SAFETENSORS_NAME, framework="pt") as reader:
+            return any(not key.endswith(FACTOR_SUFFIXES) for key in reader.keys())
+    except Exception:  # unreadable: the merge itself reports it in one line
+        return False
+
+
 def locate_adapter(path: str | Path) -> Path:
     """A local adapter folder, or a Hub adapter repository downloaded to the Hub cache."""
     folder = Path(path)

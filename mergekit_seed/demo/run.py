@@ -126,7 +126,7 @@ def run_experiment(
     """Train, merge and evaluate every setting once; returns accuracies per setting."""
     from mergekit.options import MergeOptions
 
-    from mergekit_seed.cli import run_recipe
+    from mergekit_seed.runner import merge
     from mergekit_seed.sera import load_sera, merge_sera
 
     train = make_examples(config.train_per_skill, config.data_seed + experiment)
@@ -172,7 +172,7 @@ def run_experiment(
             kind = ("adapter" if setting != "full" else "full") if ours else mergekit_kind
             recipe = write_recipe(merges / setting / f"{method}.yml", method, models / "base", seeds if ours else mergekit_inputs, kind)
             merged = merges / setting / method
-            run_recipe(str(recipe), str(merged), options, overwrite=True)
+            merge(recipe, merged, options, overwrite=True, echo=echo)
             eval_kind = "lora" if kind == "adapter" else "full"
             accuracy[method] = evaluate(load_for_eval(models / "base", merged, eval_kind), held_out, vocabulary)
         results[setting] = accuracy

@@ -92,8 +92,41 @@ Fusion = Callable[[torch.Tensor], torch.Tensor]
 """Fuses stacked coordinates Z (N, r, r) into one (r, r) (mean, TIES or DARE)."""
 
 
+Sparsify = Callable[[torch.Tensor], torch.Tensor]
+"""Sparsifies one seed's coordinates z (r, r): TIES's magnitude trim or DARE's random drop
+with rescaling (the methods layer binds mergekit's ``sparsify`` with the recipe's density)."""
+
+
 def fuse_mean(Z: torch.Tensor) -> torch.Tensor:
     return Z.mean(0)
+
+
+def elect_signs(trimmed: torch.Tensor, tie_rtol: float = 1e-6) -> torch.Tensor:
+    """TIES sign election over stacked values (N, ...): the sign of their sum.
+
+    In the SVD basis of M_avg the seeds' off-diagonal coordinates sum to exactly zero
+    (sum_i Z_i = N U^T M_avg V = N S), so a plain ``sum >= 0`` would elect by rounding noise.
+    Sums within ``tie_rtol`` of the total magnitude count as ties and go to the sign of the
+    largest-magnitude value, which keeps the election independent of seed order.
+    """
+    total = trimmed.sum(0)
+    tie = total.abs() <= tie_rtol * trimmed.abs().sum(0)
+    largest = trimmed.gather(0, trimmed.abs().argmax(0, keepdim=True)).squeeze(0)
+    return torch.where(tie, largest.sign(), total.sign())
+
+
+def fuse_ties(Z: torch.Tensor, trim: Sparsify) -> torch.Tensor:
+    """TIES fusion of the coordinates (Sec. 3.4, "ties"): trim each Z_i, elect a sign per
+    coordinate, average the trimmed values that agree with it."""
+    trimmed = torch.stack([trim(z) for z in Z])
+    agree = trimmed.sign() == elect_signs(trimmed)
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def fuse_dare(Z: torch.Tensor, drop: Sparsify) -> torch.Tensor:
+    """DARE fusion of the coordinates (Sec. 3.4, "dare"): randomly drop and rescale each Z_i,
+    then average."""
+    return torch.stack([drop(z) for z in Z]).mean(0)
 
 
 @dataclass

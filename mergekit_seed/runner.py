@@ -1,0 +1,213 @@
+"""Recipe in, merged folder out: the one merge runner.
+
+:func:`merge` loads and validates a recipe, picks the engine (mergekit's ``run_merge`` for
+full models, the adapter-native engine for adapter recipes), writes the model card and
+publishes the output atomically. It is the Python API (``mergekit_seed.merge``) and what
+``mergekit-seed run``, ``reproduce`` and the demo call; it never exits the process: a
+problem is a :class:`~mergekit_seed.errors.UserError` (:class:`RecipeProblems` when
+validation finds several), whose message is the one line the CLI prints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
+
+from pydantic import BaseModel, ValidationError, model_validator
+
+from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, recipe_warnings
+
+if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
+    from mergekit.options import MergeOptions
+
+
+class RecipeProblems(UserError):
+    """A recipe that cannot run. ``problems`` holds every problem found, one line each; the
+    message is the first."""
+
+    def __init__(self, problems: List[str]):
+        super().__init__(problems[0])
+        self.problems = problems
+
+
+class AdapterRunOptions(BaseModel, frozen=True):
+    """The mergekit options an adapter merge uses, under mergekit's names and meanings.
+
+    ``random_seed`` seeds the global generators as mergekit does (Python's, numpy's and
+    torch's): DARE fusion without its own ``seed`` draws from them.
+    """
+
+    cuda: bool = False
+    device: Optional[str] = None
+    quiet: bool = False
+    verbosity: int = 0
+    num_threads: Optional[int] = None
+    random_seed: Optional[int] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_device(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("device") is None:  # as mergekit: --cuda means the GPU
+            values = {**values, "device": "cuda" if values.get("cuda") else "cpu"}
+        return values
+
+    def apply_global_options(self) -> None:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
+        import torch
+
+        if self.random_seed is not None:
+            import random
+
+            import numpy
+
+            random.seed(self.random_seed)
+            numpy.random.seed(self.random_seed)
+            torch.manual_seed(self.random_seed)  # every device's generator
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+            torch.set_num_interop_threads(self.num_threads)
+
+
+Options = Union["MergeOptions", AdapterRunOptions]
+
+
+@dataclass
+class MergeResult:
+    """What :func:`merge` wrote: the output folder, its kind (``full`` or ``lora``), the model
+    card, and for adapter merges one report per LoRA module (rank, kept energy)."""
+
+    out: Path
+    kind: str
+    card: Path
+    modules: List[Any] = field(default_factory=list)
+
+
+def make_options(recipe: Recipe, values: dict) -> Options:
+    """Options for ``recipe`` from keyword values (mergekit's ``MergeOptions`` field names):
+    an adapter recipe whose values are all adapter options gets :class:`AdapterRunOptions`
+    (no mergekit import), anything else mergekit's ``MergeOptions``."""
+    try:
+        if recipe.is_adapter_recipe and set(values) <= set(AdapterRunOptions.model_fields):
+            return AdapterRunOptions(**values)
+        from mergekit.options import MergeOptions
+
+        return MergeOptions(**values)
+    except ValidationError as error:
+        location, message = first_validation_problem(error)
+        raise UserError(f"option '{location}': {message}") from None
+
+
+def prepare_output(out_path: Path, overwrite: bool) -> Path:
+    """Refuse to mix with an existing non-empty OUT; return the temporary sibling to write into."""
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"{out_path}: exists and is not a folder; choose another output path")
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
+        raise UserError(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _publish(staging: Path, out_path: Path) -> None:
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    staging.rename(out_path)
+
+
+def _terminate_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def validated_recipe(recipe: Union[str, os.PathLike, Recipe]) -> Recipe:
+    """``recipe`` (a path or a parsed :class:`Recipe`) after every up-front check; raises
+    :class:`RecipeProblems` listing them all."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(str(recipe))
+    problems = check_recipe(recipe, recipe.origin)
+    if not problems:
+        problems = check_files(recipe, recipe.origin)
+    if problems:
+        raise RecipeProblems(problems)
+    return recipe
+
+
+def merge(
+    recipe: Union[str, os.PathLike, Recipe],
+    out: Union[str, os.PathLike],
+    options: Optional[Options] = None,
+    *,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+    warn: Optional[Callable[[str], None]] = None,
+    **option_values: Any,
+) -> MergeResult:
+    """Merge ``recipe`` (a YAML path or a :class:`~mergekit_seed.recipe.Recipe`) into ``out``.
+
+    ``options`` is mergekit's ``MergeOptions`` (or :class:`AdapterRunOptions`); or give
+    mergekit's option names as keywords (``cuda=True``, ``random_seed=0``, ``quiet=True``).
+    The recipe is validated before anything is loaded; the merge is written into a hidden
+    sibling of ``out`` and renamed into place only when complete, model card included, so a
+    failed merge leaves no weights behind. ``echo`` gets progress lines, ``warn`` warnings
+    (default: ``echo`` with a ``warning:`` prefix). Raises :class:`UserError` (one line) for
+    anything the user can fix.
+    """
+    if warn is None:
+        warn = lambda message: echo(f"warning: {message}")  # noqa: E731
+    recipe = validated_recipe(recipe)
+    if options is None:
+        options = make_options(recipe, option_values)
+    elif option_values:
+        raise TypeError("give options or keyword option values, not both")
+    for warning in recipe_warnings(recipe):
+        warn(warning)
+
+    from mergekit import merge_methods
+
+    from mergekit_seed.card import CARD_NAME, render_card
+
+    method = merge_methods.get(recipe.config.merge_method)
+    kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
+    # rendered first: the inputs are hashed as they are when the merge reads them, and
+    # mergekit's planner rewrites the configuration object while it runs
+    card = render_card(recipe, method, options.model_dump(exclude_defaults=True), kind)
+    out_path = Path(out).absolute()
+    staging = prepare_output(out_path, overwrite)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate_on_signal) if in_main_thread else None
+    modules: List[Any] = []
+    try:
+        options.apply_global_options()
+        if recipe.is_adapter_recipe:
+            from mergekit_seed.adapters.engine import run_adapter_merge
+
+            modules = run_adapter_merge(
+                recipe.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu"
+            )
+        else:
+            from mergekit.merge import run_merge
+
+            if options.lora_merge_cache is None and any(m.lora is not None for m in recipe.config.referenced_models()):
+                # mergekit needs a folder for the BASE+ADAPTER copies it merges first
+                options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
+            run_merge(recipe.config, str(staging), options=options, config_source=recipe.source)
+            shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
+        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        _publish(staging, out_path)
+    except ValueError as error:  # mergekit's and our methods' refusals mid-merge
+        raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
+    except UserError as error:
+        raise UserError(f"{recipe.origin}: {error}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME, modules=modules)

@@ -1,0 +1,124 @@
+"""The plugin never breaks mergekit, and merging is a Python API the CLI only wraps."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import recipe_text, run_cli, save_random_lora, write_recipe
+
+import mergekit_seed
+from mergekit_seed.errors import UserError
+
+
+def run_python(code: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """A fresh interpreter (the .pth hook runs at its start), as a user's process would be."""
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True)
+
+
+def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = tmp_path / "linear.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    out = tmp_path / "out"
+    broken = 'import sys; sys.modules["mergekit_seed.kernels.lore"] = None  # one module of ours unimportable\n'
+    done = run_python(prelude=broken, code=f"""
+        sys.argv = ["mergekit-yaml", {str(recipe)!r}, {str(out)!r}]
+        from mergekit.scripts.run_yaml import main
+        main()
+    """)
+    assert done.returncode == 0, done.stderr
+    assert list(out.glob("*.safetensors"))
+    ours = [line for line in done.stderr.splitlines() if "mergekit-seed" in line]
+    assert len(ours) == 1, done.stderr
+    assert ours[0].startswith("warning: mergekit-seed 0.1.0 could not register its merge methods with mergekit 0.1.5")
+    assert "mergekit-seed methods" in ours[0] and "Traceback" not in done.stderr
+
+    done = run_python(prelude=broken, code="""
+        sys.argv = ["mergekit-seed", "methods"]
+        from mergekit_seed.cli import console_main
+        console_main()
+    """)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not register" in errors[0], done.stderr
+
+
+def test_a_foreign_method_under_our_name_is_kept_and_reported():
+    done = run_python("""
+        import copy, dataclasses
+        from mergekit_seed import _hook
+        _hook._uninstall()  # register the foreign method before ours
+        from mergekit.merge_methods import registry
+        foreign = copy.copy(registry.get("linear"))
+        foreign.spec = dataclasses.replace(foreign.spec, name="lore")
+        registry.register(foreign)
+        import mergekit_seed
+        problems = mergekit_seed.register()
+        assert registry.get("lore") is foreign, "ours replaced theirs"
+        assert registry.get("seedft").spec.name == "seedft"
+        print(len(problems))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'lore' is already registered by mergekit" in warnings[0], done.stderr
+
+
+def test_registering_twice_reports_nothing():
+    assert mergekit_seed.register() == []
+    assert mergekit_seed.register() == []
+
+
+def test_merge_api_full_and_adapter_recipes(tiny_family, tmp_path):
+    from mergekit_seed.weights import load_weights
+
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "full.yml", "seedlora_dm", base, seeds)
+    result = mergekit_seed.merge(recipe, tmp_path / "full", quiet=True)
+    assert result.kind == "full" and result.card.is_file()
+    cli_out = tmp_path / "cli"
+    run_cli("mergekit-seed", "run", recipe, cli_out, "--quiet", check=True)
+    api, cli = load_weights(result.out), load_weights(cli_out)
+    assert all((api[name] == cli[name]).all() for name in cli)
+
+    adapters = [save_random_lora(base, tmp_path / f"lora{i}", r=2, seed=i) for i in range(2)]
+    recipe = tmp_path / "lora.yml"
+    recipe.write_text(recipe_text("seedft", base, adapters, output={"format": "lora"}))
+    result = mergekit_seed.merge(recipe, tmp_path / "adapter", quiet=True, random_seed=3)
+    assert result.kind == "lora" and (result.out / "adapter_model.safetensors").is_file()
+    assert {module.name for module in result.modules} == {
+        f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")
+    }
+
+
+def test_merge_api_raises_the_line_the_cli_prints(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "bad.yml", "seedft", base, seeds, parameters={"rnak": 2, "rtol": -1})
+    with pytest.raises(mergekit_seed.RecipeProblems) as raised:
+        mergekit_seed.merge(recipe, tmp_path / "out")
+    cli = run_cli("mergekit-seed", "run", recipe, tmp_path / "out")
+    assert [f"error: {problem}" for problem in raised.value.problems] == cli.stderr.strip().splitlines()
+    assert len(raised.value.problems) == 2 and str(raised.value) == raised.value.problems[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_api_leaves_nothing_half_written(tiny_family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, seeds = tiny_family
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in seeds[1].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, [seeds[0], broken])
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="NaN or Inf"):
+        mergekit_seed.merge(recipe, out, quiet=True)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
