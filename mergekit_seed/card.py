@@ -14,11 +14,11 @@ import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.recipe import is_hub_id, reference_paths
 
 CARD_NAME = "README.md"
@@ -26,6 +26,63 @@ PROVENANCE_KEY = "mergekit_seed"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # Options that only choose hardware or verbosity; everything else is recorded for reproduction.
 HARDWARE_OPTIONS = {"cuda", "device", "multi_gpu", "read_to_gpu", "low_cpu_memory", "quiet", "verbosity", "num_threads", "lora_merge_cache", "transformers_cache"}
+
+
+# options that run code shipped with the inputs: never taken from a card
+CODE_OPTIONS = {"trust_remote_code"}
+
+
+def option_flags(options: Dict[str, Any]) -> List[str]:
+    """The mergekit command-line flags that set ``options`` (booleans as ``--x``/``--no-x``)."""
+    flags = []
+    for key, value in options.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags.append(f"--{flag} {value}")
+    return flags
+
+
+def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[Dict[str, Any], List[str]]:
+    """The merge options a card records, checked as untrusted input; returns them and warnings.
+
+    Every key must be a mergekit option with a valid value. Hardware and path options are
+    ignored (they come from the command line). An option that runs code shipped with the
+    models (``trust_remote_code``) is never taken from a card: a card asking for it is refused
+    unless the user passed it (``trust_remote_code``), which then applies whatever the card says.
+    """
+    from pydantic import ValidationError
+
+    from mergekit.options import MergeOptions
+
+    if recorded is None:
+        recorded = {}
+    if not isinstance(recorded, dict):
+        raise UserError(f"{origin}: options: must be a mapping of mergekit options")
+    options: Dict[str, Any] = {}
+    warnings: List[str] = []
+    for key, value in recorded.items():
+        if key not in MergeOptions.model_fields:
+            raise UserError(f"{origin}: options.{key}: not a mergekit option")
+        if key in HARDWARE_OPTIONS:
+            warnings.append(f"{origin}: options.{key} ignored: hardware and path options come from the command line")
+        elif key in CODE_OPTIONS:
+            if value and not trust_remote_code:
+                raise UserError(
+                    f"{origin}: the card asks for {key}, which runs Python code shipped with the models; reproduce "
+                    f"never enables it from a card: pass --{key.replace('_', '-')} if you trust every model the recipe names"
+                )
+        else:
+            options[key] = value
+    if trust_remote_code:
+        options["trust_remote_code"] = True
+    try:
+        MergeOptions(**options)
+    except ValidationError as error:
+        location, message = first_validation_problem(error)
+        raise UserError(f"{origin}: options.{location}: {message}") from None
+    return options, warnings
 
 
 def package_version(name: str) -> str:
@@ -91,6 +148,8 @@ def _jsonable(value: Any) -> Any:
         return value.model_dump(mode="json", exclude_none=True)
     if isinstance(value, list):
         return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(v) for key, v in value.items()}
     return value
 
 
@@ -144,9 +203,7 @@ def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_
         for folder, files in inputs.items()
         for name, digest in files.items()
     ) or "| (no local weight files) | | |"
-    option_text = "".join(
-        f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items() if v is not False
-    )
+    option_text = "".join(f" {flag}" for flag in option_flags(options))
     kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
@@ -240,16 +297,17 @@ def verify_inputs(recorded: Dict[str, Dict[str, str]]) -> List[str]:
 
 
 def compare_weights(result: Path, reference: Path):
-    """Compare every tensor of two output folders' safetensors files.
+    """Compare every tensor of two output folders' weight files (safetensors or ``.bin``).
 
     Returns (name of the tensor with the largest absolute difference, that difference,
     problems such as tensors present in one folder only or with different shapes).
     """
     from mergekit_seed.weights import load_weights
 
-    ours, theirs = load_weights(result), load_weights(reference)
+    theirs = load_weights(reference)
     if not theirs:
-        raise UserError(f"{reference}: no .safetensors files to compare with")
+        raise UserError(f"{reference}: no weight files (*.safetensors or *.bin) to compare with")
+    ours = load_weights(result)
     problems = [f"{name} is only in {reference}" for name in sorted(set(theirs) - set(ours))]
     problems += [f"{name} is only in {result}" for name in sorted(set(ours) - set(theirs))]
     worst_name, worst = "", 0.0

@@ -166,7 +166,8 @@ def methods_command(as_json: bool) -> None:
 @main.command("validate")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--offline", is_flag=True, help="Skip the checks that read the inputs on disk.")
-def validate_command(recipes: tuple, offline: bool) -> None:
+@click.option("--allow-crimes", is_flag=True, help="Accept models of different architectures (as mergekit's option).")
+def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
     """Check RECIPES before anything is loaded; list every problem, one line each.
 
     Checks YAML syntax, mergekit's schema, the method, every parameter's type and range,
@@ -184,7 +185,7 @@ def validate_command(recipes: tuple, offline: bool) -> None:
             continue
         problems += check_recipe(recipe, path)
         if not offline:
-            problems += check_files(recipe, path)
+            problems += check_files(recipe, path, allow_crimes=allow_crimes)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:
@@ -224,19 +225,36 @@ def recipes_show_command(name: str, models: Optional[str]) -> None:
 @click.option("--atol", type=float, default=1e-6, show_default=True, help="Largest absolute difference --check accepts.")
 @click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
-def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool) -> None:
+@click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Let the models' own Python code run (mergekit's option); never taken from the card.",
+)
+def reproduce_command(
+    source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool, trust_remote_code: bool
+) -> None:
     """Re-run the merge described by SOURCE (a model card README.md or an output folder) into OUT."""
-    from mergekit_seed.card import CARD_NAME, compare_weights, package_version, read_card, verify_inputs
+    from mergekit_seed.card import CARD_NAME, card_options, compare_weights, package_version, read_card, verify_inputs
+    from mergekit_seed.recipe import parse_recipe
 
+    card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
     try:
         card = read_card(Path(source))
+        # a card is untrusted input: its options and recipe are checked before anything is read
+        recorded, warnings = card_options(card["provenance"].get("options"), trust_remote_code, str(card_path))
+        recipe = parse_recipe(card["recipe"], origin=f"{card_path} (recipe)")
     except UserError as error:
         fail(str(error))
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    from mergekit_seed.weights import weight_files
+
+    if check_dir is not None and not weight_files(Path(check_dir)):
+        fail(f"{check_dir}: no weight files (*.safetensors or *.bin) to compare with; nothing was merged")
     provenance = card["provenance"]
     for package, key in (("mergekit-seed", "version"), ("mergekit", "mergekit_version")):
-        recorded, installed = provenance.get(key), package_version(package)
-        if recorded and recorded != installed:
-            click.echo(f"warning: the merge was made with {package} {recorded}; {installed} is installed", err=True)
+        recorded_version, installed = provenance.get(key), package_version(package)
+        if recorded_version and recorded_version != installed:
+            click.echo(f"warning: the merge was made with {package} {recorded_version}; {installed} is installed", err=True)
     mismatches = verify_inputs(provenance.get("inputs") or {})
     for mismatch in mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
@@ -245,14 +263,7 @@ def reproduce_command(source: str, out: str, check_dir: Optional[str], atol: flo
         sys.exit(1)
     from mergekit.options import MergeOptions
 
-    from mergekit_seed.recipe import parse_recipe
-
-    options = MergeOptions(**(provenance.get("options") or {}))
-    card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
-    try:
-        recipe = parse_recipe(card["recipe"], origin=f"{card_path} (recipe)")
-    except UserError as error:
-        fail(str(error))
+    options = MergeOptions(**recorded)
     run_recipe(recipe, out, options, overwrite)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
 
@@ -166,10 +166,57 @@ def _read_text(path: str) -> str:
         raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
 
 
+# Bounds on what a recipe may be: a real one is a few kilobytes. YAML aliases can make a
+# few hundred bytes expand into billions of values (an "alias bomb").
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many YAML nodes ``node`` stands for once every alias is expanded (stops past ``limit``)."""
+    sizes: Dict[int, int] = {}
+
+    def size(current: yaml.Node) -> int:
+        if id(current) in sizes:
+            return sizes[id(current)]
+        total = 1
+        if isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = current.value
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(current)] = total
+        return total
+
+    return size(node)
+
+
+def _safe_load(source: str, origin: str) -> Any:
+    """``yaml.safe_load`` (the C loader when installed), refusing alias expansion past
+    :data:`MAX_RECIPE_VALUES` values."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(source)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
+            raise UserError(f"{origin}: YAML aliases expand to more than {MAX_RECIPE_VALUES:,} values; write the recipe out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _parse_mapping(source: str, origin: str) -> Dict[str, Any]:
     """The recipe text's YAML mapping (safe loader); a :class:`UserError` otherwise."""
+    if len(source) > MAX_RECIPE_BYTES:
+        raise UserError(f"{origin}: {len(source):,} characters is too long for a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
-        data = yaml.safe_load(source)
+        data = _safe_load(source, origin)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -283,13 +330,25 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         problems += _check_parameters(
             method, model.parameters, f"{path}: models[{index}] ({model.model}) parameters", adapter
         )
+    for index, piece in enumerate(getattr(config, "slices", None) or []):
+        problems += _check_parameters(method, piece.parameters, f"{path}: slices[{index}] parameters", adapter)
+        for source_index, source in enumerate(piece.sources):
+            problems += _check_parameters(
+                method, source.parameters, f"{path}: slices[{index}].sources[{source_index}] ({source.model}) parameters", adapter
+            )
+    for field_name in ("dtype", "out_dtype"):
+        value = getattr(config, field_name, None)
+        if value is not None and value not in get_args(DtypeName):
+            problems.append(
+                f"{path}: {field_name}: '{value}' is not a dtype mergekit knows; use bfloat16, float16, float32 or float64"
+            )
     problems += _check_output_section(recipe, path)
     if not config.models:
         return problems
 
     from mergekit.merge_methods.base import BasePolicy
 
-    from mergekit_seed.methods import MIN_SEEDS
+    from mergekit_seed.methods import MIN_SEEDS, SeedMergeMethod
 
     base = config.base_model
     seeds = [m for m in config.models if base is None or m.model != base]
@@ -313,7 +372,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         problems.append(
             f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)"
         )
-    if len(seeds) < MIN_SEEDS:
+    if isinstance(method, SeedMergeMethod) and len(seeds) < MIN_SEEDS:  # mergekit's methods: their own contracts
         problems.append(
             f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}"
         )
@@ -383,18 +442,58 @@ def is_hub_id(path: str) -> bool:
     return not (path.startswith(("/", ".", "~")) or Path(path).exists() or path.count("/") != 1)
 
 
-def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
-    """Problems with the inputs on disk: missing local paths, unreadable files, and tensors
-    whose shapes differ between inputs or are missing in some (headers only)."""
+PLACEHOLDERS = ("REPLACE", "${")  # shipped recipes' REPLACE/... and ${DEMO_MODELS}
+
+
+def _path_problem(folder: str, path: str) -> Optional[str]:
+    """Why a model path cannot be used as written (a placeholder, ``~``, missing), or None."""
+    if any(placeholder in folder for placeholder in PLACEHOLDERS):
+        return f"{path}: model path {folder} is a placeholder; replace it with your model's folder or Hub id"
+    if Path(folder).exists() or is_hub_id(folder):
+        return None
+    if folder.startswith("~"):
+        return f"{path}: model path {folder} does not exist (~ is not expanded in recipes; write the full path)"
+    return f"{path}: model path {folder} does not exist"
+
+
+def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
+    """Different ``architectures`` in the local models' config.json (mergekit refuses to mix them)."""
+    import json
+
+    found: Dict[str, str] = {}
+    for folder in folders:
+        try:
+            architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
+        except (OSError, ValueError):
+            continue
+        if architectures:
+            found.setdefault(str(folder), architectures[0])
+    if len(set(found.values())) > 1:
+        listing = ", ".join(f"{architecture} ({folder})" for folder, architecture in found.items())
+        return f"{path}: the models have different architectures: {listing}; mergekit mixes them only with --allow-crimes"
+    return None
+
+
+def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False) -> List[str]:
+    """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
+    mixed architectures (unless ``allow_crimes``), and tensors whose shapes differ between
+    inputs or are missing in some (headers only)."""
     config = recipe.config
     problems: List[str] = []
     shapes_by_input: Dict[str, Dict[str, tuple]] = {}
     for reference in config.referenced_models():
         for folder in reference_paths(reference):
-            if not Path(folder).exists():
-                if not is_hub_id(folder):
-                    problems.append(f"{path}: model path {folder} does not exist")
-                continue
+            problem = _path_problem(folder, path)
+            if problem:
+                problems.append(problem)
+    if problems:
+        return problems
+    if not recipe.is_adapter_recipe and not allow_crimes:
+        local = [Path(reference_paths(r)[0]) for r in config.referenced_models() if Path(reference_paths(r)[0]).is_dir()]
+        problem = _architecture_problem(local, path)
+        if problem:
+            return [problem]
+    for reference in config.referenced_models():
         folder = Path(reference_paths(reference)[0])
         if not folder.is_dir():
             continue
@@ -411,22 +510,30 @@ def check_files(recipe: Recipe, path: str = "recipe") -> List[str]:
                 from mergekit_seed.weights import safetensors_shapes
 
                 shapes = safetensors_shapes(folder)
-                if not shapes:
-                    problems.append(f"{path}: {folder} has no .safetensors weights")
-                shapes_by_input[str(folder)] = shapes
+                if shapes:
+                    shapes_by_input[str(folder)] = shapes
+                elif not list(folder.glob("*.bin")):  # .bin checkpoints: mergekit reads them itself
+                    problems.append(f"{path}: {folder} has no weights (*.safetensors or *.bin)")
         except UserError as error:
             problems.append(str(error))
     if len(shapes_by_input) > 1:
-        problems += _compare_shapes(shapes_by_input, path, allow_missing=recipe.is_adapter_recipe)
+        # with a tokenizer setting mergekit aligns the vocabularies: embedding rows may differ
+        rows_may_differ = bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
+        problems += _compare_shapes(shapes_by_input, path, recipe.is_adapter_recipe, rows_may_differ)
     return problems
 
 
-def _compare_shapes(shapes_by_input: Dict[str, Dict[str, tuple]], path: str, allow_missing: bool) -> List[str]:
+def _compare_shapes(
+    shapes_by_input: Dict[str, Dict[str, tuple]], path: str, allow_missing: bool, rows_may_differ: bool = False
+) -> List[str]:
     problems = []
     all_names = sorted(set().union(*shapes_by_input.values()))
     for name in all_names:
         present = {folder: shapes[name] for folder, shapes in shapes_by_input.items() if name in shapes}
-        if len(set(present.values())) > 1:
+        distinct = set(present.values())
+        if rows_may_differ and all(len(shape) == 2 for shape in distinct) and len({s[1] for s in distinct}) == 1:
+            continue  # vocabulary rows (embeddings, heads) that the tokenizer merge aligns
+        if len(distinct) > 1:
             listing = ", ".join(f"{folder} {shape}" for folder, shape in present.items())
             problems.append(f"{path}: tensor {name} has different shapes: {listing}")
         elif not allow_missing and len(present) < len(shapes_by_input):

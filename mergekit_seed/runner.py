@@ -82,11 +82,12 @@ Options = Union["MergeOptions", AdapterRunOptions]
 @dataclass
 class MergeResult:
     """What :func:`merge` wrote: the output folder, its kind (``full`` or ``lora``), the model
-    card, and for adapter merges one report per LoRA module (rank, kept energy)."""
+    card (None with ``write_model_card=False``), and for adapter merges one report per LoRA
+    module (rank, kept energy)."""
 
     out: Path
     kind: str
-    card: Path
+    card: Optional[Path]
     modules: List[Any] = field(default_factory=list)
 
 
@@ -127,17 +128,29 @@ def _terminate_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def validated_recipe(recipe: Union[str, os.PathLike, Recipe]) -> Recipe:
-    """``recipe`` (a path or a parsed :class:`Recipe`) after every up-front check; raises
-    :class:`RecipeProblems` listing them all."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(str(recipe))
+def check_device(options: Options) -> None:
+    """Refuse ``--cuda``/``--device cuda...`` on a machine where torch sees no CUDA device,
+    before anything is loaded."""
+    device = str(options.device or ("cuda" if options.cuda else "cpu"))
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        flag = "--cuda" if options.cuda and options.device in (None, "cuda") else f"--device {device}"
+        raise UserError(f"{flag}: torch sees no CUDA device here (torch {torch.__version__}); leave it out to merge on the CPU")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate(recipe: Recipe, allow_crimes: bool = False) -> None:
+    """Every up-front check of a parsed recipe; raises :class:`RecipeProblems` listing them all."""
     problems = check_recipe(recipe, recipe.origin)
     if not problems:
-        problems = check_files(recipe, recipe.origin)
+        problems = check_files(recipe, recipe.origin, allow_crimes=allow_crimes)
     if problems:
         raise RecipeProblems(problems)
-    return recipe
 
 
 def merge(
@@ -162,11 +175,13 @@ def merge(
     """
     if warn is None:
         warn = lambda message: echo(f"warning: {message}")  # noqa: E731
-    recipe = validated_recipe(recipe)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(str(recipe))
     if options is None:
         options = make_options(recipe, option_values)
     elif option_values:
         raise TypeError("give options or keyword option values, not both")
+    validate(recipe, allow_crimes=getattr(options, "allow_crimes", False))
     for warning in recipe_warnings(recipe):
         warn(warning)
 
@@ -179,6 +194,8 @@ def merge(
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
     card = render_card(recipe, method, options.model_dump(exclude_defaults=True), kind)
+    write_card = getattr(options, "write_model_card", True)
+    check_device(options)
     out_path = Path(out).absolute()
     staging = prepare_output(out_path, overwrite)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -200,9 +217,10 @@ def merge(
                 options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
             run_merge(recipe.config, str(staging), options=options, config_source=recipe.source)
             shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
-        (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        if write_card:
+            (staging / CARD_NAME).write_text(card, encoding="utf-8")
         _publish(staging, out_path)
-    except ValueError as error:  # mergekit's and our methods' refusals mid-merge
+    except (ValueError, RuntimeError) as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
     except UserError as error:
         raise UserError(f"{recipe.origin}: {error}") from None
@@ -210,4 +228,4 @@ def merge(
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(staging, ignore_errors=True)
-    return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME, modules=modules)
+    return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME if write_card else None, modules=modules)

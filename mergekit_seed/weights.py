@@ -10,13 +10,26 @@ import torch
 from mergekit_seed.errors import UserError
 
 
+def weight_files(folder: Path) -> list:
+    """A folder's weight files: its ``*.safetensors``, else its PyTorch ``*.bin`` files."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return files or sorted(Path(folder).glob("*.bin"))
+
+
 def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
-    """Every tensor of a folder's ``*.safetensors`` files (small models: tests, demo, checks)."""
+    """Every tensor of a folder's weight files (small models: tests, demo, checks); ``.bin``
+    files are read with ``torch.load(weights_only=True)``, which runs no pickled code."""
     from safetensors.torch import load_file
 
     weights: Dict[str, torch.Tensor] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        weights.update(load_file(file))
+    for file in weight_files(folder):
+        if file.suffix == ".safetensors":
+            weights.update(load_file(file))
+            continue
+        try:
+            weights.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as error:  # the unpickler raises many types; all mean "refused"
+            raise UserError(f"{file}: not a plain tensor file ({str(error).splitlines()[0]})") from None
     return weights
 
 

@@ -1,0 +1,240 @@
+"""Recipes stock mergekit merges run here with the same tensors; mistakes are one line; a card
+never switches on remote code."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import refused, run_cli, write_recipe
+from mergekit_seed.weights import load_weights
+
+
+def copy_family(tiny_family, root: Path):
+    base, seeds = tiny_family
+    return shutil.copytree(base, root / "base"), [shutil.copytree(s, root / s.name) for s in seeds]
+
+
+def same_as_stock_mergekit(recipe: Path, tmp_path: Path, *options) -> Path:
+    """``mergekit-seed run`` and stock ``mergekit-yaml`` give bitwise the same tensors; the
+    card reproduces the merge. Returns our output folder."""
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    run_cli("mergekit-seed", "run", recipe, ours, "--quiet", *options, check=True)
+    run_cli("mergekit-yaml", recipe, stock, *options, check=True)
+    a, b = load_weights(ours), load_weights(stock)
+    assert set(a) == set(b) and a
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    result = run_cli("mergekit-seed", "reproduce", ours / "README.md", tmp_path / "again", "--check", ours)
+    assert result.returncode == 0, result.stderr
+    return ours
+
+
+def test_per_model_conditional_parameters(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n"
+        f"  - model: {seeds[0]}\n    parameters:\n      weight: [{{filter: self_attn, value: 0.0}}, {{value: 1.0}}]\n"
+        f"  - model: {seeds[1]}\n    parameters:\n      weight: 1.0\ndtype: float32\n"
+    )
+    ours = same_as_stock_mergekit(recipe, tmp_path)
+    assert "filter" in (ours / "README.md").read_text()
+
+
+def test_a_builtin_method_with_one_model(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
+        "dtype: float32\n"
+    )
+    same_as_stock_mergekit(recipe, tmp_path)
+
+
+def test_pytorch_bin_checkpoints(tiny_family, tmp_path):
+    from safetensors.torch import load_file
+
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    shutil.copytree(seeds[1], tmp_path / "bin-seed")
+    weights = tmp_path / "bin-seed" / "model.safetensors"
+    torch.save(load_file(weights), tmp_path / "bin-seed" / "pytorch_model.bin")  # as transformers 4 saved them
+    weights.unlink()
+    assert list((tmp_path / "bin-seed").glob("*.bin")) and not list((tmp_path / "bin-seed").glob("*.safetensors"))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, [seeds[0], tmp_path / "bin-seed"])
+    same_as_stock_mergekit(recipe, tmp_path)
+
+
+def test_reproduce_check_compares_bin_outputs(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "bin", "--quiet", "--no-safe-serialization", check=True)
+    assert list((tmp_path / "bin").glob("*.bin"))
+    result = run_cli("mergekit-seed", "reproduce", tmp_path / "bin", tmp_path / "again", "--check", tmp_path / "bin")
+    assert result.returncode == 0 and "every tensor matches" in result.stdout, result.stderr
+
+
+def test_tokenizer_union_with_added_tokens(tiny_family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    tokenizer = AutoTokenizer.from_pretrained(seeds[2])
+    tokenizer.add_tokens(["<think>", "</think>"])
+    model = AutoModelForCausalLM.from_pretrained(seeds[2])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(seeds[2])
+    tokenizer.save_pretrained(seeds[2])
+    for setting in ("tokenizer_source: union", "tokenizer:\n  source: union"):
+        recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+        recipe.write_text(recipe.read_text() + setting + "\n")
+        refused_before = run_cli("mergekit-seed", "validate", recipe)
+        assert refused_before.returncode == 0, refused_before.stderr
+        folder = tmp_path / setting.split(":")[0]
+        folder.mkdir()
+        same_as_stock_mergekit(recipe, folder)
+
+
+def _front_matter(card: Path):
+    text = card.read_text(encoding="utf-8")
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def test_a_card_never_switches_on_remote_code(tiny_family, tmp_path):
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    marker = tmp_path / "custom-code-ran"
+    for folder in [base] + seeds:
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = {"AutoConfig": "custom.CustomConfig"}
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "custom.py").write_text(
+            f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from transformers import LlamaConfig\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
+        )
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "merged", "--quiet", check=True)
+    assert not marker.exists()
+
+    card = tmp_path / "merged" / "README.md"
+    front, body = _front_matter(card)
+    front["mergekit_seed"]["options"]["trust_remote_code"] = True  # a crafted (or downloaded) card
+    card.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
+    out = tmp_path / "again"
+    result = run_cli("mergekit-seed", "reproduce", card, out, isolated=True)
+    refused(result, "trust_remote_code", "--trust-remote-code", out=out)
+    assert not marker.exists() and not out.exists()
+
+    # the control: with the user's own flag the same card does run the models' code
+    result = run_cli("mergekit-seed", "reproduce", card, out, "--trust-remote-code", isolated=True)
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+
+
+def test_card_options_are_checked_as_untrusted_input(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "merged", "--quiet", check=True)
+    card = tmp_path / "merged" / "README.md"
+    front, body = _front_matter(card)
+    for options, fragment in (({"run_this": "rm -rf /"}, "options.run_this: not a mergekit option"), ({"out_shard_size": "huge"}, "options.out_shard_size")):
+        front["mergekit_seed"]["options"] = options
+        card.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
+        refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again"), fragment, out=tmp_path / "again")
+
+
+def test_no_write_model_card_and_a_reproduce_line_that_round_trips(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "nocard", "--quiet", "--no-write-model-card", check=True)
+    assert not (tmp_path / "nocard" / "README.md").exists()
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "card", "--quiet", "--no-copy-tokenizer", "--random-seed", "3", check=True)
+    text = (tmp_path / "card" / "README.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("mergekit-seed run recipe.yml OUT"))
+    assert "--no-copy-tokenizer" in line and "--random-seed 3" in line
+    assert not (tmp_path / "card" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------ mistakes: one line each
+
+
+@pytest.mark.parametrize(
+    "where,parameter,fragment",
+    [
+        ("slice", "rnak: 1", "unknown parameter 'rnak'"),
+        ("source", "rtol: -5", "'rtol' = -5"),
+        ("slice", "lambda: big", "'lambda' = 'big'"),
+    ],
+)
+def test_parameters_inside_slices_are_checked(tiny_family, tmp_path, where, parameter, fragment):
+    base, seeds = tiny_family
+    name, value = (part.strip() for part in parameter.split(":"))
+    value = yaml.safe_load(value)
+    sources = [{"model": str(m), "layer_range": [0, 2]} for m in [base] + seeds]
+    piece = {"sources": sources}
+    if where == "source":
+        sources[1]["parameters"] = {name: value}
+    else:
+        piece["parameters"] = {name: value}
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "seedft", "base_model": str(base), "slices": [piece], "dtype": "float32"}))
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), fragment, out=tmp_path / "out")
+
+
+def test_cuda_on_a_machine_without_cuda(tiny_family, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    base, seeds = tiny_family
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--cuda"), "--cuda", "no CUDA device", out=out)
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--device", "cuda:1"), "cuda:1", out=out)
+
+
+def test_an_unknown_dtype(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    recipe.write_text(recipe.read_text().replace("dtype: float32", "dtype: float33"))
+    refused(run_cli("mergekit-seed", "validate", recipe), "dtype: 'float33'")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "dtype: 'float33'", out=tmp_path / "out")
+
+
+def test_models_of_different_architectures(tiny_family, tmp_path):
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    config = json.loads((seeds[1] / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    config["model_type"] = "mistral"
+    (seeds[1] / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    refused(run_cli("mergekit-seed", "validate", recipe), "different architectures", "--allow-crimes")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "--allow-crimes", out=tmp_path / "out")
+    assert run_cli("mergekit-seed", "validate", "--allow-crimes", recipe).returncode == 0
+
+
+def test_recipe_files_that_are_not_recipes(tmp_path):
+    latin1 = tmp_path / "latin1.yml"
+    latin1.write_bytes("merge_method: seedft  # caf\xe9\n".encode("latin-1"))
+    refused(run_cli("mergekit-seed", "validate", latin1), "not UTF-8")
+    bomb = tmp_path / "bomb.yml"
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]'] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)
+    ]
+    bomb.write_text("\n".join(levels) + "\n")
+    assert bomb.stat().st_size < 400
+    refused(run_cli("mergekit-seed", "validate", bomb), "aliases expand")
+
+
+def test_paths_that_cannot_be_models(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", "~/models/base", ["REPLACE/seed-1", "/nowhere/seed-2"])
+    result = run_cli("mergekit-seed", "validate", recipe)
+    refused(result, "~ is not expanded", "REPLACE/seed-1 is a placeholder", "/nowhere/seed-2 does not exist")
+
+
+def test_shipped_recipes_with_placeholders_do_not_pass_validate():
+    from mergekit_seed.recipe import shipped_recipes
+
+    recipe = shipped_recipes()["seedft-llama2-7b-metamath"]
+    refused(run_cli("mergekit-seed", "validate", recipe), "is a placeholder")
