@@ -85,6 +85,41 @@ def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[D
     return options, warnings
 
 
+def install_command() -> str:
+    """The pip requirement that installs this mergekit-seed again, from where it came (PEP 610
+    ``direct_url.json``): a VCS URL at its commit, a local folder's git remote at its commit,
+    else the index version."""
+    import subprocess
+    from importlib.metadata import distribution
+
+    try:
+        direct = json.loads(distribution("mergekit-seed").read_text("direct_url.json") or "null")
+    except (PackageNotFoundError, ValueError):
+        direct = None
+    pinned = f'"mergekit-seed=={package_version("mergekit-seed")}"'
+    if not direct:
+        return pinned
+    url = direct.get("url", "")
+    vcs = direct.get("vcs_info")
+    if vcs:
+        return f'"mergekit-seed @ {vcs.get("vcs", "git")}+{url}@{vcs.get("commit_id", "")}"'
+    if url.startswith("file://"):
+        folder = url[len("file://"):]
+        try:
+            def git(*args: str) -> str:
+                return subprocess.run(
+                    ["git", "-C", folder, *args], capture_output=True, text=True, check=True, timeout=5
+                ).stdout.strip()
+
+            remote, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
+            if remote and commit and not remote.startswith(("/", ".", "file:")):
+                return f'"mergekit-seed @ git+{remote}@{commit}"'
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return f"{pinned}  # installed from a local folder: install that source instead"
+    return pinned
+
+
 def package_version(name: str) -> str:
     try:
         return version(name)
@@ -118,13 +153,29 @@ def merge_inputs(recipe) -> List[Any]:
     return config.referenced_models()
 
 
-def hash_inputs(references) -> Dict[str, Dict[str, str]]:
-    """{folder: {weight file name: sha256}} for every local folder the references name."""
-    hashes: Dict[str, Dict[str, str]] = {}
-    for reference in sorted(references, key=str):
-        for folder in [p for p in reference_paths(reference) if Path(p).is_dir()]:
-            files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
-            hashes[folder] = {f.name: sha256_file(f) for f in files}
+def _local_folders(recipe) -> List[str]:
+    """The local folders of the recipe's model references, sorted (the index of a folder here
+    is its label ``inputN`` in the card; mergekit returns the references as a set)."""
+    folders: List[str] = []
+    for reference in sorted(recipe.config.referenced_models(), key=str):
+        for path in reference_paths(reference):
+            if Path(path).is_dir() and path not in folders:
+                folders.append(path)
+    return folders
+
+
+def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
+    """{``inputN``: {"folder": base name, "files": {weight file: sha256}}} for every local folder
+    ``references`` name. Inputs are labelled by their place in the recipe rather than by path,
+    so a published card does not carry the merging machine's directory layout."""
+    order = _local_folders(recipe)
+    hashes: Dict[str, Dict[str, Any]] = {}
+    wanted = {path for reference in references for path in reference_paths(reference)}
+    for index, folder in enumerate(order):
+        if folder not in wanted:
+            continue
+        files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+        hashes[f"input{index}"] = {"folder": Path(folder).name, "files": {f.name: sha256_file(f) for f in files}}
     return hashes
 
 
@@ -162,28 +213,43 @@ def reference_md(reference) -> str:
     return " + ".join(_hub_link(path) for path in reference_paths(reference))
 
 
-def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_kind: str) -> str:
-    """The README.md text for a finished merge."""
+def render_card(
+    recipe,
+    method,
+    merge_options: Optional[Dict[str, Any]],
+    output_kind: str,
+    hub_inputs: Optional[Dict[str, Dict[str, Any]]] = None,
+    title: str = "Merged model",
+) -> str:
+    """The README.md text for a finished merge; ``hub_inputs`` is
+    :func:`mergekit_seed.hub.hub_provenance` of the Hub ids the merge resolved (commits and
+    file hashes), ``title`` the model's name."""
     config = recipe.config
     options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
-    inputs = hash_inputs(merge_inputs(recipe))
+    inputs = hash_inputs(recipe, merge_inputs(recipe))
     hub_ids = [path for reference in config.referenced_models() for path in reference_paths(reference) if is_hub_id(path)]
+    hub_ids = sorted({path.partition("@")[0] for path in hub_ids})
     provenance = {
         "version": package_version("mergekit-seed"),
         "mergekit_version": package_version("mergekit"),
+        "install": install_command(),
         "merge_method": config.merge_method,
         "parameters": {k: _jsonable(v) for k, v in resolved_parameters(method, config).items()},
         "options": options,
         "inputs": inputs,
+        "hub_inputs": hub_inputs or {},
     }
     metadata = {
         "base_model": hub_ids,
+        "base_model_relation": "merge",
         "tags": ["mergekit", "merge", "mergekit-seed"],
         "library_name": "peft" if output_kind == "lora" else "transformers",
         PROVENANCE_KEY: provenance,
     }
     pretty = method.spec.pretty_name or method.spec.name
     paper = getattr(method, "paper", None)
+    if method.spec.reference_url:
+        paper = f"[{paper or method.spec.reference_url}]({method.spec.reference_url})"
     base_text = f" using {reference_md(config.base_model)} as a base" if config.base_model else ""
     if config.base_model and not getattr(method, "needs_base", True):
         base_text = f" (base model {reference_md(config.base_model)} listed but not an input: the method needs none)"
@@ -208,7 +274,7 @@ def render_card(recipe, method, merge_options: Optional[Dict[str, Any]], output_
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
-# Merged model
+# {title}
 
 This is {kind_text} merged from {len(seeds)} seed runs with
 [mergekit-seed](https://pypi.org/project/mergekit-seed/) {provenance['version']} on
@@ -250,10 +316,11 @@ The following YAML configuration was used to produce this model:
 ## Reproduce
 
 ```sh
-pip install torch "mergekit-seed=={provenance['version']}" "mergekit=={provenance['mergekit_version']}"
+pip install torch "mergekit=={provenance['mergekit_version']}" {provenance['install']}
 # save the Configuration above as recipe.yml, then:
 mergekit-seed run recipe.yml OUT{option_text}
-# or straight from this card, checking every tensor against this folder:
+# or straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT --check),
+# inputs at their recorded revisions, checking every tensor against this folder:
 mergekit-seed reproduce README.md OUT --check .
 ```
 """
@@ -283,10 +350,23 @@ def read_card(source: Path) -> Dict[str, Any]:
     return {"recipe": recipe.group(1), "provenance": provenance}
 
 
-def verify_inputs(recorded: Dict[str, Dict[str, str]]) -> List[str]:
-    """One line per recorded input weight file that is missing or whose sha256 differs."""
+def verify_inputs(recorded: Dict[str, Any], recipe=None) -> List[str]:
+    """One line per recorded input weight file that is missing or whose sha256 differs.
+
+    Inputs are labelled ``inputN`` (the N-th local folder of ``recipe``); cards written before
+    that key them by folder path, which is still read.
+    """
+    folders = _local_folders(recipe) if recipe is not None else []
     problems = []
-    for folder, files in recorded.items():
+    for key, entry in recorded.items():
+        if key.startswith("input") and key[5:].isdigit() and isinstance(entry, dict):
+            index = int(key[5:])
+            if index >= len(folders):
+                problems.append(f"{key} ({entry.get('folder')}): the recipe has no such local input")
+                continue
+            folder, files = folders[index], entry.get("files") or {}
+        else:
+            folder, files = key, entry
         for name, digest in files.items():
             path = Path(folder) / name
             if not path.is_file():

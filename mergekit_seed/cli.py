@@ -59,7 +59,13 @@ def main() -> None:
     """Multi-seed model merging for mergekit: SeedFT, SeedLoRA, LoRE-Merging."""
 
 
-def run_recipe(recipe_path: "str | Recipe", out: str, merge_options: "MergeOptions | AdapterRunOptions", overwrite: bool) -> None:
+def run_recipe(
+    recipe_path: "str | Recipe",
+    out: str,
+    merge_options: "MergeOptions | AdapterRunOptions",
+    overwrite: bool,
+    revisions: Optional[dict] = None,
+) -> None:
     """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
     try:
         merge(
@@ -69,6 +75,7 @@ def run_recipe(recipe_path: "str | Recipe", out: str, merge_options: "MergeOptio
             overwrite=overwrite,
             echo=click.echo,
             warn=lambda message: click.echo(f"warning: {message}", err=True),
+            revisions=revisions,
         )
     except RecipeProblems as error:
         for problem in error.problems:
@@ -153,7 +160,7 @@ def methods_command(as_json: bool) -> None:
         return
     for entry in described:
         click.echo(f"{entry['name']}  ({entry['pretty_name']})")
-        click.echo(f"  paper: {entry['paper']}")
+        click.echo(f"  paper: {entry['paper']} ({entry['reference_url']})")
         click.echo(f"  inputs: base model {entry['base_model']}, at least {entry['min_seeds']} seeds")
         for parameter in entry["parameters"]:
             click.echo(
@@ -218,10 +225,16 @@ def recipes_show_command(name: str, models: Optional[str]) -> None:
         fail(str(error))
 
 
+CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the source's own weights
+
+
 @main.command("reproduce")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--check", "check_dir", type=click.Path(file_okay=False, exists=True), help="Compare every tensor with this folder.")
+@click.option(
+    "--check", "check_dir", is_flag=False, flag_value=CHECK_SOURCE, default=None, metavar="[DIR]",
+    help="Compare every tensor with DIR; without DIR, with the source's own weights (the Hub repository's or the card's folder).",
+)
 @click.option("--atol", type=float, default=1e-6, show_default=True, help="Largest absolute difference --check accepts.")
 @click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
@@ -232,30 +245,48 @@ def recipes_show_command(name: str, models: Optional[str]) -> None:
 def reproduce_command(
     source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool, trust_remote_code: bool
 ) -> None:
-    """Re-run the merge described by SOURCE (a model card README.md or an output folder) into OUT."""
+    """Re-run the merge described by SOURCE into OUT: a model card (README.md), an output
+    folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
+    Hub inputs are read at the commits the card records."""
     from mergekit_seed.card import CARD_NAME, card_options, compare_weights, package_version, read_card, verify_inputs
-    from mergekit_seed.recipe import parse_recipe
+    from mergekit_seed.hub import download_file, resolve, split_revision, verify_hub_inputs
+    from mergekit_seed.recipe import is_hub_id, parse_recipe
+    from mergekit_seed.weights import weight_files
 
-    card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
     try:
-        card = read_card(Path(source))
+        if Path(source).exists():
+            card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
+            source_weights = card_path.parent
+        elif is_hub_id(split_revision(source)[0]):
+            repo_id, revision = split_revision(source)
+            card_path = download_file(repo_id, CARD_NAME, revision)
+            source_weights = None  # fetched only for --check
+        else:
+            raise UserError(f"{source}: neither a card, an output folder nor a Hub repository id (ORG/NAME[@REVISION])")
+        card = read_card(card_path)
+        provenance = card["provenance"]
+        if not provenance:
+            raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
         # a card is untrusted input: its options and recipe are checked before anything is read
-        recorded, warnings = card_options(card["provenance"].get("options"), trust_remote_code, str(card_path))
+        recorded, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
         recipe = parse_recipe(card["recipe"], origin=f"{card_path} (recipe)")
+        if check_dir == CHECK_SOURCE:
+            if source_weights is None:
+                repo_id, revision = split_revision(source)
+                source_weights = resolve(repo_id, revision).folder
+            check_dir = str(source_weights)
+        if check_dir is not None and not weight_files(Path(check_dir)):
+            raise UserError(f"{check_dir}: no weight files (*.safetensors or *.bin) to compare with; nothing was merged")
     except UserError as error:
         fail(str(error))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
-    from mergekit_seed.weights import weight_files
-
-    if check_dir is not None and not weight_files(Path(check_dir)):
-        fail(f"{check_dir}: no weight files (*.safetensors or *.bin) to compare with; nothing was merged")
-    provenance = card["provenance"]
     for package, key in (("mergekit-seed", "version"), ("mergekit", "mergekit_version")):
         recorded_version, installed = provenance.get(key), package_version(package)
         if recorded_version and recorded_version != installed:
             click.echo(f"warning: the merge was made with {package} {recorded_version}; {installed} is installed", err=True)
-    mismatches = verify_inputs(provenance.get("inputs") or {})
+    hub_inputs = provenance.get("hub_inputs") or {}
+    mismatches = verify_inputs(provenance.get("inputs") or {}, recipe) + verify_hub_inputs(hub_inputs)
     for mismatch in mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
     if mismatches and not no_verify_inputs:
@@ -264,7 +295,8 @@ def reproduce_command(
     from mergekit.options import MergeOptions
 
     options = MergeOptions(**recorded)
-    run_recipe(recipe, out, options, overwrite)
+    revisions = {repo_id: str(entry["revision"]) for repo_id, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
+    run_recipe(recipe, out, options, overwrite, revisions=revisions)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
         return

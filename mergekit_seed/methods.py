@@ -95,6 +95,7 @@ class SeedMergeMethod(GroupMergeMethod):
         name: str,
         pretty_name: str,
         paper: str,
+        reference_url: str,
         parameters: Tuple[Parameter, ...],
         kernel: Kernel,
         needs_base: bool = True,
@@ -119,7 +120,7 @@ class SeedMergeMethod(GroupMergeMethod):
         self.spec = MergeMethodSpec(
             name=name,
             pretty_name=pretty_name,
-            reference_url=None,
+            reference_url=reference_url,
             parameters=tuple(p.spec() for p in parameters),
             contract=contract,
         )
@@ -202,6 +203,7 @@ def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:
 
 SEEDFT = SeedMergeMethod(
     name="seedft",
+    reference_url="https://openreview.net/forum?id=XPxfT3ttAi",
     pretty_name="SeedFT",
     paper="SeedFT: Structure-Preserving Fusion for Multi-Seed LLM Fine-Tuning",
     parameters=(
@@ -247,6 +249,7 @@ def _seedlora_dm_factored_kernel(tau, shared, per_seed) -> LowRank:
 
 SEEDLORA_DM = SeedMergeMethod(
     name="seedlora_dm",
+    reference_url="https://openreview.net/forum?id=jkCvAAcSDa",
     pretty_name="SeedLoRA (distribution matching)",
     paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (weight distribution matching, Sec. 3.4)",
     parameters=(
@@ -310,6 +313,7 @@ def _seedlora_twostage_kernel(tau, parameters, group) -> torch.Tensor:
 
 SEEDLORA_TWOSTAGE = SeedMergeMethod(
     name="seedlora_twostage",
+    reference_url="https://openreview.net/forum?id=7QH48TtFZX",
     pretty_name="SeedLoRA (two-stage)",
     paper="SeedLoRA: A Fusion Approach to Efficient LLM Fine-Tuning (robust/conflict + subspace fusion, Sec. 3.4)",
     parameters=(
@@ -386,6 +390,7 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
 
 LORE = SeedMergeMethod(
     name="lore",
+    reference_url="https://arxiv.org/abs/2502.10749",
     pretty_name="LoRE-Merging",
     paper="LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging",
     parameters=(
@@ -461,6 +466,7 @@ def describe(method: SeedMergeMethod) -> Dict[str, Any]:
         "name": method.spec.name,
         "pretty_name": method.spec.pretty_name,
         "paper": method.paper,
+        "reference_url": method.spec.reference_url,
         "base_model": "required" if method.needs_base else "not used",
         "min_seeds": MIN_SEEDS,
         "parameters": [

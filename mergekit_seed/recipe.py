@@ -136,23 +136,37 @@ class Recipe:
 
     @property
     def adapter_paths(self) -> List[str]:
-        """Model paths that are local adapter folders (PEFT LoRA or SeRA)."""
-        from mergekit_seed.adapters.formats import is_adapter_folder
-
+        """Model paths that are adapter folders (PEFT LoRA or SeRA; local, or cached Hub ids)."""
         if not self.is_adapter_recipe:
             return []
-        return [entry.model for entry in self.config.models if is_adapter_folder(entry.model)]
+        return [entry.model for entry in self.config.models if _is_adapter(entry.model)]
+
+
+def _is_adapter(reference: str) -> bool:
+    """A local adapter folder, or a Hub id whose cached snapshot has an ``adapter_config.json``."""
+    from mergekit_seed.adapters.formats import is_adapter_folder
+
+    if is_adapter_folder(reference):
+        return True
+    if "+" in reference or not is_hub_id(reference.partition("@")[0]):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, _, revision = reference.partition("@")
+        return isinstance(try_to_load_from_cache(repo_id, "adapter_config.json", revision=revision or None), str)
+    except Exception:  # not a valid repo id
+        return False
 
 
 def names_adapters(data: Dict[str, Any]) -> bool:
-    """Whether a parsed recipe mapping is an adapter recipe."""
-    from mergekit_seed.adapters.formats import is_adapter_folder
-
+    """Whether a parsed recipe mapping is an adapter recipe: it has an ``output:`` section or
+    its models are adapter folders (local, or Hub ids cached as adapters)."""
     if "output" in data:
         return True
     models = data.get("models")
     return isinstance(models, list) and any(
-        isinstance(entry, dict) and isinstance(entry.get("model"), str) and is_adapter_folder(entry["model"])
+        isinstance(entry, dict) and isinstance(entry.get("model"), str) and _is_adapter(entry["model"])
         for entry in models
     )
 
@@ -486,6 +500,12 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
             problem = _path_problem(folder, path)
             if problem:
                 problems.append(problem)
+    from mergekit_seed.hub import hub_problem, hub_references
+
+    for reference in hub_references(recipe):
+        problem = hub_problem(reference)
+        if problem:
+            problems.append(f"{path}: {problem}")
     if problems:
         return problems
     if not recipe.is_adapter_recipe and not allow_crimes:

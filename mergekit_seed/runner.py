@@ -16,7 +16,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ValidationError, model_validator
 
@@ -161,6 +161,7 @@ def merge(
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
     warn: Optional[Callable[[str], None]] = None,
+    revisions: Optional[Dict[str, str]] = None,
     **option_values: Any,
 ) -> MergeResult:
     """Merge ``recipe`` (a YAML path or a :class:`~mergekit_seed.recipe.Recipe`) into ``out``.
@@ -170,8 +171,10 @@ def merge(
     The recipe is validated before anything is loaded; the merge is written into a hidden
     sibling of ``out`` and renamed into place only when complete, model card included, so a
     failed merge leaves no weights behind. ``echo`` gets progress lines, ``warn`` warnings
-    (default: ``echo`` with a ``warning:`` prefix). Raises :class:`UserError` (one line) for
-    anything the user can fix.
+    (default: ``echo`` with a ``warning:`` prefix). Inputs named by Hub id are resolved through
+    the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) at the revision they name, or at
+    ``revisions[repo_id]`` (a card's pinned commits), and recorded in the card with their
+    commits and file hashes. Raises :class:`UserError` (one line) for anything the user can fix.
     """
     if warn is None:
         warn = lambda message: echo(f"warning: {message}")  # noqa: E731
@@ -181,41 +184,54 @@ def merge(
         options = make_options(recipe, option_values)
     elif option_values:
         raise TypeError("give options or keyword option values, not both")
-    validate(recipe, allow_crimes=getattr(options, "allow_crimes", False))
+    allow_crimes = getattr(options, "allow_crimes", False)
+    validate(recipe, allow_crimes=allow_crimes)
     for warning in recipe_warnings(recipe):
         warn(warning)
+    check_device(options)
 
     from mergekit import merge_methods
 
-    from mergekit_seed.card import CARD_NAME, render_card
+    from mergekit_seed.card import CARD_NAME, merge_inputs, render_card
+    from mergekit_seed.hub import hub_provenance, localize
 
+    # the merge reads snapshot folders. A LoRA-out adapter merge reads its base only when the
+    # adapters hold more than factors, which shows once they are local: a second pass.
+    adapters = [entry.model for entry in recipe.config.models] if recipe.is_adapter_recipe else None
+    local, hub_inputs = localize(recipe, revisions, adapters)
+    if adapters is not None:
+        local, base_inputs = localize(local, revisions, [str(reference) for reference in merge_inputs(local)])
+        hub_inputs += base_inputs
+    if hub_inputs:
+        validate(local, allow_crimes=allow_crimes)
     method = merge_methods.get(recipe.config.merge_method)
     kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
+    out_path = Path(out).absolute()
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
-    card = render_card(recipe, method, options.model_dump(exclude_defaults=True), kind)
+    card = render_card(
+        recipe, method, options.model_dump(exclude_defaults=True), kind, hub_provenance(hub_inputs), title=out_path.name
+    )
     write_card = getattr(options, "write_model_card", True)
-    check_device(options)
-    out_path = Path(out).absolute()
     staging = prepare_output(out_path, overwrite)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate_on_signal) if in_main_thread else None
     modules: List[Any] = []
     try:
         options.apply_global_options()
-        if recipe.is_adapter_recipe:
+        if local.is_adapter_recipe:
             from mergekit_seed.adapters.engine import run_adapter_merge
 
             modules = run_adapter_merge(
-                recipe.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu"
+                local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu"
             )
         else:
             from mergekit.merge import run_merge
 
-            if options.lora_merge_cache is None and any(m.lora is not None for m in recipe.config.referenced_models()):
+            if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
                 # mergekit needs a folder for the BASE+ADAPTER copies it merges first
                 options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
-            run_merge(recipe.config, str(staging), options=options, config_source=recipe.source)
+            run_merge(local.config, str(staging), options=options, config_source=recipe.source)
             shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
         if write_card:
             (staging / CARD_NAME).write_text(card, encoding="utf-8")

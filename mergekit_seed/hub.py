@@ -1,0 +1,204 @@
+"""Hugging Face Hub inputs: resolved through huggingface_hub's cache-aware calls, pinned to commits.
+
+A recipe may name any input by Hub id (``org/name`` or ``org/name@revision``). Before a merge
+every such id is resolved with ``snapshot_download``, which honours ``HF_HUB_OFFLINE``,
+``HF_HUB_CACHE``/``HF_HOME`` and ``HF_TOKEN`` and, offline, serves the cached snapshot; the
+merge then reads the snapshot folders (stock mergekit asks the Hub for a file list first,
+which fails offline). The commit each id resolved to and the sha256 of its weight files are
+recorded in the model card, so that a reproduction reads the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit_seed.errors import UserError
+from mergekit_seed.recipe import Recipe, is_hub_id, parse_recipe
+
+# what a merge reads from a model or adapter repository (no code: remote code stays off)
+PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class HubInput:
+    """A Hub id as the recipe names it, the commit it resolved to, and its snapshot folder."""
+
+    reference: str
+    repo_id: str
+    commit: str
+    folder: Path
+
+
+def split_revision(reference: str) -> Tuple[str, Optional[str]]:
+    """``org/name@rev`` -> (``org/name``, ``rev``); no ``@``: revision None (``main``)."""
+    repo_id, _, revision = reference.partition("@")
+    return repo_id, revision or None
+
+
+def _one_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def resolve(reference: str, revision: Optional[str] = None) -> HubInput:
+    """Download (or, offline, find in the cache) ``reference`` at ``revision`` (default: the
+    one the reference names, else ``main``); a missing repo, revision or cache entry is one line."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, named = split_revision(reference)
+    wanted = revision or named
+    where = f"{repo_id}@{wanted}" if wanted else repo_id
+    try:
+        folder = Path(snapshot_download(repo_id, revision=wanted, allow_patterns=PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # PyTorch checkpoints only: take the .bin files
+            folder = Path(snapshot_download(repo_id, revision=wanted, allow_patterns=PATTERNS + ["*.bin"]))
+    except RevisionNotFoundError:
+        raise UserError(f"{where}: the Hub repository has no revision {wanted}") from None
+    except GatedRepoError:
+        raise UserError(f"{where}: a gated repository; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}: no such Hub repository (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        offline = " and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
+        raise UserError(f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}){offline}") from None
+    except Exception as error:  # network and filesystem errors of many types
+        raise UserError(f"{where}: cannot be fetched from the Hub ({_one_line(error)})") from None
+    return HubInput(reference=reference, repo_id=repo_id, commit=folder.name, folder=folder)
+
+
+def hub_problem(reference: str) -> Optional[str]:
+    """Why a Hub id cannot be used, checked without downloading weights: offline, whether its
+    config is in the cache; online, whether the repository exists at the revision. None when
+    fine (or when the Hub cannot be asked: the merge will say)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo_id, revision = split_revision(reference)
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    cached = any(
+        isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str)
+        for name in ("config.json", "adapter_config.json")
+    )
+    if cached:
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        return f"{where}: the Hub repository has no revision {revision}"
+    except RepositoryNotFoundError:
+        return f"{where}: no such Hub repository (or it is private: set HF_TOKEN)"
+    except Exception:  # no network: not checked here
+        return None
+    return None
+
+
+def download_file(repo_id: str, filename: str, revision: Optional[str] = None) -> Path:
+    """One file of a Hub repository (a model card), through the cache; one line if missing."""
+    from huggingface_hub import hf_hub_download
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as error:
+        raise UserError(f"{where}: cannot read {filename} ({_one_line(error)})") from None
+
+
+def weight_hashes(folder: Path) -> Dict[str, str]:
+    """sha256 of each weight file in a snapshot folder (hashing the bytes, not trusting names)."""
+    from mergekit_seed.card import sha256_file
+
+    return {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.name.endswith(WEIGHT_SUFFIXES)}
+
+
+def hub_references(recipe: Recipe) -> List[str]:
+    """Every Hub id the recipe names (with its ``@revision`` if given), in order, once."""
+    config = recipe.config
+    found: List[str] = []
+    if recipe.is_adapter_recipe:
+        names = config.referenced_models()
+    else:
+        names = []
+        for reference in config.referenced_models():
+            for path in (reference.model, reference.lora):
+                if path is not None:
+                    names.append(f"{path.path}@{path.revision}" if path.revision else str(path.path))
+        tokenizer = getattr(config, "tokenizer", None)
+        source = getattr(config, "tokenizer_source", None) or getattr(tokenizer, "source", None)
+        if source is not None and not isinstance(source, str):  # a model reference, not base/union
+            names.append(str(source))
+    for name in names:
+        if is_hub_id(split_revision(name)[0]) and name not in found:
+            found.append(name)
+    return found
+
+
+def _substitute(value: Any, folders: Dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _substitute(item, folders) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item, folders) for item in value]
+    if isinstance(value, str):
+        parts = value.split("+")
+        if any(part in folders for part in parts):
+            return "+".join(folders.get(part, part) for part in parts)
+    return value
+
+
+def localize(
+    recipe: Recipe, pins: Optional[Dict[str, str]] = None, read: Optional[List[str]] = None
+) -> Tuple[Recipe, List[HubInput]]:
+    """``recipe`` with every Hub id the merge reads replaced by its snapshot folder, and the
+    resolved inputs.
+
+    ``pins`` maps repo ids to the commit to use (a card's recorded revisions); otherwise each id
+    resolves at the revision it names, else ``main``. ``read`` limits the ids to those the merge
+    reads (a LoRA-out adapter merge only names its base: it is not downloaded).
+    """
+    references = [r for r in hub_references(recipe) if read is None or r in read]
+    if not references:
+        return recipe, []
+    import yaml
+
+    pins = pins or {}
+    inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
+    folders = {entry.reference: str(entry.folder) for entry in inputs}
+    data = _substitute(yaml.safe_load(recipe.source), folders)
+    return parse_recipe(yaml.safe_dump(data, sort_keys=False), recipe.origin), inputs
+
+
+def hub_provenance(inputs: List[HubInput]) -> Dict[str, Dict[str, Any]]:
+    """{repo id: {"revision": commit, "files": {weight file: sha256}}} for the model card."""
+    return {entry.repo_id: {"revision": entry.commit, "files": weight_hashes(entry.folder)} for entry in inputs}
+
+
+def verify_hub_inputs(recorded: Dict[str, Dict[str, Any]]) -> List[str]:
+    """One line per recorded Hub input that cannot be had at its commit or whose files differ."""
+    problems = []
+    for repo_id, entry in recorded.items():
+        if not isinstance(entry, dict) or not entry.get("revision"):
+            problems.append(f"{repo_id}: the card records no revision for this Hub input")
+            continue
+        try:
+            folder = resolve(repo_id, str(entry["revision"])).folder
+        except UserError as error:
+            problems.append(str(error))
+            continue
+        actual = weight_hashes(folder)
+        for name, digest in (entry.get("files") or {}).items():
+            if name not in actual:
+                problems.append(f"{repo_id}@{entry['revision']}: {name} is missing")
+            elif actual[name] != digest:
+                problems.append(f"{repo_id}@{entry['revision']}: {name} has changed (sha256 differs from the card)")
+    return problems
