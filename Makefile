@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-$(BIN)/mergekit-seed: pyproject.toml
+$(BIN)/mergekit-seed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test]" -c constraints.txt
 	touch $@
 
 install: $(BIN)/mergekit-seed

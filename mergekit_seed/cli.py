@@ -330,6 +330,38 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
     click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
 
 
+@main.command("compare")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help='JSONL: {"text"} rows, or {"prompt", "answer"} rows.')
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for compare.json, compare.md, compare.png.")
+@click.option("--base", help="Base model for adapters whose config names none (or to override it).")
+@click.option("--metric", type=click.Choice(["perplexity", "answer_logprob", "exact_match"]), help="Default: perplexity for text rows, answer_logprob for prompt/answer rows.")
+@click.option("--reference", help="The model the others are compared with (default: the best model that is not a merge).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--cuda", is_flag=True, help="Score on the GPU (as --device cuda).")
+@click.option("--device", default=None, help="torch device to score on (default cpu).")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
+@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def compare_command(models: tuple, data: str, out: str, base: Optional[str], metric: Optional[str], reference: Optional[str],
+                    batch_size: int, cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int, quiet: bool) -> None:
+    """Score MODELS (full models or adapters, folders or Hub ids) on --data and compare each with
+    the best seed: paired per-example differences, a bootstrap interval, and a verdict."""
+    from mergekit_seed.compare import compare
+    from mergekit_seed.runner import AdapterRunOptions, check_device
+
+    try:
+        options = AdapterRunOptions(cuda=cuda, device=device)
+        check_device(options)
+        compare(
+            list(models), Path(data), Path(out), base=base, metric=metric, reference=reference, batch_size=batch_size,
+            device=options.device, confidence=confidence, seed=seed, resamples=resamples, quiet=quiet, echo=click.echo,
+        )
+    except UserError as error:
+        fail(str(error))
+
+
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
 @click.option("--quick", is_flag=True, help="One experiment, shorter training (under 3 minutes on 2 CPU cores).")

@@ -35,9 +35,18 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
         assert set(entry["per_skill"]["seedft"]) == set(results["task"]["skills"])
         # seeds actually learned something beyond nothing
         assert max(entry["seeds"].values()) > 0.2
-    assert results["config"]["quick"] is True
+    assert results["config"]["quick"] is True and results["config"]["threads"] == 1
+    environment = results["environment"]
+    assert set(environment["versions"]) >= {"torch", "transformers", "peft", "mergekit", "mergekit-seed"}
+    assert all(version != "unknown" for version in environment["versions"].values())
+    assert environment["threads"] == 1 and environment["device"] == "cpu"
+    for entry in results["settings"].values():
+        for method, difference in entry["versus_best_seed"].items():
+            assert difference["low"] <= difference["mean"] <= difference["high"], method
+            assert difference["verdict"] in ("better", "worse", "no detectable difference")
     assert (out / "results.png").stat().st_size > 10_000
     assert "| setting | seed0 |" in stdout and "best seed" in stdout
+    assert "experiment 1/1" in stdout and "| versus best seed |" in stdout
     # the demo's recipes are real recipes with model cards
     assert (out / "merges" / "lora" / "seedlora_twostage" / "adapter_config.json").exists()
     assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
@@ -111,3 +120,22 @@ def test_analyze_reads_adapters_without_a_base(tmp_path):
     assert subspace_similarity(torch.eye(5), torch.eye(5), 3, 3) == 1.0
     missing = run_cli("mergekit-seed", "analyze", tmp_path / "a")
     assert missing.returncode != 0
+
+
+def test_the_documented_results_are_the_committed_results_file():
+    """docs/demo.md's tables and the README's sentence are generated from docs/demo-results.json."""
+    from pathlib import Path
+
+    from mergekit_seed.demo.run import headline, render_markdown
+
+    root = Path(__file__).parent.parent
+    results = json.loads((root / "docs" / "demo-results.json").read_text())
+    page = (root / "docs" / "demo.md").read_text()
+    section = page.split("<!-- results:begin -->\n", 1)[1].split("<!-- results:end -->", 1)[0]
+    assert section.strip() == render_markdown(results).strip()
+    assert headline(results) in (root / "README.md").read_text().replace("\n", " ")
+    assert results["config"]["quick"] is False and results["experiments"] >= 3
+    pinned = (root / "constraints.txt").read_text().splitlines()
+    for package in ("torch", "transformers", "peft", "mergekit", "numpy", "safetensors", "tokenizers"):
+        version = results["environment"]["versions"][package].split("+")[0]
+        assert f"{package}=={version}" in pinned, package

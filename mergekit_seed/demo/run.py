@@ -8,13 +8,19 @@
    ``dare_ties`` are evaluated by greedy exact match on held-out examples, per skill.
    Merges run through the real engines: ``mergekit-seed run`` (mergekit's pipeline for full
    checkpoints and ``BASE+ADAPTER``, our adapter engine for adapter folders).
-4. A table in the papers' layout, ``results.json`` and a bar chart are written to ``--out``.
+4. Each merge is compared with the best seed of its experiment, example by example: the mean
+   difference and a 95% bootstrap interval over experiments and examples
+   (:mod:`mergekit_seed.stats`), and a verdict that says better or worse only when the interval
+   excludes zero.
+5. A table in the papers' layout, ``results.json`` (with the library versions, device, threads
+   and full configuration) and a chart are written to ``--out``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -23,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from mergekit_seed.demo.task import SKILLS, CharVocabulary, evaluate, make_examples, save_tokenizer
+from mergekit_seed.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 
+LOG = logging.getLogger("mergekit_seed")
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
 SETTINGS = ("lora", "sera", "full")
@@ -46,6 +53,8 @@ class DemoConfig:
 
     quick: bool = False
     experiments: int = 3
+    # a model this small trains fastest on one thread, and a busy machine slows more threads down
+    threads: int = 1
     train_per_skill: int = 400
     eval_per_skill: int = 60
     data_seed: int = 1234
@@ -86,7 +95,10 @@ def cache_dir() -> Path:
 
 def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> Path:
     """The pre-trained base for ``config``, built once and kept under the cache folder."""
-    key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet], sort_keys=True).encode()).hexdigest()[:16]
+    # keyed by everything that shapes the base: its configuration, the alphabet, and the code
+    # that builds the corpus and trains it
+    code = "".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in ("task.py", "train.py"))
+    key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet, code], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"demo-base-{key}"
     if (path / "model.safetensors").is_file():
         return path
@@ -120,6 +132,29 @@ def write_recipe(path: Path, method: str, base: Path, seeds: List[Path], kind: s
     return path
 
 
+def experiment_data(config: DemoConfig, experiment: int):
+    """The training examples and the held-out examples (prompts never seen in training or
+    pre-training) of one experiment."""
+    train = make_examples(config.train_per_skill, config.data_seed + experiment)
+    seen = {e.prompt for e in train} | pretraining_prompts(config.base)
+    return train, make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
+
+
+def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
+    """The last step: `mergekit-seed compare` on the first experiment's full fine-tunes and our
+    merges of them, scoring each held-out answer's log-probability (no generation)."""
+    from mergekit_seed.compare import compare
+
+    _, held_out = experiment_data(config, 0)
+    data = out / "compare-data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out), encoding="utf-8")
+    models = [out / "models" / "full" / name for name in seed_names(SEED_COUNT)]
+    models += [out / "merges" / "full" / method for method in OUR_METHODS]
+    echo("")
+    echo("mergekit-seed compare, full setting of experiment 1, answer log-probability:")
+    compare([str(m) for m in models], data, out / "compare", metric="answer_logprob", quiet=quiet, echo=echo)
+
+
 def run_experiment(
     experiment: int, config: DemoConfig, base: Path, out: Path, vocabulary: CharVocabulary, quiet: bool, echo: Callable[[str], None]
 ) -> Dict[str, dict]:
@@ -129,9 +164,7 @@ def run_experiment(
     from mergekit_seed.runner import merge
     from mergekit_seed.sera import load_sera, merge_sera
 
-    train = make_examples(config.train_per_skill, config.data_seed + experiment)
-    seen = {e.prompt for e in train} | pretraining_prompts(config.base)
-    held_out = make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
+    train, held_out = experiment_data(config, experiment)
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
     merges = models.parent / "merges"
     if not (models / "base").exists():
@@ -147,11 +180,14 @@ def run_experiment(
             if not seed_path.exists():
                 finetune(models / "base", seed_path, train, finetune_config, seed_value, vocabulary, quiet)
             seeds.append(seed_path)
-        accuracy: Dict[str, Dict[str, float]] = {}
+        accuracy: Dict[str, dict] = {}
+
+        def score(model) -> dict:
+            correct = exact_matches(model, held_out, vocabulary)
+            return {**accuracy_by_skill(held_out, correct), "correct": [int(c) for c in correct]}
+
         for index, seed_path in enumerate(seeds):
-            accuracy[seed_names(SEED_COUNT)[index]] = evaluate(
-                load_for_eval(models / "base", seed_path, setting), held_out, vocabulary
-            )
+            accuracy[seed_names(SEED_COUNT)[index]] = score(load_for_eval(models / "base", seed_path, setting))
 
         mergekit_inputs = seeds
         mergekit_kind = "full"
@@ -172,14 +208,17 @@ def run_experiment(
             kind = ("adapter" if setting != "full" else "full") if ours else mergekit_kind
             recipe = write_recipe(merges / setting / f"{method}.yml", method, models / "base", seeds if ours else mergekit_inputs, kind)
             merged = merges / setting / method
-            merge(recipe, merged, options, overwrite=True, echo=echo)
+            # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
+            merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
             eval_kind = "lora" if kind == "adapter" else "full"
-            accuracy[method] = evaluate(load_for_eval(models / "base", merged, eval_kind), held_out, vocabulary)
+            accuracy[method] = score(load_for_eval(models / "base", merged, eval_kind))
         results[setting] = accuracy
-        best = max(accuracy[n]["all"] for n in seed_names(SEED_COUNT))
+        best = max(seed_names(SEED_COUNT), key=lambda n: accuracy[n]["all"])
         echo(
-            f"[{setting}] best seed {best:.3f}; "
-            + ", ".join(f"{m} {accuracy[m]['all']:.3f}" for m in OUR_METHODS + MERGEKIT_METHODS)
+            f"  {setting}: seeds "
+            + " / ".join(f"{100 * accuracy[n]['all']:.1f}" for n in seed_names(SEED_COUNT))
+            + f" (best {best}); "
+            + ", ".join(f"{m} {100 * accuracy[m]['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
         )
     return results
 
@@ -200,7 +239,8 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
         }
         if len(runs) > 1:
             entry["std"] = {n: statistics.stdev(run[setting][n]["all"] for run in runs) for n in names}
-            entry["best_seed_per_experiment"] = [max(run[setting][n]["all"] for n in seed_columns) for run in runs]
+        entry["best_seed_per_experiment"] = [max(run[setting][n]["all"] for n in seed_columns) for run in runs]
+        entry["versus_best_seed"] = versus_best_seed([run[setting] for run in runs], [n for n in names if n not in seed_columns])
         settings[setting] = entry
     return {
         "task": {
@@ -211,17 +251,57 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
         "settings": settings,
         "config": config.to_dict(),
         "experiments": len(runs),
+        "environment": environment(config),
+    }
+
+
+def versus_best_seed(runs: List[Dict[str, dict]], methods: List[str]) -> Dict[str, dict]:
+    """Per method: the paired difference to each experiment's best seed (chosen by its
+    held-out accuracy), example by example, with a 95% bootstrap interval and a verdict."""
+    from mergekit_seed.stats import paired_difference
+
+    seed_columns = seed_names(SEED_COUNT)
+    verdicts = {}
+    for method in methods:
+        differences = []
+        for run in runs:
+            best = max(seed_columns, key=lambda n: run[n]["all"])
+            differences.append([m - b for m, b in zip(run[method]["correct"], run[best]["correct"])])
+        verdicts[method] = paired_difference(differences).to_dict()
+    return verdicts
+
+
+def environment(config: DemoConfig) -> dict:
+    """What the numbers were measured with: library versions, device, threads, machine."""
+    import platform
+
+    from mergekit_seed.card import package_version
+
+    packages = ("torch", "transformers", "peft", "mergekit", "mergekit-seed", "numpy", "safetensors", "tokenizers")
+    return {
+        "versions": {name: package_version(name) for name in packages},
+        "python": platform.python_version(),
+        "device": "cpu",
+        "threads": config.threads,
+        "machine": platform.machine(),
     }
 
 
 def best_seed(entry: dict) -> float:
     """The best seed's accuracy: per experiment, then averaged (the fair bar for a merge)."""
-    per_experiment = entry.get("best_seed_per_experiment")
-    return statistics.fmean(per_experiment) if per_experiment else max(entry["seeds"].values())
+    return statistics.fmean(entry["best_seed_per_experiment"])
+
+
+LEGEND = (
+    "Exact match in %, mean ± standard deviation over experiments; best seed = the best of the "
+    "three seeds in each experiment, averaged. Versus best seed: mean difference in percentage "
+    "points, example by example against that experiment's best seed, with a 95% bootstrap "
+    "interval over experiments and examples; better or worse only when the interval excludes 0."
+)
 
 
 def format_table(results: dict) -> str:
-    """The papers' layout: one row per setting, seeds then methods; best-seed margin per method."""
+    """The papers' layout: one row per setting, seeds then methods, then the best seed."""
     columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
     header = "| setting | " + " | ".join(columns) + " | best seed |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
@@ -235,6 +315,54 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_verdicts(results: dict) -> str:
+    """One row per setting: each merge's difference to the best seed, interval and verdict."""
+    columns = list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    lines = ["| versus best seed | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for setting, entry in results["settings"].items():
+        cells = []
+        for method in columns:
+            difference = entry["versus_best_seed"][method]
+            cells.append(f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}] {difference['verdict']}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_lines(results: dict) -> List[str]:
+    """Per setting, the merges that are better / worse than the best seed, and the rest."""
+    lines = []
+    for setting, entry in results["settings"].items():
+        groups: Dict[str, List[str]] = {}
+        for method, difference in entry["versus_best_seed"].items():
+            groups.setdefault(difference["verdict"], []).append(method)
+        parts = [f"{verdict}: {', '.join(methods)}" for verdict, methods in sorted(groups.items())]
+        lines.append(f"{setting} (best seed {100 * best_seed(entry):.1f}%): " + "; ".join(parts))
+    return lines
+
+
+def headline(results: dict) -> str:
+    """One sentence for the README: which merges beat or lost to the best seed, detectably."""
+    found: Dict[str, List[str]] = {"better": [], "worse": []}
+    for setting, entry in results["settings"].items():
+        for method, difference in entry["versus_best_seed"].items():
+            if difference["verdict"] in found:
+                found[difference["verdict"]].append(f"{method} ({setting})")
+    better = (
+        "detectably better than the best seed: " + ", ".join(found["better"])
+        if found["better"]
+        else "no merge was detectably better than the best seed in any setting"
+    )
+    worse = "; detectably worse: " + ", ".join(found["worse"]) if found["worse"] else ""
+    return f"over {results['experiments']} experiments (95% intervals), {better}{worse}."
+
+
+def render_markdown(results: dict) -> str:
+    """results.md, and the results section of docs/demo.md: both tables, the legend, the verdicts."""
+    return "\n\n".join(
+        [format_table(results), format_verdicts(results), LEGEND, "\n".join(f"- {line}" for line in verdict_lines(results))]
+    ) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -242,25 +370,58 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    figure, axis = plt.subplots(figsize=(11, 4))
+    methods = list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    settings = list(results["settings"])
+    figure, (bars, differences) = plt.subplots(2, 1, figsize=(11, 7.5))
     width = 0.8 / len(columns)
     for index, column in enumerate(columns):
         values = [100 * {**e["seeds"], **e["methods"]}[column] for e in results["settings"].values()]
-        axis.bar([s + index * width for s in range(len(SETTINGS))], values, width, label=column)
-    axis.set_xticks([s + 0.4 - width / 2 for s in range(len(SETTINGS))], list(results["settings"]))
-    axis.set_ylabel("exact match (%)")
-    axis.set_title("Seeds vs merges on the demo task")
-    axis.legend(ncol=5, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+        bars.bar([s + index * width for s in range(len(settings))], values, width, label=column)
+    bars.set_xticks([s + 0.4 - width / 2 for s in range(len(settings))], settings)
+    bars.set_ylabel("exact match (%)")
+    bars.set_title("Seeds vs merges on the demo task")
+    bars.legend(ncol=5, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    width = 0.8 / len(methods)
+    colors = {"better": "tab:green", "worse": "tab:red"}
+    for index, method in enumerate(methods):
+        for position, setting in enumerate(settings):
+            difference = results["settings"][setting]["versus_best_seed"][method]
+            x = position + index * width
+            mean, low, high = (100 * difference[k] for k in ("mean", "low", "high"))
+            differences.errorbar(
+                x, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                color=colors.get(difference["verdict"], "tab:gray"),
+            )
+            if position == 0:
+                differences.annotate(method, (x, high), fontsize=6, rotation=60, ha="left", va="bottom")
+    differences.axhline(0, color="black", linewidth=0.8)
+    differences.set_xticks([s + 0.4 - width / 2 for s in range(len(settings))], settings)
+    differences.set_ylabel("versus best seed (points, 95% CI)")
+    differences.set_title("green: better, red: worse, gray: no detectable difference")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
+def quiet_libraries() -> None:
+    """Silence other libraries' progress bars and warnings inside the demo (the demo prints its own)."""
+    import warnings
+
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = DemoConfig.for_mode(quick)
+    torch.set_num_threads(config.threads)
+    quiet_libraries()
     vocabulary = CharVocabulary()
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -272,19 +433,28 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     stamp.write_text(json.dumps(config.to_dict(), sort_keys=True))
     base = cached_base(config.base, vocabulary, quiet)
     echo(f"base model: {base}")
-    runs = [run_experiment(e, config, base, out, vocabulary, quiet, echo) for e in range(config.experiments)]
+    runs = []
+    for experiment in range(config.experiments):
+        echo(f"experiment {experiment + 1}/{config.experiments}")
+        runs.append(run_experiment(experiment, config, base, out, vocabulary, quiet, echo))
     results = summarise(runs, config)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     plot(results, out / "results.png")
-    table = format_table(results)
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
     echo("")
-    echo(table)
-    echo("")
-    for setting, entry in results["settings"].items():
-        best = best_seed(entry)
-        winners = [m for m, v in entry["methods"].items() if v > best]
-        echo(f"{setting}: best seed {100 * best:.1f}; beating it: {', '.join(winners) if winners else 'none'}")
+    echo(render_markdown(results))
+    compare_full_setting(config, out, quiet, echo)
     echo(f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s")
     return results
+
+
+def update_docs(results_file: Path, page: Path) -> None:
+    """Put the tables of ``results_file`` (a full run's results.json, committed as
+    docs/demo-results.json) into ``page`` (docs/demo.md) between its results markers; a test
+    checks that they agree."""
+    results = json.loads(Path(results_file).read_text(encoding="utf-8"))
+    text = Path(page).read_text(encoding="utf-8")
+    before, rest = text.split("<!-- results:begin -->\n", 1)
+    _, after = rest.split("<!-- results:end -->", 1)
+    Path(page).write_text(before + "<!-- results:begin -->\n" + render_markdown(results) + "<!-- results:end -->" + after, encoding="utf-8")

@@ -144,28 +144,40 @@ def batch_tensors(
 
 
 @torch.no_grad()
-def evaluate(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> Dict[str, float]:
-    """Exact-match accuracy per skill (and ``"all"``) under greedy decoding."""
+def exact_matches(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> List[bool]:
+    """Per example (in order): whether greedy decoding gives exactly the answer."""
     model.eval()
-    by_length: Dict[int, List[Example]] = {}
-    for example in examples:
-        by_length.setdefault(len(example.prompt), []).append(example)
-    correct: Dict[str, int] = {skill: 0 for skill in SKILLS}
-    totals: Dict[str, int] = {skill: 0 for skill in SKILLS}
-    for group in by_length.values():
-        ids = torch.tensor([vocabulary.encode(e.prompt) for e in group])
-        generated = torch.empty((len(group), 0), dtype=torch.long)
+    by_length: Dict[int, List[int]] = {}
+    for index, example in enumerate(examples):
+        by_length.setdefault(len(example.prompt), []).append(index)
+    correct = [False] * len(examples)
+    for indices in by_length.values():
+        ids = torch.tensor([vocabulary.encode(examples[i].prompt) for i in indices])
+        generated = torch.empty((len(indices), 0), dtype=torch.long)
         for _ in range(max_new_tokens):
             logits = model(input_ids=torch.cat([ids, generated], dim=1)).logits[:, -1]
             next_ids = logits.argmax(-1, keepdim=True)
             generated = torch.cat([generated, next_ids], dim=1)
             if (generated == vocabulary.end_id).any(dim=1).all():
                 break
-        for example, row in zip(group, generated.tolist()):
+        for index, row in zip(indices, generated.tolist()):
             text = vocabulary.decode(row)
             answer = text[: text.index(END) + 1] if END in text else text
-            totals[example.skill] += 1
-            correct[example.skill] += int(answer == example.answer)
-    result = {skill: correct[skill] / totals[skill] for skill in SKILLS if totals[skill]}
-    result["all"] = sum(correct.values()) / max(1, sum(totals.values()))
+            correct[index] = answer == examples[index].answer
+    return correct
+
+
+def accuracy_by_skill(examples: Sequence[Example], correct: Sequence[bool]) -> Dict[str, float]:
+    """Exact-match accuracy per skill (and ``"all"``) from per-example results."""
+    result = {}
+    for skill in SKILLS:
+        hits = [c for e, c in zip(examples, correct) if e.skill == skill]
+        if hits:
+            result[skill] = sum(hits) / len(hits)
+    result["all"] = sum(correct) / max(1, len(correct))
     return result
+
+
+def evaluate(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> Dict[str, float]:
+    """Exact-match accuracy per skill (and ``"all"``) under greedy decoding."""
+    return accuracy_by_skill(examples, exact_matches(model, examples, vocabulary, max_new_tokens))

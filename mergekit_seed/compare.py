@@ -1,0 +1,355 @@
+"""``mergekit-seed compare``: does the merge beat my best seed, on my data, with an interval?
+
+Every model (full checkpoints, PEFT LoRA or SeRA adapters on their base; local folders or Hub
+ids) is scored example by example on a JSONL file, one model in memory at a time:
+
+- ``{"text": ...}`` rows: ``perplexity`` (token level). The per-example score is the mean
+  log-probability per token; the model's figure is exp(-total log-probability / total tokens).
+- ``{"prompt": ..., "answer": ...}`` rows: ``answer_logprob`` (log-probability of the answer's
+  tokens given the prompt's; no generation) or ``exact_match`` (greedy decoding of as many
+  tokens as the answer has, compared with whitespace normalised).
+
+Each model is compared with a reference (``--reference``, default the best of the models that
+are not merges: the best seed) by the paired per-example differences, with the bootstrap
+interval and verdict of :mod:`mergekit_seed.stats` (the demo's verdict uses the same code).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mergekit_seed.errors import UserError
+
+METRICS = ("perplexity", "answer_logprob", "exact_match")
+TEXT_METRICS = ("perplexity",)
+ANSWER_METRICS = ("answer_logprob", "exact_match")
+HIGHER_IS_BETTER = {"perplexity": False, "answer_logprob": True, "exact_match": True}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One example: ``text`` (perplexity) or ``prompt`` and ``answer``."""
+
+    text: Optional[str] = None
+    prompt: Optional[str] = None
+    answer: Optional[str] = None
+
+
+def read_data(path: Path) -> Tuple[str, List[Row]]:
+    """The rows of a JSONL file and their kind (``text`` or ``answer``); one line per problem."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read data ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    rows: List[Row] = []
+    kinds = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            rows.append(Row(text=record["text"]))
+            kinds.add("text")
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
+            rows.append(Row(prompt=record["prompt"], answer=record["answer"]))
+            kinds.add("answer")
+        else:
+            raise UserError(f'{path}:{number}: needs a string "text", or strings "prompt" and "answer"')
+        if len(kinds) > 1:
+            raise UserError(f'{path}:{number}: mixes "text" rows with "prompt"/"answer" rows; use one kind per file')
+    if not rows:
+        raise UserError(f"{path}: no examples (one JSON object per line)")
+    return kinds.pop(), rows
+
+
+def choose_metric(kind: str, metric: Optional[str], path: Path) -> str:
+    if metric is None:
+        return "perplexity" if kind == "text" else "answer_logprob"
+    allowed = TEXT_METRICS if kind == "text" else ANSWER_METRICS
+    if metric not in allowed:
+        rows = '"text"' if kind == "text" else '"prompt"/"answer"'
+        raise UserError(f"--metric {metric}: {path} has {rows} rows, which give {' or '.join(allowed)}")
+    return metric
+
+
+# ------------------------------------------------------------------ models
+
+
+def _folder(reference: str) -> Path:
+    from mergekit_seed.hub import resolve
+    from mergekit_seed.recipe import is_hub_id
+
+    if Path(reference).exists():
+        return Path(reference)
+    if is_hub_id(reference.partition("@")[0]):
+        return resolve(reference).folder
+    raise UserError(f"{reference}: no such folder (nor a Hub id)")
+
+
+def is_merge(folder: Path) -> bool:
+    """A mergekit or mergekit-seed output: its card is tagged ``merge``, or mergekit's config is there."""
+    if (folder / "mergekit_config.yml").is_file():
+        return True
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---\n"):
+            import yaml
+
+            try:
+                front = yaml.safe_load(text.split("---\n", 2)[1]) or {}
+            except yaml.YAMLError:
+                return False
+            return "merge" in (front.get("tags") or [])
+    return False
+
+
+def load_model(reference: str, base: Optional[str], device: str):
+    """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _folder(reference)
+    config_path = folder / "adapter_config.json"
+    tokenizer_folder = folder
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        base_reference = base or config.get("base_model_name_or_path")
+        if not base_reference:
+            raise UserError(f"{reference}: an adapter whose config names no base model; pass --base")
+        base_folder = _folder(base_reference)
+        model = AutoModelForCausalLM.from_pretrained(base_folder)
+        if str(config.get("peft_type", "LORA")).upper() == "SERA":
+            from mergekit_seed.sera import load_sera
+
+            model = load_sera(model, folder)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder)
+        if not any(folder.glob("tokenizer*")):
+            tokenizer_folder = base_folder
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except Exception as error:
+        raise UserError(f"{reference}: no usable tokenizer in {tokenizer_folder} ({str(error).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def _encode(tokenizer, text: str, special: bool) -> List[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Indices grouped by equal length (no padding), at most ``batch_size`` per batch."""
+    groups: Dict[int, List[int]] = {}
+    for index, length in enumerate(lengths):
+        groups.setdefault(length, []).append(index)
+    return [indices[start : start + batch_size] for indices in groups.values() for start in range(0, len(indices), batch_size)]
+
+
+def score_rows(
+    model, tokenizer, rows: Sequence[Row], metric: str, batch_size: int = 16, device: str = "cpu",
+    advance: Callable[[int], None] = lambda _count: None,
+) -> List[Tuple[float, int]]:
+    """Per row: (score, token count). perplexity: (sum of token log-probabilities, tokens
+    predicted); answer_logprob: (log p(answer | prompt), answer tokens); exact_match: (1 or 0,
+    answer tokens)."""
+    import torch
+
+    if metric == "perplexity":
+        sequences = [_encode(tokenizer, row.text, True) for row in rows]
+        starts = [1] * len(rows)
+    else:
+        prompts = [_encode(tokenizer, row.prompt, True) for row in rows]
+        answers = [_encode(tokenizer, row.answer, False) for row in rows]
+        sequences = [p + a for p, a in zip(prompts, answers)]
+        starts = [len(p) for p in prompts]
+    for index, (sequence, start) in enumerate(zip(sequences, starts)):
+        if start < 1 or len(sequence) <= start:
+            raise UserError(f"example {index + 1}: nothing to score once tokenized (empty text or answer, or no prompt token)")
+    results: List[Tuple[float, int]] = [(0.0, 0)] * len(rows)
+    with torch.no_grad():
+        if metric == "exact_match":
+            for batch in _batches(starts, batch_size):
+                ids = torch.tensor([sequences[i][: starts[i]] for i in batch], device=device)
+                length = max(len(sequences[i]) - starts[i] for i in batch)
+                for _ in range(length):  # greedy decoding, as many tokens as the longest answer
+                    next_ids = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+                    ids = torch.cat([ids, next_ids], dim=1)
+                for row_index, generated in zip(batch, ids.tolist()):
+                    answer_length = len(sequences[row_index]) - starts[row_index]
+                    text = tokenizer.decode(generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True)
+                    hit = " ".join(text.split()) == " ".join(rows[row_index].answer.split())
+                    results[row_index] = (float(hit), answer_length)
+                advance(len(batch))
+            return results
+        for batch in _batches([len(s) for s in sequences], batch_size):
+            ids = torch.tensor([sequences[i] for i in batch], device=device)
+            logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+            # position t predicts token t + 1
+            token_logprobs = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for row, row_index in enumerate(batch):
+                kept = token_logprobs[row, starts[row_index] - 1 :]
+                results[row_index] = (float(kept.double().sum()), int(kept.numel()))
+            advance(len(batch))
+    return results
+
+
+def per_example(scores: Sequence[Tuple[float, int]], metric: str) -> List[float]:
+    """The per-example value compared between models, oriented so that higher is better:
+    mean log-probability per token for perplexity, the score itself otherwise."""
+    if metric == "perplexity":
+        return [total / count for total, count in scores]
+    return [score for score, _ in scores]
+
+
+def summary(scores: Sequence[Tuple[float, int]], metric: str) -> float:
+    """The model's figure: perplexity exp(-sum log p / tokens); otherwise the mean score."""
+    if metric == "perplexity":
+        return math.exp(-sum(total for total, _ in scores) / sum(count for _, count in scores))
+    return sum(score for score, _ in scores) / len(scores)
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def compare(
+    models: Sequence[str],
+    data: Path,
+    out: Path,
+    base: Optional[str] = None,
+    metric: Optional[str] = None,
+    reference: Optional[str] = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    confidence: float = 0.95,
+    seed: int = 0,
+    resamples: int = 10_000,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Score ``models`` on ``data``, compare each with the reference, write compare.json,
+    compare.md and compare.png to ``out``; returns what compare.json holds."""
+    import gc
+
+    from tqdm import tqdm
+
+    from mergekit_seed.card import package_version
+    from mergekit_seed.stats import paired_difference
+
+    if len(models) < 2:
+        raise UserError("compare needs at least two models")
+    if reference is not None and reference not in models:
+        raise UserError(f"--reference {reference}: not one of the models given")
+    kind, rows = read_data(data)
+    metric = choose_metric(kind, metric, data)
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" per model
+    folders = {model: _folder(model) for model in models}
+    scores: Dict[str, List[Tuple[float, int]]] = {}
+    progress = tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet)
+    for model_name in models:
+        progress.set_postfix_str(Path(model_name).name)
+        model, tokenizer = load_model(model_name, base, device)
+        try:
+            scores[model_name] = score_rows(model, tokenizer, rows, metric, batch_size, device, progress.update)
+        except UserError as error:
+            raise UserError(f"{data}: {error} for {model_name}") from None
+        del model  # one model in memory at a time
+        gc.collect()
+    progress.close()
+
+    values = {name: per_example(scores[name], metric) for name in models}
+    mean_value = {name: sum(v) / len(v) for name, v in values.items()}
+    merges = {name: is_merge(folders[name]) for name in models}
+    if reference is None:
+        candidates = [name for name in models if not merges[name]] or list(models)
+        reference = max(candidates, key=lambda name: mean_value[name])
+    comparisons = {}
+    for name in models:
+        if name == reference:
+            continue
+        differences = [a - b for a, b in zip(values[name], values[reference])]
+        comparisons[name] = paired_difference([differences], confidence, resamples, seed).to_dict()
+    results = {
+        "data": str(data),
+        "examples": len(rows),
+        "metric": metric,
+        "higher_is_better": HIGHER_IS_BETTER[metric],
+        "compared_on": "mean log-probability per token" if metric == "perplexity" else metric,
+        "reference": reference,
+        "models": {name: {"score": summary(scores[name], metric), "merge": merges[name]} for name in models},
+        "versus_reference": comparisons,
+        "confidence": confidence,
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "mergekit", "mergekit-seed")},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    table = format_table(results)
+    (out / "compare.md").write_text(table + "\n", encoding="utf-8")
+    plot(results, out / "compare.png")
+    echo(table)
+    return results
+
+
+def format_table(results: dict) -> str:
+    metric = results["metric"]
+    unit = "per-token log-prob" if metric == "perplexity" else metric
+    lines = [
+        f"| model | {metric} | merge | versus {Path(results['reference']).name} ({unit}, {int(100 * results['confidence'])}% CI) | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in results["models"].items():
+        if name == results["reference"]:
+            cell, verdict = "reference", ""
+        else:
+            difference = results["versus_reference"][name]
+            cell = f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+            verdict = difference["verdict"]
+        lines.append(f"| {name} | {entry['score']:.4f} | {'yes' if entry['merge'] else 'no'} | {cell} | {verdict} |")
+    legend = (
+        f"{results['examples']} examples of {results['data']}. Differences are paired per example, "
+        f"model minus reference (higher is better); better or worse only when the interval excludes 0."
+    )
+    return "\n".join(lines) + "\n\n" + legend
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in results["models"] if name != results["reference"]]
+    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.5 * len(names)))
+    colors = {"better": "tab:green", "worse": "tab:red"}
+    for position, name in enumerate(names):
+        difference = results["versus_reference"][name]
+        axis.errorbar(
+            difference["mean"], position, xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
+            fmt="o", capsize=3, color=colors.get(difference["verdict"], "tab:gray"),
+        )
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(names)), [Path(name).name for name in names])
+    axis.set_xlabel(f"versus {Path(results['reference']).name} ({int(100 * results['confidence'])}% interval)")
+    axis.set_title(f"{results['metric']} on {results['examples']} examples")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,147 @@
+"""`mergekit-seed compare`: scores equal a direct transformers computation; adapters score as
+their materialised models; verdicts follow the interval."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import refused, run_cli, save_random_lora
+from mergekit_seed.compare import load_model, read_data, score_rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+TEXTS = [{"text": t} for t in ("rev:abc=cba", "sort:dcb=bcd", "add:12+30=42", "next:abc=bcd", "dup:ab=aabb", "rev:xyz=zyx")]
+ANSWERS = [{"prompt": "rev:abc=", "answer": "cba"}, {"prompt": "add:1+2=", "answer": "3"}, {"prompt": "dup:xy=", "answer": "xxyy"}]
+
+
+def test_perplexity_and_answer_logprob_equal_transformers_losses(tiny_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seed = tiny_family[1][0]
+    model, tokenizer = load_model(str(seed), None, "cpu")
+    reference = AutoModelForCausalLM.from_pretrained(seed).eval()
+    tokens = AutoTokenizer.from_pretrained(seed)
+    _, rows = read_data_rows(TEXTS)
+    for (total, count), row in zip(score_rows(model, tokenizer, rows, "perplexity", batch_size=4), rows):
+        ids = torch.tensor([tokens(row.text)["input_ids"]])
+        loss = reference(input_ids=ids, labels=ids).loss  # mean NLL of tokens 1..n
+        assert count == ids.shape[1] - 1
+        assert total / count == pytest.approx(-loss.item(), abs=1e-5)
+    _, rows = read_data_rows(ANSWERS)
+    for (logprob, count), row in zip(score_rows(model, tokenizer, rows, "answer_logprob"), rows):
+        prompt = tokens(row.prompt)["input_ids"]
+        answer = tokens(row.answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        loss = reference(input_ids=ids, labels=labels).loss  # mean NLL of the answer tokens
+        assert count == len(answer)
+        assert logprob == pytest.approx(-loss.item() * len(answer), abs=1e-4)
+
+
+def read_data_rows(rows):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return read_data(write_jsonl(Path(scratch) / "d.jsonl", rows))
+
+
+def test_an_adapter_scores_as_its_materialised_model(tiny_family, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_family[0]
+    adapter = save_random_lora(base, tmp_path / "lora", r=4, seed=5)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "full")
+    shutil.copy(base / "tokenizer.json", tmp_path / "full")
+    shutil.copy(base / "tokenizer_config.json", tmp_path / "full")
+    _, rows = read_data_rows(TEXTS)
+    a = score_rows(*load_model(str(adapter), str(base), "cpu"), rows, "perplexity")
+    b = score_rows(*load_model(str(tmp_path / "full"), None, "cpu"), rows, "perplexity")
+    for (x, n), (y, m) in zip(a, b):
+        assert n == m and x == pytest.approx(y, abs=1e-4)
+
+
+def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
+    from mergekit_seed.demo.tiny import save_tiny_llama
+
+    seeds = tiny_family[1]
+    good, other = str(seeds[0]), str(save_tiny_llama(tmp_path / "other", seed=99))
+    # answers are what `good` generates greedily; keep the prompts where `other` generates something else
+    model, tokenizer = load_model(good, None, "cpu")
+    prompts = [f"{op}:{w}=" for op in ("rev", "sort", "dup", "next", "add") for w in ("abc", "xyz", "mno", "pq", "hij", "uvw", "12", "7")]
+    rows = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        for _ in range(3):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        answer = tokenizer.decode(ids[0, -3:].tolist(), skip_special_tokens=True)
+        if answer.strip() and len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == 3:
+            rows.append({"prompt": prompt, "answer": answer})
+    other_model, _ = load_model(other, None, "cpu")
+    _, parsed = read_data_rows(rows)
+    hits = score_rows(other_model, tokenizer, parsed, "exact_match")
+    rows = [row for row, (hit, _) in zip(rows, hits) if hit == 0]
+    assert len(rows) >= 5
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    twin = shutil.copytree(seeds[0], tmp_path / "twin")
+
+    result = run_cli("mergekit-seed", "compare", good, other, twin, "--data", data, "--out", tmp_path / "out",
+                     "--metric", "exact_match", "--reference", other, "--quiet", "--resamples", "2000")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    better = report["versus_reference"][good]
+    assert (better["mean"], better["low"], better["high"], better["verdict"]) == (1.0, 1.0, 1.0, "better")
+    assert report["models"][good]["score"] == 1.0 and report["models"][other]["score"] == 0.0
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
+    assert "| model |" in result.stdout and "better" in result.stdout
+
+    run_cli("mergekit-seed", "compare", good, twin, "--data", data, "--out", tmp_path / "same", "--quiet", check=True)
+    same = json.loads((tmp_path / "same" / "compare.json").read_text())
+    difference = next(iter(same["versus_reference"].values()))
+    assert (difference["mean"], difference["low"], difference["high"]) == (0.0, 0.0, 0.0)
+    assert difference["verdict"] == "no detectable difference"
+
+    # deterministic bootstrap for a fixed seed
+    run_cli("mergekit-seed", "compare", good, other, "--data", data, "--out", tmp_path / "a", "--quiet", "--seed", "4", check=True)
+    run_cli("mergekit-seed", "compare", good, other, "--data", data, "--out", tmp_path / "b", "--quiet", "--seed", "4", check=True)
+    assert (tmp_path / "a" / "compare.json").read_text() == (tmp_path / "b" / "compare.json").read_text()
+
+
+def test_the_reference_defaults_to_the_best_model_that_is_not_a_merge(tiny_family, tmp_path):
+    from conftest import write_recipe
+
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "merged", "--quiet", check=True)
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    models = [str(s) for s in seeds] + [str(tmp_path / "merged")]
+    run_cli("mergekit-seed", "compare", *models, "--data", data, "--out", tmp_path / "out", "--quiet", check=True)
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert report["models"][str(tmp_path / "merged")]["merge"] is True
+    seeds_only = {name: entry["score"] for name, entry in report["models"].items() if not entry["merge"]}
+    assert report["reference"] == min(seeds_only, key=seeds_only.get)  # perplexity: lower is better
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        ('{"text": "a"}\n{"prompt": "x"}\n', "d.jsonl:2: needs"),
+        ("", "d.jsonl: no examples"),
+        ('{"text": "a"}\nnot json\n', "d.jsonl:2: not a JSON line"),
+        ('{"text": "a"}\n{"prompt": "p", "answer": "a"}\n', "d.jsonl:2: mixes"),
+    ],
+)
+def test_bad_data_is_one_line(tiny_family, tmp_path, content, fragment):
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    seeds = tiny_family[1]
+    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
