@@ -8,6 +8,7 @@ orthogonal polar factor from the eigendecomposition of a small r x r matrix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -167,6 +168,20 @@ def _sketch_size(rank: int) -> int:
     return rank + max(_RANDOMIZED_OVERSAMPLE, rank)
 
 
+def _needed_rank(S: torch.Tensor, sketch: int, total: torch.Tensor, energy: float) -> int:
+    """A lower bound on the rank keeping ``energy`` of ``total`` (= ||X||_F^2), from the leading
+    ``sketch`` singular values ``S``: every further direction holds at most S[sketch-1]^2."""
+    S = S[:sketch].to(DECOMPOSITION_DTYPE)
+    captured = (S**2).sum()
+    deficit = energy * total - captured
+    if deficit <= 0:
+        return sketch
+    smallest = S[-1] ** 2
+    if smallest <= 0:
+        return sketch  # the matrix has rank below the sketch: it already holds everything
+    return sketch + int(math.ceil((deficit / smallest).item()))
+
+
 def truncated_svd(
     matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
 ):
@@ -188,8 +203,15 @@ def truncated_svd(
             return U[:, :rank], S[:rank], V[:, :rank]
     elif randomized_ok and energy is not None:
         total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
+        # A short look first (two power iterations): if even its estimates say that more
+        # directions are needed than the randomized path can hold, go straight to the full SVD
+        # instead of growing sketches that must all fail (a flat spectrum, as for a masked
+        # residual of full-rank deltas). Estimates err low, so this only ever picks the full
+        # SVD, which is exact, more often than strictly necessary.
         sketch = 32
-        while total > 0 and _sketch_size(sketch) <= smaller // 4:
+        _, S, _ = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch, max_power_iterations=2)
+        while total > 0 and _sketch_size(_needed_rank(S, sketch, total, energy)) <= smaller // 4:
+            sketch = max(sketch, _needed_rank(S, sketch, total, energy))
             U, S, V = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
             captured = (S[:sketch].to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
             if captured[-1] >= energy:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,3 +105,29 @@ def test_adapter_settings_resolve_as_mergekit_resolves_them(setting, tensor_name
     parsed = TypeAdapter(ParameterSetting).validate_python(setting)
     expected = mergekit_evaluate(tensor_name, parsed, 0, validate=lambda value: value)
     assert evaluate_setting(setting, tensor_name) == expected
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_truncated_svd_by_energy_equals_the_full_svd(spectrum):
+    """The energy-truncated SVD (randomized when few directions suffice, a full SVD when the
+    spectrum is flat) keeps the same rank and the same subspace as a full SVD."""
+    from mergekit_seed.linalg import rank_for_energy, truncated_svd
+
+    generator = torch.Generator().manual_seed(3)
+    m, n = 700, 600
+    if spectrum == "flat":
+        matrix = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    else:
+        left = torch.linalg.qr(torch.randn(m, 20, generator=generator, dtype=torch.float64)).Q
+        right = torch.linalg.qr(torch.randn(n, 20, generator=generator, dtype=torch.float64)).Q
+        matrix = (left * torch.logspace(0, -2, 20, dtype=torch.float64)) @ right.T
+        matrix += 1e-6 * torch.randn(m, n, generator=generator, dtype=torch.float64)
+    U, S, V = truncated_svd(matrix, energy=0.99)
+    full = torch.linalg.svdvals(matrix)
+    assert S.numel() == rank_for_energy(full, 0.99)
+    torch.testing.assert_close(S, full[: S.numel()], rtol=1e-6, atol=0)
+    projection = (U * S) @ V.T
+    reference_U, reference_S, reference_Vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = S.numel()
+    reference = (reference_U[:, :k] * reference_S[:k]) @ reference_Vh[:k]
+    assert (projection - reference).norm() <= 1e-6 * reference.norm()
