@@ -303,13 +303,28 @@ class Thresholded:
         return int(self.shrunk.numel())
 
 
+def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
+    """A lower bound on how many singular values of ``matrix`` exceed ``mu``.
+
+    The singular values at most ``mu`` hold at most min(m, n) mu^2 of ||X||_F^2 and each of the
+    others at most S_1^2, so at least (||X||_F^2 - min(m, n) mu^2) / S_1^2 exceed ``mu``. S_1
+    is estimated from below, which can only raise the bound (towards the exact full SVD).
+    """
+    total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
+    largest = spectral_norm(matrix).to(DECOMPOSITION_DTYPE)
+    if largest <= 0:
+        return 0
+    return max(0, int(math.ceil(((total - min(matrix.shape) * mu**2) / largest**2).item())))
+
+
 def singular_value_threshold(
     matrix: torch.Tensor, mu: float, warm_start: Optional[torch.Tensor] = None
 ) -> Thresholded:
     """SVT_mu(matrix), computing only the singular values above ``mu`` where possible.
 
     Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (the warm
-    start's rank, at least 8) is sketched with oversampling by a randomized subspace
+    start's rank, at least 8, and without a warm start at least a lower bound from the
+    Frobenius and spectral norms) is sketched with oversampling by a randomized subspace
     iteration run to convergence, and the guess doubles until no more than
     ``guess`` computed singular values exceed ``mu`` (randomized estimates err low, so the
     oversampled tail must lie below ``mu`` too); a sketch beyond a quarter of the smaller
@@ -318,6 +333,10 @@ def singular_value_threshold(
     smaller = min(matrix.shape)
     if smaller > _SVT_FULL_SVD_SIZE:
         guess = max(8, warm_start.shape[1] if warm_start is not None else 0)
+        if warm_start is None:
+            # no previous rank to start from: at least this many singular values exceed mu
+            # (a noise-dominated matrix needs far more than a sketch holds: full SVD at once)
+            guess = max(guess, _count_above_lower_bound(matrix, mu))
         while _sketch_size(guess) <= smaller // 4:
             U, S, V = top_singular_triplets(
                 matrix, _sketch_size(guess), wanted=guess, start=warm_start, above=mu

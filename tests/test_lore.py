@@ -138,3 +138,19 @@ def test_bad_lore_parameters_are_refused_by_name(tiny_family, tmp_path, paramete
     _, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds, parameters)
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), fragment, out=tmp_path / "out")
+
+
+def test_svt_count_bound_is_a_lower_bound_and_noise_goes_to_the_full_svd():
+    from mergekit_seed.linalg import _count_above_lower_bound, singular_value_threshold
+
+    generator = torch.Generator().manual_seed(1)
+    low_rank = torch.randn(600, 8, generator=generator, dtype=torch.float64) @ torch.randn(8, 560, generator=generator, dtype=torch.float64)
+    noise = torch.randn(600, 560, generator=generator, dtype=torch.float64)
+    for matrix in (low_rank, noise, low_rank + 0.1 * noise):
+        S = torch.linalg.svdvals(matrix)
+        for mu in (0.0, 0.1 * S[0].item(), 0.5 * S[0].item()):
+            assert _count_above_lower_bound(matrix, mu) <= int((S > mu).sum())
+            U, full_S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+            expected = (U * (full_S - mu).clamp_min(0)) @ Vh
+            result = singular_value_threshold(matrix, mu).matrix
+            assert (result - expected).norm() <= 1e-6 * expected.norm().clamp_min(1e-12)
