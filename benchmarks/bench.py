@@ -1,7 +1,8 @@
 """Benchmarks: our methods against mergekit's own, as ratios measured in one run.
 
-    python benchmarks/bench.py [--device cpu|cuda] [--size 44m] [--seeds 3] [--methods all]
-                               [--reps 3] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench.py [--device cpu|cuda] [--size 44m|7b-layer|...] [--seeds 3]
+                               [--methods all] [--reps 3] [--dtype float32|bfloat16]
+                               [--timeout SECONDS] [--floors] [--out benchmarks/RESULTS.md]
 
 Builds synthetic Llama-shaped checkpoints (deltas with a realistic spectrum: a shared low-rank
 part, a seed-specific low-rank part and small dense noise) and LoRA r=8 seeds, then measures
@@ -9,8 +10,13 @@ wall time and peak RSS of child processes (median of --reps) for:
 - each of our four methods and mergekit's `linear` and `ties` through stock `mergekit-yaml`;
 - the adapter-native engine (`mergekit-seed run`) against mergekit's `BASE+ADAPTER` route, both
   running `seedft` on the same LoRA seeds;
-- the SeedFT Gram step's GFLOP/s against a plain torch matmul of the same size.
-Writes a markdown report with the machine, sizes, medians, ratios and the targets.
+- the SeedFT Gram step's GFLOP/s against a plain torch matmul of the same size;
+- with ``--floors``, each method's floor on this machine from measured GEMM, ``eigh`` and SVD
+  times (what its exact decompositions must cost), next to its measured merge time.
+Each run of our methods also reports the seconds spent in their kernels
+(``MERGEKIT_SEED_PROFILE``), which splits the wall time into merging and the rest (start-up,
+loading, planning, writing). Writes a markdown report with the machine, sizes, medians, ratios
+and the targets.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -35,6 +42,8 @@ SIZES = {
     "44m": (16384, 512, 1408, 9, 8),
     "300m": (32000, 1024, 2816, 16, 16),
     "7b": (32000, 4096, 11008, 32, 32),
+    # one decoder layer at Llama-2-7B shapes (a small vocabulary keeps the embeddings out of the way)
+    "7b-layer": (1024, 4096, 11008, 1, 32),
 }
 OUR_METHODS = ("seedlora_dm", "seedlora_twostage", "seedft", "lore")
 MERGEKIT_METHODS = ("linear", "ties")
@@ -91,10 +100,12 @@ def realistic_delta(shape, shared, generator, scale=1e-3):
     return shared + own + noise
 
 
-def build_models(root: Path, size: str, seeds: int) -> tuple:
+def build_models(root: Path, size: str, seeds: int, dtype: str = "float32") -> tuple:
     from safetensors.torch import save_file
 
     config = llama_config(size)
+    config["torch_dtype"] = dtype
+    stored = getattr(torch, dtype)
     shapes = weight_shapes(config)
     generator = torch.Generator().manual_seed(0)
     base = {n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator)) for n, s in shapes.items()}
@@ -107,7 +118,7 @@ def build_models(root: Path, size: str, seeds: int) -> tuple:
 
     def save(folder: Path, tensors: dict) -> Path:
         folder.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        save_file({k: v.to(stored).contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(config))
         return folder
 
@@ -139,7 +150,7 @@ def build_lora(folder: Path, shapes: dict, generator, base_path: Path, rank: int
     return folder
 
 
-def recipe(path: Path, method: str, base: Path, models, extra: str = "") -> Path:
+def recipe(path: Path, method: str, base: Path, models, extra: str = "", dtype: str = "float32") -> Path:
     lines = [f"merge_method: {method}"]
     if method != "linear":  # Model Soup averages the seeds alone; a listed base would be an input
         lines.append(f"base_model: {base}")
@@ -148,37 +159,89 @@ def recipe(path: Path, method: str, base: Path, models, extra: str = "") -> Path
         lines.append(f"  - model: {model}")
         if method in MERGEKIT_METHODS:
             lines += ["    parameters:", "      weight: 1.0"] + (["      density: 0.5"] if method == "ties" else [])
-    lines.append("dtype: float32")
+    lines.append(f"dtype: {dtype}")
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
 
 
-def measure(command, reps: int, scratch: Path) -> dict:
-    """Median wall time and peak RSS of a child process over ``reps`` runs.
+def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) -> dict:
+    """Median wall time and peak RSS of a child process over ``reps`` runs, and the seconds our
+    methods' kernels took in it (``merge_seconds``, from ``MERGEKIT_SEED_PROFILE``).
 
     The peak comes from GNU time, whose own small process forks the command: a child forked
     straight from this process would start with this process's RSS (the models it built)
-    counted in its maximum.
+    counted in its maximum. A run past ``timeout`` is stopped and recorded as such.
     """
-    times, peaks = [], []
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    times, peaks, merges = [], [], []
+    profile = scratch / "profile.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MERGEKIT_SEED_PROFILE=str(profile))
     report_file = scratch / "time.txt"
     for _ in range(reps):
         out = scratch / "out"
         shutil.rmtree(out, ignore_errors=True)
+        profile.unlink(missing_ok=True)
         started = time.perf_counter()
-        done = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        try:
+            done = subprocess.run(
+                ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return {"seconds": None, "timed_out": timeout, "peak_mib": None, "runs": times}
         elapsed = time.perf_counter() - started
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(map(str, command))} failed: {done.stderr.decode()[-2000:]}")
         times.append(elapsed)
         peaks.append(int(report_file.read_text().split()[-1]) / 1024)  # KiB -> MiB
-    return {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
+        if profile.is_file():
+            merges.append(sum(json.loads(profile.read_text()).values()))
+    result = {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
+    if merges:
+        result["merge_seconds"] = statistics.median(merges)
+    return result
+
+
+def floors(size: str, seeds: int) -> dict:
+    """What each method's exact decompositions must cost per layer on this machine (CPU, from
+    measured rates): SeedFT the float64 Gram on the smaller side of each m x Nn concatenation,
+    its eigh and the r x r polar-factor eigh; the two-stage SeedLoRA one float32 SVD per matrix
+    (its floor when the masked residual's kept rank is near full, as with dense-noise deltas)."""
+    vocab, hidden, intermediate, _, _ = SIZES[size]
+    generator = torch.Generator().manual_seed(0)
+
+    def seconds(fn) -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    a = torch.randn(hidden, intermediate, generator=generator, dtype=torch.float64)
+    gemm64 = 2.0 * hidden * hidden * intermediate / seconds(lambda: a @ a.T)
+    gram = a @ a.T
+    eigh_hidden = seconds(lambda: torch.linalg.eigh(gram))
+
+    def eigh64(side: int) -> float:  # cubic scaling from the measured hidden x hidden eigh
+        return eigh_hidden * (side / hidden) ** 3
+
+    svd_square = seconds(lambda: torch.linalg.svd(torch.randn(hidden, hidden, generator=generator), full_matrices=False))
+    svd_tall = seconds(lambda: torch.linalg.svd(torch.randn(intermediate, hidden, generator=generator), full_matrices=False))
+    matrices = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    seedft = 0.0
+    for m, n in matrices:
+        side = min(m, seeds * n)
+        other = seeds * n if side == m else m
+        seedft += 2.0 * side * side * other / gemm64 + eigh64(side) + eigh64(min(n, side))
+    twostage = 4 * svd_square + 3 * svd_tall
+    layers = SIZES[size][3]
+    return {
+        "gemm64_gflops": gemm64 / 1e9,
+        "eigh64_seconds": {hidden: eigh_hidden, intermediate: eigh64(intermediate)},
+        "svd32_seconds": {f"{hidden}x{hidden}": svd_square, f"{intermediate}x{hidden}": svd_tall},
+        # the decoder layers' matrices (the embeddings are left out)
+        "per_layer_seconds": {"seedft": layers * seedft, "seedlora_twostage": layers * twostage},
+    }
 
 
 def gram_throughput(device: str, m: int, n: int, seeds: int) -> dict:
@@ -229,6 +292,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default="all", help="all, none, or a comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS))
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="checkpoint dtype (default: bfloat16 for 7b-layer, as on the Hub; float32 otherwise)")
+    parser.add_argument("--timeout", type=float, help="stop a run after this many seconds and record it as stopped")
+    parser.add_argument("--floors", action="store_true", help="measure each method's decomposition floor on this machine")
+    parser.add_argument("--skip-adapters", action="store_true", help="leave out the adapter routes")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -243,82 +310,136 @@ def main() -> None:
         if needed not in methods:
             methods += (needed,)
     device_flags = ["--cuda"] if args.device == "cuda" else []
-    results = {"machine": machine(args.device), "size": args.size, "seeds": args.seeds, "reps": args.reps, "device": args.device}
+    dtype = args.dtype or ("bfloat16" if args.size == "7b-layer" else "float32")
+    results = {
+        "machine": machine(args.device), "size": args.size, "seeds": args.seeds, "reps": args.reps,
+        "device": args.device, "dtype": dtype, "threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         started = time.perf_counter()
-        base, seeds, loras, parameters = build_models(scratch / "models", args.size, args.seeds)
+        base, seeds, loras, parameters = build_models(scratch / "models", args.size, args.seeds, dtype)
         results["parameters"] = parameters
         results["build_seconds"] = time.perf_counter() - started
         print(f"built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} LoRA r=8 seeds", flush=True)
 
         results["methods"] = {}
         for method in methods:
-            path = recipe(scratch / f"{method}.yml", method, base, seeds)
-            results["methods"][method] = measure([BIN / "mergekit-yaml", path, *device_flags], args.reps, scratch)
-            print(f"{method}: {results['methods'][method]['seconds']:.1f} s, {results['methods'][method]['peak_mib']:.0f} MiB", flush=True)
+            path = recipe(scratch / f"{method}.yml", method, base, seeds, dtype=dtype)
+            numbers = measure([BIN / "mergekit-yaml", path, *device_flags], args.reps, scratch, args.timeout)
+            results["methods"][method] = numbers
+            if numbers["seconds"] is None:
+                print(f"{method}: stopped after {args.timeout:.0f} s", flush=True)
+            else:
+                print(f"{method}: {numbers['seconds']:.1f} s, {numbers['peak_mib']:.0f} MiB", flush=True)
 
-        native = recipe(scratch / "native.yml", "seedft", base, loras, "output:\n  format: lora\n")
-        results["adapter_native"] = measure([BIN / "mergekit-seed", "run", native, "--quiet", *device_flags], args.reps, scratch)
-        routed = recipe(scratch / "routed.yml", "seedft", base, [f"{base}+{lora}" for lora in loras])
-        cache = scratch / "lora-cache"
-        results["base_plus_adapter"] = measure(
-            [BIN / "mergekit-yaml", routed, "--lora-merge-cache", cache, *device_flags], args.reps, scratch
-        )
-        print(f"adapter-native seedft {results['adapter_native']['seconds']:.1f} s vs base+adapter {results['base_plus_adapter']['seconds']:.1f} s", flush=True)
+        if args.skip_adapters:
+            results["adapter_native"] = results["base_plus_adapter"] = None
+        else:
+            measure_adapter_routes(results, scratch, base, loras, args.reps, device_flags)
 
     vocab, hidden, intermediate, _, _ = SIZES[args.size]
     results["gram"] = gram_throughput(args.device, hidden, intermediate, args.seeds)
+    if args.floors and args.device == "cpu":
+        results["floors"] = floors(args.size, args.seeds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     args.out.write_text(report(results) + "\n")
     print(report(results))
 
 
+def measure_adapter_routes(results: dict, scratch: Path, base: Path, loras, reps: int, device_flags) -> None:
+    """The adapter-native engine against mergekit's BASE+ADAPTER route, both running seedft."""
+    native = recipe(scratch / "native.yml", "seedft", base, loras, "output:\n  format: lora\n")
+    results["adapter_native"] = measure([BIN / "mergekit-seed", "run", native, "--quiet", *device_flags], reps, scratch)
+    routed = recipe(scratch / "routed.yml", "seedft", base, [f"{base}+{lora}" for lora in loras])
+    cache = scratch / "lora-cache"
+    results["base_plus_adapter"] = measure(
+        [BIN / "mergekit-yaml", routed, "--lora-merge-cache", cache, *device_flags], reps, scratch
+    )
+    print(f"adapter-native seedft {results['adapter_native']['seconds']:.1f} s vs base+adapter {results['base_plus_adapter']['seconds']:.1f} s", flush=True)
+
+
+def _seconds(numbers: dict) -> str:
+    return f"{numbers['seconds']:.1f}" if numbers["seconds"] is not None else f"> {numbers['timed_out']:.0f} (stopped)"
+
+
 def report(results: dict) -> str:
     methods = results["methods"]
+    floor = (results.get("floors") or {}).get("per_layer_seconds", {})
     lines = [
         f"# Benchmark results ({results['device']})",
         "",
-        f"Machine: {results['machine']}.",
+        f"Machine: {results['machine']}; torch threads: {results.get('threads')}.",
         f"Model: synthetic Llama-shaped, {results['parameters'] / 1e6:.1f}M parameters (`--size {results['size']}`), "
-        f"{results['seeds']} seeds, float32; median of {results['reps']} runs per row, each a fresh process "
-        "(start-up and imports included).",
+        f"{results['seeds']} seeds, {results.get('dtype', 'float32')}; median of {results['reps']} runs per row, each a "
+        "fresh process (start-up and imports included). Merge: seconds in our kernels; the rest is start-up, "
+        "loading, planning and writing.",
         "",
-        "| method | wall time (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties |",
-        "|---|---|---|---|---|---|",
+        "| method | wall time (s) | merge (s) | rest (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties |"
+        + (" floor (s) | merge / floor |" if floor else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if floor else ""),
     ]
     if not methods:
         lines = lines[:-3] + [""]
     for method, numbers in methods.items():
         reference, limit = TARGETS.get(method, (None, None))
-        ratio = numbers["seconds"] / methods[reference]["seconds"] if reference in methods else None
-        ratio_text = f"{ratio:.2f}x {reference}" if ratio is not None else ""
-        target = f"<= {limit}x {reference}: {'met' if ratio <= limit else 'NOT met'}" if ratio is not None else ""
-        memory = numbers["peak_mib"] / methods["ties"]["peak_mib"] if "ties" in methods else float("nan")
-        lines.append(
-            f"| {method} | {numbers['seconds']:.1f} | {numbers['peak_mib']:.0f} | {ratio_text} | {target} | {memory:.2f} |"
-        )
+        measured = numbers["seconds"] is not None and reference in methods and methods[reference]["seconds"] is not None
+        if measured:
+            ratio = numbers["seconds"] / methods[reference]["seconds"]
+            ratio_text = f"{ratio:.2f}x {reference}"
+            target = f"<= {limit}x {reference}: {'met' if ratio <= limit else 'NOT met'}"
+        elif numbers["seconds"] is None and reference in methods and methods[reference]["seconds"]:
+            ratio_text = f"> {numbers['timed_out'] / methods[reference]['seconds']:.1f}x {reference}"
+            target = f"<= {limit}x {reference}: NOT met"
+        else:
+            ratio_text = target = ""
+        merge = numbers.get("merge_seconds")
+        merge_text = f"{merge:.1f}" if merge is not None else ""
+        rest_text = f"{numbers['seconds'] - merge:.1f}" if merge is not None and numbers["seconds"] is not None else ""
+        ties_peak = methods.get("ties", {}).get("peak_mib")
+        memory = f"{numbers['peak_mib'] / ties_peak:.2f}" if numbers.get("peak_mib") and ties_peak else ""
+        peak = f"{numbers['peak_mib']:.0f}" if numbers.get("peak_mib") else ""
+        row = f"| {method} | {_seconds(numbers)} | {merge_text} | {rest_text} | {peak} | {ratio_text} | {target} | {memory} |"
+        if floor:
+            floor_seconds = floor.get(method)
+            share = f"{merge / floor_seconds:.2f}" if floor_seconds and merge is not None else ""
+            row += f" {floor_seconds:.0f} | {share} |" if floor_seconds else " | |"
+        lines.append(row)
     native, routed = results["adapter_native"], results["base_plus_adapter"]
-    speedup = routed["seconds"] / native["seconds"]
-    memory = native["peak_mib"] / routed["peak_mib"]
+    if native and routed:
+        speedup = routed["seconds"] / native["seconds"]
+        memory = native["peak_mib"] / routed["peak_mib"]
+        lines += [
+            "",
+            "Adapter seeds (LoRA r=8 on every linear layer), `seedft`:",
+            "",
+            "| route | wall time (s) | peak RSS (MiB) |",
+            "|---|---|---|",
+            f"| adapter-native (`mergekit-seed run`, LoRA out) | {native['seconds']:.1f} | {native['peak_mib']:.0f} |",
+            f"| mergekit `BASE+ADAPTER` (`mergekit-yaml`) | {routed['seconds']:.1f} | {routed['peak_mib']:.0f} |",
+            "",
+            f"Adapter-native is {speedup:.1f}x faster (target >= 10x: {'met' if speedup >= 10 else 'NOT met'}) with "
+            f"{memory:.2f} of the peak memory (target <= 0.2: {'met' if memory <= 0.2 else 'NOT met'}).",
+        ]
     gram = results["gram"]
     lines += [
-        "",
-        "Adapter seeds (LoRA r=8 on every linear layer), `seedft`:",
-        "",
-        "| route | wall time (s) | peak RSS (MiB) |",
-        "|---|---|---|",
-        f"| adapter-native (`mergekit-seed run`, LoRA out) | {native['seconds']:.1f} | {native['peak_mib']:.0f} |",
-        f"| mergekit `BASE+ADAPTER` (`mergekit-yaml`) | {routed['seconds']:.1f} | {routed['peak_mib']:.0f} |",
-        "",
-        f"Adapter-native is {speedup:.1f}x faster (target >= 10x: {'met' if speedup >= 10 else 'NOT met'}) with "
-        f"{memory:.2f} of the peak memory (target <= 0.2: {'met' if memory <= 0.2 else 'NOT met'}).",
         "",
         f"SeedFT Gram step (sum_i X_i X_i^T in float64, m={gram['shape'][0]}, n={gram['shape'][1]}, N={gram['shape'][2]}): "
         f"{gram['gram_gflops']:.1f} GFLOP/s; one float64 matmul of the same size {gram['matmul_float64_gflops']:.1f} GFLOP/s "
         f"(float32: {gram['matmul_float32_gflops']:.1f}); Gram + eigh {gram['gram_plus_eigh_seconds']:.3f} s.",
     ]
+    if floor:
+        floors_ = results["floors"]
+        eigh = ", ".join(f"{side}: {t:.1f} s" for side, t in floors_["eigh64_seconds"].items())
+        svd = ", ".join(f"{shape}: {t:.1f} s" for shape, t in floors_["svd32_seconds"].items())
+        lines += [
+            "",
+            f"Floors from this machine's rates: float64 GEMM {floors_['gemm64_gflops']:.1f} GFLOP/s; float64 eigh {eigh} "
+            f"(the larger side by cubic scaling); float32 SVD {svd}. SeedFT's floor: the Gram on the smaller side of each "
+            "m x Nn concatenation, its eigh and the polar factor's eigh; the two-stage SeedLoRA's: one full SVD per matrix "
+            "(when the masked residual's kept rank is near full).",
+        ]
     return "\n".join(lines)
 
 

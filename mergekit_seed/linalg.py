@@ -29,9 +29,15 @@ def _descending_eigh(gram: torch.Tensor):
 
 
 def _numerical_rank(singular_values: torch.Tensor, rtol: float) -> int:
-    """Number of singular values above ``rtol`` times the largest (0 for a zero matrix)."""
+    """Number of singular values above ``rtol`` times the largest (0 for a zero matrix).
+
+    A NaN or Inf among them (from one in the input) raises ``LinAlgError``: every comparison
+    with NaN is false, so it would otherwise count as rank 0 and drop the input silently.
+    """
     if singular_values.numel() == 0:
         return 0
+    if not torch.isfinite(singular_values).all():
+        raise torch.linalg.LinAlgError("singular values are not finite: the input holds NaN or Inf")
     largest = singular_values[0]
     if largest <= 0:
         return 0

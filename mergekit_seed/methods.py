@@ -7,11 +7,16 @@ here are the recipe format (see DESIGN.md); never rename them.
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import math
+import os
+import time
 import zlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -52,6 +57,18 @@ Kernel = Callable[[List[torch.Tensor], Dict[str, Any], TensorGroup], torch.Tenso
 FactoredKernel = Callable[[List[LowRank], Dict[str, Any], List[Dict[str, Any]]], LowRank]
 
 MIN_SEEDS = 2
+
+# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels, written to FILE (JSON) at
+# exit, so that benchmarks can split a stock mergekit-yaml run into merge and I/O time
+_PROFILE: Optional[Dict[str, float]] = {} if os.environ.get("MERGEKIT_SEED_PROFILE") else None
+
+
+def _write_profile() -> None:
+    Path(os.environ["MERGEKIT_SEED_PROFILE"]).write_text(json.dumps(_PROFILE), encoding="utf-8")
+
+
+if _PROFILE is not None:
+    atexit.register(_write_profile)
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -145,19 +162,21 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        # A NaN or Inf does not always reach the result: a decomposition may drop it (a NaN
-        # singular value fails every rank test, so SeedFT would return the base). One float64
-        # sum per input finds any (it is NaN or Inf exactly then); the full scan that names
-        # the culprit runs only when one is found.
-        if not all(
-            torch.isfinite(entry.tensor.sum(dtype=torch.float64))
-            for entry in group.entries
-            if entry.tensor.is_floating_point()
-        ):
-            self._refuse_non_finite(group)
+        if _PROFILE is None:
+            return self._checked_merge(group, parameters)
+        started = time.perf_counter()
+        try:
+            return self._checked_merge(group, parameters)
+        finally:
+            _PROFILE[self.spec.name] = _PROFILE.get(self.spec.name, 0.0) + time.perf_counter() - started
+
+    def _checked_merge(self, group: TensorGroup, parameters: Dict[str, Any]) -> torch.Tensor:
+        # A NaN or Inf in any input shows up in the result or fails a decomposition (the rank
+        # tests of linalg refuse non-finite singular values rather than dropping them), so the
+        # inputs are only scanned, to name the culprit, when one of those happens
         try:
             result = self._merge(group, parameters)
-        except (RuntimeError, torch.linalg.LinAlgError):
+        except (RuntimeError, ValueError, torch.linalg.LinAlgError):
             self._refuse_non_finite(group)  # a decomposition failed: name the culprit if any
             raise
         if result.is_floating_point() and not torch.isfinite(result).all():

@@ -320,3 +320,14 @@ def test_remote_code_is_never_enabled_implicitly(tiny_family, tmp_path):
     assert run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet").returncode == 0
     card = (tmp_path / "out" / "README.md").read_text()
     assert "trust-remote-code" not in card
+
+
+@pytest.mark.parametrize("method", ["seedft", "seedlora_dm", "seedlora_twostage", "lore"])
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"])
+def test_nan_anywhere_is_refused_by_every_method(tiny_family, tmp_path, method, name):
+    """No decomposition may drop a NaN silently (a NaN singular value fails every rank test)."""
+    base, seeds = copy_family(tiny_family, tmp_path)
+    rewrite(seeds[1], lambda t: t[name].view(-1).__setitem__(0, float("nan")))
+    recipe = write_recipe(tmp_path / "r.yml", method, base, seeds)
+    out = tmp_path / "out"
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--quiet"), str(seeds[1]), name, "NaN or Inf", out=out)
