@@ -174,9 +174,15 @@ def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
     for index, folder in enumerate(order):
         if folder not in wanted:
             continue
-        files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
-        hashes[f"input{index}"] = {"folder": Path(folder).name, "files": {f.name: sha256_file(f) for f in files}}
+        hashes[f"input{index}"] = {"folder": Path(folder).name, "files": weight_file_hashes(Path(folder))}
     return hashes
+
+
+def weight_file_hashes(folder: Path) -> Dict[str, str]:
+    """{weight file name: sha256} of a folder's weight files (hashing the bytes, through any
+    symlink, as in a Hub cache snapshot)."""
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+    return {f.name: sha256_file(f) for f in files}
 
 
 def resolved_parameters(method, config) -> Dict[str, Any]:

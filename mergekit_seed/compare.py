@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.hub import local_folder
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
 TEXT_METRICS = ("perplexity",)
@@ -84,17 +85,6 @@ def choose_metric(kind: str, metric: Optional[str], path: Path) -> str:
 # ------------------------------------------------------------------ models
 
 
-def _folder(reference: str) -> Path:
-    from mergekit_seed.hub import resolve
-    from mergekit_seed.recipe import is_hub_id
-
-    if Path(reference).exists():
-        return Path(reference)
-    if is_hub_id(reference.partition("@")[0]):
-        return resolve(reference).folder
-    raise UserError(f"{reference}: no such folder (nor a Hub id)")
-
-
 def is_merge(folder: Path) -> bool:
     """A mergekit or mergekit-seed output: its card is tagged ``merge``, or mergekit's config is there."""
     if (folder / "mergekit_config.yml").is_file():
@@ -117,7 +107,7 @@ def load_model(reference: str, base: Optional[str], device: str):
     """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _folder(reference)
+    folder = local_folder(reference)
     config_path = folder / "adapter_config.json"
     tokenizer_folder = folder
     if config_path.is_file():
@@ -125,7 +115,7 @@ def load_model(reference: str, base: Optional[str], device: str):
         base_reference = base or config.get("base_model_name_or_path")
         if not base_reference:
             raise UserError(f"{reference}: an adapter whose config names no base model; pass --base")
-        base_folder = _folder(base_reference)
+        base_folder = local_folder(base_reference)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
         if str(config.get("peft_type", "LORA")).upper() == "SERA":
             from mergekit_seed.sera import load_sera
@@ -261,7 +251,7 @@ def compare(
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" per model
-    folders = {model: _folder(model) for model in models}
+    folders = {model: local_folder(model) for model in models}
     scores: Dict[str, List[Tuple[float, int]]] = {}
     progress = tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet)
     for model_name in models:

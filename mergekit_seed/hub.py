@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from mergekit_seed.card import weight_file_hashes
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import Recipe, is_hub_id, parse_recipe
 
 # what a merge reads from a model or adapter repository (no code: remote code stays off)
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,16 @@ def hub_problem(reference: str) -> Optional[str]:
     return None
 
 
+def local_folder(reference: str) -> Path:
+    """An existing local path as it is, or a Hub id's snapshot folder (:func:`resolve`); a
+    reference that is neither is one line."""
+    if Path(reference).exists():
+        return Path(reference)
+    if is_hub_id(split_revision(reference)[0]):
+        return resolve(reference).folder
+    raise UserError(f"{reference}: no such folder (nor a Hub id)")
+
+
 def download_file(repo_id: str, filename: str, revision: Optional[str] = None) -> Path:
     """One file of a Hub repository (a model card), through the cache; one line if missing."""
     from huggingface_hub import hf_hub_download
@@ -113,13 +123,6 @@ def download_file(repo_id: str, filename: str, revision: Optional[str] = None) -
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as error:
         raise UserError(f"{where}: cannot read {filename} ({_one_line(error)})") from None
-
-
-def weight_hashes(folder: Path) -> Dict[str, str]:
-    """sha256 of each weight file in a snapshot folder (hashing the bytes, not trusting names)."""
-    from mergekit_seed.card import sha256_file
-
-    return {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.name.endswith(WEIGHT_SUFFIXES)}
 
 
 def hub_references(recipe: Recipe) -> List[str]:
@@ -180,7 +183,7 @@ def localize(
 
 def hub_provenance(inputs: List[HubInput]) -> Dict[str, Dict[str, Any]]:
     """{repo id: {"revision": commit, "files": {weight file: sha256}}} for the model card."""
-    return {entry.repo_id: {"revision": entry.commit, "files": weight_hashes(entry.folder)} for entry in inputs}
+    return {entry.repo_id: {"revision": entry.commit, "files": weight_file_hashes(entry.folder)} for entry in inputs}
 
 
 def verify_hub_inputs(recorded: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -195,7 +198,7 @@ def verify_hub_inputs(recorded: Dict[str, Dict[str, Any]]) -> List[str]:
         except UserError as error:
             problems.append(str(error))
             continue
-        actual = weight_hashes(folder)
+        actual = weight_file_hashes(folder)
         for name, digest in (entry.get("files") or {}).items():
             if name not in actual:
                 problems.append(f"{repo_id}@{entry['revision']}: {name} is missing")

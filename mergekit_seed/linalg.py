@@ -216,14 +216,16 @@ def truncated_svd(
         # SVD, which is exact, more often than strictly necessary.
         sketch = 32
         _, S, _ = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch, max_power_iterations=2)
-        while total > 0 and _sketch_size(_needed_rank(S, sketch, total, energy)) <= smaller // 4:
-            sketch = max(sketch, _needed_rank(S, sketch, total, energy))
+        needed = _needed_rank(S, sketch, total, energy)
+        while total > 0 and _sketch_size(needed) <= smaller // 4:
+            sketch = max(sketch, needed)
             U, S, V = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
             captured = (S[:sketch].to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
             if captured[-1] >= energy:
                 keep = int((captured < energy - 1e-12).sum().item()) + 1
                 return U[:, :keep], S[:keep], V[:, :keep]
             sketch *= 2
+            needed = _needed_rank(S, sketch, total, energy)
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     if rank is None:
         rank = rank_for_energy(S, energy if energy is not None else 1.0)

@@ -155,7 +155,7 @@ def _is_adapter(reference: str) -> bool:
 
         repo_id, _, revision = reference.partition("@")
         return isinstance(try_to_load_from_cache(repo_id, "adapter_config.json", revision=revision or None), str)
-    except Exception:  # not a valid repo id
+    except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id
         return False
 
 

@@ -236,7 +236,7 @@ def merge(
         if write_card:
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         _publish(staging, out_path)
-    except (ValueError, RuntimeError) as error:  # mergekit's and our methods' refusals mid-merge
+    except ValueError as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
     except UserError as error:
         raise UserError(f"{recipe.origin}: {error}") from None

@@ -34,7 +34,7 @@ def cached_config(reference: str) -> Optional[dict]:
             from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(reference, "config.json")
-        except Exception:  # not a valid repo id either
+        except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id either
             return None
         if not isinstance(found, str):
             return None
@@ -52,18 +52,16 @@ def has_conv1d_layers(reference: Optional[str]) -> bool:
 
 
 def locate_base(reference: str) -> Path:
-    """A local model folder, or a Hub model downloaded to (or found in) the Hub cache."""
-    folder = Path(reference)
-    if folder.is_dir():
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
+    """A local model folder, or a Hub model's snapshot in (or downloaded to) the Hub cache."""
+    from mergekit_seed.hub import local_folder
 
-        return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as error:
-        raise UserError(
-            f"base_model {reference}: not a local folder and not downloadable ({str(error).splitlines()[0]})"
-        ) from None
+    try:
+        folder = local_folder(reference)
+    except UserError as error:
+        raise UserError(f"base_model {error}") from None
+    if not folder.is_dir():
+        raise UserError(f"base_model {reference}: not a folder")
+    return folder
 
 
 class BaseWeights:

@@ -319,30 +319,29 @@ FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lo
 def reads_base_weights(folder: Path) -> bool:
     """Whether merging this adapter folder reads base weights: it holds tensors beyond LoRA/SeRA
     factors (saved modules, biases, trainable tokens) or is fan_in_fan_out. From the config
-    and the safetensors header only; False when those cannot be read (the merge says why)."""
-    from safetensors import safe_open
+    and the safetensors header only; an ``adapter_model.bin`` (no header to read) counts as
+    reading the base. False when the folder cannot be read (the merge says why)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            return False
         if config.get("fan_in_fan_out"):
             return True
+        if not (folder / SAFETENSORS_NAME).is_file():
+            return (folder / BIN_NAME).is_file()
         with safe_open(folder / SAFETENSORS_NAME, framework="pt") as reader:
             return any(not key.endswith(FACTOR_SUFFIXES) for key in reader.keys())
-    except Exception:  # unreadable: the merge itself reports it in one line
+    except (OSError, ValueError, SafetensorError):  # unreadable: the merge itself reports it in one line
         return False
 
 
 def locate_adapter(path: str | Path) -> Path:
-    """A local adapter folder, or a Hub adapter repository downloaded to the Hub cache."""
-    folder = Path(path)
-    if folder.exists() or str(path).startswith(("/", ".", "~")):
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
+    """A local adapter folder, or a Hub adapter repository's snapshot in the Hub cache."""
+    from mergekit_seed.hub import local_folder
 
-        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, "adapter_model.*"]))
-    except Exception as error:
-        raise UserError(f"{path}: not a local folder and not downloadable ({str(error).splitlines()[0]})") from None
+    return local_folder(str(path))
 
 
 def read_adapter(path: str | Path) -> AdapterSeed:
