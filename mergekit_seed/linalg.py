@@ -133,20 +133,57 @@ def polar_factor(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
     return matrix @ inverse_sqrt
 
 
+# Above this many entries, quantile() selects from a bracket found by sampling.
+_SELECT_DIRECTLY = 1 << 20
+_SELECT_SAMPLE = 1 << 16
+
+
+def _kth_smallest(flat: torch.Tensor, positions: Sequence[int]) -> List[torch.Tensor]:
+    """The ``positions``-th smallest entries (0-based) of a 1-D tensor, exactly.
+
+    ``kthvalue`` on hundreds of millions of entries is a single-threaded quickselect that slows
+    down on the many repeated values of bf16-derived deltas (3.8 s per call measured on
+    3 x 11008 x 4096 entries). Instead (Floyd and Rivest's selection): a seeded sample of 65536
+    entries brackets the wanted order statistics, two vectorised passes count the entries below
+    the bracket and gather those inside it, and ``kthvalue`` runs on that small remainder. If
+    the bracket misses (rare: it spans 8 standard deviations of the sample's rank error) the
+    whole tensor is searched, so the result is exact either way.
+    """
+    count = flat.numel()
+    if count <= _SELECT_DIRECTLY:
+        return [flat.kthvalue(p + 1).values for p in positions]
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    sample = flat[torch.randint(count, (_SELECT_SAMPLE,), generator=generator, device=flat.device)].sort().values
+    margin = 4 * math.isqrt(_SELECT_SAMPLE)
+    low_rank = min(positions) * _SELECT_SAMPLE // count - margin
+    high_rank = max(positions) * _SELECT_SAMPLE // count + margin
+    # a bracket reaching past the sample's ends is open on that side
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    below = 0
+    if low_rank > 0:
+        keep &= flat >= sample[low_rank]
+        below = count - int(keep.sum().item())
+    if high_rank < _SELECT_SAMPLE - 1:
+        keep &= flat <= sample[high_rank]
+    inside = flat[keep]
+    if all(below <= p < below + inside.numel() for p in positions):
+        return [inside.kthvalue(p - below + 1).values for p in positions]
+    return [flat.kthvalue(p + 1).values for p in positions]
+
+
 def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(values.flatten(), q)`` (linear interpolation) for tensors of any size.
 
-    torch.quantile refuses inputs above 2**24 elements; two ``kthvalue`` selections are
-    O(numel) and have no such limit.
+    torch.quantile refuses inputs above 2**24 elements; this selects the two order statistics
+    around ``q`` (:func:`_kth_smallest`, O(numel)) and has no such limit.
     """
     flat = values.flatten()
     position = q * (flat.numel() - 1)
     lower = int(position)
     upper = min(lower + 1, flat.numel() - 1)
-    low_value = flat.kthvalue(lower + 1).values
+    low_value, high_value = _kth_smallest(flat, [lower, upper])
     if upper == lower:
         return low_value
-    high_value = flat.kthvalue(upper + 1).values
     return low_value + (high_value - low_value) * (position - lower)
 
 

@@ -8,7 +8,9 @@ import torch
 
 from conftest import refused, run_cli, write_recipe
 from mergekit_seed.weights import load_weights
+from mergekit_seed.kernels import seedlora as seedlora_kernels
 from mergekit_seed.kernels.seedlora import fuse_mean, robust_and_conflict, seedlora_dm, seedlora_twostage
+from mergekit_seed.linalg import quantile
 from mergekit_seed.methods import make_fusion
 
 
@@ -130,6 +132,25 @@ def test_twostage_matches_reference(N, settings):
     result = seedlora_twostage(tau, **kernel_args)
     expected = twostage_reference(tau, **settings)
     assert ((result.double() - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(10, 14), (37,), (3, 4, 5)])
+def test_twostage_in_row_blocks_equals_one_block_and_the_reference(monkeypatch, shape):
+    tau = seeds_like(shape, 3, seed=5)
+    whole = seedlora_twostage(tau)
+    monkeypatch.setattr(seedlora_kernels, "_STAGE_ONE_BLOCK", 3)  # one row (or 3 entries) per block
+    blocked = seedlora_twostage(tau)
+    assert torch.equal(blocked, whole)
+    expected = twostage_reference(tau)
+    assert ((blocked.double() - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("q", [0.0, 1e-7, 0.3, 0.5, 0.999, 1.0])
+def test_quantile_of_large_tensors_with_repeated_values_is_exact(q):
+    generator = torch.Generator().manual_seed(3)
+    # bf16-rounded deltas repeat values, which is what slows a plain quickselect
+    values = torch.randn(3 * (1 << 20) + 7, generator=generator).bfloat16().float().abs()
+    assert quantile(values, q) == torch.quantile(values, q)
 
 
 def test_hand_made_three_seed_example():
