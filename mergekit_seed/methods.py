@@ -206,10 +206,20 @@ class SeedMergeMethod(GroupMergeMethod):
         base = group.base.tensor
         work_dtype = compute_dtype(base)
         base_work = base.to(work_dtype)
-        tau = [tensor.to(work_dtype) - base_work for tensor in inputs]
+        tau = [_minus(tensor, base_work) for tensor in inputs]
         delta = self.kernel(tau, parameters, group)
         scale = self.resolve_lambda(parameters["lambda"], len(tau))
-        return torch.add(base_work, delta.to(work_dtype), alpha=scale).to(base.dtype)
+        if base_work is base:  # mergekit's tensor: leave it alone
+            return torch.add(base, delta.to(work_dtype), alpha=scale)
+        return base_work.add_(delta.to(work_dtype), alpha=scale).to(base.dtype)
+
+
+def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``tensor - base`` in ``base``'s dtype. A converted copy is reused for the result: a
+    subtraction across dtypes (bf16 - float32) takes torch's slow path, about 3x a conversion."""
+    if tensor.dtype == base.dtype:
+        return tensor - base
+    return tensor.to(base.dtype).sub_(base)
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:

@@ -10,7 +10,7 @@ from conftest import refused, run_cli, write_recipe
 from mergekit_seed.weights import load_weights
 from mergekit_seed.kernels import seedlora as seedlora_kernels
 from mergekit_seed.kernels.seedlora import fuse_mean, robust_and_conflict, seedlora_dm, seedlora_twostage
-from mergekit_seed.linalg import quantile
+from mergekit_seed.linalg import mean_and_std, quantile
 from mergekit_seed.methods import make_fusion
 
 
@@ -79,6 +79,38 @@ def test_dm_seed_order_does_not_matter():
     expected = seedlora_dm(tau)
     for order in itertools.permutations(range(4)):
         torch.testing.assert_close(seedlora_dm([tau[i] for i in order]), expected)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_mean_and_std_in_blocks_matches_float64(offset):
+    generator = torch.Generator().manual_seed(4)
+    # several blocks, a ragged last one, and a mean that dwarfs the spread
+    values = (offset + 1e-2 * torch.randn(3 * (1 << 16) + 123, generator=generator, dtype=torch.float64)).float()
+    mean, std = mean_and_std(values)
+    exact = values.double()
+    exact_mean, exact_std = exact.mean().item(), exact.std(correction=0).item()
+    # float32 blocks: the mean is exact to float32's resolution of the entries' magnitude
+    assert abs(mean - exact_mean) <= 1e-6 * (abs(exact_mean) + exact_std)
+    assert std == pytest.approx(exact_std, rel=1e-6)
+    assert mean_and_std(torch.tensor([2.5])) == (2.5, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["seedlora_dm", "seedlora_twostage", "seedft", "lore"])
+def test_merging_leaves_mergekit_tensors_untouched(method, dtype):
+    from mergekit.merge_methods.base import PerInputValues, TensorGroup
+
+    from mergekit_seed.methods import METHODS
+
+    tensors = [t.to(dtype) for t in seeds_like((12, 9), 4, seed=11)]
+    copies = [t.clone() for t in tensors]
+    group = TensorGroup.from_tensors(tensors, base_index=0, name="w")
+    merge_method = next(m for m in METHODS if m.spec.name == method)
+    parameters = {p.name: p.default for p in merge_method.parameters}
+    if "weight" in parameters:
+        parameters["weight"] = PerInputValues([(entry.id, 1.0) for entry in group.entries])
+    merge_method.merge_group(group, **parameters)
+    assert all(torch.equal(t, c) for t, c in zip(tensors, copies))
 
 
 # ------------------------------------------------------------------ two-stage

@@ -17,7 +17,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import LowRank, compress, compute_dtype, low_rank_moments, quantile, truncated_svd
+from mergekit_seed.linalg import (
+    LowRank,
+    compress,
+    compute_dtype,
+    low_rank_moments,
+    mean_and_std,
+    quantile,
+    truncated_svd,
+)
 
 # ---------------------------------------------------------------- distribution matching
 
@@ -41,17 +49,18 @@ def seedlora_dm(
     mu_hat = sigma_hat = 0.0
     for weight, t in zip(weights, tau):
         t = t.to(dtype)
-        sigma_i, mu_i = torch.std_mean(t, correction=0)
+        mu_i, sigma_i = mean_and_std(t)
         mu_hat, sigma_hat = mu_hat + mu_i / len(tau), sigma_hat + sigma_i / len(tau)
         tau_m.add_(t, alpha=weight)
     tau_m /= divisor  # Eq. 4: tau_m = (1/n) sum_i w_i tau_i
     if tau_m.numel() < 2:
         return tau_m
-    sigma_m, mu_m = torch.std_mean(tau_m, correction=0)
+    mu_m, sigma_m = mean_and_std(tau_m)
     if sigma_m == 0:
         return tau_m
     # Eq. 5: tau_m <- sigma_hat * (tau_m - mu(tau_m)) / sigma(tau_m) + mu_hat
-    return tau_m.sub_(mu_m).mul_(sigma_hat / sigma_m).add_(mu_hat)
+    scale = sigma_hat / sigma_m
+    return tau_m.mul_(scale).add_(mu_hat - scale * mu_m)
 
 
 def seedlora_dm_factored(
