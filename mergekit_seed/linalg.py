@@ -245,7 +245,7 @@ def truncated_svd(
             U, S, V = top_singular_triplets(matrix, _sketch_size(rank), wanted=rank)
             return U[:, :rank], S[:rank], V[:, :rank]
     elif randomized_ok and energy is not None:
-        total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
+        total = squared_norm(matrix)
         # A short look first (two power iterations): if even its estimates say that more
         # directions are needed than the randomized path can hold, go straight to the full SVD
         # instead of growing sketches that must all fail (a flat spectrum, as for a masked
@@ -333,13 +333,14 @@ def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Thresholded:
-    """``SVT_mu(X) = U max(S - mu, 0) V^T`` and what produced it.
+    """``SVT_mu(X) = U max(S - mu, 0) V^T``, kept as its factors.
 
-    ``matrix`` (m, n); ``shrunk`` the kept, shrunk singular values (their sum is the nuclear
-    norm of ``matrix``); ``V`` (n, k) the kept right singular vectors (a warm start).
+    ``U`` (m, k) and ``V`` (n, k) the kept singular vectors (``V`` is a warm start for the next
+    thresholding), ``shrunk`` (k,) the kept, shrunk singular values (their sum is the nuclear
+    norm of the result).
     """
 
-    matrix: torch.Tensor
+    U: torch.Tensor
     shrunk: torch.Tensor
     V: torch.Tensor
 
@@ -347,19 +348,37 @@ class Thresholded:
     def rank(self) -> int:
         return int(self.shrunk.numel())
 
+    @property
+    def low_rank(self) -> "LowRank":
+        return LowRank(self.U * self.shrunk, self.V.T)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The (m, n) matrix SVT_mu(X)."""
+        return self.low_rank.dense()
+
+
+def squared_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """||matrix||_F^2 as a float64 scalar, without a float64 copy of the matrix."""
+    return torch.linalg.vector_norm(matrix).to(DECOMPOSITION_DTYPE) ** 2
+
 
 def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
-    """A lower bound on how many singular values of ``matrix`` exceed ``mu``.
+    """A lower bound on how many singular values of ``matrix`` exceed ``mu`` (min side > 128).
 
-    The singular values at most ``mu`` hold at most min(m, n) mu^2 of ||X||_F^2 and each of the
-    others at most S_1^2, so at least (||X||_F^2 - min(m, n) mu^2) / S_1^2 exceed ``mu``. S_1
-    is estimated from below, which can only raise the bound (towards the exact full SVD).
+    Two bounds, the larger wins. The Ritz values of a short randomized sketch never exceed
+    the singular values they estimate, so each one above ``mu`` counts. And the singular
+    values at most ``mu`` hold at most min(m, n) mu^2 of ||X||_F^2 while each of the others
+    holds at most S_1^2, so at least (||X||_F^2 - min(m, n) mu^2) / S_1^2 exceed ``mu``; S_1
+    is estimated from below, which can only raise that bound (towards the exact full SVD).
     """
-    total = matrix.to(DECOMPOSITION_DTYPE).pow(2).sum()
-    largest = spectral_norm(matrix).to(DECOMPOSITION_DTYPE)
+    _, S, _ = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1)
+    largest = S[0].to(DECOMPOSITION_DTYPE)
     if largest <= 0:
         return 0
-    return max(0, int(math.ceil(((total - min(matrix.shape) * mu**2) / largest**2).item())))
+    ritz_count = int((S > mu).sum().item())
+    energy_count = math.ceil(((squared_norm(matrix) - min(matrix.shape) * mu**2) / largest**2).item())
+    return max(ritz_count, energy_count, 0)
 
 
 def singular_value_threshold(
@@ -395,10 +414,7 @@ def singular_value_threshold(
 
 def _shrink(U, S, V, mu: float) -> Thresholded:
     keep = int((S > mu).sum().item())
-    shrunk = S[:keep] - mu
-    return Thresholded(
-        matrix=(U[:, :keep] * shrunk) @ V[:, :keep].T, shrunk=shrunk, V=V[:, :keep]
-    )
+    return Thresholded(U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep])
 
 
 # ---------------------------------------------------------------- factored (low-rank) deltas
@@ -424,6 +440,16 @@ class LowRank:
 
     def dense(self) -> torch.Tensor:
         return self.left @ self.right
+
+    def norm(self) -> float:
+        """||left @ right||_F, in float64 from the k x k Gram matrices of the factors."""
+        left, right = self.left.to(DECOMPOSITION_DTYPE), self.right.to(DECOMPOSITION_DTYPE)
+        return math.sqrt(max(((left.T @ left) * (right @ right.T)).sum().item(), 0.0))
+
+    @classmethod
+    def sum(cls, parts: Sequence["LowRank"]) -> "LowRank":
+        """sum_i L_i R_i as one pair ``([L_1 .. L_N], [R_1; ..; R_N])`` (ranks add up)."""
+        return cls(torch.cat([p.left for p in parts], dim=1), torch.cat([p.right for p in parts], dim=0))
 
     def to(self, *args, **kwargs) -> "LowRank":
         """``Tensor.to`` on both factors (dtype and/or device)."""
@@ -474,7 +500,7 @@ def low_rank_moments(delta: LowRank):
     left, right = delta.left.to(DECOMPOSITION_DTYPE), delta.right.to(DECOMPOSITION_DTYPE)
     count = delta.shape[0] * delta.shape[1]
     total = left.sum(0) @ right.sum(1)
-    squares = ((left.T @ left) * (right @ right.T)).sum()
+    squares = delta.norm() ** 2
     mean = total / count
     variance = (squares / count - mean**2).clamp_min(0)
     return mean, variance.sqrt()

@@ -33,7 +33,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
-from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, lore
+from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.kernels.seedlora import (
     Fusion,
@@ -404,14 +404,17 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
             estimate.ranks,
         )
 
-    post_merge = "mean" if parameters["post_merge"] == "average" else "ties"
+    if parameters["post_merge"] == "average":
+        post_merge = average
+    else:
+        post_merge = make_fusion("ties", parameters["density"], None, name)
     return lore(
         theta,
         mu=parameters["mu"],
         mu_relative=parameters["mu_relative"],
         iterations=parameters["iterations"],
         tol=parameters["tol"],
-        post_merge=make_fusion(post_merge, parameters["density"], None, name),
+        post_merge=post_merge,
         lambda_=parameters["lambda"],
         report=report,
     )

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import compute_dtype, singular_value_threshold, spectral_norm
+from mergekit_seed.linalg import LowRank, compute_dtype, singular_value_threshold, spectral_norm
 
 DEFAULT_MU_RELATIVE = 0.1
 
@@ -27,16 +27,22 @@ DEFAULT_MU_RELATIVE = 0.1
 class LoreEstimate:
     """The solution of Eq. 1 after the last iteration.
 
-    ``theta0`` (m, n); ``deltas`` N x (m, n); ``ranks`` the kept rank of each delta_i;
-    ``objective`` the value of Eq. 1 after each iteration (only when tracked).
+    ``theta0`` (m, n); ``factors`` the delta_i as low-rank pairs (U_i max(S_i - mu, 0), V_i^T);
+    ``ranks`` the kept rank of each delta_i; ``objective`` the value of Eq. 1 after each
+    iteration (only when tracked).
     """
 
     theta0: torch.Tensor
-    deltas: List[torch.Tensor]
+    factors: List[LowRank]
     mu: float
     iterations: int
     ranks: List[int]
     objective: List[float] = field(default_factory=list)
+
+    @property
+    def deltas(self) -> List[torch.Tensor]:
+        """delta_i as (m, n) matrices."""
+        return [f.dense() for f in self.factors]
 
 
 def relative_mu(theta: Sequence[torch.Tensor], mu_relative: float) -> float:
@@ -66,45 +72,49 @@ def lore_estimate(
     ``mu`` is absolute; otherwise ``mu_relative`` (default 0.1) sets it via
     :func:`relative_mu`. Stops after ``iterations`` or once
     ||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F (``tol`` = 0: never early).
-    Each SVT is warm-started from the previous iteration's singular vectors.
+    Each SVT is warm-started from the previous iteration's singular vectors. The delta_i stay
+    factored (their ranks are small when mu does its job), so an iteration reads and writes
+    the m x n matrices only to form theta0 and the N residuals theta_i - theta0.
     """
     dtype = compute_dtype(theta[0])
     theta = [t.to(dtype) for t in theta]
     if mu is None:
         mu = relative_mu(theta, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
     count = len(theta)
-    deltas = [torch.zeros_like(theta[0]) for _ in theta]
-    theta_sum = torch.stack(theta).sum(0)
-    delta_sum = torch.zeros_like(theta[0])
+    factors = [LowRank.zeros(theta[0].shape, dtype=dtype, device=theta[0].device) for _ in theta]
+    theta_sum = torch.zeros_like(theta[0])
+    for t in theta:
+        theta_sum += t
     residual = torch.empty_like(theta[0])
     warm: List[Optional[torch.Tensor]] = [None] * count
-    theta0_previous: Optional[torch.Tensor] = None
+    previous_sum: Optional[LowRank] = None
     history: List[float] = []
     ranks: List[int] = [0] * count
     done = 0
     for done in range(1, iterations + 1):
         # Eq. 2, theta0 block: the mean of theta_i - delta_i = (sum theta_i - sum delta_i) / N
-        theta0 = (theta_sum - delta_sum) / count
+        delta_sum = LowRank.sum(factors)
+        theta0 = torch.addmm(theta_sum, delta_sum.left, delta_sum.right, beta=1 / count, alpha=-1 / count)
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
         nuclear_norms = []
-        delta_sum.zero_()
         for index, t in enumerate(theta):
             thresholded = singular_value_threshold(torch.sub(t, theta0, out=residual), mu, warm_start=warm[index])
-            deltas[index] = thresholded.matrix
-            delta_sum += thresholded.matrix
+            factors[index] = thresholded.low_rank
             warm[index] = thresholded.V if thresholded.rank else None
             ranks[index] = thresholded.rank
             nuclear_norms.append(thresholded.shrunk.sum().item())
         if track_objective:
-            history.append(objective(theta, theta0, deltas, nuclear_norms, mu))
-        converged = theta0_previous is not None and (
-            (theta0 - theta0_previous).norm() <= tol * theta0.norm()
+            history.append(objective(theta, theta0, [f.dense() for f in factors], nuclear_norms, mu))
+        # theta0_t - theta0_{t-1} = -(sum_i delta_i^{t-1} - sum_i delta_i^{t-2}) / N, factored
+        converged = previous_sum is not None and (
+            LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)]).norm() / count
+            <= tol * theta0.norm()
         )
-        theta0_previous = theta0
+        previous_sum = delta_sum
         if tol > 0 and converged:
             break
     return LoreEstimate(
-        theta0=theta0, deltas=deltas, mu=mu, iterations=done, ranks=ranks, objective=history
+        theta0=theta0, factors=factors, mu=mu, iterations=done, ranks=ranks, objective=history
     )
 
 
@@ -135,4 +145,8 @@ def lore(
     estimate = lore_estimate(theta, mu, mu_relative, iterations, tol)
     if report is not None:
         report(estimate)
+    if post_merge is average:
+        # theta0 + lambda * (1/N) sum_i delta_i, from the factors
+        delta_sum = LowRank.sum(estimate.factors)
+        return torch.addmm(estimate.theta0, delta_sum.left, delta_sum.right, alpha=lambda_ / len(theta))
     return estimate.theta0 + lambda_ * post_merge(torch.stack(estimate.deltas))
