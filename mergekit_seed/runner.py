@@ -72,11 +72,37 @@ class AdapterRunOptions(BaseModel, frozen=True):
             numpy.random.seed(self.random_seed)
             torch.manual_seed(self.random_seed)  # every device's generator
         if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
-            torch.set_num_interop_threads(self.num_threads)
+            set_num_threads(self.num_threads)
 
 
 Options = Union["MergeOptions", AdapterRunOptions]
+
+
+def set_num_threads(count: int) -> None:
+    """``--num-threads`` as mergekit applies it, once per process or many times.
+
+    The kernels run on torch's intra-op threads (and scipy's LAPACK on as many, see
+    ``linalg._lapack_eigh``). torch accepts an inter-op thread count only once per process,
+    before any inter-op work: a later merge in the same process keeps the first one instead
+    of failing.
+    """
+    import torch
+
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:
+        pass
+
+
+def _apply_global_options(options: Options) -> None:
+    """``options.apply_global_options()``, with the thread count set by :func:`set_num_threads`."""
+    threads = options.num_threads
+    if threads is None:
+        options.apply_global_options()
+        return
+    options.model_copy(update={"num_threads": None}).apply_global_options()
+    set_num_threads(threads)
 
 
 @dataclass
@@ -218,7 +244,7 @@ def merge(
     previous = signal.signal(signal.SIGTERM, _terminate_on_signal) if in_main_thread else None
     modules: List[Any] = []
     try:
-        options.apply_global_options()
+        _apply_global_options(options)
         if local.is_adapter_recipe:
             from mergekit_seed.adapters.engine import run_adapter_merge
 

@@ -122,3 +122,22 @@ def test_merge_api_leaves_nothing_half_written(tiny_family, tmp_path):
         mergekit_seed.merge(recipe, out, quiet=True)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_num_threads_applies_to_every_merge_in_one_process(tiny_family, tmp_path):
+    """torch takes an inter-op thread count once per process: later merges must still run."""
+    base, seeds = tiny_family
+    full = write_recipe(tmp_path / "full.yml", "seedft", base, seeds)
+    adapters = [save_random_lora(base, tmp_path / f"lora{i}", r=2, seed=i) for i in range(2)]
+    adapter = tmp_path / "lora.yml"
+    adapter.write_text(recipe_text("seedft", base, adapters, output={"format": "lora"}))
+    runs = [(1, full), (2, full), (1, adapter)]
+    code = f"""
+        import torch, mergekit_seed
+        for index, (threads, recipe) in enumerate({[(t, str(r)) for t, r in runs]!r}):
+            mergekit_seed.merge(recipe, {str(tmp_path)!r} + f"/out{{index}}", quiet=True, num_threads=threads)
+            print(torch.get_num_threads())
+    """
+    process = run_python(code)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["1", "2", "1"]

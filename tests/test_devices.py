@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli, write_recipe
 from mergekit_seed.kernels.lore import lore
 from mergekit_seed.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.kernels.seedlora import seedlora_dm, seedlora_dm_factored, seedlora_twostage
 from mergekit_seed.linalg import LowRank
+from mergekit_seed.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 FACTORIES = re.compile(r"torch\.(zeros|ones|full|empty|randn|rand|eye|arange|tensor|Generator)\(")
@@ -44,8 +46,30 @@ def test_dtype_policy(dtype, expected):
         assert merged.left.dtype == torch.float32 and merged.left.device == pairs[0].left.device
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_kernels_run_on_the_gpu():
-    tau = [torch.randn(64, 48, device="cuda") for _ in range(3)]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(64, 48), (700, 600)])  # the second takes the randomized paths
+def test_kernels_give_the_cpus_result_on_the_gpu(shape):
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(shape[0], 8, generator=generator) @ torch.randn(8, shape[1], generator=generator)
+    tau = [common + 0.1 * torch.randn(shape, generator=generator) for _ in range(3)]
     for kernel in (seedft, seedlora_dm, seedlora_twostage, lore):
-        assert kernel(tau).device.type == "cuda", kernel.__name__
+        on_cpu = kernel(tau)
+        on_gpu = kernel([t.cuda() for t in tau])
+        assert on_gpu.device.type == "cuda", kernel.__name__
+        error = ((on_gpu.cpu().double() - on_cpu.double()).norm() / on_cpu.double().norm()).item()
+        assert error < 1e-4, (kernel.__name__, error)
+
+
+@needs_gpu
+def test_stock_mergekit_yaml_with_cuda_matches_the_cpu(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    for method in ("seedft", "seedlora_dm", "seedlora_twostage", "lore"):
+        recipe = write_recipe(tmp_path / f"{method}.yml", method, None if method == "lore" else base, seeds)
+        run_cli("mergekit-yaml", recipe, tmp_path / f"{method}-cpu", check=True)
+        run_cli("mergekit-yaml", recipe, tmp_path / f"{method}-gpu", "--cuda", check=True)
+        cpu, gpu = load_weights(tmp_path / f"{method}-cpu"), load_weights(tmp_path / f"{method}-gpu")
+        for name in cpu:
+            torch.testing.assert_close(gpu[name], cpu[name], atol=1e-5, rtol=1e-4, msg=f"{method} {name}")

@@ -102,3 +102,26 @@ def test_polar_factor_matches_svd_and_handles_rank_deficiency():
     u, v = torch.randn(9, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
     expected = (u / u.norm()) @ (v / v.norm()).T
     torch.testing.assert_close(polar_factor(3 * u @ v.T), expected)
+
+
+def test_lapack_eigendecompositions_use_torchs_thread_count(monkeypatch):
+    """scipy's BLAS has its own thread pool: the Gram eigh must follow torch.set_num_threads."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    original = scipy.linalg.eigh
+
+    def recording_eigh(*args, **kwargs):
+        seen.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", recording_eigh)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        tau = [torch.randn(30, 20, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        seedft(tau)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}

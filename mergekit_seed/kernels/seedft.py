@@ -44,7 +44,7 @@ def seedft(
     if svd.rank == 0:
         return torch.zeros_like(tau[0], dtype=out_dtype)
     # Step 3: V_bar = (1/N) sum_i V_i  (Eq. 4)
-    V_bar = svd.mean_right_block()
+    V_bar = svd.mean_right
     # Step 4: V_bar = P D Q^T, V_star = P Q^T  (Eqs. 5-6, orthogonal Procrustes)
     V_star = polar_factor(V_bar, rtol=rtol)
     # Step 5: Delta theta_M = U Sigma V_star^T  (Eq. 7)
