@@ -1,9 +1,10 @@
 """Shared linear algebra for the merge kernels.
 
-Everything here is pure torch, device-agnostic, and avoids the expensive
-decompositions the papers write down literally: the SVD of a wide concatenation is
-taken from the eigendecomposition of its Gram matrix on the smaller side, and the
-orthogonal polar factor from the eigendecomposition of a small r x r matrix.
+Everything here is torch on the inputs' device (on the CPU, symmetric eigendecompositions go to
+LAPACK through scipy, see :func:`_descending_eigh`), and avoids the expensive decompositions the
+papers write down literally: the SVD of a wide concatenation is taken from the
+eigendecomposition of its Gram matrix on the smaller side, and the orthogonal polar factor from
+the eigendecomposition of a small r x r matrix.
 """
 
 from __future__ import annotations
@@ -105,18 +106,20 @@ def column_block_svd(
     wanted = min(m, count * n) if max_rank is None else max_rank
     if m <= count * n:
         gram = torch.zeros(m, m, dtype=DECOMPOSITION_DTYPE, device=blocks[0].device)
-        block_sum = torch.zeros(m, n, dtype=DECOMPOSITION_DTYPE, device=blocks[0].device)
         for block in blocks:
             block = block.to(DECOMPOSITION_DTYPE)
             gram.addmm_(block, block.T)
-            block_sum += block
         del block
         eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
         del gram
         singular_values = eigenvalues.sqrt()
         rank = min(_numerical_rank(singular_values, rtol), wanted)
         U, S = eigenvectors[:, :rank], singular_values[:rank]
-        # V_i = X_i^T U S^-1 (from X = U S V^T with orthonormal U), averaged over i
+        # V_i = X_i^T U S^-1 (from X = U S V^T with orthonormal U), averaged over i; the blocks'
+        # sum is taken only now, so that it is not held through the eigendecomposition
+        block_sum = blocks[0].to(DECOMPOSITION_DTYPE, copy=True)
+        for block in blocks[1:]:
+            block_sum += block
         return ColumnBlockSVD(U=U, S=S, mean_right=(block_sum.T @ U) / (count * S))
 
     blocks = [b.to(DECOMPOSITION_DTYPE) for b in blocks]
@@ -257,13 +260,32 @@ def truncated_svd(
     (:func:`top_singular_triplets`) is used, growing the sketch for ``energy`` until the
     energy is reached.
     """
+    U, S, V, keep = _singular_triplets(matrix, rank, energy)
+    return U[:, :keep], S[:keep], V[:, :keep]
+
+
+def truncated_approximation(
+    matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
+) -> torch.Tensor:
+    """``U S V^T`` of :func:`truncated_svd` (m, n). When a full SVD ran and more than half of
+    the directions are kept, it is formed as ``matrix`` minus the dropped directions, which
+    costs their number instead of the kept one (the same to rounding: matrix = U S V^T)."""
+    U, S, V, keep = _singular_triplets(matrix, rank, energy)
+    if S.numel() == min(matrix.shape) and keep > S.numel() // 2:
+        return torch.addmm(matrix, U[:, keep:] * S[keep:], V[:, keep:].T, alpha=-1)
+    return (U[:, :keep] * S[:keep]) @ V[:, :keep].T
+
+
+def _singular_triplets(matrix: torch.Tensor, rank: Optional[int], energy: Optional[float]):
+    """``(U, S, V, keep)`` for :func:`truncated_svd`: all triplets after a full SVD, the
+    sketched ones after a randomized one, and how many of them to keep."""
     smaller = min(matrix.shape)
     randomized_ok = smaller > _FULL_SVD_SIZE
     if rank is not None:
         rank = min(rank, smaller)
         if randomized_ok and _sketch_size(rank) <= smaller // 4:
             U, S, V = top_singular_triplets(matrix, _sketch_size(rank), wanted=rank)
-            return U[:, :rank], S[:rank], V[:, :rank]
+            return U, S, V, rank
     elif randomized_ok and energy is not None:
         total = squared_norm(matrix)
         # A short look first (two power iterations): if even its estimates say that more
@@ -279,14 +301,13 @@ def truncated_svd(
             U, S, V = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
             captured = (S[:sketch].to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
             if captured[-1] >= energy:
-                keep = int((captured < energy - 1e-12).sum().item()) + 1
-                return U[:, :keep], S[:keep], V[:, :keep]
+                return U, S, V, int((captured < energy - 1e-12).sum().item()) + 1
             sketch *= 2
             needed = _needed_rank(S, sketch, total, energy)
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     if rank is None:
         rank = rank_for_energy(S, energy if energy is not None else 1.0)
-    return U[:, :rank], S[:rank], Vh[:rank].T
+    return U, S, Vh.T, rank
 
 
 def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:

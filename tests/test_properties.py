@@ -111,7 +111,7 @@ def test_adapter_settings_resolve_as_mergekit_resolves_them(setting, tensor_name
 def test_truncated_svd_by_energy_equals_the_full_svd(spectrum):
     """The energy-truncated SVD (randomized when few directions suffice, a full SVD when the
     spectrum is flat) keeps the same rank and the same subspace as a full SVD."""
-    from mergekit_seed.linalg import rank_for_energy, truncated_svd
+    from mergekit_seed.linalg import rank_for_energy, truncated_approximation, truncated_svd
 
     generator = torch.Generator().manual_seed(3)
     m, n = 700, 600
@@ -123,6 +123,9 @@ def test_truncated_svd_by_energy_equals_the_full_svd(spectrum):
         matrix = (left * torch.logspace(0, -2, 20, dtype=torch.float64)) @ right.T
         matrix += 1e-6 * torch.randn(m, n, generator=generator, dtype=torch.float64)
     U, S, V = truncated_svd(matrix, energy=0.99)
+    # formed from the kept directions (decaying: randomized) or as matrix minus the dropped ones
+    # (flat: a full SVD keeping most directions), it is the same approximation
+    torch.testing.assert_close(truncated_approximation(matrix, energy=0.99), (U * S) @ V.T, rtol=0, atol=1e-12)
     full = torch.linalg.svdvals(matrix)
     assert S.numel() == rank_for_energy(full, 0.99)
     torch.testing.assert_close(S, full[: S.numel()], rtol=1e-6, atol=0)

@@ -24,6 +24,7 @@ from mergekit_seed.linalg import (
     low_rank_moments,
     mean_and_std,
     quantile,
+    truncated_approximation,
     truncated_svd,
 )
 
@@ -249,12 +250,12 @@ def seedlora_twostage(
     if M_avg.ndim != 2:
         return merged + M_avg
 
+    if fusion is fuse_mean:
+        # Z~ = (1/N) sum_i U^T (tau_i * R) V = U^T M_avg V = diag(S) for the singular vectors
+        # of M_avg, so Eqs. 6-8 give its truncated SVD U S V^T itself; no seed needs projecting
+        return merged.add_(truncated_approximation(M_avg, rank=rank, energy=energy))  # Eq. 9
     U, S, V = truncated_svd(M_avg, rank=rank, energy=energy)  # Eq. 6
     if S.numel() == 0:
         return merged
-    if fusion is fuse_mean:
-        # Z~ = (1/N) sum_i U^T (tau_i * R) V = U^T M_avg V = diag(S) for the singular vectors
-        # of M_avg, so Eqs. 7-8 give its truncated SVD itself; no seed needs projecting
-        return merged.addmm_(U * S, V.T)  # Eqs. 8-9
     Z = torch.stack([U.T @ (t * residual) @ V for t in tau])  # Eq. 7: (N, r, r)
     return merged.addmm_(U @ fusion(Z), V.T)  # Eqs. 8-9
