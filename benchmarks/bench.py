@@ -223,7 +223,7 @@ def floors(size: str, seeds: int) -> dict:
     a = torch.randn(hidden, intermediate, generator=generator, dtype=torch.float64)
     gemm64 = 2.0 * hidden * hidden * intermediate / seconds(lambda: a @ a.T)
     gram = a @ a.T
-    # the fastest float64 symmetric eigensolver here: torch's, or LAPACK's syevd through scipy
+    # the fastest float64 symmetric eigensolver here: torch's, or LAPACK's syevr through scipy
     # (what linalg uses on the CPU; it overwrites its input, hence the copy)
     eigh_torch = seconds(lambda: torch.linalg.eigh(gram))
     eigh_lapack = seconds(lambda: _lapack_eigh(gram.clone()))
@@ -453,7 +453,7 @@ def report(results: dict) -> str:
             "",
             f"Floors from this machine's rates: float64 GEMM {floors_['gemm64_gflops']:.1f} GFLOP/s; float64 eigh {eigh} "
             f"(the larger side by cubic scaling; at {SIZES[results['size']][1]}: torch "
-            f"{floors_['eigh64_torch_lapack_seconds'][0]:.1f} s, LAPACK syevd through scipy "
+            f"{floors_['eigh64_torch_lapack_seconds'][0]:.1f} s, LAPACK syevr through scipy "
             f"{floors_['eigh64_torch_lapack_seconds'][1]:.1f} s, the faster counts); float32 SVD {svd}. SeedFT's floor: the Gram on the smaller side of each "
             "m x Nn concatenation, its eigh and the polar factor's eigh; the two-stage SeedLoRA's: one full SVD per matrix "
             "(when the masked residual's kept rank is near full).",
