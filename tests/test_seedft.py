@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mergekit_seed.kernels.seedft import seedft
+from mergekit_seed import linalg
 from mergekit_seed.linalg import polar_factor
 
 
@@ -117,11 +118,13 @@ def test_lapack_eigendecompositions_use_torchs_thread_count(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(scipy.linalg, "eigh", recording_eigh)
+    monkeypatch.setattr(linalg, "_LAPACK_EIGH_SIZE", 0)  # as for a large matrix
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         tau = [torch.randn(30, 20, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-        seedft(tau)
+        result = seedft(tau)
     finally:
         torch.set_num_threads(threads)
     assert seen and set(seen) == {1}
+    assert ((result.double() - seedft_reference(tau)).norm() / seedft_reference(tau).norm()) < 1e-6
