@@ -56,8 +56,6 @@ def _lapack_eigh(gram: torch.Tensor):
     import scipy.linalg
     from threadpoolctl import threadpool_limits
 
-    if gram.numel() == 0:
-        return gram.new_zeros(0), gram.new_zeros(gram.shape)
     if not torch.isfinite(gram).all():
         raise torch.linalg.LinAlgError("the Gram matrix is not finite: the input holds NaN or Inf")
     # symmetric, so the transposed view is the same matrix in the Fortran order LAPACK works in

@@ -88,10 +88,10 @@ def set_num_threads(count: int) -> None:
     """
     import torch
 
-    torch.set_num_threads(count)
+    torch.set_num_threads(count)  # refuses a count below 1 itself, so only the refusal below is left
     try:
         torch.set_num_interop_threads(count)
-    except RuntimeError:
+    except RuntimeError:  # already set, or inter-op work has run in this process
         pass
 
 

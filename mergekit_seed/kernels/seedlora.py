@@ -77,9 +77,8 @@ def seedlora_dm_factored(
     """
     weights = [1.0] * len(tau) if weights is None else list(weights)
     divisor = sum(weights) if normalize else len(tau)
-    left = torch.cat([t.left.double() * (w / divisor) for t, w in zip(tau, weights)], dim=1)
-    right = torch.cat([t.right.double() for t in tau], dim=0)
-    tau_m = LowRank(left, right)  # Eq. 4
+    weighted = [LowRank(t.left.double() * (w / divisor), t.right.double()) for t, w in zip(tau, weights)]
+    tau_m = LowRank.sum(weighted)  # Eq. 4
     moments = [low_rank_moments(t) for t in tau]
     mu_hat = sum(m for m, _ in moments) / len(tau)
     sigma_hat = sum(s for _, s in moments) / len(tau)
@@ -89,9 +88,10 @@ def seedlora_dm_factored(
         # Eq. 5: sigma_hat (tau_m - mu_m) / sigma_m + mu_hat = a tau_m + b 1 1^T
         a = sigma_hat / sigma_m
         b = mu_hat - a * mu_m
+        left = tau_m.left
         ones_left = torch.full((m, 1), 1.0, dtype=left.dtype, device=left.device)
         ones_right = torch.full((1, n), 1.0, dtype=left.dtype, device=left.device)
-        tau_m = LowRank(torch.cat([a * left, b * ones_left], 1), torch.cat([right, ones_right], 0))
+        tau_m = LowRank.sum([LowRank(a * left, tau_m.right), LowRank(b * ones_left, ones_right)])
     merged, _ = compress(tau_m)
     return merged.to(torch.float32)
 
