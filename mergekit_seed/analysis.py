@@ -24,6 +24,7 @@ import torch
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
+from mergekit_seed.weights import safetensors_index
 
 Delta = Union[torch.Tensor, LowRank]
 TOP_SHARES = (0.1, 0.25, 0.5)
@@ -88,11 +89,7 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
         files = sorted(Path(folder).glob("*.safetensors"))
         if not files:
             raise UserError(f"{folder}: no .safetensors weights (and no adapter_config.json)")
-        mapping = {}
-        for file in files:
-            with safe_open(file, framework="pt") as reader:
-                mapping.update({key: file for key in reader.keys()})
-        return mapping
+        return {key: file for key, (file, _) in safetensors_index(files).items()}
 
     base_index = index(base)
     seed_indexes = [index(m) for m in models]

@@ -14,12 +14,14 @@ import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import is_hub_id, reference_paths
+from mergekit_seed.recipe import is_hub_id, reference_paths, reference_strings, substitute_references
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -52,8 +54,6 @@ def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[D
     models (``trust_remote_code``) is never taken from a card: a card asking for it is refused
     unless the user passed it (``trust_remote_code``), which then applies whatever the card says.
     """
-    from pydantic import ValidationError
-
     from mergekit.options import MergeOptions
 
     if recorded is None:
@@ -164,18 +164,91 @@ def _local_folders(recipe) -> List[str]:
     return folders
 
 
+def input_labels(recipe) -> Dict[str, str]:
+    """{local folder as the recipe names it: ``inputN``}: what a card writes instead of the
+    merging machine's paths (Hub ids stay as they are)."""
+    return {folder: f"input{index}" for index, folder in enumerate(_local_folders(recipe))}
+
+
+LABEL = re.compile(r"input\d+")
+
+
+def public_recipe_text(recipe) -> str:
+    """The recipe as a card (and mergekit's ``mergekit_config.yml``) records it: every local
+    folder replaced by its label ``inputN``. Rewritten from the parsed YAML, so comments,
+    which may name paths too, are dropped; a recipe without local folders is kept as written."""
+    labels = input_labels(recipe)
+    if not labels:
+        return recipe.source
+    data = substitute_references(yaml.safe_load(recipe.source), labels)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def card_labels(recipe_text: str) -> List[str]:
+    """The ``inputN`` labels a card's recipe names, each once, by N."""
+    data = yaml.safe_load(recipe_text)
+    return sorted({part for part in reference_strings(data) if LABEL.fullmatch(part)}, key=lambda label: int(label[5:]))
+
+
+def labels_from_recipe(card_recipe: str, user_recipe: str, origin: str) -> Dict[str, str]:
+    """{``inputN``: path}: where the user's own copy of the recipe (``reproduce --recipe``)
+    has the local folders the card's recipe labels. The two must be the same recipe but for
+    those folders (references are paired in document order)."""
+    card_data, user_data = yaml.safe_load(card_recipe), yaml.safe_load(user_recipe)
+    card_references, user_references = reference_strings(card_data), reference_strings(user_data)
+    mapping: Dict[str, str] = {}
+    if len(card_references) == len(user_references):
+        for label, path in zip(card_references, user_references):
+            if LABEL.fullmatch(label) and mapping.setdefault(label, path) != path:
+                break
+        else:
+            if substitute_references(card_data, mapping) == user_data:
+                return mapping
+    raise UserError(
+        f"{origin}: not the card's recipe with its inputs filled in (method, parameters and the order of the "
+        "models must be the same); give the inputs with --input inputN=PATH instead"
+    )
+
+
+def fill_inputs(card_recipe: str, given: List[str], user_recipe: Optional[str], origin: str) -> Tuple[str, Optional[Dict[str, str]]]:
+    """The card's recipe with each ``inputN`` replaced by the folder the user gives for it, and
+    {``inputN``: folder} (None for a card whose recipe names its folders itself).
+
+    ``given`` holds ``inputN=PATH`` items (``reproduce --input``); ``user_recipe`` is the text of
+    the user's own copy of the recipe (``reproduce --recipe``), paired with the card's by
+    :func:`labels_from_recipe`. Every label must get a folder.
+    """
+    labels = card_labels(card_recipe)
+    if not labels:
+        return card_recipe, None
+    mapping = labels_from_recipe(card_recipe, user_recipe, origin) if user_recipe is not None else {}
+    for item in given:
+        label, separator, path = item.partition("=")
+        if not separator or not LABEL.fullmatch(label) or not path:
+            raise UserError(f"--input {item}: write it as inputN=PATH (the card's recipe names {', '.join(labels)})")
+        if label not in labels:
+            raise UserError(f"--input {item}: the card's recipe names no {label} (it names {', '.join(labels)})")
+        mapping[label] = str(Path(path).absolute())
+    missing = [label for label in labels if label not in mapping]
+    if missing:
+        flags = " ".join(f"--input {label}=PATH" for label in missing)
+        raise UserError(
+            f"{origin}: the card names its local inputs {', '.join(missing)} without their paths; give the folder of each "
+            f"({flags}) or your copy of the recipe (--recipe FILE)"
+        )
+    data = substitute_references(yaml.safe_load(card_recipe), mapping)
+    return yaml.safe_dump(data, sort_keys=False), mapping
+
+
 def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
     """{``inputN``: {"folder": base name, "files": {weight file: sha256}}} for every local folder
-    ``references`` name. Inputs are labelled by their place in the recipe rather than by path,
-    so a published card does not carry the merging machine's directory layout."""
-    order = _local_folders(recipe)
-    hashes: Dict[str, Dict[str, Any]] = {}
+    ``references`` name, labelled as in :func:`input_labels`."""
     wanted = {path for reference in references for path in reference_paths(reference)}
-    for index, folder in enumerate(order):
-        if folder not in wanted:
-            continue
-        hashes[f"input{index}"] = {"folder": Path(folder).name, "files": weight_file_hashes(Path(folder))}
-    return hashes
+    return {
+        label: {"folder": Path(folder).name, "files": weight_file_hashes(Path(folder))}
+        for folder, label in input_labels(recipe).items()
+        if folder in wanted
+    }
 
 
 def weight_file_hashes(folder: Path) -> Dict[str, str]:
@@ -214,9 +287,11 @@ def _hub_link(path: str) -> str:
     return f"[{path}](https://huggingface.co/{path})" if is_hub_id(path) else path
 
 
-def reference_md(reference) -> str:
-    """A model reference in markdown, Hub ids linked (``BASE+ADAPTER`` as ``base + adapter``)."""
-    return " + ".join(_hub_link(path) for path in reference_paths(reference))
+def reference_md(reference, labels: Optional[Dict[str, str]] = None) -> str:
+    """A model reference in markdown, Hub ids linked (``BASE+ADAPTER`` as ``base + adapter``),
+    local folders by their ``labels``."""
+    labels = labels or {}
+    return " + ".join(f"`{labels[path]}`" if path in labels else _hub_link(path) for path in reference_paths(reference))
 
 
 def render_card(
@@ -233,6 +308,7 @@ def render_card(
     config = recipe.config
     options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
     inputs = hash_inputs(recipe, merge_inputs(recipe))
+    labels = input_labels(recipe)
     hub_ids = [path for reference in config.referenced_models() for path in reference_paths(reference) if is_hub_id(path)]
     hub_ids = sorted({path.partition("@")[0] for path in hub_ids})
     provenance = {
@@ -256,9 +332,9 @@ def render_card(
     paper = getattr(method, "paper", None)
     if method.spec.reference_url:
         paper = f"[{paper or method.spec.reference_url}]({method.spec.reference_url})"
-    base_text = f" using {reference_md(config.base_model)} as a base" if config.base_model else ""
+    base_text = f" using {reference_md(config.base_model, labels)} as a base" if config.base_model else ""
     if config.base_model and not getattr(method, "needs_base", True):
-        base_text = f" (base model {reference_md(config.base_model)} listed but not an input: the method needs none)"
+        base_text = f" (base model {reference_md(config.base_model, labels)} listed but not an input: the method needs none)"
     seeds = [m.model for m in config.models or [] if m.model != config.base_model]
     parameter_rows = "\n".join(
         f"| `{name}` | `{json.dumps(value)}` | "
@@ -266,15 +342,16 @@ def render_card(
         for name, value in provenance["parameters"].items()
     )
     per_model = [
-        f"* {reference_md(m.model)}: `{json.dumps(_jsonable(m.parameters))}`"
+        f"* {reference_md(m.model, labels)}: `{json.dumps(_jsonable(m.parameters))}`"
         for m in config.models or []
         if m.parameters
     ]
     input_rows = "\n".join(
-        f"| `{folder}` | `{name}` | `{digest}` |"
-        for folder, files in inputs.items()
-        for name, digest in files.items()
+        f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |"
+        for label, entry in inputs.items()
+        for name, digest in entry["files"].items()
     ) or "| (no local weight files) | | |"
+    input_flags = "".join(f" --input {label}=PATH" for label in labels.values())
     option_text = "".join(f" {flag}" for flag in option_flags(options))
     kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
     return f"""---
@@ -295,7 +372,7 @@ Paper: *{paper}*.
 
 ### Models Merged
 
-{chr(10).join('* ' + reference_md(m) for m in seeds)}
+{chr(10).join('* ' + reference_md(m, labels) for m in seeds)}
 
 ### Parameters
 
@@ -316,18 +393,18 @@ Paper: *{paper}*.
 The following YAML configuration was used to produce this model:
 
 ```yaml
-{recipe.source.strip()}
+{public_recipe_text(recipe).strip()}
 ```
 
 ## Reproduce
 
 ```sh
 pip install torch "mergekit=={provenance['mergekit_version']}" {provenance['install']}
-# save the Configuration above as recipe.yml, then:
+# straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT ...), Hub
+# inputs at their recorded revisions, local inputs (inputN) from your folders, checking every tensor:
+mergekit-seed reproduce README.md OUT{input_flags} --check .
+# or save the Configuration above as recipe.yml, put your folders in place of inputN, and:
 mergekit-seed run recipe.yml OUT{option_text}
-# or straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT --check),
-# inputs at their recorded revisions, checking every tensor against this folder:
-mergekit-seed reproduce README.md OUT --check .
 ```
 """
 
@@ -336,45 +413,131 @@ _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
 _CONFIGURATION = re.compile(r"### Configuration.*?```yaml\n(.*?)```", re.DOTALL)
 
 
+class InputRecord(BaseModel):
+    """A local input in a card: its folder's base name and {weight file: sha256}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: Optional[str] = None
+    files: Dict[str, str] = Field(default_factory=dict)
+
+
+class HubInputRecord(BaseModel):
+    """A Hub input in a card: the commit it resolved to and {weight file: sha256}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revision: Optional[str] = None
+    files: Dict[str, str] = Field(default_factory=dict)
+
+
+def _not_a_record(files: Dict[str, str]) -> Dict[str, str]:
+    if {"folder", "files"} & set(files):
+        raise ValueError("a labelled input is {folder, files: {weight file: sha256}}")
+    return files
+
+
+# the inputs of cards written before labels: {weight file: sha256}, never a labelled record
+OldInputFiles = Annotated[Dict[str, str], AfterValidator(_not_a_record)]
+
+
+class Provenance(BaseModel):
+    """The ``mergekit_seed`` block of a card's front matter (every field checked: a card is
+    untrusted input). Cards written before inputs were labelled key them by folder path, with
+    {weight file: sha256} as the value."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: Optional[str] = None
+    mergekit_version: Optional[str] = None
+    install: Optional[str] = None
+    merge_method: Optional[str] = None
+    parameters: Dict[str, Any] = Field(default_factory=dict)
+    options: Dict[str, Any] = Field(default_factory=dict)
+    inputs: Dict[str, Union[InputRecord, OldInputFiles]] = Field(default_factory=dict)
+    hub_inputs: Dict[str, HubInputRecord] = Field(default_factory=dict)
+
+
+
+def _front_matter(text: str, path: Path) -> Dict[str, Any]:
+    front = _FRONT_MATTER.search(text)
+    if not front:
+        return {}
+    try:
+        data = yaml.safe_load(front.group(1))
+    except yaml.YAMLError:
+        raise UserError(f"{path}: the YAML front matter is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the YAML front matter is not a mapping (key: value lines)")
+    return data
+
+
 def read_card(source: Path) -> Dict[str, Any]:
-    """{"recipe": YAML text, "provenance": {...} or {}} from a card or an output folder."""
+    """{"recipe": YAML text, "provenance": {...} or {}} from a card or an output folder; every
+    part of the provenance is checked (one line naming the field when it is malformed)."""
     path = source / CARD_NAME if source.is_dir() else source
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"{path}: cannot read model card ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the model card is not UTF-8 text") from None
     recipe = _CONFIGURATION.search(text)
     if recipe is None:
         raise UserError(f"{path}: no '### Configuration' YAML block; is this a mergekit model card?")
-    provenance: Dict[str, Any] = {}
-    front = _FRONT_MATTER.search(text)
-    if front:
-        try:
-            provenance = (yaml.safe_load(front.group(1)) or {}).get(PROVENANCE_KEY) or {}
-        except yaml.YAMLError:
-            raise UserError(f"{path}: the YAML front matter is not valid YAML") from None
-    return {"recipe": recipe.group(1), "provenance": provenance}
+    recorded = _front_matter(text, path).get(PROVENANCE_KEY)
+    if recorded is None:
+        return {"recipe": recipe.group(1), "provenance": {}}
+    try:
+        provenance = Provenance.model_validate(recorded)
+    except ValidationError as error:
+        location, message = first_validation_problem(error)
+        raise UserError(f"{path}: {PROVENANCE_KEY}.{location}: {message}" if location else f"{path}: {PROVENANCE_KEY}: {message}") from None
+    return {"recipe": recipe.group(1), "provenance": provenance.model_dump()}
 
 
-def verify_inputs(recorded: Dict[str, Any], recipe=None) -> List[str]:
-    """One line per recorded input weight file that is missing or whose sha256 differs.
+def is_our_card(path: Path) -> bool:
+    """Whether ``path`` is a model card mergekit-seed wrote (its front matter has our provenance)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            head = handle.read(1 << 20)
+        return isinstance(_front_matter(head, path).get(PROVENANCE_KEY), dict)
+    except (OSError, UnicodeDecodeError, UserError):
+        return False
 
-    Inputs are labelled ``inputN`` (the N-th local folder of ``recipe``); cards written before
-    that key them by folder path, which is still read.
-    """
-    folders = _local_folders(recipe) if recipe is not None else []
+
+def recorded_folders(recorded: Dict[str, Any], recipe, labels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """{key of a card's ``inputs``: the local folder it stands for}. ``labels`` gives the folder
+    of each ``inputN`` (the card's recipe names labels); without it the recipe names the folders
+    itself (cards written before labels, where ``inputN`` is the N-th local folder of the recipe,
+    or keys are folders)."""
+    if labels is not None:
+        return {key: labels[key] for key in recorded if key in labels}
+    folders = _local_folders(recipe)
+    found = {}
+    for key in recorded:
+        if LABEL.fullmatch(key):
+            if int(key[5:]) < len(folders):
+                found[key] = folders[int(key[5:])]
+        else:
+            found[key] = key
+    return found
+
+
+def verify_inputs(recorded: Dict[str, Any], folders: Dict[str, str]) -> List[str]:
+    """One line per recorded input weight file that is missing or whose sha256 differs;
+    ``folders`` maps each recorded input to its folder (:func:`recorded_folders`)."""
     problems = []
     for key, entry in recorded.items():
-        if key.startswith("input") and key[5:].isdigit() and isinstance(entry, dict):
-            index = int(key[5:])
-            if index >= len(folders):
-                problems.append(f"{key} ({entry.get('folder')}): the recipe has no such local input")
-                continue
-            folder, files = folders[index], entry.get("files") or {}
-        else:
-            folder, files = key, entry
+        if key not in folders:
+            name = entry.get("folder") if isinstance(entry, dict) and isinstance(entry.get("folder"), str) else key
+            problems.append(f"{key} ({name}): the recipe has no such local input")
+            continue
+        files = (entry.get("files") or {}) if "files" in entry or "folder" in entry else entry
         for name, digest in files.items():
-            path = Path(folder) / name
+            path = Path(folders[key]) / name
             if not path.is_file():
                 problems.append(f"input {path} is missing")
             elif sha256_file(path) != digest:

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
 
@@ -65,6 +65,7 @@ def run_recipe(
     merge_options: "MergeOptions | AdapterRunOptions",
     overwrite: bool,
     revisions: Optional[dict] = None,
+    protected: Sequence[Path] = (),
 ) -> None:
     """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
     try:
@@ -76,6 +77,7 @@ def run_recipe(
             echo=click.echo,
             warn=lambda message: click.echo(f"warning: {message}", err=True),
             revisions=revisions,
+            protected=protected,
         )
     except RecipeProblems as error:
         for problem in error.problems:
@@ -93,7 +95,7 @@ def _build_run_command() -> click.Command:
     @click.command("run")
     @click.argument("recipe", type=click.Path(dir_okay=False))
     @click.argument("out", type=click.Path(file_okay=False))
-    @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed merge.")
     @add_merge_options
     def run_command(merge_options: MergeOptions, recipe: str, out: str, overwrite: bool) -> None:
         """Merge RECIPE (a mergekit YAML file) into the folder OUT.
@@ -112,7 +114,7 @@ def _build_adapter_run_command() -> click.Command:
     @click.command("run")
     @click.argument("recipe", type=click.Path(dir_okay=False))
     @click.argument("out", type=click.Path(file_okay=False))
-    @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed merge.")
     @click.option("--cuda/--no-cuda", default=False, help="Perform matrix arithmetic on GPU")
     @click.option("--device", default=None, help="Perform matrix arithmetic on specified device")
     @click.option("--quiet/--no-quiet", default=False, help="Suppress progress bars and other non-essential output")
@@ -237,18 +239,37 @@ CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the so
 )
 @click.option("--atol", type=float, default=1e-6, show_default=True, help="Largest absolute difference --check accepts.")
 @click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT folder.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed merge.")
+@click.option(
+    "--input", "given_inputs", multiple=True, metavar="inputN=PATH",
+    help="The folder on this machine of the local input the card labels inputN (repeat for each).",
+)
+@click.option(
+    "--recipe", "user_recipe", type=click.Path(dir_okay=False),
+    help="Your copy of the card's recipe, with your folders in place of inputN (instead of --input).",
+)
 @click.option(
     "--trust-remote-code", is_flag=True,
     help="Let the models' own Python code run (mergekit's option); never taken from the card.",
 )
 def reproduce_command(
-    source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool, trust_remote_code: bool
+    source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool,
+    given_inputs: tuple, user_recipe: Optional[str], trust_remote_code: bool,
 ) -> None:
     """Re-run the merge described by SOURCE into OUT: a model card (README.md), an output
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
-    Hub inputs are read at the commits the card records."""
-    from mergekit_seed.card import CARD_NAME, card_options, compare_weights, package_version, read_card, verify_inputs
+    Hub inputs are read at the commits the card records; the card names local inputs inputN,
+    whose folders come from --input or --recipe."""
+    from mergekit_seed.card import (
+        CARD_NAME,
+        card_options,
+        compare_weights,
+        fill_inputs,
+        package_version,
+        read_card,
+        recorded_folders,
+        verify_inputs,
+    )
     from mergekit_seed.hub import download_file, resolve, split_revision, verify_hub_inputs
     from mergekit_seed.recipe import is_hub_id, parse_recipe
     from mergekit_seed.weights import weight_files
@@ -269,7 +290,15 @@ def reproduce_command(
             raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
         # a card is untrusted input: its options and recipe are checked before anything is read
         recorded, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
-        recipe = parse_recipe(card["recipe"], origin=f"{card_path} (recipe)")
+        user_text = None
+        if user_recipe is not None:
+            try:
+                user_text = Path(user_recipe).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise UserError(f"{user_recipe}: cannot read the recipe ({getattr(error, 'strerror', None) or 'not UTF-8 text'})") from None
+        recipe_text, labels = fill_inputs(card["recipe"], list(given_inputs), user_text, str(user_recipe or card_path))
+        recipe = parse_recipe(recipe_text, origin=f"{card_path} (recipe)")
+        input_folders = recorded_folders(provenance.get("inputs") or {}, recipe, labels)
         if check_dir == CHECK_SOURCE:
             if source_weights is None:
                 repo_id, revision = split_revision(source)
@@ -286,7 +315,7 @@ def reproduce_command(
         if recorded_version and recorded_version != installed:
             click.echo(f"warning: the merge was made with {package} {recorded_version}; {installed} is installed", err=True)
     hub_inputs = provenance.get("hub_inputs") or {}
-    mismatches = verify_inputs(provenance.get("inputs") or {}, recipe) + verify_hub_inputs(hub_inputs)
+    mismatches = verify_inputs(provenance.get("inputs") or {}, input_folders) + verify_hub_inputs(hub_inputs)
     for mismatch in mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
     if mismatches and not no_verify_inputs:
@@ -296,7 +325,9 @@ def reproduce_command(
 
     options = MergeOptions(**recorded)
     revisions = {repo_id: str(entry["revision"]) for repo_id, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
-    run_recipe(recipe, out, options, overwrite, revisions=revisions)
+    # neither the card nor the folder --check compares with may be written over
+    protected = [card_path] + ([Path(check_dir)] if check_dir is not None else [])
+    run_recipe(recipe, out, options, overwrite, revisions=revisions, protected=protected)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
         return

@@ -57,6 +57,8 @@ def read_data(path: Path) -> Tuple[str, List[Row]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply; a row is one flat object") from None
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             rows.append(Row(text=record["text"]))
             kinds.add("text")
@@ -97,9 +99,10 @@ def is_merge(folder: Path) -> bool:
 
             try:
                 front = yaml.safe_load(text.split("---\n", 2)[1]) or {}
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
                 return False
-            return "merge" in (front.get("tags") or [])
+            tags = front.get("tags") if isinstance(front, dict) else None
+            return isinstance(tags, list) and "merge" in tags
     return False
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_seed.card import weight_file_hashes
 from mergekit_seed.errors import UserError
-from mergekit_seed.recipe import Recipe, is_hub_id, parse_recipe
+from mergekit_seed.recipe import Recipe, is_hub_id, parse_recipe, substitute_references
 
 # what a merge reads from a model or adapter repository (no code: remote code stays off)
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -147,18 +147,6 @@ def hub_references(recipe: Recipe) -> List[str]:
     return found
 
 
-def _substitute(value: Any, folders: Dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {key: _substitute(item, folders) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_substitute(item, folders) for item in value]
-    if isinstance(value, str):
-        parts = value.split("+")
-        if any(part in folders for part in parts):
-            return "+".join(folders.get(part, part) for part in parts)
-    return value
-
-
 def localize(
     recipe: Recipe, pins: Optional[Dict[str, str]] = None, read: Optional[List[str]] = None
 ) -> Tuple[Recipe, List[HubInput]]:
@@ -177,7 +165,7 @@ def localize(
     pins = pins or {}
     inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
     folders = {entry.reference: str(entry.folder) for entry in inputs}
-    data = _substitute(yaml.safe_load(recipe.source), folders)
+    data = substitute_references(yaml.safe_load(recipe.source), folders)
     return parse_recipe(yaml.safe_dump(data, sort_keys=False), recipe.origin), inputs
 
 

@@ -47,8 +47,12 @@ from mergekit_seed.kernels.seedlora import (
 from mergekit_seed.linalg import LowRank, compute_dtype
 
 PositiveInt = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+# no parameter takes NaN or Inf, or a number past float32's range (the kernels compute in
+# float32): any of them would make merged tensors non-finite
+FLOAT32_MAX = 3.4028234663852886e38
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 OpenUnitFloat = Annotated[float, Field(gt=0, lt=1)]
 UnitFloat = Annotated[float, Field(gt=0, le=1)]
 
@@ -147,9 +151,27 @@ class SeedMergeMethod(GroupMergeMethod):
             return self.auto_lambda(seed_count)
         return float(value)
 
-    def parameter_problems(self, values: Dict[str, Any], seed_count: int) -> List[str]:
-        """Problems between parameters or with the seed count (e.g. ``min_agree`` <= N)."""
+    def parameter_problems(
+        self, values: Dict[str, Any], seed_count: int, seed_values: Optional[List[Dict[str, Any]]] = None
+    ) -> List[str]:
+        """Problems between parameters or with the seed count (e.g. ``min_agree`` <= N).
+
+        ``seed_values`` are the seeds' own parameter values, where known: weights that sum
+        to zero cannot be normalised by their sum (``seedlora_dm``'s ``normalize``).
+        """
         problems = []
+        weights = [entry.get("weight") for entry in seed_values or []]
+        if (
+            "normalize" in {p.name for p in self.parameters}
+            and values.get("normalize", True) is True
+            and weights
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+            and math.fsum(weights) == 0
+        ):
+            problems.append(
+                f"the seeds' weights {weights} sum to 0, so normalize (divide by their sum) is undefined; "
+                "change a weight or set normalize: false"
+            )
         for first, second in self.exclusive:
             if values.get(first) is not None and values.get(second) is not None:
                 problems.append(f"parameters '{first}' and '{second}' exclude each other; give one")
@@ -181,6 +203,10 @@ class SeedMergeMethod(GroupMergeMethod):
             raise
         if result.is_floating_point() and not torch.isfinite(result).all():
             self._refuse_non_finite(group)
+            raise ValueError(
+                f"tensor {group.metadata.name}: {self.spec.name} gives NaN or Inf from finite inputs; "
+                f"lower lambda or the weights (the result must fit in {result.dtype})"
+            )
         return result
 
     @staticmethod
@@ -205,10 +231,12 @@ class SeedMergeMethod(GroupMergeMethod):
             return self.kernel(inputs, parameters, group).to(inputs[0].dtype)
         base = group.base.tensor
         work_dtype = compute_dtype(base)
+        scale = self.resolve_lambda(parameters["lambda"], len(inputs))
+        if not math.isfinite(scale) or abs(scale) > torch.finfo(work_dtype).max:
+            raise ValueError(f"parameter 'lambda' = {scale!r}: must be a finite number within {work_dtype}'s range")
         base_work = base.to(work_dtype)
         tau = [_minus(tensor, base_work) for tensor in inputs]
         delta = self.kernel(tau, parameters, group)
-        scale = self.resolve_lambda(parameters["lambda"], len(tau))
         if base_work is base:  # mergekit's tensor: leave it alone
             return torch.add(base, delta.to(work_dtype), alpha=scale)
         return base_work.add_(delta.to(work_dtype), alpha=scale).to(base.dtype)
@@ -238,7 +266,7 @@ SEEDFT = SeedMergeMethod(
     parameters=(
         Parameter(
             "lambda",
-            Union[Literal["auto"], float],
+            Union[Literal["auto"], FiniteFloat],
             "auto",
             "float | auto",
             "global scale alpha of Eq. 7; auto = 1/sqrt(N)",
@@ -263,7 +291,7 @@ SEEDFT = SeedMergeMethod(
     auto_lambda=lambda seed_count: 1.0 / math.sqrt(seed_count),
 )
 
-LAMBDA = Parameter("lambda", float, 1.0, "float", "global scale of the merged delta")
+LAMBDA = Parameter("lambda", FiniteFloat, 1.0, "float", "global scale of the merged delta")
 
 
 def _seedlora_dm_kernel(tau, parameters, group) -> torch.Tensor:
@@ -284,7 +312,7 @@ SEEDLORA_DM = SeedMergeMethod(
     parameters=(
         Parameter(
             "weight",
-            float,
+            FiniteFloat,
             1.0,
             "float",
             "importance weight w_i of a seed (Eq. 4)",

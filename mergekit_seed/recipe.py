@@ -14,6 +14,8 @@ transformers (about 4 s and 190 MiB), for a merge that uses neither.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -314,6 +316,9 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
         for value in _scalar_leaves(setting):
             if value is None:
                 continue
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{where}: parameter '{name}' = {value!r}: must be a finite number")
+                continue
             try:
                 spec.validate(value)
             except ValidationError as error:
@@ -393,13 +398,22 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     problems += _missing_required(method, config, path)
     check = getattr(method, "parameter_problems", None)
     if check is not None:
-        scalars = {
-            name: value
-            for name, value in (config.parameters or {}).items()
-            if isinstance(value, (int, float, str, bool))
-        }
-        problems += [f"{path}: {line}" for line in check(scalars, len(seeds))]
+        scalars = _scalar_settings(config.parameters)
+        per_seed = [
+            {
+                parameter.name: {**scalars, **_scalar_settings(seed.parameters)}.get(parameter.name, parameter.default)
+                for parameter in getattr(method, "parameters", ())
+                if parameter.scope.value != "shared"
+            }
+            for seed in seeds
+        ]
+        problems += [f"{path}: {line}" for line in check(scalars, len(seeds), per_seed)]
     return problems
+
+
+def _scalar_settings(settings: Optional[dict]) -> Dict[str, Any]:
+    """The parameter settings that are plain values (not gradients or filters)."""
+    return {name: value for name, value in (settings or {}).items() if isinstance(value, (int, float, str, bool))}
 
 
 def _missing_required(method: Any, config: Any, path: str) -> List[str]:
@@ -445,6 +459,64 @@ def reference_paths(reference) -> List[str]:
     if reference.lora is not None:
         paths.append(str(reference.lora.path))
     return paths
+
+
+def substitute_references(value: Any, replacements: Dict[str, str]) -> Any:
+    """A parsed recipe (mappings, lists, strings) with every model reference string, or part of
+    a ``BASE+ADAPTER`` reference, found in ``replacements`` replaced (paths compared normalised)."""
+    normalised = {os.path.normpath(key): new for key, new in replacements.items()}
+
+    def replace(part: str) -> str:
+        if not part:
+            return part
+        return replacements.get(part) or normalised.get(os.path.normpath(part), part)
+
+    if isinstance(value, dict):
+        return {key: substitute_references(item, replacements) for key, item in value.items()}
+    if isinstance(value, list):
+        return [substitute_references(item, replacements) for item in value]
+    if isinstance(value, str):
+        parts = value.split("+")
+        if any(replace(part) != part for part in parts):
+            return "+".join(replace(part) for part in parts)
+    return value
+
+
+REFERENCE_KEYS = ("base_model", "model", "tokenizer_source", "source")
+
+
+def reference_strings(value: Any) -> List[str]:
+    """Every model reference a parsed recipe writes (``BASE+ADAPTER`` split in two), in document
+    order, with repeats: the strings under ``base_model``, ``model``, ``tokenizer_source`` and
+    a tokenizer's ``source``."""
+    found: List[str] = []
+
+    def visit(node: Any, under_reference: bool) -> None:
+        if isinstance(node, dict):
+            for key, item in node.items():
+                visit(item, under_reference or key in REFERENCE_KEYS)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item, under_reference)
+        elif isinstance(node, str) and under_reference:
+            found.extend(part for part in node.split("+") if part)
+
+    visit(value, False)
+    return found
+
+
+def _modified_base_problem(folder: Path) -> Optional[str]:
+    """Why a local adapter folder is relative to a base PEFT modified (PiSSA, OLoRA, ...), or None."""
+    import json
+
+    from mergekit_seed.adapters.formats import modified_base_problem
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None  # no readable config: mergekit reports it
+    problem = modified_base_problem(config.get("init_lora_weights")) if isinstance(config, dict) else None
+    return f"{folder / 'adapter_config.json'}: {problem}" if problem else None
 
 
 def _has_adapter_weights(folder: Path) -> bool:
@@ -506,6 +578,11 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
         problem = hub_problem(reference)
         if problem:
             problems.append(f"{path}: {problem}")
+    for reference in config.referenced_models():
+        for adapter in reference_paths(reference)[1:]:  # the adapter of BASE+ADAPTER
+            problem = _modified_base_problem(Path(adapter))
+            if problem:
+                problems.append(f"{path}: {problem}")
     if problems:
         return problems
     if not recipe.is_adapter_recipe and not allow_crimes:
@@ -536,10 +613,33 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
                     problems.append(f"{path}: {folder} has no weights (*.safetensors or *.bin)")
         except UserError as error:
             problems.append(str(error))
+    if recipe.is_adapter_recipe and config.base_model and Path(config.base_model).is_dir() and not problems:
+        problems += _adapter_base_problems(shapes_by_input, Path(config.base_model), path)
     if len(shapes_by_input) > 1:
         # with a tokenizer setting mergekit aligns the vocabularies: embedding rows may differ
         rows_may_differ = bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
         problems += _compare_shapes(shapes_by_input, path, recipe.is_adapter_recipe, rows_may_differ)
+    return problems
+
+
+def _adapter_base_problems(shapes_by_seed: Dict[str, Dict[str, tuple]], base: Path, path: str) -> List[str]:
+    """Tensors an adapter changes whose shape is not the base's (a seed trained on a resized
+    vocabulary, say); Conv1D weights, stored transposed in the base, may match either way."""
+    from mergekit_seed.weights import safetensors_shapes
+
+    try:
+        base_shapes = safetensors_shapes(base)
+    except UserError as error:
+        return [str(error)]
+    problems = []
+    for seed, shapes in shapes_by_seed.items():
+        for name, shape in sorted(shapes.items()):
+            expected = base_shapes.get(name)
+            if expected is not None and shape != expected and shape != tuple(reversed(expected)):
+                problems.append(
+                    f"{path}: tensor {name} is {shape} in {seed} but {expected} in base_model {base}; "
+                    "give the base the seeds were trained from"
+                )
     return problems
 
 

@@ -10,18 +10,19 @@ validation finds several), whose message is the one line the CLI prints.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from pydantic import BaseModel, ValidationError, model_validator
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, recipe_warnings
+from mergekit_seed.recipe import Recipe, check_files, check_recipe, is_hub_id, load_recipe, recipe_warnings
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
     from mergekit.options import MergeOptions
@@ -132,22 +133,144 @@ def make_options(recipe: Recipe, values: dict) -> Options:
         raise UserError(f"option '{location}': {message}") from None
 
 
+MARKER_NAME = ".mergekit-seed"  # marks a merge written without a model card as ours
+
+
+def resolve_output(out: Union[str, os.PathLike]) -> Path:
+    """The folder a merge into ``out`` publishes: absolute, every symlink followed (a symlinked
+    OUT, dangling or not, is written at its target, which it keeps pointing to)."""
+    try:
+        return Path(out).absolute().resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        raise UserError(f"{out}: cannot resolve the output path ({error}); choose another output folder") from None
+
+
+def _resolved(path: Union[str, os.PathLike]) -> Optional[Path]:
+    try:
+        return Path(path).absolute().resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def input_paths(recipe: Recipe) -> List[Path]:
+    """Every local file and folder a merge of ``recipe`` reads: the recipe file and each local
+    path its model references name (Hub ids are read from the Hub cache, see :func:`check_output_location`)."""
+    from mergekit_seed.recipe import reference_paths
+
+    paths = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
+    for reference in recipe.config.referenced_models():
+        paths += [Path(path) for path in reference_paths(reference) if Path(path).exists()]
+    return paths
+
+
+def check_output_location(out_path: Path, inputs: List[Path]) -> None:
+    """Refuse an output folder that equals, contains or lies inside an input, or lies in the
+    Hugging Face cache: publishing there (and ``--overwrite`` most of all) would destroy what
+    the merge reads. ``out_path`` is resolved (:func:`resolve_output`)."""
+    from huggingface_hub import constants
+
+    for path in inputs:
+        resolved = _resolved(path)
+        if resolved is None:
+            continue
+        if resolved == out_path:
+            how = "is"
+        elif resolved.is_relative_to(out_path):
+            how = "contains"
+        elif out_path.is_relative_to(resolved):
+            how = "lies inside"
+        else:
+            continue
+        raise UserError(
+            f"{out_path}: the output folder {how} the input {path}; a merge never writes over its inputs: "
+            "choose an output folder outside every input"
+        )
+    cache = _resolved(constants.HF_HUB_CACHE)
+    if cache is not None and (out_path == cache or out_path.is_relative_to(cache) or cache.is_relative_to(out_path)):
+        raise UserError(
+            f"{out_path}: the output folder overlaps the Hugging Face cache ({cache}); choose an output folder outside it"
+        )
+
+
+def is_previous_merge(folder: Path) -> bool:
+    """Whether ``folder`` holds a merge mergekit-seed wrote: its model card, or its marker."""
+    from mergekit_seed.card import CARD_NAME, is_our_card
+
+    return (folder / MARKER_NAME).is_file() or is_our_card(folder / CARD_NAME)
+
+
 def prepare_output(out_path: Path, overwrite: bool) -> Path:
-    """Refuse to mix with an existing non-empty OUT; return the temporary sibling to write into."""
+    """Refuse to mix with an existing non-empty OUT, and to ``--overwrite`` anything but a
+    previous merge of ours; return the (new, empty) staging sibling to write into."""
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"{out_path}: exists and is not a folder; choose another output path")
-    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
-        raise UserError(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.is_dir():
+        try:
+            contents = sorted(entry.name for entry in out_path.iterdir())
+        except OSError as error:
+            raise UserError(f"{out_path}: cannot list the output folder ({error.strerror})") from None
+        if contents and not overwrite:
+            raise UserError(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
+        if contents and not is_previous_merge(out_path):
+            listing = ", ".join(contents[:5]) + (f" and {len(contents) - 5} more" if len(contents) > 5 else "")
+            raise UserError(
+                f"{out_path}: --overwrite replaces only a previous mergekit-seed merge, and this folder holds "
+                f"something else ({listing}); remove it yourself or choose another output folder"
+            )
     staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as error:
+        raise UserError(f"{out_path}: cannot create the output folder here ({error.strerror}: {error.filename})") from None
     return staging
 
 
 def _publish(staging: Path, out_path: Path) -> None:
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    staging.rename(out_path)
+    """Rename the finished ``staging`` folder to ``out_path``; a previous merge there is moved
+    aside first and deleted only once the new one is in place."""
+    if not out_path.exists():
+        staging.rename(out_path)
+        return
+    replaced = out_path.parent / f".{out_path.name}.replaced-{os.getpid()}"
+    shutil.rmtree(replaced, ignore_errors=True)
+    out_path.rename(replaced)
+    try:
+        staging.rename(out_path)
+    except OSError:
+        replaced.rename(out_path)
+        raise
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def check_finite_output(folder: Path) -> None:
+    """Refuse a merge that wrote a NaN or Inf: every floating tensor of every weight file under
+    ``folder`` is read back (one tensor at a time) and checked before anything is published."""
+    from safetensors import SafetensorError, safe_open
+
+    from mergekit_seed.weights import load_weights
+
+    for file in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as reader:
+                for name in reader.keys():
+                    tensor = reader.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                        _refuse_non_finite_output(name)
+        except SafetensorError as error:
+            raise UserError(f"the merge wrote an unreadable {file.name} ({str(error).splitlines()[0]}); nothing was published") from None
+    for bin_folder in sorted({file.parent for file in folder.rglob("*.bin")}):
+        for name, tensor in load_weights(bin_folder).items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                _refuse_non_finite_output(name)
+
+
+def _refuse_non_finite_output(name: str) -> None:
+    raise UserError(
+        f"tensor {name}: the merge gives NaN or Inf; nothing was published (lower lambda or the weights, "
+        "or check the inputs)"
+    )
 
 
 def _terminate_on_signal(signum, _frame) -> None:
@@ -188,6 +311,7 @@ def merge(
     echo: Callable[[str], None] = print,
     warn: Optional[Callable[[str], None]] = None,
     revisions: Optional[Dict[str, str]] = None,
+    protected: Sequence[Union[str, os.PathLike]] = (),
     **option_values: Any,
 ) -> MergeResult:
     """Merge ``recipe`` (a YAML path or a :class:`~mergekit_seed.recipe.Recipe`) into ``out``.
@@ -201,6 +325,12 @@ def merge(
     the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``) at the revision they name, or at
     ``revisions[repo_id]`` (a card's pinned commits), and recorded in the card with their
     commits and file hashes. Raises :class:`UserError` (one line) for anything the user can fix.
+
+    ``out`` never overlaps what the merge reads: it may not equal, contain or lie inside an
+    input (or ``protected``, more paths to keep safe, such as a card being reproduced), nor
+    lie in the Hugging Face cache; ``overwrite`` replaces only a previous mergekit-seed merge.
+    A symlinked ``out`` is written at its target. Nothing is published unless every tensor
+    written is finite.
     """
     if warn is None:
         warn = lambda message: echo(f"warning: {message}")  # noqa: E731
@@ -210,6 +340,8 @@ def merge(
         options = make_options(recipe, option_values)
     elif option_values:
         raise TypeError("give options or keyword option values, not both")
+    out_path = resolve_output(out)
+    check_output_location(out_path, input_paths(recipe) + [Path(path) for path in protected])
     allow_crimes = getattr(options, "allow_crimes", False)
     validate(recipe, allow_crimes=allow_crimes)
     for warning in recipe_warnings(recipe):
@@ -217,8 +349,9 @@ def merge(
     check_device(options)
 
     from mergekit import merge_methods
+    from safetensors import SafetensorError
 
-    from mergekit_seed.card import CARD_NAME, merge_inputs, render_card
+    from mergekit_seed.card import CARD_NAME, merge_inputs, public_recipe_text, render_card
     from mergekit_seed.hub import hub_provenance, localize
 
     # the merge reads snapshot folders. A LoRA-out adapter merge reads its base only when the
@@ -230,9 +363,9 @@ def merge(
         hub_inputs += base_inputs
     if hub_inputs:
         validate(local, allow_crimes=allow_crimes)
+        check_output_location(out_path, input_paths(local))
     method = merge_methods.get(recipe.config.merge_method)
     kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
-    out_path = Path(out).absolute()
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
     card = render_card(
@@ -248,8 +381,10 @@ def merge(
         if local.is_adapter_recipe:
             from mergekit_seed.adapters.engine import run_adapter_merge
 
+            named_base = recipe.config.base_model
             modules = run_adapter_merge(
-                local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu"
+                local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu",
+                base_model_name=named_base if named_base and is_hub_id(named_base.partition("@")[0]) else None,
             )
         else:
             from mergekit.merge import run_merge
@@ -257,17 +392,35 @@ def merge(
             if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
                 # mergekit needs a folder for the BASE+ADAPTER copies it merges first
                 options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
-            run_merge(local.config, str(staging), options=options, config_source=recipe.source)
+            # mergekit keeps the configuration it is given (mergekit_config.yml): the one
+            # without local paths, as in the card
+            run_merge(local.config, str(staging), options=options, config_source=public_recipe_text(recipe))
             shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
+        check_finite_output(staging)
         if write_card:
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
+        else:
+            (staging / MARKER_NAME).write_text(json.dumps({"mergekit_seed": _package_version()}) + "\n", encoding="utf-8")
         _publish(staging, out_path)
     except ValueError as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
     except UserError as error:
         raise UserError(f"{recipe.origin}: {error}") from None
+    except OSError as error:  # a failed write (disk full, file too large, no permission) or read
+        where = f" ({error.filename})" if error.filename else ""
+        reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{out_path}: the merge failed: {reason}{where}; nothing was published") from None
+    except SafetensorError as error:  # safetensors' own wrapping of a failed write
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{out_path}: the merge failed writing weights ({reason}); nothing was published") from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME if write_card else None, modules=modules)
+
+
+def _package_version() -> str:
+    from mergekit_seed.card import package_version
+
+    return package_version("mergekit-seed")

@@ -38,7 +38,7 @@ class SeraConfig(BaseModel):
     peft_type: str = PEFT_TYPE
     r: int = Field(8, ge=1)
     split: int = Field(8, ge=1)
-    sera_alpha: float = 8.0
+    sera_alpha: float = Field(8.0, allow_inf_nan=False)
     target_modules: List[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     base_model_name_or_path: Optional[str] = None
 

@@ -19,12 +19,16 @@ def weight_files(folder: Path) -> list:
 def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """Every tensor of a folder's weight files (small models: tests, demo, checks); ``.bin``
     files are read with ``torch.load(weights_only=True)``, which runs no pickled code."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights: Dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         if file.suffix == ".safetensors":
-            weights.update(load_file(file))
+            try:
+                weights.update(load_file(file))
+            except (SafetensorError, OSError, ValueError) as error:
+                raise UserError(f"{file}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
             continue
         try:
             weights.update(torch.load(file, map_location="cpu", weights_only=True))
@@ -33,16 +37,22 @@ def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
     return weights
 
 
-def safetensors_shapes(folder: Path) -> Dict[str, tuple]:
-    """{tensor name: shape} from the headers of a folder's safetensors files (no tensor data)."""
+def safetensors_index(files) -> Dict[str, tuple]:
+    """{tensor name: (file, shape)} from the headers of safetensors ``files`` (no tensor data);
+    a corrupt or truncated file (the header must cover the whole file) is one line."""
     from safetensors import SafetensorError, safe_open
 
-    shapes: Dict[str, tuple] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    index: Dict[str, tuple] = {}
+    for file in files:
         try:
             with safe_open(file, framework="pt") as reader:
                 for name in reader.keys():
-                    shapes[name] = tuple(reader.get_slice(name).get_shape())
+                    index[name] = (Path(file), tuple(reader.get_slice(name).get_shape()))
         except (SafetensorError, OSError, ValueError) as error:
             raise UserError(f"{file}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
-    return shapes
+    return index
+
+
+def safetensors_shapes(folder: Path) -> Dict[str, tuple]:
+    """{tensor name: shape} from the headers of a folder's safetensors files (no tensor data)."""
+    return {name: shape for name, (_, shape) in safetensors_index(sorted(Path(folder).glob("*.safetensors"))).items()}

@@ -23,6 +23,28 @@ def tiny_family(tmp_path_factory):
     return base, seeds
 
 
+@pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory):
+    """Two random PEFT LoRA adapters (r=4, q_proj and v_proj) on their own tiny LLaMA base."""
+    from mergekit_seed.demo.tiny import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("loras")
+    base = save_tiny_llama(root / "base")
+    return base, [save_random_lora(base, root / f"lora{i}", r=4, seed=i) for i in range(2)]
+
+
+def tree_hashes(*roots: Path) -> dict:
+    """{file: sha256} of every file under ``roots``: what "an input never changes" compares."""
+    import hashlib
+
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for root in roots
+        for path in sorted(Path(root).rglob("*"))
+        if path.is_file()
+    }
+
+
 def recipe_text(method: str, base, seeds, parameters=None, output=None) -> str:
     """A recipe: merge_method, base_model (unless None), models, parameters, output section."""
     lines = [f"merge_method: {method}"]

@@ -28,7 +28,7 @@ def same_as_stock_mergekit(recipe: Path, tmp_path: Path, *options) -> Path:
     assert set(a) == set(b) and a
     for name in b:
         assert torch.equal(a[name], b[name]), name
-    result = run_cli("mergekit-seed", "reproduce", ours / "README.md", tmp_path / "again", "--check", ours)
+    result = run_cli("mergekit-seed", "reproduce", ours / "README.md", tmp_path / "again", "--check", ours, "--recipe", recipe)
     assert result.returncode == 0, result.stderr
     return ours
 
@@ -73,7 +73,7 @@ def test_reproduce_check_compares_bin_outputs(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     run_cli("mergekit-seed", "run", recipe, tmp_path / "bin", "--quiet", "--no-safe-serialization", check=True)
     assert list((tmp_path / "bin").glob("*.bin"))
-    result = run_cli("mergekit-seed", "reproduce", tmp_path / "bin", tmp_path / "again", "--check", tmp_path / "bin")
+    result = run_cli("mergekit-seed", "reproduce", tmp_path / "bin", tmp_path / "again", "--check", tmp_path / "bin", "--recipe", recipe)
     assert result.returncode == 0 and "every tensor matches" in result.stdout, result.stderr
 
 
@@ -123,12 +123,12 @@ def test_a_card_never_switches_on_remote_code(tiny_family, tmp_path):
     front["mergekit_seed"]["options"]["trust_remote_code"] = True  # a crafted (or downloaded) card
     card.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
     out = tmp_path / "again"
-    result = run_cli("mergekit-seed", "reproduce", card, out, isolated=True)
+    result = run_cli("mergekit-seed", "reproduce", card, out, "--recipe", recipe, isolated=True)
     refused(result, "trust_remote_code", "--trust-remote-code", out=out)
     assert not marker.exists() and not out.exists()
 
     # the control: with the user's own flag the same card does run the models' code
-    result = run_cli("mergekit-seed", "reproduce", card, out, "--trust-remote-code", isolated=True)
+    result = run_cli("mergekit-seed", "reproduce", card, out, "--recipe", recipe, "--trust-remote-code", isolated=True)
     assert result.returncode == 0, result.stderr
     assert marker.exists()
 

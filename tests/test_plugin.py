@@ -101,6 +101,9 @@ def test_existing_output_is_not_mixed(tiny_family, tmp_path):
     (out / "keep.txt").write_text("x")
     refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
     assert (out / "keep.txt").exists()
+    # --overwrite replaces only a previous merge of ours, never a folder of something else
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "replaces only a previous mergekit-seed merge", "keep.txt")
+    assert (out / "keep.txt").read_text() == "x"
 
 
 def test_methods_json_lists_parameters_and_defaults():

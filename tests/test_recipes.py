@@ -130,17 +130,19 @@ def test_reproduce_from_the_card_and_detect_tampering(tiny_family, tmp_path):
     assert "SeedLoRA (two-stage)" in text and "mergekit_version: 0.1.5" in text
     assert "threshold_quantile" in text  # defaults filled in
 
-    again = run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--check", out)
+    again = run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--check", out, "--recipe", recipe)
     assert again.returncode == 0, again.stderr
     assert "every tensor matches" in again.stdout
 
     tampered_card = tmp_path / "tampered.md"
     tampered_card.write_text(text.replace("seed: 3", "seed: 4"))
-    changed = run_cli("mergekit-seed", "reproduce", tampered_card, tmp_path / "changed", "--check", out)
+    # the card labels its local inputs: input0 is the base, input1-3 the seeds (sorted paths)
+    labels = ["--input", f"input0={inputs / 'base'}"] + [arg for i, c in enumerate(copies) for arg in ("--input", f"input{i + 1}={c}")]
+    changed = run_cli("mergekit-seed", "reproduce", tampered_card, tmp_path / "changed", "--check", out, *labels)
     assert changed.returncode == 1 and "differs by" in changed.stderr
 
     weights = copies[1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
-    refused = run_cli("mergekit-seed", "reproduce", out, tmp_path / "refused")
+    refused = run_cli("mergekit-seed", "reproduce", out, tmp_path / "refused", "--recipe", recipe)
     assert refused.returncode == 1
     assert f"input {weights} has changed" in refused.stderr and not (tmp_path / "refused").exists()

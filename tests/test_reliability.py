@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN, refused, run_cli, save_random_lora, save_random_sera, write_recipe
+from conftest import BIN, refused, run_cli, save_random_sera, write_recipe
 from mergekit_seed.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
@@ -143,15 +143,6 @@ def test_truncated_safetensors_is_refused(tiny_family, tmp_path):
     refused(run_cli("mergekit-seed", "run", recipe, out), "corrupt or truncated", str(seeds[1]), out=out)
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    from mergekit_seed.demo.tiny import save_tiny_llama
-
-    root = tmp_path_factory.mktemp("adapters")
-    base = save_tiny_llama(root / "base")
-    return base, [save_random_lora(base, root / f"lora{i}", r=4, seed=i) for i in range(2)]
-
-
 def adapter_copies(adapters, tmp_path):
     base, seeds = adapters
     return base, [shutil.copytree(s, tmp_path / s.name) for s in seeds]
@@ -161,15 +152,15 @@ def adapter_recipe(tmp_path, seeds, method="seedft"):
     return write_recipe(tmp_path / "r.yml", method, None, seeds)
 
 
-def test_adapter_folder_without_config_is_refused(adapters, tmp_path):
-    _, seeds = adapter_copies(adapters, tmp_path)
+def test_adapter_folder_without_config_is_refused(tiny_loras, tmp_path):
+    _, seeds = adapter_copies(tiny_loras, tmp_path)
     (seeds[1] / "adapter_config.json").unlink()
     out = tmp_path / "out"
     refused(run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, seeds), out), "no adapter_config.json", out=out)
 
 
-def test_adapter_config_missing_a_field_is_refused(adapters, tmp_path):
-    _, seeds = adapter_copies(adapters, tmp_path)
+def test_adapter_config_missing_a_field_is_refused(tiny_loras, tmp_path):
+    _, seeds = adapter_copies(tiny_loras, tmp_path)
     config = json.loads((seeds[0] / "adapter_config.json").read_text())
     del config["lora_alpha"]
     (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
@@ -185,8 +176,8 @@ def test_adapter_config_missing_a_field_is_refused(adapters, tmp_path):
         ("slices:\n  - sources: []\n", "slices: not used by adapter merges"),
     ],
 )
-def test_adapter_recipes_refuse_what_only_full_models_have(adapters, tmp_path, extra, fragment):
-    _, seeds = adapters
+def test_adapter_recipes_refuse_what_only_full_models_have(tiny_loras, tmp_path, extra, fragment):
+    _, seeds = tiny_loras
     recipe = adapter_recipe(tmp_path, seeds)
     recipe.write_text(recipe.read_text() + extra)
     out = tmp_path / "out"
@@ -194,8 +185,8 @@ def test_adapter_recipes_refuse_what_only_full_models_have(adapters, tmp_path, e
     refused(run_cli("mergekit-seed", "validate", recipe), fragment)
 
 
-def test_adapters_for_different_base_models_warn(adapters, tmp_path):
-    _, seeds = adapter_copies(adapters, tmp_path)
+def test_adapters_for_different_base_models_warn(tiny_loras, tmp_path):
+    _, seeds = adapter_copies(tiny_loras, tmp_path)
     config = json.loads((seeds[0] / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "someone/else"
     (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
@@ -204,10 +195,10 @@ def test_adapters_for_different_base_models_warn(adapters, tmp_path):
     assert "different base models" in result.stderr
 
 
-def test_adapters_of_different_shapes_are_refused(adapters, tmp_path):
+def test_adapters_of_different_shapes_are_refused(tiny_loras, tmp_path):
     from mergekit_seed.demo.tiny import TINY_LLAMA
 
-    base, seeds = adapter_copies(adapters, tmp_path)
+    base, seeds = adapter_copies(tiny_loras, tmp_path)
     tensors = load_file(seeds[1] / "adapter_model.safetensors")
     key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
     tensors[key] = torch.randn(TINY_LLAMA["hidden_size"] + 8, tensors[key].shape[1])
@@ -216,8 +207,8 @@ def test_adapters_of_different_shapes_are_refused(adapters, tmp_path):
     refused(run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, seeds), out), "different shapes", out=out)
 
 
-def test_sera_with_r_not_divisible_by_split_is_refused(adapters, tmp_path):
-    base, seeds = adapter_copies(adapters, tmp_path)
+def test_sera_with_r_not_divisible_by_split_is_refused(tiny_loras, tmp_path):
+    base, seeds = adapter_copies(tiny_loras, tmp_path)
     sera = save_random_sera(base, tmp_path / "sera", r=4, split=2, seed=3)
     config = json.loads((sera / "adapter_config.json").read_text())
     config["split"] = 3
@@ -226,8 +217,8 @@ def test_sera_with_r_not_divisible_by_split_is_refused(adapters, tmp_path):
     refused(run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, [seeds[0], sera]), out), "split (3) must divide r (4)", out=out)
 
 
-def test_bin_adapters_load_with_weights_only_and_pickles_are_refused(adapters, tmp_path):
-    _, seeds = adapter_copies(adapters, tmp_path)
+def test_bin_adapters_load_with_weights_only_and_pickles_are_refused(tiny_loras, tmp_path):
+    _, seeds = adapter_copies(tiny_loras, tmp_path)
     tensors = load_file(seeds[1] / "adapter_model.safetensors")
     (seeds[1] / "adapter_model.safetensors").unlink()
     torch.save(tensors, seeds[1] / "adapter_model.bin")
@@ -247,15 +238,16 @@ def test_bin_adapters_load_with_weights_only_and_pickles_are_refused(adapters, t
 # ------------------------------------------------------------------ output
 
 
-def test_overwrite_replaces_a_non_empty_output(tiny_family, tmp_path):
+def test_overwrite_replaces_a_previous_merge(tiny_family, tmp_path):
     base, seeds = tiny_family
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("x")
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    refused(run_cli("mergekit-seed", "run", recipe, out))
+    assert run_cli("mergekit-seed", "run", recipe, out, "--quiet").returncode == 0
+    (out / "old.txt").write_text("x")
+    refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
     assert run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet").returncode == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".out.*"))
 
 
 def test_a_run_killed_halfway_leaves_no_partial_model(tiny_family, tmp_path):

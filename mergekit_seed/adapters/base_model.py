@@ -76,16 +76,9 @@ class BaseWeights:
 
     @cached_property
     def _files(self) -> Dict[str, Path]:
-        from safetensors import SafetensorError, safe_open
+        from mergekit_seed.weights import safetensors_index
 
-        files: Dict[str, Path] = {}
-        for shard in self.shards:
-            try:
-                with safe_open(shard, framework="pt") as reader:
-                    files.update(dict.fromkeys(reader.keys(), shard))
-            except (SafetensorError, OSError, ValueError) as error:
-                raise UserError(f"{shard}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
-        return files
+        return {name: file for name, (file, _) in safetensors_index(self.shards).items()}
 
     def has(self, name: str) -> bool:
         return name in self._files

@@ -28,7 +28,7 @@ from mergekit_seed.adapters.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.adapters.formats import AdapterSeed, MergedAdapter, TokenRows, read_adapter, write_lora_adapter
 from mergekit_seed.errors import UserError
 from mergekit_seed.linalg import LowRank, compress, factor_dense
-from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
+from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, is_hub_id, torch_dtype
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -61,6 +61,25 @@ def _factor(merged: Union[LowRank, torch.Tensor], output) -> Tuple[LowRank, floa
     if isinstance(merged, LowRank):
         return compress(merged, max_rank=max_rank, energy=energy)
     return factor_dense(merged, max_rank=max_rank, energy=energy)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:
+    """Refuse a merged tensor with a NaN or Inf, or a factored delta whose product would have
+    one in float32 (its Frobenius norm, from the r x r Gram matrices, past float32's range)."""
+    if isinstance(merged, LowRank):
+        left, right = merged.left.double(), merged.right.double()
+        finite = bool(left.isfinite().all() and right.isfinite().all())
+        finite = finite and float(((left.T @ left) * (right @ right.T)).sum().clamp(min=0).sqrt()) <= FLOAT32_MAX
+    else:
+        finite = not merged.is_floating_point() or bool(merged.isfinite().all())
+    if not finite:
+        raise UserError(
+            f"tensor {name}: the merge gives NaN or Inf (or values past float32's range); nothing was published "
+            "(lower lambda or the weights, or check the adapters)"
+        )
 
 
 def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], None], warn: Callable[[str], None]) -> None:
@@ -123,7 +142,7 @@ def merge_module(
     Without ``base`` a dense delta is merged with a zero base (a delta is already the task
     vector; LoRE is translation-equivariant) and the merged delta is returned.
     """
-    problems = method.parameter_problems(shared, len(tau))
+    problems = method.parameter_problems(shared, len(tau), per_seed)
     if problems:
         raise UserError(problems[0])
     if base is None and method.factored_kernel is not None and all(isinstance(t, LowRank) for t in tau):
@@ -324,6 +343,7 @@ def run_adapter_merge(
     echo: Callable[[str], None] = print,
     warn: Callable[[str], None] = LOG.warning,
     device: str = "cpu",
+    base_model_name: Optional[str] = None,
 ) -> List[ModuleReport]:
     """Merge the adapter seeds of an adapter recipe into ``out`` (which must not exist yet).
 
@@ -333,6 +353,9 @@ def run_adapter_merge(
     ``echo`` reports progress (silenced by ``quiet``); ``warn`` reports what is merged anyway
     (different base models, tensors missing in some seeds). Each tensor is merged on
     ``device`` (mergekit's ``--device``/``--cuda``) and brought back to the CPU for writing.
+    The written adapter names its base (``base_model_name_or_path``) by ``base_model_name``,
+    else by the base's Hub id: never by a local path, which would publish the merging
+    machine's directory layout.
     """
     from tqdm import tqdm
 
@@ -388,6 +411,7 @@ def run_adapter_merge(
             base_value = base.tensor(name, "the adapters save whole") if needs_base_value else None
             values = [inputs.value(seed, base_value, shape).to(device) for seed in seeds]
             merged_value = merge_module(method, values, shared, per_seed, name, base=base_value).cpu()
+            _refuse_non_finite(name, merged_value)
             if output.format == "full":
                 full_values[name] = merged_value
             else:
@@ -398,6 +422,7 @@ def run_adapter_merge(
         tau = [t.to(device) for t in tau]
         merged = merge_module(method, tau, shared, per_seed, name)
         merged = merged.to("cpu")
+        _refuse_non_finite(name, merged)
         if output.format == "full":
             full_deltas[name] = merged.dense() if isinstance(merged, LowRank) else merged
         elif inputs.dense:
@@ -427,7 +452,9 @@ def run_adapter_merge(
         echo(f"wrote a full model with {len(full_deltas) + len(full_values)} merged tensors")
         return modules
     task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
-    write_lora_adapter(out, merged_adapter, base_name, task_type, out_dtype)
+    if base_model_name is None and base_name and is_hub_id(base_name.partition("@")[0]):
+        base_model_name = base_name
+    write_lora_adapter(out, merged_adapter, base_model_name, task_type, out_dtype)
     _report_ranks(modules, output, report, warn)
     echo(f"wrote a LoRA adapter with {len(merged_adapter.pairs)} LoRA modules, {len(merged_adapter.whole)} tensors saved whole")
     return modules

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from typing_extensions import Literal
+from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.linalg import LowRank
@@ -33,12 +33,13 @@ class LoraFolderConfig(BaseModel):
 
     peft_type: str = "LORA"
     r: int = Field(ge=1)
-    lora_alpha: float
+    lora_alpha: float = Field(allow_inf_nan=False)
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
-    rank_pattern: Dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: Dict[str, float] = Field(default_factory=dict)
+    rank_pattern: Dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    alpha_pattern: Dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+    init_lora_weights: Union[bool, str] = True
     base_model_name_or_path: Optional[str] = None
     task_type: Optional[str] = None
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -117,9 +118,14 @@ def _read_config(folder: Path) -> dict:
     if not config_path.is_file():
         raise UserError(f"{folder}: not an adapter folder ({CONFIG_NAME} is missing)")
     try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{config_path}: not valid JSON ({error})") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0] or type(error).__name__})") from None
+    except OSError as error:
+        raise UserError(f"{config_path}: cannot read ({error.strerror})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: must be a JSON object (the adapter's settings), not a {type(config).__name__}")
+    return config
 
 
 def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
@@ -195,6 +201,27 @@ UNKNOWN_KEY_HINT = (
 )
 
 
+# LoRA initialisations that change the base weights at init (PEFT subtracts the initial
+# adapter from them): an adapter saved without PEFT's conversion is relative to that changed base
+MODIFIED_BASE_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def modified_base_problem(init_lora_weights: Any) -> Optional[str]:
+    """Why an adapter saved with this ``init_lora_weights`` is not a delta from the original
+    base (PiSSA, OLoRA, CorDA, LoftQ, unconverted), or None. PEFT's conversion saves the
+    converted adapter with ``init_lora_weights: true``."""
+    init = init_lora_weights.lower() if isinstance(init_lora_weights, str) else ""
+    kind = next((name for name in MODIFIED_BASE_INITS if init.startswith(name)), None)
+    if kind is None:
+        return None
+    return (
+        f"init_lora_weights {init_lora_weights!r}: this adapter is relative to a base that PEFT changed when it "
+        f"initialised the adapter ({kind}), so merged onto the original base it is wrong; convert it as PEFT documents, "
+        "save_pretrained(DIR, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR) (or "
+        "convert_pissa_to_lora/convert_mutated_to_lora), and merge the converted adapter"
+    )
+
+
 def read_lora(folder: Path, config: dict) -> AdapterSeed:
     """Read a PEFT LoRA folder; every tensor of its file gets a role or the folder is refused."""
     try:
@@ -205,6 +232,9 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
         raise UserError(
             f"{folder / CONFIG_NAME}: DoRA adapters (use_dora) are not a low-rank delta; merge them with model: BASE+ADAPTER"
         )
+    problem = modified_base_problem(lora.init_lora_weights)
+    if problem:
+        raise UserError(f"{folder / CONFIG_NAME}: {problem}")
     tensors = _read_tensors(folder)
     _check_finite(folder, tensors)
     file = folder / SAFETENSORS_NAME
@@ -238,6 +268,8 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
             A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
             if A.dim() != 2 or B.dim() != 2:
                 raise UserError(f"{file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
+            if A.shape[0] != B.shape[1]:
+                raise UserError(f"{file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do not fit together (re-save the adapter)")
             seed.deltas[f"{module}.weight"] = LowRank(scaling_of(module) * B, A)  # scaling * B A, (out, in)
             seed.module_kinds[f"{module}.weight"] = LINEAR
         elif key.endswith(".lora_B.weight"):
@@ -248,6 +280,8 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
         elif key.endswith(".lora_embedding_A"):
             module = name[: -len(".lora_embedding_A")]
             B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
+            if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
+                raise UserError(f"{file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
             # weight (num_embeddings, dim) += scaling * (B A)^T
             seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, scaling_of(module) * B.T)
             seed.module_kinds[f"{module}.weight"] = EMBEDDING

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +31,19 @@ from mergekit_seed.linalg import (
 # ---------------------------------------------------------------- distribution matching
 
 
+def eq4_weights(weights: Optional[Sequence[float]], normalize: bool, n: int) -> Tuple[List[float], float]:
+    """Eq. 4's importance weights w_i (default 1) and its divisor: sum_i w_i with ``normalize``,
+    else N. A non-finite weight, or weights that sum to zero under ``normalize``, give no
+    weighted mean: ValueError."""
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"seedlora_dm: weight {next(w for w in weights if not math.isfinite(w))} is not a finite number")
+    divisor = math.fsum(weights) if normalize else float(n)
+    if divisor == 0:
+        raise ValueError("seedlora_dm: the seeds' weights sum to 0, so their normalised mean (Eq. 4) is undefined; change a weight or set normalize: false")
+    return weights, divisor
+
+
 def seedlora_dm(
     tau: Sequence[torch.Tensor],
     weights: Optional[Sequence[float]] = None,
@@ -43,8 +56,7 @@ def seedlora_dm(
     delta has zero spread the rescale is skipped. Returns float32 (float64 for float64).
     """
     dtype = compute_dtype(tau[0])
-    weights = [1.0] * len(tau) if weights is None else list(weights)
-    divisor = sum(weights) if normalize else len(tau)
+    weights, divisor = eq4_weights(weights, normalize, len(tau))
     # one pass per seed: accumulate Eq. 4's weighted sum and each tau_i's moments
     tau_m = torch.zeros_like(tau[0], dtype=dtype)
     mu_hat = sigma_hat = 0.0
@@ -75,8 +87,7 @@ def seedlora_dm_factored(
     (:func:`low_rank_moments`); Eq. 5 is an affine map a tau_m + b 1 1^T, so it adds one
     rank (the mean shift). The result is re-factored to its numerical rank (float32).
     """
-    weights = [1.0] * len(tau) if weights is None else list(weights)
-    divisor = sum(weights) if normalize else len(tau)
+    weights, divisor = eq4_weights(weights, normalize, len(tau))
     weighted = [LowRank(t.left.double() * (w / divisor), t.right.double()) for t, w in zip(tau, weights)]
     tau_m = LowRank.sum(weighted)  # Eq. 4
     moments = [low_rank_moments(t) for t in tau]
