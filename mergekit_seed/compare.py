@@ -110,15 +110,24 @@ def load_model(reference: str, base: Optional[str], device: str):
     """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mergekit_seed.weights import safetensors_shapes
+
     folder = local_folder(reference)
+    safetensors_shapes(folder)  # a corrupt or truncated weight file is one line, before transformers reads it
     config_path = folder / "adapter_config.json"
     tokenizer_folder = folder
     if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:
+            raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: must be a JSON object (the adapter's settings)")
         base_reference = base or config.get("base_model_name_or_path")
         if not base_reference:
             raise UserError(f"{reference}: an adapter whose config names no base model; pass --base")
         base_folder = local_folder(base_reference)
+        safetensors_shapes(base_folder)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
         if str(config.get("peft_type", "LORA")).upper() == "SERA":
             from mergekit_seed.sera import load_sera

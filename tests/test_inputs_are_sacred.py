@@ -410,6 +410,14 @@ def test_a_truncated_base_is_one_line_on_the_checkpoint_route(family, tmp_path):
     refused(run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "analysis"), "corrupt or truncated")
 
 
+def test_a_truncated_model_is_one_line_in_compare(family, tmp_path):
+    _, seeds = family
+    _truncate(seeds[1] / "model.safetensors")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "abc"}\n{"text": "cab"}\n')
+    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--quiet"), "corrupt or truncated", str(seeds[1]))
+
+
 def test_a_truncated_check_folder_is_one_line(family, tmp_path):
     base, seeds = family
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
