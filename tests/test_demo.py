@@ -40,13 +40,23 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
     assert set(environment["versions"]) >= {"torch", "transformers", "peft", "mergekit", "mergekit-seed"}
     assert all(version != "unknown" for version in environment["versions"].values())
     assert environment["threads"] == 1 and environment["device"] == "cpu"
+    assert environment["cpu"] and environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for entry in results["settings"].values():
-        for method, difference in entry["versus_best_seed"].items():
-            assert difference["low"] <= difference["mean"] <= difference["high"], method
-            assert difference["verdict"] in ("better", "worse", "no detectable difference")
+        for reference in ("versus_best_seed", "versus_mean_seed"):
+            for method, difference in entry[reference].items():
+                assert difference["low"] <= difference["mean"] <= difference["high"], method
+                assert difference["verdict"] in ("better", "worse", "no detectable difference")
+        # the oracle bounds every seed; the mean seed lies between the worst and the best seed
+        assert entry["oracle"] >= max(entry["seeds"].values()) - 1e-12
+        assert min(entry["seeds"].values()) - 1e-12 <= entry["mean_seed"] <= max(entry["seeds"].values()) + 1e-12
+        assert 0 <= entry["disagreement"] <= entry["oracle"]
+        regime = entry["regime_on_validation"]
+        assert set(regime["mean_seed_per_skill"]) == set(results["task"]["skills"])
+        assert set(regime["criteria"]) == {"every_skill_between_20_and_90", "disagreement_at_least_10"}
+        assert entry["best_of_ours_by_validation"] in OUR_METHODS
     assert (out / "results.png").stat().st_size > 10_000
-    assert "| setting | seed0 |" in stdout and "best seed" in stdout
-    assert "experiment 1/1" in stdout and "| versus best seed |" in stdout
+    assert "| setting | seed0 |" in stdout and "best seed" in stdout and "oracle" in stdout
+    assert "experiment 1/1" in stdout and "| best seed, lora |" in stdout and "| mean seed, full |" in stdout
     # the demo's recipes are real recipes with model cards
     assert (out / "merges" / "lora" / "seedlora_twostage" / "adapter_config.json").exists()
     assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
@@ -61,6 +71,41 @@ def test_demo_merges_and_evaluation_are_deterministic(quick_demo):
     assert json.loads((out / "results.json").read_text())["settings"] == first
     after = load_weights(out / "merges" / "full" / "seedlora_twostage")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
+    from mergekit_seed.demo.run import DemoConfig, experiment_data, summarise
+    from mergekit_seed.demo.task import SKILLS
+    from mergekit_seed.demo.train import pretraining_prompts
+
+    config = DemoConfig.for_mode(quick=True)
+    train, validation, test = experiment_data(config, 0)
+    prompts = [{e.prompt for e in split} for split in (train, validation, test)]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    assert not ((prompts[1] | prompts[2]) & pretraining_prompts(config.base))
+    # seed1 is best on validation, seed2 on test: the verdict must use seed1's test answers
+    n = len(test)
+    def model(validation_hits, test_hits):
+        return {"validation": {"all": validation_hits / n, "correct": [1] * validation_hits + [0] * (n - validation_hits)},
+                "test": {"all": test_hits / n, "correct": [1] * test_hits + [0] * (n - test_hits)}}
+    setting = {"seed0": model(10, 10), "seed1": model(30, 20), "seed2": model(20, 40), **{m: model(25, 25) for m in ("seedft", "seedlora_dm", "seedlora_twostage", "lore", "linear", "ties", "dare_ties")}}
+    for split in ("validation", "test"):
+        for entry in setting.values():
+            entry[split].update({skill: entry[split]["all"] for skill in SKILLS})
+    results = summarise([{"lora": setting, "sera": setting, "full": setting}], config)
+    entry = results["settings"]["lora"]
+    assert entry["best_seed_by_validation"] == ["seed1"]
+    assert entry["versus_best_seed"]["seedft"]["mean"] == pytest.approx((25 - 20) / n)
+    assert entry["versus_mean_seed"]["seedft"]["mean"] == pytest.approx((25 - (10 + 20 + 40) / 3) / n)
+    assert entry["oracle"] == pytest.approx(40 / n) and entry["disagreement"] == pytest.approx(30 / n)
+
+
+def test_every_example_fits_the_training_window():
+    """No answer is cut before its end-of-answer mark (the model would never learn to stop)."""
+    from mergekit_seed.demo.task import make_examples
+    from mergekit_seed.demo.train import SEQUENCE_LENGTH
+
+    assert max(len(example.text) for example in make_examples(500, 3)) <= SEQUENCE_LENGTH
 
 
 def test_fine_tuning_is_deterministic_for_a_seed(tmp_path):
@@ -135,6 +180,12 @@ def test_the_documented_results_are_the_committed_results_file():
     assert section.strip() == render_markdown(results).strip()
     assert headline(results) in (root / "README.md").read_text().replace("\n", " ")
     assert results["config"]["quick"] is False and results["experiments"] >= 3
+    # the regime the papers study, measured on the seeds alone (validation)
+    for setting, entry in results["settings"].items():
+        regime = entry["regime_on_validation"]
+        assert all(0.2 <= value <= 0.9 for value in regime["mean_seed_per_skill"].values()), setting
+        assert regime["disagreement"] >= 0.1, setting
+        assert all(regime["criteria"].values()), setting
     pinned = (root / "constraints.txt").read_text().splitlines()
     for package in ("torch", "transformers", "peft", "mergekit", "numpy", "safetensors", "tokenizers"):
         version = results["environment"]["versions"][package].split("+")[0]

@@ -1,19 +1,24 @@
 """``mergekit-seed demo``: does merging seeds beat the best seed, on a model a laptop can train?
 
 1. A tiny LLaMA base (character vocabulary) is pre-trained on a synthetic corpus and cached
-   under the user cache folder, keyed by its configuration.
-2. For each setting (LoRA r=8, SeRA, full fine-tuning), three seeds are fine-tuned on the
-   five-skill task (``demo/task.py``), differing only in the random seed (init, data order).
+   under the user cache folder, keyed by its configuration. It half-knows the five-skill task
+   (``demo/task.py``), as a pre-trained LLM half-knows a fine-tuning task.
+2. Each experiment draws three disjoint splits: train, validation (to choose) and test (to
+   judge). For each setting (LoRA, SeRA, full fine-tuning), three seeds are fine-tuned on
+   train, differing only in the random seed (init, data order), on one thread with torch's
+   deterministic algorithms.
 3. Every seed, our four methods and mergekit's ``linear`` (Model Soup), ``ties`` and
-   ``dare_ties`` are evaluated by greedy exact match on held-out examples, per skill.
+   ``dare_ties`` are scored by greedy exact match on validation and on test, per skill.
    Merges run through the real engines: ``mergekit-seed run`` (mergekit's pipeline for full
    checkpoints and ``BASE+ADAPTER``, our adapter engine for adapter folders).
-4. Each merge is compared with the best seed of its experiment, example by example: the mean
-   difference and a 95% bootstrap interval over experiments and examples
-   (:mod:`mergekit_seed.stats`), and a verdict that says better or worse only when the interval
-   excludes zero.
-5. A table in the papers' layout, ``results.json`` (with the library versions, device, threads
-   and full configuration) and a chart are written to ``--out``.
+4. On test, each merge is compared with the best seed (the one with the highest validation
+   accuracy) and with the mean seed, example by example: the mean difference and a 95%
+   bootstrap interval over experiments and examples (:mod:`mergekit_seed.stats`), and a
+   verdict that says better or worse only when the interval excludes zero. The seed oracle
+   and the seeds' disagreement say how much there was to fuse; the regime (each skill's mean
+   seed accuracy, the disagreement) is reported on validation.
+5. A table in the papers' layout, ``results.json`` (with the library versions, the CPU and its
+   kernel capability, threads and full configuration) and a chart are written to ``--out``.
 """
 
 from __future__ import annotations
@@ -133,11 +138,31 @@ def write_recipe(path: Path, method: str, base: Path, seeds: List[Path], kind: s
 
 
 def experiment_data(config: DemoConfig, experiment: int):
-    """The training examples and the held-out examples (prompts never seen in training or
-    pre-training) of one experiment."""
+    """The training, validation and test examples of one experiment: three disjoint sets, and
+    no validation or test prompt was seen in training or pre-training."""
     train = make_examples(config.train_per_skill, config.data_seed + experiment)
     seen = {e.prompt for e in train} | pretraining_prompts(config.base)
-    return train, make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
+    validation = make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
+    seen |= {e.prompt for e in validation}
+    test = make_examples(config.eval_per_skill, config.data_seed + 20_000 + experiment, frozenset(seen))
+    return train, validation, test
+
+
+def seed_regime(examples: List, correct_per_seed: List[List[bool]]) -> dict:
+    """What the seeds of one experiment are like on ``examples``: each skill's mean seed
+    accuracy, the share of examples on which the seeds disagree (some solve it, some do not),
+    and the seed oracle (an example counts when any seed solves it: the ceiling for fusion)."""
+    seeds = len(correct_per_seed)
+    per_example = list(zip(*correct_per_seed))
+    mean_seed = {
+        skill: statistics.fmean(accuracy_by_skill(examples, correct)[skill] for correct in correct_per_seed)
+        for skill in SKILLS
+    }
+    return {
+        "mean_seed_per_skill": mean_seed,
+        "disagreement": statistics.fmean(0 < sum(row) < seeds for row in per_example),
+        "oracle": statistics.fmean(any(row) for row in per_example),
+    }
 
 
 def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
@@ -145,7 +170,7 @@ def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Calla
     merges of them, scoring each held-out answer's log-probability (no generation)."""
     from mergekit_seed.compare import compare
 
-    _, held_out = experiment_data(config, 0)
+    _, _, held_out = experiment_data(config, 0)
     data = out / "compare-data.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out), encoding="utf-8")
     models = [out / "models" / "full" / name for name in seed_names(SEED_COUNT)]
@@ -164,7 +189,7 @@ def run_experiment(
     from mergekit_seed.runner import merge
     from mergekit_seed.sera import load_sera, merge_sera
 
-    train, held_out = experiment_data(config, experiment)
+    train, validation, test = experiment_data(config, experiment)
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
     merges = models.parent / "merges"
     if not (models / "base").exists():
@@ -183,8 +208,11 @@ def run_experiment(
         accuracy: Dict[str, dict] = {}
 
         def score(model) -> dict:
-            correct = exact_matches(model, held_out, vocabulary)
-            return {**accuracy_by_skill(held_out, correct), "correct": [int(c) for c in correct]}
+            scores = {}
+            for split, examples in (("validation", validation), ("test", test)):
+                correct = exact_matches(model, examples, vocabulary)
+                scores[split] = {**accuracy_by_skill(examples, correct), "correct": [int(c) for c in correct]}
+            return scores
 
         for index, seed_path in enumerate(seeds):
             accuracy[seed_names(SEED_COUNT)[index]] = score(load_for_eval(models / "base", seed_path, setting))
@@ -213,40 +241,69 @@ def run_experiment(
             eval_kind = "lora" if kind == "adapter" else "full"
             accuracy[method] = score(load_for_eval(models / "base", merged, eval_kind))
         results[setting] = accuracy
-        best = max(seed_names(SEED_COUNT), key=lambda n: accuracy[n]["all"])
+        best = max(seed_names(SEED_COUNT), key=lambda n: accuracy[n]["validation"]["all"])
         echo(
-            f"  {setting}: seeds "
-            + " / ".join(f"{100 * accuracy[n]['all']:.1f}" for n in seed_names(SEED_COUNT))
-            + f" (best {best}); "
-            + ", ".join(f"{m} {100 * accuracy[m]['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
+            f"  {setting} (test): seeds "
+            + " / ".join(f"{100 * accuracy[n]['test']['all']:.1f}" for n in seed_names(SEED_COUNT))
+            + f" (best on validation: {best}); "
+            + ", ".join(f"{m} {100 * accuracy[m]['test']['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
         )
     return results
 
 
 def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
-    """results.json: means over experiments (and spreads when there are several)."""
+    """results.json: test accuracies (means over experiments), the seeds' regime on validation,
+    and every merge against the validation-chosen best seed and the mean seed, on test."""
+    seed_columns = seed_names(SEED_COUNT)
+    splits = [dict(zip(("validation", "test"), experiment_data(config, index)[1:])) for index in range(len(runs))]
     settings = {}
     for setting in SETTINGS:
-        names = list(runs[0][setting])
-        seed_columns = seed_names(SEED_COUNT)
-        mean = {name: statistics.fmean(run[setting][name]["all"] for run in runs) for name in names}
+        experiments = [run[setting] for run in runs]
+        names = list(experiments[0])
+        methods = [n for n in names if n not in seed_columns]
+
+        def mean_of(name: str, split: str, key: str = "all") -> float:
+            return statistics.fmean(e[name][split][key] for e in experiments)
+
+        regimes = {
+            split: [seed_regime(splits[index][split], [e[n][split]["correct"] for n in seed_columns]) for index, e in enumerate(experiments)]
+            for split in ("validation", "test")
+        }
+        validation_regime = {
+            "mean_seed_per_skill": {skill: statistics.fmean(r["mean_seed_per_skill"][skill] for r in regimes["validation"]) for skill in SKILLS},
+            "disagreement": statistics.fmean(r["disagreement"] for r in regimes["validation"]),
+            "oracle": statistics.fmean(r["oracle"] for r in regimes["validation"]),
+        }
+        validation_regime["criteria"] = {
+            "every_skill_between_20_and_90": all(0.2 <= v <= 0.9 for v in validation_regime["mean_seed_per_skill"].values()),
+            "disagreement_at_least_10": validation_regime["disagreement"] >= 0.1,
+        }
+        best_seeds = [max(seed_columns, key=lambda n: e[n]["validation"]["all"]) for e in experiments]
+        ours_on_validation = {m: mean_of(m, "validation") for m in OUR_METHODS}
         entry = {
-            "seeds": {n: mean[n] for n in names if n in seed_columns},
-            "methods": {n: mean[n] for n in names if n not in seed_columns},
-            "per_skill": {
-                n: {skill: statistics.fmean(run[setting][n][skill] for run in runs) for skill in SKILLS} for n in names
-            },
+            "seeds": {n: mean_of(n, "test") for n in seed_columns},
+            "methods": {n: mean_of(n, "test") for n in methods},
+            "validation": {n: mean_of(n, "validation") for n in names},
+            "per_skill": {n: {skill: mean_of(n, "test", skill) for skill in SKILLS} for n in names},
+            "mean_seed": statistics.fmean(mean_of(n, "test") for n in seed_columns),
+            "best_seed_by_validation": best_seeds,
+            "best_seed_per_experiment": [e[best]["test"]["all"] for e, best in zip(experiments, best_seeds)],
+            "oracle": statistics.fmean(r["oracle"] for r in regimes["test"]),
+            "disagreement": statistics.fmean(r["disagreement"] for r in regimes["test"]),
+            "regime_on_validation": validation_regime,
+            "versus_best_seed": versus_best_seed(experiments, methods, best_seeds),
+            "versus_mean_seed": versus_mean_seed(experiments, methods),
+            "best_of_ours_by_validation": max(OUR_METHODS, key=lambda m: ours_on_validation[m]),
         }
         if len(runs) > 1:
-            entry["std"] = {n: statistics.stdev(run[setting][n]["all"] for run in runs) for n in names}
-        entry["best_seed_per_experiment"] = [max(run[setting][n]["all"] for n in seed_columns) for run in runs]
-        entry["versus_best_seed"] = versus_best_seed([run[setting] for run in runs], [n for n in names if n not in seed_columns])
+            entry["std"] = {n: statistics.stdev(e[n]["test"]["all"] for e in experiments) for n in names}
         settings[setting] = entry
     return {
         "task": {
             "description": "op:input=output string and arithmetic transformations, exact match under greedy decoding",
             "skills": list(SKILLS),
             "eval_examples_per_skill": config.eval_per_skill,
+            "splits": "train / validation (choose) / test (judge), disjoint prompts",
         },
         "settings": settings,
         "config": config.to_dict(),
@@ -255,25 +312,39 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
     }
 
 
-def versus_best_seed(runs: List[Dict[str, dict]], methods: List[str]) -> Dict[str, dict]:
-    """Per method: the paired difference to each experiment's best seed (chosen by its
-    held-out accuracy), example by example, with a 95% bootstrap interval and a verdict."""
+def versus_best_seed(experiments: List[dict], methods: List[str], best_seeds: List[str]) -> Dict[str, dict]:
+    """Per method: the paired test difference to each experiment's best seed, the one chosen
+    by its validation accuracy, with a 95% bootstrap interval and a verdict."""
+    from mergekit_seed.stats import paired_difference
+
+    return {
+        method: paired_difference(
+            [[m - b for m, b in zip(e[method]["test"]["correct"], e[best]["test"]["correct"])] for e, best in zip(experiments, best_seeds)]
+        ).to_dict()
+        for method in methods
+    }
+
+
+def versus_mean_seed(experiments: List[dict], methods: List[str]) -> Dict[str, dict]:
+    """Per method: the paired test difference to the mean seed (per example, the share of
+    seeds that solve it: what one fine-tuning run gives on average), interval and verdict."""
     from mergekit_seed.stats import paired_difference
 
     seed_columns = seed_names(SEED_COUNT)
-    verdicts = {}
-    for method in methods:
-        differences = []
-        for run in runs:
-            best = max(seed_columns, key=lambda n: run[n]["all"])
-            differences.append([m - b for m, b in zip(run[method]["correct"], run[best]["correct"])])
-        verdicts[method] = paired_difference(differences).to_dict()
-    return verdicts
+    differences = {method: [] for method in methods}
+    for e in experiments:
+        mean_seed = [statistics.fmean(row) for row in zip(*(e[n]["test"]["correct"] for n in seed_columns))]
+        for method in methods:
+            differences[method].append([m - s for m, s in zip(e[method]["test"]["correct"], mean_seed)])
+    return {method: paired_difference(groups).to_dict() for method, groups in differences.items()}
 
 
 def environment(config: DemoConfig) -> dict:
-    """What the numbers were measured with: library versions, device, threads, machine."""
+    """What the numbers were measured with: library versions, device, threads, the CPU and the
+    kernels torch dispatches to on it (``ATEN_CPU_CAPABILITY`` overrides them)."""
     import platform
+
+    import torch
 
     from mergekit_seed.card import package_version
 
@@ -284,82 +355,122 @@ def environment(config: DemoConfig) -> dict:
         "device": "cpu",
         "threads": config.threads,
         "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` says)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def best_seed(entry: dict) -> float:
-    """The best seed's accuracy: per experiment, then averaged (the fair bar for a merge)."""
+    """The validation-chosen best seed's test accuracy, averaged over experiments."""
     return statistics.fmean(entry["best_seed_per_experiment"])
 
 
 LEGEND = (
-    "Exact match in %, mean ± standard deviation over experiments; best seed = the best of the "
-    "three seeds in each experiment, averaged. Versus best seed: mean difference in percentage "
-    "points, example by example against that experiment's best seed, with a 95% bootstrap "
-    "interval over experiments and examples; better or worse only when the interval excludes 0."
+    "Exact match on the test split in %, mean ± standard deviation over experiments. Each "
+    "experiment has three disjoint splits: train, validation and test. Best seed = the seed with "
+    "the highest validation accuracy in each experiment, scored on test; mean seed = the average "
+    "seed (what one fine-tuning run gives); oracle = an example counts when any seed solves it "
+    "(the ceiling for fusing the seeds); disagreement = test examples some seeds solve and others "
+    "do not. Versus best / mean seed: the mean difference on test in percentage points, example by "
+    "example, with a 95% bootstrap interval over experiments and examples; better or worse only "
+    "when the interval excludes 0."
 )
 
 
 def format_table(results: dict) -> str:
-    """The papers' layout: one row per setting, seeds then methods, then the best seed."""
+    """The papers' layout: one row per setting, seeds then methods, then the reference points."""
     columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    header = "| setting | " + " | ".join(columns) + " | best seed |"
-    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    header = "| setting | " + " | ".join(columns) + " | mean seed | best seed | oracle | disagreement |"
+    lines = [header, "|" + "---|" * (len(columns) + 5)]
     for setting, entry in results["settings"].items():
         values = {**entry["seeds"], **entry["methods"]}
         spread = entry.get("std", {})
         cells = [
             f"{100 * values[c]:.1f}" + (f" ± {100 * spread[c]:.1f}" if c in spread else "") for c in columns
         ]
-        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {100 * best_seed(entry):.1f} |")
+        references = [entry["mean_seed"], best_seed(entry), entry["oracle"], entry["disagreement"]]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " | " + " | ".join(f"{100 * v:.1f}" for v in references) + " |")
+    return "\n".join(lines)
+
+
+def format_regime(results: dict) -> str:
+    """The seeds on validation, where the configuration was chosen: each skill's mean seed
+    accuracy (the regime wants 20-90%) and the disagreement (at least 10%)."""
+    lines = ["| seeds on validation | " + " | ".join(SKILLS) + " | disagreement | oracle | criteria met |", "|" + "---|" * (len(SKILLS) + 4)]
+    for setting, entry in results["settings"].items():
+        regime = entry["regime_on_validation"]
+        cells = [f"{100 * regime['mean_seed_per_skill'][skill]:.1f}" for skill in SKILLS]
+        met = "yes" if all(regime["criteria"].values()) else "no: " + ", ".join(k for k, v in regime["criteria"].items() if not v)
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {100 * regime['disagreement']:.1f} | {100 * regime['oracle']:.1f} | {met} |")
     return "\n".join(lines)
 
 
 def format_verdicts(results: dict) -> str:
-    """One row per setting: each merge's difference to the best seed, interval and verdict."""
+    """Per setting and reference (best seed, mean seed): each merge's difference, interval and verdict."""
     columns = list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    lines = ["| versus best seed | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for setting, entry in results["settings"].items():
-        cells = []
-        for method in columns:
-            difference = entry["versus_best_seed"][method]
-            cells.append(f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}] {difference['verdict']}")
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    lines = ["| versus | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for reference in ("best seed", "mean seed"):
+        key = "versus_" + reference.replace(" ", "_")
+        for setting, entry in results["settings"].items():
+            cells = []
+            for method in columns:
+                difference = entry[key][method]
+                cells.append(f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}] {difference['verdict']}")
+            lines.append(f"| {reference}, {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _interval(difference: dict) -> str:
+    return f"{100 * difference['mean']:+.1f} pt [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+
+
 def verdict_lines(results: dict) -> List[str]:
-    """Per setting, the merges that are better / worse than the best seed, and the rest."""
+    """Per setting: the best of our methods on validation against the best and the mean seed on test."""
     lines = []
     for setting, entry in results["settings"].items():
-        groups: Dict[str, List[str]] = {}
-        for method, difference in entry["versus_best_seed"].items():
-            groups.setdefault(difference["verdict"], []).append(method)
-        parts = [f"{verdict}: {', '.join(methods)}" for verdict, methods in sorted(groups.items())]
-        lines.append(f"{setting} (best seed {100 * best_seed(entry):.1f}%): " + "; ".join(parts))
+        ours = entry["best_of_ours_by_validation"]
+        lines.append(
+            f"{setting}: {ours} (best of ours on validation) vs best seed {_interval(entry['versus_best_seed'][ours])}, "
+            f"vs mean seed {_interval(entry['versus_mean_seed'][ours])}; seeds {100 * entry['mean_seed']:.1f}% on average, "
+            f"oracle {100 * entry['oracle']:.1f}%"
+        )
     return lines
 
 
 def headline(results: dict) -> str:
-    """One sentence for the README: which merges beat or lost to the best seed, detectably."""
-    found: Dict[str, List[str]] = {"better": [], "worse": []}
-    for setting, entry in results["settings"].items():
-        for method, difference in entry["versus_best_seed"].items():
-            if difference["verdict"] in found:
-                found[difference["verdict"]].append(f"{method} ({setting})")
-    better = (
-        "detectably better than the best seed: " + ", ".join(found["better"])
-        if found["better"]
-        else "no merge was detectably better than the best seed in any setting"
-    )
-    worse = "; detectably worse: " + ", ".join(found["worse"]) if found["worse"] else ""
-    return f"over {results['experiments']} experiments (95% intervals), {better}{worse}."
+    """The README's outcome: per setting, the best of ours (chosen on validation) against the
+    best and the mean seed on test, in points with 95% intervals."""
+    parts = [
+        f"{setting} {entry['best_of_ours_by_validation']} {_interval(entry['versus_best_seed'][entry['best_of_ours_by_validation']])} "
+        f"vs best seed, {_interval(entry['versus_mean_seed'][entry['best_of_ours_by_validation']])} vs mean seed"
+        for setting, entry in results["settings"].items()
+    ]
+    return f"best of ours (chosen on validation) on test, over {results['experiments']} experiments: " + "; ".join(parts) + "."
 
 
 def render_markdown(results: dict) -> str:
-    """results.md, and the results section of docs/demo.md: both tables, the legend, the verdicts."""
+    """results.md, and the results section of docs/demo.md: the tables, the legend, the verdicts."""
     return "\n\n".join(
-        [format_table(results), format_verdicts(results), LEGEND, "\n".join(f"- {line}" for line in verdict_lines(results))]
+        [
+            format_table(results),
+            format_verdicts(results),
+            LEGEND,
+            "\n".join(f"- {line}" for line in verdict_lines(results)),
+            format_regime(results),
+        ]
     ) + "\n"
 
 
@@ -372,32 +483,39 @@ def plot(results: dict, path: Path) -> None:
     columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
     methods = list(OUR_METHODS) + list(MERGEKIT_METHODS)
     settings = list(results["settings"])
-    figure, (bars, differences) = plt.subplots(2, 1, figsize=(11, 7.5))
+    figure, axes = plt.subplots(3, 1, figsize=(11, 10.5))
+    bars = axes[0]
     width = 0.8 / len(columns)
     for index, column in enumerate(columns):
         values = [100 * {**e["seeds"], **e["methods"]}[column] for e in results["settings"].values()]
         bars.bar([s + index * width for s in range(len(settings))], values, width, label=column)
+    for position, entry in enumerate(results["settings"].values()):
+        span = (position - width / 2, position + 0.8 - width / 2)
+        for value, style, label in ((entry["oracle"], "--", "oracle"), (entry["mean_seed"], ":", "mean seed")):
+            bars.hlines(100 * value, *span, colors="black", linestyles=style, label=label if position == 0 else None)
     bars.set_xticks([s + 0.4 - width / 2 for s in range(len(settings))], settings)
-    bars.set_ylabel("exact match (%)")
-    bars.set_title("Seeds vs merges on the demo task")
-    bars.legend(ncol=5, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    bars.set_ylabel("exact match on test (%)")
+    bars.set_title("Seeds vs merges on the demo task (test split)")
+    bars.legend(ncol=6, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08))
     width = 0.8 / len(methods)
     colors = {"better": "tab:green", "worse": "tab:red"}
-    for index, method in enumerate(methods):
-        for position, setting in enumerate(settings):
-            difference = results["settings"][setting]["versus_best_seed"][method]
-            x = position + index * width
-            mean, low, high = (100 * difference[k] for k in ("mean", "low", "high"))
-            differences.errorbar(
-                x, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
-                color=colors.get(difference["verdict"], "tab:gray"),
-            )
-            if position == 0:
-                differences.annotate(method, (x, high), fontsize=6, rotation=60, ha="left", va="bottom")
-    differences.axhline(0, color="black", linewidth=0.8)
-    differences.set_xticks([s + 0.4 - width / 2 for s in range(len(settings))], settings)
-    differences.set_ylabel("versus best seed (points, 95% CI)")
-    differences.set_title("green: better, red: worse, gray: no detectable difference")
+    for axis, reference in zip(axes[1:], ("best seed", "mean seed")):
+        key = "versus_" + reference.replace(" ", "_")
+        for index, method in enumerate(methods):
+            for position, setting in enumerate(settings):
+                difference = results["settings"][setting][key][method]
+                x = position + index * width
+                mean, low, high = (100 * difference[k] for k in ("mean", "low", "high"))
+                axis.errorbar(
+                    x, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                    color=colors.get(difference["verdict"], "tab:gray"),
+                )
+                if position == 0:
+                    axis.annotate(method, (x, high), fontsize=6, rotation=60, ha="left", va="bottom")
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xticks([s + 0.4 - width / 2 for s in range(len(settings))], settings)
+        axis.set_ylabel(f"versus {reference} (points, 95% CI)")
+        axis.set_title(f"versus the {reference} on test: green better, red worse, gray no detectable difference")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -55,23 +55,35 @@ def _word(rng: random.Random, low: int, high: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(low, high)))
 
 
-def _shift(word: str) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
-
-
 def _add(rng: random.Random) -> Tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    """A number below 10,000 plus 1 to 3: mostly a copy, with carries to get right."""
+    a, b = rng.randint(0, 9999), rng.randint(1, 3)
     return f"{a}+{b}", str(a + b)
 
 
+def _climb(word: str) -> str:
+    """Each letter shifted by its position (1 for the first): abc -> bdf."""
+    return "".join(LETTERS[(LETTERS.index(c) + i + 1) % 26] for i, c in enumerate(word))
+
+
+def _swap(word: str) -> str:
+    """Adjacent letters swapped pairwise: abcde -> badce."""
+    letters = list(word)
+    for i in range(0, len(letters) - 1, 2):
+        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+    return "".join(letters)
+
+
 SKILLS: Dict[str, Callable[[random.Random], Tuple[str, str]]] = {
-    "rev": lambda rng: (lambda w: (w, w[::-1]))(_word(rng, 3, 6)),
-    "sort": lambda rng: (lambda w: (w, "".join(sorted(w))))(_word(rng, 3, 6)),
-    "next": lambda rng: (lambda w: (w, _shift(w)))(_word(rng, 3, 6)),
-    "dup": lambda rng: (lambda w: (w, "".join(c + c for c in w)))(_word(rng, 2, 4)),
+    "rev": lambda rng: (lambda w: (w, w[::-1]))(_word(rng, 3, 9)),
+    "sort": lambda rng: (lambda w: (w, "".join(sorted(w))))(_word(rng, 3, 9)),
+    "climb": lambda rng: (lambda w: (w, _climb(w)))(_word(rng, 2, 5)),
+    "swap": lambda rng: (lambda w: (w, _swap(w)))(_word(rng, 3, 9)),
     "add": _add,
 }
-"""Each sub-skill draws (input, output) from a random generator."""
+"""Each sub-skill draws (input, output) from a random generator. Inputs of several lengths make
+each skill graded: a small model gets the short ones right before the long ones, so fine-tunes
+land between "cannot" and "always" and different seeds get different examples right."""
 
 
 @dataclass(frozen=True)

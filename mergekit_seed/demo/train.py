@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mergekit_seed.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
 
-SEQUENCE_LENGTH = 24
+SEQUENCE_LENGTH = 26  # the longest example (sort or swap of 9 letters) with its end mark
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class BaseConfig:
     pretrain_steps: int = 800
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
+    skill_share: float = 0.3  # share of the pre-training corpus that is examples of the five skills
     seed: int = 0
 
 
@@ -42,13 +44,32 @@ class FinetuneConfig:
     targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+TRAINING_THREADS = 1
+
+
+@contextmanager
+def deterministic_training() -> Iterator[None]:
+    """Train on one thread with torch's deterministic algorithms: the same seed gives the same
+    weights run after run, whatever the machine's core count (the thread count decides how
+    reductions are split). Kernels still differ between CPU instruction sets (AVX2, AVX-512);
+    docs/demo.md gives how far the numbers move between them, measured."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(TRAINING_THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
 def corpus_size(config: BaseConfig) -> int:
     return config.pretrain_steps * config.pretrain_batch // 4
 
 
 def pretraining_prompts(config: BaseConfig) -> set:
     """The ``op:input=`` prompts the base saw, kept out of the held-out evaluation."""
-    lines = pretraining_corpus(corpus_size(config), config.seed)
+    lines = pretraining_corpus(corpus_size(config), config.seed, config.skill_share)
     return {line[: line.index("=") + 1] for line in lines if "=" in line}
 
 
@@ -72,18 +93,19 @@ def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet
             bos_token_id=vocabulary.end_id,
         )
     )
-    corpus = pretraining_corpus(corpus_size(config), config.seed)
+    corpus = pretraining_corpus(corpus_size(config), config.seed, config.skill_share)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=config.pretrain_steps)
     rng = random.Random(config.seed)
     model.train()
-    for _ in tqdm(range(config.pretrain_steps), desc="Pre-training the base", disable=quiet):
-        ids, labels = batch_tensors(rng.sample(corpus, config.pretrain_batch), vocabulary, SEQUENCE_LENGTH)
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with deterministic_training():
+        for _ in tqdm(range(config.pretrain_steps), desc="Pre-training the base", disable=quiet):
+            ids, labels = batch_tensors(rng.sample(corpus, config.pretrain_batch), vocabulary, SEQUENCE_LENGTH)
+            loss = model(input_ids=ids, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     model.save_pretrained(path, safe_serialization=True)
     save_tokenizer(path, vocabulary)
     return path
@@ -129,16 +151,17 @@ def finetune(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps)
     order = random.Random(seed)
     model.train()
-    for _ in tqdm(range(config.steps), desc=f"Fine-tuning {config.setting} seed {seed}", disable=quiet):
-        batch = order.sample(list(train), config.batch)
-        ids, labels = batch_tensors(
-            [e.text for e in batch], vocabulary, SEQUENCE_LENGTH, [len(e.prompt) for e in batch]
-        )
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with deterministic_training():
+        for _ in tqdm(range(config.steps), desc=f"Fine-tuning {config.setting} seed {seed}", disable=quiet):
+            batch = order.sample(list(train), config.batch)
+            ids, labels = batch_tensors(
+                [e.text for e in batch], vocabulary, SEQUENCE_LENGTH, [len(e.prompt) for e in batch]
+            )
+            loss = model(input_ids=ids, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     out.mkdir(parents=True, exist_ok=True)
     if config.setting == "lora":
         model.save_pretrained(out)
