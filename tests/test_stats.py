@@ -52,9 +52,13 @@ def test_nothing_to_compare_is_refused():
 
 
 def test_demo_verdict_on_hand_made_results():
+    def scores(correct):
+        return {"all": sum(correct) / len(correct), "correct": correct}
+
     def run(seed_scores, merge):
-        entry = {f"seed{i}": {"all": sum(c) / len(c), "correct": c} for i, c in enumerate(seed_scores)}
-        entry["merge"] = {"all": sum(merge) / len(merge), "correct": merge}
+        # validation and test agree here: the seed best on validation is the best on test
+        entry = {f"seed{i}": {"validation": scores(c), "test": scores(c)} for i, c in enumerate(seed_scores)}
+        entry["merge"] = {"validation": scores(merge), "test": scores(merge)}
         return entry
 
     best = [1, 1, 1, 1, 0, 0, 0, 0, 1, 1]  # 60%: the best seed of each experiment
@@ -62,9 +66,10 @@ def test_demo_verdict_on_hand_made_results():
         run([[0] * 10, best, [1, 0] * 5], merge=list(best)),
         run([best, [0] * 10, [0, 1] * 5], merge=list(best)),
     ]
-    same = versus_best_seed(runs, ["merge"])["merge"]
+    best_seeds = ["seed1", "seed0"]
+    same = versus_best_seed(runs, ["merge"], best_seeds)["merge"]
     assert (same["mean"], same["low"], same["high"], same["verdict"]) == (0.0, 0.0, 0.0, NO_DIFFERENCE)
-    runs[0]["merge"]["correct"] = [1] * 10
-    runs[1]["merge"]["correct"] = [1] * 10
-    better = versus_best_seed(runs, ["merge"])["merge"]
+    runs[0]["merge"]["test"]["correct"] = [1] * 10
+    runs[1]["merge"]["test"]["correct"] = [1] * 10
+    better = versus_best_seed(runs, ["merge"], best_seeds)["merge"]
     assert better["mean"] == pytest.approx(0.4) and better["verdict"] == BETTER
