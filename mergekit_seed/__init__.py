@@ -7,46 +7,20 @@ docs/python-api.md) runs a recipe as ``mergekit-seed run`` does.
 
 from __future__ import annotations
 
-import sys
-
-__version__ = "0.1.0"
-
-# the mergekit release this package is built and tested against (pyproject pins it)
-SUPPORTED_MERGEKIT = "0.1.5"
+from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
 __all__ = ["__version__", "SUPPORTED_MERGEKIT", "register", "merge", "MergeResult", "UserError", "RecipeProblems"]
-
-_warned: set = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr)
 
 
 def register() -> list[str]:
     """Add every mergekit-seed method to ``mergekit.merge_methods``; safe to call twice.
 
-    A name that another package already registered keeps that package's method (ours is not
-    registered under it) and is reported. Returns those reports, each also printed once as a
-    warning line, with one about a mergekit release other than :data:`SUPPORTED_MERGEKIT`.
-    Raises whatever registration raises (the import hook catches it).
+    See :func:`mergekit_seed.methods.register` (imported on first use: it imports torch and
+    mergekit, which ``import mergekit_seed`` must not).
     """
-    from importlib.metadata import version
+    from mergekit_seed.methods import register as register_methods
 
-    from mergekit_seed.methods import register_all
-
-    installed = version("mergekit")
-    if installed != SUPPORTED_MERGEKIT:
-        _warn_once(
-            f"mergekit-seed {__version__} is built for mergekit {SUPPORTED_MERGEKIT} but mergekit {installed} "
-            f"is installed; its methods are registered anyway (install mergekit=={SUPPORTED_MERGEKIT} if a merge fails)"
-        )
-    problems = register_all()
-    for problem in problems:
-        _warn_once(problem)
-    return problems
+    return register_methods()
 
 
 def __getattr__(name: str) -> object:

@@ -22,7 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from mergekit_seed.adapters.formats import is_adapter_folder, read_adapter
 from mergekit_seed.errors import UserError
+from mergekit_seed.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
 from mergekit_seed.weights import safetensors_index
 
@@ -70,8 +72,6 @@ class Inputs:
 
 def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
     """Adapter folders (read as factored deltas) or full checkpoints minus ``base``."""
-    from mergekit_seed.adapters.formats import is_adapter_folder, read_adapter
-
     if all(is_adapter_folder(m) for m in models):
         seeds = [read_adapter(m) for m in models]
         names = sorted(set().union(*(s.deltas for s in seeds)))
@@ -115,8 +115,6 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
 def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool = False) -> dict:
     """Compute every statistic, write ``analysis.json``, the plots and ``summary.md``."""
     from tqdm import tqdm
-
-    from mergekit_seed.kernels.seedft import seedft, seedft_factored
 
     if len(models) < 2:
         raise UserError("analyze needs at least 2 models (seeds)")

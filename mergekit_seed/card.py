@@ -9,7 +9,6 @@ defaults filled in, a sha256 of every input weight file, the merge options, and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from importlib.metadata import PackageNotFoundError, version
@@ -21,11 +20,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import is_hub_id, reference_paths, reference_strings, substitute_references
+from mergekit_seed.hub import is_hub_id
+from mergekit_seed.recipe import reference_paths, reference_strings, substitute_references
+from mergekit_seed.weights import load_weights, sha256_file, weight_file_hashes
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # Options that only choose hardware or verbosity; everything else is recorded for reproduction.
 HARDWARE_OPTIONS = {"cuda", "device", "multi_gpu", "read_to_gpu", "low_cpu_memory", "quiet", "verbosity", "num_threads", "lora_merge_cache", "transformers_cache"}
 
@@ -127,21 +127,13 @@ def package_version(name: str) -> str:
         return "unknown"
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def merge_inputs(recipe) -> List[Any]:
     """The model references whose files the merge reads: every referenced model, except the
     base model of an adapter merge that writes a LoRA adapter from LoRA/SeRA factors alone
     (then only the adapters are read; saved modules, biases, trainable tokens or Conv1D
     layers make it read the base)."""
-    from mergekit_seed.adapters.base_model import has_conv1d_layers
-    from mergekit_seed.adapters.formats import reads_base_weights
+    from mergekit_seed.adapters.base_model import has_conv1d_layers  # here: adapter reading imports torch, which cards need not
+    from mergekit_seed.adapters.formats import reads_base_weights  # (same)
 
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":
@@ -249,13 +241,6 @@ def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
         for folder, label in input_labels(recipe).items()
         if folder in wanted
     }
-
-
-def weight_file_hashes(folder: Path) -> Dict[str, str]:
-    """{weight file name: sha256} of a folder's weight files (hashing the bytes, through any
-    symlink, as in a Hub cache snapshot)."""
-    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
-    return {f.name: sha256_file(f) for f in files}
 
 
 def resolved_parameters(method, config) -> Dict[str, Any]:
@@ -551,8 +536,6 @@ def compare_weights(result: Path, reference: Path):
     Returns (name of the tensor with the largest absolute difference, that difference,
     problems such as tensors present in one folder only or with different shapes).
     """
-    from mergekit_seed.weights import load_weights
-
     theirs = load_weights(reference)
     if not theirs:
         raise UserError(f"{reference}: no weight files (*.safetensors or *.bin) to compare with")

@@ -13,6 +13,11 @@ import click
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
 from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, merge
+from mergekit_seed.version import SUPPORTED_MERGEKIT
+
+# Commands import what they use when they run: `mergekit-seed recipes` or `validate --offline`
+# must not pay for torch, mergekit's options (transformers, peft) or the kernels. Every import
+# of this package inside a function below is there for that start-up cost, none for a circle.
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds; see LazyGroup
     from mergekit.options import MergeOptions
@@ -147,13 +152,13 @@ LazyGroup.lazy_commands = {"run": _build_run_command}
 def methods_command(as_json: bool) -> None:
     """List mergekit-seed's merge methods with their papers and parameters, and any problem
     registering them with mergekit."""
-    import mergekit_seed
-
     try:
-        mergekit_seed.register()  # prints a warning line per name another package holds
+        from mergekit_seed.methods import register
+
+        register()  # prints a warning line per name another package holds
     except Exception as error:  # the import hook's soft failure, reported here as an error
         reason = (str(error).splitlines() or [""])[0]
-        fail(f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); reinstall it (pip install -e .) or check the mergekit version ({mergekit_seed.SUPPORTED_MERGEKIT} is supported)")
+        fail(f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); reinstall it (pip install -e .) or check the mergekit version ({SUPPORTED_MERGEKIT} is supported)")
     from mergekit_seed.methods import METHODS, describe
 
     described = [describe(method) for method in METHODS]
@@ -270,8 +275,8 @@ def reproduce_command(
         recorded_folders,
         verify_inputs,
     )
-    from mergekit_seed.hub import download_file, resolve, split_revision, verify_hub_inputs
-    from mergekit_seed.recipe import is_hub_id, parse_recipe
+    from mergekit_seed.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
+    from mergekit_seed.recipe import parse_recipe
     from mergekit_seed.weights import weight_files
 
     try:

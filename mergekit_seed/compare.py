@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.hub import local_folder
+from mergekit_seed.stats import paired_difference
+from mergekit_seed.weights import safetensors_shapes
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
 TEXT_METRICS = ("perplexity",)
@@ -109,8 +112,6 @@ def is_merge(folder: Path) -> bool:
 def load_model(reference: str, base: Optional[str], device: str):
     """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mergekit_seed.weights import safetensors_shapes
 
     folder = local_folder(reference)
     safetensors_shapes(folder)  # a corrupt or truncated weight file is one line, before transformers reads it
@@ -249,9 +250,6 @@ def compare(
     import gc
 
     from tqdm import tqdm
-
-    from mergekit_seed.card import package_version
-    from mergekit_seed.stats import paired_difference
 
     if len(models) < 2:
         raise UserError("compare needs at least two models")

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from mergekit_seed.card import weight_file_hashes
 from mergekit_seed.errors import UserError
-from mergekit_seed.recipe import Recipe, is_hub_id, parse_recipe, substitute_references
+from mergekit_seed.weights import weight_file_hashes
 
 # what a merge reads from a model or adapter repository (no code: remote code stays off)
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -30,6 +29,11 @@ class HubInput:
     repo_id: str
     commit: str
     folder: Path
+
+
+def is_hub_id(path: str) -> bool:
+    """A Hugging Face Hub repository id (``org/name``) rather than a local path; decided offline."""
+    return not (path.startswith(("/", ".", "~")) or Path(path).exists() or path.count("/") != 1)
 
 
 def split_revision(reference: str) -> Tuple[str, Optional[str]]:
@@ -123,50 +127,6 @@ def download_file(repo_id: str, filename: str, revision: Optional[str] = None) -
         return Path(hf_hub_download(repo_id, filename, revision=revision))
     except Exception as error:
         raise UserError(f"{where}: cannot read {filename} ({_one_line(error)})") from None
-
-
-def hub_references(recipe: Recipe) -> List[str]:
-    """Every Hub id the recipe names (with its ``@revision`` if given), in order, once."""
-    config = recipe.config
-    found: List[str] = []
-    if recipe.is_adapter_recipe:
-        names = config.referenced_models()
-    else:
-        names = []
-        for reference in config.referenced_models():
-            for path in (reference.model, reference.lora):
-                if path is not None:
-                    names.append(f"{path.path}@{path.revision}" if path.revision else str(path.path))
-        tokenizer = getattr(config, "tokenizer", None)
-        source = getattr(config, "tokenizer_source", None) or getattr(tokenizer, "source", None)
-        if source is not None and not isinstance(source, str):  # a model reference, not base/union
-            names.append(str(source))
-    for name in names:
-        if is_hub_id(split_revision(name)[0]) and name not in found:
-            found.append(name)
-    return found
-
-
-def localize(
-    recipe: Recipe, pins: Optional[Dict[str, str]] = None, read: Optional[List[str]] = None
-) -> Tuple[Recipe, List[HubInput]]:
-    """``recipe`` with every Hub id the merge reads replaced by its snapshot folder, and the
-    resolved inputs.
-
-    ``pins`` maps repo ids to the commit to use (a card's recorded revisions); otherwise each id
-    resolves at the revision it names, else ``main``. ``read`` limits the ids to those the merge
-    reads (a LoRA-out adapter merge only names its base: it is not downloaded).
-    """
-    references = [r for r in hub_references(recipe) if read is None or r in read]
-    if not references:
-        return recipe, []
-    import yaml
-
-    pins = pins or {}
-    inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
-    folders = {entry.reference: str(entry.folder) for entry in inputs}
-    data = substitute_references(yaml.safe_load(recipe.source), folders)
-    return parse_recipe(yaml.safe_dump(data, sort_keys=False), recipe.origin), inputs
 
 
 def hub_provenance(inputs: List[HubInput]) -> Dict[str, Dict[str, Any]]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from mergekit_seed.kernels.seedlora import (
     seedlora_twostage,
 )
 from mergekit_seed.linalg import LowRank, compute_dtype
+from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # no parameter takes NaN or Inf, or a number past float32's range (the kernels compute in
@@ -493,6 +495,37 @@ LORE = SeedMergeMethod(
 )
 
 METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def register() -> List[str]:
+    """Add every mergekit-seed method to ``mergekit.merge_methods``; safe to call twice.
+
+    A name that another package already registered keeps that package's method (ours is not
+    registered under it) and is reported. Returns those reports, each also printed once as a
+    warning line, with one about a mergekit release other than :data:`SUPPORTED_MERGEKIT`.
+    Raises whatever registration raises (the import hook catches it).
+    """
+    from importlib.metadata import version
+
+    installed = version("mergekit")
+    if installed != SUPPORTED_MERGEKIT:
+        _warn_once(
+            f"mergekit-seed {__version__} is built for mergekit {SUPPORTED_MERGEKIT} but mergekit {installed} "
+            f"is installed; its methods are registered anyway (install mergekit=={SUPPORTED_MERGEKIT} if a merge fails)"
+        )
+    problems = register_all()
+    for problem in problems:
+        _warn_once(problem)
+    return problems
 
 
 def register_all() -> List[str]:

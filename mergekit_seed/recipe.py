@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.hub import HubInput, hub_problem, is_hub_id, resolve, split_revision
+from mergekit_seed.weights import safetensors_shapes
 
 
 class OutputSection(BaseModel):
@@ -146,7 +148,7 @@ class Recipe:
 
 def _is_adapter(reference: str) -> bool:
     """A local adapter folder, or a Hub id whose cached snapshot has an ``adapter_config.json``."""
-    from mergekit_seed.adapters.formats import is_adapter_folder
+    from mergekit_seed.adapters.formats import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
 
     if is_adapter_folder(reference):
         return True
@@ -331,9 +333,9 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     """Every problem with a parsed recipe, one line each; empty when it can run."""
     from mergekit import merge_methods
 
-    import mergekit_seed
+    from mergekit_seed.methods import register  # imported here: it imports torch and mergekit's methods
 
-    mergekit_seed.register()
+    register()
     config = recipe.config
     try:
         method = merge_methods.get(config.merge_method)
@@ -367,7 +369,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
 
     from mergekit.merge_methods.base import BasePolicy
 
-    from mergekit_seed.methods import MIN_SEEDS, SeedMergeMethod
+    from mergekit_seed.methods import MIN_SEEDS, SeedMergeMethod  # (same: torch and mergekit)
 
     base = config.base_model
     seeds = [m for m in config.models if base is None or m.model != base]
@@ -509,7 +511,7 @@ def _modified_base_problem(folder: Path) -> Optional[str]:
     """Why a local adapter folder is relative to a base PEFT modified (PiSSA, OLoRA, ...), or None."""
     import json
 
-    from mergekit_seed.adapters.formats import modified_base_problem
+    from mergekit_seed.adapters.formats import modified_base_problem  # (same)
 
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -521,11 +523,6 @@ def _modified_base_problem(folder: Path) -> Optional[str]:
 
 def _has_adapter_weights(folder: Path) -> bool:
     return (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file()
-
-
-def is_hub_id(path: str) -> bool:
-    """A Hugging Face Hub repository id (``org/name``) rather than a local path; decided offline."""
-    return not (path.startswith(("/", ".", "~")) or Path(path).exists() or path.count("/") != 1)
 
 
 PLACEHOLDERS = ("REPLACE", "${")  # shipped recipes' REPLACE/... and ${DEMO_MODELS}
@@ -572,8 +569,6 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
             problem = _path_problem(folder, path)
             if problem:
                 problems.append(problem)
-    from mergekit_seed.hub import hub_problem, hub_references
-
     for reference in hub_references(recipe):
         problem = hub_problem(reference)
         if problem:
@@ -604,8 +599,6 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
                 seed = read_adapter(folder)
                 shapes_by_input[str(folder)] = seed.shapes()
             elif not recipe.is_adapter_recipe:
-                from mergekit_seed.weights import safetensors_shapes
-
                 shapes = safetensors_shapes(folder)
                 if shapes:
                     shapes_by_input[str(folder)] = shapes
@@ -625,8 +618,6 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
 def _adapter_base_problems(shapes_by_seed: Dict[str, Dict[str, tuple]], base: Path, path: str) -> List[str]:
     """Tensors an adapter changes whose shape is not the base's (a seed trained on a resized
     vocabulary, say); Conv1D weights, stored transposed in the base, may match either way."""
-    from mergekit_seed.weights import safetensors_shapes
-
     try:
         base_shapes = safetensors_shapes(base)
     except UserError as error:
@@ -704,3 +695,48 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
             "mergekit still uses it for the output's configuration and tokenizer"
         )
     return warnings
+
+
+# ------------------------------------------------------------------ Hub ids in recipes
+
+
+def hub_references(recipe: Recipe) -> List[str]:
+    """Every Hub id the recipe names (with its ``@revision`` if given), in order, once."""
+    config = recipe.config
+    found: List[str] = []
+    if recipe.is_adapter_recipe:
+        names = config.referenced_models()
+    else:
+        names = []
+        for reference in config.referenced_models():
+            for path in (reference.model, reference.lora):
+                if path is not None:
+                    names.append(f"{path.path}@{path.revision}" if path.revision else str(path.path))
+        tokenizer = getattr(config, "tokenizer", None)
+        source = getattr(config, "tokenizer_source", None) or getattr(tokenizer, "source", None)
+        if source is not None and not isinstance(source, str):  # a model reference, not base/union
+            names.append(str(source))
+    for name in names:
+        if is_hub_id(split_revision(name)[0]) and name not in found:
+            found.append(name)
+    return found
+
+
+def localize(
+    recipe: Recipe, pins: Optional[Dict[str, str]] = None, read: Optional[List[str]] = None
+) -> Tuple[Recipe, List[HubInput]]:
+    """``recipe`` with every Hub id the merge reads replaced by its snapshot folder, and the
+    resolved inputs.
+
+    ``pins`` maps repo ids to the commit to use (a card's recorded revisions); otherwise each id
+    resolves at the revision it names, else ``main``. ``read`` limits the ids to those the merge
+    reads (a LoRA-out adapter merge only names its base: it is not downloaded).
+    """
+    references = [r for r in hub_references(recipe) if read is None or r in read]
+    if not references:
+        return recipe, []
+    pins = pins or {}
+    inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
+    folders = {entry.reference: str(entry.folder) for entry in inputs}
+    data = substitute_references(yaml.safe_load(recipe.source), folders)
+    return parse_recipe(yaml.safe_dump(data, sort_keys=False), recipe.origin), inputs

@@ -21,8 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from pydantic import BaseModel, ValidationError, model_validator
 
+from mergekit_seed.card import CARD_NAME, is_our_card, merge_inputs, package_version, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import Recipe, check_files, check_recipe, is_hub_id, load_recipe, recipe_warnings
+from mergekit_seed.hub import hub_provenance, is_hub_id
+from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, localize, recipe_warnings, reference_paths
+from mergekit_seed.weights import load_weights
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
     from mergekit.options import MergeOptions
@@ -155,8 +158,6 @@ def _resolved(path: Union[str, os.PathLike]) -> Optional[Path]:
 def input_paths(recipe: Recipe) -> List[Path]:
     """Every local file and folder a merge of ``recipe`` reads: the recipe file and each local
     path its model references name (Hub ids are read from the Hub cache, see :func:`check_output_location`)."""
-    from mergekit_seed.recipe import reference_paths
-
     paths = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
     for reference in recipe.config.referenced_models():
         paths += [Path(path) for path in reference_paths(reference) if Path(path).exists()]
@@ -194,8 +195,6 @@ def check_output_location(out_path: Path, inputs: List[Path]) -> None:
 
 def is_previous_merge(folder: Path) -> bool:
     """Whether ``folder`` holds a merge mergekit-seed wrote: its model card, or its marker."""
-    from mergekit_seed.card import CARD_NAME, is_our_card
-
     return (folder / MARKER_NAME).is_file() or is_our_card(folder / CARD_NAME)
 
 
@@ -248,8 +247,6 @@ def check_finite_output(folder: Path) -> None:
     """Refuse a merge that wrote a NaN or Inf: every floating tensor of every weight file under
     ``folder`` is read back (one tensor at a time) and checked before anything is published."""
     from safetensors import SafetensorError, safe_open
-
-    from mergekit_seed.weights import load_weights
 
     for file in sorted(folder.rglob("*.safetensors")):
         try:
@@ -351,9 +348,6 @@ def merge(
     from mergekit import merge_methods
     from safetensors import SafetensorError
 
-    from mergekit_seed.card import CARD_NAME, merge_inputs, public_recipe_text, render_card
-    from mergekit_seed.hub import hub_provenance, localize
-
     # the merge reads snapshot folders. A LoRA-out adapter merge reads its base only when the
     # adapters hold more than factors, which shows once they are local: a second pass.
     adapters = [entry.model for entry in recipe.config.models] if recipe.is_adapter_recipe else None
@@ -379,7 +373,7 @@ def merge(
     try:
         _apply_global_options(options)
         if local.is_adapter_recipe:
-            from mergekit_seed.adapters.engine import run_adapter_merge
+            from mergekit_seed.adapters.engine import run_adapter_merge  # here: it imports torch, which validation need not
 
             named_base = recipe.config.base_model
             modules = run_adapter_merge(
@@ -421,6 +415,4 @@ def merge(
 
 
 def _package_version() -> str:
-    from mergekit_seed.card import package_version
-
     return package_version("mergekit-seed")

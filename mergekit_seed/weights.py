@@ -1,13 +1,32 @@
-"""Reading the safetensors files of a model folder."""
+"""The weight files of a model folder: which they are, their headers, their hashes, their tensors."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Dict
-
-import torch
+from typing import TYPE_CHECKING, Dict
 
 from mergekit_seed.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: hashing and headers need none of it
+    import torch
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_file_hashes(folder: Path) -> Dict[str, str]:
+    """{weight file name: sha256} of a folder's weight files (hashing the bytes, through any
+    symlink, as in a Hub cache snapshot)."""
+    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+    return {f.name: sha256_file(f) for f in files}
 
 
 def weight_files(folder: Path) -> list:
@@ -19,6 +38,7 @@ def weight_files(folder: Path) -> list:
 def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """Every tensor of a folder's weight files (small models: tests, demo, checks); ``.bin``
     files are read with ``torch.load(weights_only=True)``, which runs no pickled code."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

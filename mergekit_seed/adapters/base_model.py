@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Set
 import torch
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.hub import local_folder
+from mergekit_seed.weights import safetensors_index
 
 # model_type of the transformers architectures with Conv1D layers (transformers 5: the models
 # whose modeling file builds a Conv1D). PEFT treats those layers as fan_in_fan_out whatever
@@ -53,8 +55,6 @@ def has_conv1d_layers(reference: Optional[str]) -> bool:
 
 def locate_base(reference: str) -> Path:
     """A local model folder, or a Hub model's snapshot in (or downloaded to) the Hub cache."""
-    from mergekit_seed.hub import local_folder
-
     try:
         folder = local_folder(reference)
     except UserError as error:
@@ -76,8 +76,6 @@ class BaseWeights:
 
     @cached_property
     def _files(self) -> Dict[str, Path]:
-        from mergekit_seed.weights import safetensors_index
-
         return {name: file for name, (file, _) in safetensors_index(self.shards).items()}
 
     def has(self, name: str) -> bool:

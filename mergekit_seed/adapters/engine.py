@@ -27,8 +27,10 @@ import torch
 from mergekit_seed.adapters.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.adapters.formats import AdapterSeed, MergedAdapter, TokenRows, read_adapter, write_lora_adapter
 from mergekit_seed.errors import UserError
+from mergekit_seed.hub import is_hub_id
 from mergekit_seed.linalg import LowRank, compress, factor_dense
-from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, is_hub_id, torch_dtype
+from mergekit_seed.methods import register
+from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -361,9 +363,7 @@ def run_adapter_merge(
 
     from mergekit import merge_methods
 
-    import mergekit_seed
-
-    mergekit_seed.register()
+    register()
     output = config.output
     report = echo  # results (the kept energy of a truncation) are printed even when quiet
     if quiet:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.hub import local_folder
 from mergekit_seed.linalg import LowRank
 from mergekit_seed.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 
@@ -373,8 +374,6 @@ def reads_base_weights(folder: Path) -> bool:
 
 def locate_adapter(path: str | Path) -> Path:
     """A local adapter folder, or a Hub adapter repository's snapshot in the Hub cache."""
-    from mergekit_seed.hub import local_folder
-
     return local_folder(str(path))
 
 

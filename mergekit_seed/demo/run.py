@@ -34,8 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from mergekit_seed.card import package_version
+from mergekit_seed.compare import compare
 from mergekit_seed.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
+from mergekit_seed.runner import merge
+from mergekit_seed.sera import load_sera, merge_sera
+from mergekit_seed.stats import paired_difference
 
 LOG = logging.getLogger("mergekit_seed")
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
@@ -168,8 +173,6 @@ def seed_regime(examples: List, correct_per_seed: List[List[bool]]) -> dict:
 def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
     """The last step: `mergekit-seed compare` on the first experiment's full fine-tunes and our
     merges of them, scoring each held-out answer's log-probability (no generation)."""
-    from mergekit_seed.compare import compare
-
     _, _, held_out = experiment_data(config, 0)
     data = out / "compare-data.jsonl"
     data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out), encoding="utf-8")
@@ -185,9 +188,6 @@ def run_experiment(
 ) -> Dict[str, dict]:
     """Train, merge and evaluate every setting once; returns accuracies per setting."""
     from mergekit.options import MergeOptions
-
-    from mergekit_seed.runner import merge
-    from mergekit_seed.sera import load_sera, merge_sera
 
     train, validation, test = experiment_data(config, experiment)
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
@@ -315,8 +315,6 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
 def versus_best_seed(experiments: List[dict], methods: List[str], best_seeds: List[str]) -> Dict[str, dict]:
     """Per method: the paired test difference to each experiment's best seed, the one chosen
     by its validation accuracy, with a 95% bootstrap interval and a verdict."""
-    from mergekit_seed.stats import paired_difference
-
     return {
         method: paired_difference(
             [[m - b for m, b in zip(e[method]["test"]["correct"], e[best]["test"]["correct"])] for e, best in zip(experiments, best_seeds)]
@@ -328,8 +326,6 @@ def versus_best_seed(experiments: List[dict], methods: List[str], best_seeds: Li
 def versus_mean_seed(experiments: List[dict], methods: List[str]) -> Dict[str, dict]:
     """Per method: the paired test difference to the mean seed (per example, the share of
     seeds that solve it: what one fine-tuning run gives on average), interval and verdict."""
-    from mergekit_seed.stats import paired_difference
-
     seed_columns = seed_names(SEED_COUNT)
     differences = {method: [] for method in methods}
     for e in experiments:
@@ -345,8 +341,6 @@ def environment(config: DemoConfig) -> dict:
     import platform
 
     import torch
-
-    from mergekit_seed.card import package_version
 
     packages = ("torch", "transformers", "peft", "mergekit", "mergekit-seed", "numpy", "safetensors", "tokenizers")
     return {

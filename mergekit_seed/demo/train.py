@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from mergekit_seed.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
+from mergekit_seed.sera import SeraConfig, apply_sera, load_sera, merge_sera, save_sera
 
 SEQUENCE_LENGTH = 26  # the longest example (sort or swap of 9 letters) with its end mark
 
@@ -126,8 +127,6 @@ def finetune(
     """
     from transformers import AutoModelForCausalLM
 
-    from mergekit_seed.sera import SeraConfig, apply_sera, save_sera
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
     if config.setting == "lora":
@@ -181,8 +180,6 @@ def load_for_eval(base: Path, merged: Path, kind: str):
         return AutoModelForCausalLM.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(base)
     if kind == "sera":
-        from mergekit_seed.sera import load_sera, merge_sera
-
         return merge_sera(load_sera(model, merged))
     from peft import PeftModel
 

@@ -1,0 +1,106 @@
+"""The package is layered (docs/architecture.md): no module imports a higher layer, and no two
+modules import each other, even inside functions. Read from the source (every import
+statement, at any depth), so a circle kept from crashing by a function-level import fails too."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
+
+# bottom to top; a module may import its own layer and the ones below
+LAYERS = {
+    "base": ["errors", "version"],
+    "maths": ["linalg", "stats", "sera", "kernels"],
+    "references": ["weights", "hub", "adapters.formats", "adapters.base_model"],
+    "methods": ["methods"],
+    "recipe": ["recipe"],
+    "engines and cards": ["adapters.engine", "card"],
+    "runner": ["runner"],
+    "tools": ["compare", "analysis", "demo"],
+    "cli": ["cli"],
+    "package": ["__init__", "_hook"],
+}
+
+
+def module_names():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        yield ".".join(parts), path
+
+
+def layer_of(module: str) -> int:
+    for index, members in enumerate(LAYERS.values()):
+        for member in members:
+            if module == member or module.startswith(member + "."):
+                return index
+    raise AssertionError(f"mergekit_seed.{module} is in no layer: add it to LAYERS and to docs/architecture.md")
+
+
+def imports_of(path: Path):
+    """(imported module relative to the package, line) for every import of the package."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mergekit_seed":
+            if node.module == "mergekit_seed":
+                yield "__init__", node.lineno
+            else:
+                yield node.module[len("mergekit_seed."):], node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "mergekit_seed":
+                    yield "__init__", node.lineno
+                elif alias.name.startswith("mergekit_seed."):
+                    yield alias.name[len("mergekit_seed."):], node.lineno
+
+
+def edges():
+    found = {}
+    for module, path in module_names():
+        for imported, line in imports_of(path):
+            found.setdefault(module, set()).add(imported)
+            yield module, imported, f"{path.relative_to(PACKAGE.parent)}:{line}"
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [
+        f"{where}: {module} ({list(LAYERS)[layer_of(module)]}) imports {imported} ({list(LAYERS)[layer_of(imported)]})"
+        for module, imported, where in edges()
+        if layer_of(imported) > layer_of(module)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph = {}
+    for module, imported, _ in edges():
+        if imported != module:
+            graph.setdefault(module, set()).add(imported)
+    state = {}
+
+    def visit(module, trail):
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", "import circle: " + " -> ".join(trail + [module])
+        state[module] = "open"
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, trail + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_every_module_imports_and_the_package_stays_cheap():
+    names = [f"mergekit_seed.{module}" if module != "__init__" else "mergekit_seed" for module, _ in module_names()]
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({name!r})\n" for name in names)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # `import mergekit_seed` (run at every interpreter start by the .pth hook) imports neither torch nor mergekit
+    cheap = subprocess.run(
+        [sys.executable, "-c", "import sys, mergekit_seed; print('torch' in sys.modules, 'mergekit' in sys.modules)"],
+        capture_output=True, text=True,
+    )
+    assert cheap.stdout.split() == ["False", "False"], cheap.stdout + cheap.stderr
