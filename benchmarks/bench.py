@@ -210,7 +210,7 @@ def floors(size: str, seeds: int) -> dict:
     measured rates): SeedFT the float64 Gram on the smaller side of each m x Nn concatenation,
     its eigh and the r x r polar-factor eigh; the two-stage SeedLoRA one float32 SVD per matrix
     (its floor when the masked residual's kept rank is near full, as with dense-noise deltas)."""
-    from mergekit_seed.linalg import _lapack_eigh
+    from mergekit_seed.maths.linalg import _lapack_eigh
 
     vocab, hidden, intermediate, _, _ = SIZES[size]
     generator = torch.Generator().manual_seed(0)
@@ -254,7 +254,7 @@ def floors(size: str, seeds: int) -> dict:
 
 def gram_throughput(device: str, m: int, n: int, seeds: int) -> dict:
     """GFLOP/s of SeedFT's Gram step (sum_i X_i X_i^T, float64) against one plain matmul."""
-    from mergekit_seed.linalg import column_block_svd
+    from mergekit_seed.maths.linalg import column_block_svd
 
     blocks = [torch.randn(m, n, device=device) for _ in range(seeds)]
     flops = 2.0 * m * m * n * seeds

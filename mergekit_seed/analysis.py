@@ -24,8 +24,8 @@ import torch
 
 from mergekit_seed.adapters.formats import is_adapter_folder, read_adapter
 from mergekit_seed.errors import UserError
-from mergekit_seed.kernels.seedft import seedft, seedft_factored
-from mergekit_seed.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
+from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
+from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
 from mergekit_seed.weights import safetensors_index
 
 Delta = Union[torch.Tensor, LowRank]

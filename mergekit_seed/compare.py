@@ -11,7 +11,7 @@ ids) is scored example by example on a JSONL file, one model in memory at a time
 
 Each model is compared with a reference (``--reference``, default the best of the models that
 are not merges: the best seed) by the paired per-example differences, with the bootstrap
-interval and verdict of :mod:`mergekit_seed.stats` (the demo's verdict uses the same code).
+interval and verdict of :mod:`mergekit_seed.maths.stats` (the demo's verdict uses the same code).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.hub import local_folder
-from mergekit_seed.stats import paired_difference
+from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.weights import safetensors_shapes
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
@@ -131,7 +131,7 @@ def load_model(reference: str, base: Optional[str], device: str):
         safetensors_shapes(base_folder)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
         if str(config.get("peft_type", "LORA")).upper() == "SERA":
-            from mergekit_seed.sera import load_sera
+            from mergekit_seed.maths.sera import load_sera
 
             model = load_sera(model, folder)
         else:

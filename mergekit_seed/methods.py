@@ -34,9 +34,9 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
-from mergekit_seed.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
-from mergekit_seed.kernels.seedft import seedft, seedft_factored
-from mergekit_seed.kernels.seedlora import (
+from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
+from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
+from mergekit_seed.maths.kernels.seedlora import (
     Fusion,
     fuse_dare,
     fuse_mean,
@@ -45,7 +45,7 @@ from mergekit_seed.kernels.seedlora import (
     seedlora_dm_factored,
     seedlora_twostage,
 )
-from mergekit_seed.linalg import LowRank, compute_dtype
+from mergekit_seed.maths.linalg import LowRank, compute_dtype
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
 PositiveInt = Annotated[int, Field(ge=1)]

@@ -11,8 +11,8 @@ from mergekit_seed.adapters.engine import merge_module
 from mergekit_seed.adapters.formats import read_adapter
 from mergekit_seed.demo.tiny import save_tiny_llama
 from mergekit_seed.weights import load_weights
-from mergekit_seed.linalg import LowRank
-from mergekit_seed.sera import SeraConfig, SeraLinear, apply_sera, load_sera, merge_sera, save_sera
+from mergekit_seed.maths.linalg import LowRank
+from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, load_sera, merge_sera, save_sera
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 

@@ -23,7 +23,7 @@ def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp
     recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
                       f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
     out = tmp_path / "out"
-    broken = 'import sys; sys.modules["mergekit_seed.kernels.lore"] = None  # one module of ours unimportable\n'
+    broken = 'import sys; sys.modules["mergekit_seed.maths.kernels.lore"] = None  # one module of ours unimportable\n'
     done = run_python(prelude=broken, code=f"""
         sys.argv = ["mergekit-yaml", {str(recipe)!r}, {str(out)!r}]
         from mergekit.scripts.run_yaml import main

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import run_cli, write_recipe
-from mergekit_seed.kernels.lore import lore
-from mergekit_seed.kernels.seedft import seedft, seedft_factored
-from mergekit_seed.kernels.seedlora import seedlora_dm, seedlora_dm_factored, seedlora_twostage
-from mergekit_seed.linalg import LowRank
+from mergekit_seed.maths.kernels.lore import lore
+from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
+from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_dm_factored, seedlora_twostage
+from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"

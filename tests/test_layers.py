@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
     "base": ["errors", "version"],
-    "maths": ["linalg", "stats", "sera", "kernels"],
+    "maths": ["maths"],
     "references": ["weights", "hub", "adapters.formats", "adapters.base_model"],
     "methods": ["methods"],
     "recipe": ["recipe"],

@@ -7,7 +7,7 @@ import torch
 
 from conftest import refused, run_cli, write_recipe
 from mergekit_seed.weights import load_weights
-from mergekit_seed.kernels.lore import lore, lore_estimate, relative_mu
+from mergekit_seed.maths.kernels.lore import lore, lore_estimate, relative_mu
 
 
 def svt_reference(X, mu):
@@ -141,7 +141,7 @@ def test_bad_lore_parameters_are_refused_by_name(tiny_family, tmp_path, paramete
 
 
 def test_svt_count_bound_is_a_lower_bound_and_noise_goes_to_the_full_svd():
-    from mergekit_seed.linalg import _count_above_lower_bound, singular_value_threshold
+    from mergekit_seed.maths.linalg import _count_above_lower_bound, singular_value_threshold
 
     generator = torch.Generator().manual_seed(1)
     low_rank = torch.randn(600, 8, generator=generator, dtype=torch.float64) @ torch.randn(8, 560, generator=generator, dtype=torch.float64)

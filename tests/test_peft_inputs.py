@@ -278,7 +278,7 @@ def test_missing_saved_head_counts_as_the_base_with_a_warning(bases, peft_seeds,
     assert "score.weight: missing in" in result.stderr and "the base's value" in result.stderr
     heads = [load_file(s / "adapter_model.safetensors")["base_model.model.score.weight"] for s in seeds[:2]]
     base_head = load_weights(base)["score.weight"]
-    from mergekit_seed.kernels.seedlora import seedlora_dm
+    from mergekit_seed.maths.kernels.seedlora import seedlora_dm
 
     expected = base_head + seedlora_dm([h - base_head for h in heads] + [torch.zeros_like(base_head)])
     torch.testing.assert_close(load_weights(tmp_path / "out")["score.weight"], expected, rtol=1e-5, atol=1e-6)

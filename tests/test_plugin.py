@@ -8,7 +8,7 @@ import torch
 
 from conftest import refused, run_cli, write_recipe
 from mergekit_seed.weights import load_weights
-from mergekit_seed.kernels.seedft import seedft
+from mergekit_seed.maths.kernels.seedft import seedft
 
 
 def test_interpreter_start_imports_neither_torch_nor_mergekit():

@@ -12,9 +12,9 @@ from test_lore import lore_reference
 from test_seedft import seedft_reference
 from test_seedlora import dm_reference, twostage_reference
 
-from mergekit_seed.kernels.lore import lore, relative_mu
-from mergekit_seed.kernels.seedft import seedft
-from mergekit_seed.kernels.seedlora import seedlora_dm, seedlora_twostage
+from mergekit_seed.maths.kernels.lore import lore, relative_mu
+from mergekit_seed.maths.kernels.seedft import seedft
+from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_twostage
 
 TOLERANCE = 1e-4
 

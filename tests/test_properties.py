@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergekit_seed.kernels.lore import lore
-from mergekit_seed.kernels.seedft import seedft
-from mergekit_seed.kernels.seedlora import seedlora_dm, seedlora_twostage
+from mergekit_seed.maths.kernels.lore import lore
+from mergekit_seed.maths.kernels.seedft import seedft
+from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_twostage
 
 KERNELS = {
     # name: (kernel, scale that makes N identical seeds give that seed back)
@@ -111,7 +111,7 @@ def test_adapter_settings_resolve_as_mergekit_resolves_them(setting, tensor_name
 def test_truncated_svd_by_energy_equals_the_full_svd(spectrum):
     """The energy-truncated SVD (randomized when few directions suffice, a full SVD when the
     spectrum is flat) keeps the same rank and the same subspace as a full SVD."""
-    from mergekit_seed.linalg import rank_for_energy, truncated_approximation, truncated_svd
+    from mergekit_seed.maths.linalg import rank_for_energy, truncated_approximation, truncated_svd
 
     generator = torch.Generator().manual_seed(3)
     m, n = 700, 600

@@ -5,9 +5,9 @@ import itertools
 import pytest
 import torch
 
-from mergekit_seed.kernels.seedft import seedft
-from mergekit_seed import linalg
-from mergekit_seed.linalg import polar_factor
+from mergekit_seed.maths.kernels.seedft import seedft
+from mergekit_seed.maths import linalg
+from mergekit_seed.maths.linalg import polar_factor
 
 
 def seedft_reference(tau, rank=None, rtol=1e-6):

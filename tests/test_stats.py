@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mergekit_seed.demo.run import versus_best_seed
-from mergekit_seed.stats import BETTER, NO_DIFFERENCE, WORSE, paired_difference
+from mergekit_seed.maths.stats import BETTER, NO_DIFFERENCE, WORSE, paired_difference
 
 
 def test_a_constant_difference_has_a_point_interval():

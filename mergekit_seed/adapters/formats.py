@@ -1,6 +1,6 @@
 """Reading PEFT LoRA and SeRA adapter folders as factored deltas, and writing LoRA adapters.
 
-Every adapter module becomes a :class:`~mergekit_seed.linalg.LowRank` delta keyed by the base
+Every adapter module becomes a :class:`~mergekit_seed.maths.linalg.LowRank` delta keyed by the base
 weight it changes (``model.layers.0.self_attn.q_proj.weight``), in PyTorch (out, in) layout
 for linear layers and (num_embeddings, dim) for embeddings.
 """
@@ -19,8 +19,8 @@ from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.hub import local_folder
-from mergekit_seed.linalg import LowRank
-from mergekit_seed.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
+from mergekit_seed.maths.linalg import LowRank
+from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"

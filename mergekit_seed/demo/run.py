@@ -13,7 +13,7 @@
    checkpoints and ``BASE+ADAPTER``, our adapter engine for adapter folders).
 4. On test, each merge is compared with the best seed (the one with the highest validation
    accuracy) and with the mean seed, example by example: the mean difference and a 95%
-   bootstrap interval over experiments and examples (:mod:`mergekit_seed.stats`), and a
+   bootstrap interval over experiments and examples (:mod:`mergekit_seed.maths.stats`), and a
    verdict that says better or worse only when the interval excludes zero. The seed oracle
    and the seeds' disagreement say how much there was to fuse; the regime (each skill's mean
    seed accuracy, the disagreement) is reported on validation.
@@ -39,8 +39,8 @@ from mergekit_seed.compare import compare
 from mergekit_seed.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 from mergekit_seed.runner import merge
-from mergekit_seed.sera import load_sera, merge_sera
-from mergekit_seed.stats import paired_difference
+from mergekit_seed.maths.sera import load_sera, merge_sera
+from mergekit_seed.maths.stats import paired_difference
 
 LOG = logging.getLogger("mergekit_seed")
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from mergekit_seed.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
-from mergekit_seed.sera import SeraConfig, apply_sera, load_sera, merge_sera, save_sera
+from mergekit_seed.maths.sera import SeraConfig, apply_sera, load_sera, merge_sera, save_sera
 
 SEQUENCE_LENGTH = 26  # the longest example (sort or swap of 9 letters) with its end mark
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import (
+from mergekit_seed.maths.linalg import (
     LowRank,
     column_block_svd,
     compute_dtype,

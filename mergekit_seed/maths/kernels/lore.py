@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_seed.linalg import LowRank, compute_dtype, singular_value_threshold, spectral_norm
+from mergekit_seed.maths.linalg import LowRank, compute_dtype, singular_value_threshold, spectral_norm
 
 DEFAULT_MU_RELATIVE = 0.1
 

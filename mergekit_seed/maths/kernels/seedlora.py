@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_seed.linalg import (
+from mergekit_seed.maths.linalg import (
     LowRank,
     compress,
     compute_dtype,
