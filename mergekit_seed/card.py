@@ -20,9 +20,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.hub import is_hub_id
+from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.recipe import reference_paths, reference_strings, substitute_references
-from mergekit_seed.weights import load_weights, sha256_file, weight_file_hashes
+from mergekit_seed.references.weights import load_weights, sha256_file, weight_file_hashes
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -132,8 +132,8 @@ def merge_inputs(recipe) -> List[Any]:
     base model of an adapter merge that writes a LoRA adapter from LoRA/SeRA factors alone
     (then only the adapters are read; saved modules, biases, trainable tokens or Conv1D
     layers make it read the base)."""
-    from mergekit_seed.adapters.base_model import has_conv1d_layers  # here: adapter reading imports torch, which cards need not
-    from mergekit_seed.adapters.formats import reads_base_weights  # (same)
+    from mergekit_seed.references.base_model import has_conv1d_layers  # here: adapter reading imports torch, which cards need not
+    from mergekit_seed.references.adapters import reads_base_weights  # (same)
 
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":
@@ -288,7 +288,7 @@ def render_card(
     title: str = "Merged model",
 ) -> str:
     """The README.md text for a finished merge; ``hub_inputs`` is
-    :func:`mergekit_seed.hub.hub_provenance` of the Hub ids the merge resolved (commits and
+    :func:`mergekit_seed.references.hub.hub_provenance` of the Hub ids the merge resolved (commits and
     file hashes), ``title`` the model's name."""
     config = recipe.config
     options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}

@@ -275,9 +275,9 @@ def reproduce_command(
         recorded_folders,
         verify_inputs,
     )
-    from mergekit_seed.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
+    from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
     from mergekit_seed.recipe import parse_recipe
-    from mergekit_seed.weights import weight_files
+    from mergekit_seed.references.weights import weight_files
 
     try:
         if Path(source).exists():

@@ -24,9 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
-from mergekit_seed.hub import local_folder
+from mergekit_seed.references.hub import local_folder
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.weights import safetensors_shapes
+from mergekit_seed.references.weights import safetensors_shapes
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
 TEXT_METRICS = ("perplexity",)

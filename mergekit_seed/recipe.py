@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.hub import HubInput, hub_problem, is_hub_id, resolve, split_revision
-from mergekit_seed.weights import safetensors_shapes
+from mergekit_seed.references.hub import HubInput, hub_problem, is_hub_id, resolve, split_revision
+from mergekit_seed.references.weights import safetensors_shapes
 
 
 class OutputSection(BaseModel):
@@ -148,7 +148,7 @@ class Recipe:
 
 def _is_adapter(reference: str) -> bool:
     """A local adapter folder, or a Hub id whose cached snapshot has an ``adapter_config.json``."""
-    from mergekit_seed.adapters.formats import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
+    from mergekit_seed.references.adapters import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
 
     if is_adapter_folder(reference):
         return True
@@ -511,7 +511,7 @@ def _modified_base_problem(folder: Path) -> Optional[str]:
     """Why a local adapter folder is relative to a base PEFT modified (PiSSA, OLoRA, ...), or None."""
     import json
 
-    from mergekit_seed.adapters.formats import modified_base_problem  # (same)
+    from mergekit_seed.references.adapters import modified_base_problem  # (same)
 
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -594,7 +594,7 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
             continue
         try:
             if recipe.is_adapter_recipe and reference != config.base_model:
-                from mergekit_seed.adapters.formats import read_adapter
+                from mergekit_seed.references.adapters import read_adapter
 
                 seed = read_adapter(folder)
                 shapes_by_input[str(folder)] = seed.shapes()

@@ -73,7 +73,7 @@ def test_registering_twice_reports_nothing():
 
 
 def test_merge_api_full_and_adapter_recipes(tiny_family, tmp_path):
-    from mergekit_seed.weights import load_weights
+    from mergekit_seed.references.weights import load_weights
 
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "full.yml", "seedlora_dm", base, seeds)

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from mergekit_seed.analysis import subspace_similarity
 from mergekit_seed.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from mergekit_seed.maths.kernels.lore import lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_dm_factored, seedlora_twostage
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 FACTORIES = re.compile(r"torch\.(zeros|ones|full|empty|randn|rand|eye|arange|tensor|Generator)\(")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import refused, run_cli
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 
 def publish_to_cache(cache: Path, repo_id: str, folder: Path, message: str) -> str:

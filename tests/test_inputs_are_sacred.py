@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 
 @pytest.fixture

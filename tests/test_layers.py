@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 LAYERS = {
     "base": ["errors", "version"],
     "maths": ["maths"],
-    "references": ["weights", "hub", "adapters.formats", "adapters.base_model"],
+    "references": ["references"],
     "methods": ["methods"],
     "recipe": ["recipe"],
     "engines and cards": ["adapters.engine", "card"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.kernels.lore import lore, lore_estimate, relative_mu
 
 

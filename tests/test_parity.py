@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 
 def copy_family(tiny_family, root: Path):

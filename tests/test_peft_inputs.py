@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import refused, run_cli
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 TOKENS = [3, 5, 7]

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.kernels.seedft import seedft
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.kernels import seedlora as seedlora_kernels
 from mergekit_seed.maths.kernels.seedlora import fuse_mean, robust_and_conflict, seedlora_dm, seedlora_twostage
 from mergekit_seed.maths.linalg import mean_and_std, quantile

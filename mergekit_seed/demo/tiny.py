@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_seed.demo.task import ALPHABET, CharVocabulary, save_tokenizer
-from mergekit_seed.weights import load_weights
+from mergekit_seed.references.weights import load_weights
 
 TINY_LLAMA = dict(
     vocab_size=64,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.weights import weight_file_hashes
+from mergekit_seed.references.weights import weight_file_hashes
 
 # what a merge reads from a model or adapter repository (no code: remote code stays off)
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Set
 import torch
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.hub import local_folder
-from mergekit_seed.weights import safetensors_index
+from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.weights import safetensors_index
 
 # model_type of the transformers architectures with Conv1D layers (transformers 5: the models
 # whose modeling file builds a Conv1D). PEFT treats those layers as fan_in_fan_out whatever

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.hub import local_folder
+from mergekit_seed.references.hub import local_folder
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 
