@@ -23,9 +23,9 @@ import torch
 
 
 def main() -> None:
-    from mergekit_seed.demo.run import DemoConfig, cached_base, experiment_data, quiet_libraries, seed_regime
-    from mergekit_seed.demo.task import CharVocabulary, SKILLS, accuracy_by_skill, exact_matches
-    from mergekit_seed.demo.train import finetune, load_for_eval
+    from mergekit_seed.tools.demo.run import DemoConfig, cached_base, experiment_data, quiet_libraries, seed_regime
+    from mergekit_seed.tools.demo.task import CharVocabulary, SKILLS, accuracy_by_skill, exact_matches
+    from mergekit_seed.tools.demo.train import finetune, load_for_eval
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=["lora", "sera", "full"], default="lora")

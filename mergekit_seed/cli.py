@@ -357,7 +357,7 @@ def reproduce_command(
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
     """Compare seed MODELS: delta similarity, spectra, energy, subspace similarity."""
-    from mergekit_seed.analysis import analyze
+    from mergekit_seed.tools.analysis import analyze
 
     try:
         analyze(list(models), base, Path(out), quiet=quiet)
@@ -384,7 +384,7 @@ def compare_command(models: tuple, data: str, out: str, base: Optional[str], met
                     batch_size: int, cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int, quiet: bool) -> None:
     """Score MODELS (full models or adapters, folders or Hub ids) on --data and compare each with
     the best seed: paired per-example differences, a bootstrap interval, and a verdict."""
-    from mergekit_seed.compare import compare
+    from mergekit_seed.tools.compare import compare
     from mergekit_seed.runner import AdapterRunOptions, check_device
 
     try:
@@ -406,7 +406,7 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
     method, and report accuracy per seed and per merge."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mergekit_seed.demo.run import run_demo
+    from mergekit_seed.tools.demo.run import run_demo
 
     try:
         run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import refused, run_cli, save_random_lora
-from mergekit_seed.compare import load_model, read_data, score_rows
+from mergekit_seed.tools.compare import load_model, read_data, score_rows
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -70,7 +70,7 @@ def test_an_adapter_scores_as_its_materialised_model(tiny_family, tmp_path):
 
 
 def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
-    from mergekit_seed.demo.tiny import save_tiny_llama
+    from mergekit_seed.tools.demo.tiny import save_tiny_llama
 
     seeds = tiny_family[1]
     good, other = str(seeds[0]), str(save_tiny_llama(tmp_path / "other", seed=99))

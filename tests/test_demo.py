@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from mergekit_seed.analysis import subspace_similarity
-from mergekit_seed.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
+from mergekit_seed.tools.analysis import subspace_similarity
+from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
 from mergekit_seed.references.weights import load_weights
 
 
@@ -74,9 +74,9 @@ def test_demo_merges_and_evaluation_are_deterministic(quick_demo):
 
 
 def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
-    from mergekit_seed.demo.run import DemoConfig, experiment_data, summarise
-    from mergekit_seed.demo.task import SKILLS
-    from mergekit_seed.demo.train import pretraining_prompts
+    from mergekit_seed.tools.demo.run import DemoConfig, experiment_data, summarise
+    from mergekit_seed.tools.demo.task import SKILLS
+    from mergekit_seed.tools.demo.train import pretraining_prompts
 
     config = DemoConfig.for_mode(quick=True)
     train, validation, test = experiment_data(config, 0)
@@ -102,15 +102,15 @@ def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
 
 def test_every_example_fits_the_training_window():
     """No answer is cut before its end-of-answer mark (the model would never learn to stop)."""
-    from mergekit_seed.demo.task import make_examples
-    from mergekit_seed.demo.train import SEQUENCE_LENGTH
+    from mergekit_seed.tools.demo.task import make_examples
+    from mergekit_seed.tools.demo.train import SEQUENCE_LENGTH
 
     assert max(len(example.text) for example in make_examples(500, 3)) <= SEQUENCE_LENGTH
 
 
 def test_fine_tuning_is_deterministic_for_a_seed(tmp_path):
-    from mergekit_seed.demo.task import CharVocabulary, make_examples
-    from mergekit_seed.demo.train import BaseConfig, FinetuneConfig, build_base, finetune
+    from mergekit_seed.tools.demo.task import CharVocabulary, make_examples
+    from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune
 
     vocabulary = CharVocabulary()
     base = build_base(tmp_path / "base", BaseConfig(pretrain_steps=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1), vocabulary, quiet=True)
@@ -154,7 +154,7 @@ def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
 
 def test_analyze_reads_adapters_without_a_base(tmp_path):
     from conftest import save_random_lora, save_random_sera
-    from mergekit_seed.demo.tiny import save_tiny_llama
+    from mergekit_seed.tools.demo.tiny import save_tiny_llama
 
     base = save_tiny_llama(tmp_path / "base")
     seeds = [save_random_lora(base, tmp_path / "a", r=4, seed=1), save_random_sera(base, tmp_path / "b", r=4, split=2, seed=2)]
@@ -171,7 +171,7 @@ def test_the_documented_results_are_the_committed_results_file():
     """docs/demo.md's tables and the README's sentence are generated from docs/demo-results.json."""
     from pathlib import Path
 
-    from mergekit_seed.demo.run import headline, render_markdown
+    from mergekit_seed.tools.demo.run import headline, render_markdown
 
     root = Path(__file__).parent.parent
     results = json.loads((root / "docs" / "demo-results.json").read_text())

@@ -19,7 +19,7 @@ FACTORIES = re.compile(r"torch\.(zeros|ones|full|empty|randn|rand|eye|arange|ten
 
 def test_every_tensor_factory_in_the_math_names_its_device():
     """A factory without ``device=`` would allocate on the CPU behind a GPU merge's back."""
-    for path in [PACKAGE / "linalg.py", *(PACKAGE / "kernels").glob("*.py")]:
+    for path in [PACKAGE / "maths" / "linalg.py", *(PACKAGE / "maths" / "kernels").glob("*.py")]:
         text = path.read_text()
         for match in FACTORIES.finditer(text):
             call = text[match.start() : text.index("\n", match.start())]

@@ -18,7 +18,7 @@ LAYERS = {
     "recipe": ["recipe"],
     "engines and cards": ["adapters.engine", "card"],
     "runner": ["runner"],
-    "tools": ["compare", "analysis", "demo"],
+    "tools": ["tools"],
     "cli": ["cli"],
     "package": ["__init__", "_hook"],
 }

@@ -196,7 +196,7 @@ def test_adapters_for_different_base_models_warn(tiny_loras, tmp_path):
 
 
 def test_adapters_of_different_shapes_are_refused(tiny_loras, tmp_path):
-    from mergekit_seed.demo.tiny import TINY_LLAMA
+    from mergekit_seed.tools.demo.tiny import TINY_LLAMA
 
     base, seeds = adapter_copies(tiny_loras, tmp_path)
     tensors = load_file(seeds[1] / "adapter_model.safetensors")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mergekit_seed.demo.run import versus_best_seed
+from mergekit_seed.tools.demo.run import versus_best_seed
 from mergekit_seed.maths.stats import BETTER, NO_DIFFERENCE, WORSE, paired_difference
 
 

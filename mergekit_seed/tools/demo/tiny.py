@@ -8,7 +8,7 @@ from typing import List
 import torch
 from safetensors.torch import save_file
 
-from mergekit_seed.demo.task import ALPHABET, CharVocabulary, save_tokenizer
+from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, save_tokenizer
 from mergekit_seed.references.weights import load_weights
 
 TINY_LLAMA = dict(
