@@ -127,20 +127,18 @@ def package_version(name: str) -> str:
         return "unknown"
 
 
-def merge_inputs(recipe) -> List[Any]:
-    """The model references whose files the merge reads: every referenced model, except the
-    base model of an adapter merge that writes a LoRA adapter from LoRA/SeRA factors alone
-    (then only the adapters are read; saved modules, biases, trainable tokens or Conv1D
-    layers make it read the base)."""
-    from mergekit_seed.references.base_model import has_conv1d_layers  # here: adapter reading imports torch, which cards need not
-    from mergekit_seed.references.adapters import reads_base_weights  # (same)
+def merge_inputs(recipe, method) -> List[Any]:
+    """The model references whose files the merge of ``recipe`` by ``method`` reads: every
+    referenced model, except the base model of an adapter merge that writes a LoRA adapter and
+    needs no base weights (:func:`~mergekit_seed.references.adapters.why_base_is_read`, the
+    answer the engine acts on)."""
+    from mergekit_seed.references.adapters import why_base_is_read  # here: adapter reading imports torch, which cards need not
 
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":
         adapters = [entry.model for entry in config.models]
-        base_read = config.base_model and (
-            has_conv1d_layers(config.base_model) or any(reads_base_weights(Path(a)) for a in adapters)
-        )
+        needs_base = getattr(method, "needs_base", True)
+        base_read = config.base_model and why_base_is_read(adapters, needs_base, "lora", config.base_model) is not None
         return ([config.base_model] if base_read else []) + adapters
     return config.referenced_models()
 
@@ -292,7 +290,7 @@ def render_card(
     file hashes), ``title`` the model's name."""
     config = recipe.config
     options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
-    inputs = hash_inputs(recipe, merge_inputs(recipe))
+    inputs = hash_inputs(recipe, merge_inputs(recipe, method))
     labels = input_labels(recipe)
     hub_ids = [path for reference in config.referenced_models() for path in reference_paths(reference) if is_hub_id(path)]
     hub_ids = sorted({path.partition("@")[0] for path in hub_ids})

@@ -348,17 +348,17 @@ def merge(
     from mergekit import merge_methods
     from safetensors import SafetensorError
 
+    method = merge_methods.get(recipe.config.merge_method)
     # the merge reads snapshot folders. A LoRA-out adapter merge reads its base only when the
     # adapters hold more than factors, which shows once they are local: a second pass.
     adapters = [entry.model for entry in recipe.config.models] if recipe.is_adapter_recipe else None
     local, hub_inputs = localize(recipe, revisions, adapters)
     if adapters is not None:
-        local, base_inputs = localize(local, revisions, [str(reference) for reference in merge_inputs(local)])
+        local, base_inputs = localize(local, revisions, [str(reference) for reference in merge_inputs(local, method)])
         hub_inputs += base_inputs
     if hub_inputs:
         validate(local, allow_crimes=allow_crimes)
         check_output_location(out_path, input_paths(local))
-    method = merge_methods.get(recipe.config.merge_method)
     kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs

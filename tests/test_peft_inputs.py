@@ -325,3 +325,21 @@ def test_the_card_hashes_the_base_when_a_lora_output_reads_it(bases, peft_seeds,
     recipe = adapter_recipe(tmp_path / "plain.yml", "seedft", base, plain, {"format": "lora"})
     run_cli("mergekit-seed", "run", recipe, tmp_path / "plain", "--quiet", check=True)
     assert base.name not in hashed_folders(tmp_path / "plain")
+
+
+def test_the_engine_and_the_card_agree_on_whether_the_base_is_read(bases, peft_seeds, tmp_path):
+    """One predicate (references.adapters.why_base_is_read) decides both: base-free lore with a
+    head every seed saves whole reads no base weights, so the card hashes none; seedft, which
+    takes that head's delta from the base, reads and hashes it."""
+    from mergekit_seed.card import read_card
+    from mergekit_seed.references.adapters import why_base_is_read
+
+    base = bases / "llama-cls"
+    seeds = peft_seeds["llama-seq-cls"]
+    assert why_base_is_read(seeds, needs_base=False, output_format="lora", base_model=str(base)) is None
+    assert "saved whole" in why_base_is_read(seeds, needs_base=True, output_format="lora", base_model=str(base))
+    for method, hashed in (("lore", False), ("seedft", True)):
+        recipe = adapter_recipe(tmp_path / f"{method}.yml", method, base, seeds, {"format": "lora"})
+        run_cli("mergekit-seed", "run", recipe, tmp_path / method, "--quiet", check=True)
+        folders = {entry["folder"] for entry in read_card(tmp_path / method)["provenance"]["inputs"].values()}
+        assert (base.name in folders) is hashed, (method, folders)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
-from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, write_lora_adapter
+from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, why_base_is_read, write_lora_adapter
 from mergekit_seed.errors import UserError
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
@@ -218,23 +218,6 @@ def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn:
     return sorted(names)[0] if names else None
 
 
-def _why_base_is_needed(seeds: List[AdapterSeed], method, output_format: str, base_name: Optional[str]) -> Optional[str]:
-    """Why this merge reads the base model's weights, or None when the adapters suffice."""
-    if output_format == "full":
-        return "output.format: full"
-    if has_conv1d_layers(base_name):
-        return f"base_model {base_name} has Conv1D layers (their deltas are stored (in, out))"
-    for seed in seeds:
-        if seed.fan_in_fan_out:
-            return f"{seed.path} is fan_in_fan_out (Conv1D layers)"
-        if seed.token_rows:
-            return f"{seed.path} has trainable tokens (their delta is taken from the base's rows)"
-    for name in sorted(set().union(*(seed.whole for seed in seeds))):
-        if method.needs_base or not _TensorInputs(seeds, name, None).whole_everywhere():
-            return f"{name} is saved whole by the adapters (its delta is taken from the base's)"
-    return None
-
-
 def _open_base(base_name: Optional[str], why: str) -> BaseWeights:
     if not base_name:
         raise UserError(f"{why}: this merge needs the base model's weights; set base_model: in the recipe")
@@ -252,12 +235,14 @@ def _one_hot_rows(indices: List[int], rows: int) -> torch.Tensor:
 
 
 class _TensorInputs:
-    """The seeds' inputs for one base tensor, by role."""
+    """The seeds' inputs for one base tensor, by role. ``seed_shapes``: each seed's
+    :meth:`AdapterSeed.shapes`, computed once per merge."""
 
-    def __init__(self, seeds: List[AdapterSeed], name: str, base: Optional[BaseWeights]):
+    def __init__(self, seeds: List[AdapterSeed], name: str, base: Optional[BaseWeights], seed_shapes: List[Dict[str, tuple]]):
         self.name = name
         self.seeds = seeds
         self.base = base
+        self.seed_shapes = seed_shapes
         self.whole = any(name in seed.whole for seed in seeds)
         self.dense = any(name in seed.bias_deltas for seed in seeds)
 
@@ -270,13 +255,7 @@ class _TensorInputs:
         )
 
     def shape(self) -> tuple:
-        shapes = {
-            tuple(tensor.shape)
-            for seed in self.seeds
-            for role in (seed.deltas, seed.bias_deltas, seed.whole)
-            if self.name in role
-            for tensor in [role[self.name]]
-        }
+        shapes = {shapes[self.name] for shapes in self.seed_shapes if self.name in shapes}
         shapes |= {
             (self.base_shape[0], seed.token_rows[self.name].values.shape[1])
             for seed in self.seeds
@@ -373,7 +352,7 @@ def run_adapter_merge(
         raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
     seeds = [read_adapter(entry.model) for entry in config.models]
     base_name = _base_model_name(seeds, config.base_model, warn)
-    why = _why_base_is_needed(seeds, method, output.format, base_name)
+    why = why_base_is_read([seed.path for seed in seeds], method.needs_base, output.format, base_name)
     base = _open_base(base_name, why) if why else None
     if any(seed.fan_in_fan_out for seed in seeds) or has_conv1d_layers(base_name):
         conv1d = base.conv1d_weights()
@@ -381,6 +360,7 @@ def run_adapter_merge(
     out_dtype = torch_dtype(config.out_dtype or config.dtype)
 
     names_by_seed = [set(seed.tensor_names()) for seed in seeds]
+    seed_shapes = [seed.shapes() for seed in seeds]
     names = sorted(set().union(*names_by_seed))
     merged_adapter = MergedAdapter(
         modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
@@ -398,7 +378,7 @@ def run_adapter_merge(
             warn(message)
 
     for name in progress:
-        inputs = _TensorInputs(seeds, name, base)
+        inputs = _TensorInputs(seeds, name, base, seed_shapes)
         shape = inputs.shape()
         shared, per_seed = resolve_module_parameters(method, config, name)
         unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]

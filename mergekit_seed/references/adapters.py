@@ -11,16 +11,18 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.references.hub import local_folder
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
+from mergekit_seed.references.base_model import has_conv1d_layers
+from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.weights import safetensors_index
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -195,6 +197,34 @@ def _token_indices(lora: LoraFolderConfig, module: str) -> Optional[List[int]]:
     return list(indices) if indices is not None else None
 
 
+# the roles a tensor of a PEFT LoRA file can have, by the key it is saved under
+LORA_A, LORA_B, BIAS_DELTA, EMBEDDING_A, EMBEDDING_B, TOKENS, WHOLE = (
+    "lora_A", "lora_B", "bias_delta", "lora_embedding_A", "lora_embedding_B", "tokens", "whole"
+)
+_ROLE_SUFFIXES = (
+    (".lora_A.weight", LORA_A, ".weight"),
+    (".lora_B.weight", LORA_B, ".weight"),
+    (".lora_B.bias", BIAS_DELTA, ".bias"),
+    (".lora_embedding_A", EMBEDDING_A, ".weight"),
+    (".lora_embedding_B", EMBEDDING_B, ".weight"),
+    (".token_adapter.trainable_tokens_delta", TOKENS, ".weight"),
+)
+
+
+def lora_key_role(key: str, modules_to_save: Iterable[str], bias: str) -> Tuple[Optional[str], str]:
+    """(role, the base tensor it changes) of a key of a PEFT LoRA file; role None: no known role.
+    Decided from the key and the config alone, so file headers suffice."""
+    name = _strip_prefix(key)
+    for suffix, role, target in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return role, name[: -len(suffix)] + target
+    if ".base_layer." in name:  # a tensor of the layer a LoRA wraps, saved whole (trained bias, saved embedding)
+        return WHOLE, name.replace(".base_layer.", ".")
+    if _saved_whole(name, modules_to_save) or (name.endswith(".bias") and bias != "none"):
+        return WHOLE, name
+    return None, name
+
+
 UNKNOWN_KEY_HINT = (
     "it is not a LoRA factor, a saved module, a bias or a trainable token, and nothing is dropped "
     "silently; remove it if it is not part of the fine-tune, or merge through checkpoints "
@@ -263,9 +293,9 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
         return tensor.float()
 
     for key, tensor in tensors.items():
-        name = _strip_prefix(key)
-        if key.endswith(".lora_A.weight"):
-            module = name[: -len(".lora_A.weight")]
+        role, target = lora_key_role(key, modules_to_save, lora.bias)
+        module = target.rsplit(".", 1)[0]
+        if role == LORA_A:
             A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
             if A.dim() != 2 or B.dim() != 2:
                 raise UserError(f"{file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
@@ -273,23 +303,20 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
                 raise UserError(f"{file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do not fit together (re-save the adapter)")
             seed.deltas[f"{module}.weight"] = LowRank(scaling_of(module) * B, A)  # scaling * B A, (out, in)
             seed.module_kinds[f"{module}.weight"] = LINEAR
-        elif key.endswith(".lora_B.weight"):
+        elif role == LORA_B:
             partner(key, ".lora_B.weight", ".lora_A.weight")
-        elif key.endswith(".lora_B.bias"):
-            module = name[: -len(".lora_B.bias")]
+        elif role == BIAS_DELTA:
             seed.bias_deltas[f"{module}.bias"] = scaling_of(module) * tensor.float()  # added to the output like B A x
-        elif key.endswith(".lora_embedding_A"):
-            module = name[: -len(".lora_embedding_A")]
+        elif role == EMBEDDING_A:
             B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
             if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
                 raise UserError(f"{file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
             # weight (num_embeddings, dim) += scaling * (B A)^T
             seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, scaling_of(module) * B.T)
             seed.module_kinds[f"{module}.weight"] = EMBEDDING
-        elif key.endswith(".lora_embedding_B"):
+        elif role == EMBEDDING_B:
             partner(key, ".lora_embedding_B", ".lora_embedding_A")
-        elif key.endswith(".token_adapter.trainable_tokens_delta"):
-            module = name[: -len(".token_adapter.trainable_tokens_delta")]
+        elif role == TOKENS:
             indices = _token_indices(lora, module)
             if indices is None or len(indices) != tensor.shape[0] or tensor.dim() != 2:
                 raise UserError(
@@ -297,11 +324,8 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
                     f"{CONFIG_NAME} gives {'none' if indices is None else len(indices)} for {module}"
                 )
             seed.token_rows[f"{module}.weight"] = TokenRows(indices, tensor.float())
-        elif ".base_layer." in name:
-            # a tensor of the layer a LoRA wraps, saved whole (trained bias, saved embedding)
-            seed.whole[name.replace(".base_layer.", ".")] = tensor.float()
-        elif _saved_whole(name, modules_to_save) or (name.endswith(".bias") and lora.bias != "none"):
-            seed.whole[name] = tensor.float()
+        elif role == WHOLE:
+            seed.whole[target] = tensor.float()
         else:
             raise UserError(f"{file}: tensor {key} has no known role: {UNKNOWN_KEY_HINT}")
     for name in set(seed.token_rows) & set(seed.deltas):
@@ -348,28 +372,57 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
     return AdapterSeed(folder, "sera", sera.base_model_name_or_path, deltas, kinds)
 
 
-FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B", ".sera_A", ".sera_B", ".sera_C")
+def _roles_from_headers(folder: Path) -> Tuple[bool, Dict[Optional[str], set]]:
+    """(fan_in_fan_out, {role: the base tensors it changes}) of an adapter folder, from its config
+    and the keys of its weight file (a safetensors header; a ``.bin`` is read with
+    ``weights_only=True``, it has no header)."""
+    config = _read_config(folder)
+    if str(config.get("peft_type", "LORA")).upper() == SERA_TYPE:
+        return False, {}  # SeRA adapters hold factors only
+    if (folder / SAFETENSORS_NAME).is_file():
+        keys = list(safetensors_index([folder / SAFETENSORS_NAME]))
+    else:
+        keys = list(_read_tensors(folder))
+    roles: Dict[Optional[str], set] = {}
+    modules_to_save, bias = config.get("modules_to_save") or [], config.get("bias", "none")
+    for key in keys:
+        role, target = lora_key_role(key, modules_to_save if isinstance(modules_to_save, list) else [], bias)
+        roles.setdefault(role, set()).add(target)
+    return bool(config.get("fan_in_fan_out")), roles
 
 
-def reads_base_weights(folder: Path) -> bool:
-    """Whether merging this adapter folder reads base weights: it holds tensors beyond LoRA/SeRA
-    factors (saved modules, biases, trainable tokens) or is fan_in_fan_out. From the config
-    and the safetensors header only; an ``adapter_model.bin`` (no header to read) counts as
-    reading the base. False when the folder cannot be read (the merge says why)."""
-    from safetensors import SafetensorError, safe_open
+def why_base_is_read(folders: Iterable[Union[str, Path]], needs_base: bool, output_format: str, base_model: Optional[str]) -> Optional[str]:
+    """Why merging these adapter folders reads the base model's weights, or None when the
+    adapters suffice: the one answer the adapter engine acts on and the model card records.
 
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            return False
-        if config.get("fan_in_fan_out"):
-            return True
-        if not (folder / SAFETENSORS_NAME).is_file():
-            return (folder / BIN_NAME).is_file()
-        with safe_open(folder / SAFETENSORS_NAME, framework="pt") as reader:
-            return any(not key.endswith(FACTOR_SUFFIXES) for key in reader.keys())
-    except (OSError, ValueError, SafetensorError):  # unreadable: the merge itself reports it in one line
-        return False
+    The base is read for a full output, for Conv1D layers (``fan_in_fan_out``, or a base whose
+    architecture has them), for trainable tokens, and for tensors saved whole, unless the method
+    needs no base (``needs_base`` false: ``lore``) and every seed saves the tensor whole with
+    nothing else changing it. From configs and file headers; folders that are not on this
+    machine (Hub ids not downloaded yet) are skipped.
+    """
+    if output_format == "full":
+        return "output.format: full"
+    if has_conv1d_layers(base_model):
+        return f"base_model {base_model} has Conv1D layers (their deltas are stored (in, out))"
+    roles = []
+    for folder in (Path(folder) for folder in folders):
+        if not folder.is_dir():
+            continue
+        fan_in_fan_out, found = _roles_from_headers(folder)
+        if fan_in_fan_out:
+            return f"{folder} is fan_in_fan_out (Conv1D layers)"
+        if found.get(TOKENS):
+            return f"{folder} has trainable tokens (their delta is taken from the base's rows)"
+        roles.append(found)
+    changing = (LORA_A, EMBEDDING_A, BIAS_DELTA)
+    for name in sorted(set().union(*(found.get(WHOLE, set()) for found in roles))):
+        whole_everywhere = all(
+            name in found.get(WHOLE, ()) and not any(name in found.get(role, ()) for role in changing) for found in roles
+        )
+        if needs_base or not whole_everywhere:
+            return f"{name} is saved whole by the adapters (its delta is taken from the base's)"
+    return None
 
 
 def locate_adapter(path: str | Path) -> Path:
