@@ -20,8 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.recipe import reference_paths, reference_strings, substitute_references
+from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import load_weights, sha256_file, weight_file_hashes
 
 CARD_NAME = "README.md"

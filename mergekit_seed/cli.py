@@ -12,7 +12,7 @@ import click
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.recipe import check_recipe, load_recipe
-from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, merge
+from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, check_device, merge
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
 # Commands import what they use when they run: `mergekit-seed recipes` or `validate --offline`
@@ -385,7 +385,6 @@ def compare_command(models: tuple, data: str, out: str, base: Optional[str], met
     """Score MODELS (full models or adapters, folders or Hub ids) on --data and compare each with
     the best seed: paired per-example differences, a bootstrap interval, and a verdict."""
     from mergekit_seed.tools.compare import compare
-    from mergekit_seed.runner import AdapterRunOptions, check_device
 
     try:
         options = AdapterRunOptions(cuda=cuda, device=device)

@@ -594,7 +594,7 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
             continue
         try:
             if recipe.is_adapter_recipe and reference != config.base_model:
-                from mergekit_seed.references.adapters import read_adapter
+                from mergekit_seed.references.adapters import read_adapter  # (same: torch)
 
                 seed = read_adapter(folder)
                 shapes_by_input[str(folder)] = seed.shapes()

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ValidationError, model_validator
 
 from mergekit_seed.card import CARD_NAME, is_our_card, merge_inputs, package_version, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, localize, recipe_warnings, reference_paths
+from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)

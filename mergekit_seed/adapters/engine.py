@@ -24,13 +24,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
-from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, why_base_is_read, write_lora_adapter
 from mergekit_seed.errors import UserError
-from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
 from mergekit_seed.methods import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
+from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, why_base_is_read, write_lora_adapter
+from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
+from mergekit_seed.references.hub import is_hub_id
 
 LOG = logging.getLogger("mergekit_seed")
 

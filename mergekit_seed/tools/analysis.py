@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from mergekit_seed.references.adapters import is_adapter_folder, read_adapter
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
+from mergekit_seed.references.adapters import is_adapter_folder, read_adapter
 from mergekit_seed.references.weights import safetensors_index
 
 Delta = Union[torch.Tensor, LowRank]

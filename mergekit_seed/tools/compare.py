@@ -24,8 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
-from mergekit_seed.references.hub import local_folder
+from mergekit_seed.maths.sera import load_sera
 from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import safetensors_shapes
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
@@ -131,8 +132,6 @@ def load_model(reference: str, base: Optional[str], device: str):
         safetensors_shapes(base_folder)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
         if str(config.get("peft_type", "LORA")).upper() == "SERA":
-            from mergekit_seed.maths.sera import load_sera
-
             model = load_sera(model, folder)
         else:
             from peft import PeftModel

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from mergekit_seed.card import package_version
+from mergekit_seed.maths.sera import load_sera, merge_sera
+from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
-from mergekit_seed.runner import merge
-from mergekit_seed.maths.sera import load_sera, merge_sera
-from mergekit_seed.maths.stats import paired_difference
 
 LOG = logging.getLogger("mergekit_seed")
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")

@@ -8,8 +8,8 @@ from typing import List
 import torch
 from safetensors.torch import save_file
 
-from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, save_tokenizer
 from mergekit_seed.references.weights import load_weights
+from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, save_tokenizer
 
 TINY_LLAMA = dict(
     vocab_size=64,
