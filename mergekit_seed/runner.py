@@ -394,7 +394,7 @@ def merge(
         if write_card:
             (staging / CARD_NAME).write_text(card, encoding="utf-8")
         else:
-            (staging / MARKER_NAME).write_text(json.dumps({"mergekit_seed": _package_version()}) + "\n", encoding="utf-8")
+            (staging / MARKER_NAME).write_text(json.dumps({"mergekit_seed": package_version("mergekit-seed")}) + "\n", encoding="utf-8")
         _publish(staging, out_path)
     except ValueError as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
@@ -412,7 +412,3 @@ def merge(
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME if write_card else None, modules=modules)
-
-
-def _package_version() -> str:
-    return package_version("mergekit-seed")
