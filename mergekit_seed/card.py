@@ -20,7 +20,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import reference_paths, reference_strings, substitute_references
+from mergekit_seed.recipe import (
+    bounded_safe_load,
+    parse_mapping,
+    read_recipe_text,
+    reference_paths,
+    reference_strings,
+    rewrite_references,
+    substitute_references,
+)
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import load_weights, sha256_file, weight_file_hashes
 
@@ -170,21 +178,20 @@ def public_recipe_text(recipe) -> str:
     labels = input_labels(recipe)
     if not labels:
         return recipe.source
-    data = substitute_references(yaml.safe_load(recipe.source), labels)
-    return yaml.safe_dump(data, sort_keys=False)
+    return rewrite_references(recipe.source, labels, recipe.origin)
 
 
-def card_labels(recipe_text: str) -> List[str]:
+def card_labels(recipe_text: str, origin: str) -> List[str]:
     """The ``inputN`` labels a card's recipe names, each once, by N."""
-    data = yaml.safe_load(recipe_text)
+    data = parse_mapping(recipe_text, origin)
     return sorted({part for part in reference_strings(data) if LABEL.fullmatch(part)}, key=lambda label: int(label[5:]))
 
 
-def labels_from_recipe(card_recipe: str, user_recipe: str, origin: str) -> Dict[str, str]:
-    """{``inputN``: path}: where the user's own copy of the recipe (``reproduce --recipe``)
-    has the local folders the card's recipe labels. The two must be the same recipe but for
-    those folders (references are paired in document order)."""
-    card_data, user_data = yaml.safe_load(card_recipe), yaml.safe_load(user_recipe)
+def labels_from_recipe(card_recipe: str, card_origin: str, user_recipe: str, origin: str) -> Dict[str, str]:
+    """{``inputN``: path}: where the user's own copy of the recipe (``reproduce --recipe``,
+    read from ``origin``) has the local folders the card's recipe labels. The two must be the
+    same recipe but for those folders (references are paired in document order)."""
+    card_data, user_data = parse_mapping(card_recipe, card_origin), parse_mapping(user_recipe, origin)
     card_references, user_references = reference_strings(card_data), reference_strings(user_data)
     mapping: Dict[str, str] = {}
     if len(card_references) == len(user_references):
@@ -200,18 +207,23 @@ def labels_from_recipe(card_recipe: str, user_recipe: str, origin: str) -> Dict[
     )
 
 
-def fill_inputs(card_recipe: str, given: List[str], user_recipe: Optional[str], origin: str) -> Tuple[str, Optional[Dict[str, str]]]:
-    """The card's recipe with each ``inputN`` replaced by the folder the user gives for it, and
-    {``inputN``: folder} (None for a card whose recipe names its folders itself).
+def fill_inputs(
+    card_recipe: str, card_origin: str, given: List[str], user_recipe: Optional[str] = None
+) -> Tuple[str, Optional[Dict[str, str]]]:
+    """The card's recipe (named ``card_origin`` in errors) with each ``inputN`` replaced by the
+    folder the user gives for it, and {``inputN``: folder} (None for a card whose recipe names
+    its folders itself).
 
-    ``given`` holds ``inputN=PATH`` items (``reproduce --input``); ``user_recipe`` is the text of
+    ``given`` holds ``inputN=PATH`` items (``reproduce --input``); ``user_recipe`` is the path of
     the user's own copy of the recipe (``reproduce --recipe``), paired with the card's by
     :func:`labels_from_recipe`. Every label must get a folder.
     """
-    labels = card_labels(card_recipe)
+    labels = card_labels(card_recipe, card_origin)
     if not labels:
         return card_recipe, None
-    mapping = labels_from_recipe(card_recipe, user_recipe, origin) if user_recipe is not None else {}
+    mapping = {}
+    if user_recipe is not None:
+        mapping = labels_from_recipe(card_recipe, card_origin, read_recipe_text(user_recipe), user_recipe)
     for item in given:
         label, separator, path = item.partition("=")
         if not separator or not LABEL.fullmatch(label) or not path:
@@ -223,11 +235,10 @@ def fill_inputs(card_recipe: str, given: List[str], user_recipe: Optional[str], 
     if missing:
         flags = " ".join(f"--input {label}=PATH" for label in missing)
         raise UserError(
-            f"{origin}: the card names its local inputs {', '.join(missing)} without their paths; give the folder of each "
+            f"{card_origin}: the card names its local inputs {', '.join(missing)} without their paths; give the folder of each "
             f"({flags}) or your copy of the recipe (--recipe FILE)"
         )
-    data = substitute_references(yaml.safe_load(card_recipe), mapping)
-    return yaml.safe_dump(data, sort_keys=False), mapping
+    return rewrite_references(card_recipe, mapping, card_origin), mapping
 
 
 def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
@@ -447,7 +458,7 @@ def _front_matter(text: str, path: Path) -> Dict[str, Any]:
     if not front:
         return {}
     try:
-        data = yaml.safe_load(front.group(1))
+        data = bounded_safe_load(front.group(1), str(path))
     except yaml.YAMLError:
         raise UserError(f"{path}: the YAML front matter is not valid YAML") from None
     if data is None:

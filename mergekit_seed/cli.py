@@ -295,14 +295,9 @@ def reproduce_command(
             raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
         # a card is untrusted input: its options and recipe are checked before anything is read
         recorded, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
-        user_text = None
-        if user_recipe is not None:
-            try:
-                user_text = Path(user_recipe).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise UserError(f"{user_recipe}: cannot read the recipe ({getattr(error, 'strerror', None) or 'not UTF-8 text'})") from None
-        recipe_text, labels = fill_inputs(card["recipe"], list(given_inputs), user_text, str(user_recipe or card_path))
-        recipe = parse_recipe(recipe_text, origin=f"{card_path} (recipe)")
+        recipe_origin = f"{card_path} (recipe)"
+        recipe_text, labels = fill_inputs(card["recipe"], recipe_origin, list(given_inputs), user_recipe)
+        recipe = parse_recipe(recipe_text, origin=recipe_origin)
         input_folders = recorded_folders(provenance.get("inputs") or {}, recipe, labels)
         if check_dir == CHECK_SOURCE:
             if source_weights is None:

@@ -175,7 +175,7 @@ def names_adapters(data: Dict[str, Any]) -> bool:
     )
 
 
-def _read_text(path: str) -> str:
+def read_recipe_text(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as error:
@@ -214,7 +214,7 @@ def _expanded_size(node: yaml.Node, limit: int) -> int:
     return size(node)
 
 
-def _safe_load(source: str, origin: str) -> Any:
+def bounded_safe_load(source: str, origin: str) -> Any:
     """``yaml.safe_load`` (the C loader when installed), refusing alias expansion past
     :data:`MAX_RECIPE_VALUES` values."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(source)
@@ -229,12 +229,12 @@ def _safe_load(source: str, origin: str) -> Any:
         loader.dispose()
 
 
-def _parse_mapping(source: str, origin: str) -> Dict[str, Any]:
+def parse_mapping(source: str, origin: str) -> Dict[str, Any]:
     """The recipe text's YAML mapping (safe loader); a :class:`UserError` otherwise."""
     if len(source) > MAX_RECIPE_BYTES:
         raise UserError(f"{origin}: {len(source):,} characters is too long for a recipe (at most {MAX_RECIPE_BYTES:,})")
     try:
-        data = _safe_load(source, origin)
+        data = bounded_safe_load(source, origin)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -246,8 +246,8 @@ def _parse_mapping(source: str, origin: str) -> Dict[str, Any]:
 
 
 def _read_mapping(path: str) -> Tuple[str, Dict[str, Any]]:
-    source = _read_text(path)
-    return source, _parse_mapping(source, path)
+    source = read_recipe_text(path)
+    return source, parse_mapping(source, path)
 
 
 def is_adapter_recipe_file(path: str) -> bool:
@@ -261,7 +261,7 @@ def is_adapter_recipe_file(path: str) -> bool:
 def parse_recipe(source: str, origin: str = "recipe") -> Recipe:
     """Parse recipe text (safe YAML; mergekit's schema, or the adapter subset); ``origin``
     names it in messages (its path, or the model card it came from)."""
-    data = _parse_mapping(source, origin)
+    data = parse_mapping(source, origin)
     try:
         if names_adapters(data):
             config = AdapterMergeConfig.model_validate(data)
@@ -282,7 +282,7 @@ def parse_recipe(source: str, origin: str = "recipe") -> Recipe:
 
 def load_recipe(path: str) -> Recipe:
     """Parse the recipe file ``path`` (see :func:`parse_recipe`)."""
-    return parse_recipe(_read_text(path), path)
+    return parse_recipe(read_recipe_text(path), path)
 
 
 def _scalar_leaves(setting: Any) -> Iterable[Any]:
@@ -482,6 +482,12 @@ def substitute_references(value: Any, replacements: Dict[str, str]) -> Any:
         if any(replace(part) != part for part in parts):
             return "+".join(replace(part) for part in parts)
     return value
+
+
+def rewrite_references(source: str, replacements: Dict[str, str], origin: str) -> str:
+    """Recipe text with its model references replaced (:func:`substitute_references`), written
+    out again from the parsed YAML (comments are not kept); ``origin`` names it in errors."""
+    return yaml.safe_dump(substitute_references(parse_mapping(source, origin), replacements), sort_keys=False)
 
 
 REFERENCE_KEYS = ("base_model", "model", "tokenizer_source", "source")
@@ -738,5 +744,4 @@ def localize(
     pins = pins or {}
     inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
     folders = {entry.reference: str(entry.folder) for entry in inputs}
-    data = substitute_references(yaml.safe_load(recipe.source), folders)
-    return parse_recipe(yaml.safe_dump(data, sort_keys=False), recipe.origin), inputs
+    return parse_recipe(rewrite_references(recipe.source, folders, recipe.origin), recipe.origin), inputs

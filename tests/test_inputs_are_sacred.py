@@ -472,6 +472,16 @@ def test_front_matter_that_is_not_a_mapping_is_one_line(merged_card, tmp_path):
     refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", recipe), "not a mapping")
 
 
+@pytest.mark.parametrize("block", ["merge_method: [\n", "- a list\n"])
+def test_a_card_whose_recipe_is_not_a_yaml_mapping_is_one_line(merged_card, tmp_path, block):
+    card, recipe = merged_card
+    text = card.read_text(encoding="utf-8")
+    start = text.index("```yaml\n") + len("```yaml\n")
+    card.write_text(text[:start] + block + text[text.index("```", start):], encoding="utf-8")
+    for flags in ((), ("--recipe", recipe)):
+        refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", *flags), f"{card} (recipe)")
+
+
 def test_a_card_that_is_not_utf8_is_one_line(merged_card, tmp_path):
     card, recipe = merged_card
     card.write_bytes(b"\xff\xfe" + card.read_bytes())
