@@ -139,20 +139,19 @@ def make_options(recipe: Recipe, values: dict) -> Options:
 MARKER_NAME = ".mergekit-seed"  # marks a merge written without a model card as ours
 
 
+def _resolve(path: Union[str, os.PathLike], fix: str) -> Path:
+    """``path`` absolute with every symlink followed; a path that cannot be resolved (a symlink
+    loop) is one line ending in ``fix``, never skipped by the checks that compare paths."""
+    try:
+        return Path(path).absolute().resolve()
+    except (OSError, RuntimeError) as error:
+        raise UserError(f"{path}: cannot resolve the path ({error}); {fix}") from None
+
+
 def resolve_output(out: Union[str, os.PathLike]) -> Path:
     """The folder a merge into ``out`` publishes: absolute, every symlink followed (a symlinked
     OUT, dangling or not, is written at its target, which it keeps pointing to)."""
-    try:
-        return Path(out).absolute().resolve()
-    except (OSError, RuntimeError) as error:  # a symlink loop
-        raise UserError(f"{out}: cannot resolve the output path ({error}); choose another output folder") from None
-
-
-def _resolved(path: Union[str, os.PathLike]) -> Optional[Path]:
-    try:
-        return Path(path).absolute().resolve()
-    except (OSError, RuntimeError):
-        return None
+    return _resolve(out, "choose another output folder")
 
 
 def input_paths(recipe: Recipe) -> List[Path]:
@@ -171,9 +170,7 @@ def check_output_location(out_path: Path, inputs: List[Path]) -> None:
     from huggingface_hub import constants
 
     for path in inputs:
-        resolved = _resolved(path)
-        if resolved is None:
-            continue
+        resolved = _resolve(path, "it is an input of this merge: fix the link")
         if resolved == out_path:
             how = "is"
         elif resolved.is_relative_to(out_path):
@@ -186,8 +183,8 @@ def check_output_location(out_path: Path, inputs: List[Path]) -> None:
             f"{out_path}: the output folder {how} the input {path}; a merge never writes over its inputs: "
             "choose an output folder outside every input"
         )
-    cache = _resolved(constants.HF_HUB_CACHE)
-    if cache is not None and (out_path == cache or out_path.is_relative_to(cache) or cache.is_relative_to(out_path)):
+    cache = _resolve(constants.HF_HUB_CACHE, "fix HF_HUB_CACHE (or HF_HOME)")
+    if out_path == cache or out_path.is_relative_to(cache) or cache.is_relative_to(out_path):
         raise UserError(
             f"{out_path}: the output folder overlaps the Hugging Face cache ({cache}); choose an output folder outside it"
         )
