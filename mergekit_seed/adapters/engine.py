@@ -70,11 +70,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:
     """Refuse a merged tensor with a NaN or Inf, or a factored delta whose product would have
-    one in float32 (its Frobenius norm, from the r x r Gram matrices, past float32's range)."""
+    one in float32 (its Frobenius norm, NaN for non-finite factors, past float32's range)."""
     if isinstance(merged, LowRank):
-        left, right = merged.left.double(), merged.right.double()
-        finite = bool(left.isfinite().all() and right.isfinite().all())
-        finite = finite and float(((left.T @ left) * (right @ right.T)).sum().clamp(min=0).sqrt()) <= FLOAT32_MAX
+        finite = merged.norm() <= FLOAT32_MAX
     else:
         finite = not merged.is_floating_point() or bool(merged.isfinite().all())
     if not finite:
