@@ -28,7 +28,7 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
 from mergekit_seed.methods import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
-from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, why_base_is_read, write_lora_adapter
+from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, saved_whole_everywhere, why_base_is_read, write_lora_adapter
 from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.references.hub import is_hub_id
 
@@ -247,10 +247,7 @@ class _TensorInputs:
     def whole_everywhere(self) -> bool:
         """Every seed saves this tensor whole and nothing else changes it (no base value needed
         by a base-free method)."""
-        return all(
-            self.name in seed.whole and self.name not in seed.deltas and self.name not in seed.bias_deltas
-            for seed in self.seeds
-        )
+        return saved_whole_everywhere(self.name, [(seed.whole, seed.deltas.keys() | seed.bias_deltas.keys()) for seed in self.seeds])
 
     def shape(self) -> tuple:
         shapes = {shapes[self.name] for shapes in self.seed_shapes if self.name in shapes}

@@ -391,6 +391,12 @@ def _roles_from_headers(folder: Path) -> Tuple[bool, Dict[Optional[str], set]]:
     return bool(config.get("fan_in_fan_out")), roles
 
 
+def saved_whole_everywhere(name: str, seeds: Iterable[Tuple[Iterable[str], Iterable[str]]]) -> bool:
+    """Whether every seed, given as (tensors it saves whole, tensors its deltas change), saves
+    ``name`` whole and changes it no other way: a base-free method then needs no base value."""
+    return all(name in whole and name not in changed for whole, changed in seeds)
+
+
 def why_base_is_read(folders: Iterable[Union[str, Path]], needs_base: bool, output_format: str, base_model: Optional[str]) -> Optional[str]:
     """Why merging these adapter folders reads the base model's weights, or None when the
     adapters suffice: the one answer the adapter engine acts on and the model card records.
@@ -415,12 +421,12 @@ def why_base_is_read(folders: Iterable[Union[str, Path]], needs_base: bool, outp
         if found.get(TOKENS):
             return f"{folder} has trainable tokens (their delta is taken from the base's rows)"
         roles.append(found)
-    changing = (LORA_A, EMBEDDING_A, BIAS_DELTA)
-    for name in sorted(set().union(*(found.get(WHOLE, set()) for found in roles))):
-        whole_everywhere = all(
-            name in found.get(WHOLE, ()) and not any(name in found.get(role, ()) for role in changing) for found in roles
-        )
-        if needs_base or not whole_everywhere:
+    seeds = [
+        (found.get(WHOLE, set()), set().union(*(found.get(role, set()) for role in (LORA_A, EMBEDDING_A, BIAS_DELTA))))
+        for found in roles
+    ]
+    for name in sorted(set().union(*(whole for whole, _ in seeds))):
+        if needs_base or not saved_whole_everywhere(name, seeds):
             return f"{name} is saved whole by the adapters (its delta is taken from the base's)"
     return None
 
