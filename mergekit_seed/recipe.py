@@ -513,20 +513,6 @@ def reference_strings(value: Any) -> List[str]:
     return found
 
 
-def _modified_base_problem(folder: Path) -> Optional[str]:
-    """Why a local adapter folder is relative to a base PEFT modified (PiSSA, OLoRA, ...), or None."""
-    import json
-
-    from mergekit_seed.references.adapters import modified_base_problem  # (same)
-
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None  # no readable config: mergekit reports it
-    problem = modified_base_problem(config.get("init_lora_weights")) if isinstance(config, dict) else None
-    return f"{folder / 'adapter_config.json'}: {problem}" if problem else None
-
-
 def _has_adapter_weights(folder: Path) -> bool:
     return (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file()
 
@@ -579,9 +565,11 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
         problem = hub_problem(reference)
         if problem:
             problems.append(f"{path}: {problem}")
+    from mergekit_seed.references.adapters import folder_modified_base_problem  # here: adapter reading imports torch
+
     for reference in config.referenced_models():
         for adapter in reference_paths(reference)[1:]:  # the adapter of BASE+ADAPTER
-            problem = _modified_base_problem(Path(adapter))
+            problem = folder_modified_base_problem(Path(adapter))
             if problem:
                 problems.append(f"{path}: {problem}")
     if problems:

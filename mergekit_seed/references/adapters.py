@@ -253,6 +253,17 @@ def modified_base_problem(init_lora_weights: Any) -> Optional[str]:
     )
 
 
+def folder_modified_base_problem(folder: Path) -> Optional[str]:
+    """:func:`modified_base_problem` of an adapter folder's config, naming the file; None when
+    the config cannot be read (whoever reads the adapter reports that)."""
+    try:
+        config = _read_config(folder)
+    except UserError:
+        return None
+    problem = modified_base_problem(config.get("init_lora_weights"))
+    return f"{folder / CONFIG_NAME}: {problem}" if problem else None
+
+
 def read_lora(folder: Path, config: dict) -> AdapterSeed:
     """Read a PEFT LoRA folder; every tensor of its file gets a role or the folder is refused."""
     try:
