@@ -38,6 +38,7 @@ from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, 
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import (
     Fusion,
+    eq4_weights,
     fuse_dare,
     fuse_mean,
     fuse_ties,
@@ -126,6 +127,7 @@ class SeedMergeMethod(GroupMergeMethod):
         auto_lambda: Optional[Callable[[int], float]] = None,
         seed_bounded: Tuple[str, ...] = (),
         exclusive: Tuple[Tuple[str, str], ...] = (),
+        weighted_mean: bool = False,
     ):
         self.paper = paper
         self.parameters = parameters
@@ -135,6 +137,7 @@ class SeedMergeMethod(GroupMergeMethod):
         self.auto_lambda = auto_lambda
         self.seed_bounded = seed_bounded
         self.exclusive = exclusive
+        self.weighted_mean = weighted_mean
         contract = (
             InputContract(base=BasePolicy.REQUIRED, min_non_base=MIN_SEEDS)
             if needs_base
@@ -158,22 +161,17 @@ class SeedMergeMethod(GroupMergeMethod):
     ) -> List[str]:
         """Problems between parameters or with the seed count (e.g. ``min_agree`` <= N).
 
-        ``seed_values`` are the seeds' own parameter values, where known: weights that sum
-        to zero cannot be normalised by their sum (``seedlora_dm``'s ``normalize``).
+        ``seed_values`` are the seeds' own parameter values, where known: a method with
+        ``weighted_mean`` checks their ``weight``s with its kernel's rule (Eq. 4 of
+        ``seedlora_dm``: weights that sum to zero cannot be normalised by their sum).
         """
         problems = []
         weights = [entry.get("weight") for entry in seed_values or []]
-        if (
-            "normalize" in {p.name for p in self.parameters}
-            and values.get("normalize", True) is True
-            and weights
-            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
-            and math.fsum(weights) == 0
-        ):
-            problems.append(
-                f"the seeds' weights {weights} sum to 0, so normalize (divide by their sum) is undefined; "
-                "change a weight or set normalize: false"
-            )
+        if self.weighted_mean and weights and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            try:
+                eq4_weights(weights, values.get("normalize", True) is True, len(weights))
+            except ValueError as error:
+                problems.append(str(error))
         for first, second in self.exclusive:
             if values.get(first) is not None and values.get(second) is not None:
                 problems.append(f"parameters '{first}' and '{second}' exclude each other; give one")
@@ -327,6 +325,7 @@ SEEDLORA_DM = SeedMergeMethod(
     ),
     kernel=_seedlora_dm_kernel,
     factored_kernel=_seedlora_dm_factored_kernel,
+    weighted_mean=True,
 )
 
 
