@@ -363,31 +363,81 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 
 @main.command("compare")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help='JSONL: {"text"} rows, or {"prompt", "answer"} rows.')
+@click.option("--data", type=click.Path(dir_okay=False), help='JSONL to score MODELS on: {"text"} rows, or {"prompt", "answer"} rows.')
+@click.option("--tasks", help="Score MODELS with lm-evaluation-harness on these tasks (T1,T2); with --lm-eval, compare only these.")
+@click.option("--lm-eval", "lm_eval_runs", is_flag=True, help="MODELS are lm-eval output folders (--output_path, --log_samples): compare those runs.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for compare.json, compare.md, compare.png.")
 @click.option("--base", help="Base model for adapters whose config names none (or to override it).")
-@click.option("--metric", type=click.Choice(["perplexity", "answer_logprob", "exact_match"]), help="Default: perplexity for text rows, answer_logprob for prompt/answer rows.")
+@click.option("--tokenizer", help="Tokenizer folder or Hub id for models that ship none.")
+@click.option("--metric", help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each task's first).")
 @click.option("--reference", help="The model the others are compared with (default: the best model that is not a merge).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="--tasks: lm-eval's --num_fewshot.")
+@click.option("--limit", type=float, help="--tasks: lm-eval's --limit (documents per task, or a fraction).")
+@click.option("--include-path", type=click.Path(exists=True), help="--tasks: a folder of your own lm-eval task YAML files.")
 @click.option("--cuda", is_flag=True, help="Score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to score on (default cpu).")
 @click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
 @click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compare_command(models: tuple, data: str, out: str, base: Optional[str], metric: Optional[str], reference: Optional[str],
-                    batch_size: int, cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int, quiet: bool) -> None:
-    """Score MODELS (full models or adapters, folders or Hub ids) on --data and compare each with
-    the best seed: paired per-example differences, a bootstrap interval, and a verdict."""
-    from mergekit_seed.tools.compare import compare
+def compare_command(
+    models: tuple, data: Optional[str], tasks: Optional[str], lm_eval_runs: bool, out: str, base: Optional[str],
+    tokenizer: Optional[str], metric: Optional[str], reference: Optional[str], batch_size: int, num_fewshot: Optional[int],
+    limit: Optional[float], include_path: Optional[str], cuda: bool, device: Optional[str], confidence: float, seed: int,
+    resamples: int, quiet: bool,
+) -> None:
+    """Compare MODELS (full models or adapters, folders or Hub ids) with the best seed: paired
+    per-example differences, a bootstrap interval, and a verdict. They are scored on --data, or
+    by lm-evaluation-harness on --tasks; with --lm-eval, MODELS are lm-eval runs already made."""
+    from mergekit_seed.tools.compare import METRICS, compare
 
+    ctx = click.get_current_context()
+    given = {name for name in ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     try:
+        task_list = [task.strip() for task in tasks.split(",") if task.strip()] if tasks is not None else None
+        if tasks is not None and not task_list:
+            raise UserError("--tasks: give task names separated by commas (T1,T2)")
+        if lm_eval_runs:
+            extra = sorted(given)
+            if extra:
+                flags = ", ".join("--" + name.replace("_", "-") for name in extra)
+                raise UserError(f"--lm-eval compares runs already made; {flags} apply only when compare scores the models itself")
+            from mergekit_seed.tools.harness import compare_runs
+
+            compare_runs(list(models), Path(out), reference=reference, metric=metric, tasks=task_list,
+                         confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
+            return
+        if (data is None) == (task_list is None):
+            raise UserError("give --data FILE (score on your JSONL) or --tasks T1,T2 (score with lm-eval), one of them; or --lm-eval with lm-eval output folders")
         options = AdapterRunOptions(cuda=cuda, device=device)
-        check_device(options)
-        compare(
-            list(models), Path(data), Path(out), base=base, metric=metric, reference=reference, batch_size=batch_size,
-            device=options.device, confidence=confidence, seed=seed, resamples=resamples, quiet=quiet, echo=click.echo,
+        check_device(options, work="score")
+        if data is not None:
+            unused = sorted(given & {"num_fewshot", "limit", "include_path"})
+            if unused:
+                raise UserError(f"--{unused[0].replace('_', '-')} applies to --tasks, not to --data")
+            if metric is not None and metric not in METRICS:
+                raise UserError(f"--metric {metric}: --data gives {', '.join(METRICS)}")
+            compare(
+                list(models), Path(data), Path(out), base=base, metric=metric, reference=reference, batch_size=batch_size,
+                device=options.device, tokenizer=tokenizer, confidence=confidence, seed=seed, resamples=resamples,
+                quiet=quiet, echo=click.echo,
+            )
+            return
+        from mergekit_seed.tools.compare import unique_models
+        from mergekit_seed.tools.harness import compare_runs, evaluate_models
+
+        names = unique_models(models, click.echo)
+        if len(names) < 2:
+            raise UserError("compare needs at least two models")
+        runs = Path(out) / "lm-eval"
+        folders = evaluate_models(
+            names, runs, task_list, base=base, tokenizer=tokenizer, device=options.device, batch_size=batch_size,
+            num_fewshot=num_fewshot, limit=limit, include_path=include_path, quiet=quiet,
         )
+        compare_runs([str(folder) for folder in folders], Path(out), reference=reference, metric=metric,
+                     confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
     except UserError as error:
         fail(str(error))
 

@@ -271,9 +271,9 @@ def _terminate_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def check_device(options: Options) -> None:
+def check_device(options: Options, work: str = "merge") -> None:
     """Refuse ``--cuda``/``--device cuda...`` on a machine where torch sees no CUDA device,
-    before anything is loaded."""
+    before anything is loaded; ``work`` is what the command does there (merge, score)."""
     device = str(options.device or ("cuda" if options.cuda else "cpu"))
     if not device.startswith("cuda"):
         return
@@ -281,7 +281,7 @@ def check_device(options: Options) -> None:
 
     if not torch.cuda.is_available():
         flag = "--cuda" if options.cuda and options.device in (None, "cuda") else f"--device {device}"
-        raise UserError(f"{flag}: torch sees no CUDA device here (torch {torch.__version__}); leave it out to merge on the CPU")
+        raise UserError(f"{flag}: torch sees no CUDA device here (torch {torch.__version__}); leave it out to {work} on the CPU")
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")

@@ -145,3 +145,90 @@ def test_bad_data_is_one_line(tiny_family, tmp_path, content, fragment):
     seeds = tiny_family[1]
     refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "out"), fragment)
     assert not (tmp_path / "out").exists()
+
+
+def _spaced_tokenizer(folder: Path):
+    """A character-level WordLevel tokenizer with no decoder: decode joins tokens with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_seed.tools.demo.tiny import TINY_VOCABULARY
+
+    backend = Tokenizer(models.WordLevel(dict(TINY_VOCABULARY.index), unk_token="#"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="#", pad_token="#")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _byte_level_bpe(folder: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = ByteLevelBPETokenizer()
+    corpus = [f"{op}:{w}={w[::-1]} and more words" for op in ("rev", "sort", "dup") for w in ("abc", "xyz", "mno", "hello", "world")]
+    backend.train_from_iterator(corpus, vocab_size=300, min_frequency=1, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["decode inserts spaces", "byte-level BPE"])
+def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, kind):
+    """The answer is the text of the tokens the model generates; decode joins a character
+    vocabulary's tokens with spaces, which must not turn every hit into a miss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_seed.tools.demo.tiny import TINY_LLAMA
+
+    folder = tmp_path / "model"
+    tokenizer = _spaced_tokenizer(folder) if kind == "decode inserts spaces" else _byte_level_bpe(folder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, vocab_size=len(tokenizer)))).eval()
+    model.save_pretrained(folder)
+    rows = []
+    for prompt in [f"{op}:{w}=" for op in ("rev", "sort", "dup") for w in ("abc", "xyz", "mno", "hello", "world", "pq")]:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            for _ in range(3):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        generated = ids[0, -3:].tolist()
+        if kind == "decode inserts spaces":
+            answer = "".join(tokenizer.convert_ids_to_tokens(generated))  # the characters themselves
+        else:
+            answer = tokenizer.decode(generated)
+        if answer.strip() == answer and answer and tokenizer(answer, add_special_tokens=False)["input_ids"] == generated:
+            rows.append({"prompt": prompt, "answer": answer})
+    assert len(rows) >= 5
+    if kind == "decode inserts spaces":
+        assert " " in tokenizer.decode(tokenizer(rows[0]["answer"], add_special_tokens=False)["input_ids"])
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    twin = shutil.copytree(folder, tmp_path / "twin")
+    run_cli("mergekit-seed", "compare", folder, twin, "--data", data, "--metric", "exact_match", "--out", tmp_path / "out", "--quiet", check=True)
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert report["models"][str(folder)]["score"] == 1.0
+
+
+def test_a_model_without_tokenizer_is_refused_and_tokenizer_names_one(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(seeds[0] / name, bare)
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    refused(run_cli("mergekit-seed", "compare", bare, seeds[1], "--data", data, "--out", tmp_path / "out"),
+            f"{bare}: no tokenizer files", "--tokenizer")
+    run_cli("mergekit-seed", "compare", bare, seeds[0], "--data", data, "--tokenizer", base, "--out", tmp_path / "out", "--quiet", check=True)
+    same = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert next(iter(same["versus_reference"].values()))["mean"] == 0.0  # same weights, same tokenizer
+
+
+def test_a_model_given_twice_is_said_and_cuda_without_a_gpu_names_scoring(tiny_family, tmp_path):
+    seeds = tiny_family[1]
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    result = run_cli("mergekit-seed", "compare", seeds[0], seeds[1], seeds[0], "--data", data, "--out", tmp_path / "out", "--quiet", check=True)
+    assert f"{seeds[0]} is given twice" in result.stdout
+    assert len(json.loads((tmp_path / "out" / "compare.json").read_text())["models"]) == 2
+    if not torch.cuda.is_available():
+        refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--cuda"),
+                "--cuda", "score on the CPU")

@@ -18,7 +18,12 @@ def quick_demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo")
     os.environ["MERGEKIT_SEED_CACHE"] = str(root / "cache")
-    result = run_cli("mergekit-seed", "demo", "--quick", "--quiet", "--out", root / "out")
+    started_in = os.getcwd()
+    os.chdir(root)  # --out typed as a relative folder, as the README's `make demo` does
+    try:
+        result = run_cli("mergekit-seed", "demo", "--quick", "--quiet", "--out", "out")
+    finally:
+        os.chdir(started_in)
     assert result.returncode == 0, result.stderr
     return root / "out", result.stdout
 
@@ -60,6 +65,9 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
     # the demo's recipes are real recipes with model cards
     assert (out / "merges" / "lora" / "seedlora_twostage" / "adapter_config.json").exists()
     assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
+    # compare's table names the models as the user's --out names them, not by absolute paths
+    table = (out / "compare" / "compare.md").read_text()
+    assert "| out/models/full/seed0 |" in table and str(out) not in table and "examples of out/compare-data.jsonl" in table
 
 
 def test_demo_merges_and_evaluation_are_deterministic(quick_demo):

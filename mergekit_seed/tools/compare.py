@@ -7,7 +7,8 @@ ids) is scored example by example on a JSONL file, one model in memory at a time
   log-probability per token; the model's figure is exp(-total log-probability / total tokens).
 - ``{"prompt": ..., "answer": ...}`` rows: ``answer_logprob`` (log-probability of the answer's
   tokens given the prompt's; no generation) or ``exact_match`` (greedy decoding of as many
-  tokens as the answer has, compared with whitespace normalised).
+  tokens as the answer has; the generated and the answer's tokens are decoded alike and
+  compared with whitespace normalised).
 
 Each model is compared with a reference (``--reference``, default the best of the models that
 are not merges: the best seed) by the paired per-example differences, with the bootstrap
@@ -110,25 +111,64 @@ def is_merge(folder: Path) -> bool:
     return False
 
 
-def load_model(reference: str, base: Optional[str], device: str):
-    """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _adapter_config(folder: Path) -> Optional[dict]:
+    """The adapter's settings when ``folder`` is an adapter (it has ``adapter_config.json``)."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: must be a JSON object (the adapter's settings)")
+    return config
+
+
+def _base_reference(reference: str, config: dict, base: Optional[str]) -> str:
+    base_reference = base or config.get("base_model_name_or_path")
+    if not base_reference:
+        raise UserError(f"{reference}: an adapter whose config names no base model; pass --base")
+    return base_reference
+
+
+def tokenizer_folder(reference: str, base: Optional[str], tokenizer_path: Optional[str] = None) -> Path:
+    """Where the tokenizer of ``reference`` comes from: ``tokenizer_path``, else the model's
+    folder, else (adapters) the base's. A folder without tokenizer files is refused: transformers
+    5 would build an empty tokenizer that scores nothing."""
+    if tokenizer_path is not None:
+        folder = local_folder(tokenizer_path)
+    else:
+        folder = local_folder(reference)
+        config = _adapter_config(folder)
+        if config is not None and not _has_tokenizer(folder):
+            folder = local_folder(_base_reference(reference, config, base))
+    if not _has_tokenizer(folder):
+        raise UserError(
+            f"{reference}: no tokenizer files in {folder} ({', '.join(TOKENIZER_FILES[:2])}, ...); "
+            "copy them from the model it was fine-tuned from, or pass --tokenizer PATH"
+        )
+    return folder
+
+
+def load_model(reference: str, base: Optional[str], device: str, tokenizer_path: Optional[str] = None):
+    """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base; the
+    tokenizer from :func:`tokenizer_folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = local_folder(reference)
+    tokenizer_source = tokenizer_folder(reference, base, tokenizer_path)
     safetensors_shapes(folder)  # a corrupt or truncated weight file is one line, before transformers reads it
-    config_path = folder / "adapter_config.json"
-    tokenizer_folder = folder
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as error:
-            raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0]})") from None
-        if not isinstance(config, dict):
-            raise UserError(f"{config_path}: must be a JSON object (the adapter's settings)")
-        base_reference = base or config.get("base_model_name_or_path")
-        if not base_reference:
-            raise UserError(f"{reference}: an adapter whose config names no base model; pass --base")
-        base_folder = local_folder(base_reference)
+    config = _adapter_config(folder)
+    if config is not None:
+        base_folder = local_folder(_base_reference(reference, config, base))
         safetensors_shapes(base_folder)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
         if str(config.get("peft_type", "LORA")).upper() == "SERA":
@@ -137,14 +177,12 @@ def load_model(reference: str, base: Optional[str], device: str):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, folder)
-        if not any(folder.glob("tokenizer*")):
-            tokenizer_folder = base_folder
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except Exception as error:
-        raise UserError(f"{reference}: no usable tokenizer in {tokenizer_folder} ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{reference}: no usable tokenizer in {tokenizer_source} ({str(error).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -195,7 +233,10 @@ def score_rows(
                 for row_index, generated in zip(batch, ids.tolist()):
                     answer_length = len(sequences[row_index]) - starts[row_index]
                     text = tokenizer.decode(generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True)
-                    hit = " ".join(text.split()) == " ".join(rows[row_index].answer.split())
+                    # the answer goes through the same decode: a decoder that joins tokens with
+                    # spaces (WordLevel, character vocabularies) would otherwise never match
+                    expected = tokenizer.decode(sequences[row_index][starts[row_index] :], skip_special_tokens=True)
+                    hit = " ".join(text.split()) == " ".join(expected.split())
                     results[row_index] = (float(hit), answer_length)
                 advance(len(batch))
             return results
@@ -238,6 +279,7 @@ def compare(
     reference: Optional[str] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    tokenizer: Optional[str] = None,
     confidence: float = 0.95,
     seed: int = 0,
     resamples: int = 10_000,
@@ -250,6 +292,7 @@ def compare(
 
     from tqdm import tqdm
 
+    models = unique_models(models, echo)
     if len(models) < 2:
         raise UserError("compare needs at least two models")
     if reference is not None and reference not in models:
@@ -261,18 +304,19 @@ def compare(
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" per model
     folders = {model: local_folder(model) for model in models}
+    for model_name in models:  # before any model is loaded
+        tokenizer_folder(model_name, base, tokenizer)
     scores: Dict[str, List[Tuple[float, int]]] = {}
-    progress = tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet)
-    for model_name in models:
-        progress.set_postfix_str(Path(model_name).name)
-        model, tokenizer = load_model(model_name, base, device)
-        try:
-            scores[model_name] = score_rows(model, tokenizer, rows, metric, batch_size, device, progress.update)
-        except UserError as error:
-            raise UserError(f"{data}: {error} for {model_name}") from None
-        del model  # one model in memory at a time
-        gc.collect()
-    progress.close()
+    with tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet) as progress:
+        for model_name in models:
+            progress.set_postfix_str(Path(model_name).name)
+            model, model_tokenizer = load_model(model_name, base, device, tokenizer)
+            try:
+                scores[model_name] = score_rows(model, model_tokenizer, rows, metric, batch_size, device, progress.update)
+            except UserError as error:
+                raise UserError(f"{data}: {error} for {model_name}") from None
+            del model  # one model in memory at a time
+            gc.collect()
 
     values = {name: per_example(scores[name], metric) for name in models}
     mean_value = {name: sum(v) / len(v) for name, v in values.items()}
@@ -299,56 +343,93 @@ def compare(
         "bootstrap": {"resamples": resamples, "seed": seed},
         "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "mergekit", "mergekit-seed")},
     }
+    panels = [(f"{metric} on {len(rows)} examples", comparisons)]
+    write_outputs(results, out, format_table(results), panels, echo)
+    return results
+
+
+def unique_models(models: Sequence[str], echo: Callable[[str], None]) -> List[str]:
+    """``models`` without repeats; a model given twice is scored once, and the user is told."""
+    unique: List[str] = []
+    for model in models:
+        if model in unique:
+            echo(f"note: {model} is given twice; it is scored once")
+        else:
+            unique.append(model)
+    return unique
+
+
+def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[str, Dict[str, dict]]], echo: Callable[[str], None]) -> None:
+    """compare.json, compare.md (``table``) and compare.png (one panel per (title, versus_reference))."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    table = format_table(results)
     (out / "compare.md").write_text(table + "\n", encoding="utf-8")
-    plot(results, out / "compare.png")
+    plot(panels, results["reference"], results["confidence"], out / "compare.png")
     echo(table)
-    return results
+
+
+def comparison_table(
+    column: str, scores: Dict[str, float], merges: Dict[str, bool], reference: str, versus: Dict[str, dict], confidence: float,
+) -> str:
+    """One Markdown table: each model's score, whether it is a merge, its paired difference
+    with ``reference`` (interval) and the verdict."""
+    lines = [
+        f"| model | {column} | merge | versus {reference} ({int(100 * confidence)}% CI) | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, score in scores.items():
+        if name == reference:
+            cell, verdict = "reference", ""
+        else:
+            difference = versus[name]
+            cell = f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+            verdict = difference["verdict"]
+        lines.append(f"| {name} | {score:.4f} | {'yes' if merges[name] else 'no'} | {cell} | {verdict} |")
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
     metric = results["metric"]
     unit = "per-token log-prob" if metric == "perplexity" else metric
-    lines = [
-        f"| model | {metric} | merge | versus {Path(results['reference']).name} ({unit}, {int(100 * results['confidence'])}% CI) | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for name, entry in results["models"].items():
-        if name == results["reference"]:
-            cell, verdict = "reference", ""
-        else:
-            difference = results["versus_reference"][name]
-            cell = f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
-            verdict = difference["verdict"]
-        lines.append(f"| {name} | {entry['score']:.4f} | {'yes' if entry['merge'] else 'no'} | {cell} | {verdict} |")
+    table = comparison_table(
+        metric, {name: entry["score"] for name, entry in results["models"].items()},
+        {name: entry["merge"] for name, entry in results["models"].items()},
+        results["reference"], results["versus_reference"], results["confidence"],
+    )
     legend = (
-        f"{results['examples']} examples of {results['data']}. Differences are paired per example, "
+        f"{results['examples']} examples of {results['data']}; differences in {unit} are paired per example, "
         f"model minus reference (higher is better); better or worse only when the interval excludes 0."
     )
-    return "\n".join(lines) + "\n\n" + legend
+    return table + "\n\n" + legend
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(panels: Sequence[Tuple[str, Dict[str, dict]]], reference: str, confidence: float, path: Path) -> None:
+    """One panel per (title, versus_reference): each model's difference with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [name for name in results["models"] if name != results["reference"]]
-    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.5 * len(names)))
+    names = list(panels[0][1])
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, len(panels) * (1.2 + 0.5 * len(names))), squeeze=False)
     colors = {"better": "tab:green", "worse": "tab:red"}
-    for position, name in enumerate(names):
-        difference = results["versus_reference"][name]
-        axis.errorbar(
-            difference["mean"], position, xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
-            fmt="o", capsize=3, color=colors.get(difference["verdict"], "tab:gray"),
-        )
-    axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_yticks(range(len(names)), [Path(name).name for name in names])
-    axis.set_xlabel(f"versus {Path(results['reference']).name} ({int(100 * results['confidence'])}% interval)")
-    axis.set_title(f"{results['metric']} on {results['examples']} examples")
+    for axis, (title, versus) in zip(axes[:, 0], panels):
+        for position, name in enumerate(names):
+            difference = versus[name]
+            axis.errorbar(
+                difference["mean"], position,
+                xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
+                fmt="o", capsize=3, color=colors.get(difference["verdict"], "tab:gray"),
+            )
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(names)), [_short(name) for name in names])
+        axis.set_title(title)
+    axes[-1, 0].set_xlabel(f"versus {_short(reference)} ({int(100 * confidence)}% interval, positive is better)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _short(name: str) -> str:
+    """A plot label: the last two parts of a path or Hub id."""
+    return "/".join(Path(name).parts[-2:])

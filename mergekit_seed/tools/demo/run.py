@@ -180,7 +180,10 @@ def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Calla
     models += [out / "merges" / "full" / method for method in OUR_METHODS]
     echo("")
     echo("mergekit-seed compare, full setting of experiment 1, answer log-probability:")
-    compare([str(m) for m in models], data, out / "compare", metric="answer_logprob", quiet=quiet, echo=echo)
+    def shown(path: Path) -> str:  # relative to the folder the demo was started in, as --out was typed
+        return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+    compare([shown(m) for m in models], Path(shown(data)), out / "compare", metric="answer_logprob", quiet=quiet, echo=echo)
 
 
 def run_experiment(

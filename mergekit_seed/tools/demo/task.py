@@ -40,11 +40,12 @@ class CharVocabulary:
 
 def save_tokenizer(path, vocabulary: CharVocabulary) -> None:
     """A character-level fast tokenizer over the vocabulary, so merges carry a tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(dict(vocabulary.index), unk_token=PAD))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()  # characters decode back to the text, without spaces between them
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token=PAD, pad_token=PAD, eos_token=END
     )

@@ -1,0 +1,519 @@
+"""``mergekit-seed compare --lm-eval``: paired verdicts from lm-evaluation-harness runs.
+
+lm-eval (``lm_eval ... --output_path DIR --log_samples``) writes one folder per model:
+
+- ``results_<date>.json``: the aggregated scores (``results[task]["acc,none"]``), the tasks'
+  versions, ``n-shot``, ``higher_is_better``, the run's ``config`` (``model_args``, ``limit``),
+  ``model_name`` and ``task_hashes``;
+- ``samples_<task>_<date>.jsonl``: one row per document and filter, with ``doc_id``,
+  ``doc_hash``, ``prompt_hash``, ``filter`` and the per-example value of every metric the task
+  computes (``"acc": 1.0``).
+
+Examples are paired by ``doc_id`` (and filter) task by task, after checking that every run saw the
+same documents with the same prompts. Each per-example metric whose mean is the score lm-eval
+reports is compared with the reference by :func:`mergekit_seed.maths.stats.paired_difference`;
+one pooled verdict resamples tasks, then examples. ``evaluate_models`` runs lm-eval itself
+(``lm_eval.simple_evaluate``, HF backend) on model folders, adapters included, and writes the
+same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from mergekit_seed.card import package_version
+from mergekit_seed.errors import UserError
+from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.references.hub import is_hub_id, split_revision
+from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
+
+RESULTS_GLOB = "results_*.json"
+INSTALL_HINT = "pip install 'mergekit-seed[eval]'"
+DocKey = Tuple[int, str]  # (doc_id, filter)
+
+
+@dataclass
+class TaskRun:
+    """One task of one run: per-example metric values keyed by (doc_id, filter)."""
+
+    task: str
+    samples_file: Path
+    version: object
+    n_shot: object
+    values: Dict[str, Dict[DocKey, float]]  # "metric,filter" -> (doc_id, filter) -> value
+    not_numbers: List[str]  # metrics whose per-example values lm-eval aggregates corpus-wide
+    doc_hashes: Dict[DocKey, Optional[str]]
+    prompt_hashes: Dict[DocKey, Optional[str]]
+    reported: Dict[str, float]  # "metric,filter" -> the score in results_*.json
+    higher_is_better: Dict[str, bool]  # metric -> direction
+
+
+@dataclass
+class Run:
+    """One model's lm-eval output folder."""
+
+    folder: Path
+    name: str
+    model_args: object
+    limit: object
+    tasks: Dict[str, TaskRun] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ reading lm-eval output
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{path}: not an lm-eval results file ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise UserError(f"{path}: not an lm-eval results file (no \"results\" object)")
+    return data
+
+
+def run_folders(paths: Sequence[str]) -> List[Path]:
+    """Each argument is a model's folder (it holds ``results_*.json``) or lm-eval's
+    ``--output_path`` folder (its subfolders do); the model folders, in order."""
+    folders: List[Path] = []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise UserError(f"{path}: no such folder; pass the folder lm_eval's --output_path wrote")
+        if any(folder.glob(RESULTS_GLOB)):
+            folders.append(folder)
+            continue
+        inside = sorted(sub for sub in folder.iterdir() if sub.is_dir() and any(sub.glob(RESULTS_GLOB)))
+        if not inside:
+            raise UserError(f"{path}: no results_*.json in it or its subfolders; pass the folder lm_eval's --output_path wrote")
+        folders.extend(inside)
+    return folders
+
+
+def _model_name(results: dict, folder: Path) -> str:
+    name = results.get("model_name")
+    return str(name) if name else folder.name
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _read_samples(path: Path, task: str) -> TaskRun:
+    values: Dict[str, Dict[DocKey, float]] = {}
+    not_numbers: set = set()
+    doc_hashes: Dict[DocKey, Optional[str]] = {}
+    prompt_hashes: Dict[DocKey, Optional[str]] = {}
+    listed_any = False
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{path}:{number}: not a JSON line; is this lm-eval's samples file?") from None
+        if not isinstance(row, dict) or not isinstance(row.get("doc_id"), int):
+            raise UserError(f"{path}:{number}: a sample without an integer doc_id; is this lm-eval's samples file?")
+        flt = str(row.get("filter", "none"))
+        key = (row["doc_id"], flt)
+        if key in doc_hashes:
+            raise UserError(f"{path}:{number}: document {row['doc_id']} (filter {flt}) appears twice; the file holds two runs, keep one")
+        doc_hashes[key] = row.get("doc_hash")
+        prompt_hashes[key] = row.get("prompt_hash")
+        metrics = row.get("metrics")
+        for metric in metrics if isinstance(metrics, list) else []:
+            if metric not in row:
+                continue
+            listed_any = True
+            value = _number(row[metric])
+            if value is None:
+                not_numbers.add(metric)
+            else:
+                values.setdefault(f"{metric},{flt}", {})[key] = value
+    if not listed_any:
+        raise UserError(
+            f"{path}: no per-example metric values in the samples of {task}; "
+            "rerun lm_eval with --log_samples (lm-eval 0.4.3 or newer writes them)"
+        )
+    for metric in not_numbers:
+        for name in [name for name in values if name.split(",")[0] == metric]:
+            del values[name]  # a metric with some non-number rows is aggregated corpus-wide
+    return TaskRun(task, path, None, None, values, sorted(not_numbers), doc_hashes, prompt_hashes, {}, {})
+
+
+def read_run(folder: Path, only_tasks: Optional[Sequence[str]] = None) -> Run:
+    """The tasks of every ``results_*.json`` in ``folder`` with their samples files. A task run
+    twice in one folder is refused: which run is meant is the user's choice."""
+    results_files = sorted(folder.glob(RESULTS_GLOB))
+    run: Optional[Run] = None
+    seen: Dict[str, Path] = {}
+    for results_file in results_files:
+        results = _read_json(results_file)
+        config = results.get("config") if isinstance(results.get("config"), dict) else {}
+        name = _model_name(results, folder)
+        if run is None:
+            run = Run(folder, name, config.get("model_args"), config.get("limit"))
+        elif (name, config.get("model_args")) != (run.name, run.model_args):
+            raise UserError(
+                f"{folder}: {results_file.name} is a run of {name}, another results file of {run.name}; "
+                "keep one model's runs per folder"
+            )
+        date = results_file.stem[len("results_"):]
+        task_configs = results.get("configs") if isinstance(results.get("configs"), dict) else {}
+        for task in task_configs:  # groups have no config and no samples of their own
+            if only_tasks is not None and task not in only_tasks:
+                continue
+            if task in seen:
+                raise UserError(
+                    f"{folder}: {task} was run twice ({seen[task].name} and {results_file.name}); "
+                    "move the older results_*.json and its samples_*.jsonl files out of the folder"
+                )
+            seen[task] = results_file
+            samples_file = folder / f"samples_{task}_{date}.jsonl"
+            if not samples_file.is_file():
+                raise UserError(
+                    f"{folder}: {task} has no {samples_file.name} next to {results_file.name}; "
+                    "rerun lm_eval with --log_samples"
+                )
+            task_run = _read_samples(samples_file, task)
+            task_run.version = (results.get("versions") or {}).get(task)
+            task_run.n_shot = (results.get("n-shot") or {}).get(task)
+            reported = results["results"].get(task) or {}
+            task_run.reported = {
+                key: float(value) for key, value in reported.items()
+                if "," in key and "_stderr," not in key and _number(value) is not None
+            }
+            direction = (results.get("higher_is_better") or {}).get(task) or {}
+            task_run.higher_is_better = {str(metric): bool(up) for metric, up in direction.items()}
+            run.tasks[task] = task_run
+    if run is None or not run.tasks:
+        wanted = f" among {', '.join(only_tasks)}" if only_tasks else ""
+        raise UserError(f"{folder}: its results_*.json name no task{wanted}")
+    return run
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _differs(run: Run, other: Run, task: str) -> Optional[str]:
+    """Why ``run`` and ``other`` did not see the same documents and prompts of ``task``; None if they did."""
+    mine, theirs = run.tasks[task], other.tasks[task]
+    where = f"{run.folder}: {task}"
+    if mine.version != theirs.version:
+        return f"{where} is version {mine.version} there and {theirs.version} in {other.folder}; evaluate every model with the same task version"
+    if mine.n_shot != theirs.n_shot:
+        return f"{where} ran {mine.n_shot}-shot there and {theirs.n_shot}-shot in {other.folder}; rerun with the same --num_fewshot"
+    if set(mine.doc_hashes) != set(theirs.doc_hashes):
+        shared = len(set(mine.doc_hashes) & set(theirs.doc_hashes))
+        limits = f" (--limit {run.limit} there, {other.limit} in {other.folder})" if run.limit != other.limit else ""
+        return (
+            f"{where} has {len(mine.doc_hashes)} samples there and {len(theirs.doc_hashes)} in {other.folder}, "
+            f"{shared} shared{limits}; rerun every model on the same documents (same --limit, tasks and filters)"
+        )
+    for key, doc_hash in mine.doc_hashes.items():
+        if doc_hash and theirs.doc_hashes[key] and doc_hash != theirs.doc_hashes[key]:
+            return f"{where} document {key[0]} differs from the one in {other.folder}; evaluate every model on the same dataset revision"
+    for key, prompt_hash in mine.prompt_hashes.items():
+        if prompt_hash and theirs.prompt_hashes[key] and prompt_hash != theirs.prompt_hashes[key]:
+            return (
+                f"{where} document {key[0]} was prompted differently in {other.folder} (few-shot examples, "
+                "fewshot seed, chat template or system instruction); rerun every model with the same settings"
+            )
+    return None
+
+
+def check_runs(runs: Sequence[Run]) -> List[str]:
+    """The tasks every run can be compared on; refuses two runs of one model, a task missing
+    from a run, and runs that saw different documents."""
+    for index, run in enumerate(runs):
+        for other in runs[:index]:
+            if run.name == other.name and run.model_args == other.model_args:
+                raise UserError(
+                    f"{run.folder}: a second run of {run.name} (the first is {other.folder}); "
+                    "compare each model once, keep the run you trust"
+                )
+    tasks = list(runs[0].tasks)
+    for run in runs:
+        for task in set(tasks) ^ set(run.tasks):
+            missing_from = run if task not in run.tasks else runs[0]
+            has_it = runs[0] if missing_from is run else run
+            raise UserError(
+                f"{missing_from.folder}: no run of {task}, which {has_it.folder} has; evaluate every model on it, "
+                "or pass --tasks with the tasks every run has"
+            )
+    for run in runs[1:]:
+        for task in tasks:
+            problem = _differs(run, runs[0], task)
+            if problem:
+                raise UserError(problem)
+    return tasks
+
+
+# ------------------------------------------------------------------ comparison
+
+
+def _merge_flag(run: Run) -> bool:
+    """Whether the model of ``run`` is a merge: its folder's card, local or in the HF cache."""
+    args = run.model_args if isinstance(run.model_args, dict) else _parse_args(run.model_args)
+    reference = str(args.get("peft") or args.get("pretrained") or run.name)
+    if Path(reference).is_dir():
+        return is_merge(Path(reference))
+    if is_hub_id(split_revision(reference)[0]):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, revision = split_revision(reference)
+        for name in ("README.md", "mergekit_config.yml"):
+            cached = try_to_load_from_cache(repo_id, name, revision=revision)
+            if isinstance(cached, str):
+                return is_merge(Path(cached).parent)
+    return False
+
+
+def _parse_args(model_args) -> Dict[str, str]:
+    if not isinstance(model_args, str):
+        return {}
+    pairs = (item.split("=", 1) for item in model_args.split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _comparable_metrics(task_runs: Sequence[TaskRun], echo: Callable[[str], None]) -> List[str]:
+    """The task's metrics whose per-example mean is the score every run's results file reports."""
+    first = task_runs[0]
+    kept = []
+    for metric in first.values:
+        if not all(metric in task_run.values for task_run in task_runs):
+            continue
+        agrees = True
+        for task_run in task_runs:
+            reported = task_run.reported.get(metric)
+            mean = sum(task_run.values[metric].values()) / len(task_run.values[metric])
+            if reported is not None and not math.isclose(mean, reported, rel_tol=1e-6, abs_tol=1e-9):
+                agrees = False
+        if agrees:
+            kept.append(metric)
+        else:
+            echo(f"note: {first.task} {metric}: lm-eval's score is not the mean of its per-example values; not compared")
+    for metric in first.not_numbers:
+        echo(f"note: {first.task} {metric}: per-example values are not numbers (lm-eval aggregates it corpus-wide); not compared")
+    return kept
+
+
+def compare_runs(
+    paths: Sequence[str],
+    out: Path,
+    reference: Optional[str] = None,
+    metric: Optional[str] = None,
+    tasks: Optional[Sequence[str]] = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+    resamples: int = 10_000,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Compare lm-eval runs (one folder per model, see the module docstring) with the reference
+    model, per task and metric and pooled; writes compare.json, .md and .png to ``out``."""
+    paths = unique_models(paths, echo)
+    folders = run_folders(paths)
+    runs = [read_run(folder, tasks) for folder in folders]
+    if len(runs) < 2:
+        raise UserError(f"{' '.join(paths)}: one model's run; compare needs at least two")
+    task_names = check_runs(runs)
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # one model under different arguments: tell them apart by folder
+        names = [f"{run.name} ({run.folder.name})" for run in runs]
+    if reference is not None:
+        matches = [name for name, run in zip(names, runs) if reference in (name, run.name, str(run.folder))]
+        if len(matches) != 1:
+            raise UserError(f"--reference {reference}: not one of the runs ({', '.join(names)})")
+        reference = matches[0]
+    merges = {name: _merge_flag(run) for name, run in zip(names, runs)}
+
+    sections = []
+    pooled_metrics = {}
+    for task in task_names:
+        task_runs = [run.tasks[task] for run in runs]
+        metrics = _comparable_metrics(task_runs, echo)
+        if not metrics:
+            echo(f"note: {task}: no per-example metric to compare")
+            continue
+        for metric_key in metrics:
+            docs = sorted(task_runs[0].values[metric_key])
+            up = task_runs[0].higher_is_better.get(metric_key.split(",")[0], True)
+            values = {name: [tr.values[metric_key][doc] for doc in docs] for name, tr in zip(names, task_runs)}
+            sections.append({"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values})
+        chosen = [m for m in metrics if m.split(",")[0] == metric] if metric else metrics[:1]
+        if chosen:
+            pooled_metrics[task] = chosen[0]
+    if not sections:
+        raise UserError(f"{' '.join(paths)}: no task has a per-example metric to compare")
+    if not pooled_metrics:
+        raise UserError(f"--metric {metric}: no task computes it ({', '.join(sorted({s['metric'] for s in sections}))})")
+
+    def oriented(section: dict, name: str) -> List[float]:
+        sign = 1.0 if section["higher_is_better"] else -1.0
+        return [sign * value for value in section["values"][name]]
+
+    pooled_sections = [s for s in sections if pooled_metrics.get(s["task"]) == s["metric"]]
+    pooled_mean = {
+        name: sum(sum(oriented(s, name)) for s in pooled_sections) / sum(s["examples"] for s in pooled_sections)
+        for name in names
+    }
+    if reference is None:
+        candidates = [name for name in names if not merges[name]] or names
+        reference = max(candidates, key=lambda name: pooled_mean[name])
+
+    def versus(groups_of: Callable[[str], List[List[float]]]) -> Dict[str, dict]:
+        return {
+            name: paired_difference(
+                [[a - b for a, b in zip(mine, theirs)] for mine, theirs in zip(groups_of(name), groups_of(reference))],
+                confidence, resamples, seed,
+            ).to_dict()
+            for name in names if name != reference
+        }
+
+    per_task = []
+    for section in sections:
+        per_task.append({
+            "task": section["task"],
+            "metric": section["metric"],
+            "higher_is_better": section["higher_is_better"],
+            "examples": section["examples"],
+            "scores": {name: sum(section["values"][name]) / section["examples"] for name in names},
+            "versus_reference": versus(lambda name, s=section: [oriented(s, name)]),
+        })
+    pooled = {
+        "metrics": pooled_metrics,
+        "examples": sum(s["examples"] for s in pooled_sections),
+        "scores": pooled_mean,
+        "versus_reference": versus(lambda name: [oriented(s, name) for s in pooled_sections]),
+    }
+    results = {
+        "lm_eval_runs": {name: str(run.folder) for name, run in zip(names, runs)},
+        "reference": reference,
+        "models": {name: {"merge": merges[name], "model_args": run.model_args} for name, run in zip(names, runs)},
+        "tasks": per_task,
+        "pooled": pooled,
+        "confidence": confidence,
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "versions": {p: package_version(p) for p in ("lm_eval", "mergekit-seed")},
+    }
+    write_outputs(results, out, harness_tables(results), harness_panels(results), echo)
+    return results
+
+
+def harness_panels(results: dict) -> List[Tuple[str, Dict[str, dict]]]:
+    """(title, versus_reference) per panel of compare.png: pooled first, then each task and metric."""
+    panels = [(f"pooled over {len(results['pooled']['metrics'])} task(s)", results["pooled"]["versus_reference"])]
+    for entry in results["tasks"]:
+        panels.append((f"{entry['task']} {entry['metric']}", entry["versus_reference"]))
+    return panels
+
+
+def harness_tables(results: dict) -> str:
+    reference, confidence = results["reference"], results["confidence"]
+    merges = {name: entry["merge"] for name, entry in results["models"].items()}
+    pooled = results["pooled"]
+    parts = [
+        "Pooled over tasks (" + ", ".join(f"{task} {metric}" for task, metric in pooled["metrics"].items()) + "):",
+        comparison_table("mean (higher is better)", pooled["scores"], merges, reference, pooled["versus_reference"], confidence),
+    ]
+    for entry in results["tasks"]:
+        direction = "" if entry["higher_is_better"] else ", lower is better"
+        parts.append(f"{entry['task']}, {entry['metric']} ({entry['examples']} examples{direction}):")
+        parts.append(comparison_table(entry["metric"], entry["scores"], merges, reference, entry["versus_reference"], confidence))
+    legend = (
+        "Examples are paired by lm-eval's doc_id; differences are model minus reference, oriented so "
+        "that positive is better; better or worse only when the interval excludes 0. The pooled "
+        "interval resamples tasks, then examples."
+    )
+    return "\n\n".join(parts) + "\n\n" + legend
+
+
+# ------------------------------------------------------------------ running lm-eval
+
+
+def evaluate_models(
+    models: Sequence[str],
+    out: Path,
+    tasks: Sequence[str],
+    base: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    include_path: Optional[str] = None,
+    quiet: bool = False,
+) -> List[Path]:
+    """Run lm-eval (HF backend, ``log_samples=True``) on each model, one in memory at a time,
+    writing lm-eval's own files to ``out/<n>-<name>``; returns those folders."""
+    import gc
+
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.loggers import EvaluationTracker
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError(f"--tasks runs lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
+    if quiet:
+        import logging
+
+        logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        hint = "; pass --include-path for your own task YAML files" if include_path is None else f" (nor in {include_path})"
+        raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{hint}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: holds earlier lm-eval runs; choose another --out, or compare them with --lm-eval {out}")
+    for name in models:  # before any model is loaded
+        tokenizer_folder(name, base, tokenizer)
+    folders = []
+    for index, name in enumerate(models):
+        model, model_tokenizer = load_model(name, base, device, tokenizer)
+        lm = HFLM(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)
+        tracker = EvaluationTracker(output_path=str(out))
+        results = simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=True,
+            evaluation_tracker=tracker, task_manager=manager,
+        )
+        if results is None:
+            raise UserError(f"{name}: lm-eval returned no results")
+        # an LM object carries no model_args: record the model as the user named it
+        if _is_adapter(name):
+            results["config"]["model_args"] = {"peft": name, **({"pretrained": base} if base else {})}
+        else:
+            results["config"]["model_args"] = {"pretrained": name}
+        tracker.general_config_tracker.model_name = name
+        tracker.general_config_tracker.model_name_sanitized = f"{index}-{Path(name).name or 'model'}"
+        samples = results.pop("samples")
+        tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+        folder = out / tracker.general_config_tracker.model_name_sanitized
+        if not any(folder.glob(RESULTS_GLOB)):  # lm-eval logs a failed write as a warning
+            raise UserError(f"{folder}: lm-eval could not write its results; check the folder is writable")
+        folders.append(folder)
+        del model, lm
+        gc.collect()
+    return folders
+
+
+def _is_adapter(name: str) -> bool:
+    from mergekit_seed.references.hub import local_folder
+
+    return (local_folder(name) / "adapter_config.json").is_file()

@@ -1,0 +1,246 @@
+"""`compare --lm-eval` and `compare --tasks`, against real lm-evaluation-harness runs (offline).
+
+Tiny LLaMA models with tokenizers are evaluated by lm-eval's own command line (run in-process)
+on two local tasks over a JSONL file: one multiple-choice, one generate_until. The data are
+built from a first "probe" run so that one model is right on every document and the other
+wrong on every one: "better" by construction."""
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import refused, run_cli, save_random_lora
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+{body}metadata:
+  version: {version}
+"""
+MC_BODY = """output_type: multiple_choice
+doc_to_text: "{{q}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{gold}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+GEN_BODY = """output_type: generate_until
+doc_to_text: "{{q}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+TASKS = "tiny_mc,tiny_gen"
+
+
+def write_tasks(folder: Path, data: Path, version: float = 1.0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in (("tiny_mc", MC_BODY), ("tiny_gen", GEN_BODY)):
+        (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, body=body, version=version))
+    return folder
+
+
+def lm_eval(tasks_folder: Path, out: Path, model_args: str, *extra: str) -> Path:
+    """lm-eval's own command line, in-process; returns the model's output folder."""
+    import lm_eval.__main__
+
+    argv = ["lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", TASKS, "--include_path", str(tasks_folder),
+            "--output_path", str(out), "--device", "cpu", *extra]
+    saved, sys.argv = sys.argv, argv
+    try:
+        lm_eval.__main__.cli_evaluate()
+    finally:
+        sys.argv = saved
+    (folder,) = [path for path in out.iterdir() if path.is_dir()]
+    return folder
+
+
+def samples(folder: Path, task: str):
+    (path,) = folder.glob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_tasks_only():
+    """lm-eval indexes its ~14,000 built-in task files on every run (11 s here); these tests use
+    only their own tasks, so the index skips the built-in ones (lm-eval's include_defaults)."""
+    from functools import partialmethod
+
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskManager, "__init__", partialmethod(TaskManager.__init__, include_defaults=False))
+        yield
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("harness")
+    good, other = save_tiny_llama(root / "good", seed=0), save_tiny_llama(root / "other", seed=1)
+    twin = Path(shutil.copytree(good, root / "twin"))
+    rng = random.Random(0)
+    probe_docs = []
+    for _ in range(40):
+        choices = ["".join(rng.sample(LETTERS, 3)) for _ in range(3)]
+        probe_docs.append({"q": f"rev:{choices[0]}=", "choices": choices, "gold": 0, "answer": "x"})
+    probe_data = root / "probe.jsonl"
+    probe_data.write_text("".join(json.dumps(doc) + "\n" for doc in probe_docs))
+    probe_tasks = write_tasks(root / "probe-tasks", probe_data)
+    picks, texts = {}, {}
+    for name, model in (("good", good), ("other", other)):
+        folder = lm_eval(probe_tasks, root / f"probe-{name}", f"pretrained={model}", "--log_samples")
+        picks[name] = {row["doc_id"]: max(range(3), key=lambda i: float(row["filtered_resps"][i][0])) for row in samples(folder, "tiny_mc")}
+        texts[name] = {row["doc_id"]: row["filtered_resps"][0] for row in samples(folder, "tiny_gen")}
+    docs = []
+    for doc_id, doc in enumerate(probe_docs):
+        text = texts["good"][doc_id]
+        if picks["good"][doc_id] != picks["other"][doc_id] and text and text == text.strip() and text != texts["other"][doc_id]:
+            docs.append(dict(doc, gold=picks["good"][doc_id], answer=text))
+    assert len(docs) >= 10, "the probe left too few documents to tell the models apart"
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    tasks = write_tasks(root / "tasks", data)
+    runs = {
+        name: lm_eval(tasks, root / "runs" / name, f"pretrained={model}", "--log_samples")
+        for name, model in (("good", good), ("other", other), ("twin", twin))
+    }
+    return {"root": root, "good": good, "other": other, "twin": twin, "tasks": tasks, "data": data, "runs": runs, "documents": len(docs)}
+
+
+def compare_json(out: Path) -> dict:
+    return json.loads((out / "compare.json").read_text())
+
+
+def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_path):
+    runs = harness["runs"]
+    result = run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], runs["twin"], "--out", tmp_path / "c", check=True)
+    assert "tiny_mc" in result.stdout and (tmp_path / "c" / "compare.md").is_file() and (tmp_path / "c" / "compare.png").is_file()
+    report = compare_json(tmp_path / "c")
+    names = {str(harness[name]): name for name in ("good", "other", "twin")}
+    assert set(report["models"]) == set(names)
+    compared = set()
+    for entry in report["tasks"]:
+        metric, task = entry["metric"], entry["task"]
+        for model, score in entry["scores"].items():
+            (results_file,) = runs[names[model]].glob("results_*.json")
+            assert score == pytest.approx(json.loads(results_file.read_text())["results"][task][metric], abs=1e-12)
+        compared.add((task, metric))
+        assert entry["examples"] == harness["documents"]
+    assert compared == {("tiny_mc", "acc,none"), ("tiny_mc", "acc_norm,none"), ("tiny_gen", "exact_match,none")}
+    # the good model is right everywhere by construction: it is the best non-merge, the reference
+    assert report["reference"] == str(harness["good"])
+    for entry in report["tasks"]:
+        assert entry["scores"][str(harness["good"])] == 1.0 and entry["scores"][str(harness["other"])] == 0.0
+        other, twin = entry["versus_reference"][str(harness["other"])], entry["versus_reference"][str(harness["twin"])]
+        assert other["verdict"] == "worse" and other["mean"] == -1.0
+        assert (twin["mean"], twin["low"], twin["high"]) == (0.0, 0.0, 0.0)
+    pooled = report["pooled"]
+    assert pooled["metrics"] == {"tiny_mc": "acc,none", "tiny_gen": "exact_match,none"}
+    assert pooled["versus_reference"][str(harness["twin"])]["mean"] == 0.0
+    assert pooled["versus_reference"][str(harness["other"])]["groups"] == 2
+    # --reference and --metric choose the comparison; the other model is better than... nothing
+    run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], "--reference", str(harness["other"]),
+            "--metric", "acc_norm", "--out", tmp_path / "r", check=True)
+    report = compare_json(tmp_path / "r")
+    assert report["pooled"]["metrics"] == {"tiny_mc": "acc_norm,none"}
+    assert report["pooled"]["versus_reference"][str(harness["good"])]["verdict"] == "better"
+
+
+def test_an_output_path_with_every_model_is_one_argument(harness, tmp_path):
+    together = tmp_path / "all"
+    for name in ("good", "other"):
+        shutil.copytree(harness["runs"][name], together / name)
+    run_cli("mergekit-seed", "compare", "--lm-eval", together, "--out", tmp_path / "c", "--tasks", "tiny_mc", check=True)
+    report = compare_json(tmp_path / "c")
+    assert len(report["models"]) == 2 and {entry["task"] for entry in report["tasks"]} == {"tiny_mc"}
+
+
+def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_path):
+    """`compare --tasks` on a full model and a PEFT adapter gives the scores lm-eval's own CLI
+    gives them (the adapter through lm-eval's peft= argument)."""
+    adapter = save_random_lora(harness["good"], tmp_path / "lora", r=4, seed=3)
+    result = run_cli(
+        "mergekit-seed", "compare", harness["other"], adapter, "--base", harness["good"], "--tasks", TASKS,
+        "--include-path", harness["tasks"], "--limit", "6", "--batch-size", "1", "--out", tmp_path / "c", "--quiet", check=True,
+    )
+    assert "Pooled over tasks" in result.stdout
+    report = compare_json(tmp_path / "c")
+    assert set(report["models"]) == {str(harness["other"]), str(adapter)}
+    cli_runs = {
+        str(harness["other"]): lm_eval(harness["tasks"], tmp_path / "cli-other", f"pretrained={harness['other']}", "--log_samples", "--limit", "6"),
+        str(adapter): lm_eval(harness["tasks"], tmp_path / "cli-lora", f"pretrained={harness['good']},peft={adapter}", "--log_samples", "--limit", "6"),
+    }
+    for entry in report["tasks"]:
+        assert entry["examples"] == 6
+        for model, folder in cli_runs.items():
+            (results_file,) = folder.glob("results_*.json")
+            expected = json.loads(results_file.read_text())["results"][entry["task"]][entry["metric"]]
+            assert entry["scores"][model] == pytest.approx(expected, abs=1e-12), (model, entry["task"], entry["metric"])
+    # the runs it made are lm-eval's own files, comparable again with --lm-eval
+    run_cli("mergekit-seed", "compare", "--lm-eval", tmp_path / "c" / "lm-eval", "--out", tmp_path / "again", check=True)
+    assert compare_json(tmp_path / "again")["tasks"] == report["tasks"]
+    refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--base", harness["good"], "--tasks", TASKS,
+                    "--include-path", harness["tasks"], "--out", tmp_path / "c"), "holds earlier lm-eval runs")
+    refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--tasks", "no_such_task", "--out", tmp_path / "n"),
+            "no_such_task", "--include-path")
+
+
+def _copy_run(folder: Path, to: Path) -> Path:
+    return Path(shutil.copytree(folder, to))
+
+
+def test_runs_that_cannot_be_paired_are_refused_in_one_line(harness, tmp_path):
+    runs, tasks, other = harness["runs"], harness["tasks"], harness["other"]
+    compare = ("mergekit-seed", "compare", "--lm-eval")
+    out = ("--out", tmp_path / "out")
+
+    limited = lm_eval(tasks, tmp_path / "limited", f"pretrained={other}", "--log_samples", "--limit", "4")
+    refused(run_cli(*compare, runs["good"], limited, *out), str(limited), "tiny_", "--limit")
+
+    fewshot = lm_eval(tasks, tmp_path / "fewshot", f"pretrained={other}", "--log_samples", "--num_fewshot", "1")
+    refused(run_cli(*compare, runs["good"], fewshot, *out), str(fewshot), "-shot", "--num_fewshot")
+
+    versioned = lm_eval(write_tasks(tmp_path / "v2", harness["data"], version=2.0), tmp_path / "versioned", f"pretrained={other}", "--log_samples")
+    refused(run_cli(*compare, runs["good"], versioned, *out), str(versioned), "version")
+
+    no_samples = lm_eval(tasks, tmp_path / "no-samples", f"pretrained={other}")
+    refused(run_cli(*compare, runs["good"], no_samples, *out), str(no_samples), "--log_samples")
+
+    one_task = _copy_run(runs["other"], tmp_path / "one-task")
+    for path in one_task.glob("samples_tiny_gen_*"):
+        path.unlink()
+    (results_file,) = one_task.glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    for key in ("results", "configs", "versions", "n-shot"):
+        results[key].pop("tiny_gen")
+    results_file.write_text(json.dumps(results))
+    refused(run_cli(*compare, runs["good"], one_task, *out), str(one_task), "tiny_gen", "--tasks")
+
+    again = _copy_run(runs["good"], tmp_path / "good-again")
+    refused(run_cli(*compare, runs["good"], again, *out), str(again), "second run of")
+
+    twice = _copy_run(runs["other"], tmp_path / "twice")
+    for path in list(twice.iterdir()):
+        shutil.copy(path, twice / path.name.replace("2026-", "2025-"))
+    refused(run_cli(*compare, runs["good"], twice, *out), str(twice), "run twice")
+
+    refused(run_cli(*compare, runs["good"], tmp_path / "nothing-here", *out), "no such folder")
+    refused(run_cli(*compare, runs["good"], "--out", tmp_path / "one"), "at least two")
+    refused(run_cli(*compare, runs["good"], runs["other"], "--data", harness["data"], *out), "--data", "--lm-eval")
+    assert not (tmp_path / "out").exists()
