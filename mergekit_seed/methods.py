@@ -8,6 +8,8 @@ here are the recipe format (see DESIGN.md); never rename them.
 from __future__ import annotations
 
 import atexit
+import difflib
+import functools
 import json
 import logging
 import math
@@ -18,8 +20,9 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
+import click
 import torch
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
@@ -499,6 +502,84 @@ METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, 
 _warned: set = set()
 
 
+def parameter_sections(config: Any) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(where, settings) for every ``parameters:`` mapping of a mergekit ``MergeConfiguration``:
+    global, per model, per output slice and input slice, per module."""
+
+    def slices(pieces: Any, prefix: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        for index, piece in enumerate(pieces or []):
+            yield f"{prefix}slices[{index}] parameters", piece.parameters
+            for source_index, source in enumerate(piece.sources):
+                yield f"{prefix}slices[{index}].sources[{source_index}] ({source.model}) parameters", source.parameters
+
+    def models(entries: Any, prefix: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        for index, model in enumerate(entries or []):
+            yield f"{prefix}models[{index}] ({model.model}) parameters", model.parameters
+
+    sections = [("parameters", config.parameters)]
+    sections += models(config.models, "")
+    sections += slices(getattr(config, "slices", None), "")
+    for name, module in (getattr(config, "modules", None) or {}).items():
+        sections.append((f"modules.{name} parameters", module.parameters))
+        sections += models(module.models, f"modules.{name}.")
+        sections += slices(module.slices, f"modules.{name}.")
+    return ((where, settings) for where, settings in sections if settings)
+
+
+def unknown_parameter_problem(method: Any, name: str, where: str) -> Optional[str]:
+    """The line for a parameter ``name`` that ``method`` does not declare; None if it does."""
+    known = [p.name for p in method.spec.parameters]
+    if name in known:
+        return None
+    suggestion = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
+    return f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: {', '.join(sorted(known)) or 'none'}"
+
+
+class RecipeParameterError(click.ClickException, ValueError):
+    """A recipe parameter our method does not declare, caught when mergekit plans the merge.
+    A ``ClickException``, so that stock ``mergekit-yaml`` (a click command) prints it as one
+    line and exits 1; a ``ValueError`` for callers of mergekit's Python API."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", file=file, err=True)
+
+
+def _check_planned_parameters(config: Any) -> None:
+    """mergekit resolves only the parameters a method declares and ignores the rest, so a
+    misspelt one (``rnak``) would merge with the default; for our methods, refuse it."""
+    try:
+        method = registry.get(config.merge_method)
+    except Exception:
+        return  # mergekit reports an unknown method itself
+    if not isinstance(method, SeedMergeMethod):
+        return  # mergekit's methods keep mergekit's behaviour
+    for where, settings in parameter_sections(config):
+        for name in settings:
+            problem = unknown_parameter_problem(method, name, where)
+            if problem:
+                raise RecipeParameterError(problem)
+
+
+def install_planner_check() -> None:
+    """Wrap mergekit's ``MergePlanner.__init__`` once so that every route (stock
+    ``mergekit-yaml``, ``mergekit.merge.run_merge``, ours) checks our methods' parameter names
+    before any tensor is read; other methods pass through unchanged."""
+    from mergekit import plan
+
+    original = plan.MergePlanner.__init__
+    if getattr(original, "_mergekit_seed_check", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, config, *args, **kwargs):
+        _check_planned_parameters(config)
+        original(self, config, *args, **kwargs)
+
+    __init__._mergekit_seed_check = True
+    plan.MergePlanner.__init__ = __init__
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -550,6 +631,7 @@ def register_all() -> List[str]:
 
 # Importing this module registers the methods; register_all() is idempotent.
 register_all()
+install_planner_check()
 
 
 def describe(method: SeedMergeMethod) -> Dict[str, Any]:

@@ -299,6 +299,8 @@ def _scalar_leaves(setting: Any) -> Iterable[Any]:
 
 
 def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter: bool) -> List[str]:
+    from mergekit_seed.methods import unknown_parameter_problem  # imports torch and mergekit's methods
+
     problems: List[str] = []
     specs = {p.name: p for p in method.spec.parameters}
     for name, setting in (settings or {}).items():
@@ -308,12 +310,7 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
             problems.append(f"{where}: parameter '{name}': {form_problem}")
             continue
         if spec is None:
-            suggestion = difflib.get_close_matches(name, list(specs), n=1)
-            hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
-            known = ", ".join(sorted(specs)) or "none"
-            problems.append(
-                f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: {known}"
-            )
+            problems.append(unknown_parameter_problem(method, name, where))
             continue
         for value in _scalar_leaves(setting):
             if value is None:
@@ -333,7 +330,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     """Every problem with a parsed recipe, one line each; empty when it can run."""
     from mergekit import merge_methods
 
-    from mergekit_seed.methods import register  # imported here: it imports torch and mergekit's methods
+    from mergekit_seed.methods import parameter_sections, register  # imported here: they import torch and mergekit's methods
 
     register()
     config = recipe.config
@@ -346,17 +343,9 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         return [f"{path}: unknown merge_method '{config.merge_method}'{hint}"]
 
     adapter = recipe.is_adapter_recipe
-    problems = _check_parameters(method, config.parameters, f"{path}: parameters", adapter)
-    for index, model in enumerate(config.models or []):
-        problems += _check_parameters(
-            method, model.parameters, f"{path}: models[{index}] ({model.model}) parameters", adapter
-        )
-    for index, piece in enumerate(getattr(config, "slices", None) or []):
-        problems += _check_parameters(method, piece.parameters, f"{path}: slices[{index}] parameters", adapter)
-        for source_index, source in enumerate(piece.sources):
-            problems += _check_parameters(
-                method, source.parameters, f"{path}: slices[{index}].sources[{source_index}] ({source.model}) parameters", adapter
-            )
+    problems = []
+    for where, settings in parameter_sections(config):
+        problems += _check_parameters(method, settings, f"{path}: {where}", adapter)
     for field_name in ("dtype", "out_dtype"):
         value = getattr(config, field_name, None)
         if value is not None and value not in get_args(DtypeName):

@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import refused, run_cli, write_recipe
+from conftest import recipe_text, refused, run_cli, write_recipe
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.kernels.seedft import seedft
 
@@ -125,3 +126,43 @@ def test_console_script_keeps_exit_status_and_output():
     assert helped.returncode == 0 and "--out-shard-size" in helped.stdout  # mergekit's full option set
     missing = run_cli("mergekit-seed", "run", isolated=True)
     assert missing.returncode == 2 and "Missing argument 'RECIPE'" in missing.stderr
+
+
+@pytest.mark.parametrize("where", ["global", "per-model"])
+def test_stock_mergekit_yaml_refuses_a_misspelt_parameter_of_our_methods(tiny_family, tmp_path, where):
+    """mergekit resolves only the parameters a method declares; ours check the rest when
+    mergekit plans the merge, so `rnak: 3` is one line instead of a merge with the defaults."""
+    import yaml
+
+    base, seeds = tiny_family
+    recipe = yaml.safe_load(recipe_text("seedft" if where == "global" else "seedlora_dm", base, seeds))
+    if where == "global":
+        recipe["parameters"] = {"lamda": 0.5}
+    else:
+        recipe["models"][1]["parameters"] = {"weigth": 2.0}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    misspelt, meant = ("lamda", "lambda") if where == "global" else ("weigth", "weight")
+    for isolated in (False, True):
+        out = tmp_path / f"out-{isolated}"
+        refused(run_cli("mergekit-yaml", path, out, isolated=isolated), f"unknown parameter '{misspelt}'", f"did you mean '{meant}'", out=out)
+    refused(run_cli("mergekit-seed", "run", path, tmp_path / "o"), f"unknown parameter '{misspelt}'")
+    # mergekit's Python API: a ValueError naming it
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    with pytest.raises(ValueError, match=misspelt):
+        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "api"), options=MergeOptions())
+
+
+def test_mergekit_methods_keep_ignoring_unknown_parameters_under_stock_mergekit_yaml(tiny_family, tmp_path):
+    import yaml
+
+    base, seeds = tiny_family
+    recipe = yaml.safe_load(recipe_text("linear", base, seeds))
+    recipe["parameters"] = {"weight": 1.0, "no_such_parameter": 3}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_cli("mergekit-yaml", path, tmp_path / "out", check=True)
+    assert list((tmp_path / "out").glob("*.safetensors"))
