@@ -565,9 +565,13 @@ def install_planner_check() -> None:
     """Wrap mergekit's ``MergePlanner.__init__`` once so that every route (stock
     ``mergekit-yaml``, ``mergekit.merge.run_merge``, ours) checks our methods' parameter names
     before any tensor is read; other methods pass through unchanged."""
-    from mergekit import plan
+    try:
+        from mergekit import plan
 
-    original = plan.MergePlanner.__init__
+        original = plan.MergePlanner.__init__
+    except (ImportError, AttributeError) as error:  # another mergekit release: the methods still register
+        _warn_once(f"mergekit-seed cannot check parameter names under this mergekit ({error}); validate recipes with `mergekit-seed validate`")
+        return
     if getattr(original, "_mergekit_seed_check", False):
         return
 
