@@ -186,11 +186,15 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
 
     Checks YAML syntax, mergekit's schema, the method, every parameter's type and range,
     unknown parameters, input counts and the base model and, unless --offline, that local
-    paths exist and that every shared tensor has one shape across inputs (file headers only).
+    paths exist, that Hub ids exist, and that every shared tensor has one shape across inputs
+    (file headers only). Exit 0: valid (with --offline: the inputs were not checked, and the
+    last line says so); 1: problems, one line each; 2: no problem found, but some inputs could
+    not be checked (the Hub could not be asked), each named.
     """
     from mergekit_seed.recipe import check_files
 
     problems: List[str] = []
+    not_checked: List[str] = []
     for path in recipes:
         try:
             recipe = load_recipe(path)
@@ -199,11 +203,23 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
             continue
         problems += check_recipe(recipe, path)
         if not offline:
-            problems += check_files(recipe, path, allow_crimes=allow_crimes)
+            problems += check_files(recipe, path, allow_crimes=allow_crimes, not_checked=not_checked)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:
         sys.exit(1)
+    if offline:
+        # --offline reads nothing: a recipe whose folders do not exist passes these checks
+        click.echo(
+            f"{len(recipes)} recipe(s) pass the checks that read nothing (schema, method, parameters); "
+            "not checked: the inputs (paths, Hub ids, tensor shapes): run without --offline to check them"
+        )
+        return
+    if not_checked:
+        for line in not_checked:
+            click.echo(f"warning: not checked: {line}", err=True)
+        click.echo(f"{len(recipes)} recipe(s) have no problem found, but {len(not_checked)} input(s) could not be checked (above)")
+        sys.exit(2)
     click.echo(f"{len(recipes)} recipe(s) valid")
 
 

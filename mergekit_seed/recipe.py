@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.references.hub import HubInput, hub_problem, is_hub_id, resolve, split_revision
+from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
 from mergekit_seed.references.weights import safetensors_shapes
 
 
@@ -538,10 +538,13 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
     return None
 
 
-def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False) -> List[str]:
+def check_files(
+    recipe: Recipe, path: str = "recipe", allow_crimes: bool = False, not_checked: Optional[List[str]] = None,
+) -> List[str]:
     """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
     mixed architectures (unless ``allow_crimes``), and tensors whose shapes differ between
-    inputs or are missing in some (headers only)."""
+    inputs or are missing in some (headers only). What could not be checked (a Hub id the Hub
+    could not be asked about) is appended to ``not_checked`` when given."""
     config = recipe.config
     problems: List[str] = []
     shapes_by_input: Dict[str, Dict[str, tuple]] = {}
@@ -551,7 +554,12 @@ def check_files(recipe: Recipe, path: str = "recipe", allow_crimes: bool = False
             if problem:
                 problems.append(problem)
     for reference in hub_references(recipe):
-        problem = hub_problem(reference)
+        try:
+            problem = hub_problem(reference)
+        except HubNotChecked as reason:
+            if not_checked is not None:
+                not_checked.append(f"{path}: {reason}")
+            continue
         if problem:
             problems.append(f"{path}: {problem}")
     from mergekit_seed.references.adapters import folder_modified_base_problem  # here: adapter reading imports torch

@@ -146,3 +146,26 @@ def test_reproduce_from_the_card_and_detect_tampering(tiny_family, tmp_path):
     refused = run_cli("mergekit-seed", "reproduce", out, tmp_path / "refused", "--recipe", recipe)
     assert refused.returncode == 1
     assert f"input {weights} has changed" in refused.stderr and not (tmp_path / "refused").exists()
+
+
+def test_validate_never_says_valid_for_inputs_it_did_not_check(tiny_family, tmp_path):
+    """--offline reads nothing: placeholder paths pass its checks, and the last line says the
+    inputs were not checked. Online, a Hub id the Hub cannot be asked about is named, exit 2."""
+    import os
+    import subprocess
+
+    base, seeds = tiny_family
+    placeholder = write_recipe(tmp_path / "p.yml", "seedft", "/REPLACE/base", ["/REPLACE/s0", "/REPLACE/s1"])
+    result = run_cli("mergekit-seed", "validate", "--offline", placeholder)
+    assert result.returncode == 0 and "valid" not in result.stdout and "not checked: the inputs" in result.stdout
+    assert run_cli("mergekit-seed", "validate", placeholder).returncode == 1
+
+    hub = write_recipe(tmp_path / "h.yml", "seedft", base, [seeds[0], "some-org/some-seed"])
+    # a closed port on this machine: the Hub cannot be reached, at once
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([str(Path(os.sys.executable).parent / "mergekit-seed"), "validate", str(hub)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "warning: not checked:" in done.stderr and "some-org/some-seed: the Hub could not be asked" in done.stderr
+    assert "valid" not in done.stdout and "could not be checked" in done.stdout
+    good = write_recipe(tmp_path / "g.yml", "seedft", base, seeds[:2])
+    assert run_cli("mergekit-seed", "validate", good, check=True).stdout.strip() == "1 recipe(s) valid"

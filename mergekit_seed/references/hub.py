@@ -78,10 +78,17 @@ def resolve(reference: str, revision: Optional[str] = None) -> HubInput:
     return HubInput(reference=reference, repo_id=repo_id, commit=folder.name, folder=folder)
 
 
+class HubNotChecked(Exception):
+    """The Hub could not be asked about a reference (no network, a timeout); the message says why."""
+
+
+HUB_CHECK_TIMEOUT_S = 10
+
+
 def hub_problem(reference: str) -> Optional[str]:
     """Why a Hub id cannot be used, checked without downloading weights: offline, whether its
     config is in the cache; online, whether the repository exists at the revision. None when
-    fine (or when the Hub cannot be asked: the merge will say)."""
+    fine; raises :class:`HubNotChecked` when the Hub cannot be asked."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     repo_id, revision = split_revision(reference)
@@ -98,13 +105,13 @@ def hub_problem(reference: str) -> Optional[str]:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        HfApi().model_info(repo_id, revision=revision)
+        HfApi().model_info(repo_id, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
     except RevisionNotFoundError:
         return f"{where}: the Hub repository has no revision {revision}"
     except RepositoryNotFoundError:
         return f"{where}: no such Hub repository (or it is private: set HF_TOKEN)"
-    except Exception:  # no network: not checked here
-        return None
+    except Exception as error:  # no network, a timeout, a server error
+        raise HubNotChecked(f"{where}: the Hub could not be asked ({_one_line(error)[:160]})") from None
     return None
 
 
