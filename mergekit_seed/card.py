@@ -560,4 +560,34 @@ def compare_weights(result: Path, reference: Path):
         difference = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
         if difference > worst or not worst_name:
             worst_name, worst = name, difference
-    return worst_name, worst, problems
+    return worst_name, worst, problems + compare_configs(result, reference)
+
+
+# written by whichever transformers saved the file, not part of what the model computes
+CONFIG_KEYS_NOT_COMPARED = ("transformers_version",)
+
+
+def compare_configs(result: Path, reference: Path) -> List[str]:
+    """Differences between two folders' ``config.json`` (and ``adapter_config.json``), key by
+    key: a different ``tie_word_embeddings`` or ``rope_theta`` changes what the model computes
+    as surely as a different tensor."""
+    problems = []
+    for name in ("config.json", "adapter_config.json"):
+        mine, theirs = result / name, reference / name
+        if not mine.is_file() and not theirs.is_file():
+            continue
+        if mine.is_file() != theirs.is_file():
+            problems.append(f"{name} is only in {result if mine.is_file() else reference}")
+            continue
+        try:
+            ours, others = (json.loads(path.read_text(encoding="utf-8")) for path in (mine, theirs))
+        except (ValueError, RecursionError) as error:
+            problems.append(f"{name}: not valid JSON ({str(error).splitlines()[0]})")
+            continue
+        if not isinstance(ours, dict) or not isinstance(others, dict):
+            problems.append(f"{name}: not a JSON object in both folders")
+            continue
+        for key in sorted((set(ours) | set(others)) - set(CONFIG_KEYS_NOT_COMPARED)):
+            if ours.get(key, "(absent)") != others.get(key, "(absent)"):
+                problems.append(f"{name}: {key} is {ours.get(key, '(absent)')!r} here and {others.get(key, '(absent)')!r} in {reference}")
+    return problems

@@ -273,9 +273,10 @@ CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the so
     "--trust-remote-code", is_flag=True,
     help="Let the models' own Python code run (mergekit's option); never taken from the card.",
 )
+@click.option("--quiet", is_flag=True, help="No progress bars and no non-essential output.")
 def reproduce_command(
     source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool,
-    given_inputs: tuple, user_recipe: Optional[str], trust_remote_code: bool,
+    given_inputs: tuple, user_recipe: Optional[str], trust_remote_code: bool, quiet: bool,
 ) -> None:
     """Re-run the merge described by SOURCE into OUT: a model card (README.md), an output
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
@@ -339,7 +340,7 @@ def reproduce_command(
         sys.exit(1)
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(**recorded)
+    options = MergeOptions(**{**recorded, "quiet": quiet})
     revisions = {repo_id: str(entry["revision"]) for repo_id, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
     # neither the card nor the folder --check compares with may be written over
     protected = [card_path] + ([Path(check_dir)] if check_dir is not None else [])

@@ -10,6 +10,7 @@ validation finds several), whose message is the one line the CLI prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,58 @@ from mergekit_seed.references.weights import load_weights
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
     from mergekit.options import MergeOptions
+
+
+def in_recipe_order(config: Any) -> Any:
+    """``config`` (a mergekit ``MergeConfiguration``) whose ``referenced_models()`` follows the
+    recipe: base_model, then models (or slices' and modules' sources) in order.
+
+    Stock mergekit returns them from a set, and takes the output's config.json from the first
+    one when the recipe has no base_model, so which input's config (``tie_word_embeddings``,
+    ``rope_theta``, ...) the merge gets depends on PYTHONHASHSEED. A deliberate difference from
+    stock: ``mergekit-seed run`` writes the first model's config, every time."""
+    from mergekit.config import MergeConfiguration
+
+    class RecipeOrderConfiguration(MergeConfiguration):
+        def referenced_models(self):  # noqa: D102 - same contract as mergekit's, in recipe order
+            ordered: list = []
+
+            def add(reference) -> None:
+                if reference is not None and reference not in ordered:
+                    ordered.append(reference)
+
+            add(self.base_model)
+            for entry in self.models or []:
+                add(entry.model)
+            for piece in self.slices or []:
+                for source in piece.sources:
+                    add(source.model)
+            for module in (self.modules or {}).values():
+                for entry in module.models or []:
+                    add(entry.model)
+                for piece in module.slices or []:
+                    for source in piece.sources:
+                        add(source.model)
+            return ordered
+
+    return RecipeOrderConfiguration.model_validate(config.model_dump(exclude_none=True))
+
+
+@contextlib.contextmanager
+def _without_torch_dtype_deprecation():
+    """mergekit sets ``config.torch_dtype``, which transformers 5 answers with a deprecation
+    warning on every merge: noise the user can do nothing about, even with --quiet."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "`torch_dtype` is deprecated" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.configuration_utils")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 class RecipeProblems(UserError):
@@ -385,7 +438,8 @@ def merge(
                 options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
             # mergekit keeps the configuration it is given (mergekit_config.yml): the one
             # without local paths, as in the card
-            run_merge(local.config, str(staging), options=options, config_source=public_recipe_text(recipe))
+            with _without_torch_dtype_deprecation():
+                run_merge(in_recipe_order(local.config), str(staging), options=options, config_source=public_recipe_text(recipe))
             shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
         check_finite_output(staging)
         if write_card:

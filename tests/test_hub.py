@@ -178,3 +178,37 @@ def test_install_line_names_where_the_package_came_from():
     direct = json.loads(distribution("mergekit-seed").read_text("direct_url.json") or "{}")
     if direct.get("url", "").startswith("file://") and not direct.get("vcs_info"):
         assert "local folder" in line or "git+" in line
+
+
+def test_the_publishing_page_flow_with_local_inputs(hub, tiny_family, tmp_path):
+    """docs/publishing.md: run from local folders, publish the folder as it is (laid out as a
+    download of the uploaded repository), then reproduce by id with --input for each label."""
+    import subprocess
+    import sys
+
+    cache, _ = hub
+    base, seeds = tiny_family
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: seedft\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {s}\n" for s in seeds) + "dtype: float32\n")
+    merged = tmp_path / "merged"
+    run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
+    card = (merged / "README.md").read_text()
+    for folder in [base, *seeds]:
+        assert str(folder) not in card
+    rows = [line for line in card.split("### Inputs")[1].split("###")[0].splitlines() if line.startswith("| input")]
+    assert rows and all("{" not in row for row in rows)  # proper rows, not dict reprs
+    # the documented upload command exists in the pinned huggingface_hub
+    hf = Path(sys.executable).parent / "hf"
+    assert subprocess.run([str(hf), "upload", "--help"], capture_output=True).returncode == 0
+    publish_to_cache(cache, "me/llama-seedft", merged, "v1")
+
+    refused(run_cli("mergekit-seed", "reproduce", "me/llama-seedft", tmp_path / "again"), "--input input0=PATH")
+    labels = provenance(merged / "README.md")["inputs"]
+    folders = {str(path): path for path in [base, *seeds]}
+    given = []
+    for label, record in labels.items():
+        (match,) = [folder for name, folder in folders.items() if Path(name).name == record["folder"]] if isinstance(record, dict) and "folder" in record else [None]
+        given += ["--input", f"{label}={match}"]
+    result = run_cli("mergekit-seed", "reproduce", "me/llama-seedft", tmp_path / "again", *given, "--check", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "largest difference: 0 in" in result.stdout

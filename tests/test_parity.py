@@ -238,3 +238,39 @@ def test_shipped_recipes_with_placeholders_do_not_pass_validate():
 
     recipe = shipped_recipes()["seedft-llama2-7b-metamath"]
     refused(run_cli("mergekit-seed", "validate", recipe), "is a placeholder")
+
+
+def test_the_output_config_is_the_first_models_whatever_the_hash_seed(tiny_family, tmp_path):
+    """Without base_model, stock mergekit takes config.json from a set's first element (it
+    depends on PYTHONHASHSEED); `mergekit-seed run` takes the recipe's first model's."""
+    import os
+    import subprocess
+    import sys
+
+    _, seeds = tiny_family
+    first, second = shutil.copytree(seeds[0], tmp_path / "a"), shutil.copytree(seeds[1], tmp_path / "b")
+    for folder, theta in ((first, 10000.0), (second, 5000.0)):
+        config = json.loads((folder / "config.json").read_text())
+        config["rope_parameters"] = dict(config.get("rope_parameters") or {"rope_type": "default"}, rope_theta=theta)
+        config.pop("rope_theta", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {second}\n    parameters: {{weight: 0.5}}\n  - model: {first}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    thetas = set()
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / f"out{hash_seed}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, HF_HUB_OFFLINE="1")
+        done = subprocess.run([str(Path(sys.executable).parent / "mergekit-seed"), "run", str(recipe), str(out), "--quiet"],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "torch_dtype" not in done.stderr  # transformers' deprecation of what mergekit sets: noise under --quiet
+        thetas.add(json.loads((out / "config.json").read_text())["rope_parameters"]["rope_theta"])
+    assert thetas == {5000.0}  # the recipe's first model, every time
+
+    # reproduce --check compares config.json too: a merge whose config differs is not a match
+    changed = shutil.copytree(tmp_path / "out1", tmp_path / "changed")
+    config = json.loads((changed / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 10000.0
+    (changed / "config.json").write_text(json.dumps(config))
+    result = run_cli("mergekit-seed", "reproduce", tmp_path / "out1", tmp_path / "again", "--recipe", recipe, "--check", changed, "--quiet")
+    assert result.returncode == 1 and "config.json: rope_parameters is" in result.stderr
