@@ -23,6 +23,11 @@ def register() -> list[str]:
     return register_methods()
 
 
+def __dir__() -> list[str]:
+    # the lazily imported API is part of the package's namespace too
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str) -> object:
     # the API is imported on first use, so that `import mergekit_seed` (run from the .pth
     # hook at every interpreter start) stays cheap

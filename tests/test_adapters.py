@@ -307,3 +307,13 @@ def test_filter_conditions_choose_parameters_per_module(adapter_family, tmp_path
         else:
             torch.testing.assert_close(result[name], expected[name])
             assert not torch.equal(result[name], base_weights[name])
+
+
+def test_rank_auto_says_when_the_break_even_cap_kept_less_than_asked(tiny_loras, tmp_path):
+    base = tiny_loras[0]
+    # two rank-12 seeds: their mean has rank up to 24, past the 32x32 break-even rank of 16
+    seeds = [save_random_lora(base, tmp_path / f"s{i}", r=12, seed=10 + i) for i in range(2)]
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(recipe_text("seedlora_dm", None, seeds, output={"rank": "auto", "energy": 0.999}))
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    assert "kept less than the 0.999 asked for because rank auto stops at the break-even rank" in result.stdout

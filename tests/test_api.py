@@ -141,3 +141,10 @@ def test_num_threads_applies_to_every_merge_in_one_process(tiny_family, tmp_path
     process = run_python(code)
     assert process.returncode == 0, process.stderr
     assert process.stdout.split() == ["1", "2", "1"]
+
+
+def test_the_lazy_api_is_in_the_package_namespace():
+    import mergekit_seed
+
+    assert {"merge", "MergeResult", "RecipeProblems", "UserError", "register"} <= set(dir(mergekit_seed))
+    assert callable(mergekit_seed.merge) and "revisions" in mergekit_seed.merge.__doc__

@@ -87,9 +87,17 @@ def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], N
         return
     if output.rank is not None:
         lowest = min(modules, key=lambda module: module.kept_energy)
+        capped = [m for m in modules if output.rank == "auto" and m.kept_energy < output.energy]
+        # rank auto keeps the smallest rank reaching output.energy, so a module below it hit the cap
+        cap_note = (
+            f"; {len(capped)} module(s) kept less than the {output.energy} asked for because rank auto stops at the "
+            "break-even rank m*n/(m+n), past which LoRA factors hold more numbers than the dense weights "
+            "(output.format: full keeps everything)"
+            if capped else ""
+        )
         report(
             f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
-            f"to {max(m.kept_energy for m in modules):.4f}"
+            f"to {max(m.kept_energy for m in modules):.4f}{cap_note}"
         )
         for module in modules:
             LOG.info("%s: rank %d, kept energy %.6f", module.name, module.rank, module.kept_energy)
