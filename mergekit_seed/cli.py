@@ -191,7 +191,7 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
     last line says so); 1: problems, one line each; 2: no problem found, but some inputs could
     not be checked (the Hub could not be asked), each named.
     """
-    from mergekit_seed.recipe import check_files
+    from mergekit_seed.recipe import check_files, recipe_warnings
 
     problems: List[str] = []
     not_checked: List[str] = []
@@ -204,6 +204,8 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
         problems += check_recipe(recipe, path)
         if not offline:
             problems += check_files(recipe, path, allow_crimes=allow_crimes, not_checked=not_checked)
+        for warning in recipe_warnings(recipe):
+            click.echo(f"warning: {path}: {warning}", err=True)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     if problems:

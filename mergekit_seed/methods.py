@@ -545,6 +545,11 @@ class RecipeParameterError(click.ClickException, ValueError):
         click.echo(f"error: {self.message}", file=file, err=True)
 
 
+def is_ours(method: Any) -> bool:
+    """Whether a registered mergekit method is one of this package's."""
+    return isinstance(method, SeedMergeMethod)
+
+
 def _check_planned_parameters(config: Any) -> None:
     """mergekit resolves only the parameters a method declares and ignores the rest, so a
     misspelt one (``rnak``) would merge with the default; for our methods, refuse it."""
@@ -552,7 +557,7 @@ def _check_planned_parameters(config: Any) -> None:
         method = registry.get(config.merge_method)
     except Exception:
         return  # mergekit reports an unknown method itself
-    if not isinstance(method, SeedMergeMethod):
+    if not is_ours(method):
         return  # mergekit's methods keep mergekit's behaviour
     for where, settings in parameter_sections(config):
         for name in settings:

@@ -299,7 +299,7 @@ def _scalar_leaves(setting: Any) -> Iterable[Any]:
 
 
 def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter: bool) -> List[str]:
-    from mergekit_seed.methods import unknown_parameter_problem  # imports torch and mergekit's methods
+    from mergekit_seed.methods import is_ours, unknown_parameter_problem  # imports torch and mergekit's methods
 
     problems: List[str] = []
     specs = {p.name: p for p in method.spec.parameters}
@@ -310,7 +310,8 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
             problems.append(f"{where}: parameter '{name}': {form_problem}")
             continue
         if spec is None:
-            problems.append(unknown_parameter_problem(method, name, where))
+            if is_ours(method):  # mergekit's own methods ignore it: recipe_warnings says so
+                problems.append(unknown_parameter_problem(method, name, where))
             continue
         for value in _scalar_leaves(setting):
             if value is None:
@@ -680,6 +681,20 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
     """Things that are allowed but worth saying (for example a base that is not an input)."""
     warnings = []
     config = recipe.config
+    from mergekit import merge_methods
+
+    from mergekit_seed.methods import is_ours, parameter_sections, unknown_parameter_problem  # (same: torch)
+
+    try:
+        method = merge_methods.get(config.merge_method)
+    except RuntimeError:
+        method = None
+    if method is not None and not is_ours(method):
+        for where, settings in parameter_sections(config):
+            for name in settings:
+                problem = unknown_parameter_problem(method, name, where)
+                if problem:
+                    warnings.append(f"{problem}; mergekit ignores it, as stock mergekit-yaml does")
     if config.merge_method == "lore" and config.base_model is not None and not recipe.is_adapter_recipe:
         warnings.append(
             f"base_model {config.base_model} is not an input of lore (it needs no base); "

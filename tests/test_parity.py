@@ -274,3 +274,17 @@ def test_the_output_config_is_the_first_models_whatever_the_hash_seed(tiny_famil
     (changed / "config.json").write_text(json.dumps(config))
     result = run_cli("mergekit-seed", "reproduce", tmp_path / "out1", tmp_path / "again", "--recipe", recipe, "--check", changed, "--quiet")
     assert result.returncode == 1 and "config.json: rope_parameters is" in result.stderr
+
+
+def test_an_unknown_parameter_of_a_mergekit_method_is_ignored_with_a_warning_as_stock_does(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5, wieght_x: 1}}\n"
+        f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\nparameters:\n  normalise: true\ndtype: float32\n"
+    )
+    checked = run_cli("mergekit-seed", "validate", recipe)
+    assert checked.returncode == 0 and "unknown parameter 'normalise' for linear (did you mean 'normalize'?)" in checked.stderr
+    assert "mergekit ignores it" in checked.stderr and "wieght_x" in checked.stderr
+    ours = same_as_stock_mergekit(recipe, tmp_path)
+    assert ours.is_dir()
