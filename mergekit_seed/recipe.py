@@ -331,7 +331,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     """Every problem with a parsed recipe, one line each; empty when it can run."""
     from mergekit import merge_methods
 
-    from mergekit_seed.methods import parameter_sections, register  # imported here: they import torch and mergekit's methods
+    from mergekit_seed.methods import is_ours, parameter_sections, register  # imported here: they import torch and mergekit's methods
 
     register()
     config = recipe.config
@@ -344,6 +344,12 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         return [f"{path}: unknown merge_method '{config.merge_method}'{hint}"]
 
     adapter = recipe.is_adapter_recipe
+    if adapter and not is_ours(method):
+        ours = ", ".join(m.spec.name for m in merge_methods.registered_methods() if is_ours(m))
+        return [
+            f"{path}: merge_method {config.merge_method} is mergekit's; the adapter engine (models: adapter folders) runs {ours}. "
+            f"For {config.merge_method}, list each seed as model: BASE+ADAPTER and mergekit merges the materialised models"
+        ]
     problems = []
     for where, settings in parameter_sections(config):
         problems += _check_parameters(method, settings, f"{path}: {where}", adapter)

@@ -288,3 +288,11 @@ def test_an_unknown_parameter_of_a_mergekit_method_is_ignored_with_a_warning_as_
     assert "mergekit ignores it" in checked.stderr and "wieght_x" in checked.stderr
     ours = same_as_stock_mergekit(recipe, tmp_path)
     assert ours.is_dir()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_an_adapter_recipe_with_a_mergekit_method_is_one_line(tiny_loras, tmp_path, method):
+    base, loras = tiny_loras
+    recipe = write_recipe(tmp_path / "r.yml", method, base, loras)
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), f"merge_method {method} is mergekit's", "seedft", "BASE+ADAPTER")
