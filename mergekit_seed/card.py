@@ -253,17 +253,16 @@ def hash_inputs(recipe, references) -> Dict[str, Dict[str, Any]]:
 
 
 def resolved_parameters(method, config) -> Dict[str, Any]:
-    """Global parameters as the recipe sets them, with every default filled in."""
+    """The recipe's global ``parameters:`` (per-model ones set there included), with every
+    global default filled in, from the method's mergekit spec (ours and mergekit's alike)."""
     given = config.parameters or {}
+    shown_defaults = {p.name: p.shown_default for p in getattr(method, "parameters", ()) if p.shown_default is not None}
     resolved = {}
-    for parameter in getattr(method, "parameters", ()):
-        if parameter.scope.value != "shared":
-            continue
-        if parameter.name in given:
+    for parameter in method.spec.parameters:
+        if parameter.name in given:  # a per-model parameter set here is every model's default
             resolved[parameter.name] = given[parameter.name]
-        else:
-            shown = parameter.default if parameter.shown_default is None else parameter.shown_default
-            resolved[parameter.name] = shown
+        elif parameter.scope.value == "shared" and not parameter.required:
+            resolved[parameter.name] = shown_defaults.get(parameter.name, parameter.default)
     return resolved
 
 
@@ -348,12 +347,15 @@ def render_card(
     input_flags = "".join(f" --input {label}=PATH" for label in labels.values())
     option_text = "".join(f" {flag}" for flag in option_flags(options))
     kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
+    from mergekit_seed.methods import is_ours  # here: methods imports torch, which reading a card does not need
+
+    merged_from = f"{len(seeds)} seed runs" if is_ours(method) else f"{len(seeds)} models"
     return f"""---
 {yaml.safe_dump(metadata, sort_keys=False).strip()}
 ---
 # {title}
 
-This is {kind_text} merged from {len(seeds)} seed runs with
+This is {kind_text} merged from {merged_from} with
 [mergekit-seed](https://pypi.org/project/mergekit-seed/) {provenance['version']} on
 [mergekit](https://github.com/arcee-ai/mergekit) {provenance['mergekit_version']}.
 

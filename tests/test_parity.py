@@ -296,3 +296,17 @@ def test_an_adapter_recipe_with_a_mergekit_method_is_one_line(tiny_loras, tmp_pa
     recipe = write_recipe(tmp_path / "r.yml", method, base, loras)
     for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
         refused(run_cli("mergekit-seed", *command), f"merge_method {method} is mergekit's", "seedft", "BASE+ADAPTER")
+
+
+def test_a_card_for_a_mergekit_method_lists_its_parameters_and_no_seed_runs(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "ties", base, seeds[:2], {"density": 0.7, "weight": 0.5})
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| `density` | `0.7` | recipe |" in card and "| `normalize` | `true` | default |" in card
+    assert "merged from 2 models" in card and "seed runs" not in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["mergekit_seed"]["parameters"]["density"] == 0.7
+    ours = write_recipe(tmp_path / "s.yml", "seedft", base, seeds[:2])
+    run_cli("mergekit-seed", "run", ours, tmp_path / "seedft", "--quiet", check=True)
+    assert "merged from 2 seed runs" in (tmp_path / "seedft" / "README.md").read_text()
