@@ -37,6 +37,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
+from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import (
@@ -569,7 +570,8 @@ def _check_planned_parameters(config: Any) -> None:
 def install_planner_check() -> None:
     """Wrap mergekit's ``MergePlanner.__init__`` once so that every route (stock
     ``mergekit-yaml``, ``mergekit.merge.run_merge``, ours) checks our methods' parameter names
-    before any tensor is read; other methods pass through unchanged."""
+    before any tensor is read; other methods pass through unchanged. Called when
+    ``mergekit.plan`` is imported (it pulls in transformers, which an adapter merge never needs)."""
     try:
         from mergekit import plan
 
@@ -640,7 +642,7 @@ def register_all() -> List[str]:
 
 # Importing this module registers the methods; register_all() is idempotent.
 register_all()
-install_planner_check()
+after_import("mergekit.plan", install_planner_check)
 
 
 def describe(method: SeedMergeMethod) -> Dict[str, Any]:
