@@ -26,7 +26,7 @@ from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
-from mergekit_seed.references.weights import safetensors_shapes
+from mergekit_seed.references.weights import full_model_files, full_model_shapes, safetensors_shapes
 
 
 class OutputSection(BaseModel):
@@ -547,6 +547,7 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
 
 def check_files(
     recipe: Recipe, path: str = "recipe", allow_crimes: bool = False, not_checked: Optional[List[str]] = None,
+    truncate_embeddings: bool = False,
 ) -> List[str]:
     """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
     mixed architectures (unless ``allow_crimes``), and tensors whose shapes differ between
@@ -587,7 +588,7 @@ def check_files(
         folder = Path(reference_paths(reference)[0])
         if not folder.is_dir():
             continue
-        if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file():
+        if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file() and not full_model_files(folder):
             problems.append(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")
             continue
         try:
@@ -597,19 +598,45 @@ def check_files(
                 seed = read_adapter(folder)
                 shapes_by_input[str(folder)] = seed.shapes()
             elif not recipe.is_adapter_recipe:
-                shapes = safetensors_shapes(folder)
-                if shapes:
+                if not full_model_files(folder):
+                    problems.append(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
+                    continue
+                shapes = full_model_shapes(folder)
+                if shapes:  # (.bin checkpoints: mergekit reads them itself)
                     shapes_by_input[str(folder)] = shapes
-                elif not list(folder.glob("*.bin")):  # .bin checkpoints: mergekit reads them itself
-                    problems.append(f"{path}: {folder} has no weights (*.safetensors or *.bin)")
         except UserError as error:
             problems.append(str(error))
     if recipe.is_adapter_recipe and config.base_model and Path(config.base_model).is_dir() and not problems:
         problems += _adapter_base_problems(shapes_by_input, Path(config.base_model), path)
+    if not recipe.is_adapter_recipe and not problems:
+        problems += _missing_required_tensors(shapes_by_input, path)
     if len(shapes_by_input) > 1:
-        # with a tokenizer setting mergekit aligns the vocabularies: embedding rows may differ
-        rows_may_differ = bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
-        problems += _compare_shapes(shapes_by_input, path, recipe.is_adapter_recipe, rows_may_differ)
+        # with a tokenizer setting mergekit aligns the vocabularies, and --unsafe-truncate-embeddings
+        # cuts them to the output's: embedding rows may differ
+        rows_may_differ = truncate_embeddings or bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
+        problems += _compare_shapes(shapes_by_input, path, rows_may_differ)
+    return problems
+
+
+def _missing_required_tensors(shapes_by_input: Dict[str, Dict[str, tuple]], path: str) -> List[str]:
+    """Tensors an input lacks that its architecture needs, by mergekit's own rules: a weight
+    that is not optional must be there under its name, an alias or a tied name (so tied and
+    untied embeddings, stray buffers and models of different depths are all fine)."""
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig
+
+    problems = []
+    for folder, shapes in shapes_by_input.items():
+        try:
+            model_config = AutoConfig.from_pretrained(folder)
+            architecture = arch_info_for_config(model_config)
+            weights = architecture.all_weights(model_config) if architecture is not None else []
+        except Exception:  # an architecture mergekit does not know: it says so when it plans
+            continue
+        for weight in weights:
+            names = [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]
+            if not weight.optional and not any(name in shapes for name in names):
+                problems.append(f"{path}: tensor {weight.name} is missing in {folder} (its architecture needs it)")
     return problems
 
 
@@ -632,9 +659,9 @@ def _adapter_base_problems(shapes_by_seed: Dict[str, Dict[str, tuple]], base: Pa
     return problems
 
 
-def _compare_shapes(
-    shapes_by_input: Dict[str, Dict[str, tuple]], path: str, allow_missing: bool, rows_may_differ: bool = False
-) -> List[str]:
+def _compare_shapes(shapes_by_input: Dict[str, Dict[str, tuple]], path: str, rows_may_differ: bool = False) -> List[str]:
+    """A tensor the inputs share must have one shape in all of them (a tensor only some have is
+    fine here: which ones an input needs is :func:`_missing_required_tensors`'s question)."""
     problems = []
     all_names = sorted(set().union(*shapes_by_input.values()))
     for name in all_names:
@@ -645,9 +672,6 @@ def _compare_shapes(
         if len(distinct) > 1:
             listing = ", ".join(f"{folder} {shape}" for folder, shape in present.items())
             problems.append(f"{path}: tensor {name} has different shapes: {listing}")
-        elif not allow_missing and len(present) < len(shapes_by_input):
-            absent = sorted(set(shapes_by_input) - set(present))
-            problems.append(f"{path}: tensor {name} is missing in {', '.join(absent)}")
     return problems
 
 
@@ -701,6 +725,16 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
                 problem = unknown_parameter_problem(method, name, where)
                 if problem:
                     warnings.append(f"{problem}; mergekit ignores it, as stock mergekit-yaml does")
+    if not recipe.is_adapter_recipe:
+        from mergekit_seed.references.adapters import holds_model_and_adapter  # (same: torch)
+
+        for reference in config.referenced_models():
+            folder = reference_paths(reference)[0]
+            if holds_model_and_adapter(folder):
+                warnings.append(
+                    f"{folder} holds a full model and an adapter (adapter_config.json); it is merged as the full "
+                    "model, as mergekit reads it (to merge the adapter, give a folder that holds only the adapter)"
+                )
     if config.merge_method == "lore" and config.base_model is not None and not recipe.is_adapter_recipe:
         warnings.append(
             f"base_model {config.base_model} is not an input of lore (it needs no base); "

@@ -340,11 +340,12 @@ def check_device(options: Options, work: str = "merge") -> None:
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def validate(recipe: Recipe, allow_crimes: bool = False) -> None:
-    """Every up-front check of a parsed recipe; raises :class:`RecipeProblems` listing them all."""
+def validate(recipe: Recipe, allow_crimes: bool = False, truncate_embeddings: bool = False) -> None:
+    """Every up-front check of a parsed recipe; raises :class:`RecipeProblems` listing them all.
+    ``allow_crimes`` and ``truncate_embeddings`` are mergekit's options of those names."""
     problems = check_recipe(recipe, recipe.origin)
     if not problems:
-        problems = check_files(recipe, recipe.origin, allow_crimes=allow_crimes)
+        problems = check_files(recipe, recipe.origin, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
     if problems:
         raise RecipeProblems(problems)
 
@@ -390,7 +391,8 @@ def merge(
     out_path = resolve_output(out)
     check_output_location(out_path, input_paths(recipe) + [Path(path) for path in protected])
     allow_crimes = getattr(options, "allow_crimes", False)
-    validate(recipe, allow_crimes=allow_crimes)
+    truncate_embeddings = getattr(options, "unsafe_truncate_embeddings", False)
+    validate(recipe, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
     for warning in recipe_warnings(recipe):
         warn(warning)
     check_device(options)
@@ -407,7 +409,7 @@ def merge(
         local, base_inputs = localize(local, revisions, [str(reference) for reference in merge_inputs(local, method)])
         hub_inputs += base_inputs
     if hub_inputs:
-        validate(local, allow_crimes=allow_crimes)
+        validate(local, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
         check_output_location(out_path, input_paths(local))
     kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
     # rendered first: the inputs are hashed as they are when the merge reads them, and

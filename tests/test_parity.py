@@ -310,3 +310,102 @@ def test_a_card_for_a_mergekit_method_lists_its_parameters_and_no_seed_runs(tiny
     ours = write_recipe(tmp_path / "s.yml", "seedft", base, seeds[:2])
     run_cli("mergekit-seed", "run", ours, tmp_path / "seedft", "--quiet", check=True)
     assert "merged from 2 seed runs" in (tmp_path / "seedft" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ tensor sets stock merges
+
+
+def tiny_llama_variant(path: Path, seed: int, **overrides) -> Path:
+    """A tiny LLaMA with some settings changed (tied embeddings, depth, vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mergekit_seed.tools.demo.task import save_tokenizer
+    from mergekit_seed.tools.demo.tiny import TINY_LLAMA, TINY_VOCABULARY
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).save_pretrained(path)
+    save_tokenizer(path, TINY_VOCABULARY)
+    return path
+
+
+def add_tensors(folder: Path, file_name: str, tensors: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target = folder / file_name
+    existing = load_file(target) if target.is_file() else {}
+    save_file({**existing, **tensors}, target, metadata={"format": "pt"})
+
+
+def test_tied_and_untied_embeddings_merge_as_stock(tmp_path):
+    tied = tiny_llama_variant(tmp_path / "tied", 0, tie_word_embeddings=True)
+    untied = tiny_llama_variant(tmp_path / "untied", 1)
+    from safetensors import safe_open
+
+    with safe_open(tied / "model.safetensors", "pt") as reader:
+        assert "lm_head.weight" not in reader.keys()  # transformers saves a tied head once
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {tied}\nmodels:\n  - model: {tied}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {untied}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    same_as_stock_mergekit(recipe, tmp_path)
+
+
+def test_stray_buffers_and_extra_weight_files_merge_as_stock(tiny_family, tmp_path):
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    add_tensors(seeds[0], "model.safetensors", {"model.rotary_emb.inv_freq": torch.ones(4)})
+    # a Mistral-style consolidated file beside model.safetensors: mergekit does not read it
+    add_tensors(seeds[1], "consolidated.safetensors", {"layers.0.attention.wq.weight": torch.ones(3, 3)})
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    same_as_stock_mergekit(recipe, tmp_path)
+    # a tensor the architecture needs is still one line
+    broken = shutil.copytree(seeds[2], tmp_path / "broken")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    bad = write_recipe(tmp_path / "bad.yml", "seedlora_dm", base, [seeds[0], broken])
+    refused(run_cli("mergekit-seed", "run", bad, tmp_path / "o"), "model.layers.1.mlp.down_proj.weight is missing in", str(broken))
+
+
+def test_a_passthrough_frankenmerge_across_depths_merges_as_stock(tmp_path):
+    shallow = tiny_llama_variant(tmp_path / "shallow", 0)
+    deep = tiny_llama_variant(tmp_path / "deep", 1, num_hidden_layers=4)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        "merge_method: passthrough\nslices:\n"
+        f"  - sources:\n      - model: {shallow}\n        layer_range: [0, 2]\n"
+        f"  - sources:\n      - model: {deep}\n        layer_range: [2, 4]\n"
+        "dtype: float32\n"
+    )
+    ours = same_as_stock_mergekit(recipe, tmp_path)
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_a_full_model_folder_that_also_holds_an_adapter_is_a_full_model(tiny_family, tmp_path):
+    """People save the adapter next to the model merged from it: the folder is a full model,
+    as mergekit reads it, and the run says so."""
+    from conftest import save_random_lora
+
+    base, seeds = copy_family(tiny_family, tmp_path / "family")
+    adapter = save_random_lora(base, tmp_path / "lora", r=2, seed=3)
+    for seed in seeds:
+        for file in adapter.iterdir():
+            shutil.copy(file, seed / file.name)
+    for method in ("seedft", "linear"):
+        recipe = write_recipe(tmp_path / f"{method}.yml", method, base, seeds, {"weight": 0.5} if method == "linear" else None)
+        out = tmp_path / method
+        result = run_cli("mergekit-seed", "run", recipe, out)
+        assert result.returncode == 0, result.stderr
+        assert "holds a full model and an adapter" in result.stderr and "merged as the full model" in result.stderr
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
+    same_as_stock_mergekit(tmp_path / "seedft.yml", tmp_path / "stock-check")
+
+
+def test_unsafe_truncate_embeddings_merges_a_larger_vocabulary_as_stock(tmp_path):
+    base = tiny_llama_variant(tmp_path / "base", 0)
+    larger = tiny_llama_variant(tmp_path / "larger", 1, vocab_size=72)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {larger}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "refused"), "model.embed_tokens.weight has different shapes")
+    same_as_stock_mergekit(recipe, tmp_path, "--unsafe-truncate-embeddings")

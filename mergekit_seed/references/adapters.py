@@ -22,7 +22,7 @@ from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import safetensors_index
+from mergekit_seed.references.weights import full_model_files, safetensors_index
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -112,8 +112,15 @@ class AdapterSeed:
 
 
 def is_adapter_folder(path: str | Path) -> bool:
-    """A PEFT LoRA or SeRA adapter folder (it has an ``adapter_config.json``)."""
-    return Path(path, CONFIG_NAME).is_file()
+    """A PEFT LoRA or SeRA adapter folder: it has an ``adapter_config.json`` and no full-model
+    weights. A folder with both (an adapter saved next to the model merged from it) is a full
+    model, as mergekit reads it (:func:`holds_model_and_adapter` tells them apart)."""
+    return Path(path, CONFIG_NAME).is_file() and not full_model_files(Path(path))
+
+
+def holds_model_and_adapter(path: str | Path) -> bool:
+    """A full model folder that also holds an adapter config (merged as the full model)."""
+    return Path(path, CONFIG_NAME).is_file() and bool(full_model_files(Path(path)))
 
 
 def _read_config(folder: Path) -> dict:

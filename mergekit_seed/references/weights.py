@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, List
 
 from mergekit_seed.errors import UserError
 
@@ -12,6 +12,31 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: hashing and heade
     import torch
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# what mergekit's loader reads for a full model (ShardedTensorIndex.from_disk), in its order
+FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def full_model_files(folder: Path) -> List[Path]:
+    """The weight files mergekit reads for a full model in ``folder``: ``model.safetensors``
+    or the shards its ``.index.json`` names, else the same for ``pytorch_model.bin``; [] when
+    the folder has none (an adapter folder, or only other files such as a Mistral
+    ``consolidated.safetensors``, which mergekit does not read)."""
+    import json
+
+    folder = Path(folder)
+    for name in FULL_MODEL_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+                raise UserError(f"{index}: not a weight index mergekit can read ({type(error).__name__}: {str(error)[:120]})") from None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: its weight_map is not a mapping of tensor names to files")
+            return [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+        if (folder / name).is_file():
+            return [folder / name]
+    return []
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
@@ -71,6 +96,16 @@ def safetensors_index(files) -> Dict[str, tuple]:
         except (SafetensorError, OSError, ValueError) as error:
             raise UserError(f"{file}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
     return index
+
+
+def full_model_shapes(folder: Path) -> Dict[str, tuple]:
+    """{tensor name: shape} of the safetensors files mergekit reads for a full model
+    (:func:`full_model_files`); empty for ``.bin`` checkpoints, which mergekit reads itself."""
+    files = [file for file in full_model_files(folder) if file.suffix == ".safetensors"]
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file}: named by the folder's weight index but missing")
+    return {name: shape for name, (_, shape) in safetensors_index(files).items()}
 
 
 def safetensors_shapes(folder: Path) -> Dict[str, tuple]:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.sera import load_sera
+from mergekit_seed.references.adapters import is_adapter_folder
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import safetensors_shapes
@@ -119,9 +120,10 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _adapter_config(folder: Path) -> Optional[dict]:
-    """The adapter's settings when ``folder`` is an adapter (it has ``adapter_config.json``)."""
+    """The adapter's settings when ``folder`` is an adapter (an ``adapter_config.json`` and no
+    full-model weights, the rule merges follow)."""
     config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
+    if not is_adapter_folder(folder):
         return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
