@@ -438,11 +438,13 @@ def merge(
             if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
                 # mergekit needs a folder for the BASE+ADAPTER copies it merges first
                 options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
-            # mergekit keeps the configuration it is given (mergekit_config.yml): the one
-            # without local paths, as in the card
+            # mergekit's own card step is skipped: ours replaces its README.md, and it looks
+            # names up on the Hub (a relative local path fails offline, or waits on the network)
             with _without_torch_dtype_deprecation():
-                run_merge(in_recipe_order(local.config), str(staging), options=options, config_source=public_recipe_text(recipe))
+                run_merge(in_recipe_order(local.config), str(staging), options=options.model_copy(update={"write_model_card": False}))
             shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
+            if write_card:  # what mergekit's card step writes beside the card: the recipe, without local paths
+                (staging / "mergekit_config.yml").write_text(public_recipe_text(recipe), encoding="utf-8")
         check_finite_output(staging)
         if write_card:
             (staging / CARD_NAME).write_text(card, encoding="utf-8")

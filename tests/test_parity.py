@@ -409,3 +409,18 @@ def test_unsafe_truncate_embeddings_merges_a_larger_vocabulary_as_stock(tmp_path
                       f"  - model: {larger}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "refused"), "model.embed_tokens.weight has different shapes")
     same_as_stock_mergekit(recipe, tmp_path, "--unsafe-truncate-embeddings")
+
+
+def test_relative_model_paths_merge_without_asking_the_hub(tiny_family, tmp_path, monkeypatch):
+    """mergekit's own card step looks `a` up on the Hub (a raw traceback offline); our run
+    writes its own card and mergekit_config.yml instead."""
+    _, seeds = tiny_family
+    for name, seed in zip("ab", seeds):
+        shutil.copytree(seed, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    Path("r.yml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 0.5}\n"
+                             "  - model: b\n    parameters: {weight: 0.5}\ndtype: float32\n")
+    run_cli("mergekit-seed", "run", "r.yml", "out", "--quiet", check=True)
+    written = yaml.safe_load(Path("out/mergekit_config.yml").read_text())
+    assert [entry["model"] for entry in written["models"]] == ["input0", "input1"]
+    assert "mergekit-seed" in Path("out/README.md").read_text()
