@@ -148,3 +148,37 @@ def test_the_lazy_api_is_in_the_package_namespace():
 
     assert {"merge", "MergeResult", "RecipeProblems", "UserError", "register"} <= set(dir(mergekit_seed))
     assert callable(mergekit_seed.merge) and "revisions" in mergekit_seed.merge.__doc__
+
+
+def test_a_second_plugin_installed_beside_ours_that_claims_one_of_our_names(tmp_path):
+    """Another plugin with the same kind of .pth hook, registering `lore` when mergekit's
+    registry is imported. Our hook claims our names at that first import, so theirs comes
+    second: mergekit's own register() refuses it with ValueError (in their code), and `lore`
+    stays ours. Both plugins' other methods work."""
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "other_plugin.py").write_text(textwrap.dedent("""
+        import copy, dataclasses
+        from mergekit.merge_methods import registry
+        for name in ("lore", "other_linear"):
+            method = copy.copy(registry.get("linear"))
+            method.spec = dataclasses.replace(method.spec, name=name)
+            try:
+                registry.register(method)
+                print("registered", name)
+            except ValueError as error:
+                print("refused", name, "-", error)
+    """))
+    (site_dir / "zz_other_plugin.pth").write_text("import other_plugin\n")
+    done = run_python("""
+        import site
+        site.addsitedir(sys.argv[1])  # as site-packages does with an installed plugin's .pth
+        from mergekit.merge_methods import registry
+        import mergekit_seed.methods as ours
+        print("lore is ours:", registry.get("lore") is ours.METHODS[[m.spec.name for m in ours.METHODS].index("lore")])
+        print("other_linear:", registry.get("other_linear").spec.name)
+    """.replace("sys.argv[1]", repr(str(site_dir))), prelude="import sys\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("refused lore - ") and "already registered" in line for line in lines), done.stdout
+    assert "registered other_linear" in lines and "lore is ours: True" in lines and "other_linear: other_linear" in lines
