@@ -17,4 +17,15 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-.PHONY: install demo test
+# mergekit 0.1.5's own test modules, from its sdist, with our plugin installed: the plugin must
+# not break its host. (The sdist lacks tests/common.py, so the six modules that import it,
+# test_basic_merges.py among them, cannot run from it and are left out.)
+host-tests: install
+	rm -rf .host-tests && mkdir .host-tests
+	$(BIN)/pip download mergekit==0.1.5 --no-binary :all: --no-deps --quiet -d .host-tests
+	tar xzf .host-tests/mergekit-0.1.5.tar.gz -C .host-tests
+	$(BIN)/python -c "from mergekit.merge_methods import registry; registry.get('seedft')"  # the plugin is active
+	cd .host-tests/mergekit-0.1.5 && HF_HUB_OFFLINE=1 ../../$(BIN)/python -m pytest -q -p no:cacheprovider \
+	    $$(grep -L "from tests" tests/test_*.py)
+
+.PHONY: install demo test host-tests
