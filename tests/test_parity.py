@@ -424,3 +424,51 @@ def test_relative_model_paths_merge_without_asking_the_hub(tiny_family, tmp_path
     written = yaml.safe_load(Path("out/mergekit_config.yml").read_text())
     assert [entry["model"] for entry in written["models"]] == ["input0", "input1"]
     assert "mergekit-seed" in Path("out/README.md").read_text()
+
+
+# ------------------------------------------------------------------ architectures
+
+
+def tiny_model(path: Path, architecture: str, seed: int) -> Path:
+    """A tiny randomly initialised model of ``architecture`` with the demo's tokenizer."""
+    import transformers
+
+    from mergekit_seed.tools.demo.task import save_tokenizer
+    from mergekit_seed.tools.demo.tiny import TINY_VOCABULARY
+
+    configs = {
+        "qwen2-tied": transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "mistral": transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    }
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(configs[architecture]).save_pretrained(path)
+    save_tokenizer(path, TINY_VOCABULARY)
+    return path
+
+
+DETERMINISTIC_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.mark.parametrize("architecture", ["qwen2-tied", "gpt2", "mistral"])
+@pytest.mark.parametrize("method", ["linear", "ties", "seedlora_dm"])
+def test_architectures_merge_as_stock_tensors_config_and_tokenizer(tmp_path, architecture, method):
+    """Tensors bitwise, and the files stock writes deterministically once base_model is given:
+    config.json (transformers_version aside), generation config, tokenizer files. Not compared:
+    README.md (ours is our card) and mergekit_config.yml (local folders labelled inputN)."""
+    base = tiny_model(tmp_path / "base", architecture, 0)
+    seeds = [tiny_model(tmp_path / f"seed{i}", architecture, i + 1) for i in range(2)]
+    parameters = {"weight": 0.5, "density": 0.6} if method == "ties" else ({"weight": 0.5} if method == "linear" else None)
+    recipe = write_recipe(tmp_path / "r.yml", method, base, seeds, parameters)
+    ours = same_as_stock_mergekit(recipe, tmp_path)
+    stock = tmp_path / "stock"
+    for name in DETERMINISTIC_FILES:
+        if not (stock / name).exists():
+            assert not (ours / name).exists(), name
+            continue
+        mine, theirs = json.loads((ours / name).read_text()), json.loads((stock / name).read_text())
+        if name == "config.json":
+            mine.pop("transformers_version", None), theirs.pop("transformers_version", None)
+        assert mine == theirs, name
