@@ -57,6 +57,9 @@ VARIANTS = {
     "gpt2-trainable-tokens": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=TOKENS[:2])),
     # Conv1D and Linear layers in one adapter: PEFT saves fan_in_fan_out as set for the last layer (false)
     "gpt2-conv1d-and-linear": ("gpt2-untied", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "lm_head"])),
+    # only embedding and head: PEFT saves their base layers too (save_embedding_layers), and a
+    # LoRA output must keep them LoRA targets for PEFT to load it
+    "llama-embed-and-head-only": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "lm_head"])),
 }
 
 
@@ -190,6 +193,7 @@ def assert_same_tensors(result, expected, base, where, rtol=1e-4):
 DISTINCT = [
     "llama-seq-cls", "llama-trainable-tokens", "llama-lm-head",
     "gpt2-bias-all", "gpt2-bias-lora-only", "gpt2-lora-bias", "gpt2-trainable-tokens", "gpt2-conv1d-and-linear",
+    "llama-embed-and-head-only",
 ]
 
 

@@ -519,12 +519,18 @@ def write_lora_adapter(
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, int] = {}
     kinds: Dict[str, str] = {}
-    for name, pair in sorted(merged.pairs.items()):
+    pairs = dict(merged.pairs)
+    for name, value in merged.whole.items():
+        # a LoRA layer's weight saved whole (PEFT's save_embedding_layers) whose deltas the
+        # merge folded into its new value: its layer must stay a LoRA target for PEFT to load it
+        if name in merged.module_kinds and name not in pairs and not _saved_whole(name, merged.modules_to_save):
+            pairs[name] = LowRank(torch.zeros(value.shape[0], 0), torch.zeros(0, value.shape[1]))
+    for name, pair in sorted(pairs.items()):
         module = name[: -len(".weight")]
         if pair.rank == 0:
-            if f"{module}.bias" not in merged.bias_deltas:
+            if f"{module}.bias" not in merged.bias_deltas and name not in merged.whole:
                 continue
-            # a lora_B.bias needs its LoRA layer: a rank-1 zero pair carries it
+            # a lora_B.bias, or a weight saved whole, needs its LoRA layer: a rank-1 zero pair carries it
             pair = LowRank(torch.zeros(pair.shape[0], 1), torch.zeros(1, pair.shape[1]))
         kind = merged.module_kinds.get(name, LINEAR)
         ranks[module], kinds[module] = pair.rank, kind
