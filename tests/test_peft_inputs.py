@@ -60,6 +60,17 @@ VARIANTS = {
     # only embedding and head: PEFT saves their base layers too (save_embedding_layers), and a
     # LoRA output must keep them LoRA targets for PEFT to load it
     "llama-embed-and-head-only": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "lm_head"])),
+    # the fields that say what the tensors mean, each set by a variant
+    "llama-rank-alpha-patterns-rslora": ("llama-lm", dict(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3.0}, use_rslora=True,
+    )),
+    "gpt2-fan-in-fan-out": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn"], fan_in_fan_out=True)),
+    "llama-layers-and-exclusions": ("llama-lm", dict(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
+        exclude_modules=["up_proj"], init_lora_weights="gaussian",
+    )),
+    "llama-target-parameters-2d": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=[], target_parameters=["self_attn.q_proj.weight"])),
 }
 
 
@@ -347,3 +358,80 @@ def test_the_engine_and_the_card_agree_on_whether_the_base_is_read(bases, peft_s
         run_cli("mergekit-seed", "run", recipe, tmp_path / method, "--quiet", check=True)
         folders = {entry["folder"] for entry in read_card(tmp_path / method)["provenance"]["inputs"].values()}
         assert (base.name in folders) is hashed, (method, folders)
+
+
+# ------------------------------------------------------------------ refused, by PEFT's own files
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    root = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)).save_pretrained(root / "base")
+    return root / "base"
+
+
+@pytest.mark.parametrize("case", ["alora", "layer_replication", "moe_target_parameters"])
+@pytest.mark.parametrize("output_format", ["lora", "full"])
+def test_peft_adapters_no_delta_can_express_are_refused_in_one_line(bases, tiny_mixtral, tmp_path, case, output_format):
+    """aLoRA acts only after its invocation tokens; layer_replication builds a deeper model;
+    a LoRA on MoE experts' 3-D parameters is no Linear delta. Each was written wrong, exit 0."""
+    base = tiny_mixtral if case == "moe_target_parameters" else bases / "llama-lm"
+    arguments = {
+        "alora": dict(target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6]),
+        "layer_replication": dict(target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]]),
+        "moe_target_parameters": dict(target_modules=[], target_parameters=["experts.gate_up_proj"]),
+    }[case]
+    seeds = [save_peft_seed(base, tmp_path / f"s{i}", i, task_type="CAUSAL_LM", **arguments) for i in range(2)]
+    fragment = {"alora": "alora_invocation_tokens", "layer_replication": "layer_replication", "moe_target_parameters": "gate_up_proj"}[case]
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": output_format})
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), fragment, out=tmp_path / "out")
+    refused(run_cli("mergekit-seed", "validate", recipe), fragment)
+
+
+@pytest.mark.parametrize("change", ["r disagrees with the factors", "r is a boolean", "int8 factors"])
+def test_a_config_that_disagrees_with_its_tensors_is_refused(bases, tmp_path, change):
+    from safetensors.torch import load_file, save_file
+
+    base = bases / "llama-lm"
+    seeds = [save_peft_seed(base, tmp_path / f"s{i}", i, task_type="CAUSAL_LM", target_modules=["q_proj"]) for i in range(2)]
+    config_path = seeds[1] / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if change == "r disagrees with the factors":
+        config["r"] = 2  # the factors have rank 4
+        fragment = "has rank 4 but adapter_config.json says 2"
+    elif change == "r is a boolean":
+        config["r"] = True
+        fragment = "field 'r'"
+    else:
+        tensors = load_file(seeds[1] / "adapter_model.safetensors")
+        save_file({key: (value * 100).to(torch.int8) for key, value in tensors.items()}, seeds[1] / "adapter_model.safetensors")
+        fragment = "is int8"
+    config_path.write_text(json.dumps(config))
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": "lora"})
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), str(seeds[1]), fragment, out=tmp_path / "out")
+
+
+def test_every_lora_config_field_is_read_refused_or_without_effect():
+    """A new PEFT release cannot slip a LoraConfig field past the reader: each field of the
+    pinned peft is read (and covered by an exactness variant above), refused, or listed as
+    changing nothing in what the saved tensors mean."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from mergekit_seed.references.adapters import LORA_FIELDS_REFUSED, LORA_FIELDS_WITHOUT_EFFECT, LoraFolderConfig
+
+    fields = {field.name for field in dataclasses.fields(LoraConfig)}
+    read = set(LoraFolderConfig.model_fields) - {"peft_type", "base_model_name_or_path", "task_type"}
+    classified = read | set(LORA_FIELDS_REFUSED) | set(LORA_FIELDS_WITHOUT_EFFECT)
+    assert fields - classified == set(), "LoraConfig fields nobody decided about"
+    assert not set(LORA_FIELDS_REFUSED) & set(LORA_FIELDS_WITHOUT_EFFECT)
+    # every field the reader interprets is set by a PEFT variant whose merge is checked exactly
+    exercised = {name for _, arguments in VARIANTS.values() for name in arguments}
+    exercised |= {"r", "lora_alpha"}  # every variant
+    untested = read - exercised - {"use_dora"}  # use_dora: refused (LORA_FIELDS_REFUSED's reason is DoRA's too)
+    assert untested == set(), f"fields read but set by no exactness variant: {untested}"

@@ -35,7 +35,7 @@ class LoraFolderConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     peft_type: str = "LORA"
-    r: int = Field(ge=1)
+    r: int = Field(ge=1, strict=True)  # `r: true` is not a rank
     lora_alpha: float = Field(allow_inf_nan=False)
     use_rslora: bool = False
     use_dora: bool = False
@@ -49,6 +49,47 @@ class LoraFolderConfig(BaseModel):
     lora_bias: bool = False
     modules_to_save: Optional[List[str]] = None
     trainable_token_indices: Optional[Union[List[int], Dict[str, List[int]]]] = None
+    target_parameters: Optional[List[str]] = None
+
+
+# LoraConfig fields (peft 0.21) whose non-default value makes the adapter compute something a
+# low-rank delta of the base's weights cannot hold, or that this reader cannot vouch for; each
+# is refused in one line. tests/test_peft_inputs.py checks that every LoraConfig field is here,
+# read by LoraFolderConfig, or listed in LORA_FIELDS_WITHOUT_EFFECT.
+LORA_FIELDS_REFUSED = {
+    "use_dora": "DoRA adapters rescale the weight's columns: not a low-rank delta",
+    "alora_invocation_tokens": (
+        "an activated LoRA (aLoRA) changes the model only after its invocation tokens appear; merged into "
+        "weights it would act everywhere (PEFT refuses to merge aLoRA too)"
+    ),
+    "layer_replication": (
+        "PEFT builds a deeper model by repeating base layers for this adapter; neither a LoRA output nor the "
+        "base's tensors can hold that"
+    ),
+    "use_qalora": "QA-LoRA pools the layer's inputs before the LoRA product: not a low-rank delta of the weight",
+    "arrow_config": "Arrow routes between several LoRA experts per token: not one delta",
+    "kasa_config": "KaSA changes the base weights' singular values: not a delta from the original base",
+    "lora_ga_config": "LoRA-GA initialises from gradients and changes the base weights: not a delta from the original base",
+    "monteclora_config": "MonteCLoRA's adapter is a distribution, not one fixed delta; mergekit-seed cannot vouch for it",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA) is not read by mergekit-seed; its factors would be misread",
+    "velora_config": "VeLoRA changes how the adapter is trained and run; mergekit-seed cannot vouch for it",
+}
+# fields that change nothing in what the saved tensors mean: metadata, training-time settings,
+# and which modules the adapter covers (the saved tensors say that themselves)
+LORA_FIELDS_WITHOUT_EFFECT = (
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "megatron_config", "megatron_core", "runtime_config", "eva_config", "corda_config",
+    "loftq_config", "qalora_group_size", "ensure_weight_tying",
+)
+
+
+def _refused_field_problem(config: dict) -> Optional[str]:
+    for name, reason in LORA_FIELDS_REFUSED.items():
+        value = config.get(name)
+        if value not in (None, False, [], {}, ""):
+            return f"{name} {json.dumps(value)[:60]}: {reason}; it is refused, and so is a merge through checkpoints"
+    return None
 
 
 @dataclass
@@ -281,6 +322,15 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
         raise UserError(
             f"{folder / CONFIG_NAME}: DoRA adapters (use_dora) are not a low-rank delta; merge them with model: BASE+ADAPTER"
         )
+    problem = _refused_field_problem(config)
+    if problem:
+        raise UserError(f"{folder / CONFIG_NAME}: {problem}")
+    for target in lora.target_parameters or []:
+        if target.rsplit(".", 1)[-1] != "weight":
+            raise UserError(
+                f"{folder / CONFIG_NAME}: target_parameters {target!r}: a LoRA on a parameter that is not a layer's weight "
+                "(such as MoE experts' 3-D gate_up_proj) is not a delta this reader can place; it is refused"
+            )
     problem = modified_base_problem(lora.init_lora_weights)
     if problem:
         raise UserError(f"{folder / CONFIG_NAME}: {problem}")
@@ -313,8 +363,16 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     for key, tensor in tensors.items():
         role, target = lora_key_role(key, modules_to_save, lora.bias)
         module = target.rsplit(".", 1)[0]
+        if role in (LORA_A, LORA_B, EMBEDDING_A, EMBEDDING_B, BIAS_DELTA) and not tensor.is_floating_point():
+            raise UserError(f"{file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point (PEFT refuses to load this adapter too); save the adapter unquantized")
         if role == LORA_A:
             A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
+            rank = _pattern_value(lora.rank_pattern, module, lora.r)
+            if A.dim() == 2 and A.shape[0] != rank:
+                raise UserError(
+                    f"{file}: {key} has rank {A.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
+                    "the scaling would be wrong, and PEFT refuses to load it: re-save the adapter"
+                )
             if A.dim() != 2 or B.dim() != 2:
                 raise UserError(f"{file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
             if A.shape[0] != B.shape[1]:
@@ -329,6 +387,12 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
             B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
             if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
                 raise UserError(f"{file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
+            rank = _pattern_value(lora.rank_pattern, module, lora.r)
+            if tensor.shape[0] != rank:
+                raise UserError(
+                    f"{file}: {key} has rank {tensor.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
+                    "the scaling would be wrong, and PEFT refuses to load it: re-save the adapter"
+                )
             # weight (num_embeddings, dim) += scaling * (B A)^T
             seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, scaling_of(module) * B.T)
             seed.module_kinds[f"{module}.weight"] = EMBEDDING
