@@ -30,7 +30,7 @@ from mergekit_seed.recipe import (
     substitute_references,
 )
 from mergekit_seed.references.hub import is_hub_id
-from mergekit_seed.references.weights import load_weights, sha256_file, weight_file_hashes
+from mergekit_seed.references.weights import WEIGHT_PATTERNS, load_weights, sha256_file, weight_file_hashes
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -517,7 +517,7 @@ def recorded_folders(recorded: Dict[str, Any], recipe, labels: Optional[Dict[str
         if LABEL.fullmatch(key):
             if int(key[5:]) < len(folders):
                 found[key] = folders[int(key[5:])]
-        else:
+        elif key in folders:  # a card is untrusted: only a folder its recipe names
             found[key] = key
     return found
 
@@ -532,8 +532,14 @@ def verify_inputs(recorded: Dict[str, Any], folders: Dict[str, str]) -> List[str
             problems.append(f"{key} ({name}): the recipe has no such local input")
             continue
         files = (entry.get("files") or {}) if "files" in entry or "folder" in entry else entry
+        # a card is untrusted: it may name only weight files inside the input folders, never a
+        # path (absolute, ../) that would make reproduce read and hash any file
+        weight_files = {path.name for pattern in WEIGHT_PATTERNS for path in Path(folders[key]).glob(pattern)}
         for name, digest in files.items():
             path = Path(folders[key]) / name
+            if Path(name).name != name or name in ("", ".", "..") or (name not in weight_files and path.exists()):
+                problems.append(f"{key}: the card names {name!r}, which is not a weight file in the input's folder; refused")
+                continue
             if not path.is_file():
                 problems.append(f"input {path} is missing")
             elif sha256_file(path) != digest:

@@ -295,7 +295,7 @@ def reproduce_command(
         verify_inputs,
     )
     from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
-    from mergekit_seed.recipe import parse_recipe
+    from mergekit_seed.recipe import hub_references, parse_recipe
     from mergekit_seed.references.weights import weight_files
 
     try:
@@ -334,7 +334,8 @@ def reproduce_command(
         if recorded_version and recorded_version != installed:
             click.echo(f"warning: the merge was made with {package} {recorded_version}; {installed} is installed", err=True)
     hub_inputs = provenance.get("hub_inputs") or {}
-    mismatches = verify_inputs(provenance.get("inputs") or {}, input_folders) + verify_hub_inputs(hub_inputs)
+    named_repos = [split_revision(reference)[0] for reference in hub_references(recipe)]
+    mismatches = verify_inputs(provenance.get("inputs") or {}, input_folders) + verify_hub_inputs(hub_inputs, named_repos)
     for mismatch in mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
     if mismatches and not no_verify_inputs:

@@ -563,3 +563,35 @@ def test_validate_refuses_adapters_whose_vocabulary_differs_from_the_base(tiny_l
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, output={"format": "full"})
     refused(run_cli("mergekit-seed", "validate", recipe), "model.embed_tokens.weight", "(72, 32)")
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "model.embed_tokens.weight", out=tmp_path / "out")
+
+
+def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(tiny_family, tmp_path, monkeypatch):
+    """A card's inputs may name only weight files inside the folders its recipe names, and its
+    hub_inputs only repositories its recipe names: no absolute path, no ../, no other file."""
+    import mergekit_seed.card as card_module
+
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds[:2])
+    merged = tmp_path / "merged"
+    run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"not yours")
+    text = (merged / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    metadata = yaml.safe_load(front)
+    files = metadata["mergekit_seed"]["inputs"]["input0"]["files"]
+    files.update({str(secret): "0" * 64, "../secret.safetensors": "0" * 64, "config.json": "0" * 64})
+    metadata["mergekit_seed"]["hub_inputs"] = {"someone/elsewhere": {"revision": "a" * 40, "files": {}}}
+    (merged / "README.md").write_text("---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body)
+
+    hashed = []
+    original = card_module.sha256_file
+    monkeypatch.setattr(card_module, "sha256_file", lambda path, *a, **k: hashed.append(Path(path)) or original(path, *a, **k))
+    result = run_cli("mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    for name in (str(secret), "../secret.safetensors", "config.json"):
+        assert f"the card names {name!r}, which is not a weight file in the input's folder" in result.stderr
+    assert "someone/elsewhere: the card records this Hub input, but its recipe does not name it" in result.stderr
+    inputs = {str(folder.resolve()) for folder in (base, *seeds[:2])}
+    assert hashed and all(str(path.resolve().parent) in inputs for path in hashed), hashed
+    assert not (tmp_path / "again").exists()

@@ -141,10 +141,15 @@ def hub_provenance(inputs: List[HubInput]) -> Dict[str, Dict[str, Any]]:
     return {entry.repo_id: {"revision": entry.commit, "files": weight_file_hashes(entry.folder)} for entry in inputs}
 
 
-def verify_hub_inputs(recorded: Dict[str, Dict[str, Any]]) -> List[str]:
-    """One line per recorded Hub input that cannot be had at its commit or whose files differ."""
+def verify_hub_inputs(recorded: Dict[str, Dict[str, Any]], named: Optional[List[str]] = None) -> List[str]:
+    """One line per recorded Hub input that cannot be had at its commit or whose files differ.
+    With ``named`` (the repo ids the card's recipe names), a recorded repository outside it is
+    refused before anything is downloaded: a card is untrusted input."""
     problems = []
     for repo_id, entry in recorded.items():
+        if named is not None and repo_id not in named:
+            problems.append(f"{repo_id}: the card records this Hub input, but its recipe does not name it; refused")
+            continue
         if not isinstance(entry, dict) or not entry.get("revision"):
             problems.append(f"{repo_id}: the card records no revision for this Hub input")
             continue
