@@ -232,3 +232,25 @@ def test_a_model_given_twice_is_said_and_cuda_without_a_gpu_names_scoring(tiny_f
     if not torch.cuda.is_available():
         refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--cuda"),
                 "--cuda", "score on the CPU")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_an_example_longer_than_the_context_is_one_line(tiny_family, tmp_path, architecture):
+    """A 300-character row on a 64-position model: LLaMA scored it silently past its context,
+    GPT-2 raised IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    seeds = tiny_family[1]
+    models = [seeds[0], seeds[1]]
+    if architecture == "gpt2":
+        models = []
+        for index in range(2):
+            torch.manual_seed(index)
+            folder = tmp_path / f"gpt2-{index}"
+            GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)).save_pretrained(folder)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(seeds[0] / name, folder)
+            models.append(folder)
+    data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:2] + [{"text": "rev:" + "abc" * 100}])
+    refused(run_cli("mergekit-seed", "compare", *models, "--data", data, "--out", tmp_path / "out", "--quiet"),
+            "example 3:", "more than the model's context of 64")

@@ -220,9 +220,16 @@ def score_rows(
         answers = [_encode(tokenizer, row.answer, False) for row in rows]
         sequences = [p + a for p, a in zip(prompts, answers)]
         starts = [len(p) for p in prompts]
+    context = context_length(model)
     for index, (sequence, start) in enumerate(zip(sequences, starts)):
         if start < 1 or len(sequence) <= start:
             raise UserError(f"example {index + 1}: nothing to score once tokenized (empty text or answer, or no prompt token)")
+        if context is not None and len(sequence) > context:
+            # past its positions a model either fails (GPT-2) or scores garbage without a word (RoPE)
+            raise UserError(
+                f"example {index + 1}: {len(sequence)} tokens, more than the model's context of {context}; "
+                "shorten or split it, or leave it out (compare does not truncate: that would change what is scored)"
+            )
     results: List[Tuple[float, int]] = [(0.0, 0)] * len(rows)
     with torch.no_grad():
         if metric == "exact_match":
@@ -252,6 +259,17 @@ def score_rows(
                 results[row_index] = (float(kept.double().sum()), int(kept.numel()))
             advance(len(batch))
     return results
+
+
+def context_length(model) -> Optional[int]:
+    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def per_example(scores: Sequence[Tuple[float, int]], metric: str) -> List[float]:
