@@ -370,6 +370,13 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     base = config.base_model
     seeds = [m for m in config.models if base is None or m.model != base]
     adapters = recipe.adapter_paths
+    if recipe.is_adapter_recipe and base is not None and len(seeds) < len(config.models):
+        problems.append(
+            f"{path}: base_model {base} is also listed under models:; in an adapter merge models: are the adapters only, "
+            "remove it there"
+        )
+    if base is not None and _is_adapter(str(base)):  # what else would be said follows from this
+        return problems + [f"{path}: base_model {base} is an adapter folder; give the model the adapters were trained on"]
     if adapters and len(adapters) != len(seeds):
         configless = [
             m.model for m in seeds if m.model not in adapters and _has_adapter_weights(Path(m.model))
@@ -587,6 +594,9 @@ def check_files(
     for reference in config.referenced_models():
         folder = Path(reference_paths(reference)[0])
         if not folder.is_dir():
+            continue
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            problems.append(f"{path}: {folder} is not a model or adapter folder (no config.json or adapter_config.json)")
             continue
         if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file() and not full_model_files(folder):
             problems.append(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")

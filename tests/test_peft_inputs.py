@@ -435,3 +435,28 @@ def test_every_lora_config_field_is_read_refused_or_without_effect():
     exercised |= {"r", "lora_alpha"}  # every variant
     untested = read - exercised - {"use_dora"}  # use_dora: refused (LORA_FIELDS_REFUSED's reason is DoRA's too)
     assert untested == set(), f"fields read but set by no exactness variant: {untested}"
+
+
+def test_what_run_refuses_validate_refuses_too(bases, tiny_loras, tmp_path):
+    """The base listed among the adapters, `base_model: /`, an adapter as the base, and an
+    adapter whose saved embedding and its LoRA delta disagree on the vocabulary."""
+    from safetensors.torch import load_file, save_file
+
+    base, loras = tiny_loras
+    adapters = [str(lora) for lora in loras]
+    cases = {
+        "is also listed under models": (str(base), [str(base)] + adapters),
+        "/ is not a model or adapter folder": ("/", adapters),
+        "is an adapter folder; give the model the adapters were trained on": (adapters[0], adapters),
+    }
+    llama = bases / "llama-lm"
+    seeds = [save_peft_seed(llama, tmp_path / f"emb{i}", i, task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj"]) for i in range(2)]
+    tensors = load_file(seeds[1] / "adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = torch.cat([tensors[key], torch.zeros(8, tensors[key].shape[1])])  # resized after the LoRA was made
+    save_file(tensors, seeds[1] / "adapter_model.safetensors")
+    cases["is saved whole with shape (56, 32) but its LoRA delta has shape (48, 32)"] = (str(llama), [str(s) for s in seeds])
+    for index, (fragment, (base_model, models)) in enumerate(cases.items()):
+        recipe = adapter_recipe(tmp_path / f"r{index}.yml", "seedft", base_model, models, {"format": "full"})
+        refused(run_cli("mergekit-seed", "validate", recipe), fragment)
+        refused(run_cli("mergekit-seed", "run", recipe, tmp_path / f"out{index}"))

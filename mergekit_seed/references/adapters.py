@@ -132,9 +132,17 @@ class AdapterSeed:
         return sorted(set(self.deltas) | set(self.bias_deltas) | set(self.whole) | set(self.token_rows))
 
     def shapes(self) -> Dict[str, tuple]:
-        """The shape of every base tensor this seed changes, in the base's stored layout."""
+        """The shape of every base tensor this seed changes, in the base's stored layout. A
+        weight saved whole whose shape is not its LoRA delta's is refused: one of the two would
+        otherwise hide the other's mismatch with the base."""
         shapes = {name: tuple(delta.shape) for name, delta in self.deltas.items()}
-        shapes.update({name: tuple(tensor.shape) for name, tensor in {**self.bias_deltas, **self.whole}.items()})
+        for name, tensor in {**self.bias_deltas, **self.whole}.items():
+            if name in shapes and shapes[name] != tuple(tensor.shape):
+                raise UserError(
+                    f"{self.path}: {name} is saved whole with shape {tuple(tensor.shape)} but its LoRA delta has shape "
+                    f"{shapes[name]}; the adapter does not fit together (re-save it)"
+                )
+            shapes[name] = tuple(tensor.shape)
         return shapes
 
     def in_base_layout(self, conv1d_weights: Iterable[str]) -> "AdapterSeed":
