@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--device cpu|cuda] [--size 44m|7b-layer|...] [--seeds 3]
                                [--methods all] [--reps 3] [--dtype float32|bfloat16]
+                               [--spectrum bench|noise-1|noise-5|noise-20|flat|demo,...]
                                [--timeout SECONDS] [--floors] [--out benchmarks/RESULTS.md]
 
 Builds synthetic Llama-shaped checkpoints (deltas with a realistic spectrum: a shared low-rank
@@ -91,17 +92,75 @@ def weight_shapes(config: dict) -> dict:
     return shapes
 
 
-def realistic_delta(shape, shared, generator, scale=1e-3):
-    """shared low-rank part + seed-specific low-rank part + small dense noise."""
+# --spectrum: how the seeds' deltas are built (their singular-value profile decides what LoRE's
+# thresholding and SeedFT's numerical rank cost)
+SPECTRA = {
+    "bench": "shared rank-8 + own rank-4 parts + dense noise of 0.05 of an entry's scale (the original inputs)",
+    "noise-1": "shared rank-8 + own rank-4 parts + dense noise at 1% of the delta's Frobenius norm",
+    "noise-5": "as noise-1, noise at 5%",
+    "noise-20": "as noise-1, noise at 20%",
+    "flat": "pure dense noise (a flat spectrum)",
+    "demo": "the demo's full fine-tune deltas tiled up to these shapes (their singular-value profile kept)",
+}
+
+
+def realistic_delta(shape, shared, generator, scale=1e-3, spectrum: str = "bench", demo=None):
+    """A seed's delta for ``spectrum`` (see SPECTRA): shared low-rank part + seed-specific
+    low-rank part + dense noise, or pure noise, or a tiled real delta."""
     if len(shape) == 1:
         return shared + 0.3 * scale * torch.randn(shape, generator=generator)
     m, n = shape
+    if spectrum == "flat":
+        return scale * torch.randn(m, n, generator=generator)
+    if spectrum == "demo":
+        return tile(demo, (m, n), scale)
     own = torch.randn(m, 4, generator=generator) @ torch.randn(4, n, generator=generator) * (scale / 4)
-    noise = 0.05 * scale * torch.randn(m, n, generator=generator)
-    return shared + own + noise
+    noise = torch.randn(m, n, generator=generator)
+    if spectrum == "bench":
+        return shared + own + 0.05 * scale * noise
+    share = {"noise-1": 0.01, "noise-5": 0.05, "noise-20": 0.2}[spectrum]
+    structured = shared + own
+    # noise of the given share of the whole delta's norm: ||noise|| = share * ||delta||
+    noise *= share / (1 - share**2) ** 0.5 * structured.norm() / noise.norm()
+    return structured + noise
 
 
-def build_models(root: Path, size: str, seeds: int, dtype: str = "float32") -> tuple:
+def tile(delta: torch.Tensor, shape, scale: float) -> torch.Tensor:
+    """``delta`` (a small real delta) tiled up to ``shape`` as a Kronecker product with a block of
+    ones: its singular values scale by one factor, so the profile is kept (padded with zeros)."""
+    m, n = shape
+    rows, columns = -(-m // delta.shape[0]), -(-n // delta.shape[1])
+    tiled = torch.kron(delta, torch.ones(rows, columns))[:m, :n]
+    return tiled * (scale / tiled.std().clamp_min(1e-30))
+
+
+def demo_deltas(seeds: int) -> dict:
+    """{(m, n) shape: [delta per seed]} of the demo's full fine-tunes (trained here with the demo's
+    cache when missing): seed minus base for every 2-D weight, grouped by shape."""
+    from mergekit_seed.references.weights import load_weights
+
+    root = Path(os.environ.get("MERGEKIT_SEED_DEMO_OUT", "demo-out"))
+    models = root / "models"
+    if not (models / "full" / "seed0").is_dir():
+        subprocess.run([str(BIN / "mergekit-seed"), "demo", "--quick", "--quiet", "--out", str(root)], check=True)
+    base = load_weights(models / "base")
+    found: dict = {}
+    for index in range(seeds):
+        tuned = load_weights(models / "full" / f"seed{index % 3}")
+        for name, value in tuned.items():
+            if value.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                found.setdefault(name, []).append((value - base[name]).float())
+    return found
+
+
+def _demo_delta_for(demo: dict, name: str, shape, seed_index: int) -> torch.Tensor:
+    """A demo delta of the same role (q_proj, down_proj, ...) as ``name``."""
+    role = name.rsplit(".", 2)[-2]
+    candidates = [deltas for key, deltas in sorted(demo.items()) if key.rsplit(".", 2)[-2] == role] or list(demo.values())
+    return candidates[0][seed_index % len(candidates[0])]
+
+
+def build_models(root: Path, size: str, seeds: int, dtype: str = "float32", spectrum: str = "bench") -> tuple:
     from safetensors.torch import save_file
 
     config = llama_config(size)
@@ -124,8 +183,13 @@ def build_models(root: Path, size: str, seeds: int, dtype: str = "float32") -> t
         return folder
 
     base_path = save(root / "base", base)
+    demo = demo_deltas(seeds) if spectrum == "demo" else None
     seed_paths = [
-        save(root / f"seed{i}", {n: base[n] + realistic_delta(s, shared[n], generator) for n, s in shapes.items()})
+        save(root / f"seed{i}", {
+            n: base[n] + realistic_delta(s, shared[n], generator, spectrum=spectrum,
+                                         demo=_demo_delta_for(demo, n, s, i) if demo and len(s) == 2 else None)
+            for n, s in shapes.items()
+        })
         for i in range(seeds)
     ]
     lora_paths = [build_lora(root / f"lora{i}", shapes, generator, base_path) for i in range(seeds)]
@@ -174,6 +238,7 @@ def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) 
     counted in its maximum. A run past ``timeout`` is stopped and recorded as such.
     """
     times, peaks, merges = [], [], []
+    lore_profile = None
     profile = scratch / "profile.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MERGEKIT_SEED_PROFILE=str(profile))
     report_file = scratch / "time.txt"
@@ -198,10 +263,15 @@ def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) 
         times.append(elapsed)
         peaks.append(int(report_file.read_text().split()[-1]) / 1024)  # KiB -> MiB
         if profile.is_file():
-            merges.append(sum(json.loads(profile.read_text()).values()))
+            recorded = json.loads(profile.read_text())
+            merges.append(sum(value for value in recorded.values() if isinstance(value, (int, float))))
+            if "lore_svt" in recorded:
+                lore_profile = recorded["lore_svt"]
     result = {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
     if merges:
         result["merge_seconds"] = statistics.median(merges)
+    if lore_profile is not None:
+        result["lore_svt"] = lore_profile  # the last run's
     return result
 
 
@@ -304,6 +374,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, help="stop a run after this many seconds and record it as stopped")
     parser.add_argument("--floors", action="store_true", help="measure each method's decomposition floor on this machine")
     parser.add_argument("--skip-adapters", action="store_true", help="leave out the adapter routes")
+    parser.add_argument(
+        "--spectrum", default="bench",
+        help="how the seeds' deltas are built, one or several comma-separated: " + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()),
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
@@ -323,28 +397,35 @@ def main() -> None:
         "machine": machine(args.device), "size": args.size, "seeds": args.seeds, "reps": args.reps,
         "device": args.device, "dtype": dtype, "threads": torch.get_num_threads(),
     }
+    spectra = [name.strip() for name in args.spectrum.split(",") if name.strip()]
+    unknown = [name for name in spectra if name not in SPECTRA]
+    if unknown:
+        raise SystemExit(f"--spectrum: unknown {', '.join(unknown)}; choose from {', '.join(SPECTRA)}")
+    results["spectra"] = {}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        started = time.perf_counter()
-        base, seeds, loras, parameters = build_models(scratch / "models", args.size, args.seeds, dtype)
-        results["parameters"] = parameters
-        results["build_seconds"] = time.perf_counter() - started
-        print(f"built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} LoRA r=8 seeds", flush=True)
-
-        results["methods"] = {}
-        for method in methods:
-            path = recipe(scratch / f"{method}.yml", method, base, seeds, dtype=dtype)
-            numbers = measure([BIN / "mergekit-yaml", path, *device_flags], args.reps, scratch, args.timeout)
-            results["methods"][method] = numbers
-            if numbers["seconds"] is None:
-                print(f"{method}: stopped after {args.timeout:.0f} s", flush=True)
-            else:
-                print(f"{method}: {numbers['seconds']:.1f} s, {numbers['peak_mib']:.0f} MiB", flush=True)
-
-        if args.skip_adapters:
-            results["adapter_native"] = results["base_plus_adapter"] = None
-        else:
-            measure_adapter_routes(results, scratch, base, loras, args.reps, device_flags)
+        for index, spectrum in enumerate(spectra):
+            started = time.perf_counter()
+            base, seeds, loras, parameters = build_models(scratch / spectrum, args.size, args.seeds, dtype, spectrum)
+            results["parameters"] = parameters
+            results["build_seconds"] = time.perf_counter() - started
+            print(f"[{spectrum}] built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} LoRA r=8 seeds", flush=True)
+            measured = results["spectra"][spectrum] = {}
+            for method in methods:
+                path = recipe(scratch / f"{method}.yml", method, base, seeds, dtype=dtype)
+                numbers = measure([BIN / "mergekit-yaml", path, *device_flags], args.reps, scratch, args.timeout)
+                measured[method] = numbers
+                if numbers["seconds"] is None:
+                    print(f"[{spectrum}] {method}: stopped after {args.timeout:.0f} s", flush=True)
+                else:
+                    print(f"[{spectrum}] {method}: {numbers['seconds']:.1f} s, {numbers['peak_mib']:.0f} MiB", flush=True)
+            if index == 0:
+                results["methods"] = measured
+                if args.skip_adapters:
+                    results["adapter_native"] = results["base_plus_adapter"] = None
+                else:
+                    measure_adapter_routes(results, scratch, base, loras, args.reps, device_flags)
+            shutil.rmtree(scratch / spectrum, ignore_errors=True)
 
     vocab, hidden, intermediate, _, _ = SIZES[args.size]
     results["gram"] = gram_throughput(args.device, hidden, intermediate, args.seeds)
@@ -458,6 +539,45 @@ def report(results: dict) -> str:
             "m x Nn concatenation, its eigh and the polar factor's eigh; the two-stage SeedLoRA's: one full SVD per matrix "
             "(when the masked residual's kept rank is near full).",
         ]
+    if len(results.get("spectra", {})) > 1:
+        lines += ["", spectrum_table(results)]
+    return "\n".join(lines)
+
+
+def spectrum_table(results: dict) -> str:
+    """One row per spectrum: each of our methods' ratio to its reference (and SeedFT's to its
+    floor, when measured), and how LoRE's thresholdings went."""
+    floor = (results.get("floors") or {}).get("per_layer_seconds", {})
+    ours = [m for m in OUR_METHODS if any(m in measured for measured in results["spectra"].values())]
+    header = "| spectrum | " + " | ".join(ours) + " | seedft merge / floor | LoRE: iterations per matrix, SVTs, full SVDs, sketches, largest kept rank, SVT s |"
+    lines = [
+        f"By spectrum (`--spectrum`, {results['size']}, {results['seeds']} seeds; wall-time ratios to each method's reference, "
+        f"{TARGETS['lore'][1]}x ties for lore and seedft, {TARGETS['seedlora_dm'][1]}x linear for seedlora_dm, "
+        f"{TARGETS['seedlora_twostage'][1]}x ties for seedlora_twostage):",
+        "",
+        header,
+        "|" + "---|" * (len(ours) + 3),
+    ]
+    for spectrum, measured in results["spectra"].items():
+        cells = []
+        for method in ours:
+            numbers, (reference, _) = measured.get(method), TARGETS[method]
+            base = measured.get(reference, {}).get("seconds")
+            if not numbers:
+                cells.append("")
+            elif numbers["seconds"] is None:
+                cells.append(f"> {numbers['timed_out'] / base:.1f}x {reference} (stopped)" if base else "stopped")
+            else:
+                cells.append(f"{numbers['seconds'] / base:.2f}x {reference}" if base else f"{numbers['seconds']:.1f} s")
+        seedft = measured.get("seedft") or {}
+        floor_cell = f"{seedft['merge_seconds'] / floor['seedft']:.2f}" if floor.get("seedft") and seedft.get("merge_seconds") else ""
+        svt = (measured.get("lore") or {}).get("lore_svt")
+        svt_cell = (
+            f"{svt['iterations'] / max(svt['matrices'], 1):.1f}, {svt['svts']}, {svt['full_svds']}, {svt['sketches']}, "
+            f"{svt['largest_rank']}, {svt['seconds']:.1f}" if svt else ""
+        )
+        lines.append(f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} |")
+    lines += ["", "Spectra: " + "; ".join(f"`{name}`: {SPECTRA[name]}" for name in results["spectra"]) + "."]
     return "\n".join(lines)
 
 

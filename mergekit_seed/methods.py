@@ -69,9 +69,10 @@ FactoredKernel = Callable[[List[LowRank], Dict[str, Any], List[Dict[str, Any]]],
 
 MIN_SEEDS = 2
 
-# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels, written to FILE (JSON) at
-# exit, so that benchmarks can split a stock mergekit-yaml run into merge and I/O time
-_PROFILE: Optional[Dict[str, float]] = {} if os.environ.get("MERGEKIT_SEED_PROFILE") else None
+# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels (and, under "lore_svt", how
+# LoRE's singular value thresholdings went), written to FILE (JSON) at exit, so that benchmarks
+# can split a stock mergekit-yaml run into merge and I/O time
+_PROFILE: Optional[Dict[str, Any]] = {} if os.environ.get("MERGEKIT_SEED_PROFILE") else None
 
 
 def _write_profile() -> None:
@@ -436,6 +437,15 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
             estimate.iterations,
             estimate.ranks,
         )
+        if _PROFILE is not None:  # what the benchmark reports about LoRE's SVTs
+            summary = _PROFILE.setdefault("lore_svt", {"matrices": 0, "iterations": 0, "full_svds": 0, "sketches": 0, "seconds": 0.0, "largest_rank": 0, "svts": 0})
+            summary["matrices"] += 1
+            summary["iterations"] += estimate.iterations
+            summary["svts"] += estimate.iterations * len(estimate.ranks)
+            summary["full_svds"] += estimate.full_svds
+            summary["sketches"] += estimate.sketches
+            summary["seconds"] += estimate.svt_seconds
+            summary["largest_rank"] = max([summary["largest_rank"], *(r for ranks in estimate.rank_history for r in ranks)])
 
     if parameters["post_merge"] == "average":
         post_merge = average

@@ -392,6 +392,8 @@ class Thresholded:
     U: torch.Tensor
     shrunk: torch.Tensor
     V: torch.Tensor
+    full_svd: bool = False  # how it was computed: a full SVD, or randomized sketches (``sketches`` of them)
+    sketches: int = 0
 
     @property
     def rank(self) -> int:
@@ -444,6 +446,7 @@ def singular_value_threshold(
     side falls back to a full SVD.
     """
     smaller = min(matrix.shape)
+    sketches = 0
     if smaller > _SVT_FULL_SVD_SIZE:
         guess = max(8, warm_start.shape[1] if warm_start is not None else 0)
         if warm_start is None:
@@ -454,16 +457,17 @@ def singular_value_threshold(
             U, S, V = top_singular_triplets(
                 matrix, _sketch_size(guess), wanted=guess, start=warm_start, above=mu
             )
+            sketches += 1
             if int((S > mu).sum().item()) <= guess:
-                return _shrink(U, S, V, mu)
+                return _shrink(U, S, V, mu, sketches=sketches)
             guess *= 2
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    return _shrink(U, S, Vh.T, mu)
+    return _shrink(U, S, Vh.T, mu, full_svd=True, sketches=sketches)
 
 
-def _shrink(U, S, V, mu: float) -> Thresholded:
+def _shrink(U, S, V, mu: float, full_svd: bool = False, sketches: int = 0) -> Thresholded:
     keep = int((S > mu).sum().item())
-    return Thresholded(U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep])
+    return Thresholded(U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep], full_svd=full_svd, sketches=sketches)
 
 
 # ---------------------------------------------------------------- factored (low-rank) deltas

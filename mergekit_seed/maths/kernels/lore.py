@@ -13,6 +13,7 @@ and the merge is theta0 + lambda * post_merge(delta_1..delta_N).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -38,6 +39,13 @@ class LoreEstimate:
     iterations: int
     ranks: List[int]
     objective: List[float] = field(default_factory=list)
+    # how the SVTs went, for profiling: kept ranks per iteration, full SVDs among them (a
+    # noise-dominated residual keeps too many singular values for a randomized sketch),
+    # randomized sketches tried, and seconds spent thresholding
+    rank_history: List[List[int]] = field(default_factory=list)
+    full_svds: int = 0
+    sketches: int = 0
+    svt_seconds: float = 0.0
 
     @property
     def deltas(self) -> List[torch.Tensor]:
@@ -90,6 +98,9 @@ def lore_estimate(
     previous_sum: Optional[LowRank] = None
     history: List[float] = []
     ranks: List[int] = [0] * count
+    rank_history: List[List[int]] = []
+    full_svds = sketches = 0
+    svt_seconds = 0.0
     done = 0
     for done in range(1, iterations + 1):
         # Eq. 2, theta0 block: the mean of theta_i - delta_i = (sum theta_i - sum delta_i) / N
@@ -97,12 +108,17 @@ def lore_estimate(
         theta0 = torch.addmm(theta_sum, delta_sum.left, delta_sum.right, beta=1 / count, alpha=-1 / count)
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
         nuclear_norms = []
+        started = time.perf_counter()
         for index, t in enumerate(theta):
             thresholded = singular_value_threshold(torch.sub(t, theta0, out=residual), mu, warm_start=warm[index])
             factors[index] = thresholded.low_rank
             warm[index] = thresholded.V if thresholded.rank else None
             ranks[index] = thresholded.rank
+            full_svds += thresholded.full_svd
+            sketches += thresholded.sketches
             nuclear_norms.append(thresholded.shrunk.sum().item())
+        svt_seconds += time.perf_counter() - started
+        rank_history.append(list(ranks))
         if track_objective:
             history.append(objective(theta, theta0, [f.dense() for f in factors], nuclear_norms, mu))
         # theta0_t - theta0_{t-1} = -(sum_i delta_i^{t-1} - sum_i delta_i^{t-2}) / N, factored
@@ -114,7 +130,8 @@ def lore_estimate(
         if tol > 0 and converged:
             break
     return LoreEstimate(
-        theta0=theta0, factors=factors, mu=mu, iterations=done, ranks=ranks, objective=history
+        theta0=theta0, factors=factors, mu=mu, iterations=done, ranks=ranks, objective=history,
+        rank_history=rank_history, full_svds=full_svds, sketches=sketches, svt_seconds=svt_seconds,
     )
 
 
