@@ -154,3 +154,40 @@ def test_svt_count_bound_is_a_lower_bound_and_noise_goes_to_the_full_svd():
             expected = (U * (full_S - mu).clamp_min(0)) @ Vh
             result = singular_value_threshold(matrix, mu).matrix
             assert (result - expected).norm() <= 1e-6 * expected.norm().clamp_min(1e-12)
+
+
+def reference_stopping_iteration(theta, mu, tol, iterations):
+    """The iteration at which Eq. 2 stops in float64: ||theta0_t - theta0_{t-1}||_F <= tol ||theta0_t||_F."""
+    theta = [t.double() for t in theta]
+    deltas = [torch.zeros_like(theta[0]) for _ in theta]
+    previous = None
+    for iteration in range(1, iterations + 1):
+        theta0 = sum(t - d for t, d in zip(theta, deltas)) / len(theta)
+        deltas = [svt_reference(t - theta0, mu) for t in theta]
+        if previous is not None and (theta0 - previous).norm() <= tol * theta0.norm():
+            return iteration
+        previous = theta0
+    return iterations
+
+
+@pytest.mark.parametrize("spectrum", ["low rank (the factored test)", "noise (the dense test)"])
+def test_the_stopping_test_matches_the_reference_on_either_path(spectrum):
+    """The convergence test is computed from the factors while their ranks are small, densely
+    once they are not; both stop where the float64 reference stops."""
+    generator = torch.Generator().manual_seed(3)
+    low_rank = spectrum.startswith("low rank")
+    shape = (400, 300) if low_rank else (60, 40)
+    common = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if low_rank:
+        theta = [(common + torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
+                  @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64)).float() for _ in range(3)]
+        mu = 20.0
+    else:
+        theta = [(common + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float() for _ in range(3)]
+        mu = 1.0
+    estimate = lore_estimate(theta, mu=mu, iterations=40, tol=1e-4)
+    expected = reference_stopping_iteration(theta, mu, 1e-4, 40)
+    assert 2 < expected < 40
+    assert estimate.iterations == expected
+    rank = 2 * sum(estimate.ranks)  # both sums of deltas in the last test
+    assert (rank * rank * sum(shape) < shape[0] * shape[1]) == low_rank

@@ -96,6 +96,7 @@ def lore_estimate(
     residual = torch.empty_like(theta[0])
     warm: List[Optional[torch.Tensor]] = [None] * count
     previous_sum: Optional[LowRank] = None
+    previous_theta0: Optional[torch.Tensor] = None
     history: List[float] = []
     ranks: List[int] = [0] * count
     rank_history: List[List[int]] = []
@@ -121,12 +122,21 @@ def lore_estimate(
         rank_history.append(list(ranks))
         if track_objective:
             history.append(objective(theta, theta0, [f.dense() for f in factors], nuclear_norms, mu))
-        # theta0_t - theta0_{t-1} = -(sum_i delta_i^{t-1} - sum_i delta_i^{t-2}) / N, factored
-        converged = previous_sum is not None and (
-            LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)]).norm() / count
-            <= tol * theta0.norm()
-        )
+        # ||theta0_t - theta0_{t-1}||_F, with theta0_t - theta0_{t-1} = -(sum_i delta_i^{t-1} -
+        # sum_i delta_i^{t-2}) / N: from the factors while their Gram matrices (K x K, K the
+        # ranks of both sums) cost less than the m x n difference, densely once they do (a
+        # noise-dominated spectrum keeps ranks near min(m, n): the factored norm then took
+        # 60% of the merge)
+        converged = False
+        if previous_sum is not None and tol > 0:
+            rank = delta_sum.rank + previous_sum.rank
+            if rank * rank * sum(theta0.shape) < theta0.numel():
+                change = LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)]).norm() / count
+            else:
+                change = torch.linalg.vector_norm(torch.sub(theta0, previous_theta0, out=residual)).item()
+            converged = change <= tol * theta0.norm()
         previous_sum = delta_sum
+        previous_theta0 = theta0
         if tol > 0 and converged:
             break
     return LoreEstimate(
