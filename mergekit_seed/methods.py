@@ -581,7 +581,14 @@ def install_planner_check() -> None:
     """Wrap mergekit's ``MergePlanner.__init__`` once so that every route (stock
     ``mergekit-yaml``, ``mergekit.merge.run_merge``, ours) checks our methods' parameter names
     before any tensor is read; other methods pass through unchanged. Called when
-    ``mergekit.plan`` is imported (it pulls in transformers, which an adapter merge never needs)."""
+    ``mergekit.plan`` or ``mergekit.merge`` has been imported (they pull in transformers, which
+    an adapter merge never needs)."""
+    module = sys.modules.get("mergekit.plan")
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # mergekit.plan imports the registry before it defines MergePlanner, and the registry
+        # registers us: too early; mergekit.merge, which run_merge and mergekit-yaml import once
+        # mergekit.plan is complete, installs the check
+        return
     try:
         from mergekit import plan
 
@@ -653,6 +660,7 @@ def register_all() -> List[str]:
 # Importing this module registers the methods; register_all() is idempotent.
 register_all()
 after_import("mergekit.plan", install_planner_check)
+after_import("mergekit.merge", install_planner_check)
 
 
 def describe(method: SeedMergeMethod) -> Dict[str, Any]:

@@ -166,3 +166,29 @@ def test_mergekit_methods_keep_ignoring_unknown_parameters_under_stock_mergekit_
     path.write_text(yaml.safe_dump(recipe))
     run_cli("mergekit-yaml", path, tmp_path / "out", check=True)
     assert list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_the_parameter_check_holds_whatever_mergekit_module_is_imported_first(tiny_family, tmp_path):
+    """mergekit.plan imports the registry before it defines MergePlanner, so importing it first
+    registers us too early to wrap the planner; mergekit.merge installs the check then."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    base, seeds = tiny_family
+    recipe = yaml.safe_load(recipe_text("seedft", base, seeds))
+    recipe["parameters"] = {"rnak": 3}
+    script = f"""
+import mergekit.plan
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+try:
+    run_merge(MergeConfiguration.model_validate({recipe!r}), {str(tmp_path / 'out')!r}, options=MergeOptions())
+except ValueError as error:
+    print("refused:", error)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "refused: parameters: unknown parameter 'rnak' for seedft" in done.stdout, done.stdout + done.stderr
+    assert "cannot check parameter names" not in done.stderr
