@@ -238,7 +238,7 @@ def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) 
     counted in its maximum. A run past ``timeout`` is stopped and recorded as such.
     """
     times, peaks, merges = [], [], []
-    lore_profile = None
+    lore_profile = seedft_profile = None
     profile = scratch / "profile.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MERGEKIT_SEED_PROFILE=str(profile))
     report_file = scratch / "time.txt"
@@ -267,11 +267,15 @@ def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) 
             merges.append(sum(value for value in recorded.values() if isinstance(value, (int, float))))
             if "lore_svt" in recorded:
                 lore_profile = recorded["lore_svt"]
+            if "seedft_steps" in recorded:
+                seedft_profile = recorded["seedft_steps"]
     result = {"seconds": statistics.median(times), "peak_mib": statistics.median(peaks), "runs": times}
     if merges:
         result["merge_seconds"] = statistics.median(merges)
     if lore_profile is not None:
         result["lore_svt"] = lore_profile  # the last run's
+    if seedft_profile is not None:
+        result["seedft_steps"] = seedft_profile
     return result
 
 
@@ -555,7 +559,7 @@ def spectrum_table(results: dict) -> str:
     ours = [m for m in OUR_METHODS if any(m in measured for measured in results["spectra"].values())]
     header = (
         "| spectrum | " + " | ".join(ours) + " | seedft merge / floor | LoRE: iterations per matrix, SVTs, full SVDs, sketches, "
-        "largest kept rank, SVT s | lore merge / full-SVD floor |"
+        "largest kept rank, SVT s | lore merge / full-SVD floor | SeedFT: matrices at full rank, Gram, eigh, polar, product s |"
     )
     lines = [
         f"By spectrum (`--spectrum`, {results['size']}, {results['seeds']} seeds; wall-time ratios to each method's reference, "
@@ -563,7 +567,7 @@ def spectrum_table(results: dict) -> str:
         f"{TARGETS['seedlora_twostage'][1]}x ties for seedlora_twostage):",
         "",
         header,
-        "|" + "---|" * (len(ours) + 4),
+        "|" + "---|" * (len(ours) + 5),
     ]
     for spectrum, measured in results["spectra"].items():
         cells = []
@@ -586,7 +590,12 @@ def spectrum_table(results: dict) -> str:
         lore_floor = ""
         if svt and floor.get("lore_full_svds") and svt["full_svds"] * 2 >= svt["svts"]:
             lore_floor = f"{measured['lore']['merge_seconds'] / floor['lore_full_svds']:.2f} (floor {floor['lore_full_svds']:.0f} s)"
-        lines.append(f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} | {lore_floor} |")
+        steps = (measured.get("seedft") or {}).get("seedft_steps")
+        steps_cell = (
+            f"{steps['full_rank']}/{steps['matrices']}, {steps['gram']:.1f}, {steps['eigh']:.1f}, {steps['polar']:.1f}, {steps['product']:.1f}"
+            if steps else ""
+        )
+        lines.append(f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} | {lore_floor} | {steps_cell} |")
     lines += ["", "Spectra: " + "; ".join(f"`{name}`: {SPECTRA[name]}" for name in results["spectra"]) + "."]
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ from typing_extensions import Annotated, Literal
 
 from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
-from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
+from mergekit_seed.maths.kernels.seedft import SeedftSteps, seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import (
     Fusion,
     eq4_weights,
@@ -256,7 +256,14 @@ def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
-    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"])
+    def report(steps: SeedftSteps) -> None:  # what the benchmark reports about SeedFT's steps
+        summary = _PROFILE.setdefault("seedft_steps", {"matrices": 0, "full_rank": 0, "gram": 0.0, "eigh": 0.0, "polar": 0.0, "product": 0.0})
+        summary["matrices"] += 1
+        summary["full_rank"] += steps.rank == min(tau[0].shape[1], tau[0].shape[0])
+        for step in ("gram", "eigh", "polar", "product"):
+            summary[step] += getattr(steps, f"{step}_seconds")
+
+    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], report=report if _PROFILE is not None else None)
 
 
 def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:

@@ -10,6 +10,7 @@ the eigendecomposition of a small r x r matrix.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -93,6 +94,8 @@ class ColumnBlockSVD:
     U: torch.Tensor
     S: torch.Tensor
     mean_right: torch.Tensor
+    gram_seconds: float = 0.0  # where the time went, for profiling
+    eigh_seconds: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -112,14 +115,17 @@ def column_block_svd(
     m, n = blocks[0].shape
     count = len(blocks)
     wanted = min(m, count * n) if max_rank is None else max_rank
+    started = time.perf_counter()
     if m <= count * n:
         gram = torch.zeros(m, m, dtype=DECOMPOSITION_DTYPE, device=blocks[0].device)
         for block in blocks:
             block = block.to(DECOMPOSITION_DTYPE)
             gram.addmm_(block, block.T)
         del block
+        gram_done = time.perf_counter()
         eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
         del gram
+        eigh_done = time.perf_counter()
         singular_values = eigenvalues.sqrt()
         rank = min(_numerical_rank(singular_values, rtol), wanted)
         U, S = eigenvectors[:, :rank], singular_values[:rank]
@@ -128,14 +134,19 @@ def column_block_svd(
         block_sum = blocks[0].to(DECOMPOSITION_DTYPE, copy=True)
         for block in blocks[1:]:
             block_sum += block
-        return ColumnBlockSVD(U=U, S=S, mean_right=(block_sum.T @ U) / (count * S))
+        return ColumnBlockSVD(
+            U=U, S=S, mean_right=(block_sum.T @ U) / (count * S),
+            gram_seconds=gram_done - started, eigh_seconds=eigh_done - gram_done,
+        )
 
     blocks = [b.to(DECOMPOSITION_DTYPE) for b in blocks]
     gram = torch.cat(
         [torch.cat([bi.T @ bj for bj in blocks], dim=1) for bi in blocks], dim=0
     )
+    gram_done = time.perf_counter()
     eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
     del gram
+    eigh_done = time.perf_counter()
     singular_values = eigenvalues.sqrt()
     rank = min(_numerical_rank(singular_values, rtol), wanted)
     singular_values = singular_values[:rank]
@@ -143,7 +154,8 @@ def column_block_svd(
     # U S = X V = sum_i X_i V_i
     left_scaled = sum(b @ v for b, v in zip(blocks, right))
     return ColumnBlockSVD(
-        U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0)
+        U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0),
+        gram_seconds=gram_done - started, eigh_seconds=eigh_done - gram_done,
     )
 
 

@@ -8,7 +8,9 @@ Notation follows the paper: ``tau`` are the seed deltas Delta theta_i (m, n) in 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -21,8 +23,21 @@ from mergekit_seed.maths.linalg import (
 )
 
 
+@dataclass(frozen=True)
+class SeedftSteps:
+    """Where one matrix's SeedFT went, for profiling: r, and the seconds of the Gram of Delta_c,
+    its eigendecomposition, the polar factor (Eqs. 5-6) and the product of Eq. 7."""
+
+    rank: int
+    gram_seconds: float
+    eigh_seconds: float
+    polar_seconds: float
+    product_seconds: float
+
+
 def seedft(
-    tau: Sequence[torch.Tensor], rank: Optional[int] = None, rtol: float = 1e-6
+    tau: Sequence[torch.Tensor], rank: Optional[int] = None, rtol: float = 1e-6,
+    report: Optional[Callable[[SeedftSteps], None]] = None,
 ) -> torch.Tensor:
     """Merged delta Delta theta_M (Eq. 7), without the global scale alpha.
 
@@ -46,9 +61,13 @@ def seedft(
     # Step 3: V_bar = (1/N) sum_i V_i  (Eq. 4)
     V_bar = svd.mean_right
     # Step 4: V_bar = P D Q^T, V_star = P Q^T  (Eqs. 5-6, orthogonal Procrustes)
+    started = time.perf_counter()
     V_star = polar_factor(V_bar, rtol=rtol)
+    polar_done = time.perf_counter()
     # Step 5: Delta theta_M = U Sigma V_star^T  (Eq. 7)
     delta_M = (svd.U * svd.S) @ V_star.T
+    if report is not None:
+        report(SeedftSteps(svd.rank, svd.gram_seconds, svd.eigh_seconds, polar_done - started, time.perf_counter() - polar_done))
     return delta_M.to(out_dtype)
 
 
