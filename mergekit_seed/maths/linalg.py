@@ -82,6 +82,15 @@ def _numerical_rank(singular_values: torch.Tensor, rtol: float) -> int:
     return int((singular_values > rtol * largest).sum().item())
 
 
+def _gram_singular_pairs(gram: torch.Tensor, wanted: int, rtol: float):
+    """The singular values above ``rtol`` times the largest (at most ``wanted``) of a matrix
+    whose Gram matrix is ``gram``, and the matching eigenvectors of ``gram`` (one per column)."""
+    eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
+    singular_values = eigenvalues.sqrt()
+    rank = min(_numerical_rank(singular_values, rtol), wanted)
+    return singular_values[:rank], eigenvectors[:, :rank]
+
+
 @dataclass
 class ColumnBlockSVD:
     """Truncated SVD ``U S V^T`` of ``[X_1 | ... | X_N]`` (m x Nn), never formed.
@@ -123,12 +132,9 @@ def column_block_svd(
             gram.addmm_(block, block.T)
         del block
         gram_done = time.perf_counter()
-        eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
+        S, U = _gram_singular_pairs(gram, wanted, rtol)
         del gram
         eigh_done = time.perf_counter()
-        singular_values = eigenvalues.sqrt()
-        rank = min(_numerical_rank(singular_values, rtol), wanted)
-        U, S = eigenvectors[:, :rank], singular_values[:rank]
         # V_i = X_i^T U S^-1 (from X = U S V^T with orthonormal U), averaged over i; the blocks'
         # sum is taken only now, so that it is not held through the eigendecomposition
         block_sum = blocks[0].to(DECOMPOSITION_DTYPE, copy=True)
@@ -144,13 +150,10 @@ def column_block_svd(
         [torch.cat([bi.T @ bj for bj in blocks], dim=1) for bi in blocks], dim=0
     )
     gram_done = time.perf_counter()
-    eigenvalues, eigenvectors = _descending_eigh(gram, wanted)
+    singular_values, eigenvectors = _gram_singular_pairs(gram, wanted, rtol)
     del gram
     eigh_done = time.perf_counter()
-    singular_values = eigenvalues.sqrt()
-    rank = min(_numerical_rank(singular_values, rtol), wanted)
-    singular_values = singular_values[:rank]
-    right = list(eigenvectors[:, :rank].split(n, dim=0))
+    right = list(eigenvectors.split(n, dim=0))
     # U S = X V = sum_i X_i V_i
     left_scaled = sum(b @ v for b, v in zip(blocks, right))
     return ColumnBlockSVD(
