@@ -28,7 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.references.hub import is_hub_id, split_revision
+from mergekit_seed.references.adapters import is_adapter_folder
+from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
 from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
 
 RESULTS_GLOB = "results_*.json"
@@ -494,7 +495,7 @@ def evaluate_models(
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
         # an LM object carries no model_args: record the model as the user named it
-        if _is_adapter(name):
+        if is_adapter_folder(local_folder(name)):  # the rule load_model follows
             results["config"]["model_args"] = {"peft": name, **({"pretrained": base} if base else {})}
         else:
             results["config"]["model_args"] = {"pretrained": name}
@@ -511,9 +512,3 @@ def evaluate_models(
         del model, lm
         gc.collect()
     return folders
-
-
-def _is_adapter(name: str) -> bool:
-    from mergekit_seed.references.hub import local_folder
-
-    return (local_folder(name) / "adapter_config.json").is_file()
