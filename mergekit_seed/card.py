@@ -30,7 +30,7 @@ from mergekit_seed.recipe import (
     substitute_references,
 )
 from mergekit_seed.references.hub import is_hub_id
-from mergekit_seed.references.weights import WEIGHT_PATTERNS, load_weights, sha256_file, weight_file_hashes
+from mergekit_seed.references.weights import hashed_weight_files, load_weights, sha256_file, weight_file_hashes
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -534,7 +534,7 @@ def verify_inputs(recorded: Dict[str, Any], folders: Dict[str, str]) -> List[str
         files = (entry.get("files") or {}) if "files" in entry or "folder" in entry else entry
         # a card is untrusted: it may name only weight files inside the input folders, never a
         # path (absolute, ../) that would make reproduce read and hash any file
-        weight_files = {path.name for pattern in WEIGHT_PATTERNS for path in Path(folders[key]).glob(pattern)}
+        weight_files = {path.name for path in hashed_weight_files(Path(folders[key]))}
         for name, digest in files.items():
             path = Path(folders[key]) / name
             if Path(name).name != name or name in ("", ".", "..") or (name not in weight_files and path.exists()):

@@ -47,11 +47,15 @@ def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def hashed_weight_files(folder: Path) -> List[Path]:
+    """Every weight file of a folder a card records a hash for (``WEIGHT_PATTERNS``), sorted."""
+    return sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+
+
 def weight_file_hashes(folder: Path) -> Dict[str, str]:
     """{weight file name: sha256} of a folder's weight files (hashing the bytes, through any
     symlink, as in a Hub cache snapshot)."""
-    files = sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
-    return {f.name: sha256_file(f) for f in files}
+    return {f.name: sha256_file(f) for f in hashed_weight_files(folder)}
 
 
 def weight_files(folder: Path) -> list:
