@@ -573,7 +573,7 @@ def _check_planned_parameters(config: Any) -> None:
     misspelt one (``rnak``) would merge with the default; for our methods, refuse it."""
     try:
         method = registry.get(config.merge_method)
-    except Exception:
+    except RuntimeError:
         return  # mergekit reports an unknown method itself
     if not is_ours(method):
         return  # mergekit's methods keep mergekit's behaviour
