@@ -191,3 +191,24 @@ def test_the_stopping_test_matches_the_reference_on_either_path(spectrum):
     assert estimate.iterations == expected
     rank = 2 * sum(estimate.ranks)  # both sums of deltas in the last test
     assert (rank * rank * sum(shape) < shape[0] * shape[1]) == low_rank
+
+
+def test_a_warm_start_below_the_rank_grows_to_it_without_a_full_svd():
+    """More singular values exceed mu than the warm start holds (a rank that grew between
+    iterations): the thresholding grows its sketch to the count it found, starting from the
+    failed sketch's directions, instead of doubling past a quarter of the smaller side into a
+    full SVD; the result is the float64 reference's."""
+    from mergekit_seed.maths.linalg import singular_value_threshold
+
+    generator = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(600, 560, generator=generator, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(560, 560, generator=generator, dtype=torch.float64)).Q
+    S = 0.93 ** torch.arange(560, dtype=torch.float64)
+    matrix = (U * S) @ V.T
+    mu = (S[44] + S[45]).item() / 2  # exactly 45 values above mu; a quarter of 560 is 140
+    warm = V[:, :10]
+    thresholded = singular_value_threshold(matrix, mu, warm_start=warm)
+    expected = (U * (S - mu).clamp_min(0)) @ V.T
+    assert (thresholded.matrix - expected).norm() <= 1e-6 * expected.norm()
+    assert thresholded.rank == 45
+    assert not thresholded.full_svd

@@ -369,21 +369,22 @@ def top_singular_triplets(
         columns.append(
             torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype)
         )
-    basis = _orthonormal_columns(matrix @ torch.cat(columns, dim=1))
+    product = matrix @ torch.cat(columns, dim=1)
     iterations = 0
     while True:
-        projected = basis.T @ matrix  # (q, n): Rayleigh-Ritz on the current range basis
-        small_U, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+        basis = _orthonormal_columns(product)
+        small_U, S, Vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)  # Rayleigh-Ritz
         U, V = basis @ small_U, Vh.T
         if iterations >= max_power_iterations or S[0] == 0:
             return U, S, V
         checked = wanted if above is None else max(1, min(wanted, int((S > above).sum().item())))
-        # X^T u_j = s_j v_j holds by construction; X v_j - s_j u_j measures convergence
-        residual = matrix @ V[:, :checked] - U[:, :checked] * S[:checked]
-        if residual.norm(dim=0).max() <= rtol * S[0]:
+        # X^T u_j = s_j v_j holds by construction; X v_j - s_j u_j measures convergence. V spans
+        # X^T basis, so X V is also the first power iteration's product: the check costs no
+        # pass over X of its own, and two power iterations take four passes instead of six
+        product = matrix @ V
+        if (product[:, :checked] - U[:, :checked] * S[:checked]).norm(dim=0).max() <= rtol * S[0]:
             return U, S, V
-        for _ in range(2):
-            basis = _orthonormal_columns(matrix @ _orthonormal_columns(matrix.T @ basis))
+        product = matrix @ _orthonormal_columns(matrix.T @ _orthonormal_columns(product))
         iterations += 2
 
 
@@ -455,10 +456,11 @@ def singular_value_threshold(
     Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (the warm
     start's rank, at least 8, and without a warm start at least a lower bound from the
     Frobenius and spectral norms) is sketched with oversampling by a randomized subspace
-    iteration run to convergence, and the guess doubles until no more than
-    ``guess`` computed singular values exceed ``mu`` (randomized estimates err low, so the
-    oversampled tail must lie below ``mu`` too); a sketch beyond a quarter of the smaller
-    side falls back to a full SVD.
+    iteration run to convergence, until no more than ``guess`` computed singular values
+    exceed ``mu`` (randomized estimates err low, so the oversampled tail must lie below ``mu``
+    too). A failed sketch sets the next guess to the count it found above ``mu`` (twice the
+    guess when all of it was) and warm-starts the next one; a sketch beyond a quarter of the
+    smaller side falls back to a full SVD.
     """
     smaller = min(matrix.shape)
     sketches = 0
@@ -468,14 +470,19 @@ def singular_value_threshold(
             # no previous rank to start from: at least this many singular values exceed mu
             # (a noise-dominated matrix needs far more than a sketch holds: full SVD at once)
             guess = max(guess, _count_above_lower_bound(matrix, mu))
+        start = warm_start
         while _sketch_size(guess) <= smaller // 4:
-            U, S, V = top_singular_triplets(
-                matrix, _sketch_size(guess), wanted=guess, start=warm_start, above=mu
-            )
+            sketch = _sketch_size(guess)
+            U, S, V = top_singular_triplets(matrix, sketch, wanted=guess, start=start, above=mu)
             sketches += 1
-            if int((S > mu).sum().item()) <= guess:
+            above = int((S > mu).sum().item())
+            if above <= guess:
                 return _shrink(U, S, V, mu, sketches=sketches)
-            guess *= 2
+            # More than guessed exceed mu. Ritz values err low, so at least ``above`` do: the
+            # next sketch wants that many (twice the guess when the whole sketch was above mu)
+            # and starts from this one's directions, which are already near convergence.
+            guess = above if above < min(sketch, smaller) else 2 * guess
+            start = V
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return _shrink(U, S, Vh.T, mu, full_svd=True, sketches=sketches)
 
