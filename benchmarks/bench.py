@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -247,19 +248,22 @@ def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) 
         shutil.rmtree(out, ignore_errors=True)
         profile.unlink(missing_ok=True)
         started = time.perf_counter()
+        # a session of its own, so that a run past ``timeout`` is stopped with the merge GNU
+        # time forked (killing time alone left the merge running, and every later row measured
+        # against it)
+        child = subprocess.Popen(
+            ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        )
         try:
-            done = subprocess.run(
-                ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=env,
-                timeout=timeout,
-            )
+            _, stderr = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
             return {"seconds": None, "timed_out": timeout, "peak_mib": None, "runs": times}
         elapsed = time.perf_counter() - started
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(map(str, command))} failed: {done.stderr.decode()[-2000:]}")
+        if child.returncode != 0:
+            raise SystemExit(f"{' '.join(map(str, command))} failed: {stderr.decode()[-2000:]}")
         times.append(elapsed)
         peaks.append(int(report_file.read_text().split()[-1]) / 1024)  # KiB -> MiB
         if profile.is_file():
