@@ -3,7 +3,8 @@
     python benchmarks/bench.py [--device cpu|cuda] [--size 44m|7b-layer|...] [--seeds 3]
                                [--methods all] [--reps 3] [--dtype float32|bfloat16]
                                [--spectrum bench|noise-1|noise-5|noise-20|flat|demo,...]
-                               [--timeout SECONDS] [--floors] [--out benchmarks/RESULTS.md]
+                               [--timeout SECONDS] [--floors] [--skip-adapters] [--skip-gram]
+                               [--out benchmarks/RESULTS.md]
 
 Builds synthetic Llama-shaped checkpoints (deltas with a realistic spectrum: a shared low-rank
 part, a seed-specific low-rank part and small dense noise) and LoRA r=8 seeds, then measures
@@ -313,14 +314,13 @@ def floors(size: str, seeds: int) -> dict:
     svd_square = seconds(lambda: torch.linalg.svd(torch.randn(hidden, hidden, generator=generator), full_matrices=False))
     svd_tall = seconds(lambda: torch.linalg.svd(torch.randn(intermediate, hidden, generator=generator), full_matrices=False))
     matrices = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-    seedft = 0.0
-    for m, n in matrices:
-        side = min(m, seeds * n)
-        other = seeds * n if side == m else m
-        seedft += 2.0 * side * side * other / gemm64 + eigh64(side) + eigh64(min(n, side))
+    rates = {"gemm64": gemm64, "eigh64_side": hidden, "eigh64_seconds": eigh_hidden}
+    # at full numerical rank, r = min(n, the Gram's side)
+    seedft = seedft_floor(rates, seeds, [(m, n, min(n, m, seeds * n)) for m, n in matrices])
     twostage = 4 * svd_square + 3 * svd_tall
     layers = SIZES[size][3]
     return {
+        "rates": rates,
         "gemm64_gflops": gemm64 / 1e9,
         "eigh64_seconds": {hidden: eigh_hidden, intermediate: eigh64(intermediate)},
         "eigh64_torch_lapack_seconds": (eigh_torch, eigh_lapack),
@@ -332,6 +332,21 @@ def floors(size: str, seeds: int) -> dict:
             "seedft": layers * seedft, "seedlora_twostage": layers * twostage, "lore_full_svds": layers * 10 * seeds * twostage,
         },
     }
+
+
+def seedft_floor(rates: dict, seeds: int, matrices) -> float:
+    """Exact SeedFT's floor for ``matrices`` [(m, n, r)] at the measured ``rates`` (see
+    :func:`floors`): per matrix, the float64 Gram on the smaller side of the m x Nn
+    concatenation, its eigendecomposition, and the r x r polar-factor eigendecomposition (r the
+    numerical rank the merge found; eigh times scaled cubically from the measured one)."""
+    seconds = 0.0
+    for m, n, r in matrices:
+        side = min(m, seeds * n)
+        other = seeds * n if side == m else m
+        for size in (side, r):
+            seconds += rates["eigh64_seconds"] * (size / rates["eigh64_side"]) ** 3
+        seconds += 2.0 * side * side * other / rates["gemm64"]
+    return seconds
 
 
 def gram_throughput(device: str, m: int, n: int, seeds: int) -> dict:
@@ -386,6 +401,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, help="stop a run after this many seconds and record it as stopped")
     parser.add_argument("--floors", action="store_true", help="measure each method's decomposition floor on this machine")
     parser.add_argument("--skip-adapters", action="store_true", help="leave out the adapter routes")
+    parser.add_argument("--skip-gram", action="store_true", help="leave out the SeedFT Gram-step throughput (minutes at 7b-layer)")
     parser.add_argument(
         "--spectrum", default="bench",
         help="how the seeds' deltas are built, one or several comma-separated: " + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()),
@@ -440,7 +456,7 @@ def main() -> None:
             shutil.rmtree(scratch / spectrum, ignore_errors=True)
 
     vocab, hidden, intermediate, _, _ = SIZES[args.size]
-    results["gram"] = gram_throughput(args.device, hidden, intermediate, args.seeds)
+    results["gram"] = None if args.skip_gram else gram_throughput(args.device, hidden, intermediate, args.seeds)
     if args.floors and args.device == "cpu":
         results["floors"] = floors(args.size, args.seeds)
     if args.json:
@@ -496,7 +512,7 @@ def report(results: dict) -> str:
         else:
             ratio_text = target = ""
         merge = numbers.get("merge_seconds")
-        floor_seconds = floor.get(method) if floor else None
+        floor_seconds = method_floor(results, method, numbers)
         if measured and floor_seconds and merge is not None and floor_seconds > limit * methods[reference]["seconds"]:
             # issue #18: where the exact method's own floor is above its ratio goal, the goal
             # becomes at most FLOOR_FACTOR times that floor
@@ -532,7 +548,7 @@ def report(results: dict) -> str:
             f"{memory:.2f} of the peak memory (target <= 0.2: {'met' if memory <= 0.2 else 'NOT met'}).",
         ]
     gram = results["gram"]
-    lines += [
+    lines += [] if gram is None else [
         "",
         f"SeedFT Gram step (sum_i X_i X_i^T in float64, m={gram['shape'][0]}, n={gram['shape'][1]}, N={gram['shape'][2]}): "
         f"{gram['gram_gflops']:.1f} GFLOP/s; one float64 matmul of the same size {gram['matmul_float64_gflops']:.1f} GFLOP/s "
@@ -554,6 +570,19 @@ def report(results: dict) -> str:
     if len(results.get("spectra", {})) > 1:
         lines += ["", spectrum_table(results)]
     return "\n".join(lines)
+
+
+def method_floor(results: dict, method: str, numbers: dict) -> Optional[float]:
+    """``method``'s floor in seconds, or None without ``--floors``. SeedFT's counts the matrices
+    its run reported with the numerical ranks it found (the polar factor of a low-rank delta is
+    cheap); without that report, every decoder-layer matrix at full rank."""
+    floors_ = results.get("floors")
+    if not floors_:
+        return None
+    steps = (numbers or {}).get("seedft_steps") or {}
+    if method == "seedft" and steps.get("shapes"):
+        return seedft_floor(floors_["rates"], results["seeds"], steps["shapes"])
+    return floors_["per_layer_seconds"].get(method)
 
 
 def spectrum_table(results: dict) -> str:
@@ -585,7 +614,8 @@ def spectrum_table(results: dict) -> str:
             else:
                 cells.append(f"{numbers['seconds'] / base:.2f}x {reference}" if base else f"{numbers['seconds']:.1f} s")
         seedft = measured.get("seedft") or {}
-        floor_cell = f"{seedft['merge_seconds'] / floor['seedft']:.2f}" if floor.get("seedft") and seedft.get("merge_seconds") else ""
+        seedft_seconds = method_floor(results, "seedft", seedft)
+        floor_cell = f"{seedft['merge_seconds'] / seedft_seconds:.2f} (floor {seedft_seconds:.0f} s)" if seedft_seconds and seedft.get("merge_seconds") else ""
         svt = (measured.get("lore") or {}).get("lore_svt")
         svt_cell = (
             f"{svt['iterations'] / max(svt['matrices'], 1):.1f}, {svt['svts']}, {svt['full_svds']}, {svt['sketches']}, "
