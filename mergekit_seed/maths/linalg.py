@@ -481,7 +481,7 @@ def singular_value_threshold(
             # More than guessed exceed mu. Ritz values err low, so at least ``above`` do: the
             # next sketch wants that many (twice the guess when the whole sketch was above mu)
             # and starts from this one's directions, which are already near convergence.
-            guess = above if above < min(sketch, smaller) else 2 * guess
+            guess = above if above < sketch else 2 * guess
             start = V
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return _shrink(U, S, Vh.T, mu, full_svd=True, sketches=sketches)
