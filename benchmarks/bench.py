@@ -307,10 +307,6 @@ def floors(size: str, seeds: int) -> dict:
     eigh_torch = seconds(lambda: torch.linalg.eigh(gram))
     eigh_lapack = seconds(lambda: _lapack_eigh(gram.clone()))
     eigh_hidden = min(eigh_torch, eigh_lapack)
-
-    def eigh64(side: int) -> float:  # cubic scaling from the measured hidden x hidden eigh
-        return eigh_hidden * (side / hidden) ** 3
-
     svd_square = seconds(lambda: torch.linalg.svd(torch.randn(hidden, hidden, generator=generator), full_matrices=False))
     svd_tall = seconds(lambda: torch.linalg.svd(torch.randn(intermediate, hidden, generator=generator), full_matrices=False))
     matrices = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
@@ -322,7 +318,7 @@ def floors(size: str, seeds: int) -> dict:
     return {
         "rates": rates,
         "gemm64_gflops": gemm64 / 1e9,
-        "eigh64_seconds": {hidden: eigh_hidden, intermediate: eigh64(intermediate)},
+        "eigh64_seconds": {hidden: eigh_hidden, intermediate: eigh64_at(rates, intermediate)},
         "eigh64_torch_lapack_seconds": (eigh_torch, eigh_lapack),
         "svd32_seconds": {f"{hidden}x{hidden}": svd_square, f"{intermediate}x{hidden}": svd_tall},
         # the decoder layers' matrices (the embeddings are left out)
@@ -334,6 +330,12 @@ def floors(size: str, seeds: int) -> dict:
     }
 
 
+def eigh64_at(rates: dict, side: int) -> float:
+    """A float64 ``side`` x ``side`` eigendecomposition's seconds, scaled cubically from the one
+    :func:`floors` measured."""
+    return rates["eigh64_seconds"] * (side / rates["eigh64_side"]) ** 3
+
+
 def seedft_floor(rates: dict, seeds: int, matrices) -> float:
     """Exact SeedFT's floor for ``matrices`` [(m, n, r)] at the measured ``rates`` (see
     :func:`floors`): per matrix, the float64 Gram on the smaller side of the m x Nn
@@ -343,9 +345,7 @@ def seedft_floor(rates: dict, seeds: int, matrices) -> float:
     for m, n, r in matrices:
         side = min(m, seeds * n)
         other = seeds * n if side == m else m
-        for size in (side, r):
-            seconds += rates["eigh64_seconds"] * (size / rates["eigh64_side"]) ** 3
-        seconds += 2.0 * side * side * other / rates["gemm64"]
+        seconds += 2.0 * side * side * other / rates["gemm64"] + eigh64_at(rates, side) + eigh64_at(rates, r)
     return seconds
 
 
@@ -626,7 +626,8 @@ def spectrum_table(results: dict) -> str:
             lore_floor = f"{measured['lore']['merge_seconds'] / floor['lore_full_svds']:.2f} (floor {floor['lore_full_svds']:.0f} s)"
         steps = (measured.get("seedft") or {}).get("seedft_steps")
         steps_cell = (
-            f"{steps['full_rank']}/{steps['matrices']}, {steps['gram']:.1f}, {steps['eigh']:.1f}, {steps['polar']:.1f}, {steps['product']:.1f}"
+            f"{sum(r == min(m, n) for m, n, r in steps['shapes'])}/{len(steps['shapes'])}, "
+            f"{steps['gram']:.1f}, {steps['eigh']:.1f}, {steps['polar']:.1f}, {steps['product']:.1f}"
             if steps else ""
         )
         lines.append(f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} | {lore_floor} | {steps_cell} |")
