@@ -206,7 +206,8 @@ def test_a_warm_start_below_the_rank_grows_to_it_without_a_full_svd():
     S = 0.93 ** torch.arange(560, dtype=torch.float64)
     matrix = (U * S) @ V.T
     mu = (S[44] + S[45]).item() / 2  # exactly 45 values above mu; a quarter of 560 is 140
-    warm = V[:, :10]
+    warm = singular_value_threshold(matrix, (S[9] + S[10]).item() / 2)  # a higher mu kept 10
+    assert warm.rank == 10
     thresholded = singular_value_threshold(matrix, mu, warm_start=warm)
     expected = (U * (S - mu).clamp_min(0)) @ V.T
     assert (thresholded.matrix - expected).norm() <= 1e-6 * expected.norm()

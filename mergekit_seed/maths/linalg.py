@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -307,7 +307,7 @@ def _singular_triplets(matrix: torch.Tensor, rank: Optional[int], energy: Option
     if rank is not None:
         rank = min(rank, smaller)
         if randomized_ok and _sketch_size(rank) <= smaller // 4:
-            U, S, V = top_singular_triplets(matrix, _sketch_size(rank), wanted=rank)
+            U, S, V, _ = top_singular_triplets(matrix, _sketch_size(rank), wanted=rank)
             return U, S, V, rank
     elif randomized_ok and energy is not None:
         total = squared_norm(matrix)
@@ -317,11 +317,11 @@ def _singular_triplets(matrix: torch.Tensor, rank: Optional[int], energy: Option
         # residual of full-rank deltas). Estimates err low, so this only ever picks the full
         # SVD, which is exact, more often than strictly necessary.
         sketch = 32
-        _, S, _ = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch, max_power_iterations=2)
+        S = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch, max_power_iterations=2).S
         needed = _needed_rank(S, sketch, total, energy)
         while total > 0 and _sketch_size(needed) <= smaller // 4:
             sketch = max(sketch, needed)
-            U, S, V = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
+            U, S, V, _ = top_singular_triplets(matrix, _sketch_size(sketch), wanted=sketch)
             captured = (S[:sketch].to(DECOMPOSITION_DTYPE) ** 2).cumsum(0) / total
             if captured[-1] >= energy:
                 return U, S, V, int((captured < energy - 1e-12).sum().item()) + 1
@@ -337,62 +337,87 @@ def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(matrix).Q
 
 
+class SingularTriplets(NamedTuple):
+    """``U (m, q), S (q,), V (n, q)``, and ``product`` = matrix @ V (m, q) when the last
+    convergence check formed it (None when the iteration stopped before checking)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    product: Optional[torch.Tensor]
+
+
 def top_singular_triplets(
     matrix: torch.Tensor,
     sketch: int,
     wanted: Optional[int] = None,
     start: Optional[torch.Tensor] = None,
+    start_product: Optional[torch.Tensor] = None,
     seed: int = 0,
-    rtol: float = 1e-5,
+    rtol: Optional[float] = None,
     max_power_iterations: int = 32,
     above: Optional[float] = None,
-):
+) -> SingularTriplets:
     """Randomized subspace iteration for the leading singular triplets, run to convergence.
 
     Sketches ``sketch`` columns (``start`` (n, k), for example the previous iterate's right
-    singular vectors, warm-starts the subspace and is padded with seeded Gaussian columns),
-    then alternates power iterations with Rayleigh-Ritz checks until the leading ``wanted``
+    singular vectors, warm-starts the subspace and is padded with seeded Gaussian columns;
+    ``start_product`` (m, k), when given, is ``matrix @ start`` known without a pass over the
+    matrix, for example updated from a nearby matrix's product by a low-rank change),
+    then checks every power iteration by Rayleigh-Ritz until the leading ``wanted``
     (default: half the sketch; with ``above``, only those whose singular value exceeds it)
     Ritz triplets satisfy ||X v_j - s_j u_j|| <= rtol * s_1, or ``max_power_iterations`` is
-    reached. Returns ``U (m, q), S (q,), V (n, q)`` with
-    q = min(sketch, min(m, n)); deterministic for a given ``seed``.
+    reached. ``rtol`` defaults to 1e-5, and to 1e-10 for float64 matrices: the thresholded or
+    truncated matrix built from the triplets is then off by about rtol / 10 of its norm, and
+    float64 inputs are asked for float64 accuracy. With ``above``, it also returns as soon as more than ``wanted`` Ritz values
+    exceed it: Ritz values never exceed the singular values they estimate, so more than
+    ``wanted`` singular values do, and the caller needs a wider sketch, not a converged one.
+    Returns :class:`SingularTriplets` with q = min(sketch, min(m, n)); deterministic for a
+    given ``seed``.
     """
     m, n = matrix.shape
+    if rtol is None:
+        rtol = 1e-10 if matrix.dtype == torch.float64 else 1e-5
     sketch = min(sketch, m, n)
     wanted = min(wanted if wanted is not None else max(1, sketch // 2), sketch)
-    columns = []
+    products = []
     if start is not None and start.numel():
-        columns.append(start[:, :sketch].to(matrix.dtype))
-    missing = sketch - sum(c.shape[1] for c in columns)
+        start = start[:, :sketch].to(matrix.dtype)
+        products.append(matrix @ start if start_product is None else start_product[:, : start.shape[1]].to(matrix.dtype))
+        missing = sketch - start.shape[1]
+    else:
+        missing = sketch
     if missing > 0:
         generator = torch.Generator(device=matrix.device).manual_seed(seed)
-        columns.append(
-            torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype)
-        )
-    product = matrix @ torch.cat(columns, dim=1)
+        products.append(matrix @ torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype))
+    product = torch.cat(products, dim=1) if len(products) > 1 else products[0]
     iterations = 0
     while True:
         basis = _orthonormal_columns(product)
         small_U, S, Vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)  # Rayleigh-Ritz
         U, V = basis @ small_U, Vh.T
         if iterations >= max_power_iterations or S[0] == 0:
-            return U, S, V
-        checked = wanted if above is None else max(1, min(wanted, int((S > above).sum().item())))
+            return SingularTriplets(U, S, V, None)
+        checked = wanted
+        if above is not None:
+            checked = int((S > above).sum().item())
+            if checked > wanted:
+                return SingularTriplets(U, S, V, None)
+            checked = max(1, checked)
         # X^T u_j = s_j v_j holds by construction; X v_j - s_j u_j measures convergence. V spans
-        # X^T basis, so X V is also the first power iteration's product: the check costs no
-        # pass over X of its own, and two power iterations take four passes instead of six
+        # X^T basis (the Rayleigh-Ritz product was the power iteration's X^T pass), so X V is
+        # its X pass: one power iteration and its check take two passes over X in all
         product = matrix @ V
         if (product[:, :checked] - U[:, :checked] * S[:checked]).norm(dim=0).max() <= rtol * S[0]:
-            return U, S, V
-        product = matrix @ _orthonormal_columns(matrix.T @ _orthonormal_columns(product))
-        iterations += 2
+            return SingularTriplets(U, S, V, product)
+        iterations += 1
 
 
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
     """Largest singular value (exact for small matrices, randomized with oversampling otherwise)."""
     if min(matrix.shape) <= _SVT_FULL_SVD_SIZE:
         return torch.linalg.matrix_norm(matrix, ord=2)
-    _, S, _ = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1)
+    S = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1).S
     return S[0]
 
 
@@ -400,14 +425,18 @@ def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
 class Thresholded:
     """``SVT_mu(X) = U max(S - mu, 0) V^T``, kept as its factors.
 
-    ``U`` (m, k) and ``V`` (n, k) the kept singular vectors (``V`` is a warm start for the next
-    thresholding), ``shrunk`` (k,) the kept, shrunk singular values (their sum is the nuclear
-    norm of the result).
+    ``U`` (m, k) and ``V`` (n, k) the kept singular vectors, ``shrunk`` (k,) the kept, shrunk
+    singular values (their sum is the nuclear norm of the result). ``subspace`` (n, q >= k):
+    the right singular vectors of everything computed (the whole converged sketch, or all of a
+    full SVD): the next thresholding of a nearby matrix starts from it (``warm_start``).
+    ``subspace_product`` (m, q): X @ subspace, when a sketch formed it (None after a full SVD).
     """
 
     U: torch.Tensor
     shrunk: torch.Tensor
     V: torch.Tensor
+    subspace: torch.Tensor
+    subspace_product: Optional[torch.Tensor] = None
     full_svd: bool = False  # how it was computed: a full SVD, or randomized sketches (``sketches`` of them)
     sketches: int = 0
 
@@ -436,10 +465,12 @@ def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
     Two bounds, the larger wins. The Ritz values of a short randomized sketch never exceed
     the singular values they estimate, so each one above ``mu`` counts. And the singular
     values at most ``mu`` hold at most min(m, n) mu^2 of ||X||_F^2 while each of the others
-    holds at most S_1^2, so at least (||X||_F^2 - min(m, n) mu^2) / S_1^2 exceed ``mu``; S_1
-    is estimated from below, which can only raise that bound (towards the exact full SVD).
+    holds at most S_1^2, so at least (||X||_F^2 - min(m, n) mu^2) / S_1^2 exceed ``mu``. The
+    sketch takes two power iterations: every Ritz value is a lower bound whether converged or
+    not, and S_1 estimated from below can only raise the second bound (towards the exact
+    full SVD), so converging would buy nothing but time.
     """
-    _, S, _ = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1)
+    S = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1, max_power_iterations=2).S
     largest = S[0].to(DECOMPOSITION_DTYPE)
     if largest <= 0:
         return 0
@@ -449,47 +480,66 @@ def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
 
 
 def singular_value_threshold(
-    matrix: torch.Tensor, mu: float, warm_start: Optional[torch.Tensor] = None
+    matrix: torch.Tensor, mu: float, warm_start: Optional[Thresholded] = None, change: Optional[LowRank] = None
 ) -> Thresholded:
     """SVT_mu(matrix), computing only the singular values above ``mu`` where possible.
 
-    Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (the warm
-    start's rank, at least 8, and without a warm start at least a lower bound from the
-    Frobenius and spectral norms) is sketched with oversampling by a randomized subspace
-    iteration run to convergence, until no more than ``guess`` computed singular values
-    exceed ``mu`` (randomized estimates err low, so the oversampled tail must lie below ``mu``
-    too). A failed sketch sets the next guess to the count it found above ``mu`` (twice the
-    guess when all of it was) and warm-starts the next one; a sketch beyond a quarter of the
-    smaller side falls back to a full SVD.
+    Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (``warm_start``'s
+    rank, at least 8, and without a warm start at least a lower bound from the Frobenius and
+    spectral norms) is sketched with oversampling by a randomized subspace iteration run to
+    convergence, starting from ``warm_start.subspace`` (the previous thresholding of a nearby
+    matrix: its oversampled directions too, which converge with the kept ones), until no more
+    than ``guess`` computed singular values exceed ``mu`` (randomized estimates err low, so
+    the oversampled tail must lie below ``mu`` too). A sketch in which more than ``guess``
+    Ritz values exceed ``mu`` stops there, unconverged; the next guess is that count (twice
+    the guess when all of the sketch was above ``mu``) and the next sketch starts from its
+    directions. A sketch beyond a quarter of the smaller side falls back to a full SVD.
+
+    ``change``: ``matrix`` minus the matrix ``warm_start`` thresholded, when the caller knows
+    it in low-rank form (k, as LoRE's residuals change by the change of their mean). The first
+    sketch's product with ``matrix`` is then ``warm_start.subspace_product`` plus ``change``
+    applied to the subspace, O((m + n) k q) instead of a pass over the matrix; the iteration
+    is the same, and its convergence is checked on ``matrix`` itself.
     """
     smaller = min(matrix.shape)
     sketches = 0
+    if warm_start is not None and not warm_start.rank:
+        warm_start = None  # it kept nothing: neither a rank nor directions to start from
     if smaller > _SVT_FULL_SVD_SIZE:
-        guess = max(8, warm_start.shape[1] if warm_start is not None else 0)
+        guess = max(8, warm_start.rank if warm_start is not None else 0)
         if warm_start is None:
             # no previous rank to start from: at least this many singular values exceed mu
             # (a noise-dominated matrix needs far more than a sketch holds: full SVD at once)
             guess = max(guess, _count_above_lower_bound(matrix, mu))
-        start = warm_start
+        start = warm_start.subspace if warm_start is not None else None
+        start_product = None
+        if start is not None and warm_start.subspace_product is not None and change is not None:
+            if change.rank * sum(matrix.shape) < matrix.numel():
+                start_product = torch.addmm(warm_start.subspace_product, change.left, change.right @ start)
         while _sketch_size(guess) <= smaller // 4:
             sketch = _sketch_size(guess)
-            U, S, V = top_singular_triplets(matrix, sketch, wanted=guess, start=start, above=mu)
+            U, S, V, product = top_singular_triplets(
+                matrix, sketch, wanted=guess, start=start, start_product=start_product, above=mu
+            )
             sketches += 1
             above = int((S > mu).sum().item())
             if above <= guess:
-                return _shrink(U, S, V, mu, sketches=sketches)
+                return _shrink(U, S, V, mu, sketches=sketches, product=product)
             # More than guessed exceed mu. Ritz values err low, so at least ``above`` do: the
             # next sketch wants that many (twice the guess when the whole sketch was above mu)
-            # and starts from this one's directions, which are already near convergence.
+            # and starts from this one's directions.
             guess = above if above < sketch else 2 * guess
-            start = V
+            start, start_product = V, None
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return _shrink(U, S, Vh.T, mu, full_svd=True, sketches=sketches)
 
 
-def _shrink(U, S, V, mu: float, full_svd: bool = False, sketches: int = 0) -> Thresholded:
+def _shrink(U, S, V, mu: float, full_svd: bool = False, sketches: int = 0, product=None) -> Thresholded:
     keep = int((S > mu).sum().item())
-    return Thresholded(U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep], full_svd=full_svd, sketches=sketches)
+    return Thresholded(
+        U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep], subspace=V, subspace_product=product,
+        full_svd=full_svd, sketches=sketches,
+    )
 
 
 # ---------------------------------------------------------------- factored (low-rank) deltas

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_seed.maths.linalg import LowRank, compute_dtype, singular_value_threshold, spectral_norm
+from mergekit_seed.maths.linalg import LowRank, Thresholded, compute_dtype, singular_value_threshold, spectral_norm
 
 DEFAULT_MU_RELATIVE = 0.1
 
@@ -80,9 +80,10 @@ def lore_estimate(
     ``mu`` is absolute; otherwise ``mu_relative`` (default 0.1) sets it via
     :func:`relative_mu`. Stops after ``iterations`` or once
     ||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F (``tol`` = 0: never early).
-    Each SVT is warm-started from the previous iteration's singular vectors. The delta_i stay
-    factored (their ranks are small when mu does its job), so an iteration reads and writes
-    the m x n matrices only to form theta0 and the N residuals theta_i - theta0.
+    Each SVT is warm-started from the same delta's SVT in the previous iteration (see
+    :func:`singular_value_threshold`). The delta_i stay factored (their ranks are small when mu
+    does its job), so an iteration reads and writes the m x n matrices only to form theta0 and
+    the N residuals theta_i - theta0.
     """
     dtype = compute_dtype(theta[0])
     theta = [t.to(dtype) for t in theta]
@@ -94,7 +95,7 @@ def lore_estimate(
     for t in theta:
         theta_sum += t
     residual = torch.empty_like(theta[0])
-    warm: List[Optional[torch.Tensor]] = [None] * count
+    thresholdings: List[Optional[Thresholded]] = [None] * count
     previous_sum: Optional[LowRank] = None
     previous_theta0: Optional[torch.Tensor] = None
     history: List[float] = []
@@ -107,13 +108,19 @@ def lore_estimate(
         # Eq. 2, theta0 block: the mean of theta_i - delta_i = (sum theta_i - sum delta_i) / N
         delta_sum = LowRank.sum(factors)
         theta0 = torch.addmm(theta_sum, delta_sum.left, delta_sum.right, beta=1 / count, alpha=-1 / count)
+        # theta0_{t-1} - theta0_t = (sum_i delta_i^{t-1} - sum_i delta_i^{t-2}) / N, factored: what
+        # every residual theta_i - theta0 gained since the last iteration
+        step = None if previous_sum is None else LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)])
+        residual_change = None if step is None else LowRank(step.left / count, step.right)
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
         nuclear_norms = []
         started = time.perf_counter()
         for index, t in enumerate(theta):
-            thresholded = singular_value_threshold(torch.sub(t, theta0, out=residual), mu, warm_start=warm[index])
+            thresholded = singular_value_threshold(
+                torch.sub(t, theta0, out=residual), mu, warm_start=thresholdings[index], change=residual_change
+            )
             factors[index] = thresholded.low_rank
-            warm[index] = thresholded.V if thresholded.rank else None
+            thresholdings[index] = thresholded
             ranks[index] = thresholded.rank
             full_svds += thresholded.full_svd
             sketches += thresholded.sketches
@@ -122,16 +129,14 @@ def lore_estimate(
         rank_history.append(list(ranks))
         if track_objective:
             history.append(objective(theta, theta0, [f.dense() for f in factors], nuclear_norms, mu))
-        # ||theta0_t - theta0_{t-1}||_F, with theta0_t - theta0_{t-1} = -(sum_i delta_i^{t-1} -
-        # sum_i delta_i^{t-2}) / N: from the factors while their Gram matrices (K x K, K the
-        # ranks of both sums) cost less than the m x n difference, densely once they do (a
-        # noise-dominated spectrum keeps ranks near min(m, n): the factored norm then took
-        # 60% of the merge)
+        # ||theta0_t - theta0_{t-1}||_F = ||step||_F / N: from the factors while their Gram
+        # matrices (K x K, K the rank of the step) cost less than the m x n difference, densely
+        # once they do (a noise-dominated spectrum keeps ranks near min(m, n): the factored
+        # norm then took 60% of the merge)
         converged = False
-        if previous_sum is not None and tol > 0:
-            rank = delta_sum.rank + previous_sum.rank
-            if rank * rank * sum(theta0.shape) < theta0.numel():
-                change = LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)]).norm() / count
+        if step is not None and tol > 0:
+            if step.rank * step.rank * sum(theta0.shape) < theta0.numel():
+                change = step.norm() / count
             else:
                 change = torch.linalg.vector_norm(torch.sub(theta0, previous_theta0, out=residual)).item()
             converged = change <= tol * theta0.norm()
