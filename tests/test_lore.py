@@ -7,7 +7,7 @@ import torch
 
 from conftest import refused, run_cli, write_recipe
 from mergekit_seed.references.weights import load_weights
-from mergekit_seed.maths.kernels.lore import lore, lore_estimate, relative_mu
+from mergekit_seed.maths.kernels.lore import _factored, lore, lore_estimate, relative_mu
 
 
 def svt_reference(X, mu):
@@ -170,27 +170,35 @@ def reference_stopping_iteration(theta, mu, tol, iterations):
     return iterations
 
 
-@pytest.mark.parametrize("spectrum", ["low rank (the factored test)", "noise (the dense test)"])
+@pytest.mark.parametrize(
+    "spectrum", ["low rank (the factored test)", "noise (the dense test)", "low rank, zero mean (theta0's norm formed)"]
+)
 def test_the_stopping_test_matches_the_reference_on_either_path(spectrum):
-    """The convergence test is computed from the factors while their ranks are small, densely
-    once they are not; both stop where the float64 reference stops."""
+    """The convergence test is computed from the factors while the mean delta stays factored,
+    densely once it is formed; ||theta0||_F is bracketed by ||mean|| -+ ||mean delta|| and
+    formed only when the test falls in between (always, for models whose mean is zero). Every
+    path stops where the float64 reference stops."""
     generator = torch.Generator().manual_seed(3)
     low_rank = spectrum.startswith("low rank")
     shape = (400, 300) if low_rank else (60, 40)
     common = torch.randn(shape, generator=generator, dtype=torch.float64)
     if low_rank:
-        theta = [(common + torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
-                  @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64)).float() for _ in range(3)]
+        theta = [common + torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
+                 @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64) for _ in range(3)]
+        if "zero mean" in spectrum:
+            theta = [t - common for t in theta]
+            theta[2] = -theta[0] - theta[1]
+        theta = [t.float() for t in theta]
         mu = 20.0
     else:
         theta = [(common + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float() for _ in range(3)]
         mu = 1.0
-    estimate = lore_estimate(theta, mu=mu, iterations=40, tol=1e-4)
-    expected = reference_stopping_iteration(theta, mu, 1e-4, 40)
+    tol = 0.1 if "zero mean" in spectrum else 1e-4  # there theta0 grows from 0 as -dbar
+    estimate = lore_estimate(theta, mu=mu, iterations=40, tol=tol)
+    expected = reference_stopping_iteration(theta, mu, tol, 40)
     assert 2 < expected < 40
     assert estimate.iterations == expected
-    rank = 2 * sum(estimate.ranks)  # both sums of deltas in the last test
-    assert (rank * rank * sum(shape) < shape[0] * shape[1]) == low_rank
+    assert _factored(sum(estimate.ranks), shape) == low_rank
 
 
 def test_a_warm_start_below_the_rank_grows_to_it_without_a_full_svd():

@@ -337,6 +337,16 @@ def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(matrix).Q
 
 
+def _wide_svd(matrix: torch.Tensor):
+    """``U (q, q), S (q,), V (n, q)`` of a wide (q, n) matrix, q <= n, through the QR
+    factorisation of its transpose and the SVD of the q x q factor: as accurate as LAPACK's
+    SVD of the whole (float32, 116 x 11008: 1e-6 of S_1 against float64 for both), and 2.6x
+    faster (10 against 27 ms, 2 CPU cores)."""
+    Q, R = torch.linalg.qr(matrix.T)
+    U, S, Wh = torch.linalg.svd(R.T)
+    return U, S, Q @ Wh.T
+
+
 class SingularTriplets(NamedTuple):
     """``U (m, q), S (q,), V (n, q)``, and ``product`` = matrix @ V (m, q) when the last
     convergence check formed it (None when the iteration stopped before checking)."""
@@ -348,7 +358,7 @@ class SingularTriplets(NamedTuple):
 
 
 def top_singular_triplets(
-    matrix: torch.Tensor,
+    matrix,
     sketch: int,
     wanted: Optional[int] = None,
     start: Optional[torch.Tensor] = None,
@@ -358,7 +368,8 @@ def top_singular_triplets(
     max_power_iterations: int = 32,
     above: Optional[float] = None,
 ) -> SingularTriplets:
-    """Randomized subspace iteration for the leading singular triplets, run to convergence.
+    """Randomized subspace iteration for the leading singular triplets of ``matrix`` (m, n; a
+    tensor or a :class:`Shifted`), run to convergence.
 
     Sketches ``sketch`` columns (``start`` (n, k), for example the previous iterate's right
     singular vectors, warm-starts the subspace and is padded with seeded Gaussian columns;
@@ -394,8 +405,8 @@ def top_singular_triplets(
     iterations = 0
     while True:
         basis = _orthonormal_columns(product)
-        small_U, S, Vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)  # Rayleigh-Ritz
-        U, V = basis @ small_U, Vh.T
+        small_U, S, V = _wide_svd(basis.T @ matrix)  # Rayleigh-Ritz
+        U = basis @ small_U
         if iterations >= max_power_iterations or S[0] == 0:
             return SingularTriplets(U, S, V, None)
         checked = wanted
@@ -413,12 +424,17 @@ def top_singular_triplets(
         iterations += 1
 
 
+# The spectral norm's sketch: on a CPU a pass with up to about 32 columns costs what one with
+# 17 does (memory-bound: 25 against 23 ms on 11008 x 4096, 2 cores), and the wider sketch
+# converges in fewer passes (0.33 against 0.44 s there on a demo delta, measured).
+_SPECTRAL_NORM_SKETCH = 32
+
+
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
     """Largest singular value (exact for small matrices, randomized with oversampling otherwise)."""
     if min(matrix.shape) <= _SVT_FULL_SVD_SIZE:
         return torch.linalg.matrix_norm(matrix, ord=2)
-    S = top_singular_triplets(matrix, 1 + _RANDOMIZED_OVERSAMPLE, wanted=1).S
-    return S[0]
+    return top_singular_triplets(matrix, _SPECTRAL_NORM_SKETCH, wanted=1).S[0]
 
 
 @dataclass
@@ -459,7 +475,7 @@ def squared_norm(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix).to(DECOMPOSITION_DTYPE) ** 2
 
 
-def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
+def _count_above_lower_bound(matrix, mu: float) -> int:
     """A lower bound on how many singular values of ``matrix`` exceed ``mu`` (min side > 128).
 
     Two bounds, the larger wins. The Ritz values of a short randomized sketch never exceed
@@ -475,14 +491,15 @@ def _count_above_lower_bound(matrix: torch.Tensor, mu: float) -> int:
     if largest <= 0:
         return 0
     ritz_count = int((S > mu).sum().item())
-    energy_count = math.ceil(((squared_norm(matrix) - min(matrix.shape) * mu**2) / largest**2).item())
+    energy_count = math.ceil(((squared_norm(dense(matrix)) - min(matrix.shape) * mu**2) / largest**2).item())
     return max(ritz_count, energy_count, 0)
 
 
 def singular_value_threshold(
-    matrix: torch.Tensor, mu: float, warm_start: Optional[Thresholded] = None, change: Optional[LowRank] = None
+    matrix, mu: float, warm_start: Optional[Thresholded] = None, change: Optional[LowRank] = None
 ) -> Thresholded:
-    """SVT_mu(matrix), computing only the singular values above ``mu`` where possible.
+    """SVT_mu(matrix) for a tensor or a :class:`Shifted` (m, n), computing only the singular
+    values above ``mu`` where possible.
 
     Small matrices (min side <= 128) take a full SVD. Otherwise a rank guess (``warm_start``'s
     rank, at least 8, and without a warm start at least a lower bound from the Frobenius and
@@ -514,7 +531,7 @@ def singular_value_threshold(
         start = warm_start.subspace if warm_start is not None else None
         start_product = None
         if start is not None and warm_start.subspace_product is not None and change is not None:
-            if change.rank * sum(matrix.shape) < matrix.numel():
+            if change.rank * sum(matrix.shape) < matrix.shape[0] * matrix.shape[1]:
                 start_product = torch.addmm(warm_start.subspace_product, change.left, change.right @ start)
         while _sketch_size(guess) <= smaller // 4:
             sketch = _sketch_size(guess)
@@ -530,7 +547,7 @@ def singular_value_threshold(
             # and starts from this one's directions.
             guess = above if above < sketch else 2 * guess
             start, start_product = V, None
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(dense(matrix), full_matrices=False)
     return _shrink(U, S, Vh.T, mu, full_svd=True, sketches=sketches)
 
 
@@ -586,6 +603,46 @@ class LowRank:
         return cls(
             torch.zeros(m, 0, dtype=dtype, device=device), torch.zeros(0, n, dtype=dtype, device=device)
         )
+
+
+@dataclass
+class Shifted:
+    """``base + shift.left @ shift.right`` (m, n) with a low-rank ``shift``, never formed.
+
+    ``Shifted @ W`` (W (n, q)) and ``Q @ Shifted`` (Q (q, m)) cost a pass over ``base`` plus
+    O((m + n) k q), where forming the sum would cost a rank-k GEMM and a write of m x n entries
+    each time it changes. :func:`top_singular_triplets` and :func:`singular_value_threshold`
+    take it wherever they take a matrix.
+    """
+
+    base: torch.Tensor
+    shift: LowRank
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.base @ other, self.shift.left, self.shift.right @ other)
+
+    def __rmatmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(other @ self.base, other @ self.shift.left, self.shift.right)
+
+    def dense(self) -> torch.Tensor:
+        return torch.addmm(self.base, self.shift.left, self.shift.right)
+
+
+def dense(matrix) -> torch.Tensor:
+    """``matrix`` as a tensor (a :class:`Shifted` is formed)."""
+    return matrix.dense() if isinstance(matrix, Shifted) else matrix
 
 
 # mean_and_std streams blocks of this many entries: each is summed twice while in cache.

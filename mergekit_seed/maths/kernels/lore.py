@@ -19,7 +19,14 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from mergekit_seed.maths.linalg import LowRank, Thresholded, compute_dtype, singular_value_threshold, spectral_norm
+from mergekit_seed.maths.linalg import (
+    LowRank,
+    Shifted,
+    Thresholded,
+    compute_dtype,
+    singular_value_threshold,
+    spectral_norm,
+)
 
 DEFAULT_MU_RELATIVE = 0.1
 
@@ -53,10 +60,23 @@ class LoreEstimate:
         return [f.dense() for f in self.factors]
 
 
+def deviations(theta: Sequence[torch.Tensor]):
+    """The mean of the models and each one's deviation from it, theta_i - mean (both (m, n)),
+    in the compute dtype (:func:`compute_dtype`), without a converted copy of the models."""
+    mean = torch.zeros(theta[0].shape, dtype=compute_dtype(theta[0]), device=theta[0].device)
+    for t in theta:
+        mean += t
+    mean /= len(theta)
+    return mean, [torch.sub(t, mean) for t in theta]
+
+
 def relative_mu(theta: Sequence[torch.Tensor], mu_relative: float) -> float:
     """mu = mu_relative * max_i ||theta_i - mean_j theta_j||_2 (spectral norm)."""
-    mean = torch.stack(list(theta)).mean(0)
-    return mu_relative * max(spectral_norm(t - mean).item() for t in theta)
+    return _mu_of_deviations(deviations(theta)[1], mu_relative)
+
+
+def _mu_of_deviations(deviation: Sequence[torch.Tensor], mu_relative: float) -> float:
+    return mu_relative * max(spectral_norm(d).item() for d in deviation)
 
 
 def objective(theta, theta0, deltas, nuclear_norms, mu: float) -> float:
@@ -65,6 +85,14 @@ def objective(theta, theta0, deltas, nuclear_norms, mu: float) -> float:
         0.5 * (theta0 + d - t).double().pow(2).sum().item() for t, d in zip(theta, deltas)
     )
     return fit + mu * sum(nuclear_norms)
+
+
+def _factored(rank: int, shape) -> bool:
+    """Whether a rank-``rank`` sum of deltas stays factored inside the iteration: applying its
+    factors to a sketch then costs at most an eighth of a pass over an (m, n) matrix per
+    column, and forming it would cost a rank-``rank`` GEMM per iteration."""
+    m, n = shape
+    return 8 * rank * (m + n) <= m * n
 
 
 def lore_estimate(
@@ -80,24 +108,27 @@ def lore_estimate(
     ``mu`` is absolute; otherwise ``mu_relative`` (default 0.1) sets it via
     :func:`relative_mu`. Stops after ``iterations`` or once
     ||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F (``tol`` = 0: never early).
-    Each SVT is warm-started from the same delta's SVT in the previous iteration (see
-    :func:`singular_value_threshold`). The delta_i stay factored (their ranks are small when mu
-    does its job), so an iteration reads and writes the m x n matrices only to form theta0 and
-    the N residuals theta_i - theta0.
+
+    With D_i = theta_i - mean_j theta_j and the mean delta dbar = (1/N) sum_j delta_j, the
+    theta0 block gives theta0 = mean - dbar, so the delta_i block thresholds the residual
+    theta_i - theta0 = D_i + dbar. The D_i are formed once; while dbar's rank is small it stays
+    factored (:class:`Shifted`), so an iteration forms no m x n matrix at all, and each SVT is
+    warm-started from the same delta's SVT in the previous iteration, whose residual differs
+    by the change of dbar (see :func:`singular_value_threshold`). A noise-dominated spectrum
+    keeps ranks near min(m, n); dbar is then formed once per iteration.
     """
-    dtype = compute_dtype(theta[0])
-    theta = [t.to(dtype) for t in theta]
+    mean, deviation = deviations(theta)
+    dtype = mean.dtype
     if mu is None:
-        mu = relative_mu(theta, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
-    count = len(theta)
-    factors = [LowRank.zeros(theta[0].shape, dtype=dtype, device=theta[0].device) for _ in theta]
-    theta_sum = torch.zeros_like(theta[0])
-    for t in theta:
-        theta_sum += t
-    residual = torch.empty_like(theta[0])
+        mu = _mu_of_deviations(deviation, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
+    count = len(deviation)
+    shape = tuple(mean.shape)
+    mean_norm = torch.linalg.vector_norm(mean).item()
+    factors = [LowRank.zeros(shape, dtype=dtype, device=mean.device) for _ in deviation]
     thresholdings: List[Optional[Thresholded]] = [None] * count
-    previous_sum: Optional[LowRank] = None
-    previous_theta0: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None  # the residuals' buffer once dbar is formed
+    previous: Optional[LowRank] = None  # the previous iteration's dbar
+    previous_dense: Optional[torch.Tensor] = None
     history: List[float] = []
     ranks: List[int] = [0] * count
     rank_history: List[List[int]] = []
@@ -105,20 +136,27 @@ def lore_estimate(
     svt_seconds = 0.0
     done = 0
     for done in range(1, iterations + 1):
-        # Eq. 2, theta0 block: the mean of theta_i - delta_i = (sum theta_i - sum delta_i) / N
-        delta_sum = LowRank.sum(factors)
-        theta0 = torch.addmm(theta_sum, delta_sum.left, delta_sum.right, beta=1 / count, alpha=-1 / count)
-        # theta0_{t-1} - theta0_t = (sum_i delta_i^{t-1} - sum_i delta_i^{t-2}) / N, factored: what
-        # every residual theta_i - theta0 gained since the last iteration
-        step = None if previous_sum is None else LowRank.sum([delta_sum, LowRank(-previous_sum.left, previous_sum.right)])
-        residual_change = None if step is None else LowRank(step.left / count, step.right)
-        # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0
+        # Eq. 2, theta0 block: theta0 = mean_i (theta_i - delta_i) = mean - dbar
+        mean_delta = LowRank.sum(factors)
+        mean_delta.left.div_(count)
+        factored = _factored(mean_delta.rank, shape)
+        mean_delta_dense = None if factored else mean_delta.dense()
+        # dbar_t - dbar_{t-1} = theta0_{t-1} - theta0_t: what every residual gained since the
+        # last iteration (kept factored while both are)
+        step = None
+        if previous is not None and factored and previous_dense is None:
+            step = LowRank.sum([mean_delta, LowRank(-previous.left, previous.right)])
+        # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0 = D_i + dbar
         nuclear_norms = []
         started = time.perf_counter()
-        for index, t in enumerate(theta):
-            thresholded = singular_value_threshold(
-                torch.sub(t, theta0, out=residual), mu, warm_start=thresholdings[index], change=residual_change
-            )
+        for index, d in enumerate(deviation):
+            if not mean_delta.rank:
+                matrix = d
+            elif factored:
+                matrix = Shifted(d, mean_delta)
+            else:
+                residual = matrix = torch.add(d, mean_delta_dense, out=residual)
+            thresholded = singular_value_threshold(matrix, mu, warm_start=thresholdings[index], change=step)
             factors[index] = thresholded.low_rank
             thresholdings[index] = thresholded
             ranks[index] = thresholded.rank
@@ -127,27 +165,49 @@ def lore_estimate(
             nuclear_norms.append(thresholded.shrunk.sum().item())
         svt_seconds += time.perf_counter() - started
         rank_history.append(list(ranks))
+        theta0: Optional[torch.Tensor] = None
         if track_objective:
-            history.append(objective(theta, theta0, [f.dense() for f in factors], nuclear_norms, mu))
-        # ||theta0_t - theta0_{t-1}||_F = ||step||_F / N: from the factors while their Gram
-        # matrices (K x K, K the rank of the step) cost less than the m x n difference, densely
-        # once they do (a noise-dominated spectrum keeps ranks near min(m, n): the factored
-        # norm then took 60% of the merge)
+            theta0 = _theta0(mean, mean_delta, mean_delta_dense)
+            models = [mean + d for d in deviation]  # theta_i, in the compute dtype
+            history.append(objective(models, theta0, [f.dense() for f in factors], nuclear_norms, mu))
+        # ||theta0_t - theta0_{t-1}||_F = ||dbar_t - dbar_{t-1}||_F: from the factors while
+        # both are factored (their Gram matrices cost about as much as applying them once),
+        # densely once dbar is formed (a noise-dominated spectrum: the factored norm then took
+        # 60% of the merge)
         converged = False
-        if step is not None and tol > 0:
-            if step.rank * step.rank * sum(theta0.shape) < theta0.numel():
-                change = step.norm() / count
+        if previous is not None and tol > 0:
+            if step is not None:
+                change = step.norm()
             else:
-                change = torch.linalg.vector_norm(torch.sub(theta0, previous_theta0, out=residual)).item()
-            converged = change <= tol * theta0.norm()
-        previous_sum = delta_sum
-        previous_theta0 = theta0
-        if tol > 0 and converged:
+                change = torch.linalg.vector_norm(
+                    (mean_delta_dense if mean_delta_dense is not None else mean_delta.dense())
+                    - (previous_dense if previous_dense is not None else previous.dense())
+                ).item()
+            # ||theta0_t||_F lies within ||mean||_F -+ ||dbar_t||_F: formed only when the test
+            # falls between the two
+            spread = mean_delta.norm() if factored else torch.linalg.vector_norm(mean_delta_dense).item()
+            if change <= tol * (mean_norm - spread):
+                converged = True
+            elif change <= tol * (mean_norm + spread):
+                if theta0 is None:
+                    theta0 = _theta0(mean, mean_delta, mean_delta_dense)
+                converged = change <= tol * torch.linalg.vector_norm(theta0).item()
+        previous, previous_dense = mean_delta, mean_delta_dense
+        if converged:
             break
+    if theta0 is None:
+        theta0 = _theta0(mean, mean_delta, mean_delta_dense)
     return LoreEstimate(
         theta0=theta0, factors=factors, mu=mu, iterations=done, ranks=ranks, objective=history,
         rank_history=rank_history, full_svds=full_svds, sketches=sketches, svt_seconds=svt_seconds,
     )
+
+
+def _theta0(mean: torch.Tensor, mean_delta: LowRank, mean_delta_dense: Optional[torch.Tensor]) -> torch.Tensor:
+    """theta0 = mean - dbar (m, n), from dbar's factors or its formed matrix."""
+    if mean_delta_dense is not None:
+        return mean - mean_delta_dense
+    return torch.addmm(mean, mean_delta.left, mean_delta.right, alpha=-1)
 
 
 def average(deltas: torch.Tensor) -> torch.Tensor:
