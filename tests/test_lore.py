@@ -45,18 +45,30 @@ def test_matches_float64_reference(N, shape, iterations):
     assert relative_error(result, lore_reference(theta, mu, iterations)) < 1e-5
 
 
-def test_randomized_svt_path_matches_reference_on_a_large_matrix():
+@pytest.mark.parametrize(
+    "dtype, shape, iterations, bound",
+    [(torch.float32, (600, 560), 3, 1e-4), (torch.float64, (600, 560), 3, 1e-10), (torch.float64, (1000, 900), 3, 1e-10)],
+)
+def test_randomized_svt_path_matches_reference_on_a_large_matrix(dtype, shape, iterations, bound):
+    """Through the randomized thresholdings, each warm-started from the previous iteration's
+    sketch; at 1000 x 900 the mean delta stays factored and each first product comes from the
+    previous one and the mean delta's change, at 600 x 560 the mean delta is formed (float64
+    inputs converge their sketches to float64 accuracy)."""
     generator = torch.Generator().manual_seed(0)
-    common = torch.randn(600, 560, generator=generator)
+    m, n = shape
+    common = torch.randn(m, n, generator=generator, dtype=torch.float64)
     theta = [
-        common
-        + torch.randn(600, 6, generator=generator) @ torch.randn(6, 560, generator=generator)
-        + 0.01 * torch.randn(600, 560, generator=generator)
+        (common
+         + torch.randn(m, 6, generator=generator, dtype=torch.float64) @ torch.randn(6, n, generator=generator, dtype=torch.float64)
+         + 0.01 * torch.randn(m, n, generator=generator, dtype=torch.float64)).to(dtype)
         for _ in range(3)
     ]
     mu = relative_mu(theta, 0.1)
-    result = lore(theta, mu=mu, iterations=3, tol=0)
-    assert relative_error(result, lore_reference(theta, mu, 3)) < 1e-4
+    estimate = lore_estimate(theta, mu=mu, iterations=iterations, tol=0)
+    assert estimate.full_svds == 0
+    assert _factored(sum(estimate.ranks), shape) == (m == 1000)
+    result = lore(theta, mu=mu, iterations=iterations, tol=0)
+    assert relative_error(result, lore_reference(theta, mu, iterations)) < bound
 
 
 def test_mu_relative_uses_the_largest_spectral_norm_of_the_deviations():

@@ -134,3 +134,41 @@ def test_truncated_svd_by_energy_equals_the_full_svd(spectrum):
     k = S.numel()
     reference = (reference_U[:, :k] * reference_S[:k]) @ reference_Vh[:k]
     assert (projection - reference).norm() <= 1e-6 * reference.norm()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 6), q=st.integers(1, 8), seed=st.integers(0, 2**16)
+)
+def test_a_shifted_matrix_multiplies_as_the_formed_sum(m, n, k, q, seed):
+    """LoRE's residual D_i + dbar, kept unformed: both products and its formed matrix equal the
+    explicit sum's (float64)."""
+    from mergekit_seed.maths.linalg import LowRank, Shifted
+
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    shift = LowRank(torch.randn(m, k, generator=generator, dtype=torch.float64), torch.randn(k, n, generator=generator, dtype=torch.float64))
+    shifted, formed = Shifted(base, shift), base + shift.left @ shift.right
+    right = torch.randn(n, q, generator=generator, dtype=torch.float64)
+    left = torch.randn(q, m, generator=generator, dtype=torch.float64)
+    assert torch.allclose(shifted @ right, formed @ right)
+    assert torch.allclose(left @ shifted, left @ formed)
+    assert torch.allclose(shifted.dense(), formed)
+    assert tuple(shifted.shape) == (m, n) and shifted.dtype == torch.float64
+
+
+@settings(max_examples=40, deadline=None)
+@given(q=st.integers(1, 12), extra=st.integers(0, 30), decades=st.integers(0, 8), seed=st.integers(0, 2**16))
+def test_the_wide_svd_is_an_svd(q, extra, decades, seed):
+    """The Rayleigh-Ritz SVD through QR: U S V^T gives the matrix back, U and V are orthonormal
+    and S are LAPACK's singular values, for rows spanning up to 8 decades (float64)."""
+    from mergekit_seed.maths.linalg import _wide_svd
+
+    generator = torch.Generator().manual_seed(seed)
+    n = q + extra
+    matrix = torch.randn(q, n, generator=generator, dtype=torch.float64) * torch.logspace(0, -decades, q, dtype=torch.float64)[:, None]
+    U, S, V = _wide_svd(matrix)
+    assert torch.allclose((U * S) @ V.T, matrix, atol=1e-12)
+    assert torch.allclose(U.T @ U, torch.eye(q, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(V.T @ V, torch.eye(q, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(S, torch.linalg.svdvals(matrix), rtol=1e-10, atol=1e-14)

@@ -380,9 +380,10 @@ def top_singular_triplets(
     Ritz triplets satisfy ||X v_j - s_j u_j|| <= rtol * s_1, or ``max_power_iterations`` is
     reached. ``rtol`` defaults to 1e-5, and to 1e-10 for float64 matrices: the thresholded or
     truncated matrix built from the triplets is then off by about rtol / 10 of its norm, and
-    float64 inputs are asked for float64 accuracy. With ``above``, it also returns as soon as more than ``wanted`` Ritz values
-    exceed it: Ritz values never exceed the singular values they estimate, so more than
-    ``wanted`` singular values do, and the caller needs a wider sketch, not a converged one.
+    float64 inputs are asked for float64 accuracy. With ``above``, it also returns as soon as
+    more than ``wanted`` Ritz values exceed it: Ritz values never exceed the singular values
+    they estimate, so more than ``wanted`` singular values do, and the caller needs a wider
+    sketch, not a converged one.
     Returns :class:`SingularTriplets` with q = min(sketch, min(m, n)); deterministic for a
     given ``seed``.
     """
@@ -394,7 +395,10 @@ def top_singular_triplets(
     products = []
     if start is not None and start.numel():
         start = start[:, :sketch].to(matrix.dtype)
-        products.append(matrix @ start if start_product is None else start_product[:, : start.shape[1]].to(matrix.dtype))
+        if start_product is None:
+            products.append(matrix @ start)
+        else:
+            products.append(start_product[:, : start.shape[1]].to(matrix.dtype))
         missing = sketch - start.shape[1]
     else:
         missing = sketch
