@@ -60,7 +60,7 @@ class LoreEstimate:
         return [f.dense() for f in self.factors]
 
 
-def deviations(theta: Sequence[torch.Tensor]):
+def mean_and_deviations(theta: Sequence[torch.Tensor]):
     """The mean of the models and each one's deviation from it, theta_i - mean (both (m, n)),
     in the compute dtype (:func:`compute_dtype`), without a converted copy of the models."""
     mean = torch.zeros(theta[0].shape, dtype=compute_dtype(theta[0]), device=theta[0].device)
@@ -72,11 +72,11 @@ def deviations(theta: Sequence[torch.Tensor]):
 
 def relative_mu(theta: Sequence[torch.Tensor], mu_relative: float) -> float:
     """mu = mu_relative * max_i ||theta_i - mean_j theta_j||_2 (spectral norm)."""
-    return _mu_of_deviations(deviations(theta)[1], mu_relative)
+    return _mu_of_deviations(mean_and_deviations(theta)[1], mu_relative)
 
 
-def _mu_of_deviations(deviation: Sequence[torch.Tensor], mu_relative: float) -> float:
-    return mu_relative * max(spectral_norm(d).item() for d in deviation)
+def _mu_of_deviations(deviations: Sequence[torch.Tensor], mu_relative: float) -> float:
+    return mu_relative * max(spectral_norm(d).item() for d in deviations)
 
 
 def objective(theta, theta0, deltas, nuclear_norms, mu: float) -> float:
@@ -117,14 +117,14 @@ def lore_estimate(
     by the change of dbar (see :func:`singular_value_threshold`). A noise-dominated spectrum
     keeps ranks near min(m, n); dbar is then formed once per iteration.
     """
-    mean, deviation = deviations(theta)
+    mean, deviations = mean_and_deviations(theta)
     dtype = mean.dtype
     if mu is None:
-        mu = _mu_of_deviations(deviation, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
-    count = len(deviation)
+        mu = _mu_of_deviations(deviations, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
+    count = len(deviations)
     shape = tuple(mean.shape)
     mean_norm = torch.linalg.vector_norm(mean).item()
-    factors = [LowRank.zeros(shape, dtype=dtype, device=mean.device) for _ in deviation]
+    factors = [LowRank.zeros(shape, dtype=dtype, device=mean.device) for _ in deviations]
     thresholdings: List[Optional[Thresholded]] = [None] * count
     residual: Optional[torch.Tensor] = None  # the residuals' buffer once dbar is formed
     previous: Optional[LowRank] = None  # the previous iteration's dbar
@@ -135,6 +135,8 @@ def lore_estimate(
     full_svds = sketches = 0
     svt_seconds = 0.0
     done = 0
+    mean_delta, mean_delta_dense = LowRank.sum(factors), None
+    theta0: Optional[torch.Tensor] = None
     for done in range(1, iterations + 1):
         # Eq. 2, theta0 block: theta0 = mean_i (theta_i - delta_i) = mean - dbar
         mean_delta = LowRank.sum(factors)
@@ -149,7 +151,7 @@ def lore_estimate(
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0 = D_i + dbar
         nuclear_norms = []
         started = time.perf_counter()
-        for index, d in enumerate(deviation):
+        for index, d in enumerate(deviations):
             if not mean_delta.rank:
                 matrix = d
             elif factored:
@@ -165,10 +167,10 @@ def lore_estimate(
             nuclear_norms.append(thresholded.shrunk.sum().item())
         svt_seconds += time.perf_counter() - started
         rank_history.append(list(ranks))
-        theta0: Optional[torch.Tensor] = None
+        theta0 = None
         if track_objective:
             theta0 = _theta0(mean, mean_delta, mean_delta_dense)
-            models = [mean + d for d in deviation]  # theta_i, in the compute dtype
+            models = [mean + d for d in deviations]  # theta_i, in the compute dtype
             history.append(objective(models, theta0, [f.dense() for f in factors], nuclear_norms, mu))
         # ||theta0_t - theta0_{t-1}||_F = ||dbar_t - dbar_{t-1}||_F: from the factors while
         # both are factored (their Gram matrices cost about as much as applying them once),
