@@ -448,13 +448,13 @@ class Thresholded:
     ``U`` (m, k) and ``V`` (n, k) the kept singular vectors, ``shrunk`` (k,) the kept, shrunk
     singular values (their sum is the nuclear norm of the result). ``subspace`` (n, q >= k):
     the right singular vectors of everything computed (the whole converged sketch, or all of a
-    full SVD): the next thresholding of a nearby matrix starts from it (``warm_start``).
-    ``subspace_product`` (m, q): X @ subspace, when a sketch formed it (None after a full SVD).
+    full SVD), the kept ones first: the next thresholding of a nearby matrix starts from it
+    (``warm_start``). ``subspace_product`` (m, q): X @ subspace, when a sketch formed it (None
+    after a full SVD).
     """
 
     U: torch.Tensor
     shrunk: torch.Tensor
-    V: torch.Tensor
     subspace: torch.Tensor
     subspace_product: Optional[torch.Tensor] = None
     full_svd: bool = False  # how it was computed: a full SVD, or randomized sketches (``sketches`` of them)
@@ -463,6 +463,10 @@ class Thresholded:
     @property
     def rank(self) -> int:
         return int(self.shrunk.numel())
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.subspace[:, : self.rank]
 
     @property
     def low_rank(self) -> "LowRank":
@@ -558,7 +562,7 @@ def singular_value_threshold(
 def _shrink(U, S, V, mu: float, full_svd: bool = False, sketches: int = 0, product=None) -> Thresholded:
     keep = int((S > mu).sum().item())
     return Thresholded(
-        U=U[:, :keep], shrunk=S[:keep] - mu, V=V[:, :keep], subspace=V, subspace_product=product,
+        U=U[:, :keep], shrunk=S[:keep] - mu, subspace=V, subspace_product=product,
         full_svd=full_svd, sketches=sketches,
     )
 
