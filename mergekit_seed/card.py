@@ -494,16 +494,6 @@ def read_card(source: Path) -> Dict[str, Any]:
     return {"recipe": recipe.group(1), "provenance": provenance.model_dump()}
 
 
-def is_our_card(path: Path) -> bool:
-    """Whether ``path`` is a model card mergekit-seed wrote (its front matter has our provenance)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            head = handle.read(1 << 20)
-        return isinstance(_front_matter(head, path).get(PROVENANCE_KEY), dict)
-    except (OSError, UnicodeDecodeError, UserError):
-        return False
-
-
 def recorded_folders(recorded: Dict[str, Any], recipe, labels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """{key of a card's ``inputs``: the local folder it stands for}. ``labels`` gives the folder
     of each ``inputN`` (the card's recipe names labels); without it the recipe names the folders

@@ -446,18 +446,15 @@ def compare_command(
             )
             return
         from mergekit_seed.tools.compare import unique_models
-        from mergekit_seed.tools.harness import compare_runs, evaluate_models
+        from mergekit_seed.tools.harness import compare_tasks
 
         names = unique_models(models, click.echo)
         if len(names) < 2:
             raise UserError("compare needs at least two models")
-        runs = Path(out) / "lm-eval"
-        folders = evaluate_models(
-            names, runs, task_list, base=base, tokenizer=tokenizer, device=options.device, batch_size=batch_size,
-            num_fewshot=num_fewshot, limit=limit, include_path=include_path, quiet=quiet,
-        )
-        compare_runs([str(folder) for folder in folders], Path(out), reference=reference, metric=metric,
-                     confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
+        evaluation = dict(base=base, tokenizer=tokenizer, device=options.device, batch_size=batch_size,
+                          num_fewshot=num_fewshot, limit=limit, include_path=include_path, quiet=quiet)
+        compare_tasks(names, task_list, Path(out), evaluation, reference=reference, metric=metric,
+                      confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
     except UserError as error:
         fail(str(error))
 

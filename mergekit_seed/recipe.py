@@ -466,6 +466,17 @@ def reference_paths(reference) -> List[str]:
     return paths
 
 
+def local_inputs(recipe: Recipe) -> List[Path]:
+    """Every local file and folder a merge of ``recipe`` reads, as the recipe names them: the
+    recipe file, and each existing local path among its references (base, models, slices'
+    sources, both parts of ``BASE+ADAPTER``, ``tokenizer_source`` and a tokenizer's sources).
+    Hub ids are read from the Hugging Face cache, which no output may overlap either."""
+    named = {path for reference in recipe.config.referenced_models() for path in reference_paths(reference)}
+    named.update(reference_strings(parse_mapping(recipe.source, recipe.origin)))
+    files = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
+    return files + [Path(path) for path in sorted(named) if Path(path).exists()]
+
+
 def substitute_references(value: Any, replacements: Dict[str, str]) -> Any:
     """A parsed recipe (mappings, lists, strings) with every model reference string, or part of
     a ``BASE+ADAPTER`` reference, found in ``replacements`` replaced (paths compared normalised)."""

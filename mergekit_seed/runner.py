@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from pydantic import BaseModel, ValidationError, model_validator
+from safetensors import SafetensorError
 
-from mergekit_seed.card import CARD_NAME, is_our_card, merge_inputs, package_version, public_recipe_text, render_card
+from mergekit_seed.card import CARD_NAME, merge_inputs, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
-from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, localize, recipe_warnings, reference_paths
+from mergekit_seed.output import OutputFolder, check_location
+from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, recipe_warnings
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
 
@@ -189,114 +191,10 @@ def make_options(recipe: Recipe, values: dict) -> Options:
         raise UserError(f"option '{location}': {message}") from None
 
 
-MARKER_NAME = ".mergekit-seed"  # marks a merge written without a model card as ours
-
-
-def _resolve(path: Union[str, os.PathLike], fix: str) -> Path:
-    """``path`` absolute with every symlink followed; a path that cannot be resolved (a symlink
-    loop) is one line ending in ``fix``, never skipped by the checks that compare paths."""
-    try:
-        return Path(path).absolute().resolve()
-    except (OSError, RuntimeError) as error:
-        raise UserError(f"{path}: cannot resolve the path ({error}); {fix}") from None
-
-
-def resolve_output(out: Union[str, os.PathLike]) -> Path:
-    """The folder a merge into ``out`` publishes: absolute, every symlink followed (a symlinked
-    OUT, dangling or not, is written at its target, which it keeps pointing to)."""
-    return _resolve(out, "choose another output folder")
-
-
-def input_paths(recipe: Recipe) -> List[Path]:
-    """Every local file and folder a merge of ``recipe`` reads: the recipe file and each local
-    path its model references name (Hub ids are read from the Hub cache, see :func:`check_output_location`)."""
-    paths = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
-    for reference in recipe.config.referenced_models():
-        paths += [Path(path) for path in reference_paths(reference) if Path(path).exists()]
-    return paths
-
-
-def check_output_location(out_path: Path, inputs: List[Path]) -> None:
-    """Refuse an output folder that equals, contains or lies inside an input, or lies in the
-    Hugging Face cache: publishing there (and ``--overwrite`` most of all) would destroy what
-    the merge reads. ``out_path`` is resolved (:func:`resolve_output`)."""
-    from huggingface_hub import constants
-
-    for path in inputs:
-        resolved = _resolve(path, "it is an input of this merge: fix the link")
-        if resolved == out_path:
-            how = "is"
-        elif resolved.is_relative_to(out_path):
-            how = "contains"
-        elif out_path.is_relative_to(resolved):
-            how = "lies inside"
-        else:
-            continue
-        raise UserError(
-            f"{out_path}: the output folder {how} the input {path}; a merge never writes over its inputs: "
-            "choose an output folder outside every input"
-        )
-    cache = _resolve(constants.HF_HUB_CACHE, "fix HF_HUB_CACHE (or HF_HOME)")
-    if out_path == cache or out_path.is_relative_to(cache) or cache.is_relative_to(out_path):
-        raise UserError(
-            f"{out_path}: the output folder overlaps the Hugging Face cache ({cache}); choose an output folder outside it"
-        )
-
-
-def is_previous_merge(folder: Path) -> bool:
-    """Whether ``folder`` holds a merge mergekit-seed wrote: its model card, or its marker."""
-    return (folder / MARKER_NAME).is_file() or is_our_card(folder / CARD_NAME)
-
-
-def prepare_output(out_path: Path, overwrite: bool) -> Path:
-    """Refuse to mix with an existing non-empty OUT, and to ``--overwrite`` anything but a
-    previous merge of ours; return the (new, empty) staging sibling to write into."""
-    if out_path.exists() and not out_path.is_dir():
-        raise UserError(f"{out_path}: exists and is not a folder; choose another output path")
-    if out_path.is_dir():
-        try:
-            contents = sorted(entry.name for entry in out_path.iterdir())
-        except OSError as error:
-            raise UserError(f"{out_path}: cannot list the output folder ({error.strerror})") from None
-        if contents and not overwrite:
-            raise UserError(f"{out_path}: output folder is not empty; pass --overwrite to replace it")
-        if contents and not is_previous_merge(out_path):
-            listing = ", ".join(contents[:5]) + (f" and {len(contents) - 5} more" if len(contents) > 5 else "")
-            raise UserError(
-                f"{out_path}: --overwrite replaces only a previous mergekit-seed merge, and this folder holds "
-                f"something else ({listing}); remove it yourself or choose another output folder"
-            )
-    staging = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-    except OSError as error:
-        raise UserError(f"{out_path}: cannot create the output folder here ({error.strerror}: {error.filename})") from None
-    return staging
-
-
-def _publish(staging: Path, out_path: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out_path``; a previous merge there is moved
-    aside first and deleted only once the new one is in place."""
-    if not out_path.exists():
-        staging.rename(out_path)
-        return
-    replaced = out_path.parent / f".{out_path.name}.replaced-{os.getpid()}"
-    shutil.rmtree(replaced, ignore_errors=True)
-    out_path.rename(replaced)
-    try:
-        staging.rename(out_path)
-    except OSError:
-        replaced.rename(out_path)
-        raise
-    shutil.rmtree(replaced, ignore_errors=True)
-
-
 def check_finite_output(folder: Path) -> None:
     """Refuse a merge that wrote a NaN or Inf: every floating tensor of every weight file under
     ``folder`` is read back (one tensor at a time) and checked before anything is published."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     for file in sorted(folder.rglob("*.safetensors")):
         try:
@@ -376,7 +274,9 @@ def merge(
 
     ``out`` never overlaps what the merge reads: it may not equal, contain or lie inside an
     input (or ``protected``, more paths to keep safe, such as a card being reproduced), nor
-    lie in the Hugging Face cache; ``overwrite`` replaces only a previous mergekit-seed merge.
+    lie in the Hugging Face cache. ``out`` is locked for the whole run (a second run into it is
+    refused); ``overwrite`` replaces only the files a previous mergekit-seed output lists in its
+    manifest, and never deletes another file (:class:`~mergekit_seed.output.OutputFolder`).
     A symlinked ``out`` is written at its target. Nothing is published unless every tensor
     written is finite.
     """
@@ -388,8 +288,27 @@ def merge(
         options = make_options(recipe, option_values)
     elif option_values:
         raise TypeError("give options or keyword option values, not both")
-    out_path = resolve_output(out)
-    check_output_location(out_path, input_paths(recipe) + [Path(path) for path in protected])
+    with OutputFolder(out, local_inputs(recipe) + [Path(path) for path in protected], overwrite) as output:
+        modules = _stage_merge(output, recipe, options, echo=echo, warn=warn, revisions=revisions)
+        output.publish()
+    return MergeResult(out=output.path, kind=kind_of(recipe), card=output.path / CARD_NAME if _writes_card(options) else None, modules=modules)
+
+
+def kind_of(recipe: Recipe) -> str:
+    """What a merge of ``recipe`` writes: ``full`` (a model) or ``lora`` (an adapter)."""
+    return recipe.config.output.format if recipe.is_adapter_recipe else "full"
+
+
+def _writes_card(options: Options) -> bool:
+    return getattr(options, "write_model_card", True)
+
+
+def _stage_merge(
+    output: OutputFolder, recipe: Recipe, options: Options, *, echo: Callable[[str], None], warn: Callable[[str], None],
+    revisions: Optional[Dict[str, str]],
+) -> List[Any]:
+    """Validate ``recipe``, merge it into ``output``'s staging folder, check that what was
+    written is finite and add the card; returns the adapter engine's module reports."""
     allow_crimes = getattr(options, "allow_crimes", False)
     truncate_embeddings = getattr(options, "unsafe_truncate_embeddings", False)
     validate(recipe, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
@@ -398,7 +317,6 @@ def merge(
     check_device(options)
 
     from mergekit import merge_methods
-    from safetensors import SafetensorError
 
     method = merge_methods.get(recipe.config.merge_method)
     # the merge reads snapshot folders. A LoRA-out adapter merge reads its base only when the
@@ -410,60 +328,62 @@ def merge(
         hub_inputs += base_inputs
     if hub_inputs:
         validate(local, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
-        check_output_location(out_path, input_paths(local))
-    kind = recipe.config.output.format if recipe.is_adapter_recipe else "full"
+        check_location(output.path, local_inputs(local))
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
     card = render_card(
-        recipe, method, options.model_dump(exclude_defaults=True), kind, hub_provenance(hub_inputs), title=out_path.name
+        recipe, method, options.model_dump(exclude_defaults=True), kind_of(recipe), hub_provenance(hub_inputs),
+        title=output.path.name,
     )
-    write_card = getattr(options, "write_model_card", True)
-    staging = prepare_output(out_path, overwrite)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate_on_signal) if in_main_thread else None
-    modules: List[Any] = []
     try:
         _apply_global_options(options)
-        if local.is_adapter_recipe:
-            from mergekit_seed.adapters.engine import run_adapter_merge  # here: it imports torch, which validation need not
-
-            named_base = recipe.config.base_model
-            modules = run_adapter_merge(
-                local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu",
-                base_model_name=named_base if named_base and is_hub_id(named_base.partition("@")[0]) else None,
-            )
-        else:
-            from mergekit.merge import run_merge
-
-            if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
-                # mergekit needs a folder for the BASE+ADAPTER copies it merges first
-                options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
-            # mergekit's own card step is skipped: ours replaces its README.md, and it looks
-            # names up on the Hub (a relative local path fails offline, or waits on the network)
-            with _without_torch_dtype_deprecation():
-                run_merge(in_recipe_order(local.config), str(staging), options=options.model_copy(update={"write_model_card": False}))
-            shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
-            if write_card:  # what mergekit's card step writes beside the card: the recipe, without local paths
-                (staging / "mergekit_config.yml").write_text(public_recipe_text(recipe), encoding="utf-8")
-        check_finite_output(staging)
-        if write_card:
-            (staging / CARD_NAME).write_text(card, encoding="utf-8")
-        else:
-            (staging / MARKER_NAME).write_text(json.dumps({"mergekit_seed": package_version("mergekit-seed")}) + "\n", encoding="utf-8")
-        _publish(staging, out_path)
+        modules = _run_engine(local, recipe, options, output.staging, echo=echo, warn=warn)
+        check_finite_output(output.staging)
+        if _writes_card(options):
+            (output.staging / CARD_NAME).write_text(card, encoding="utf-8")
+        return modules
     except ValueError as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
     except UserError as error:
         raise UserError(f"{recipe.origin}: {error}") from None
-    except OSError as error:  # a failed write (disk full, file too large, no permission) or read
+    except OSError as error:  # a failed write (disk full, file too large, no permission)
         where = f" ({error.filename})" if error.filename else ""
         reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{out_path}: the merge failed: {reason}{where}; nothing was published") from None
+        raise UserError(f"{output.path}: the merge failed: {reason}{where}; nothing was published") from None
     except SafetensorError as error:  # safetensors' own wrapping of a failed write
         reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{out_path}: the merge failed writing weights ({reason}); nothing was published") from None
+        raise UserError(f"{output.path}: the merge failed writing weights ({reason}); nothing was published") from None
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(staging, ignore_errors=True)
-    return MergeResult(out=out_path, kind=kind, card=out_path / CARD_NAME if write_card else None, modules=modules)
+
+
+def _run_engine(
+    local: Recipe, recipe: Recipe, options: Options, staging: Path, *, echo: Callable[[str], None], warn: Callable[[str], None],
+) -> List[Any]:
+    """Run the adapter engine or mergekit's ``run_merge`` on ``local`` (Hub ids resolved) into
+    ``staging``; ``recipe`` is the recipe as the user wrote it."""
+    if local.is_adapter_recipe:
+        from mergekit_seed.adapters.engine import run_adapter_merge  # here: it imports torch, which validation need not
+
+        named_base = recipe.config.base_model
+        return run_adapter_merge(
+            local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu",
+            base_model_name=named_base if named_base and is_hub_id(named_base.partition("@")[0]) else None,
+        )
+    from mergekit.merge import run_merge
+
+    if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
+        # mergekit needs a folder for the BASE+ADAPTER copies it merges first
+        options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
+    # mergekit's own card step is skipped: ours replaces its README.md, and it looks
+    # names up on the Hub (a relative local path fails offline, or waits on the network)
+    with _without_torch_dtype_deprecation():
+        run_merge(in_recipe_order(local.config), str(staging), options=options.model_copy(update={"write_model_card": False}))
+    shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
+    if _writes_card(options):  # what mergekit's card step writes beside the card: the recipe, without local paths
+        (staging / "mergekit_config.yml").write_text(public_recipe_text(recipe), encoding="utf-8")
+    return []
+

@@ -195,8 +195,12 @@ def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_
     # the runs it made are lm-eval's own files, comparable again with --lm-eval
     run_cli("mergekit-seed", "compare", "--lm-eval", tmp_path / "c" / "lm-eval", "--out", tmp_path / "again", check=True)
     assert compare_json(tmp_path / "again")["tasks"] == report["tasks"]
+    # its runs are part of the report, recorded relative to it; a file the user adds there is never replaced
+    assert all(folder.startswith("lm-eval/") for folder in report["lm_eval_runs"].values())
+    (tmp_path / "c" / "lm-eval" / "notes.txt").write_text("mine")
     refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--base", harness["good"], "--tasks", TASKS,
-                    "--include-path", harness["tasks"], "--out", tmp_path / "c"), "holds earlier lm-eval runs")
+                    "--include-path", harness["tasks"], "--out", tmp_path / "c"), "lm-eval/notes.txt", "was not written by it")
+    assert (tmp_path / "c" / "lm-eval" / "notes.txt").read_text() == "mine"
     refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--tasks", "no_such_task", "--out", tmp_path / "n"),
             "no_such_task", "--include-path")
 

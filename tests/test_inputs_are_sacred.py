@@ -139,8 +139,7 @@ def test_a_symlinked_out_is_published_at_its_target(family, tmp_path):
     run_cli("mergekit-seed", "run", recipe, dangling, "--quiet", check=True)
     assert dangling.is_symlink() and (tmp_path / "not-yet" / "model.safetensors").is_file()
     # a link to a folder holding something else: refused, with or without --overwrite
-    (target / "model.safetensors").unlink()
-    (target / "README.md").unlink()
+    (target / "notes.txt").write_text("mine")
     for flags in ((), ("--overwrite",)):
         refused(run_cli("mergekit-seed", "run", recipe, link, *flags))
     assert link.is_symlink()

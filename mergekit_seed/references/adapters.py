@@ -22,7 +22,7 @@ from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import full_model_files, safetensors_index
+from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -173,8 +173,8 @@ def holds_model_and_adapter(path: str | Path) -> bool:
 
 
 def _read_config(folder: Path) -> dict:
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    config_path = confined_file(folder, CONFIG_NAME)
+    if not config_path.exists():
         raise UserError(f"{folder}: not an adapter folder ({CONFIG_NAME} is missing)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -189,8 +189,8 @@ def _read_config(folder: Path) -> dict:
 
 def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
     """The adapter's tensors: safetensors, or a ``.bin`` read with ``weights_only=True`` only."""
-    safetensors_path = folder / SAFETENSORS_NAME
-    if safetensors_path.is_file():
+    safetensors_path = confined_file(folder, SAFETENSORS_NAME)
+    if safetensors_path.exists():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -198,8 +198,8 @@ def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
             return load_file(safetensors_path)
         except (SafetensorError, OSError, ValueError) as error:
             raise UserError(f"{safetensors_path}: corrupt or truncated safetensors file ({error})") from None
-    bin_path = folder / BIN_NAME
-    if bin_path.is_file():
+    bin_path = confined_file(folder, BIN_NAME)
+    if bin_path.exists():
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler raises many types; all mean "refused"

@@ -16,7 +16,7 @@ import torch
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import safetensors_index
+from mergekit_seed.references.weights import confined_glob, safetensors_index
 
 # model_type of the transformers architectures with Conv1D layers (transformers 5: the models
 # whose modeling file builds a Conv1D). PEFT treats those layers as fan_in_fan_out whatever
@@ -70,7 +70,7 @@ class BaseWeights:
     def __init__(self, reference: str):
         self.reference = reference
         self.folder = locate_base(reference)
-        self.shards = sorted(self.folder.glob("*.safetensors"))
+        self.shards = confined_glob(self.folder, "*.safetensors")
         if not self.shards:
             raise UserError(f"base_model {reference}: no .safetensors weights found")
 

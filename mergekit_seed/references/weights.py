@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from mergekit_seed.errors import UserError
 
@@ -14,6 +15,45 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: hashing and heade
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # what mergekit's loader reads for a full model (ShardedTensorIndex.from_disk), in its order
 FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def confinement_root(folder: Path) -> Path:
+    """The folder a model folder's files must lie in, symlinks followed: the folder itself, or
+    for a Hugging Face cache snapshot (``models--org--name/snapshots/REV``) its repository
+    folder, whose ``blobs/`` the snapshot's links point into."""
+    resolved = Path(folder).absolute().resolve()
+    return resolved.parent.parent if resolved.parent.name == "snapshots" else resolved
+
+
+def confined_file(folder: Path, name: str, root: Optional[Path] = None) -> Path:
+    """``folder / name``, refused in one line unless it is a regular file inside ``folder``
+    (:func:`confinement_root`; ``root`` when already known) with every symlink followed: an
+    index entry such as ``../x.safetensors`` or ``/etc/passwd``, a link out of the folder and a
+    device, FIFO or socket are never read. A missing file is returned as it is, for the caller
+    to name."""
+    path = Path(folder) / name
+    try:
+        target = path.resolve()
+        mode = target.stat().st_mode if target.exists() else None
+    except (OSError, RuntimeError) as error:
+        raise UserError(f"{path}: cannot resolve the path ({error}); fix the link") from None
+    root = root or confinement_root(folder)
+    if not target.is_relative_to(root):
+        raise UserError(
+            f"{path}: leads outside the model folder {folder} (to {target}); a model's files are read only from "
+            "inside its folder: copy the file in instead of linking or indexing it"
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file (a folder, device, pipe or socket); remove it from the model folder")
+    return path
+
+
+def confined_glob(folder: Path, *patterns: str) -> List[Path]:
+    """The regular files of ``folder`` matching ``patterns``, sorted, each :func:`confined_file`."""
+    folder = Path(folder)
+    root = confinement_root(folder)
+    names = sorted({path.name for pattern in patterns for path in folder.glob(pattern)})
+    return [confined_file(folder, name, root) for name in names]
 
 
 def full_model_files(folder: Path) -> List[Path]:
@@ -33,9 +73,10 @@ def full_model_files(folder: Path) -> List[Path]:
                 raise UserError(f"{index}: not a weight index mergekit can read ({type(error).__name__}: {str(error)[:120]})") from None
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: its weight_map is not a mapping of tensor names to files")
-            return [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+            root = confinement_root(folder)
+            return [confined_file(folder, shard, root) for shard in sorted(set(map(str, weight_map.values())))]
         if (folder / name).is_file():
-            return [folder / name]
+            return [confined_file(folder, name)]
     return []
 
 
@@ -49,7 +90,7 @@ def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
 
 def hashed_weight_files(folder: Path) -> List[Path]:
     """Every weight file of a folder a card records a hash for (``WEIGHT_PATTERNS``), sorted."""
-    return sorted({f for pattern in WEIGHT_PATTERNS for f in Path(folder).glob(pattern)})
+    return confined_glob(folder, *WEIGHT_PATTERNS)
 
 
 def weight_file_hashes(folder: Path) -> Dict[str, str]:
@@ -60,8 +101,7 @@ def weight_file_hashes(folder: Path) -> Dict[str, str]:
 
 def weight_files(folder: Path) -> list:
     """A folder's weight files: its ``*.safetensors``, else its PyTorch ``*.bin`` files."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    return files or sorted(Path(folder).glob("*.bin"))
+    return confined_glob(folder, "*.safetensors") or confined_glob(folder, "*.bin")
 
 
 def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
@@ -114,4 +154,4 @@ def full_model_shapes(folder: Path) -> Dict[str, tuple]:
 
 def safetensors_shapes(folder: Path) -> Dict[str, tuple]:
     """{tensor name: shape} from the headers of a folder's safetensors files (no tensor data)."""
-    return {name: shape for name, (_, shape) in safetensors_index(sorted(Path(folder).glob("*.safetensors"))).items()}
+    return {name: shape for name, (_, shape) in safetensors_index(confined_glob(folder, "*.safetensors")).items()}

@@ -25,8 +25,9 @@ import torch
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
+from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.adapters import is_adapter_folder, read_adapter
-from mergekit_seed.references.weights import safetensors_index
+from mergekit_seed.references.weights import confined_glob, safetensors_index
 
 Delta = Union[torch.Tensor, LowRank]
 TOP_SHARES = (0.1, 0.25, 0.5)
@@ -86,7 +87,7 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
     from safetensors import safe_open
 
     def index(folder: str) -> Dict[str, Path]:
-        files = sorted(Path(folder).glob("*.safetensors"))
+        files = confined_glob(Path(folder), "*.safetensors")
         if not files:
             raise UserError(f"{folder}: no .safetensors weights (and no adapter_config.json)")
         return {key: file for key, (file, _) in safetensors_index(files).items()}
@@ -113,7 +114,20 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
 
 
 def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool = False) -> dict:
-    """Compute every statistic, write ``analysis.json``, the plots and ``summary.md``."""
+    """Compute every statistic (:func:`analysis`) and publish ``analysis.json``, the plots and
+    ``summary.md`` in ``out`` (:class:`~mergekit_seed.output.OutputFolder`: an earlier report
+    there is replaced; a folder holding anything else, or an input, is refused)."""
+    with OutputFolder(out, local_paths([*models, base]), overwrite=True) as output:
+        result = analysis(models, base, quiet)
+        (output.staging / "analysis.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        _plot(result, output.staging)
+        (output.staging / "summary.md").write_text(_summary(result), encoding="utf-8")
+        output.publish()
+    return result
+
+
+def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) -> dict:
+    """Every statistic of the seeds' deltas (what ``analysis.json`` holds)."""
     from tqdm import tqdm
 
     if len(models) < 2:
@@ -187,10 +201,6 @@ def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool =
         },
         "spectra": spectra,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    _plot(result, out)
-    (out / "summary.md").write_text(_summary(result), encoding="utf-8")
     return result
 
 

@@ -28,6 +28,7 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.maths.sera import load_sera
 from mergekit_seed.references.adapters import is_adapter_folder
 from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import safetensors_shapes
 
@@ -290,7 +291,19 @@ def summary(scores: Sequence[Tuple[float, int]], metric: str) -> float:
 # ------------------------------------------------------------------ comparison
 
 
-def compare(
+def compare(models: Sequence[str], data: Path, out: Path, **settings) -> dict:
+    """Score ``models`` on ``data``, compare each with the reference, and publish compare.json,
+    compare.md and compare.png in ``out`` (:class:`~mergekit_seed.output.OutputFolder`: an
+    earlier report there is replaced, a folder holding anything else, or an input, is refused);
+    ``settings`` are :func:`compare_into`'s. Returns what compare.json holds."""
+    inputs = local_paths([*models, data, settings.get("base"), settings.get("tokenizer")])
+    with OutputFolder(out, inputs, overwrite=True) as output:
+        results = compare_into(models, data, output.staging, **settings)
+        output.publish()
+    return results
+
+
+def compare_into(
     models: Sequence[str],
     data: Path,
     out: Path,
@@ -307,7 +320,7 @@ def compare(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Score ``models`` on ``data``, compare each with the reference, write compare.json,
-    compare.md and compare.png to ``out``; returns what compare.json holds."""
+    compare.md and compare.png into the folder ``out``; returns what compare.json holds."""
     import gc
 
     from tqdm import tqdm
@@ -380,8 +393,7 @@ def unique_models(models: Sequence[str], echo: Callable[[str], None]) -> List[st
 
 
 def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[str, Dict[str, dict]]], echo: Callable[[str], None]) -> None:
-    """compare.json, compare.md (``table``) and compare.png (one panel per (title, versus_reference))."""
-    out.mkdir(parents=True, exist_ok=True)
+    """compare.json, compare.md (``table``) and compare.png (one panel per (title, versus_reference)) in ``out``."""
     (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "compare.md").write_text(table + "\n", encoding="utf-8")
     plot(panels, results["reference"], results["confidence"], out / "compare.png")

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.adapters import is_adapter_folder
 from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
 from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
@@ -313,7 +314,29 @@ def _comparable_metrics(task_runs: Sequence[TaskRun], echo: Callable[[str], None
     return kept
 
 
-def compare_runs(
+def compare_runs(paths: Sequence[str], out: Path, **settings) -> dict:
+    """Compare lm-eval runs and publish compare.json, .md and .png in ``out`` through the
+    output protocol (:func:`mergekit_seed.tools.compare.compare`'s rules); ``settings`` are
+    :func:`compare_runs_into`'s."""
+    with OutputFolder(out, local_paths(paths), overwrite=True) as output:
+        results = compare_runs_into(paths, output.staging, **settings)
+        output.publish()
+    return results
+
+
+def compare_tasks(models: Sequence[str], tasks: Sequence[str], out: Path, evaluation: dict, **settings) -> dict:
+    """Score ``models`` with lm-eval on ``tasks`` (``evaluation``: :func:`evaluate_models`'
+    settings), keeping lm-eval's files in ``out/lm-eval``, and compare the runs there; one
+    output folder, published once (:func:`compare_runs`)."""
+    inputs = local_paths([*models, evaluation.get("base"), evaluation.get("tokenizer"), evaluation.get("include_path")])
+    with OutputFolder(out, inputs, overwrite=True) as output:
+        folders = evaluate_models(models, output.staging / "lm-eval", tasks, **evaluation)
+        results = compare_runs_into([str(folder) for folder in folders], output.staging, within=output.staging, **settings)
+        output.publish()
+    return results
+
+
+def compare_runs_into(
     paths: Sequence[str],
     out: Path,
     reference: Optional[str] = None,
@@ -323,9 +346,11 @@ def compare_runs(
     seed: int = 0,
     resamples: int = 10_000,
     echo: Callable[[str], None] = print,
+    within: Optional[Path] = None,
 ) -> dict:
     """Compare lm-eval runs (one folder per model, see the module docstring) with the reference
-    model, per task and metric and pooled; writes compare.json, .md and .png to ``out``."""
+    model, per task and metric and pooled; writes compare.json, .md and .png into the folder
+    ``out``. Runs inside ``within`` (the report's own) are recorded relative to it."""
     paths = unique_models(paths, echo)
     folders = run_folders(paths)
     runs = [read_run(folder, tasks) for folder in folders]
@@ -402,7 +427,7 @@ def compare_runs(
         "versus_reference": versus(lambda name: [oriented(s, name) for s in pooled_sections]),
     }
     results = {
-        "lm_eval_runs": {name: str(run.folder) for name, run in zip(names, runs)},
+        "lm_eval_runs": {name: _shown_folder(run.folder, within) for name, run in zip(names, runs)},
         "reference": reference,
         "models": {name: {"merge": merges[name], "model_args": run.model_args} for name, run in zip(names, runs)},
         "tasks": per_task,
@@ -413,6 +438,10 @@ def compare_runs(
     }
     write_outputs(results, out, harness_tables(results), harness_panels(results), echo)
     return results
+
+
+def _shown_folder(folder: Path, within: Optional[Path]) -> str:
+    return Path(folder).relative_to(within).as_posix() if within is not None and Path(folder).is_relative_to(within) else str(folder)
 
 
 def harness_panels(results: dict) -> List[Tuple[str, Dict[str, dict]]]:
@@ -479,8 +508,6 @@ def evaluate_models(
     if unknown:
         hint = "; pass --include-path for your own task YAML files" if include_path is None else f" (nor in {include_path})"
         raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{hint}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: holds earlier lm-eval runs; choose another --out, or compare them with --lm-eval {out}")
     for name in models:  # before any model is loaded
         tokenizer_folder(name, base, tokenizer)
     folders = []

@@ -37,6 +37,7 @@ from typing import Callable, Dict, List
 from mergekit_seed.card import package_version
 from mergekit_seed.maths.sera import load_sera, merge_sera
 from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.output import written_files
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
@@ -546,6 +547,9 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
         for stale in [out / "models", out / "merges", *out.glob("experiment*")]:
             shutil.rmtree(stale, ignore_errors=True)
     stamp.write_text(json.dumps(config.to_dict(), sort_keys=True))
+    for merged in out.glob("**/merges/*/*"):  # merges of an older demo, written without a manifest
+        if merged.is_dir() and written_files(merged) is None:
+            shutil.rmtree(merged)
     base = cached_base(config.base, vocabulary, quiet)
     echo(f"base model: {base}")
     runs = []
