@@ -10,9 +10,11 @@ defaults filled in, a sha256 of every input weight file, the merge options, and 
 from __future__ import annotations
 
 import json
+import math
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
@@ -20,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.finite import largest_difference
 from mergekit_seed.recipe import (
     bounded_safe_load,
     parse_mapping,
@@ -31,6 +34,7 @@ from mergekit_seed.recipe import (
 )
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import hashed_weight_files, load_weights, sha256_file, weight_file_hashes
+from mergekit_seed.untrusted import fenced_block, front_matter, read_json
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -93,6 +97,25 @@ def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[D
     return options, warnings
 
 
+def public_url(url: str) -> str:
+    """``url`` without what must never be published: credentials (``user:token@``; a token
+    may stand alone where the user name goes), the query string and the fragment
+    (``https://u:t@host/x.git?tok=1`` -> ``https://host/x.git``). An ssh remote keeps its user
+    name (``git``), which is no secret and which ssh needs; an scp-like remote
+    (``git@host:org/x``) is written as the ``ssh://`` URL pip reads."""
+    if "://" not in url and ":" in url:  # scp-like syntax: [user@]host:path
+        host, _, path = url.partition(":")
+        url = f"ssh://{host}/{path.lstrip('/')}"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.scheme.endswith("ssh") and parts.username and parts.password is None:
+        netloc = f"{parts.username}@{netloc}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def install_command() -> str:
     """The pip requirement that installs this mergekit-seed again, from where it came (PEP 610
     ``direct_url.json``): a VCS URL at its commit, a local folder's git remote at its commit,
@@ -110,7 +133,7 @@ def install_command() -> str:
     url = direct.get("url", "")
     vcs = direct.get("vcs_info")
     if vcs:
-        return f'"mergekit-seed @ {vcs.get("vcs", "git")}+{url}@{vcs.get("commit_id", "")}"'
+        return f'"mergekit-seed @ {vcs.get("vcs", "git")}+{public_url(url)}@{vcs.get("commit_id", "")}"'
     if url.startswith("file://"):
         folder = url[len("file://"):]
         try:
@@ -121,7 +144,7 @@ def install_command() -> str:
 
             remote, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
             if remote and commit and not remote.startswith(("/", ".", "file:")):
-                return f'"mergekit-seed @ git+{remote}@{commit}"'
+                return f'"mergekit-seed @ git+{public_url(remote)}@{commit}"'
         except (OSError, subprocess.SubprocessError):
             pass
         return f"{pinned}  # installed from a local folder: install that source instead"
@@ -405,8 +428,6 @@ mergekit-seed run recipe.yml OUT{option_text}
 """
 
 
-_FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.DOTALL)
-_CONFIGURATION = re.compile(r"### Configuration.*?```yaml\n(.*?)```", re.DOTALL)
 
 
 class InputRecord(BaseModel):
@@ -456,11 +477,11 @@ class Provenance(BaseModel):
 
 
 def _front_matter(text: str, path: Path) -> Dict[str, Any]:
-    front = _FRONT_MATTER.search(text)
-    if not front:
+    front = front_matter(text)
+    if front is None:
         return {}
     try:
-        data = bounded_safe_load(front.group(1), str(path))
+        data = bounded_safe_load(front, str(path))
     except yaml.YAMLError:
         raise UserError(f"{path}: the YAML front matter is not valid YAML") from None
     if data is None:
@@ -480,18 +501,18 @@ def read_card(source: Path) -> Dict[str, Any]:
         raise UserError(f"{path}: cannot read model card ({error.strerror})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: the model card is not UTF-8 text") from None
-    recipe = _CONFIGURATION.search(text)
+    recipe = fenced_block(text, "### Configuration", "yaml")
     if recipe is None:
         raise UserError(f"{path}: no '### Configuration' YAML block; is this a mergekit model card?")
     recorded = _front_matter(text, path).get(PROVENANCE_KEY)
     if recorded is None:
-        return {"recipe": recipe.group(1), "provenance": {}}
+        return {"recipe": recipe, "provenance": {}}
     try:
         provenance = Provenance.model_validate(recorded)
     except ValidationError as error:
         location, message = first_validation_problem(error)
         raise UserError(f"{path}: {PROVENANCE_KEY}.{location}: {message}" if location else f"{path}: {PROVENANCE_KEY}: {message}") from None
-    return {"recipe": recipe.group(1), "provenance": provenance.model_dump()}
+    return {"recipe": recipe, "provenance": provenance.model_dump()}
 
 
 def recorded_folders(recorded: Dict[str, Any], recipe, labels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -555,7 +576,9 @@ def compare_weights(result: Path, reference: Path):
         if a.shape != b.shape:
             problems.append(f"{name} has shape {tuple(a.shape)} here and {tuple(b.shape)} in {reference}")
             continue
-        difference = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        difference = largest_difference(a, b)
+        if difference == math.inf:
+            problems.append(f"{name} holds NaN or Inf here or in {reference}, which never counts as equal")
         if difference > worst or not worst_name:
             worst_name, worst = name, difference
     return worst_name, worst, problems + compare_configs(result, reference)
@@ -578,9 +601,9 @@ def compare_configs(result: Path, reference: Path) -> List[str]:
             problems.append(f"{name} is only in {result if mine.is_file() else reference}")
             continue
         try:
-            ours, others = (json.loads(path.read_text(encoding="utf-8")) for path in (mine, theirs))
-        except (ValueError, RecursionError) as error:
-            problems.append(f"{name}: not valid JSON ({str(error).splitlines()[0]})")
+            ours, others = (read_json(path, name) for path in (mine, theirs))
+        except UserError as error:
+            problems.append(str(error))
             continue
         if not isinstance(ours, dict) or not isinstance(others, dict):
             problems.append(f"{name}: not a JSON object in both folders")

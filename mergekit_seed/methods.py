@@ -37,6 +37,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
+from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import SeedftSteps, seedft, seedft_factored
@@ -206,9 +207,9 @@ class SeedMergeMethod(GroupMergeMethod):
         except (RuntimeError, ValueError, torch.linalg.LinAlgError):
             self._refuse_non_finite(group)  # a decomposition failed: name the culprit if any
             raise
-        if result.is_floating_point() and not torch.isfinite(result).all():
+        if not is_finite_tensor(result):
             self._refuse_non_finite(group)
-            raise ValueError(
+            raise MergeRefused(
                 f"tensor {group.metadata.name}: {self.spec.name} gives NaN or Inf from finite inputs; "
                 f"lower lambda or the weights (the result must fit in {result.dtype})"
             )
@@ -217,8 +218,8 @@ class SeedMergeMethod(GroupMergeMethod):
     @staticmethod
     def _refuse_non_finite(group: TensorGroup) -> None:
         for entry in group.entries:
-            if entry.tensor.is_floating_point() and not torch.isfinite(entry.tensor).all():
-                raise ValueError(
+            if not is_finite_tensor(entry.tensor):
+                raise MergeRefused(
                     f"{entry.id}: tensor {group.metadata.name} contains NaN or Inf; "
                     "re-export that checkpoint or leave it out"
                 )
@@ -554,13 +555,17 @@ def unknown_parameter_problem(method: Any, name: str, where: str) -> Optional[st
     return f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: {', '.join(sorted(known)) or 'none'}"
 
 
-class RecipeParameterError(click.ClickException, ValueError):
-    """A recipe parameter our method does not declare, caught when mergekit plans the merge.
-    A ``ClickException``, so that stock ``mergekit-yaml`` (a click command) prints it as one
-    line and exits 1; a ``ValueError`` for callers of mergekit's Python API."""
+class MergeRefused(click.ClickException, ValueError):
+    """A refusal by one of our methods inside mergekit (a non-finite input or result, a bad
+    parameter). A ``ClickException``, so that stock ``mergekit-yaml`` (a click command) prints
+    it as one line and exits 1; a ``ValueError`` for callers of mergekit's Python API."""
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message}", file=file, err=True)
+
+
+class RecipeParameterError(MergeRefused):
+    """A recipe parameter our method does not declare, caught when mergekit plans the merge."""
 
 
 def is_ours(method: Any) -> bool:

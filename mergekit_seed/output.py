@@ -27,6 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 from huggingface_hub import constants
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.untrusted import read_json
 from mergekit_seed.version import __version__
 
 try:
@@ -80,9 +81,11 @@ def _entries(folder: Path) -> List[str]:
 def written_files(folder: Path) -> Optional[List[str]]:
     """The files the manifest of an earlier output of ours in ``folder`` lists; None when the
     folder holds no readable manifest with a file list."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        manifest = read_json(folder / MANIFEST_NAME, "mergekit-seed manifest")
+    except UserError:
         return None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list) or not all(isinstance(name, str) for name in files):

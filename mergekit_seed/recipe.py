@@ -14,6 +14,7 @@ transformers (about 4 s and 190 MiB), for a merge that uses neither.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing_extensions import Annotated, Literal, get_args
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
 from mergekit_seed.references.weights import full_model_files, full_model_shapes, safetensors_shapes
+from mergekit_seed.untrusted import read_json_object
 
 
 class OutputSection(BaseModel):
@@ -547,14 +549,16 @@ def _path_problem(folder: str, path: str) -> Optional[str]:
 
 def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
     """Different ``architectures`` in the local models' config.json (mergekit refuses to mix them)."""
-    import json
-
     found: Dict[str, str] = {}
     for folder in folders:
-        try:
-            architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
-        except (OSError, ValueError):
+        if not (folder / "config.json").is_file():
             continue
+        try:
+            architectures = read_json_object(folder / "config.json", "model config").get("architectures")
+        except UserError as error:
+            return str(error)
+        if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+            return f"{folder / 'config.json'}: architectures must be a list of class names, not {json.dumps(architectures)[:40]}"
         if architectures:
             found.setdefault(str(folder), architectures[0])
     if len(set(found.values())) > 1:

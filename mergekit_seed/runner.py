@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from mergekit_seed.card import CARD_NAME, merge_inputs, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.output import OutputFolder, check_location
 from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, recipe_warnings
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
@@ -200,14 +201,13 @@ def check_finite_output(folder: Path) -> None:
         try:
             with safe_open(file, framework="pt") as reader:
                 for name in reader.keys():
-                    tensor = reader.get_tensor(name)
-                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                    if not is_finite_tensor(reader.get_tensor(name)):
                         _refuse_non_finite_output(name)
         except SafetensorError as error:
             raise UserError(f"the merge wrote an unreadable {file.name} ({str(error).splitlines()[0]}); nothing was published") from None
     for bin_folder in sorted({file.parent for file in folder.rglob("*.bin")}):
         for name, tensor in load_weights(bin_folder).items():
-            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            if not is_finite_tensor(tensor):
                 _refuse_non_finite_output(name)
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "import_hooks", "output", "finite"],
+    "base": ["errors", "version", "import_hooks", "output", "finite", "untrusted"],
     "maths": ["maths"],
     "references": ["references"],
     "methods": ["methods"],

@@ -25,12 +25,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
 from mergekit_seed.methods import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
 from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, saved_whole_everywhere, why_base_is_read, write_lora_adapter
 from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.references.hub import is_hub_id
+from mergekit_seed.references.weights import confined_file
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -74,7 +76,7 @@ def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:
     if isinstance(merged, LowRank):
         finite = merged.norm() <= FLOAT32_MAX
     else:
-        finite = not merged.is_floating_point() or bool(merged.isfinite().all())
+        finite = is_finite_tensor(merged)
     if not finite:
         raise UserError(
             f"tensor {name}: the merge gives NaN or Inf (or values past float32's range); nothing was published "
@@ -189,9 +191,9 @@ def write_full_model(
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    for file in base.folder.iterdir():
-        if file.is_file() and file.suffix != ".safetensors" and not file.name.startswith("README"):
-            shutil.copy2(file, out / file.name)
+    for file in sorted(base.folder.iterdir()):
+        if not file.is_dir() and file.suffix != ".safetensors" and not file.name.startswith("README"):
+            shutil.copy2(confined_file(base.folder, file.name), out / file.name)
     remaining = set(deltas) | set(values)
     for shard in base.shards:
         tensors = {}

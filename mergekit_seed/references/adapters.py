@@ -18,11 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
+from mergekit_seed.untrusted import pattern_key, read_json_object
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -172,19 +174,13 @@ def holds_model_and_adapter(path: str | Path) -> bool:
     return Path(path, CONFIG_NAME).is_file() and bool(full_model_files(Path(path)))
 
 
-def _read_config(folder: Path) -> dict:
+def read_adapter_config(folder: Path) -> dict:
+    """The JSON object of an adapter folder's ``adapter_config.json`` (bounded, read from inside
+    the folder); one line naming the file when it is missing or malformed."""
     config_path = confined_file(folder, CONFIG_NAME)
     if not config_path.exists():
         raise UserError(f"{folder}: not an adapter folder ({CONFIG_NAME} is missing)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0] or type(error).__name__})") from None
-    except OSError as error:
-        raise UserError(f"{config_path}: cannot read ({error.strerror})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path}: must be a JSON object (the adapter's settings), not a {type(config).__name__}")
-    return config
+    return read_json_object(config_path, "adapter config (the adapter's settings)")
 
 
 def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
@@ -212,7 +208,7 @@ def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
 
 def _check_finite(folder: Path, tensors: Dict[str, torch.Tensor]) -> None:
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not is_finite_tensor(tensor):
             raise UserError(f"{folder}: tensor {key} contains NaN or Inf; this adapter cannot be merged")
 
 
@@ -221,13 +217,10 @@ def _field_error(path: Path, error: ValidationError) -> UserError:
     return UserError(f"{path / CONFIG_NAME}: field '{location}': {message}")
 
 
-def _pattern_value(patterns: Dict, module: str, default):
-    if not patterns:
-        return default
-    from peft.utils.other import get_pattern_key  # imported only when needed: peft takes seconds to import
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
+def _pattern_value(patterns: Dict, module: str, default, where: str):
+    """The value of ``module``'s key in ``patterns`` (PEFT's ``rank_pattern`` rule), else ``default``."""
+    key = pattern_key(patterns, module, where) if patterns else None
+    return default if key is None else patterns[key]
 
 
 def _strip_prefix(key: str) -> str:
@@ -313,7 +306,7 @@ def folder_modified_base_problem(folder: Path) -> Optional[str]:
     """:func:`modified_base_problem` of an adapter folder's config, naming the file; None when
     the config cannot be read (whoever reads the adapter reports that)."""
     try:
-        config = _read_config(folder)
+        config = read_adapter_config(folder)
     except UserError:
         return None
     problem = modified_base_problem(config.get("init_lora_weights"))
@@ -358,8 +351,8 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     )
 
     def scaling_of(module: str) -> float:
-        r = _pattern_value(lora.rank_pattern, module, lora.r)
-        alpha = _pattern_value(lora.alpha_pattern, module, lora.lora_alpha)
+        r = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
+        alpha = _pattern_value(lora.alpha_pattern, module, lora.lora_alpha, f"{folder / CONFIG_NAME}: alpha_pattern")
         return alpha / math.sqrt(r) if lora.use_rslora else alpha / r
 
     def partner(key: str, suffix: str, other: str) -> torch.Tensor:
@@ -375,7 +368,7 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
             raise UserError(f"{file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point (PEFT refuses to load this adapter too); save the adapter unquantized")
         if role == LORA_A:
             A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
-            rank = _pattern_value(lora.rank_pattern, module, lora.r)
+            rank = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
             if A.dim() == 2 and A.shape[0] != rank:
                 raise UserError(
                     f"{file}: {key} has rank {A.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
@@ -395,7 +388,7 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
             B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
             if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
                 raise UserError(f"{file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
-            rank = _pattern_value(lora.rank_pattern, module, lora.r)
+            rank = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
             if tensor.shape[0] != rank:
                 raise UserError(
                     f"{file}: {key} has rank {tensor.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
@@ -466,7 +459,7 @@ def _roles_from_headers(folder: Path) -> Tuple[bool, Dict[Optional[str], set]]:
     """(fan_in_fan_out, {role: the base tensors it changes}) of an adapter folder, from its config
     and the keys of its weight file (a safetensors header; a ``.bin`` is read with
     ``weights_only=True``, it has no header)."""
-    config = _read_config(folder)
+    config = read_adapter_config(folder)
     if str(config.get("peft_type", "LORA")).upper() == SERA_TYPE:
         return False, {}  # SeRA adapters hold factors only
     if (folder / SAFETENSORS_NAME).is_file():
@@ -529,7 +522,7 @@ def locate_adapter(path: str | Path) -> Path:
 def read_adapter(path: str | Path) -> AdapterSeed:
     """Read a PEFT LoRA or SeRA adapter folder; any problem is a one-line :class:`UserError`."""
     folder = locate_adapter(path)
-    config = _read_config(folder)
+    config = read_adapter_config(folder)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type == SERA_TYPE:
         return read_sera(folder, config)

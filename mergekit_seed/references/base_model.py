@@ -43,7 +43,7 @@ def cached_config(reference: str) -> Optional[dict]:
         path = Path(found)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.untrusted import read_json_object
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: hashing and headers need none of it
     import torch
@@ -61,16 +62,11 @@ def full_model_files(folder: Path) -> List[Path]:
     or the shards its ``.index.json`` names, else the same for ``pytorch_model.bin``; [] when
     the folder has none (an adapter folder, or only other files such as a Mistral
     ``consolidated.safetensors``, which mergekit does not read)."""
-    import json
-
     folder = Path(folder)
     for name in FULL_MODEL_FILES:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-                raise UserError(f"{index}: not a weight index mergekit can read ({type(error).__name__}: {str(error)[:120]})") from None
+            weight_map = read_json_object(confined_file(folder, index.name), "weight index mergekit can read").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index}: its weight_map is not a mapping of tensor names to files")
             root = confinement_root(folder)

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.finite import report_json, require_finite_tensor
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
 from mergekit_seed.output import OutputFolder, local_paths
@@ -97,7 +98,9 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
 
     def read(mapping: Dict[str, Path], name: str) -> torch.Tensor:
         with safe_open(mapping[name], framework="pt") as reader:
-            return reader.get_tensor(name).float()
+            tensor = reader.get_tensor(name).float()
+        require_finite_tensor(tensor, f"{mapping[name]}: tensor {name}", "re-export that checkpoint or leave it out")
+        return tensor
 
     names = []
     for name in sorted(base_index):
@@ -119,7 +122,7 @@ def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool =
     there is replaced; a folder holding anything else, or an input, is refused)."""
     with OutputFolder(out, local_paths([*models, base]), overwrite=True) as output:
         result = analysis(models, base, quiet)
-        (output.staging / "analysis.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (output.staging / "analysis.json").write_text(report_json(result, "analysis.json"), encoding="utf-8")
         _plot(result, output.staging)
         (output.staging / "summary.md").write_text(_summary(result), encoding="utf-8")
         output.publish()

@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.card import package_version
 from mergekit_seed.errors import UserError
+from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.maths.sera import load_sera
-from mergekit_seed.references.adapters import is_adapter_folder
+from mergekit_seed.references.adapters import is_adapter_folder, read_adapter_config
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.hub import local_folder
@@ -123,15 +124,9 @@ def _has_tokenizer(folder: Path) -> bool:
 def _adapter_config(folder: Path) -> Optional[dict]:
     """The adapter's settings when ``folder`` is an adapter (an ``adapter_config.json`` and no
     full-model weights, the rule merges follow)."""
-    config_path = folder / "adapter_config.json"
     if not is_adapter_folder(folder):
         return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise UserError(f"{config_path}: not valid JSON ({str(error).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path}: must be a JSON object (the adapter's settings)")
+    config = read_adapter_config(folder)
     return config
 
 
@@ -346,8 +341,10 @@ def compare_into(
             model, model_tokenizer = load_model(model_name, base, device, tokenizer)
             try:
                 scores[model_name] = score_rows(model, model_tokenizer, rows, metric, batch_size, device, progress.update)
+                for index, (value, _) in enumerate(scores[model_name]):
+                    require_finite_number(value, f"example {index + 1}: its {metric} score")
             except UserError as error:
-                raise UserError(f"{data}: {error} for {model_name}") from None
+                raise UserError(f"{data}: {error} for {model_name} (its weights or outputs hold NaN or Inf)") from None
             del model  # one model in memory at a time
             gc.collect()
 
@@ -394,7 +391,7 @@ def unique_models(models: Sequence[str], echo: Callable[[str], None]) -> List[st
 
 def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[str, Dict[str, dict]]], echo: Callable[[str], None]) -> None:
     """compare.json, compare.md (``table``) and compare.png (one panel per (title, versus_reference)) in ``out``."""
-    (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "compare.json").write_text(report_json(results, "compare.json"), encoding="utf-8")
     (out / "compare.md").write_text(table + "\n", encoding="utf-8")
     plot(panels, results["reference"], results["confidence"], out / "compare.png")
     echo(table)

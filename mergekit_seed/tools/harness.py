@@ -23,10 +23,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergekit_seed.card import package_version
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.finite import require_finite_number
+from mergekit_seed.untrusted import read_json
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.adapters import is_adapter_folder
@@ -68,15 +72,29 @@ class Run:
 # ------------------------------------------------------------------ reading lm-eval output
 
 
+class ResultsFile(BaseModel):
+    """The parts of lm-eval's ``results_*.json`` that compare reads, checked by type before use
+    (a file is untrusted input; other fields are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    results: Dict[str, Dict[str, Any]]
+    versions: Optional[Dict[str, Any]] = None
+    n_shot: Optional[Dict[str, Any]] = Field(None, alias="n-shot")
+    configs: Optional[Dict[str, Any]] = None
+    config: Optional[Dict[str, Any]] = None
+    higher_is_better: Optional[Dict[str, Dict[str, Any]]] = None
+
+
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
-    except (ValueError, RecursionError) as error:
-        raise UserError(f"{path}: not an lm-eval results file ({str(error).splitlines()[0]})") from None
+    data = read_json(path, "lm-eval results file")
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise UserError(f"{path}: not an lm-eval results file (no \"results\" object)")
+    try:
+        ResultsFile.model_validate(data)
+    except ValidationError as error:
+        location, message = first_validation_problem(error)
+        raise UserError(f"{path}: {location}: {message}; not an lm-eval results file as lm-eval writes it") from None
     return data
 
 
@@ -103,11 +121,11 @@ def _model_name(results: dict, folder: Path) -> str:
     return str(name) if name else folder.name
 
 
-def _number(value) -> Optional[float]:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
+def _number(value, where: str) -> Optional[float]:
+    """A metric value as a float; None for what is not a number (lm-eval aggregates such
+    metrics corpus-wide); a number that is NaN, Inf or past float's range is refused."""
+    if isinstance(value, (bool, int, float)):
+        return require_finite_number(value, where)
     return None
 
 
@@ -141,7 +159,7 @@ def _read_samples(path: Path, task: str) -> TaskRun:
             if metric not in row:
                 continue
             listed_any = True
-            value = _number(row[metric])
+            value = _number(row[metric], f"{path}:{number}: {task} document {row['doc_id']}, {metric}")
             if value is None:
                 not_numbers.add(metric)
             else:
@@ -196,8 +214,11 @@ def read_run(folder: Path, only_tasks: Optional[Sequence[str]] = None) -> Run:
             task_run.n_shot = (results.get("n-shot") or {}).get(task)
             reported = results["results"].get(task) or {}
             task_run.reported = {
-                key: float(value) for key, value in reported.items()
-                if "," in key and "_stderr," not in key and _number(value) is not None
+                key: value for key, value in (
+                    (key, _number(value, f"{results_file}: {task} {key}")) for key, value in reported.items()
+                    if "," in key and "_stderr," not in key
+                )
+                if value is not None
             }
             direction = (results.get("higher_is_better") or {}).get(task) or {}
             task_run.higher_is_better = {str(metric): bool(up) for metric, up in direction.items()}
