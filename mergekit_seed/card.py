@@ -176,13 +176,15 @@ def merge_inputs(recipe, method) -> List[Any]:
 
 def _local_folders(recipe) -> List[str]:
     """The local folders of the recipe's model references, sorted (the index of a folder here
-    is its label ``inputN`` in the card; mergekit returns the references as a set)."""
+    is its label ``inputN`` in the card; mergekit returns the references as a set), then any
+    other local folder the recipe names (``tokenizer_source``, a tokenizer's sources), sorted."""
     folders: List[str] = []
     for reference in sorted(recipe.config.referenced_models(), key=str):
         for path in reference_paths(reference):
             if Path(path).is_dir() and path not in folders:
                 folders.append(path)
-    return folders
+    others = {path for path in reference_strings(parse_mapping(recipe.source, recipe.origin)) if Path(path).is_dir()}
+    return folders + sorted(others - set(folders))
 
 
 def input_labels(recipe) -> Dict[str, str]:

@@ -27,7 +27,7 @@ from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
-from mergekit_seed.references.weights import full_model_files, full_model_shapes, safetensors_shapes
+from mergekit_seed.references.weights import full_model_files, full_model_shapes, load_plain_tensors, safetensors_shapes
 from mergekit_seed.untrusted import read_json_object
 
 
@@ -300,6 +300,15 @@ def _scalar_leaves(setting: Any) -> Iterable[Any]:
         yield setting
 
 
+def _value_problem(error: ValidationError, value: Any) -> str:
+    """The message of ``error`` that speaks to ``value``: for a number against a type such as
+    ``'auto' | float``, the number's range, not the word it is not."""
+    errors = error.errors()
+    if not isinstance(value, str):
+        errors = [e for e in errors if e.get("type") != "literal_error"] or errors
+    return errors[0].get("msg", "invalid value")
+
+
 def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter: bool) -> List[str]:
     from mergekit_seed.methods import is_ours, unknown_parameter_problem  # imports torch and mergekit's methods
 
@@ -324,8 +333,7 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
             try:
                 spec.validate(value)
             except ValidationError as error:
-                message = error.errors()[0].get("msg", "invalid value")
-                problems.append(f"{where}: parameter '{name}' = {value!r}: {message}")
+                problems.append(f"{where}: parameter '{name}' = {value!r}: {_value_problem(error, value)}")
     return problems
 
 
@@ -626,6 +634,9 @@ def check_files(
                 if not full_model_files(folder):
                     problems.append(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
                     continue
+                for file in full_model_files(folder):
+                    if file.suffix == ".bin" and file.is_file():  # mergekit reads it; refuse here what it would fail on
+                        load_plain_tensors(file, mmap=True)
                 shapes = full_model_shapes(folder)
                 if shapes:  # (.bin checkpoints: mergekit reads them itself)
                     shapes_by_input[str(folder)] = shapes
@@ -732,6 +743,20 @@ def recipe_summary(path: Path) -> str:
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
 
+# mergekit's own parameters that are fractions; mergekit runs any value, where ours refuse one out of range
+MERGEKIT_FRACTIONS = ("density", "epsilon", "gamma", "select_topk")
+
+
+def _fraction_warnings(settings: dict, where: str) -> List[str]:
+    return [
+        f"{where}: parameter '{name}' = {value!r} is outside [0, 1]; mergekit runs it anyway, as stock mergekit-yaml does, "
+        "and the result is rarely what was meant"
+        for name in MERGEKIT_FRACTIONS
+        for value in _scalar_leaves(settings.get(name))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= 1
+    ]
+
+
 def recipe_warnings(recipe: Recipe) -> List[str]:
     """Things that are allowed but worth saying (for example a base that is not an input)."""
     warnings = []
@@ -750,6 +775,7 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
                 problem = unknown_parameter_problem(method, name, where)
                 if problem:
                     warnings.append(f"{problem}; mergekit ignores it, as stock mergekit-yaml does")
+            warnings += _fraction_warnings(settings, where)
     if not recipe.is_adapter_recipe:
         from mergekit_seed.references.adapters import holds_model_and_adapter  # (same: torch)
 

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import refused, run_cli, save_random_lora
 
@@ -248,3 +250,49 @@ def test_runs_that_cannot_be_paired_are_refused_in_one_line(harness, tmp_path):
     refused(run_cli(*compare, runs["good"], "--out", tmp_path / "one"), "at least two")
     refused(run_cli(*compare, runs["good"], runs["other"], "--data", harness["data"], *out), "--data", "--lm-eval")
     assert not (tmp_path / "out").exists()
+
+
+# generated lm-eval files: one place of a run's results or samples replaced by a hostile value
+HOSTILE_VALUES = st.sampled_from(["list", "mapping", "string", "nan", "inf", "past-float", "huge-int", "missing", "null"])
+
+
+def _hostile(kind: str):
+    return {"list": [1, 2], "mapping": {"a": 1}, "string": "x", "nan": float("nan"), "inf": float("inf"),
+            "past-float": 1e308 * 10, "huge-int": 10**400, "null": None}[kind]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["versions", "n-shot", "results", "results.task", "results.metric", "higher_is_better", "configs", "config",
+                              "sample.metric", "sample.metrics", "sample.doc_id"]), kind=HOSTILE_VALUES, row=st.integers(0, 5))
+def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_path_factory, where, kind, row):
+    """Whatever lm-eval-like file compare reads, it writes a report without NaN or Inf, or says
+    in one line what is wrong: never a traceback, never 'no detectable difference' from NaN."""
+    root = tmp_path_factory.mktemp("hostile")
+    run = _copy_run(harness["runs"]["other"], root / "other")
+    (results_file,) = run.glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    section, _, part = where.partition(".")
+    if section == "sample":
+        (samples_file,) = run.glob("samples_tiny_mc_*.jsonl")
+        rows = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        target = rows[row % len(rows)]
+        key = {"metric": "acc", "metrics": "metrics", "doc_id": "doc_id"}[part]
+        if kind == "missing":
+            target.pop(key, None)
+        else:
+            target[key] = _hostile(kind)
+        samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        container, key = (results, section) if not part else (results["results"], "tiny_mc") if part == "task" else (results["results"]["tiny_mc"], "acc,none")
+        if kind == "missing":
+            container.pop(key, None)
+        else:
+            container[key] = _hostile(kind)
+    results_file.write_text(json.dumps(results))
+    out = root / "out"
+    result = run_cli("mergekit-seed", "compare", "--lm-eval", harness["runs"]["good"], run, "--out", out)
+    if result.returncode == 0:
+        json.loads((out / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(f"compare.json holds {name}"))
+        assert "nan" not in (out / "compare.md").read_text().lower()
+    else:
+        refused(result)

@@ -23,7 +23,7 @@ from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
+from mergekit_seed.references.weights import confined_file, full_model_files, load_plain_tensors, safetensors_index
 from mergekit_seed.untrusted import pattern_key, read_json_object
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -196,13 +196,7 @@ def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
             raise UserError(f"{safetensors_path}: corrupt or truncated safetensors file ({error})") from None
     bin_path = confined_file(folder, BIN_NAME)
     if bin_path.exists():
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # the unpickler raises many types; all mean "refused"
-            raise UserError(
-                f"{bin_path}: refused (only plain tensors load with weights_only=True): "
-                f"{str(error).splitlines()[0]}; convert it to {SAFETENSORS_NAME}"
-            ) from None
+        return load_plain_tensors(bin_path)
     raise UserError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) with the adapter weights")
 
 

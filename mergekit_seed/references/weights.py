@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import stat
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
@@ -115,11 +117,36 @@ def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
             except (SafetensorError, OSError, ValueError) as error:
                 raise UserError(f"{file}: corrupt or truncated safetensors file ({str(error).splitlines()[0]})") from None
             continue
-        try:
-            weights.update(torch.load(file, map_location="cpu", weights_only=True))
-        except Exception as error:  # the unpickler raises many types; all mean "refused"
-            raise UserError(f"{file}: not a plain tensor file ({str(error).splitlines()[0]})") from None
+        weights.update(load_plain_tensors(file))
     return weights
+
+
+def load_plain_tensors(file: Path, mmap: bool = False) -> Dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` file's tensors through ``torch.load(weights_only=True)``, which runs no
+    pickled code; with ``mmap`` no tensor data is read (zip-format files; older ones are read
+    whole). A file it refuses (pickled code, truncated, not a checkpoint) is one line naming it."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's note on unusual pickle protocols: the refusal below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as error:
+                if not mmap or "mmap" not in str(error):
+                    raise
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{file}: refused: it holds pickled objects other than tensors, which torch.load(weights_only=True) does not "
+            "load (nothing in it was run); convert the checkpoint to safetensors where it was made"
+        ) from None
+    except Exception as error:  # the unpickler raises many types; all mean "refused"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{file}: refused (only plain tensors load with weights_only=True): {reason}; convert it to safetensors") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{file}: holds a {type(loaded).__name__}, not a mapping of tensor names to tensors")
+    return loaded
 
 
 def safetensors_index(files) -> Dict[str, tuple]:

@@ -172,6 +172,14 @@ def _read_samples(path: Path, task: str) -> TaskRun:
     for metric in not_numbers:
         for name in [name for name in values if name.split(",")[0] == metric]:
             del values[name]  # a metric with some non-number rows is aggregated corpus-wide
+    for name, by_document in values.items():
+        flt = name.partition(",")[2]
+        missing = [key for key in doc_hashes if key[1] == flt and key not in by_document]
+        if missing:
+            raise UserError(
+                f"{path}: document {missing[0][0]} (filter {flt}) has no {name.partition(',')[0]} value, which other "
+                f"documents of {task} have; the file is damaged: rerun lm_eval with --log_samples"
+            )
     return TaskRun(task, path, None, None, values, sorted(not_numbers), doc_hashes, prompt_hashes, {}, {})
 
 

@@ -1,0 +1,514 @@
+"""The four mechanisms of issue 36, attacked by the cases that found them and by generated inputs.
+
+1. The inputs of a command (``recipe.local_inputs``, ``weights.confined_file``): every path a
+   merge reads, ``tokenizer_source`` included; model files only from inside their folder.
+2. One output protocol (``output.OutputFolder``): a lock, staging, an atomic publish, and never
+   deleting a file we did not write.
+3. One finiteness gate (``finite``): NaN is never published, compared as equal or reported.
+4. Bounded parsing of untrusted text (``untrusted``): no backtracking regex over a card, user
+   patterns compiled and matched under a time bound, JSON bounded and checked by type.
+Every case here failed before the change that added it.
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from conftest import refused, run_cli, save_random_lora, tree_hashes, write_recipe
+from mergekit_seed.errors import UserError
+from mergekit_seed.output import MANIFEST_NAME, OutputFolder
+
+PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def family(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    runs = tmp_path / "runs"
+    return shutil.copytree(base, runs / "base"), [shutil.copytree(s, runs / s.name) for s in seeds]
+
+
+def staged(out: Path):
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+# ------------------------------------------------------------------ 1. inputs
+
+
+def test_out_inside_or_equal_to_tokenizer_source_is_refused(family, tmp_path):
+    base, seeds = family
+    tokenizer = shutil.copytree(base, tmp_path / "tokenizer")
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    recipe.write_text(recipe.read_text() + f"tokenizer_source: {tokenizer}\n")
+    before = tree_hashes(tokenizer)
+    for out in (tokenizer, tokenizer / "merged"):
+        refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "a merge never writes over its inputs", str(tokenizer))
+    assert tree_hashes(tokenizer) == before
+
+
+def test_tokenizer_source_paths_are_labelled_in_every_written_file(family, tmp_path):
+    base, seeds = family
+    tokenizer = shutil.copytree(base, tmp_path / "private-tokenizer")
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    recipe.write_text(recipe.read_text() + f"tokenizer_source: {tokenizer}\n")
+    out = tmp_path / "merged"
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)
+    for name in ("README.md", "mergekit_config.yml"):
+        assert "private-tokenizer" not in (out / name).read_text(), name
+
+
+def _shard_elsewhere(folder: Path, target: str) -> None:
+    """Turn ``folder`` into a sharded checkpoint whose index names ``target`` for every tensor."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {name: target for name in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tensors
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_an_index_naming_a_file_outside_the_folder_is_refused(family, tmp_path, where):
+    base, seeds = family
+    tensors = _shard_elsewhere(seeds[0], "../outside.safetensors" if where == "parent" else str(tmp_path / "outside.safetensors"))
+    save_file(tensors, seeds[0].parent / "outside.safetensors")
+    save_file(tensors, tmp_path / "outside.safetensors")
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), "leads outside the model folder", out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("target", ["a file outside", "/dev/zero"])
+def test_a_weight_file_linking_out_of_its_folder_is_refused_and_never_hashed(family, tmp_path, target):
+    base, seeds = family
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(seeds[1] / "model.safetensors", outside)
+    (seeds[1] / "model.safetensors").symlink_to(outside if target == "a file outside" else Path("/dev/zero"))
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    started = time.monotonic()
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), "model.safetensors", out=tmp_path / "out")
+    assert time.monotonic() - started < 60  # /dev/zero is never read
+
+
+def test_a_fifo_in_an_adapter_folder_is_refused(tiny_loras, tmp_path):
+    base, loras = tiny_loras
+    seeds = [shutil.copytree(lora, tmp_path / lora.name) for lora in loras]
+    (seeds[0] / "adapter_model.safetensors").unlink()
+    os.mkfifo(seeds[0] / "adapter_model.safetensors")
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, output={"format": "lora"})
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "not a regular file", out=tmp_path / "out")
+
+
+@st.composite
+def folder_trees(draw):
+    """A model folder's entries: (name, kind, target) with kinds file, link in, link out,
+    dangling link, folder, fifo; and index entries naming arbitrary paths."""
+    names = st.sampled_from(["model.safetensors", "a.safetensors", "b.bin", "sub", "x"])
+    entries = draw(st.lists(st.tuples(names, st.sampled_from(["file", "link-in", "link-out", "dangling", "folder", "fifo"])), max_size=5, unique_by=lambda e: e[0]))
+    index = draw(st.none() | st.lists(st.sampled_from(["a.safetensors", "../a.safetensors", "/etc/hostname", "sub/../a.safetensors", "sub", "x", "", ".", "..", "/dev/zero", "a.safetensors/../../x"]), min_size=1, max_size=3))
+    return entries, index
+
+
+@PROPERTY
+@given(tree=folder_trees())
+def test_confinement_returns_only_regular_files_inside_the_folder(tree, tmp_path_factory):
+    from mergekit_seed.references.weights import full_model_files, hashed_weight_files, weight_files
+
+    root = tmp_path_factory.mktemp("tree")
+    folder, outside = root / "model", root / "outside"
+    folder.mkdir()
+    outside.write_bytes(b"secret")
+    entries, index = tree
+    for name, kind in entries:
+        path = folder / name
+        if kind == "file":
+            path.write_bytes(b"x")
+        elif kind == "link-in":
+            (folder / f".{name}.target").write_bytes(b"x")
+            path.symlink_to(folder / f".{name}.target")
+        elif kind == "link-out":
+            path.symlink_to(outside)
+        elif kind == "dangling":
+            path.symlink_to(root / "nothing")
+        elif kind == "folder":
+            path.mkdir()
+        else:
+            os.mkfifo(path)
+    if index is not None:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"t{i}": p for i, p in enumerate(index)}}))
+    resolved_folder = folder.resolve()
+    for listing in (full_model_files, hashed_weight_files, weight_files):
+        try:
+            found = listing(folder)
+        except UserError as error:
+            assert "\n" not in str(error)
+            continue
+        for path in found:
+            target = path.resolve()
+            assert target.is_relative_to(resolved_folder), (listing.__name__, path)
+            assert not target.exists() or target.is_file(), (listing.__name__, path)
+
+
+# ------------------------------------------------------------------ 2. the output protocol
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    with OutputFolder(out) as first:
+        refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "another run is writing this output folder", "pid")
+        assert list(first.staging.iterdir()) == []
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)  # the lock is released
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_a_file_put_into_out_during_the_merge_is_kept(family, tmp_path, monkeypatch):
+    from mergekit_seed import merge, runner
+
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    out.mkdir()
+    checked = runner.check_finite_output
+
+    def meanwhile(folder):  # the user drops a file into the empty OUT while the merge runs
+        (out / "notes.txt").write_text("mine")
+        checked(folder)
+
+    monkeypatch.setattr(runner, "check_finite_output", meanwhile)
+    with pytest.raises(UserError, match="notes.txt appeared in the output folder during the run") as raised:
+        merge(recipe, out, quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (kept,) = staged(out)
+    assert str(kept) in str(raised.value) and (kept / "model.safetensors").is_file() and (kept / MANIFEST_NAME).is_file()
+
+
+def test_overwrite_keeps_what_the_user_added_to_an_earlier_merge(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "evals").mkdir()
+    (out / "evals" / "score.json").write_text("{}")
+    before = tree_hashes(out)
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "notes.txt", "was not written by it")
+    assert tree_hashes(out) == before and not staged(out)
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "evals")
+    run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet", check=True)  # ours alone: replaced
+
+
+def test_compare_never_writes_into_a_model_folder(family, tmp_path):
+    base, seeds = family
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    before = tree_hashes(seeds[0])
+    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", seeds[0]), "never writes over its inputs")
+    refused(run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", seeds[0] / "analysis"), "lies inside")
+    assert tree_hashes(seeds[0]) == before
+
+
+def test_a_report_folder_holding_other_files_is_refused(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="replaces only a previous mergekit-seed merge or report"):
+        with OutputFolder(out, overwrite=True):
+            pass
+    assert (out / "thesis.tex").read_text() == "mine"
+
+
+# generated runs: an interleaving of two writers into one OUT and a user adding files
+ACTIONS = st.lists(st.sampled_from(["a-enter", "b-enter", "a-publish", "b-publish", "user-file", "a-exit", "b-exit"]), max_size=10)
+
+
+@PROPERTY
+@given(actions=ACTIONS, overwrite=st.booleans(), start=st.sampled_from(["absent", "empty", "ours", "foreign"]))
+def test_writers_and_a_user_never_lose_a_user_file(actions, overwrite, start, tmp_path_factory):
+    root = tmp_path_factory.mktemp("out")
+    out = root / "out"
+    if start != "absent":
+        out.mkdir()
+    if start == "ours":
+        publish_earlier(out)
+    if start == "foreign":
+        (out / "user-0.txt").write_text("user")
+    writers = {"a": None, "b": None}
+    user_files = 1 if start == "foreign" else 0
+    for action in actions:
+        who, _, what = action.partition("-")
+        if action == "user-file":
+            if out.is_dir():
+                (out / f"user-{user_files}.txt").write_text("user")
+                user_files += 1
+            continue
+        writer = writers[who]
+        try:
+            if what == "enter" and writer is None:
+                writer = OutputFolder(out, overwrite=overwrite).__enter__()
+                (writer.staging / f"{who}.safetensors").write_bytes(who.encode())
+                writers[who] = writer
+                assert writers["a" if who == "b" else "b"] is None, "two writers hold one OUT"
+            elif what == "publish" and writer is not None:
+                writer.publish()
+                writer.__exit__(None, None, None)  # as every command does once published
+                writers[who] = None
+            elif what == "exit" and writer is not None:
+                writer.__exit__(None, None, None)
+                writers[who] = None
+        except UserError as error:
+            assert "\n" not in str(error)
+            if writer is not None and what != "enter":
+                writer.__exit__(None, None, None)
+                writers[who] = None
+    for writer in writers.values():
+        if writer is not None:
+            writer.__exit__(None, None, None)
+    for index in range(user_files):
+        assert (out / f"user-{index}.txt").read_text() == "user"
+    assert not (root / ".out.lock").exists()
+
+
+def publish_earlier(out: Path) -> None:
+    """An earlier output of ours in ``out``."""
+    with OutputFolder(out, overwrite=True) as output:
+        (output.staging / "model.safetensors").write_bytes(b"old")
+        output.publish()
+
+
+# ------------------------------------------------------------------ 3. the finiteness gate
+
+
+def _with_nan(folder: Path, pattern: str = "k_proj", whole: bool = False) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    name = next(n for n in tensors if pattern in n)
+    if whole:
+        tensors[name].fill_(float("nan"))
+    else:
+        tensors[name][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_check_against_a_reference_holding_nan_is_a_difference(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    merged = tmp_path / "merged"
+    run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
+    reference = shutil.copytree(merged, tmp_path / "reference")
+    _with_nan(reference)
+    result = run_cli("mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe, "--check", reference)
+    refused(result, "NaN or Inf")
+    assert "every tensor matches" not in result.stdout
+
+
+def test_compare_refuses_a_model_that_outputs_nan(family, tmp_path):
+    base, seeds = family
+    broken = shutil.copytree(seeds[0], tmp_path / "broken")
+    _with_nan(broken, "embed_tokens", whole=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in ("abc", "bca", "cab")))
+    out = tmp_path / "report"
+    refused(run_cli("mergekit-seed", "compare", seeds[1], broken, "--data", data, "--out", out), str(broken), "NaN")
+    assert not out.exists()
+
+
+def test_report_json_never_holds_nan():
+    from mergekit_seed.finite import report_json
+
+    with pytest.raises(UserError, match=r"versus\.b\.mean is nan"):
+        report_json({"versus": {"a": {"mean": 1.0}, "b": {"mean": float("nan")}}}, "compare.json")
+
+
+@pytest.mark.parametrize("command", ["analyze", "mergekit-yaml"])
+def test_a_nan_seed_is_one_line_everywhere(family, tmp_path, command):
+    base, seeds = family
+    _with_nan(seeds[1])
+    if command == "analyze":
+        result = run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", tmp_path / "a")
+    else:
+        recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+        result = run_cli("mergekit-yaml", recipe, tmp_path / "out", isolated=True)
+    refused(result, "contains NaN or Inf", str(seeds[1].name))
+
+
+# ------------------------------------------------------------------ 4. bounded parsing
+
+
+@pytest.fixture(scope="module")
+def card_text(tiny_family, tmp_path_factory):
+    base, seeds = tiny_family
+    root = tmp_path_factory.mktemp("card")
+    recipe = write_recipe(root / "r.yml", "seedlora_dm", base, seeds)
+    run_cli("mergekit-seed", "run", recipe, root / "merged", "--quiet", check=True)
+    return (root / "merged" / "README.md").read_text()
+
+
+@PROPERTY
+@given(junk=st.text(alphabet="-`#\n yaml:Configuration{}[]*\\", max_size=2000), repeat=st.integers(1, 500), where=st.sampled_from(["front", "middle", "end"]))
+def test_reading_any_card_text_up_to_a_megabyte_is_fast(card_text, tmp_path_factory, junk, repeat, where):
+    from mergekit_seed.card import read_card
+
+    text = {"front": junk * repeat + card_text, "middle": card_text.replace("### Configuration", junk * repeat + "### Configuration"),
+            "end": card_text + junk * repeat}[where][: 1 << 20]
+    path = tmp_path_factory.mktemp("c") / "README.md"
+    path.write_text(text)
+    started = time.monotonic()
+    try:
+        read_card(path)
+    except UserError as error:
+        assert "\n" not in str(error)
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_700_kb_card_that_hung_reproduce_is_read_at_once(tmp_path):
+    from mergekit_seed.card import read_card
+
+    path = tmp_path / "README.md"
+    path.write_text("---\n" + "### Configuration " * 40_000 + "\n```yam" * 2000)  # the old regex scanned this for minutes
+    started = time.monotonic()
+    with pytest.raises(UserError, match="no '### Configuration' YAML block"):
+        read_card(path)
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_line_scanner_finds_what_the_card_writer_writes(card_text):
+    from mergekit_seed.untrusted import fenced_block, front_matter
+
+    assert yaml.safe_load(front_matter(card_text))["mergekit_seed"]["merge_method"] == "seedlora_dm"
+    assert yaml.safe_load(fenced_block(card_text, "### Configuration", "yaml"))["merge_method"] == "seedlora_dm"
+
+
+@pytest.mark.parametrize("pattern, fragment", [("[", "is not a valid regular expression"), ("((a+)+)+[", "is not a valid regular expression")])
+def test_a_rank_pattern_that_is_not_a_regex_is_one_line(tiny_loras, tmp_path, pattern, fragment):
+    base, loras = tiny_loras
+    seeds = [shutil.copytree(lora, tmp_path / lora.name) for lora in loras]
+    config = json.loads((seeds[0] / "adapter_config.json").read_text())
+    config["rank_pattern"] = {pattern: 4}
+    (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", None, seeds, output={"format": "lora"})
+    refused(run_cli("mergekit-seed", "validate", recipe), "rank_pattern", fragment)
+
+
+def test_user_patterns_match_as_peft_matches_them_and_in_bounded_time():
+    import re
+
+    from mergekit_seed.untrusted import PATTERN_SECONDS, pattern_key
+
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj", "lm_head", "q_proj"]
+    patterns = ["q_proj", r"layers\.1\d\.mlp\.down_proj", "layers.0.self_attn.q_proj", "head", "lm_head", r".*\.mlp\..*"]
+    for module in modules:
+        peft = next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)  # PEFT's get_pattern_key
+        assert pattern_key(patterns, module, "adapter_config.json") == peft
+    started = time.monotonic()
+    try:  # exponential under Python's re (seconds at 26 characters); bounded here
+        pattern_key([r"([a-z_.0-9]+)+Z", r"(x+x+)+y"], "base_model.model.model.layers.0.self_attn.q_proj" + "x" * 40, "adapter_config.json")
+    except UserError as error:
+        assert "backtracks" in str(error)
+    assert time.monotonic() - started < 2 * PATTERN_SECONDS + 1
+
+
+@pytest.mark.parametrize("damage, fragment", [("deep", "nested too deeply"), ("architectures", "architectures must be a list")])
+def test_a_hostile_config_json_is_one_line(family, tmp_path, damage, fragment):
+    base, seeds = family
+    config = seeds[1] / "config.json"
+    if damage == "deep":
+        config.write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), "architectures": 1}))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    refused(run_cli("mergekit-seed", "validate", recipe), fragment)
+
+
+@pytest.mark.parametrize("damage", ["pickled code", "truncated"])
+def test_a_bin_checkpoint_mergekit_would_fail_on_is_one_line_naming_it(family, tmp_path, damage):
+    import pickle
+
+    base, seeds = family
+    tensors = load_file(seeds[1] / "model.safetensors")
+    (seeds[1] / "model.safetensors").unlink()
+    weights = seeds[1] / "pytorch_model.bin"
+    if damage == "pickled code":
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+        weights.write_bytes(pickle.dumps({"x": Payload()}))
+    else:
+        torch.save(tensors, weights)
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), str(weights), out=tmp_path / "out")
+    assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------ 5. provenance without secrets
+
+
+def test_no_written_file_carries_a_git_credential(family, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    token = "ghp_PLANTEDTOKEN0123456789"
+    real = importlib.metadata.distribution
+
+    class Installed:
+        version = real("mergekit-seed").version
+
+        def read_text(self, name):
+            if name == "direct_url.json":
+                return json.dumps({"url": f"https://user:{token}@example.com/org/mergekit-seed.git?access_token={token}",
+                                   "vcs_info": {"vcs": "git", "commit_id": "0123abcd"}})
+            return real("mergekit-seed").read_text(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)
+    card = (out / "README.md").read_text()
+    assert "git+https://example.com/org/mergekit-seed.git@0123abcd" in card
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("remote, public", [
+    ("https://user:tok@host/org/x.git?t=1#frag", "https://host/org/x.git"),
+    ("https://tok@host:8443/org/x", "https://host:8443/org/x"),
+    ("git@host:org/x.git", "ssh://git@host/org/x.git"),
+    ("ssh://u:pw@host/x", "ssh://host/x"),
+])
+def test_public_urls_drop_credentials_and_queries(remote, public):
+    from mergekit_seed.card import public_url
+
+    assert public_url(remote) == public
+
+
+# ------------------------------------------------------------------ misleading lines
+
+
+def test_lambda_past_float32_gets_the_range_message_not_the_word_auto(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, parameters={"lambda": "1.0e+39"})
+    result = run_cli("mergekit-seed", "validate", recipe)
+    refused(result, "parameter 'lambda' = 1e+39", "less than or equal to")
+    assert "'auto'" not in result.stderr
+
+
+def test_an_out_of_range_density_of_mergekits_ties_is_a_warning(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "ties", base, seeds, parameters={"density": -0.5, "weight": 1.0})
+    result = run_cli("mergekit-seed", "validate", recipe, check=True)
+    assert "parameter 'density' = -0.5 is outside [0, 1]" in result.stderr
