@@ -37,6 +37,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
+from mergekit_seed.errors import UserError
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
@@ -52,6 +53,7 @@ from mergekit_seed.maths.kernels.seedlora import (
     seedlora_twostage,
 )
 from mergekit_seed.maths.linalg import LowRank, compute_dtype
+from mergekit_seed.references.weights import full_model_files
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -575,7 +577,9 @@ def is_ours(method: Any) -> bool:
 
 def _check_planned_parameters(config: Any) -> None:
     """mergekit resolves only the parameters a method declares and ignores the rest, so a
-    misspelt one (``rnak``) would merge with the default; for our methods, refuse it."""
+    misspelt one (``rnak``) would merge with the default; for our methods, refuse it. Every
+    local model's weight files must lie inside its folder (mergekit follows an index entry such
+    as ``../x.safetensors`` wherever it points)."""
     try:
         method = registry.get(config.merge_method)
     except RuntimeError:
@@ -587,6 +591,13 @@ def _check_planned_parameters(config: Any) -> None:
             problem = unknown_parameter_problem(method, name, where)
             if problem:
                 raise RecipeParameterError(problem)
+    for reference in config.referenced_models():  # mergekit reads index entries as given: confine them first
+        folder = Path(str(reference.model.path))
+        if folder.is_dir():
+            try:
+                full_model_files(folder)
+            except UserError as error:
+                raise MergeRefused(str(error)) from None
 
 
 def install_planner_check() -> None:

@@ -27,7 +27,13 @@ from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
-from mergekit_seed.references.weights import full_model_files, full_model_shapes, load_plain_tensors, safetensors_shapes
+from mergekit_seed.references.weights import (
+    full_model_dtype_kinds,
+    full_model_files,
+    full_model_shapes,
+    load_plain_tensors,
+    safetensors_shapes,
+)
 from mergekit_seed.untrusted import read_json_object
 
 
@@ -651,6 +657,22 @@ def check_files(
         # cuts them to the output's: embedding rows may differ
         rows_may_differ = truncate_embeddings or bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
         problems += _compare_shapes(shapes_by_input, path, rows_may_differ)
+    if len(shapes_by_input) > 1 and not recipe.is_adapter_recipe and not problems:
+        problems += _compare_dtype_kinds({folder: full_model_dtype_kinds(Path(folder)) for folder in shapes_by_input}, path)
+    return problems
+
+
+def _compare_dtype_kinds(kinds_by_input: Dict[str, Dict[str, str]], path: str) -> List[str]:
+    """A tensor that is floating point in one input and integer in another: a header that lies
+    about the dtype (same width, so the sizes agree) would merge raw bits as numbers."""
+    problems = []
+    for name in sorted(set().union(*kinds_by_input.values())):
+        present = {folder: kinds[name] for folder, kinds in kinds_by_input.items() if name in kinds}
+        if len(set(present.values())) > 1:
+            listing = ", ".join(f"{kind} in {folder}" for folder, kind in present.items())
+            problems.append(
+                f"{path}: tensor {name} is {listing}; one checkpoint's header gives the wrong dtype: re-export it"
+            )
     return problems
 
 

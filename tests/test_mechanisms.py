@@ -512,3 +512,26 @@ def test_an_out_of_range_density_of_mergekits_ties_is_a_warning(family, tmp_path
     recipe = write_recipe(tmp_path / "r.yml", "ties", base, seeds, parameters={"density": -0.5, "weight": 1.0})
     result = run_cli("mergekit-seed", "validate", recipe, check=True)
     assert "parameter 'density' = -0.5 is outside [0, 1]" in result.stderr
+
+
+def test_a_header_that_lies_about_a_dtype_of_the_same_width_is_refused(family, tmp_path):
+    base, seeds = family
+    path = seeds[1] / "model.safetensors"
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    data = bytearray(path.read_bytes())
+    header = json.loads(data[8 : 8 + header_length])
+    name = next(n for n in header if "q_proj" in n)
+    header[name]["dtype"] = "I32"  # float32 bytes declared int32: the sizes agree
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_length)
+    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_length :]))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
+        refused(run_cli("mergekit-seed", *command), name, "wrong dtype", out=tmp_path / "out")
+
+
+def test_stock_mergekit_yaml_never_follows_an_index_out_of_a_model_folder(family, tmp_path):
+    base, seeds = family
+    tensors = _shard_elsewhere(seeds[0], "../outside.safetensors")
+    save_file(tensors, seeds[0].parent / "outside.safetensors")
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    refused(run_cli("mergekit-yaml", recipe, tmp_path / "out", isolated=True), "leads outside the model folder", out=tmp_path / "out")

@@ -175,6 +175,21 @@ def full_model_shapes(folder: Path) -> Dict[str, tuple]:
     return {name: shape for name, (_, shape) in safetensors_index(files).items()}
 
 
+def full_model_dtype_kinds(folder: Path) -> Dict[str, str]:
+    """{tensor name: "float" or "integer"} from the headers of the safetensors files mergekit
+    reads for a full model (:func:`full_model_files`; no tensor data)."""
+    from safetensors import safe_open
+
+    kinds: Dict[str, str] = {}
+    for file in full_model_files(folder):
+        if file.suffix == ".safetensors" and file.is_file():
+            with safe_open(file, framework="pt") as reader:
+                for name in reader.keys():
+                    dtype = reader.get_slice(name).get_dtype()
+                    kinds[name] = "float" if dtype.startswith(("F", "BF")) else "integer"
+    return kinds
+
+
 def safetensors_shapes(folder: Path) -> Dict[str, tuple]:
     """{tensor name: shape} from the headers of a folder's safetensors files (no tensor data)."""
     return {name: shape for name, (_, shape) in safetensors_index(confined_glob(folder, "*.safetensors")).items()}
