@@ -535,3 +535,19 @@ def test_stock_mergekit_yaml_never_follows_an_index_out_of_a_model_folder(family
     save_file(tensors, seeds[0].parent / "outside.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
     refused(run_cli("mergekit-yaml", recipe, tmp_path / "out", isolated=True), "leads outside the model folder", out=tmp_path / "out")
+
+
+@PROPERTY
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]),
+    specials=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38, 0.0])), max_size=3),
+)
+def test_the_gate_agrees_with_isfinite_on_every_tensor(shape, dtype, specials):
+    from mergekit_seed.finite import is_finite_tensor
+
+    tensor = torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-5, 5, shape, dtype=dtype)
+    if dtype.is_floating_point and tensor.numel():
+        for index, value in specials:
+            tensor.view(-1)[index % tensor.numel()] = value
+    assert is_finite_tensor(tensor) == bool(tensor.isfinite().all())
