@@ -475,32 +475,5 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
         fail(str(error))
 
 
-def console_main() -> None:
-    """The ``mergekit-seed`` console script: :func:`main`, then a prompt end of the process.
-
-    Once torch is imported, the interpreter's own teardown (freeing thousands of modules and
-    their objects) takes about 0.4 s on our 2-core machines: a sixth of a small adapter merge.
-    When the command has finished, every output file is closed, so this flushes the standard
-    streams, runs the ``atexit`` handlers (logging's flush among them) and ends the process
-    with the command's exit status. A crash (any exception but a clean exit) is not caught
-    and ends the usual way, with its traceback.
-    """
-    import atexit
-
-    try:
-        main()
-    except SystemExit as exit:
-        code = exit.code
-    else:
-        code = 0
-    if code is not None and not isinstance(code, int):
-        click.echo(code, err=True)  # sys.exit("message") prints the message and exits 1
-        code = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
-
-
 if __name__ == "__main__":
-    console_main()
+    main()

@@ -14,6 +14,8 @@ from typing import Any, Iterator, Tuple
 
 from mergekit_seed.errors import UserError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, the range our methods compute in
+
 
 def is_finite_tensor(tensor: Any) -> bool:
     """Whether every value of ``tensor`` is finite (integer and boolean tensors always are).

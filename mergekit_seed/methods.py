@@ -38,7 +38,7 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.finite import is_finite_tensor
+from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import SeedftSteps, seedft, seedft_factored
@@ -59,7 +59,6 @@ from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 PositiveInt = Annotated[int, Field(ge=1)]
 # no parameter takes NaN or Inf, or a number past float32's range (the kernels compute in
 # float32): any of them would make merged tensors non-finite
-FLOAT32_MAX = 3.4028234663852886e38
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]

@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """A tiny LLaMA base and three seed checkpoints (absolute paths)."""
-    from mergekit_seed.tools.demo.tiny import derive_seeds, save_tiny_llama
+    from tiny import derive_seeds, save_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny")
     base = save_tiny_llama(root / "base")
@@ -26,7 +26,7 @@ def tiny_family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_loras(tmp_path_factory):
     """Two random PEFT LoRA adapters (r=4, q_proj and v_proj) on their own tiny LLaMA base."""
-    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+    from tiny import save_tiny_llama
 
     root = tmp_path_factory.mktemp("loras")
     base = save_tiny_llama(root / "base")

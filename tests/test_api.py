@@ -38,8 +38,8 @@ def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp
 
     done = run_python(prelude=broken, code="""
         sys.argv = ["mergekit-seed", "methods"]
-        from mergekit_seed.cli import console_main
-        console_main()
+        from mergekit_seed.cli import main
+        main()
     """)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

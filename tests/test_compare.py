@@ -70,7 +70,7 @@ def test_an_adapter_scores_as_its_materialised_model(tiny_family, tmp_path):
 
 
 def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
-    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+    from tiny import save_tiny_llama
 
     seeds = tiny_family[1]
     good, other = str(seeds[0]), str(save_tiny_llama(tmp_path / "other", seed=99))
@@ -152,7 +152,7 @@ def _spaced_tokenizer(folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mergekit_seed.tools.demo.tiny import TINY_VOCABULARY
+    from tiny import TINY_VOCABULARY
 
     backend = Tokenizer(models.WordLevel(dict(TINY_VOCABULARY.index), unk_token="#"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -179,7 +179,7 @@ def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, 
     vocabulary's tokens with spaces, which must not turn every hit into a miss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_seed.tools.demo.tiny import TINY_LLAMA
+    from tiny import TINY_LLAMA
 
     folder = tmp_path / "model"
     tokenizer = _spaced_tokenizer(folder) if kind == "decode inserts spaces" else _byte_level_bpe(folder)

@@ -162,7 +162,7 @@ def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
 
 def test_analyze_reads_adapters_without_a_base(tmp_path):
     from conftest import save_random_lora, save_random_sera
-    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+    from tiny import save_tiny_llama
 
     base = save_tiny_llama(tmp_path / "base")
     seeds = [save_random_lora(base, tmp_path / "a", r=4, seed=1), save_random_sera(base, tmp_path / "b", r=4, split=2, seed=2)]

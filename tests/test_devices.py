@@ -1,6 +1,6 @@
 """Kernels stay on their inputs' device (so --cuda/--device/--multi-gpu work) with a fixed dtype policy."""
 
-import re
+import ast
 from pathlib import Path
 
 import pytest
@@ -14,24 +14,34 @@ from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.references.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
-FACTORIES = re.compile(r"torch\.(zeros|ones|full|empty|randn|rand|eye|arange|tensor|Generator)\(")
+FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "eye", "arange", "tensor", "Generator"}
+
+
+def factory_calls_without_device(source: str):
+    """(line, call) of every ``torch.<factory>(...)`` in ``source`` without a ``device=`` keyword
+    (read from the syntax tree: a variable or string that merely says "device" does not count)."""
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in FACTORIES
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+            and not any(keyword.arg == "device" for keyword in node.keywords)
+        ):
+            yield node.lineno, ast.unparse(node)
+
+
+def test_the_device_lint_catches_a_factory_without_device():
+    bad = "import torch\ndef f(x, device):\n    return torch.zeros(3, dtype=x.dtype) + torch.ones(2, device=device)\n"
+    assert [call for _, call in factory_calls_without_device(bad)] == ["torch.zeros(3, dtype=x.dtype)"]
 
 
 def test_every_tensor_factory_in_the_math_names_its_device():
     """A factory without ``device=`` would allocate on the CPU behind a GPU merge's back."""
     for path in [PACKAGE / "maths" / "linalg.py", *(PACKAGE / "maths" / "kernels").glob("*.py")]:
-        text = path.read_text()
-        for match in FACTORIES.finditer(text):
-            call = text[match.start() : text.index("\n", match.start())]
-            # multi-line calls: read up to the closing parenthesis
-            depth, end = 0, match.end() - 1
-            while True:
-                depth += {"(": 1, ")": -1}.get(text[end], 0)
-                if depth == 0:
-                    break
-                end += 1
-            call = text[match.start() : end + 1]
-            assert "device" in call, f"{path.name}: {call}"
+        missing = list(factory_calls_without_device(path.read_text()))
+        assert not missing, f"{path.name}: {missing}"
 
 
 @pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])

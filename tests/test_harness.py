@@ -91,7 +91,7 @@ def local_tasks_only():
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+    from tiny import save_tiny_llama
 
     root = tmp_path_factory.mktemp("harness")
     good, other = save_tiny_llama(root / "good", seed=0), save_tiny_llama(root / "other", seed=1)

@@ -167,17 +167,28 @@ def test_hub_adapters_merge_offline(hub, tiny_family, tmp_path):
     assert result.returncode == 0 and "largest difference: 0" in result.stdout, result.stderr
 
 
-def test_install_line_names_where_the_package_came_from():
-    from mergekit_seed.card import install_command
+@pytest.mark.parametrize("direct_url, expected", [
+    (None, '"mergekit-seed=={version}"'),  # from an index: the version
+    ({"url": "https://github.com/org/mergekit-seed", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
+     '"mergekit-seed @ git+https://github.com/org/mergekit-seed@abc123"'),  # from git: that commit
+    ({"url": "file:///nowhere/checkout", "dir_info": {"editable": True}},
+     '"mergekit-seed=={version}"  # installed from a local folder: install that source instead'),
+])
+def test_install_line_names_where_the_package_came_from(monkeypatch, direct_url, expected):
+    import importlib.metadata
 
-    line = install_command()
-    assert "mergekit-seed" in line
-    # installed editable from a local checkout: the line says so instead of naming a version no index has
-    from importlib.metadata import distribution
+    from mergekit_seed.card import install_command, package_version
 
-    direct = json.loads(distribution("mergekit-seed").read_text("direct_url.json") or "{}")
-    if direct.get("url", "").startswith("file://") and not direct.get("vcs_info"):
-        assert "local folder" in line or "git+" in line
+    real = importlib.metadata.distribution
+
+    class Installed:
+        version = real("mergekit-seed").version
+
+        def read_text(self, name):
+            return json.dumps(direct_url) if name == "direct_url.json" and direct_url else None
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
+    assert install_command() == expected.format(version=package_version("mergekit-seed"))
 
 
 def test_the_publishing_page_flow_with_local_inputs(hub, tiny_family, tmp_path):

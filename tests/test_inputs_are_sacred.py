@@ -296,7 +296,7 @@ def pissa(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mergekit_seed.tools.demo.tiny import save_tiny_llama
+    from tiny import save_tiny_llama
 
     root = tmp_path_factory.mktemp("pissa")
     base = save_tiny_llama(root / "base")

@@ -551,3 +551,9 @@ def test_the_gate_agrees_with_isfinite_on_every_tensor(shape, dtype, specials):
         for index, value in specials:
             tensor.view(-1)[index % tensor.numel()] = value
     assert is_finite_tensor(tensor) == bool(tensor.isfinite().all())
+
+
+def test_float32_max_is_torchs():
+    from mergekit_seed.finite import FLOAT32_MAX
+
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max

@@ -320,7 +320,7 @@ def tiny_llama_variant(path: Path, seed: int, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergekit_seed.tools.demo.task import save_tokenizer
-    from mergekit_seed.tools.demo.tiny import TINY_LLAMA, TINY_VOCABULARY
+    from tiny import TINY_LLAMA, TINY_VOCABULARY
 
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).save_pretrained(path)
@@ -434,7 +434,7 @@ def tiny_model(path: Path, architecture: str, seed: int) -> Path:
     import transformers
 
     from mergekit_seed.tools.demo.task import save_tokenizer
-    from mergekit_seed.tools.demo.tiny import TINY_VOCABULARY
+    from tiny import TINY_VOCABULARY
 
     configs = {
         "qwen2-tied": transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -118,8 +118,7 @@ def test_methods_json_lists_parameters_and_defaults():
 
 
 def test_console_script_keeps_exit_status_and_output():
-    """The installed script ends the process itself after the command (see cli.console_main):
-    statuses and printed output must be those of the command."""
+    """The installed script's statuses and printed output are those of the command."""
     listed = run_cli("mergekit-seed", "methods", "--json", isolated=True)
     assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 4
     helped = run_cli("mergekit-seed", "run", "--help", isolated=True)

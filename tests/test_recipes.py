@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, save_random_lora, save_random_sera, write_recipe
-from mergekit_seed.tools.demo.tiny import derive_seeds, save_tiny_llama
+from tiny import derive_seeds, save_tiny_llama
 from mergekit_seed.recipe import shipped_recipes
 
 REPO = Path(__file__).parent.parent
@@ -87,7 +87,7 @@ parameters:
     "text,fragment",
     [
         ("merge_method: seedft\nmodels: [a, b\n", "YAML syntax error"),
-        ("merge_method: seedft\nmodels: 3\n", "models"),
+        ("merge_method: seedft\nmodels: 3\n", "models: Input should be a valid list"),
         ("merge_method: seedfit\nmodels:\n  - model: /a\n  - model: /b\n", "did you mean 'seedft'"),
         ("merge_method: seedft\nmodels:\n  - model: /a\n  - model: /b\n", "needs base_model"),
         ("merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  rank: two\n", "'rank'"),
@@ -105,7 +105,7 @@ def test_validate_checks_paths_and_tensor_shapes(tiny_family, tmp_path):
     base, seeds = tiny_family
     result = validate(tmp_path, f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: /nowhere/seed\n")
     assert result.returncode == 1 and "/nowhere/seed does not exist" in result.stderr
-    from mergekit_seed.tools.demo.tiny import TINY_LLAMA
+    from tiny import TINY_LLAMA
 
     wider = tmp_path / "wider2"
     from transformers import LlamaConfig, LlamaForCausalLM

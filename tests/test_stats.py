@@ -1,6 +1,9 @@
 """The paired-difference statistics behind the demo's verdict (and model comparisons)."""
 
 import math
+import random
+
+import numpy
 
 import pytest
 
@@ -42,8 +45,14 @@ def test_groups_that_disagree_widen_the_interval():
 
 
 def test_deterministic_for_a_seed():
-    data = [[1, 0, -1, 1, 1, 0], [0, 1, 1, -1]]
-    assert paired_difference(data, seed=3) == paired_difference(data, seed=3)
+    """The same seed gives the same interval; another seed resamples differently (an
+    implementation that ignored the seed, or drew from a global generator, fails one of the two)."""
+    data = [[1, 0, -1, 1, 1, 0, 2, -2, 1], [0, 1, 1, -1, 3, 0, 1]]
+    first = paired_difference(data, seed=3)
+    random.seed(99)
+    numpy.random.seed(99)
+    assert paired_difference(data, seed=3) == first
+    assert (paired_difference(data, seed=4).low, paired_difference(data, seed=4).high) != (first.low, first.high)
 
 
 def test_nothing_to_compare_is_refused():

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.finite import is_finite_tensor
+from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
 from mergekit_seed.methods import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
@@ -67,7 +67,6 @@ def _factor(merged: Union[LowRank, torch.Tensor], output) -> Tuple[LowRank, floa
     return factor_dense(merged, max_rank=max_rank, energy=energy)
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""Tiny LLaMA checkpoints generated locally (no Hub access), for the tests and benchmarks."""
+"""Tiny LLaMA checkpoints generated locally (no Hub access): test fixtures."""
 
 from __future__ import annotations
 
