@@ -284,16 +284,9 @@ def reproduce_command(
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
     Hub inputs are read at the commits the card records; the card names local inputs inputN,
     whose folders come from --input or --recipe."""
-    from mergekit_seed.card import (
-        CARD_NAME,
-        card_options,
-        compare_weights,
-        fill_inputs,
-        package_version,
-        read_card,
-        recorded_folders,
-        verify_inputs,
-    )
+    from mergekit_seed.card import CARD_NAME, read_card
+    from mergekit_seed.installed import package_version
+    from mergekit_seed.reproduce import card_options, compare_weights, fill_inputs, recorded_folders, verify_inputs
     from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
     from mergekit_seed.recipe import hub_references, parse_recipe
     from mergekit_seed.references.weights import weight_files

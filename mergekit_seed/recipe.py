@@ -858,3 +858,19 @@ def localize(
     inputs = [resolve(reference, pins.get(split_revision(reference)[0])) for reference in references]
     folders = {entry.reference: str(entry.folder) for entry in inputs}
     return parse_recipe(rewrite_references(recipe.source, folders, recipe.origin), recipe.origin), inputs
+
+
+def merge_inputs(recipe, method) -> List[Any]:
+    """The model references whose files the merge of ``recipe`` by ``method`` reads: every
+    referenced model, except the base model of an adapter merge that writes a LoRA adapter and
+    needs no base weights (:func:`~mergekit_seed.references.adapters.why_base_is_read`, the
+    answer the engine acts on)."""
+    from mergekit_seed.references.adapters import why_base_is_read  # here: adapter reading imports torch, which cards need not
+
+    config = recipe.config
+    if recipe.is_adapter_recipe and config.output.format == "lora":
+        adapters = [entry.model for entry in config.models]
+        needs_base = getattr(method, "needs_base", True)
+        base_read = config.base_model and why_base_is_read(adapters, needs_base, "lora", config.base_model) is not None
+        return ([config.base_model] if base_read else []) + adapters
+    return config.referenced_models()

@@ -11,7 +11,6 @@ validation finds several), whose message is the one line the CLI prints.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -23,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 from pydantic import BaseModel, ValidationError, model_validator
 from safetensors import SafetensorError
 
-from mergekit_seed.card import CARD_NAME, merge_inputs, public_recipe_text, render_card
+from mergekit_seed.card import CARD_NAME, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.output import OutputFolder, check_location
-from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, recipe_warnings
+from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, merge_inputs, recipe_warnings
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
 

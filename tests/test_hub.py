@@ -175,19 +175,16 @@ def test_hub_adapters_merge_offline(hub, tiny_family, tmp_path):
      '"mergekit-seed=={version}"  # installed from a local folder: install that source instead'),
 ])
 def test_install_line_names_where_the_package_came_from(monkeypatch, direct_url, expected):
-    import importlib.metadata
+    from mergekit_seed import installed
+    from mergekit_seed.installed import install_command, package_version
 
-    from mergekit_seed.card import install_command, package_version
-
-    real = importlib.metadata.distribution
+    real = installed.distribution
 
     class Installed:
-        version = real("mergekit-seed").version
-
         def read_text(self, name):
             return json.dumps(direct_url) if name == "direct_url.json" and direct_url else None
 
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
+    monkeypatch.setattr(installed, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
     assert install_command() == expected.format(version=package_version("mergekit-seed"))
 
 

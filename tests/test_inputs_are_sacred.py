@@ -567,7 +567,7 @@ def test_validate_refuses_adapters_whose_vocabulary_differs_from_the_base(tiny_l
 def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(tiny_family, tmp_path, monkeypatch):
     """A card's inputs may name only weight files inside the folders its recipe names, and its
     hub_inputs only repositories its recipe names: no absolute path, no ../, no other file."""
-    import mergekit_seed.card as card_module
+    import mergekit_seed.reproduce as card_module
 
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds[:2])

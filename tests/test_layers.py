@@ -11,12 +11,12 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "import_hooks", "output", "finite", "untrusted"],
+    "base": ["errors", "version", "import_hooks", "output", "finite", "untrusted", "installed"],
     "maths": ["maths"],
     "references": ["references"],
     "methods": ["methods"],
     "recipe": ["recipe"],
-    "engines and cards": ["adapters.engine", "card"],
+    "engines and cards": ["adapters.engine", "card", "reproduce"],
     "runner": ["runner"],
     "tools": ["tools"],
     "cli": ["cli"],

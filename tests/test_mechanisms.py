@@ -458,21 +458,19 @@ def test_a_bin_checkpoint_mergekit_would_fail_on_is_one_line_naming_it(family, t
 
 
 def test_no_written_file_carries_a_git_credential(family, tmp_path, monkeypatch):
-    import importlib.metadata
+    from mergekit_seed import installed
 
     token = "ghp_PLANTEDTOKEN0123456789"
-    real = importlib.metadata.distribution
+    real = installed.distribution
 
     class Installed:
-        version = real("mergekit-seed").version
-
         def read_text(self, name):
             if name == "direct_url.json":
                 return json.dumps({"url": f"https://user:{token}@example.com/org/mergekit-seed.git?access_token={token}",
                                    "vcs_info": {"vcs": "git", "commit_id": "0123abcd"}})
             return real("mergekit-seed").read_text(name)
 
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
+    monkeypatch.setattr(installed, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
     base, seeds = family
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     out = tmp_path / "out"
@@ -491,7 +489,7 @@ def test_no_written_file_carries_a_git_credential(family, tmp_path, monkeypatch)
     ("ssh://u:pw@host/x", "ssh://host/x"),
 ])
 def test_public_urls_drop_credentials_and_queries(remote, public):
-    from mergekit_seed.card import public_url
+    from mergekit_seed.installed import public_url
 
     assert public_url(remote) == public
 

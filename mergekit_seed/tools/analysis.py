@@ -12,7 +12,6 @@ Writes ``analysis.json``, PNG plots and ``summary.md``.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict

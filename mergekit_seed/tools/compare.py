@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from mergekit_seed.card import package_version
+from mergekit_seed.installed import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.maths.sera import load_sera

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_seed.card import package_version
+from mergekit_seed.installed import package_version
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import require_finite_number
 from mergekit_seed.untrusted import read_json

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from mergekit_seed.card import package_version
+from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import load_sera, merge_sera
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import written_files
