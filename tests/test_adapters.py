@@ -12,7 +12,8 @@ from mergekit_seed.references.adapters import read_adapter
 from tiny import save_tiny_llama
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, load_sera, merge_sera, save_sera
+from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, merge_sera
+from mergekit_seed.references.sera import load_sera, save_sera
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 

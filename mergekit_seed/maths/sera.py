@@ -7,28 +7,18 @@ dense, and B (r x d_out) is block-diagonal with blocks B_k (r/split x d_out/spli
     h = x W0^T + scaling * x A C B,     scaling = sera_alpha / r           (Eq. 1)
 
 Init per the paper: A and C Kaiming-uniform, B zero (the adapter starts as the identity).
-
-On disk a SeRA adapter is a folder like a PEFT adapter: ``adapter_config.json`` with
-``"peft_type": "SERA"``, ``r``, ``split``, ``sera_alpha``, ``target_modules``,
-``base_model_name_or_path``; ``adapter_model.safetensors`` with
-``base_model.model.<module>.sera_A`` (split, d_in/split, r/split),
-``.sera_C`` (r, r) and ``.sera_B`` (split, r/split, d_out/split).
+The layer only: a SeRA adapter on disk is :mod:`mergekit_seed.references.sera`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-KEY_PREFIX = "base_model.model."
 PEFT_TYPE = "SERA"
 
 
@@ -53,13 +43,6 @@ class SeraConfig(BaseModel):
     @property
     def scaling(self) -> float:
         return self.sera_alpha / self.r
-
-    def save(self, folder: Union[str, Path]) -> None:
-        Path(folder, CONFIG_NAME).write_text(json.dumps(self.model_dump(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, folder: Union[str, Path]) -> "SeraConfig":
-        return cls.model_validate(json.loads(Path(folder, CONFIG_NAME).read_text()))
 
 
 def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
@@ -140,36 +123,6 @@ def apply_sera(model: nn.Module, config: SeraConfig) -> nn.Module:
 
 def sera_layers(model: nn.Module) -> Dict[str, SeraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SeraLinear)}
-
-
-def save_sera(model: nn.Module, folder: Union[str, Path], config: SeraConfig) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for a SeRA model."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, layer in sera_layers(model).items():
-        for part in ("sera_A", "sera_C", "sera_B"):
-            tensors[f"{KEY_PREFIX}{name}.{part}"] = getattr(layer, part).detach().contiguous().cpu()
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    config.save(folder)
-
-
-def load_sera(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
-    """Apply the SeRA adapter stored in ``folder`` to ``model`` and load its weights."""
-    from safetensors.torch import load_file
-
-    config = SeraConfig.load(folder)
-    apply_sera(model, config)
-    tensors = load_file(Path(folder) / WEIGHTS_NAME)
-    for name, layer in sera_layers(model).items():
-        for part in ("sera_A", "sera_C", "sera_B"):
-            key = f"{KEY_PREFIX}{name}.{part}"
-            if key not in tensors:
-                raise ValueError(f"{folder}: {key} is missing from {WEIGHTS_NAME}")
-            getattr(layer, part).data.copy_(tensors[key])
-    return model
 
 
 def merge_sera(model: nn.Module) -> nn.Module:

@@ -20,9 +20,10 @@ from typing_extensions import Annotated, Literal
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.maths.sera import CONFIG_NAME, KEY_PREFIX, PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
+from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
 from mergekit_seed.references.weights import confined_file, full_model_files, load_plain_tensors, safetensors_index
 from mergekit_seed.untrusted import pattern_key, read_json_object
 

@@ -26,11 +26,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from mergekit_seed.installed import package_version
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
-from mergekit_seed.maths.sera import load_sera
 from mergekit_seed.references.adapters import is_adapter_folder, read_adapter_config
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")

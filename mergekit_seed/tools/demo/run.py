@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from mergekit_seed.installed import package_version
-from mergekit_seed.maths.sera import load_sera, merge_sera
+from mergekit_seed.maths.sera import merge_sera
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import written_files
+from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer

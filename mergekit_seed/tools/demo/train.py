@@ -11,7 +11,8 @@ from typing import Iterator, List, Sequence
 import torch
 from tqdm import tqdm
 
-from mergekit_seed.maths.sera import SeraConfig, apply_sera, load_sera, merge_sera, save_sera
+from mergekit_seed.maths.sera import SeraConfig, apply_sera, merge_sera
+from mergekit_seed.references.sera import load_sera, save_sera
 from mergekit_seed.tools.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
 
 SEQUENCE_LENGTH = 26  # the longest example (sort or swap of 9 letters) with its end mark
