@@ -10,8 +10,24 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
 
+from mergekit_seed.card import CARD_NAME, read_card
 from mergekit_seed.errors import UserError
-from mergekit_seed.recipe import check_recipe, load_recipe
+from mergekit_seed.installed import package_version
+from mergekit_seed.recipe import (
+    check_files,
+    check_recipe,
+    hub_references,
+    is_adapter_recipe_file,
+    load_recipe,
+    parse_recipe,
+    recipe_summary,
+    recipe_warnings,
+    shipped_recipe_text,
+    shipped_recipes,
+)
+from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
+from mergekit_seed.references.weights import weight_files
+from mergekit_seed.reproduce import card_options, compare_weights, fill_inputs, recorded_folders, verify_inputs
 from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, check_device, merge
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
@@ -134,8 +150,6 @@ def _build_adapter_run_command() -> click.Command:
 
 def _parses_as_adapter_run(command: click.Command, context: click.Context, args: List[str]) -> bool:
     """Whether ``args`` name an adapter recipe and use only the adapter ``run``'s options."""
-    from mergekit_seed.recipe import is_adapter_recipe_file
-
     try:
         parsed, extra, _ = command.make_parser(click.Context(command, parent=context, info_name="run")).parse_args(list(args))
     except click.UsageError:  # a mergekit option the adapter command does not declare
@@ -191,8 +205,6 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
     last line says so); 1: problems, one line each; 2: no problem found, but some inputs could
     not be checked (the Hub could not be asked), each named.
     """
-    from mergekit_seed.recipe import check_files, recipe_warnings
-
     problems: List[str] = []
     not_checked: List[str] = []
     for path in recipes:
@@ -231,7 +243,6 @@ def recipes_group(context: click.Context) -> None:
     """List the shipped recipes (paper settings and demo settings)."""
     if context.invoked_subcommand is not None:
         return
-    from mergekit_seed.recipe import recipe_summary, shipped_recipes
 
     for name, path in shipped_recipes().items():
         click.echo(f"{name:<42} {recipe_summary(path)}")
@@ -242,8 +253,6 @@ def recipes_group(context: click.Context) -> None:
 @click.option("--models", type=click.Path(file_okay=False), help="Fill ${DEMO_MODELS} with this folder.")
 def recipes_show_command(name: str, models: Optional[str]) -> None:
     """Print the shipped recipe NAME."""
-    from mergekit_seed.recipe import shipped_recipe_text
-
     try:
         click.echo(shipped_recipe_text(name, models), nl=False)
     except UserError as error:
@@ -284,13 +293,6 @@ def reproduce_command(
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
     Hub inputs are read at the commits the card records; the card names local inputs inputN,
     whose folders come from --input or --recipe."""
-    from mergekit_seed.card import CARD_NAME, read_card
-    from mergekit_seed.installed import package_version
-    from mergekit_seed.reproduce import card_options, compare_weights, fill_inputs, recorded_folders, verify_inputs
-    from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
-    from mergekit_seed.recipe import hub_references, parse_recipe
-    from mergekit_seed.references.weights import weight_files
-
     try:
         if Path(source).exists():
             card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)

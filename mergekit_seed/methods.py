@@ -19,6 +19,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -644,8 +645,6 @@ def register() -> List[str]:
     warning line, with one about a mergekit release other than :data:`SUPPORTED_MERGEKIT`.
     Raises whatever registration raises (the import hook catches it).
     """
-    from importlib.metadata import version
-
     installed = version("mergekit")
     if installed != SUPPORTED_MERGEKIT:
         _warn_once(

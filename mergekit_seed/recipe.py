@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
+from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal, get_args
 
@@ -163,7 +164,6 @@ def _is_adapter(reference: str) -> bool:
     if "+" in reference or not is_hub_id(reference.partition("@")[0]):
         return False
     try:
-        from huggingface_hub import try_to_load_from_cache
 
         repo_id, _, revision = reference.partition("@")
         return isinstance(try_to_load_from_cache(repo_id, "adapter_config.json", revision=revision or None), str)

@@ -11,7 +11,9 @@ validation finds several), whose message is the one line the CLI prints.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import random
 import shutil
 import signal
 import threading
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from pydantic import BaseModel, ValidationError, model_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from mergekit_seed.card import CARD_NAME, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
@@ -73,8 +75,6 @@ def in_recipe_order(config: Any) -> Any:
 def _without_torch_dtype_deprecation():
     """mergekit sets ``config.torch_dtype``, which transformers 5 answers with a deprecation
     warning on every merge: noise the user can do nothing about, even with --quiet."""
-    import logging
-
     def keep(record: logging.LogRecord) -> bool:
         return "`torch_dtype` is deprecated" not in record.getMessage()
 
@@ -117,13 +117,11 @@ class AdapterRunOptions(BaseModel, frozen=True):
         return values
 
     def apply_global_options(self) -> None:
-        import logging
 
         logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
         import torch
 
         if self.random_seed is not None:
-            import random
 
             import numpy
 
@@ -194,8 +192,6 @@ def make_options(recipe: Recipe, values: dict) -> Options:
 def check_finite_output(folder: Path) -> None:
     """Refuse a merge that wrote a NaN or Inf: every floating tensor of every weight file under
     ``folder`` is read back (one tensor at a time) and checked before anything is published."""
-    from safetensors import safe_open
-
     for file in sorted(folder.rglob("*.safetensors")):
         try:
             with safe_open(file, framework="pt") as reader:

@@ -104,3 +104,55 @@ def test_every_module_imports_and_the_package_stays_cheap():
         capture_output=True, text=True,
     )
     assert cheap.stdout.split() == ["False", "False"], cheap.stdout + cheap.stderr
+
+
+# What a function may import late, with what importing it costs in a fresh interpreter on our
+# 2-core machine (measured 2026-12-03, `python -c "import X"`, torch included where X imports it).
+# Everything else is imported at the top of its module.
+LATE_IMPORTS = {
+    "torch": 1.7,
+    "safetensors.torch": 2.4,  # imports torch
+    "transformers": 0.9,
+    "peft": 5.7,
+    "mergekit": 2.2,  # mergekit.merge_methods; mergekit.config 8.4, mergekit.merge 7.6, mergekit.options 8.0
+    "matplotlib": 0.9,  # matplotlib.pyplot
+    "scipy": 0.4,  # scipy.linalg
+    "numpy": 0.14,
+    "tqdm": 0.1,
+    "lm_eval": None,  # an optional extra (mergekit-seed[eval]): imported where `compare --tasks` needs it
+}
+# imported at every interpreter start by mergekit_seed.pth: even the standard library waits (0.9-1.5 ms in all)
+START_UP_MODULES = {"__init__", "_hook"}
+
+
+def _top_level_imports(path: Path):
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+def _is_late_import(name: str, modules: dict, seen=()) -> bool:
+    """A module on the list, or one of ours that imports one at its top (directly or through ours)."""
+    if any(name == late or name.startswith(late + ".") for late in LATE_IMPORTS):
+        return True
+    ours = name[len("mergekit_seed."):] if name.startswith("mergekit_seed.") else None
+    if ours in modules and ours not in seen:
+        return any(_is_late_import(imported, modules, seen + (ours,)) for imported in _top_level_imports(modules[ours]))
+    return False
+
+
+def test_a_function_imports_late_only_what_costs_start_up_time():
+    modules = dict(module_names())
+    found = []
+    for module, path in modules.items():
+        if module in START_UP_MODULES:
+            continue
+        for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+                found += [f"{module}:{node.lineno}: {name}" for name in names if not _is_late_import(name, modules)]
+    assert not found, "import these at the top of their module (cheap), or measure them into LATE_IMPORTS:\n" + "\n".join(found)

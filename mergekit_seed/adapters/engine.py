@@ -23,13 +23,22 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
 from mergekit_seed.methods import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
-from mergekit_seed.references.adapters import AdapterSeed, MergedAdapter, TokenRows, read_adapter, saved_whole_everywhere, why_base_is_read, write_lora_adapter
+from mergekit_seed.references.adapters import (
+    AdapterSeed,
+    MergedAdapter,
+    TokenRows,
+    read_adapter,
+    saved_whole_everywhere,
+    why_base_is_read,
+    write_lora_adapter,
+)
 from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import confined_file
@@ -186,7 +195,6 @@ def write_full_model(
 ) -> None:
     """Copy the base model's files to ``out`` with each delta added to its tensor and each
     merged value of a tensor saved whole put in place of the base's."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -342,9 +350,8 @@ def run_adapter_merge(
     else by the base's Hub id: never by a local path, which would publish the merging
     machine's directory layout.
     """
-    from tqdm import tqdm
-
     from mergekit import merge_methods
+    from tqdm import tqdm
 
     register()
     output = config.output

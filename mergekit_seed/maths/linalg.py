@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
+from threadpoolctl import threadpool_limits
 
 DECOMPOSITION_DTYPE = torch.float64
 
@@ -55,7 +56,6 @@ def _descending_eigh(gram: torch.Tensor, count: Optional[int] = None):
 def _lapack_eigh(gram: torch.Tensor):
     """Ascending eigenpairs of a symmetric CPU matrix (see :func:`_descending_eigh`)."""
     import scipy.linalg
-    from threadpoolctl import threadpool_limits
 
     if not torch.isfinite(gram).all():
         raise torch.linalg.LinAlgError("the Gram matrix is not finite: the input holds NaN or Inf")

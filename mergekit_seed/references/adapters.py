@@ -10,17 +10,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE, SeraConfig, sera_delta_factors
+from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.maths.sera import SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
@@ -188,7 +191,6 @@ def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
     """The adapter's tensors: safetensors, or a ``.bin`` read with ``weights_only=True`` only."""
     safetensors_path = confined_file(folder, SAFETENSORS_NAME)
     if safetensors_path.exists():
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
@@ -572,8 +574,6 @@ def write_lora_adapter(
     directly because importing peft takes seconds. ``dtype`` (default float32) is the dtype
     of every tensor written.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     from safetensors.torch import save_file
 
     tensors: Dict[str, torch.Tensor] = {}

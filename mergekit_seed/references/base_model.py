@@ -8,11 +8,14 @@ asked for are read (safetensors headers are indexed once).
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.references.hub import local_folder
@@ -28,12 +31,9 @@ CONV1D_MODEL_TYPES = frozenset(
 
 def cached_config(reference: str) -> Optional[dict]:
     """The base's ``config.json`` from a local folder or the Hub cache (never the network)."""
-    import json
-
     path = Path(reference, "config.json")
     if not path.is_file():
         try:
-            from huggingface_hub import try_to_load_from_cache
 
             found = try_to_load_from_cache(reference, "config.json")
         except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id either
@@ -88,23 +88,17 @@ class BaseWeights:
 
     def shape(self, name: str, why: str) -> tuple:
         """The shape of the base's ``name`` (from the file header)."""
-        from safetensors import safe_open
-
         with safe_open(self._require(name, why), framework="pt") as reader:
             return tuple(reader.get_slice(name).get_shape())
 
     def tensor(self, name: str, why: str) -> torch.Tensor:
         """The base's ``name`` as float32 (float64 stays float64)."""
-        from safetensors import safe_open
-
         with safe_open(self._require(name, why), framework="pt") as reader:
             tensor = reader.get_tensor(name)
         return tensor if tensor.dtype == torch.float64 else tensor.float()
 
     def rows(self, name: str, indices: List[int], why: str) -> torch.Tensor:
         """Rows ``indices`` of the 2-D base tensor ``name`` as float32, without reading the rest."""
-        from safetensors import safe_open
-
         with safe_open(self._require(name, why), framework="pt") as reader:
             view = reader.get_slice(name)
             rows = [view[index : index + 1] for index in indices]

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from mergekit_seed.errors import UserError
 from mergekit_seed.references.weights import weight_file_hashes
 
@@ -49,14 +57,6 @@ def _one_line(error: Exception) -> str:
 def resolve(reference: str, revision: Optional[str] = None) -> HubInput:
     """Download (or, offline, find in the cache) ``reference`` at ``revision`` (default: the
     one the reference names, else ``main``); a missing repo, revision or cache entry is one line."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     repo_id, named = split_revision(reference)
     wanted = revision or named
     where = f"{repo_id}@{wanted}" if wanted else repo_id
@@ -89,8 +89,6 @@ def hub_problem(reference: str) -> Optional[str]:
     """Why a Hub id cannot be used, checked without downloading weights: offline, whether its
     config is in the cache; online, whether the repository exists at the revision. None when
     fine; raises :class:`HubNotChecked` when the Hub cannot be asked."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
     repo_id, revision = split_revision(reference)
     where = f"{repo_id}@{revision}" if revision else repo_id
     cached = any(
@@ -101,8 +99,6 @@ def hub_problem(reference: str) -> Optional[str]:
         return None
     if constants.HF_HUB_OFFLINE:
         return f"{where}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set"
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         HfApi().model_info(repo_id, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
@@ -127,8 +123,6 @@ def local_folder(reference: str) -> Path:
 
 def download_file(repo_id: str, filename: str, revision: Optional[str] = None) -> Path:
     """One file of a Hub repository (a model card), through the cache; one line if missing."""
-    from huggingface_hub import hf_hub_download
-
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))

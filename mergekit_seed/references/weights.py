@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
+from safetensors import SafetensorError, safe_open
+
 from mergekit_seed.errors import UserError
 from mergekit_seed.untrusted import read_json_object
 
@@ -106,7 +108,6 @@ def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """Every tensor of a folder's weight files (small models: tests, demo, checks); ``.bin``
     files are read with ``torch.load(weights_only=True)``, which runs no pickled code."""
     import torch
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights: Dict[str, torch.Tensor] = {}
@@ -152,8 +153,6 @@ def load_plain_tensors(file: Path, mmap: bool = False) -> Dict[str, torch.Tensor
 def safetensors_index(files) -> Dict[str, tuple]:
     """{tensor name: (file, shape)} from the headers of safetensors ``files`` (no tensor data);
     a corrupt or truncated file (the header must cover the whole file) is one line."""
-    from safetensors import SafetensorError, safe_open
-
     index: Dict[str, tuple] = {}
     for file in files:
         try:
@@ -178,8 +177,6 @@ def full_model_shapes(folder: Path) -> Dict[str, tuple]:
 def full_model_dtype_kinds(folder: Path) -> Dict[str, str]:
     """{tensor name: "float" or "integer"} from the headers of the safetensors files mergekit
     reads for a full model (:func:`full_model_files`; no tensor data)."""
-    from safetensors import safe_open
-
     kinds: Dict[str, str] = {}
     for file in full_model_files(folder):
         if file.suffix == ".safetensors" and file.is_file():

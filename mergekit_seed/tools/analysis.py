@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_tensor
@@ -84,7 +85,6 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
         return Inputs(list(models), names, adapter_deltas)
     if base is None:
         raise UserError("full checkpoints need --base (the model the seeds were fine-tuned from)")
-    from safetensors import safe_open
 
     def index(folder: str) -> Dict[str, Path]:
         files = confined_glob(Path(folder), "*.safetensors")

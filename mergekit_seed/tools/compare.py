@@ -17,18 +17,21 @@ interval and verdict of :mod:`mergekit_seed.maths.stats` (the demo's verdict use
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from mergekit_seed.installed import package_version
+import yaml
+
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
-from mergekit_seed.references.adapters import is_adapter_folder, read_adapter_config
+from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
+from mergekit_seed.references.adapters import is_adapter_folder, read_adapter_config
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes
@@ -103,7 +106,6 @@ def is_merge(folder: Path) -> bool:
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="replace")
         if text.startswith("---\n"):
-            import yaml
 
             try:
                 front = yaml.safe_load(text.split("---\n", 2)[1]) or {}
@@ -316,8 +318,6 @@ def compare_into(
 ) -> dict:
     """Score ``models`` on ``data``, compare each with the reference, write compare.json,
     compare.md and compare.png into the folder ``out``; returns what compare.json holds."""
-    import gc
-
     from tqdm import tqdm
 
     models = unique_models(models, echo)

@@ -19,23 +19,26 @@ same files.
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_seed.installed import package_version
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import require_finite_number
-from mergekit_seed.untrusted import read_json
+from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.references.adapters import is_adapter_folder
 from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
 from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
+from mergekit_seed.untrusted import read_json
 
 RESULTS_GLOB = "results_*.json"
 INSTALL_HINT = "pip install 'mergekit-seed[eval]'"
@@ -304,7 +307,6 @@ def _merge_flag(run: Run) -> bool:
     if Path(reference).is_dir():
         return is_merge(Path(reference))
     if is_hub_id(split_revision(reference)[0]):
-        from huggingface_hub import try_to_load_from_cache
 
         repo_id, revision = split_revision(reference)
         for name in ("README.md", "mergekit_config.yml"):
@@ -519,8 +521,6 @@ def evaluate_models(
 ) -> List[Path]:
     """Run lm-eval (HF backend, ``log_samples=True``) on each model, one in memory at a time,
     writing lm-eval's own files to ``out/<n>-<name>``; returns those folders."""
-    import gc
-
     try:
         from lm_eval import simple_evaluate
         from lm_eval.loggers import EvaluationTracker
@@ -529,7 +529,6 @@ def evaluate_models(
     except ImportError:
         raise UserError(f"--tasks runs lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
     if quiet:
-        import logging
 
         logging.getLogger("lm-eval").setLevel(logging.WARNING)
     manager = TaskManager(include_path=include_path)

@@ -27,12 +27,16 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
+
+from huggingface_hub.utils import disable_progress_bars
 
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
@@ -343,8 +347,6 @@ def versus_mean_seed(experiments: List[dict], methods: List[str]) -> Dict[str, d
 def environment(config: DemoConfig) -> dict:
     """What the numbers were measured with: library versions, device, threads, the CPU and the
     kernels torch dispatches to on it (``ATEN_CPU_CAPABILITY`` overrides them)."""
-    import platform
-
     import torch
 
     packages = ("torch", "transformers", "peft", "mergekit", "mergekit-seed", "numpy", "safetensors", "tokenizers")
@@ -361,8 +363,6 @@ def environment(config: DemoConfig) -> dict:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` says)."""
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
@@ -522,10 +522,7 @@ def plot(results: dict, path: Path) -> None:
 
 def quiet_libraries() -> None:
     """Silence other libraries' progress bars and warnings inside the demo (the demo prints its own)."""
-    import warnings
-
     import transformers
-    from huggingface_hub.utils import disable_progress_bars
 
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
@@ -40,7 +41,6 @@ class CharVocabulary:
 
 def save_tokenizer(path, vocabulary: CharVocabulary) -> None:
     """A character-level fast tokenizer over the vocabulary, so merges carry a tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(dict(vocabulary.index), unk_token=PAD))
