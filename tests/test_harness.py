@@ -261,7 +261,7 @@ def _hostile(kind: str):
             "past-float": 1e308 * 10, "huge-int": 10**400, "null": None}[kind]
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(["versions", "n-shot", "results", "results.task", "results.metric", "higher_is_better", "configs", "config",
                               "sample.metric", "sample.metrics", "sample.doc_id"]), kind=HOSTILE_VALUES, row=st.integers(0, 5))
 def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_path_factory, where, kind, row):

@@ -338,7 +338,7 @@ def test_a_nan_seed_is_one_line_everywhere(family, tmp_path, command):
         result = run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", tmp_path / "a")
     else:
         recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
-        result = run_cli("mergekit-yaml", recipe, tmp_path / "out", isolated=True)
+        result = run_cli("mergekit-yaml", recipe, tmp_path / "out")
     refused(result, "contains NaN or Inf", str(seeds[1].name))
 
 
@@ -532,7 +532,7 @@ def test_stock_mergekit_yaml_never_follows_an_index_out_of_a_model_folder(family
     tensors = _shard_elsewhere(seeds[0], "../outside.safetensors")
     save_file(tensors, seeds[0].parent / "outside.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
-    refused(run_cli("mergekit-yaml", recipe, tmp_path / "out", isolated=True), "leads outside the model folder", out=tmp_path / "out")
+    refused(run_cli("mergekit-yaml", recipe, tmp_path / "out"), "leads outside the model folder", out=tmp_path / "out")
 
 
 @PROPERTY
