@@ -121,6 +121,64 @@ def reference_md(reference, labels: Optional[Dict[str, str]] = None) -> str:
     return " + ".join(f"`{labels[path]}`" if path in labels else _hub_link(path) for path in reference_paths(reference))
 
 
+def card_provenance(
+    recipe, method, merge_options: Optional[Dict[str, Any]], hub_inputs: Optional[Dict[str, Dict[str, Any]]] = None
+) -> Dict[str, Any]:
+    """The ``mergekit_seed`` block of a card's front matter: both versions, the install line, the
+    method with every parameter resolved, the options that change the result, and the hashes of
+    the local inputs (``hub_inputs``: their commits and hashes, from ``hub_provenance``)."""
+    return {
+        "version": package_version("mergekit-seed"),
+        "mergekit_version": package_version("mergekit"),
+        "install": install_command(),
+        "merge_method": recipe.config.merge_method,
+        "parameters": {k: _jsonable(v) for k, v in resolved_parameters(method, recipe.config).items()},
+        "options": {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS},
+        "inputs": hash_inputs(recipe, merge_inputs(recipe, method)),
+        "hub_inputs": hub_inputs or {},
+    }
+
+
+def card_metadata(recipe, provenance: Dict[str, Any], output_kind: str) -> Dict[str, Any]:
+    """The card's YAML front matter, in the Hub's layout (``base_model`` lists Hub ids only)."""
+    references = recipe.config.referenced_models()
+    hub_ids = sorted({path.partition("@")[0] for ref in references for path in reference_paths(ref) if is_hub_id(path)})
+    return {
+        "base_model": hub_ids,
+        "base_model_relation": "merge",
+        "tags": ["mergekit", "merge", "mergekit-seed"],
+        "library_name": "peft" if output_kind == "lora" else "transformers",
+        PROVENANCE_KEY: provenance,
+    }
+
+
+def _method_line(method, config, labels: Dict[str, str]) -> str:
+    """"This model was merged using ..." and the paper, in markdown."""
+    paper = getattr(method, "paper", None)
+    if method.spec.reference_url:
+        paper = f"[{paper or method.spec.reference_url}]({method.spec.reference_url})"
+    base_text = f" using {reference_md(config.base_model, labels)} as a base" if config.base_model else ""
+    if config.base_model and not getattr(method, "needs_base", True):
+        base_text = f" (base model {reference_md(config.base_model, labels)} listed but not an input: the method needs none)"
+    return f"This model was merged using the **{method.spec.pretty_name or method.spec.name}** merge method{base_text}.\nPaper: *{paper}*."
+
+
+def _parameter_tables(config, provenance: Dict[str, Any], labels: Dict[str, str]) -> str:
+    """The resolved parameters (from the recipe or the default), then the per-model ones."""
+    rows = "\n".join(
+        f"| `{name}` | `{json.dumps(value)}` | {'recipe' if name in (config.parameters or {}) else 'default'} |"
+        for name, value in provenance["parameters"].items()
+    )
+    per_model = [f"* {reference_md(m.model, labels)}: `{json.dumps(_jsonable(m.parameters))}`" for m in config.models or [] if m.parameters]
+    per_model_text = ("Per-model parameters:\n\n" + "\n".join(per_model)) if per_model else ""
+    return f"| parameter | value | from |\n|---|---|---|\n{rows}\n\n{per_model_text}"
+
+
+def _input_rows(inputs: Dict[str, Dict[str, Any]]) -> str:
+    rows = [f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |" for label, entry in inputs.items() for name, digest in entry["files"].items()]
+    return "\n".join(rows) or "| (no local weight files) | | |"
+
+
 def render_card(
     recipe,
     method,
@@ -132,60 +190,18 @@ def render_card(
     """The README.md text for a finished merge; ``hub_inputs`` is
     :func:`mergekit_seed.references.hub.hub_provenance` of the Hub ids the merge resolved (commits and
     file hashes), ``title`` the model's name."""
-    config = recipe.config
-    options = {k: v for k, v in (merge_options or {}).items() if k not in HARDWARE_OPTIONS}
-    inputs = hash_inputs(recipe, merge_inputs(recipe, method))
-    labels = input_labels(recipe)
-    hub_ids = [path for reference in config.referenced_models() for path in reference_paths(reference) if is_hub_id(path)]
-    hub_ids = sorted({path.partition("@")[0] for path in hub_ids})
-    provenance = {
-        "version": package_version("mergekit-seed"),
-        "mergekit_version": package_version("mergekit"),
-        "install": install_command(),
-        "merge_method": config.merge_method,
-        "parameters": {k: _jsonable(v) for k, v in resolved_parameters(method, config).items()},
-        "options": options,
-        "inputs": inputs,
-        "hub_inputs": hub_inputs or {},
-    }
-    metadata = {
-        "base_model": hub_ids,
-        "base_model_relation": "merge",
-        "tags": ["mergekit", "merge", "mergekit-seed"],
-        "library_name": "peft" if output_kind == "lora" else "transformers",
-        PROVENANCE_KEY: provenance,
-    }
-    pretty = method.spec.pretty_name or method.spec.name
-    paper = getattr(method, "paper", None)
-    if method.spec.reference_url:
-        paper = f"[{paper or method.spec.reference_url}]({method.spec.reference_url})"
-    base_text = f" using {reference_md(config.base_model, labels)} as a base" if config.base_model else ""
-    if config.base_model and not getattr(method, "needs_base", True):
-        base_text = f" (base model {reference_md(config.base_model, labels)} listed but not an input: the method needs none)"
-    seeds = [m.model for m in config.models or [] if m.model != config.base_model]
-    parameter_rows = "\n".join(
-        f"| `{name}` | `{json.dumps(value)}` | "
-        f"{'recipe' if name in (config.parameters or {}) else 'default'} |"
-        for name, value in provenance["parameters"].items()
-    )
-    per_model = [
-        f"* {reference_md(m.model, labels)}: `{json.dumps(_jsonable(m.parameters))}`"
-        for m in config.models or []
-        if m.parameters
-    ]
-    input_rows = "\n".join(
-        f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |"
-        for label, entry in inputs.items()
-        for name, digest in entry["files"].items()
-    ) or "| (no local weight files) | | |"
-    input_flags = "".join(f" --input {label}=PATH" for label in labels.values())
-    option_text = "".join(f" {flag}" for flag in option_flags(options))
-    kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
     from mergekit_seed.methods import is_ours  # here: methods imports torch, which reading a card does not need
 
+    config = recipe.config
+    provenance = card_provenance(recipe, method, merge_options, hub_inputs)
+    labels = input_labels(recipe)
+    seeds = [m.model for m in config.models or [] if m.model != config.base_model]
+    input_flags = "".join(f" --input {label}=PATH" for label in labels.values())
+    option_text = "".join(f" {flag}" for flag in option_flags(provenance["options"]))
+    kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
     merged_from = f"{len(seeds)} seed runs" if is_ours(method) else f"{len(seeds)} models"
     return f"""---
-{yaml.safe_dump(metadata, sort_keys=False).strip()}
+{yaml.safe_dump(card_metadata(recipe, provenance, output_kind), sort_keys=False).strip()}
 ---
 # {title}
 
@@ -197,8 +213,7 @@ This is {kind_text} merged from {merged_from} with
 
 ### Merge Method
 
-This model was merged using the **{pretty}** merge method{base_text}.
-Paper: *{paper}*.
+{_method_line(method, config, labels)}
 
 ### Models Merged
 
@@ -206,17 +221,13 @@ Paper: *{paper}*.
 
 ### Parameters
 
-| parameter | value | from |
-|---|---|---|
-{parameter_rows}
-
-{('Per-model parameters:' + chr(10) + chr(10) + chr(10).join(per_model)) if per_model else ''}
+{_parameter_tables(config, provenance, labels)}
 
 ### Inputs
 
 | input | weight file | sha256 |
 |---|---|---|
-{input_rows}
+{_input_rows(provenance['inputs'])}
 
 ### Configuration
 
