@@ -10,24 +10,18 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
 
-from mergekit_seed.card import CARD_NAME, read_card
 from mergekit_seed.errors import UserError
-from mergekit_seed.installed import package_version
 from mergekit_seed.recipe import (
     check_files,
     check_recipe,
-    hub_references,
     is_adapter_recipe_file,
     load_recipe,
-    parse_recipe,
     recipe_summary,
     recipe_warnings,
     shipped_recipe_text,
     shipped_recipes,
 )
-from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
-from mergekit_seed.references.weights import weight_files
-from mergekit_seed.reproduce import card_options, compare_weights, fill_inputs, recorded_folders, verify_inputs
+from mergekit_seed.reproduce import compare_weights, prepare_reproduction
 from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, check_device, merge
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
@@ -294,55 +288,21 @@ def reproduce_command(
     Hub inputs are read at the commits the card records; the card names local inputs inputN,
     whose folders come from --input or --recipe."""
     try:
-        if Path(source).exists():
-            card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
-            source_weights = card_path.parent
-        elif is_hub_id(split_revision(source)[0]):
-            repo_id, revision = split_revision(source)
-            card_path = download_file(repo_id, CARD_NAME, revision)
-            source_weights = None  # fetched only for --check
-        else:
-            raise UserError(f"{source}: neither a card, an output folder nor a Hub repository id (ORG/NAME[@REVISION])")
-        card = read_card(card_path)
-        provenance = card["provenance"]
-        if not provenance:
-            raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
-        # a card is untrusted input: its options and recipe are checked before anything is read
-        recorded, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
-        recipe_origin = f"{card_path} (recipe)"
-        recipe_text, labels = fill_inputs(card["recipe"], recipe_origin, list(given_inputs), user_recipe)
-        recipe = parse_recipe(recipe_text, origin=recipe_origin)
-        input_folders = recorded_folders(provenance.get("inputs") or {}, recipe, labels)
-        if check_dir == CHECK_SOURCE:
-            if source_weights is None:
-                repo_id, revision = split_revision(source)
-                source_weights = resolve(repo_id, revision).folder
-            check_dir = str(source_weights)
-        if check_dir is not None and not weight_files(Path(check_dir)):
-            raise UserError(f"{check_dir}: no weight files (*.safetensors or *.bin) to compare with; nothing was merged")
+        plan = prepare_reproduction(source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE)
     except UserError as error:
         fail(str(error))
-    for warning in warnings:
+    for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
-    for package, key in (("mergekit-seed", "version"), ("mergekit", "mergekit_version")):
-        recorded_version, installed = provenance.get(key), package_version(package)
-        if recorded_version and recorded_version != installed:
-            click.echo(f"warning: the merge was made with {package} {recorded_version}; {installed} is installed", err=True)
-    hub_inputs = provenance.get("hub_inputs") or {}
-    named_repos = [split_revision(reference)[0] for reference in hub_references(recipe)]
-    mismatches = verify_inputs(provenance.get("inputs") or {}, input_folders) + verify_hub_inputs(hub_inputs, named_repos)
-    for mismatch in mismatches:
+    for mismatch in plan.mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
-    if mismatches and not no_verify_inputs:
+    if plan.mismatches and not no_verify_inputs:
         click.echo("error: inputs differ from the ones the card records; pass --no-verify-inputs to merge anyway", err=True)
         sys.exit(1)
     from mergekit.options import MergeOptions
 
-    options = MergeOptions(**{**recorded, "quiet": quiet})
-    revisions = {repo_id: str(entry["revision"]) for repo_id, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
-    # neither the card nor the folder --check compares with may be written over
-    protected = [card_path] + ([Path(check_dir)] if check_dir is not None else [])
-    run_recipe(recipe, out, options, overwrite, revisions=revisions, protected=protected)
+    options = MergeOptions(**{**plan.options, "quiet": quiet})
+    run_recipe(plan.recipe, out, options, overwrite, revisions=plan.revisions, protected=plan.protected)
+    check_dir = None if plan.check_dir is None else str(plan.check_dir)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
         return

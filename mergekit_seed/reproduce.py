@@ -5,16 +5,28 @@ folder tensor by tensor (``mergekit-seed reproduce``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import ValidationError
 
-from mergekit_seed.card import HARDWARE_OPTIONS, LABEL, local_folders
+from mergekit_seed.card import CARD_NAME, HARDWARE_OPTIONS, LABEL, local_folders, read_card
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import largest_difference
-from mergekit_seed.recipe import parse_mapping, read_recipe_text, reference_strings, rewrite_references, substitute_references
-from mergekit_seed.references.weights import hashed_weight_files, load_weights, sha256_file
+from mergekit_seed.installed import package_version
+from mergekit_seed.recipe import (
+    Recipe,
+    hub_references,
+    parse_mapping,
+    parse_recipe,
+    read_recipe_text,
+    reference_strings,
+    rewrite_references,
+    substitute_references,
+)
+from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
+from mergekit_seed.references.weights import hashed_weight_files, load_weights, sha256_file, weight_files
 from mergekit_seed.untrusted import read_json
 
 
@@ -218,3 +230,77 @@ def compare_configs(result: Path, reference: Path) -> List[str]:
             if ours.get(key, "(absent)") != others.get(key, "(absent)"):
                 problems.append(f"{name}: {key} is {ours.get(key, '(absent)')!r} here and {others.get(key, '(absent)')!r} in {reference}")
     return problems
+
+
+@dataclass
+class Reproduction:
+    """What a card asks to re-run, checked as untrusted input before anything is read: the card,
+    its recipe with the local inputs filled in, the mergekit options it records (hardware ones
+    dropped), warnings, input files that differ from the recorded hashes, the Hub revisions to
+    pin, and the folder ``--check`` compares with."""
+
+    card_path: Path
+    recipe: Recipe
+    options: Dict[str, Any]
+    warnings: List[str]
+    mismatches: List[str]
+    revisions: Dict[str, str]
+    check_dir: Optional[Path]
+
+    @property
+    def protected(self) -> List[Path]:
+        """Neither the card nor the folder ``--check`` compares with may be written over."""
+        return [self.card_path] + ([self.check_dir] if self.check_dir is not None else [])
+
+
+def locate_card(source: str) -> Tuple[Path, Optional[Path]]:
+    """(the card, the folder of the source's weights) for a card file, an output folder or a Hub
+    repository id ``ORG/NAME[@REVISION]`` (its card through the cache; its weights are found
+    only when ``--check`` needs them: None)."""
+    if Path(source).exists():
+        card_path = Path(source) / CARD_NAME if Path(source).is_dir() else Path(source)
+        return card_path, card_path.parent
+    if is_hub_id(split_revision(source)[0]):
+        repo_id, revision = split_revision(source)
+        return download_file(repo_id, CARD_NAME, revision), None
+    raise UserError(f"{source}: neither a card, an output folder nor a Hub repository id (ORG/NAME[@REVISION])")
+
+
+def _version_warnings(provenance: Dict[str, Any]) -> List[str]:
+    warnings = []
+    for package, key in (("mergekit-seed", "version"), ("mergekit", "mergekit_version")):
+        recorded, installed = provenance.get(key), package_version(package)
+        if recorded and recorded != installed:
+            warnings.append(f"the merge was made with {package} {recorded}; {installed} is installed")
+    return warnings
+
+
+def prepare_reproduction(
+    source: str, given_inputs: List[str], user_recipe: Optional[str], trust_remote_code: bool,
+    check_dir: Optional[str], check_source: str,
+) -> Reproduction:
+    """Read and check the card of ``source`` (:func:`locate_card`) for ``mergekit-seed
+    reproduce``: its options (:func:`card_options`), its recipe with ``given_inputs``
+    (``inputN=PATH``) or the user's copy of the recipe filled in (:func:`fill_inputs`), and its
+    recorded input hashes (:func:`verify_inputs`, ``verify_hub_inputs``). ``check_dir`` equal
+    to ``check_source`` means the source's own weights."""
+    card_path, source_weights = locate_card(source)
+    card = read_card(card_path)
+    provenance = card["provenance"]
+    if not provenance:
+        raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
+    options, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
+    recipe_origin = f"{card_path} (recipe)"
+    recipe_text, labels = fill_inputs(card["recipe"], recipe_origin, given_inputs, user_recipe)
+    recipe = parse_recipe(recipe_text, origin=recipe_origin)
+    if check_dir == check_source:
+        check_dir = str(source_weights if source_weights is not None else resolve(*split_revision(source)).folder)
+    if check_dir is not None and not weight_files(Path(check_dir)):
+        raise UserError(f"{check_dir}: no weight files (*.safetensors or *.bin) to compare with; nothing was merged")
+    hub_inputs = provenance.get("hub_inputs") or {}
+    named_repos = [split_revision(reference)[0] for reference in hub_references(recipe)]
+    recorded = provenance.get("inputs") or {}
+    mismatches = verify_inputs(recorded, recorded_folders(recorded, recipe, labels)) + verify_hub_inputs(hub_inputs, named_repos)
+    revisions = {repo: str(entry["revision"]) for repo, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
+    return Reproduction(card_path, recipe, options, warnings + _version_warnings(provenance), mismatches, revisions,
+                        Path(check_dir) if check_dir is not None else None)
