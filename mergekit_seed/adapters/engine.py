@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -329,6 +329,90 @@ def _merged_rows(merged: Union[LowRank, torch.Tensor], rows: List[int]) -> torch
     return merged[index]
 
 
+@dataclass
+class _Merged:
+    """Where each merged tensor of an adapter merge goes: the LoRA adapter being built, or the
+    deltas and whole values added to the base for a full model; and one report per LoRA module."""
+
+    adapter: MergedAdapter
+    full_deltas: Dict[str, torch.Tensor] = field(default_factory=dict)
+    full_values: Dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: List[ModuleReport] = field(default_factory=list)
+
+
+def _open_seeds(config: AdapterMergeConfig, method: Any, warn: Callable[[str], None]):
+    """(the seeds in the base's layout, the base's name, the base's weights when the merge
+    reads them, else None)."""
+    if config.output.format == "full" and not config.base_model:
+        raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
+    seeds = [read_adapter(entry.model) for entry in config.models]
+    base_name = _base_model_name(seeds, config.base_model, warn)
+    why = why_base_is_read([seed.path for seed in seeds], method.needs_base, config.output.format, base_name)
+    base = _open_base(base_name, why) if why else None
+    if any(seed.fan_in_fan_out for seed in seeds) or has_conv1d_layers(base_name):
+        conv1d = base.conv1d_weights()
+        seeds = [seed.in_base_layout(conv1d) for seed in seeds]
+    return seeds, base_name, base
+
+
+def _empty_adapter(seeds: Sequence[AdapterSeed]) -> MergedAdapter:
+    adapter = MergedAdapter(
+        modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
+        token_indices_by_module=any(seed.token_indices_by_module for seed in seeds),
+    )
+    for seed in seeds:
+        adapter.module_kinds.update(seed.module_kinds)
+    return adapter
+
+
+def _merge_saved_whole(method, inputs: "_TensorInputs", seeds, base, shape, parameters, name: str, device: str) -> torch.Tensor:
+    """A tensor the adapters save whole, merged as the checkpoint route merges its values."""
+    shared, per_seed = parameters
+    needs_base_value = method.needs_base or not inputs.whole_everywhere()
+    base_value = base.tensor(name, "the adapters save whole") if needs_base_value else None
+    values = [inputs.value(seed, base_value, shape).to(device) for seed in seeds]
+    merged_value = merge_module(method, values, shared, per_seed, name, base=base_value).cpu()
+    _refuse_non_finite(name, merged_value)
+    return merged_value
+
+
+def _merge_deltas(method, inputs: "_TensorInputs", seeds, shape, parameters, name: str, device: str):
+    """The seeds' deltas of one tensor (a zero delta where a seed lacks it) merged by the method."""
+    shared, per_seed = parameters
+    tau = [inputs.delta(seed, shape) for seed in seeds]
+    tau = [(LowRank.zeros(shape) if t is None and len(shape) == 2 else torch.zeros(shape) if t is None else t) for t in tau]
+    merged = merge_module(method, [t.to(device) for t in tau], shared, per_seed, name).to("cpu")
+    _refuse_non_finite(name, merged)
+    return merged
+
+
+def _place_delta(merged, name: str, inputs: "_TensorInputs", seeds, shape, base, config: AdapterMergeConfig, result: _Merged) -> None:
+    """Put one merged delta where the output keeps it: the full model's deltas, a bias delta,
+    trainable-token rows, or a LoRA pair (factored to the output's rank)."""
+    if config.output.format == "full":
+        result.full_deltas[name] = merged.dense() if isinstance(merged, LowRank) else merged
+    elif inputs.dense:
+        result.adapter.bias_deltas[name] = merged
+    elif any(name in seed.token_rows for seed in seeds):
+        if any(name in seed.deltas for seed in seeds):
+            raise UserError(
+                f"{name}: some seeds train tokens of it and others a LoRA; PEFT has no adapter for "
+                "both at once: merge with output.format: full"
+            )
+        rows = sorted(set().union(*(seed.token_rows[name].indices for seed in seeds if name in seed.token_rows)))
+        if not _confined_rows(merged, rows):
+            raise UserError(
+                f"{name}: the merged delta changes rows beyond the trainable tokens "
+                f"({config.merge_method} spreads it over the whole matrix); merge with output.format: full"
+            )
+        base_rows = base.rows(name, rows, "the trainable tokens replace rows of")
+        result.adapter.token_rows[name] = TokenRows(rows, base_rows + _merged_rows(merged, rows))
+    else:
+        pair, kept = _factor(merged, config.output)
+        result.adapter.pairs[name] = pair
+        result.modules.append(ModuleReport(name, pair.rank, kept, tuple(shape)))
+
+
 def run_adapter_merge(
     config: AdapterMergeConfig,
     out: Path,
@@ -354,98 +438,41 @@ def run_adapter_merge(
     from tqdm import tqdm
 
     register()
-    output = config.output
     report = echo  # results (the kept energy of a truncation) are printed even when quiet
     if quiet:
         echo = lambda _message: None  # noqa: E731
     method = merge_methods.get(config.merge_method)
-    if output.format == "full" and not config.base_model:
-        raise UserError("output.format: full needs base_model (the model the adapters were trained on)")
-    seeds = [read_adapter(entry.model) for entry in config.models]
-    base_name = _base_model_name(seeds, config.base_model, warn)
-    why = why_base_is_read([seed.path for seed in seeds], method.needs_base, output.format, base_name)
-    base = _open_base(base_name, why) if why else None
-    if any(seed.fan_in_fan_out for seed in seeds) or has_conv1d_layers(base_name):
-        conv1d = base.conv1d_weights()
-        seeds = [seed.in_base_layout(conv1d) for seed in seeds]
-    out_dtype = torch_dtype(config.out_dtype or config.dtype)
-
+    seeds, base_name, base = _open_seeds(config, method, warn)
     names_by_seed = [set(seed.tensor_names()) for seed in seeds]
     seed_shapes = [seed.shapes() for seed in seeds]
-    names = sorted(set().union(*names_by_seed))
-    merged_adapter = MergedAdapter(
-        modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
-        token_indices_by_module=any(seed.token_indices_by_module for seed in seeds),
-    )
-    for seed in seeds:
-        merged_adapter.module_kinds.update(seed.module_kinds)
-    full_deltas: Dict[str, torch.Tensor] = {}
-    full_values: Dict[str, torch.Tensor] = {}
-    modules: List[ModuleReport] = []
-    progress = tqdm(names, desc="Merging tensors", disable=quiet)
-
-    def say(message: str) -> None:
-        with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
-            warn(message)
-
+    result = _Merged(_empty_adapter(seeds))
+    progress = tqdm(sorted(set().union(*names_by_seed)), desc="Merging tensors", disable=quiet)
     for name in progress:
         inputs = _TensorInputs(seeds, name, base, seed_shapes)
         shape = inputs.shape()
-        shared, per_seed = resolve_module_parameters(method, config, name)
+        parameters = resolve_module_parameters(method, config, name)
         unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
         if unchanged_in:
-            missing = ", ".join(unchanged_in)
-            what = "the base's value" if inputs.whole else "a zero delta"
-            say(f"{name}: missing in {missing}; counted as {what} there")
-        if inputs.whole:
-            needs_base_value = method.needs_base or not inputs.whole_everywhere()
-            base_value = base.tensor(name, "the adapters save whole") if needs_base_value else None
-            values = [inputs.value(seed, base_value, shape).to(device) for seed in seeds]
-            merged_value = merge_module(method, values, shared, per_seed, name, base=base_value).cpu()
-            _refuse_non_finite(name, merged_value)
-            if output.format == "full":
-                full_values[name] = merged_value
-            else:
-                merged_adapter.whole[name] = merged_value
-            continue
-        tau = [inputs.delta(seed, shape) for seed in seeds]
-        tau = [(LowRank.zeros(shape) if t is None and len(shape) == 2 else torch.zeros(shape) if t is None else t) for t in tau]
-        tau = [t.to(device) for t in tau]
-        merged = merge_module(method, tau, shared, per_seed, name)
-        merged = merged.to("cpu")
-        _refuse_non_finite(name, merged)
-        if output.format == "full":
-            full_deltas[name] = merged.dense() if isinstance(merged, LowRank) else merged
-        elif inputs.dense:
-            merged_adapter.bias_deltas[name] = merged
-        elif any(name in seed.token_rows for seed in seeds):
-            if any(name in seed.deltas for seed in seeds):
-                raise UserError(
-                    f"{name}: some seeds train tokens of it and others a LoRA; PEFT has no adapter for "
-                    "both at once: merge with output.format: full"
-                )
-            rows = sorted(set().union(*(seed.token_rows[name].indices for seed in seeds if name in seed.token_rows)))
-            if not _confined_rows(merged, rows):
-                raise UserError(
-                    f"{name}: the merged delta changes rows beyond the trainable tokens "
-                    f"({config.merge_method} spreads it over the whole matrix); merge with output.format: full"
-                )
-            base_rows = base.rows(name, rows, "the trainable tokens replace rows of")
-            merged_adapter.token_rows[name] = TokenRows(rows, base_rows + _merged_rows(merged, rows))
+            counted_as = "the base's value" if inputs.whole else "a zero delta"
+            with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
+                warn(f"{name}: missing in {', '.join(unchanged_in)}; counted as {counted_as} there")
+        if not inputs.whole:
+            _place_delta(_merge_deltas(method, inputs, seeds, shape, parameters, name, device), name, inputs, seeds, shape, base, config, result)
+        elif config.output.format == "full":
+            result.full_values[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
         else:
-            pair, kept = _factor(merged, output)
-            merged_adapter.pairs[name] = pair
-            modules.append(ModuleReport(name, pair.rank, kept, tuple(shape)))
+            result.adapter.whole[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
     progress.close()
 
-    if output.format == "full":
-        write_full_model(out, base, full_deltas, full_values, out_dtype)
-        echo(f"wrote a full model with {len(full_deltas) + len(full_values)} merged tensors")
-        return modules
+    out_dtype = torch_dtype(config.out_dtype or config.dtype)
+    if config.output.format == "full":
+        write_full_model(out, base, result.full_deltas, result.full_values, out_dtype)
+        echo(f"wrote a full model with {len(result.full_deltas) + len(result.full_values)} merged tensors")
+        return result.modules
     task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
     if base_model_name is None and base_name and is_hub_id(base_name.partition("@")[0]):
         base_model_name = base_name
-    write_lora_adapter(out, merged_adapter, base_model_name, task_type, out_dtype)
-    _report_ranks(modules, output, report, warn)
-    echo(f"wrote a LoRA adapter with {len(merged_adapter.pairs)} LoRA modules, {len(merged_adapter.whole)} tensors saved whole")
-    return modules
+    write_lora_adapter(out, result.adapter, base_model_name, task_type, out_dtype)
+    _report_ranks(result.modules, config.output, report, warn)
+    echo(f"wrote a LoRA adapter with {len(result.adapter.pairs)} LoRA modules, {len(result.adapter.whole)} tensors saved whole")
+    return result.modules
