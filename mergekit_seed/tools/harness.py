@@ -367,6 +367,60 @@ def compare_tasks(models: Sequence[str], tasks: Sequence[str], out: Path, evalua
     return results
 
 
+def _run_names(runs: List[Run], reference: Optional[str]) -> Tuple[List[str], Optional[str]]:
+    """Each run's model name (with its folder where one model ran under different arguments),
+    and ``--reference`` matched to one of them (None: chosen later)."""
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):
+        names = [f"{run.name} ({run.folder.name})" for run in runs]
+    if reference is not None:
+        matches = [name for name, run in zip(names, runs) if reference in (name, run.name, str(run.folder))]
+        if len(matches) != 1:
+            raise UserError(f"--reference {reference}: not one of the runs ({', '.join(names)})")
+        reference = matches[0]
+    return names, reference
+
+
+def _metric_sections(runs: List[Run], names: List[str], task_names: List[str], metric: Optional[str], echo) -> Tuple[List[dict], Dict[str, str]]:
+    """One section per task and comparable metric (per-example values by model, on the shared
+    documents), and the metric pooled for each task (``metric``, else the task's first)."""
+    sections, pooled_metrics = [], {}
+    for task in task_names:
+        task_runs = [run.tasks[task] for run in runs]
+        metrics = _comparable_metrics(task_runs, echo)
+        if not metrics:
+            echo(f"note: {task}: no per-example metric to compare")
+            continue
+        for metric_key in metrics:
+            docs = sorted(task_runs[0].values[metric_key])
+            up = task_runs[0].higher_is_better.get(metric_key.split(",")[0], True)
+            values = {name: [tr.values[metric_key][doc] for doc in docs] for name, tr in zip(names, task_runs)}
+            sections.append({"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values})
+        chosen = [m for m in metrics if m.split(",")[0] == metric] if metric else metrics[:1]
+        if chosen:
+            pooled_metrics[task] = chosen[0]
+    return sections, pooled_metrics
+
+
+def _oriented(section: dict, name: str) -> List[float]:
+    """A model's per-example values in a section, signed so that higher is better."""
+    sign = 1.0 if section["higher_is_better"] else -1.0
+    return [sign * value for value in section["values"][name]]
+
+
+def _versus(names: List[str], reference: str, groups_of: Callable[[str], List[List[float]]], bootstrap: Tuple[float, int, int]) -> Dict[str, dict]:
+    """Each model's paired difference with ``reference`` over the groups ``groups_of`` gives
+    (``bootstrap``: confidence, resamples, seed)."""
+    confidence, resamples, seed = bootstrap
+    return {
+        name: paired_difference(
+            [[a - b for a, b in zip(mine, theirs)] for mine, theirs in zip(groups_of(name), groups_of(reference))],
+            confidence, resamples, seed,
+        ).to_dict()
+        for name in names if name != reference
+    }
+
+
 def compare_runs_into(
     paths: Sequence[str],
     out: Path,
@@ -383,79 +437,37 @@ def compare_runs_into(
     model, per task and metric and pooled; writes compare.json, .md and .png into the folder
     ``out``. Runs inside ``within`` (the report's own) are recorded relative to it."""
     paths = unique_models(paths, echo)
-    folders = run_folders(paths)
-    runs = [read_run(folder, tasks) for folder in folders]
+    runs = [read_run(folder, tasks) for folder in run_folders(paths)]
     if len(runs) < 2:
         raise UserError(f"{' '.join(paths)}: one model's run; compare needs at least two")
     task_names = check_runs(runs)
-    names = [run.name for run in runs]
-    if len(set(names)) < len(names):  # one model under different arguments: tell them apart by folder
-        names = [f"{run.name} ({run.folder.name})" for run in runs]
-    if reference is not None:
-        matches = [name for name, run in zip(names, runs) if reference in (name, run.name, str(run.folder))]
-        if len(matches) != 1:
-            raise UserError(f"--reference {reference}: not one of the runs ({', '.join(names)})")
-        reference = matches[0]
+    names, reference = _run_names(runs, reference)
     merges = {name: _merge_flag(run) for name, run in zip(names, runs)}
-
-    sections = []
-    pooled_metrics = {}
-    for task in task_names:
-        task_runs = [run.tasks[task] for run in runs]
-        metrics = _comparable_metrics(task_runs, echo)
-        if not metrics:
-            echo(f"note: {task}: no per-example metric to compare")
-            continue
-        for metric_key in metrics:
-            docs = sorted(task_runs[0].values[metric_key])
-            up = task_runs[0].higher_is_better.get(metric_key.split(",")[0], True)
-            values = {name: [tr.values[metric_key][doc] for doc in docs] for name, tr in zip(names, task_runs)}
-            sections.append({"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values})
-        chosen = [m for m in metrics if m.split(",")[0] == metric] if metric else metrics[:1]
-        if chosen:
-            pooled_metrics[task] = chosen[0]
+    sections, pooled_metrics = _metric_sections(runs, names, task_names, metric, echo)
     if not sections:
         raise UserError(f"{' '.join(paths)}: no task has a per-example metric to compare")
     if not pooled_metrics:
         raise UserError(f"--metric {metric}: no task computes it ({', '.join(sorted({s['metric'] for s in sections}))})")
-
-    def oriented(section: dict, name: str) -> List[float]:
-        sign = 1.0 if section["higher_is_better"] else -1.0
-        return [sign * value for value in section["values"][name]]
-
     pooled_sections = [s for s in sections if pooled_metrics.get(s["task"]) == s["metric"]]
-    pooled_mean = {
-        name: sum(sum(oriented(s, name)) for s in pooled_sections) / sum(s["examples"] for s in pooled_sections)
-        for name in names
-    }
+    examples = sum(s["examples"] for s in pooled_sections)
+    pooled_mean = {name: sum(sum(_oriented(s, name)) for s in pooled_sections) / examples for name in names}
     if reference is None:
         candidates = [name for name in names if not merges[name]] or names
         reference = max(candidates, key=lambda name: pooled_mean[name])
-
-    def versus(groups_of: Callable[[str], List[List[float]]]) -> Dict[str, dict]:
-        return {
-            name: paired_difference(
-                [[a - b for a, b in zip(mine, theirs)] for mine, theirs in zip(groups_of(name), groups_of(reference))],
-                confidence, resamples, seed,
-            ).to_dict()
-            for name in names if name != reference
-        }
-
-    per_task = []
-    for section in sections:
-        per_task.append({
-            "task": section["task"],
-            "metric": section["metric"],
-            "higher_is_better": section["higher_is_better"],
-            "examples": section["examples"],
+    bootstrap = (confidence, resamples, seed)
+    per_task = [
+        {
+            **{key: section[key] for key in ("task", "metric", "higher_is_better", "examples")},
             "scores": {name: sum(section["values"][name]) / section["examples"] for name in names},
-            "versus_reference": versus(lambda name, s=section: [oriented(s, name)]),
-        })
+            "versus_reference": _versus(names, reference, lambda name, s=section: [_oriented(s, name)], bootstrap),
+        }
+        for section in sections
+    ]
     pooled = {
         "metrics": pooled_metrics,
-        "examples": sum(s["examples"] for s in pooled_sections),
+        "examples": examples,
         "scores": pooled_mean,
-        "versus_reference": versus(lambda name: [oriented(s, name) for s in pooled_sections]),
+        "versus_reference": _versus(names, reference, lambda name: [_oriented(s, name) for s in pooled_sections], bootstrap),
     }
     results = {
         "lm_eval_runs": {name: _shown_folder(run.folder, within) for name, run in zip(names, runs)},
