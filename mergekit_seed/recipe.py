@@ -343,49 +343,36 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
     return problems
 
 
-def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
-    """Every problem with a parsed recipe, one line each; empty when it can run."""
+def _registered_method(recipe: Recipe, path: str) -> Tuple[Any, List[str]]:
+    """(the recipe's method from mergekit's registry, []) or (None, the one line why not: an
+    unknown name, or one of mergekit's methods named in an adapter recipe)."""
     from mergekit import merge_methods
 
-    from mergekit_seed.methods import is_ours, parameter_sections, register  # imported here: they import torch and mergekit's methods
+    from mergekit_seed.methods import is_ours, register  # imported here: they import torch and mergekit's methods
 
     register()
-    config = recipe.config
+    name = recipe.config.merge_method
     try:
-        method = merge_methods.get(config.merge_method)
+        method = merge_methods.get(name)
     except RuntimeError:
         names = [m.spec.name for m in merge_methods.registered_methods()]
-        suggestion = difflib.get_close_matches(config.merge_method, names, n=1)
+        suggestion = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
-        return [f"{path}: unknown merge_method '{config.merge_method}'{hint}"]
-
-    adapter = recipe.is_adapter_recipe
-    if adapter and not is_ours(method):
+        return None, [f"{path}: unknown merge_method '{name}'{hint}"]
+    if recipe.is_adapter_recipe and not is_ours(method):
         ours = ", ".join(m.spec.name for m in merge_methods.registered_methods() if is_ours(m))
-        return [
-            f"{path}: merge_method {config.merge_method} is mergekit's; the adapter engine (models: adapter folders) runs {ours}. "
-            f"For {config.merge_method}, list each seed as model: BASE+ADAPTER and mergekit merges the materialised models"
+        return None, [
+            f"{path}: merge_method {name} is mergekit's; the adapter engine (models: adapter folders) runs {ours}. "
+            f"For {name}, list each seed as model: BASE+ADAPTER and mergekit merges the materialised models"
         ]
+    return method, []
+
+
+def _model_list_problems(recipe: Recipe, seeds: List[Any], path: str) -> List[str]:
+    """The base listed among an adapter merge's models, a base that is an adapter, adapters
+    mixed with full models (or an adapter without its config)."""
+    config, base, adapters = recipe.config, recipe.config.base_model, recipe.adapter_paths
     problems = []
-    for where, settings in parameter_sections(config):
-        problems += _check_parameters(method, settings, f"{path}: {where}", adapter)
-    for field_name in ("dtype", "out_dtype"):
-        value = getattr(config, field_name, None)
-        if value is not None and value not in get_args(DtypeName):
-            problems.append(
-                f"{path}: {field_name}: '{value}' is not a dtype mergekit knows; use bfloat16, float16, float32 or float64"
-            )
-    problems += _check_output_section(recipe, path)
-    if not config.models:
-        return problems
-
-    from mergekit.merge_methods.base import BasePolicy
-
-    from mergekit_seed.methods import MIN_SEEDS, SeedMergeMethod  # (same: torch and mergekit)
-
-    base = config.base_model
-    seeds = [m for m in config.models if base is None or m.model != base]
-    adapters = recipe.adapter_paths
     if recipe.is_adapter_recipe and base is not None and len(seeds) < len(config.models):
         problems.append(
             f"{path}: base_model {base} is also listed under models:; in an adapter merge models: are the adapters only, "
@@ -394,28 +381,30 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     if base is not None and _is_adapter(str(base)):  # what else would be said follows from this
         return problems + [f"{path}: base_model {base} is an adapter folder; give the model the adapters were trained on"]
     if adapters and len(adapters) != len(seeds):
-        configless = [
-            m.model for m in seeds if m.model not in adapters and _has_adapter_weights(Path(m.model))
+        configless = [m.model for m in seeds if m.model not in adapters and _has_adapter_weights(Path(m.model))]
+        problems += [
+            f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with"
+            for folder in configless
+        ] or [
+            f"{path}: mix of adapter folders and full models under models:; list only adapters "
+            f"(or use model: BASE+ADAPTER for every seed)"
         ]
-        if configless:
-            problems += [
-                f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with"
-                for folder in configless
-            ]
-        else:
-            problems.append(
-                f"{path}: mix of adapter folders and full models under models:; list only adapters "
-                f"(or use model: BASE+ADAPTER for every seed)"
-            )
-    needs_base = method.spec.contract.base == BasePolicy.REQUIRED and not adapters
-    if needs_base and base is None:
-        problems.append(
-            f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)"
-        )
+    return problems
+
+
+def _seed_problems(method: Any, recipe: Recipe, seeds: List[Any], path: str) -> List[str]:
+    """A missing base, too few seeds, missing required parameters, and the method's own
+    cross-parameter rules (``min_agree`` <= N, ``mu`` xor ``mu_relative``)."""
+    from mergekit.merge_methods.base import BasePolicy
+
+    from mergekit_seed.methods import MIN_SEEDS, SeedMergeMethod  # (same: torch and mergekit)
+
+    config = recipe.config
+    problems = []
+    if method.spec.contract.base == BasePolicy.REQUIRED and not recipe.adapter_paths and config.base_model is None:
+        problems.append(f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)")
     if isinstance(method, SeedMergeMethod) and len(seeds) < MIN_SEEDS:  # mergekit's methods: their own contracts
-        problems.append(
-            f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}"
-        )
+        problems.append(f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}")
     problems += _missing_required(method, config, path)
     check = getattr(method, "parameter_problems", None)
     if check is not None:
@@ -430,6 +419,30 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         ]
         problems += [f"{path}: {line}" for line in check(scalars, len(seeds), per_seed)]
     return problems
+
+
+def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
+    """Every problem with a parsed recipe, one line each; empty when it can run."""
+    from mergekit_seed.methods import parameter_sections  # (same: torch and mergekit)
+
+    method, problems = _registered_method(recipe, path)
+    if method is None:
+        return problems
+    config = recipe.config
+    for where, settings in parameter_sections(config):
+        problems += _check_parameters(method, settings, f"{path}: {where}", recipe.is_adapter_recipe)
+    for field_name in ("dtype", "out_dtype"):
+        value = getattr(config, field_name, None)
+        if value is not None and value not in get_args(DtypeName):
+            problems.append(f"{path}: {field_name}: '{value}' is not a dtype mergekit knows; use bfloat16, float16, float32 or float64")
+    problems += _check_output_section(recipe, path)
+    if not config.models:
+        return problems
+    seeds = [m for m in config.models if config.base_model is None or m.model != config.base_model]
+    model_problems = _model_list_problems(recipe, seeds, path)
+    if config.base_model is not None and _is_adapter(str(config.base_model)):
+        return problems + model_problems
+    return problems + model_problems + _seed_problems(method, recipe, seeds, path)
 
 
 def _scalar_settings(settings: Optional[dict]) -> Dict[str, Any]:
