@@ -179,6 +179,56 @@ def _input_rows(inputs: Dict[str, Dict[str, Any]]) -> str:
     return "\n".join(rows) or "| (no local weight files) | | |"
 
 
+CARD_TEMPLATE = """---
+{metadata}
+---
+# {title}
+
+This is {kind} merged from {merged_from} with
+[mergekit-seed](https://pypi.org/project/mergekit-seed/) {version} on
+[mergekit](https://github.com/arcee-ai/mergekit) {mergekit_version}.
+
+## Merge Details
+
+### Merge Method
+
+{method_line}
+
+### Models Merged
+
+{models}
+
+### Parameters
+
+{parameters}
+
+### Inputs
+
+| input | weight file | sha256 |
+|---|---|---|
+{input_rows}
+
+### Configuration
+
+The following YAML configuration was used to produce this model:
+
+```yaml
+{recipe}
+```
+
+## Reproduce
+
+```sh
+pip install torch "mergekit=={mergekit_version}" {install}
+# straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT ...), Hub
+# inputs at their recorded revisions, local inputs (inputN) from your folders, checking every tensor:
+mergekit-seed reproduce README.md OUT{input_flags} --check .
+# or save the Configuration above as recipe.yml, put your folders in place of inputN, and:
+mergekit-seed run recipe.yml OUT{option_flags}
+```
+"""
+
+
 def render_card(
     recipe,
     method,
@@ -187,7 +237,7 @@ def render_card(
     hub_inputs: Optional[Dict[str, Dict[str, Any]]] = None,
     title: str = "Merged model",
 ) -> str:
-    """The README.md text for a finished merge; ``hub_inputs`` is
+    """The README.md text for a finished merge (:data:`CARD_TEMPLATE`); ``hub_inputs`` is
     :func:`mergekit_seed.references.hub.hub_provenance` of the Hub ids the merge resolved (commits and
     file hashes), ``title`` the model's name."""
     from mergekit_seed.methods import is_ours  # here: methods imports torch, which reading a card does not need
@@ -196,58 +246,22 @@ def render_card(
     provenance = card_provenance(recipe, method, merge_options, hub_inputs)
     labels = input_labels(recipe)
     seeds = [m.model for m in config.models or [] if m.model != config.base_model]
-    input_flags = "".join(f" --input {label}=PATH" for label in labels.values())
-    option_text = "".join(f" {flag}" for flag in option_flags(provenance["options"]))
-    kind_text = {"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model")
-    merged_from = f"{len(seeds)} seed runs" if is_ours(method) else f"{len(seeds)} models"
-    return f"""---
-{yaml.safe_dump(card_metadata(recipe, provenance, output_kind), sort_keys=False).strip()}
----
-# {title}
-
-This is {kind_text} merged from {merged_from} with
-[mergekit-seed](https://pypi.org/project/mergekit-seed/) {provenance['version']} on
-[mergekit](https://github.com/arcee-ai/mergekit) {provenance['mergekit_version']}.
-
-## Merge Details
-
-### Merge Method
-
-{_method_line(method, config, labels)}
-
-### Models Merged
-
-{chr(10).join('* ' + reference_md(m, labels) for m in seeds)}
-
-### Parameters
-
-{_parameter_tables(config, provenance, labels)}
-
-### Inputs
-
-| input | weight file | sha256 |
-|---|---|---|
-{_input_rows(provenance['inputs'])}
-
-### Configuration
-
-The following YAML configuration was used to produce this model:
-
-```yaml
-{public_recipe_text(recipe).strip()}
-```
-
-## Reproduce
-
-```sh
-pip install torch "mergekit=={provenance['mergekit_version']}" {provenance['install']}
-# straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT ...), Hub
-# inputs at their recorded revisions, local inputs (inputN) from your folders, checking every tensor:
-mergekit-seed reproduce README.md OUT{input_flags} --check .
-# or save the Configuration above as recipe.yml, put your folders in place of inputN, and:
-mergekit-seed run recipe.yml OUT{option_text}
-```
-"""
+    return CARD_TEMPLATE.format(
+        metadata=yaml.safe_dump(card_metadata(recipe, provenance, output_kind), sort_keys=False).strip(),
+        title=title,
+        kind={"lora": "a LoRA adapter", "full": "a full model"}.get(output_kind, "a merged model"),
+        merged_from=f"{len(seeds)} seed runs" if is_ours(method) else f"{len(seeds)} models",
+        version=provenance["version"],
+        mergekit_version=provenance["mergekit_version"],
+        method_line=_method_line(method, config, labels),
+        models="\n".join("* " + reference_md(m, labels) for m in seeds),
+        parameters=_parameter_tables(config, provenance, labels),
+        input_rows=_input_rows(provenance["inputs"]),
+        recipe=public_recipe_text(recipe).strip(),
+        install=provenance["install"],
+        input_flags="".join(f" --input {label}=PATH" for label in labels.values()),
+        option_flags="".join(f" {flag}" for flag in option_flags(provenance["options"])),
+    )
 
 
 class InputRecord(BaseModel):
