@@ -261,6 +261,11 @@ class _TensorInputs:
         self.whole = any(name in seed.whole for seed in seeds)
         self.dense = any(name in seed.bias_deltas for seed in seeds)
 
+    @property
+    def counted_as_where_missing(self) -> str:
+        """What a seed that lacks this tensor contributes."""
+        return "the base's value" if self.whole else "a zero delta"
+
     def whole_everywhere(self) -> bool:
         """Every seed saves this tensor whole and nothing else changes it (no base value needed
         by a base-free method)."""
@@ -453,9 +458,8 @@ def run_adapter_merge(
         parameters = resolve_module_parameters(method, config, name)
         unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
         if unchanged_in:
-            counted_as = "the base's value" if inputs.whole else "a zero delta"
             with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
-                warn(f"{name}: missing in {', '.join(unchanged_in)}; counted as {counted_as} there")
+                warn(f"{name}: missing in {', '.join(unchanged_in)}; counted as {inputs.counted_as_where_missing} there")
         if not inputs.whole:
             _place_delta(_merge_deltas(method, inputs, seeds, shape, parameters, name, device), name, inputs, seeds, shape, base, config, result)
         elif config.output.format == "full":
@@ -464,15 +468,19 @@ def run_adapter_merge(
             result.adapter.whole[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
     progress.close()
 
-    out_dtype = torch_dtype(config.out_dtype or config.dtype)
     if config.output.format == "full":
-        write_full_model(out, base, result.full_deltas, result.full_values, out_dtype)
+        write_full_model(out, base, result.full_deltas, result.full_values, torch_dtype(config.out_dtype or config.dtype))
         echo(f"wrote a full model with {len(result.full_deltas) + len(result.full_values)} merged tensors")
-        return result.modules
-    task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
-    if base_model_name is None and base_name and is_hub_id(base_name.partition("@")[0]):
-        base_model_name = base_name
-    write_lora_adapter(out, result.adapter, base_model_name, task_type, out_dtype)
-    _report_ranks(result.modules, config.output, report, warn)
-    echo(f"wrote a LoRA adapter with {len(result.adapter.pairs)} LoRA modules, {len(result.adapter.whole)} tensors saved whole")
+    else:
+        if base_model_name is None and base_name and is_hub_id(base_name.partition("@")[0]):
+            base_model_name = base_name
+        _write_adapter(out, result, seeds, base_model_name, config)
+        _report_ranks(result.modules, config.output, report, warn)
+        echo(f"wrote a LoRA adapter with {len(result.adapter.pairs)} LoRA modules, {len(result.adapter.whole)} tensors saved whole")
     return result.modules
+
+
+def _write_adapter(out: Path, result: _Merged, seeds: Sequence[AdapterSeed], base_model_name: Optional[str], config: AdapterMergeConfig) -> None:
+    """The merged LoRA adapter, with the seeds' task type and the output dtype."""
+    task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
+    write_lora_adapter(out, result.adapter, base_model_name, task_type, torch_dtype(config.out_dtype or config.dtype))
