@@ -594,22 +594,13 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
     return None
 
 
-def check_files(
-    recipe: Recipe, path: str = "recipe", allow_crimes: bool = False, not_checked: Optional[List[str]] = None,
-    truncate_embeddings: bool = False,
-) -> List[str]:
-    """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
-    mixed architectures (unless ``allow_crimes``), and tensors whose shapes differ between
-    inputs or are missing in some (headers only). What could not be checked (a Hub id the Hub
-    could not be asked about) is appended to ``not_checked`` when given."""
-    config = recipe.config
-    problems: List[str] = []
-    shapes_by_input: Dict[str, Dict[str, tuple]] = {}
-    for reference in config.referenced_models():
-        for folder in reference_paths(reference):
-            problem = _path_problem(folder, path)
-            if problem:
-                problems.append(problem)
+def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[str]]) -> List[str]:
+    """Placeholder or missing local paths, Hub ids that are not there, and the adapter of a
+    ``BASE+ADAPTER`` saved relative to a base PEFT modified."""
+    from mergekit_seed.references.adapters import folder_modified_base_problem  # here: adapter reading imports torch
+
+    references = recipe.config.referenced_models()
+    problems = [problem for ref in references for folder in reference_paths(ref) if (problem := _path_problem(folder, path))]
     for reference in hub_references(recipe):
         try:
             problem = hub_problem(reference)
@@ -619,13 +610,47 @@ def check_files(
             continue
         if problem:
             problems.append(f"{path}: {problem}")
-    from mergekit_seed.references.adapters import folder_modified_base_problem  # here: adapter reading imports torch
-
-    for reference in config.referenced_models():
+    for reference in references:
         for adapter in reference_paths(reference)[1:]:  # the adapter of BASE+ADAPTER
             problem = folder_modified_base_problem(Path(adapter))
             if problem:
                 problems.append(f"{path}: {problem}")
+    return problems
+
+
+def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Optional[Dict[str, tuple]]:
+    """{tensor name: shape} of one local input from its headers (an adapter seed's deltas, or
+    the weight files mergekit reads), None when it has none to compare; a folder that is not
+    a model or adapter raises the one line why."""
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{path}: {folder} is not a model or adapter folder (no config.json or adapter_config.json)")
+    if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file() and not full_model_files(folder):
+        raise UserError(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")
+    if recipe.is_adapter_recipe:
+        if reference == recipe.config.base_model:
+            return None
+        from mergekit_seed.references.adapters import read_adapter  # (same: torch)
+
+        return read_adapter(folder).shapes()
+    files = full_model_files(folder)
+    if not files:
+        raise UserError(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
+    for file in files:
+        if file.suffix == ".bin" and file.is_file():  # mergekit reads it; refuse here what it would fail on
+            load_plain_tensors(file, mmap=True)
+    return full_model_shapes(folder) or None  # (.bin checkpoints: mergekit reads them itself)
+
+
+def check_files(
+    recipe: Recipe, path: str = "recipe", allow_crimes: bool = False, not_checked: Optional[List[str]] = None,
+    truncate_embeddings: bool = False,
+) -> List[str]:
+    """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
+    mixed architectures (unless ``allow_crimes``), and tensors whose shapes differ between
+    inputs or are missing in some (headers only). What could not be checked (a Hub id the Hub
+    could not be asked about) is appended to ``not_checked`` when given."""
+    config = recipe.config
+    problems = _reference_problems(recipe, path, not_checked)
     if problems:
         return problems
     if not recipe.is_adapter_recipe and not allow_crimes:
@@ -633,34 +658,17 @@ def check_files(
         problem = _architecture_problem(local, path)
         if problem:
             return [problem]
+    shapes_by_input: Dict[str, Dict[str, tuple]] = {}
     for reference in config.referenced_models():
         folder = Path(reference_paths(reference)[0])
-        if not folder.is_dir():
-            continue
-        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-            problems.append(f"{path}: {folder} is not a model or adapter folder (no config.json or adapter_config.json)")
-            continue
-        if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file() and not full_model_files(folder):
-            problems.append(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")
-            continue
-        try:
-            if recipe.is_adapter_recipe and reference != config.base_model:
-                from mergekit_seed.references.adapters import read_adapter  # (same: torch)
-
-                seed = read_adapter(folder)
-                shapes_by_input[str(folder)] = seed.shapes()
-            elif not recipe.is_adapter_recipe:
-                if not full_model_files(folder):
-                    problems.append(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
-                    continue
-                for file in full_model_files(folder):
-                    if file.suffix == ".bin" and file.is_file():  # mergekit reads it; refuse here what it would fail on
-                        load_plain_tensors(file, mmap=True)
-                shapes = full_model_shapes(folder)
-                if shapes:  # (.bin checkpoints: mergekit reads them itself)
-                    shapes_by_input[str(folder)] = shapes
-        except UserError as error:
-            problems.append(str(error))
+        if folder.is_dir():
+            try:
+                shapes = _input_shapes(recipe, reference, folder, path)
+            except UserError as error:
+                problems.append(str(error))
+                continue
+            if shapes is not None:
+                shapes_by_input[str(folder)] = shapes
     if recipe.is_adapter_recipe and config.base_model and Path(config.base_model).is_dir() and not problems:
         problems += _adapter_base_problems(shapes_by_input, Path(config.base_model), path)
     if not recipe.is_adapter_recipe and not problems:
