@@ -556,27 +556,8 @@ def _lora_factors(pair: LowRank, kind: str):
     return pair.right, pair.left  # weight (out, in) += B A
 
 
-def write_lora_adapter(
-    folder: Path,
-    merged: MergedAdapter,
-    base_model: Optional[str],
-    task_type: Optional[str] = None,
-    dtype: Optional[torch.dtype] = None,
-) -> List[str]:
-    """Write ``merged`` as a PEFT LoRA adapter (scaling 1 everywhere); returns the target modules.
-
-    Each module keeps its own rank through ``rank_pattern``/``alpha_pattern``; zero-rank
-    deltas are left out. Tensors saved whole are written under the keys PEFT saves them
-    with (``<module>.base_layer.<param>`` inside a LoRA layer), trainable tokens as
-    ``token_adapter.trainable_tokens_delta``, and ``lora_bias`` deltas as ``lora_B.bias``.
-    The ``adapter_config.json`` holds the fields of PEFT's ``LoraConfig`` that define these
-    (PEFT fills in its defaults for the rest when it loads the folder); it is written
-    directly because importing peft takes seconds. ``dtype`` (default float32) is the dtype
-    of every tensor written.
-    """
-    from safetensors.torch import save_file
-
-    tensors: Dict[str, torch.Tensor] = {}
+def _lora_pair_tensors(merged: MergedAdapter, tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, int], Dict[str, str]]:
+    """Each merged pair's LoRA factors into ``tensors``; returns {module: rank} and {module: kind}."""
     ranks: Dict[str, int] = {}
     kinds: Dict[str, str] = {}
     pairs = dict(merged.pairs)
@@ -600,31 +581,43 @@ def write_lora_adapter(
             tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = A, B
         else:
             tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
+    return ranks, kinds
+
+
+def _lora_bias_tensors(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> None:
+    """``lora_B.bias`` for every LoRA layer when any seed trained ``lora_bias`` (zero where none did)."""
     missing_layer = sorted(set(merged.bias_deltas) - {f"{module}.bias" for module in ranks})
     if missing_layer:
         raise UserError(f"{missing_layer[0]}: a merged lora_bias whose layer has no LoRA delta in any seed; merge with output.format: full")
-    if merged.bias_deltas:
-        for module, kind in kinds.items():
-            if kind == EMBEDDING:
-                raise UserError(f"{module}: PEFT has no lora_bias for embedding layers; merge these seeds with output.format: full")
-            B = tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
-            bias = merged.bias_deltas.get(f"{module}.bias")
-            tensors[f"{KEY_PREFIX}{module}.lora_B.bias"] = torch.zeros(B.shape[0]) if bias is None else bias
+    if not merged.bias_deltas:
+        return
+    for module, kind in kinds.items():
+        if kind == EMBEDDING:
+            raise UserError(f"{module}: PEFT has no lora_bias for embedding layers; merge these seeds with output.format: full")
+        B = tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
+        bias = merged.bias_deltas.get(f"{module}.bias")
+        tensors[f"{KEY_PREFIX}{module}.lora_B.bias"] = torch.zeros(B.shape[0]) if bias is None else bias
+
+
+def _whole_and_token_tensors(merged: MergedAdapter, ranks: Dict[str, int], tensors: Dict[str, torch.Tensor]) -> Tuple[bool, Dict[str, List[int]]]:
+    """Tensors saved whole under PEFT's keys and trainable-token rows into ``tensors``; returns
+    whether biases are saved (PEFT's ``bias: all``) and the token indices by module."""
     saved_biases = False
     for name, value in sorted(merged.whole.items()):
         module, parameter = name.rsplit(".", 1)
-        if module in ranks:
-            tensors[f"{KEY_PREFIX}{module}.base_layer.{parameter}"] = value
-        else:
-            tensors[f"{KEY_PREFIX}{name}"] = value
+        tensors[f"{KEY_PREFIX}{module}.base_layer.{parameter}" if module in ranks else f"{KEY_PREFIX}{name}"] = value
         saved_biases |= parameter == "bias" and not _saved_whole(name, merged.modules_to_save)
     token_indices: Dict[str, List[int]] = {}
     for name, rows in sorted(merged.token_rows.items()):
         module = name[: -len(".weight")]
         token_indices[module] = rows.indices
         tensors[f"{KEY_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = rows.values
-    if not tensors:
-        raise UserError("every merged delta is zero: there is no adapter to write")
+    return saved_biases, token_indices
+
+
+def _lora_config(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], saved_biases: bool,
+                 token_indices: Dict[str, List[int]], base_model: Optional[str], task_type: Optional[str]) -> Dict[str, Any]:
+    """The fields of PEFT's ``LoraConfig`` that define the written tensors (scaling 1 everywhere)."""
     if len(token_indices) == 1 and not merged.token_indices_by_module:
         trainable_token_indices: Any = next(iter(token_indices.values()))
     else:
@@ -653,6 +646,36 @@ def write_lora_adapter(
         config["peft_version"] = version("peft")
     except PackageNotFoundError:
         pass
+    return config
+
+
+def write_lora_adapter(
+    folder: Path,
+    merged: MergedAdapter,
+    base_model: Optional[str],
+    task_type: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> List[str]:
+    """Write ``merged`` as a PEFT LoRA adapter (scaling 1 everywhere); returns the target modules.
+
+    Each module keeps its own rank through ``rank_pattern``/``alpha_pattern``; zero-rank
+    deltas are left out. Tensors saved whole are written under the keys PEFT saves them
+    with (``<module>.base_layer.<param>`` inside a LoRA layer), trainable tokens as
+    ``token_adapter.trainable_tokens_delta``, and ``lora_bias`` deltas as ``lora_B.bias``.
+    The ``adapter_config.json`` holds the fields of PEFT's ``LoraConfig`` that define these
+    (PEFT fills in its defaults for the rest when it loads the folder); it is written
+    directly because importing peft takes 5.7 s. ``dtype`` (default float32) is the dtype
+    of every tensor written.
+    """
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    ranks, kinds = _lora_pair_tensors(merged, tensors)
+    _lora_bias_tensors(merged, ranks, kinds, tensors)
+    saved_biases, token_indices = _whole_and_token_tensors(merged, ranks, tensors)
+    if not tensors:
+        raise UserError("every merged delta is zero: there is no adapter to write")
+    config = _lora_config(merged, ranks, kinds, saved_biases, token_indices, base_model, task_type)
     target_dtype = dtype or torch.float32
     tensors = {key: tensor.to(target_dtype).contiguous() for key, tensor in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
