@@ -310,8 +310,9 @@ def folder_modified_base_problem(folder: Path) -> Optional[str]:
     return f"{folder / CONFIG_NAME}: {problem}" if problem else None
 
 
-def read_lora(folder: Path, config: dict) -> AdapterSeed:
-    """Read a PEFT LoRA folder; every tensor of its file gets a role or the folder is refused."""
+def _checked_lora_config(folder: Path, config: dict) -> LoraFolderConfig:
+    """The adapter's ``LoraConfig`` fields checked by type, refusing what no delta expresses
+    (DoRA, refused fields, LoRA on parameters that are not a layer's weight, a modified base)."""
     try:
         lora = LoraFolderConfig.model_validate(config)
     except ValidationError as error:
@@ -332,82 +333,111 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     problem = modified_base_problem(lora.init_lora_weights)
     if problem:
         raise UserError(f"{folder / CONFIG_NAME}: {problem}")
+    return lora
+
+
+class _LoraTensors:
+    """One LoRA file's tensors placed into an :class:`AdapterSeed` by role, with PEFT's scaling
+    (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA; ``rank_pattern``/``alpha_pattern`` per module)."""
+
+    def __init__(self, folder: Path, lora: LoraFolderConfig, tensors: Dict[str, torch.Tensor], seed: AdapterSeed):
+        self.folder, self.lora, self.tensors, self.seed = folder, lora, tensors, seed
+        self.file = folder / SAFETENSORS_NAME
+
+    def rank(self, module: str) -> int:
+        return _pattern_value(self.lora.rank_pattern, module, self.lora.r, f"{self.folder / CONFIG_NAME}: rank_pattern")
+
+    def scaling(self, module: str) -> float:
+        r = self.rank(module)
+        alpha = _pattern_value(self.lora.alpha_pattern, module, self.lora.lora_alpha, f"{self.folder / CONFIG_NAME}: alpha_pattern")
+        return alpha / math.sqrt(r) if self.lora.use_rslora else alpha / r
+
+    def partner(self, key: str, suffix: str, other: str) -> torch.Tensor:
+        tensor = self.tensors.get(key[: -len(suffix)] + other)
+        if tensor is None:
+            raise UserError(f"{self.file}: {key} has no matching {other[1:]}")
+        return tensor.float()
+
+    def _check_rank(self, key: str, found: int, module: str) -> None:
+        rank = self.rank(module)
+        if found != rank:
+            raise UserError(
+                f"{self.file}: {key} has rank {found} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
+                "the scaling would be wrong, and PEFT refuses to load it: re-save the adapter"
+            )
+
+    def add_linear(self, key: str, tensor: torch.Tensor, module: str) -> None:
+        A, B = tensor.float(), self.partner(key, ".lora_A.weight", ".lora_B.weight")
+        if A.dim() == 2:
+            self._check_rank(key, A.shape[0], module)
+        if A.dim() != 2 or B.dim() != 2:
+            raise UserError(f"{self.file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
+        if A.shape[0] != B.shape[1]:
+            raise UserError(f"{self.file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do not fit together (re-save the adapter)")
+        self.seed.deltas[f"{module}.weight"] = LowRank(self.scaling(module) * B, A)  # scaling * B A, (out, in)
+        self.seed.module_kinds[f"{module}.weight"] = LINEAR
+
+    def add_embedding(self, key: str, tensor: torch.Tensor, module: str) -> None:
+        B = self.partner(key, ".lora_embedding_A", ".lora_embedding_B")
+        if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
+            raise UserError(f"{self.file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
+        self._check_rank(key, tensor.shape[0], module)
+        # weight (num_embeddings, dim) += scaling * (B A)^T
+        self.seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, self.scaling(module) * B.T)
+        self.seed.module_kinds[f"{module}.weight"] = EMBEDDING
+
+    def add_tokens(self, key: str, tensor: torch.Tensor, module: str) -> None:
+        indices = _token_indices(self.lora, module)
+        if indices is None or len(indices) != tensor.shape[0] or tensor.dim() != 2:
+            raise UserError(
+                f"{self.file}: {key} holds {tensor.shape[0]} token rows but trainable_token_indices in "
+                f"{CONFIG_NAME} gives {'none' if indices is None else len(indices)} for {module}"
+            )
+        self.seed.token_rows[f"{module}.weight"] = TokenRows(indices, tensor.float())
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Place one tensor by its role (:func:`lora_key_role`), or refuse it."""
+        role, target = lora_key_role(key, self.seed.modules_to_save, self.lora.bias)
+        module = target.rsplit(".", 1)[0]
+        if role in (LORA_A, LORA_B, EMBEDDING_A, EMBEDDING_B, BIAS_DELTA) and not tensor.is_floating_point():
+            raise UserError(f"{self.file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point (PEFT refuses to load this adapter too); save the adapter unquantized")
+        if role == LORA_A:
+            self.add_linear(key, tensor, module)
+        elif role == LORA_B:
+            self.partner(key, ".lora_B.weight", ".lora_A.weight")
+        elif role == BIAS_DELTA:
+            self.seed.bias_deltas[f"{module}.bias"] = self.scaling(module) * tensor.float()  # added to the output like B A x
+        elif role == EMBEDDING_A:
+            self.add_embedding(key, tensor, module)
+        elif role == EMBEDDING_B:
+            self.partner(key, ".lora_embedding_B", ".lora_embedding_A")
+        elif role == TOKENS:
+            self.add_tokens(key, tensor, module)
+        elif role == WHOLE:
+            self.seed.whole[target] = tensor.float()
+        else:
+            raise UserError(f"{self.file}: tensor {key} has no known role: {UNKNOWN_KEY_HINT}")
+
+
+def read_lora(folder: Path, config: dict) -> AdapterSeed:
+    """Read a PEFT LoRA folder; every tensor of its file gets a role or the folder is refused."""
+    lora = _checked_lora_config(folder, config)
     tensors = _read_tensors(folder)
     _check_finite(folder, tensors)
-    file = folder / SAFETENSORS_NAME
-    modules_to_save = lora.modules_to_save or []
     seed = AdapterSeed(
         folder,
         "lora",
         lora.base_model_name_or_path,
         {},
         task_type=lora.task_type,
-        modules_to_save=list(modules_to_save),
+        modules_to_save=list(lora.modules_to_save or []),
         token_indices_by_module=isinstance(lora.trainable_token_indices, dict),
         fan_in_fan_out=lora.fan_in_fan_out,
     )
-
-    def scaling_of(module: str) -> float:
-        r = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
-        alpha = _pattern_value(lora.alpha_pattern, module, lora.lora_alpha, f"{folder / CONFIG_NAME}: alpha_pattern")
-        return alpha / math.sqrt(r) if lora.use_rslora else alpha / r
-
-    def partner(key: str, suffix: str, other: str) -> torch.Tensor:
-        tensor = tensors.get(key[: -len(suffix)] + other)
-        if tensor is None:
-            raise UserError(f"{file}: {key} has no matching {other[1:]}")
-        return tensor.float()
-
+    placer = _LoraTensors(folder, lora, tensors, seed)
     for key, tensor in tensors.items():
-        role, target = lora_key_role(key, modules_to_save, lora.bias)
-        module = target.rsplit(".", 1)[0]
-        if role in (LORA_A, LORA_B, EMBEDDING_A, EMBEDDING_B, BIAS_DELTA) and not tensor.is_floating_point():
-            raise UserError(f"{file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point (PEFT refuses to load this adapter too); save the adapter unquantized")
-        if role == LORA_A:
-            A, B = tensor.float(), partner(key, ".lora_A.weight", ".lora_B.weight")
-            rank = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
-            if A.dim() == 2 and A.shape[0] != rank:
-                raise UserError(
-                    f"{file}: {key} has rank {A.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
-                    "the scaling would be wrong, and PEFT refuses to load it: re-save the adapter"
-                )
-            if A.dim() != 2 or B.dim() != 2:
-                raise UserError(f"{file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
-            if A.shape[0] != B.shape[1]:
-                raise UserError(f"{file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do not fit together (re-save the adapter)")
-            seed.deltas[f"{module}.weight"] = LowRank(scaling_of(module) * B, A)  # scaling * B A, (out, in)
-            seed.module_kinds[f"{module}.weight"] = LINEAR
-        elif role == LORA_B:
-            partner(key, ".lora_B.weight", ".lora_A.weight")
-        elif role == BIAS_DELTA:
-            seed.bias_deltas[f"{module}.bias"] = scaling_of(module) * tensor.float()  # added to the output like B A x
-        elif role == EMBEDDING_A:
-            B = partner(key, ".lora_embedding_A", ".lora_embedding_B")
-            if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
-                raise UserError(f"{file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
-            rank = _pattern_value(lora.rank_pattern, module, lora.r, f"{folder / CONFIG_NAME}: rank_pattern")
-            if tensor.shape[0] != rank:
-                raise UserError(
-                    f"{file}: {key} has rank {tensor.shape[0]} but {CONFIG_NAME} says {rank} for {module} (r, rank_pattern); "
-                    "the scaling would be wrong, and PEFT refuses to load it: re-save the adapter"
-                )
-            # weight (num_embeddings, dim) += scaling * (B A)^T
-            seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, scaling_of(module) * B.T)
-            seed.module_kinds[f"{module}.weight"] = EMBEDDING
-        elif role == EMBEDDING_B:
-            partner(key, ".lora_embedding_B", ".lora_embedding_A")
-        elif role == TOKENS:
-            indices = _token_indices(lora, module)
-            if indices is None or len(indices) != tensor.shape[0] or tensor.dim() != 2:
-                raise UserError(
-                    f"{file}: {key} holds {tensor.shape[0]} token rows but trainable_token_indices in "
-                    f"{CONFIG_NAME} gives {'none' if indices is None else len(indices)} for {module}"
-                )
-            seed.token_rows[f"{module}.weight"] = TokenRows(indices, tensor.float())
-        elif role == WHOLE:
-            seed.whole[target] = tensor.float()
-        else:
-            raise UserError(f"{file}: tensor {key} has no known role: {UNKNOWN_KEY_HINT}")
+        placer.add(key, tensor)
+    file = folder / SAFETENSORS_NAME
     for name in set(seed.token_rows) & set(seed.deltas):
         raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
     if not (seed.deltas or seed.whole or seed.token_rows or seed.bias_deltas):
