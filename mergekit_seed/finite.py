@@ -45,9 +45,9 @@ def largest_difference(a: Any, b: Any) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def require_finite_number(value: Any, where: str) -> float:
-    """``value`` as a float, refused in one line naming ``where`` unless it is a finite number
-    (a bool counts as 0 or 1)."""
+def require_finite_number(value: Any, where: str, why: str = "the file is damaged or was not written by this tool") -> float:
+    """``value`` as a float, refused in one line naming ``where`` (and ``why`` it may be so)
+    unless it is a finite number (a bool counts as 0 or 1)."""
     if isinstance(value, (bool, int, float)):
         try:
             number = float(value)
@@ -55,7 +55,7 @@ def require_finite_number(value: Any, where: str) -> float:
             number = math.inf
         if math.isfinite(number):
             return number
-    raise UserError(f"{where}: {value!r} is not a finite number; the file is damaged or was not written by this tool")
+    raise UserError(f"{where}: {value!r} is not a finite number; {why}")
 
 
 def non_finite_numbers(value: Any, path: str = "") -> Iterator[Tuple[str, float]]:

@@ -300,6 +300,30 @@ def compare(models: Sequence[str], data: Path, out: Path, **settings) -> dict:
     return results
 
 
+def _score_model(
+    name: str, rows: Sequence[Row], metric: str, base: Optional[str], tokenizer: Optional[str], batch_size: int,
+    device: str, advance: Callable[[int], None],
+) -> List[Tuple[float, int]]:
+    """One model's (score, tokens) per row (:func:`score_rows`), each score finite; the model is
+    freed before the next one loads (one model in memory at a time)."""
+    model, model_tokenizer = load_model(name, base, device, tokenizer)
+    scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance)
+    for index, (value, _) in enumerate(scores):
+        require_finite_number(value, f"example {index + 1}: its {metric} score", "the model's weights or outputs hold NaN or Inf")
+    del model
+    gc.collect()
+    return scores
+
+
+def _versus_reference(values: Dict[str, List[float]], reference: str, confidence: float, resamples: int, seed: int) -> Dict[str, dict]:
+    """Each other model's paired per-example difference with ``reference``, with its interval."""
+    return {
+        name: paired_difference([[a - b for a, b in zip(mine, values[reference])]], confidence, resamples, seed).to_dict()
+        for name, mine in values.items()
+        if name != reference
+    }
+
+
 def compare_into(
     models: Sequence[str],
     data: Path,
@@ -338,28 +362,17 @@ def compare_into(
     with tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet) as progress:
         for model_name in models:
             progress.set_postfix_str(Path(model_name).name)
-            model, model_tokenizer = load_model(model_name, base, device, tokenizer)
             try:
-                scores[model_name] = score_rows(model, model_tokenizer, rows, metric, batch_size, device, progress.update)
-                for index, (value, _) in enumerate(scores[model_name]):
-                    require_finite_number(value, f"example {index + 1}: its {metric} score")
+                scores[model_name] = _score_model(model_name, rows, metric, base, tokenizer, batch_size, device, progress.update)
             except UserError as error:
-                raise UserError(f"{data}: {error} for {model_name} (its weights or outputs hold NaN or Inf)") from None
-            del model  # one model in memory at a time
-            gc.collect()
-
+                raise UserError(f"{data}: {error} for {model_name}") from None
     values = {name: per_example(scores[name], metric) for name in models}
     mean_value = {name: sum(v) / len(v) for name, v in values.items()}
     merges = {name: is_merge(folders[name]) for name in models}
     if reference is None:
         candidates = [name for name in models if not merges[name]] or list(models)
         reference = max(candidates, key=lambda name: mean_value[name])
-    comparisons = {}
-    for name in models:
-        if name == reference:
-            continue
-        differences = [a - b for a, b in zip(values[name], values[reference])]
-        comparisons[name] = paired_difference([differences], confidence, resamples, seed).to_dict()
+    comparisons = _versus_reference(values, reference, confidence, resamples, seed)
     results = {
         "data": str(data),
         "examples": len(rows),
