@@ -128,6 +128,32 @@ def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool =
     return result
 
 
+def _cosine(matrix: torch.Tensor) -> List[List[float]]:
+    """A Gram matrix of deltas as their pairwise cosine similarities."""
+    norms = matrix.diagonal().clamp_min(1e-300).sqrt()
+    return (matrix / norms[:, None] / norms[None, :]).tolist()
+
+
+def _showcase_spectra(name: str, deltas: list, decompositions: list, seed_names: List[str], k: int) -> dict:
+    """The plotted weight: each seed's singular values, SeedFT's merge's (scaled by 1/sqrt(N)),
+    and the subspace similarity of the first two seeds' top directions."""
+    count = len(deltas)
+    if isinstance(deltas[0], LowRank):
+        merged = seedft_factored(deltas)
+        merged_S = left_spectrum(LowRank(merged.left / math.sqrt(count), merged.right))[1]
+    else:
+        merged_S = left_spectrum(seedft(deltas) / math.sqrt(count))[1]
+    spectra = {
+        "weight": name,
+        "seeds": {seed: S.tolist() for (_, S), seed in zip(decompositions, seed_names)},
+        "seedft_merge": merged_S.tolist(),
+    }
+    if k > 0:
+        U_a, U_b = decompositions[0][0], decompositions[1][0]
+        spectra["subspace_heatmap_0_1"] = [[subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)]
+    return spectra
+
+
 def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) -> dict:
     """Every statistic of the seeds' deltas (what ``analysis.json`` holds)."""
     from tqdm import tqdm
@@ -168,32 +194,14 @@ def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) ->
                     [subspace_similarity(decompositions[a][0], decompositions[b][0], i, i) for i in range(1, k + 1)]
                 )
         if name == showcase:
-            if isinstance(deltas[0], LowRank):
-                merged = seedft_factored(deltas)
-                merged_S = left_spectrum(LowRank(merged.left / math.sqrt(count), merged.right))[1]
-            else:
-                merged_S = left_spectrum(seedft(deltas) / math.sqrt(count))[1]
-            spectra = {
-                "weight": name,
-                "seeds": {seed: S.tolist() for (_, S), seed in zip(decompositions, inputs.names)},
-                "seedft_merge": merged_S.tolist(),
-            }
-            if k > 0:
-                U_a, U_b = decompositions[0][0], decompositions[1][0]
-                spectra["subspace_heatmap_0_1"] = [
-                    [subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)
-                ]
-
-    def cosine(matrix: torch.Tensor) -> List[List[float]]:
-        norms = matrix.diagonal().clamp_min(1e-300).sqrt()
-        return (matrix / norms[:, None] / norms[None, :]).tolist()
+            spectra = _showcase_spectra(name, deltas, decompositions, inputs.names, k)
 
     result = {
         "models": inputs.names,
         "base": base,
         "weights": len(inputs.weight_names),
-        "cosine_global": cosine(dots),
-        "cosine_per_layer": {layer: cosine(m) for layer, m in sorted(layer_dots.items(), key=_layer_key)},
+        "cosine_global": _cosine(dots),
+        "cosine_per_layer": {layer: _cosine(m) for layer, m in sorted(layer_dots.items(), key=_layer_key)},
         "energy_top_share_per_layer": {
             layer: {share: sum(v) / len(v) for share, v in shares.items()}
             for layer, shares in sorted(energy.items(), key=_layer_key)
