@@ -124,6 +124,7 @@ class OutputFolder:
         self._lock_path = self.path.parent / f".{self.path.name}.lock"
         self._lock_fd: Optional[int] = None
         self._keep_staging = False
+        self._replaces_earlier = False  # OUT held an earlier output of ours when the run began
 
     def __enter__(self) -> "OutputFolder":
         check_location(self.path, self.inputs)
@@ -218,6 +219,7 @@ class OutputFolder:
                 f"{self.path}: --overwrite replaces only the files of the earlier output, and {_listing(foreign)} "
                 "was not written by it; move that out of the folder first, or choose another output folder"
             )
+        self._replaces_earlier = True
 
     # --- publishing
 
@@ -227,6 +229,8 @@ class OutputFolder:
         manifest = {"mergekit_seed": __version__, "files": files}
         (self.staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         if self.path.is_dir() and os.listdir(self.path):
+            if not self._replaces_earlier:  # absent or empty when the run began: all of it appeared since
+                self._refuse_foreign(_entries(self.path))
             self._replace_previous()
         else:
             self._rename_into_place()

@@ -209,6 +209,20 @@ def test_overwrite_keeps_what_the_user_added_to_an_earlier_merge(family, tmp_pat
     run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet", check=True)  # ours alone: replaced
 
 
+def test_an_earlier_output_copied_into_an_empty_out_during_the_run_is_never_replaced(tmp_path):
+    """Without --overwrite nothing in OUT is replaced, even files under a manifest of ours that
+    appeared while the run was going."""
+    out = tmp_path / "out"
+    earlier = tmp_path / "earlier"
+    publish_earlier(earlier)
+    with pytest.raises(UserError, match="appeared in the output folder during the run"):
+        with OutputFolder(out) as output:
+            (output.staging / "model.safetensors").write_bytes(b"new")
+            shutil.copytree(earlier, out, dirs_exist_ok=True)
+            output.publish()
+    assert (out / "model.safetensors").read_bytes() == b"old" and len(staged(out)) == 1
+
+
 def test_compare_never_writes_into_a_model_folder(family, tmp_path):
     base, seeds = family
     data = tmp_path / "data.jsonl"
