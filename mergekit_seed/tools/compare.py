@@ -324,6 +324,25 @@ def _versus_reference(values: Dict[str, List[float]], reference: str, confidence
     }
 
 
+def _checked_models(models: Sequence[str], reference: Optional[str], echo: Callable[[str], None]) -> List[str]:
+    """``models`` once each (at least two), with ``reference`` among them when given."""
+    models = unique_models(models, echo)
+    if len(models) < 2:
+        raise UserError("compare needs at least two models")
+    if reference is not None and reference not in models:
+        raise UserError(f"--reference {reference}: not one of the models given")
+    return models
+
+
+def _run_record(confidence: float, resamples: int, seed: int) -> dict:
+    """How a comparison was made: the interval's confidence, the bootstrap and the versions."""
+    return {
+        "confidence": confidence,
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "mergekit", "mergekit-seed")},
+    }
+
+
 def compare_into(
     models: Sequence[str],
     data: Path,
@@ -344,11 +363,7 @@ def compare_into(
     compare.md and compare.png into the folder ``out``; returns what compare.json holds."""
     from tqdm import tqdm
 
-    models = unique_models(models, echo)
-    if len(models) < 2:
-        raise UserError("compare needs at least two models")
-    if reference is not None and reference not in models:
-        raise UserError(f"--reference {reference}: not one of the models given")
+    models = _checked_models(models, reference, echo)
     kind, rows = read_data(data)
     metric = choose_metric(kind, metric, data)
     if quiet:
@@ -382,9 +397,7 @@ def compare_into(
         "reference": reference,
         "models": {name: {"score": summary(scores[name], metric), "merge": merges[name]} for name in models},
         "versus_reference": comparisons,
-        "confidence": confidence,
-        "bootstrap": {"resamples": resamples, "seed": seed},
-        "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "mergekit", "mergekit-seed")},
+        **_run_record(confidence, resamples, seed),
     }
     panels = [(f"{metric} on {len(rows)} examples", comparisons)]
     write_outputs(results, out, format_table(results), panels, echo)

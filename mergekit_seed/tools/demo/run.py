@@ -545,9 +545,12 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
         for stale in [out / "models", out / "merges", *out.glob("experiment*")]:
             shutil.rmtree(stale, ignore_errors=True)
     stamp.write_text(json.dumps(config.to_dict(), sort_keys=True))
-    for merged in out.glob("**/merges/*/*"):  # merges of an older demo, written without a manifest
-        if merged.is_dir() and written_files(merged) is None:
-            shutil.rmtree(merged)
+    # merges an older demo wrote without a manifest, at the demo's own paths only (never a
+    # search of --out, which may be a folder of the user's)
+    for merges in [out / "merges", *(folder / "merges" for folder in out.glob("experiment*"))]:
+        for merged in (merges / setting / method for setting in SETTINGS for method in OUR_METHODS + MERGEKIT_METHODS):
+            if merged.is_dir() and written_files(merged) is None:
+                shutil.rmtree(merged)
     base = cached_base(config.base, vocabulary, quiet)
     echo(f"base model: {base}")
     runs = []
