@@ -42,7 +42,7 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
-from mergekit_seed.maths.kernels.seedft import SeedftSteps, seedft, seedft_factored
+from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import (
     Fusion,
     eq4_weights,
@@ -54,6 +54,7 @@ from mergekit_seed.maths.kernels.seedlora import (
     seedlora_twostage,
 )
 from mergekit_seed.maths.linalg import LowRank, compute_dtype
+from mergekit_seed.maths.profile import Profile
 from mergekit_seed.references.weights import full_model_files
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
@@ -72,13 +73,28 @@ FactoredKernel = Callable[[List[LowRank], Dict[str, Any], List[Dict[str, Any]]],
 
 MIN_SEEDS = 2
 
-# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels (and, under "lore_svt", how
-# LoRE's singular value thresholdings went), written to FILE (JSON) at exit, so that benchmarks
-# can split a stock mergekit-yaml run into merge and I/O time
+# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels, and how SeedFT's steps
+# ("seedft_steps") and LoRE's singular value thresholdings ("lore_svt") went, written to FILE
+# (JSON) at exit, so that benchmarks can split a stock mergekit-yaml run into merge and I/O time
 _PROFILE: Optional[Dict[str, Any]] = {} if os.environ.get("MERGEKIT_SEED_PROFILE") else None
+_SEEDFT_PROFILE: Optional[Profile] = Profile() if _PROFILE is not None else None
+_LORE_PROFILE: Optional[Profile] = Profile() if _PROFILE is not None else None
 
 
 def _write_profile() -> None:
+    seedft_steps, lore_svt = _SEEDFT_PROFILE, _LORE_PROFILE
+    if seedft_steps.shapes:
+        # (m, n, r) of every matrix: the benchmark counts those at full rank and its floor from them
+        _PROFILE["seedft_steps"] = {
+            **{step: seedft_steps.seconds[step] for step in ("gram", "eigh", "polar", "product")},
+            "shapes": [list(shape) for shape in seedft_steps.shapes],
+        }
+    if lore_svt.counts["matrices"]:
+        _PROFILE["lore_svt"] = {
+            **{event: lore_svt.counts[event] for event in ("matrices", "iterations", "svts", "full_svds", "sketches")},
+            "seconds": lore_svt.seconds["svt"],
+            "largest_rank": lore_svt.largest["rank"],
+        }
     Path(os.environ["MERGEKIT_SEED_PROFILE"]).write_text(json.dumps(_PROFILE), encoding="utf-8")
 
 
@@ -259,14 +275,7 @@ def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
-    def report(steps: SeedftSteps) -> None:  # what the benchmark reports about SeedFT's steps
-        summary = _PROFILE.setdefault("seedft_steps", {"gram": 0.0, "eigh": 0.0, "polar": 0.0, "product": 0.0, "shapes": []})
-        # (m, n, r) of every matrix: the benchmark counts those at full rank and its floor from them
-        summary["shapes"].append([*tau[0].shape, steps.rank])
-        for step in ("gram", "eigh", "polar", "product"):
-            summary[step] += getattr(steps, f"{step}_seconds")
-
-    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], report=report if _PROFILE is not None else None)
+    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], profile=_SEEDFT_PROFILE)
 
 
 def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:
@@ -440,22 +449,7 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
     name = group.metadata.name
 
     def report(estimate: LoreEstimate) -> None:
-        LOG.info(
-            "lore %s: mu=%.4g, %d iterations, kept ranks %s",
-            name,
-            estimate.mu,
-            estimate.iterations,
-            estimate.ranks,
-        )
-        if _PROFILE is not None:  # what the benchmark reports about LoRE's SVTs
-            summary = _PROFILE.setdefault("lore_svt", {"matrices": 0, "iterations": 0, "full_svds": 0, "sketches": 0, "seconds": 0.0, "largest_rank": 0, "svts": 0})
-            summary["matrices"] += 1
-            summary["iterations"] += estimate.iterations
-            summary["svts"] += estimate.iterations * len(estimate.ranks)
-            summary["full_svds"] += estimate.full_svds
-            summary["sketches"] += estimate.sketches
-            summary["seconds"] += estimate.svt_seconds
-            summary["largest_rank"] = max([summary["largest_rank"], *(r for ranks in estimate.rank_history for r in ranks)])
+        LOG.info("lore %s: mu=%.4g, %d iterations, kept ranks %s", name, estimate.mu, estimate.iterations, estimate.ranks)
 
     if parameters["post_merge"] == "average":
         post_merge = average
@@ -470,6 +464,7 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
         post_merge=post_merge,
         lambda_=parameters["lambda"],
         report=report,
+        profile=_LORE_PROFILE,
     )
 
 

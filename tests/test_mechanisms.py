@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import refused, run_cli, save_random_lora, tree_hashes, write_recipe
+from conftest import refused, run_cli, tree_hashes, write_recipe
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from conftest import BIN, refused, run_cli, save_random_sera, write_recipe
 from mergekit_seed.references.weights import load_weights
-from mergekit_seed.references.weights import load_weights
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 

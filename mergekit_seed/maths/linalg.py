@@ -10,12 +10,13 @@ the eigendecomposition of a small r x r matrix.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from threadpoolctl import threadpool_limits
+
+from mergekit_seed.maths.profile import Profile, timed
 
 DECOMPOSITION_DTYPE = torch.float64
 
@@ -103,8 +104,6 @@ class ColumnBlockSVD:
     U: torch.Tensor
     S: torch.Tensor
     mean_right: torch.Tensor
-    gram_seconds: float = 0.0  # where the time went, for profiling
-    eigh_seconds: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -112,53 +111,48 @@ class ColumnBlockSVD:
 
 
 def column_block_svd(
-    blocks: Sequence[torch.Tensor], rtol: float, max_rank: Optional[int] = None
+    blocks: Sequence[torch.Tensor], rtol: float, max_rank: Optional[int] = None,
+    profile: Optional[Profile] = None,
 ) -> ColumnBlockSVD:
     """SVD of the column concatenation of ``blocks`` (each (m, n)) via a float64 Gram matrix.
 
     Keeps the singular values above ``rtol`` times the largest, at most ``max_rank``.
     Cost: O(m^2 Nn + m^3) when m <= Nn (Gram ``sum_i X_i X_i^T``, each block converted to
     float64 in turn), otherwise O((Nn)^2 m + (Nn)^3) (Gram ``[X_i^T X_j]``). ``rtol`` below
-    ~1e-7 is not resolvable through a Gram matrix in float64.
+    ~1e-7 is not resolvable through a Gram matrix in float64. ``profile`` gets the seconds of
+    the Gram matrix ("gram") and of its eigendecomposition ("eigh").
     """
     m, n = blocks[0].shape
     count = len(blocks)
     wanted = min(m, count * n) if max_rank is None else max_rank
-    started = time.perf_counter()
     if m <= count * n:
-        gram = torch.zeros(m, m, dtype=DECOMPOSITION_DTYPE, device=blocks[0].device)
-        for block in blocks:
-            block = block.to(DECOMPOSITION_DTYPE)
-            gram.addmm_(block, block.T)
-        del block
-        gram_done = time.perf_counter()
-        S, U = _gram_singular_pairs(gram, wanted, rtol)
+        with timed(profile, "gram"):
+            gram = torch.zeros(m, m, dtype=DECOMPOSITION_DTYPE, device=blocks[0].device)
+            for block in blocks:
+                block = block.to(DECOMPOSITION_DTYPE)
+                gram.addmm_(block, block.T)
+            del block
+        with timed(profile, "eigh"):
+            S, U = _gram_singular_pairs(gram, wanted, rtol)
         del gram
-        eigh_done = time.perf_counter()
         # V_i = X_i^T U S^-1 (from X = U S V^T with orthonormal U), averaged over i; the blocks'
         # sum is taken only now, so that it is not held through the eigendecomposition
         block_sum = blocks[0].to(DECOMPOSITION_DTYPE, copy=True)
         for block in blocks[1:]:
             block_sum += block
-        return ColumnBlockSVD(
-            U=U, S=S, mean_right=(block_sum.T @ U) / (count * S),
-            gram_seconds=gram_done - started, eigh_seconds=eigh_done - gram_done,
-        )
+        return ColumnBlockSVD(U=U, S=S, mean_right=(block_sum.T @ U) / (count * S))
 
     blocks = [b.to(DECOMPOSITION_DTYPE) for b in blocks]
-    gram = torch.cat(
-        [torch.cat([bi.T @ bj for bj in blocks], dim=1) for bi in blocks], dim=0
-    )
-    gram_done = time.perf_counter()
-    singular_values, eigenvectors = _gram_singular_pairs(gram, wanted, rtol)
+    with timed(profile, "gram"):
+        gram = torch.cat([torch.cat([bi.T @ bj for bj in blocks], dim=1) for bi in blocks], dim=0)
+    with timed(profile, "eigh"):
+        singular_values, eigenvectors = _gram_singular_pairs(gram, wanted, rtol)
     del gram
-    eigh_done = time.perf_counter()
     right = list(eigenvectors.split(n, dim=0))
     # U S = X V = sum_i X_i V_i
     left_scaled = sum(b @ v for b, v in zip(blocks, right))
     return ColumnBlockSVD(
-        U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0),
-        gram_seconds=gram_done - started, eigh_seconds=eigh_done - gram_done,
+        U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0)
     )
 
 

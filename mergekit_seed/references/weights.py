@@ -107,7 +107,6 @@ def weight_files(folder: Path) -> list:
 def load_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """Every tensor of a folder's weight files (small models: tests, demo, checks); ``.bin``
     files are read with ``torch.load(weights_only=True)``, which runs no pickled code."""
-    import torch
     from safetensors.torch import load_file
 
     weights: Dict[str, torch.Tensor] = {}

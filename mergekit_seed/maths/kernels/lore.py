@@ -13,7 +13,6 @@ and the merge is theta0 + lambda * post_merge(delta_1..delta_N).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -27,6 +26,7 @@ from mergekit_seed.maths.linalg import (
     singular_value_threshold,
     spectral_norm,
 )
+from mergekit_seed.maths.profile import Profile, timed
 
 DEFAULT_MU_RELATIVE = 0.1
 
@@ -46,13 +46,6 @@ class LoreEstimate:
     iterations: int
     ranks: List[int]
     objective: List[float] = field(default_factory=list)
-    # how the SVTs went, for profiling: kept ranks per iteration, full SVDs among them (a
-    # noise-dominated residual keeps too many singular values for a randomized sketch),
-    # randomized sketches tried, and seconds spent thresholding
-    rank_history: List[List[int]] = field(default_factory=list)
-    full_svds: int = 0
-    sketches: int = 0
-    svt_seconds: float = 0.0
 
     @property
     def deltas(self) -> List[torch.Tensor]:
@@ -95,6 +88,71 @@ def _factored(rank: int, shape) -> bool:
     return 8 * rank * (m + n) <= m * n
 
 
+class _MeanDelta:
+    """dbar = (1/N) sum_i delta_i of one iteration: factored while its rank is small
+    (:func:`_factored`), formed once (``dense``) otherwise; theta0 = mean - dbar."""
+
+    def __init__(self, factors: Sequence[LowRank], mean: torch.Tensor):
+        self.low_rank = LowRank.sum(factors)
+        self.low_rank.left.div_(len(factors))
+        self.factored = _factored(self.low_rank.rank, tuple(mean.shape))
+        self.dense = None if self.factored else self.low_rank.dense()
+        self._mean = mean
+        self._theta0: Optional[torch.Tensor] = None
+
+    def residual_of(self, deviation: torch.Tensor, buffer: Optional[torch.Tensor]):
+        """theta_i - theta0 = D_i + dbar: D_i itself, a :class:`Shifted`, or formed in ``buffer``."""
+        if not self.low_rank.rank:
+            return deviation
+        if self.factored:
+            return Shifted(deviation, self.low_rank)
+        return torch.add(deviation, self.dense, out=buffer)
+
+    def step_from(self, previous: Optional["_MeanDelta"]) -> Optional[LowRank]:
+        """dbar_t - dbar_{t-1} = theta0_{t-1} - theta0_t, what every residual gained since the
+        last iteration, as factors while both are factored (else None)."""
+        if previous is None or not self.factored or previous.dense is not None:
+            return None
+        return LowRank.sum([self.low_rank, LowRank(-previous.low_rank.left, previous.low_rank.right)])
+
+    def norm(self) -> float:
+        return self.low_rank.norm() if self.factored else torch.linalg.vector_norm(self.dense).item()
+
+    def formed(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.low_rank.dense()
+
+    @property
+    def theta0(self) -> torch.Tensor:
+        """theta0 = mean - dbar (m, n), computed once."""
+        if self._theta0 is None:
+            if self.dense is not None:
+                self._theta0 = self._mean - self.dense
+            else:
+                self._theta0 = torch.addmm(self._mean, self.low_rank.left, self.low_rank.right, alpha=-1)
+        return self._theta0
+
+
+def _converged(mean_norm: float, current: _MeanDelta, previous: _MeanDelta, step: Optional[LowRank], tol: float) -> bool:
+    """||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F.
+
+    The change equals ||dbar_t - dbar_{t-1}||_F: from the factors while both are factored
+    (their Gram matrices cost about as much as applying them once), densely once dbar is
+    formed (a noise-dominated spectrum: the factored norm then took 60% of the merge).
+    ||theta0_t||_F lies within ||mean||_F -+ ||dbar_t||_F, so theta0 is formed only when the
+    test falls between the two.
+    """
+    if step is not None:
+        change = step.norm()
+    else:
+        change = torch.linalg.vector_norm(current.formed() - previous.formed()).item()
+    spread = current.norm()
+    if change <= tol * (mean_norm - spread):
+        return True
+    if change <= tol * (mean_norm + spread):
+        return change <= tol * torch.linalg.vector_norm(current.theta0).item()
+    return False
+
+
 def lore_estimate(
     theta: Sequence[torch.Tensor],
     mu: Optional[float] = None,
@@ -102,6 +160,7 @@ def lore_estimate(
     iterations: int = 10,
     tol: float = 1e-6,
     track_objective: bool = False,
+    profile: Optional[Profile] = None,
 ) -> LoreEstimate:
     """Coordinate descent on Eq. 1 for 2-D ``theta`` (each (m, n)).
 
@@ -116,100 +175,56 @@ def lore_estimate(
     warm-started from the same delta's SVT in the previous iteration, whose residual differs
     by the change of dbar (see :func:`singular_value_threshold`). A noise-dominated spectrum
     keeps ranks near min(m, n); dbar is then formed once per iteration.
+
+    ``profile`` gets the seconds of the thresholdings ("svt"), the counts of iterations, SVTs,
+    full SVDs and sketches, and the largest kept rank.
     """
     mean, deviations = mean_and_deviations(theta)
-    dtype = mean.dtype
     if mu is None:
         mu = _mu_of_deviations(deviations, DEFAULT_MU_RELATIVE if mu_relative is None else mu_relative)
-    count = len(deviations)
-    shape = tuple(mean.shape)
     mean_norm = torch.linalg.vector_norm(mean).item()
-    factors = [LowRank.zeros(shape, dtype=dtype, device=mean.device) for _ in deviations]
-    thresholdings: List[Optional[Thresholded]] = [None] * count
+    factors = [LowRank.zeros(tuple(mean.shape), dtype=mean.dtype, device=mean.device) for _ in deviations]
+    thresholdings: List[Optional[Thresholded]] = [None] * len(deviations)
     residual: Optional[torch.Tensor] = None  # the residuals' buffer once dbar is formed
-    previous: Optional[LowRank] = None  # the previous iteration's dbar
-    previous_dense: Optional[torch.Tensor] = None
+    previous: Optional[_MeanDelta] = None
     history: List[float] = []
-    ranks: List[int] = [0] * count
-    rank_history: List[List[int]] = []
-    full_svds = sketches = 0
-    svt_seconds = 0.0
-    done = 0
-    mean_delta, mean_delta_dense = LowRank.sum(factors), None
-    theta0: Optional[torch.Tensor] = None
+    mean_delta, done = _MeanDelta(factors, mean), 0
     for done in range(1, iterations + 1):
-        # Eq. 2, theta0 block: theta0 = mean_i (theta_i - delta_i) = mean - dbar
-        mean_delta = LowRank.sum(factors)
-        mean_delta.left.div_(count)
-        factored = _factored(mean_delta.rank, shape)
-        mean_delta_dense = None if factored else mean_delta.dense()
-        # dbar_t - dbar_{t-1} = theta0_{t-1} - theta0_t: what every residual gained since the
-        # last iteration (kept factored while both are)
-        step = None
-        if previous is not None and factored and previous_dense is None:
-            step = LowRank.sum([mean_delta, LowRank(-previous.left, previous.right)])
+        mean_delta = _MeanDelta(factors, mean)  # Eq. 2, theta0 block: theta0 = mean - dbar
+        step = mean_delta.step_from(previous)
         # Eq. 2, delta_i blocks: singular value thresholding of theta_i - theta0 = D_i + dbar
         nuclear_norms = []
-        started = time.perf_counter()
-        for index, d in enumerate(deviations):
-            if not mean_delta.rank:
-                matrix = d
-            elif factored:
-                matrix = Shifted(d, mean_delta)
-            else:
-                residual = matrix = torch.add(d, mean_delta_dense, out=residual)
-            thresholded = singular_value_threshold(matrix, mu, warm_start=thresholdings[index], change=step)
-            factors[index] = thresholded.low_rank
-            thresholdings[index] = thresholded
-            ranks[index] = thresholded.rank
-            full_svds += thresholded.full_svd
-            sketches += thresholded.sketches
-            nuclear_norms.append(thresholded.shrunk.sum().item())
-        svt_seconds += time.perf_counter() - started
-        rank_history.append(list(ranks))
-        theta0 = None
+        with timed(profile, "svt"):
+            for index, deviation in enumerate(deviations):
+                matrix = mean_delta.residual_of(deviation, residual)
+                if mean_delta.dense is not None:
+                    residual = matrix
+                thresholdings[index] = singular_value_threshold(matrix, mu, warm_start=thresholdings[index], change=step)
+                factors[index] = thresholdings[index].low_rank
+                nuclear_norms.append(thresholdings[index].shrunk.sum().item())
+        _record_svts(profile, thresholdings)
         if track_objective:
-            theta0 = _theta0(mean, mean_delta, mean_delta_dense)
             models = [mean + d for d in deviations]  # theta_i, in the compute dtype
-            history.append(objective(models, theta0, [f.dense() for f in factors], nuclear_norms, mu))
-        # ||theta0_t - theta0_{t-1}||_F = ||dbar_t - dbar_{t-1}||_F: from the factors while
-        # both are factored (their Gram matrices cost about as much as applying them once),
-        # densely once dbar is formed (a noise-dominated spectrum: the factored norm then took
-        # 60% of the merge)
-        converged = False
-        if previous is not None and tol > 0:
-            if step is not None:
-                change = step.norm()
-            else:
-                change = torch.linalg.vector_norm(
-                    (mean_delta_dense if mean_delta_dense is not None else mean_delta.dense())
-                    - (previous_dense if previous_dense is not None else previous.dense())
-                ).item()
-            # ||theta0_t||_F lies within ||mean||_F -+ ||dbar_t||_F: formed only when the test
-            # falls between the two
-            spread = mean_delta.norm() if factored else torch.linalg.vector_norm(mean_delta_dense).item()
-            if change <= tol * (mean_norm - spread):
-                converged = True
-            elif change <= tol * (mean_norm + spread):
-                if theta0 is None:
-                    theta0 = _theta0(mean, mean_delta, mean_delta_dense)
-                converged = change <= tol * torch.linalg.vector_norm(theta0).item()
-        previous, previous_dense = mean_delta, mean_delta_dense
+            history.append(objective(models, mean_delta.theta0, [f.dense() for f in factors], nuclear_norms, mu))
+        converged = previous is not None and tol > 0 and _converged(mean_norm, mean_delta, previous, step, tol)
+        previous = mean_delta
         if converged:
             break
-    if theta0 is None:
-        theta0 = _theta0(mean, mean_delta, mean_delta_dense)
     return LoreEstimate(
-        theta0=theta0, factors=factors, mu=mu, iterations=done, ranks=ranks, objective=history,
-        rank_history=rank_history, full_svds=full_svds, sketches=sketches, svt_seconds=svt_seconds,
+        theta0=mean_delta.theta0, factors=factors, mu=mu, iterations=done,
+        ranks=[t.rank if t is not None else 0 for t in thresholdings], objective=history,
     )
 
 
-def _theta0(mean: torch.Tensor, mean_delta: LowRank, mean_delta_dense: Optional[torch.Tensor]) -> torch.Tensor:
-    """theta0 = mean - dbar (m, n), from dbar's factors or its formed matrix."""
-    if mean_delta_dense is not None:
-        return mean - mean_delta_dense
-    return torch.addmm(mean, mean_delta.left, mean_delta.right, alpha=-1)
+def _record_svts(profile: Optional[Profile], thresholdings: Sequence[Thresholded]) -> None:
+    if profile is None:
+        return
+    profile.count("iterations")
+    for thresholded in thresholdings:
+        profile.count("svts")
+        profile.count("full_svds", thresholded.full_svd)
+        profile.count("sketches", thresholded.sketches)
+        profile.see("rank", thresholded.rank)
 
 
 def average(deltas: torch.Tensor) -> torch.Tensor:
@@ -226,17 +241,21 @@ def lore(
     post_merge: Callable[[torch.Tensor], torch.Tensor] = average,
     lambda_: float = 1.0,
     report: Optional[Callable[[LoreEstimate], None]] = None,
+    profile: Optional[Profile] = None,
 ) -> torch.Tensor:
     """The merged weights theta0 + lambda * post_merge(delta_1..delta_N).
 
     ``theta`` are the models' weights (not deltas: no base is needed). Tensors that are not
-    2-D get the mean of the models. ``report`` receives the estimate (iterations, ranks).
+    2-D get the mean of the models. ``report`` receives the estimate (iterations, ranks);
+    ``profile`` counts the matrices estimated and gets :func:`lore_estimate`'s profile.
     Returns float32 (float64 for float64 inputs).
     """
     dtype = compute_dtype(theta[0])
     if theta[0].ndim != 2:
         return torch.stack([t.to(dtype) for t in theta]).mean(0)
-    estimate = lore_estimate(theta, mu, mu_relative, iterations, tol)
+    estimate = lore_estimate(theta, mu, mu_relative, iterations, tol, profile=profile)
+    if profile is not None:
+        profile.count("matrices")
     if report is not None:
         report(estimate)
     if post_merge is average:

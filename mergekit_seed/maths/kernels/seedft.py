@@ -8,9 +8,7 @@ Notation follows the paper: ``tau`` are the seed deltas Delta theta_i (m, n) in 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,23 +19,12 @@ from mergekit_seed.maths.linalg import (
     factored_column_block_svd,
     polar_factor,
 )
-
-
-@dataclass(frozen=True)
-class SeedftSteps:
-    """Where one matrix's SeedFT went, for profiling: r, and the seconds of the Gram of Delta_c,
-    its eigendecomposition, the polar factor (Eqs. 5-6) and the product of Eq. 7."""
-
-    rank: int
-    gram_seconds: float
-    eigh_seconds: float
-    polar_seconds: float
-    product_seconds: float
+from mergekit_seed.maths.profile import Profile, timed
 
 
 def seedft(
     tau: Sequence[torch.Tensor], rank: Optional[int] = None, rtol: float = 1e-6,
-    report: Optional[Callable[[SeedftSteps], None]] = None,
+    profile: Optional[Profile] = None,
 ) -> torch.Tensor:
     """Merged delta Delta theta_M (Eq. 7), without the global scale alpha.
 
@@ -46,7 +33,9 @@ def seedft(
     the mean of the deltas, in Delta theta_M's units: sqrt(N) * mean, since identical 2-D
     seeds give Delta theta_M = sqrt(N) tau (Delta_c's singular values are sqrt(N) times the
     seed's), so that alpha = 1/sqrt(N) returns the mean for every tensor. Returns float32
-    (float64 for float64 inputs) on the inputs' device.
+    (float64 for float64 inputs) on the inputs' device. ``profile`` gets the (m, n, r) of every
+    matrix and the seconds of the Gram of Delta_c, its eigendecomposition, the polar factor
+    (Eqs. 5-6) and the product of Eq. 7.
     """
     out_dtype = compute_dtype(tau[0])
     if tau[0].ndim != 2:
@@ -55,19 +44,19 @@ def seedft(
     m, n = tau[0].shape
     max_rank = n if rank is None else min(n, rank)
     # Steps 1-2: Delta_c = [tau_1 | ... | tau_N] = U Sigma V^T, r = min(rank(Delta_c), n)  (Eq. 3)
-    svd = column_block_svd(tau, rtol=rtol, max_rank=max_rank)
+    svd = column_block_svd(tau, rtol=rtol, max_rank=max_rank, profile=profile)
+    if profile is not None:
+        profile.shapes.append((m, n, svd.rank))
     if svd.rank == 0:
         return torch.zeros_like(tau[0], dtype=out_dtype)
     # Step 3: V_bar = (1/N) sum_i V_i  (Eq. 4)
     V_bar = svd.mean_right
     # Step 4: V_bar = P D Q^T, V_star = P Q^T  (Eqs. 5-6, orthogonal Procrustes)
-    started = time.perf_counter()
-    V_star = polar_factor(V_bar, rtol=rtol)
-    polar_done = time.perf_counter()
+    with timed(profile, "polar"):
+        V_star = polar_factor(V_bar, rtol=rtol)
     # Step 5: Delta theta_M = U Sigma V_star^T  (Eq. 7)
-    delta_M = (svd.U * svd.S) @ V_star.T
-    if report is not None:
-        report(SeedftSteps(svd.rank, svd.gram_seconds, svd.eigh_seconds, polar_done - started, time.perf_counter() - polar_done))
+    with timed(profile, "product"):
+        delta_M = (svd.U * svd.S) @ V_star.T
     return delta_M.to(out_dtype)
 
 
