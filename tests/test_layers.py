@@ -156,3 +156,18 @@ def test_a_function_imports_late_only_what_costs_start_up_time():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
                 found += [f"{module}:{node.lineno}: {name}" for name in names if not _is_late_import(name, modules)]
     assert not found, "import these at the top of their module (cheap), or measure them into LATE_IMPORTS:\n" + "\n".join(found)
+
+
+LONGEST_FUNCTION = 60
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    """Issue 37: a function longer than this is split by meaning (a step, a test, data apart
+    from its template), docstring included in the count."""
+    long = [
+        f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for module, path in module_names()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+    ]
+    assert not long, "\n".join(long)

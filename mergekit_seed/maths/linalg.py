@@ -386,20 +386,7 @@ def top_singular_triplets(
         rtol = 1e-10 if matrix.dtype == torch.float64 else 1e-5
     sketch = min(sketch, m, n)
     wanted = min(wanted if wanted is not None else max(1, sketch // 2), sketch)
-    products = []
-    if start is not None and start.numel():
-        start = start[:, :sketch].to(matrix.dtype)
-        if start_product is None:
-            products.append(matrix @ start)
-        else:
-            products.append(start_product[:, : start.shape[1]].to(matrix.dtype))
-        missing = sketch - start.shape[1]
-    else:
-        missing = sketch
-    if missing > 0:
-        generator = torch.Generator(device=matrix.device).manual_seed(seed)
-        products.append(matrix @ torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype))
-    product = torch.cat(products, dim=1) if len(products) > 1 else products[0]
+    product = _sketch_product(matrix, sketch, start, start_product, seed)
     iterations = 0
     while True:
         basis = _orthonormal_columns(product)
@@ -420,6 +407,26 @@ def top_singular_triplets(
         if (product[:, :checked] - U[:, :checked] * S[:checked]).norm(dim=0).max() <= rtol * S[0]:
             return SingularTriplets(U, S, V, product)
         iterations += 1
+
+
+def _sketch_product(matrix, sketch: int, start, start_product, seed: int) -> torch.Tensor:
+    """``matrix @ Omega`` (m, sketch) for the starting sketch Omega: ``start``'s columns (their
+    product given as ``start_product`` or formed here), padded with seeded Gaussian columns."""
+    n = matrix.shape[1]
+    products = []
+    if start is not None and start.numel():
+        start = start[:, :sketch].to(matrix.dtype)
+        if start_product is None:
+            products.append(matrix @ start)
+        else:
+            products.append(start_product[:, : start.shape[1]].to(matrix.dtype))
+        missing = sketch - start.shape[1]
+    else:
+        missing = sketch
+    if missing > 0:
+        generator = torch.Generator(device=matrix.device).manual_seed(seed)
+        products.append(matrix @ torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype))
+    return torch.cat(products, dim=1) if len(products) > 1 else products[0]
 
 
 # The spectral norm's sketch: on a CPU a pass with up to about 32 columns costs what one with

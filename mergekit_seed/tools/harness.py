@@ -541,13 +541,8 @@ def evaluate_models(
     except ImportError:
         raise UserError(f"--tasks runs lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
     if quiet:
-
         logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    manager = TaskManager(include_path=include_path)
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        hint = "; pass --include-path for your own task YAML files" if include_path is None else f" (nor in {include_path})"
-        raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{hint}")
+    manager = _task_manager(TaskManager, tasks, include_path)
     for name in models:  # before any model is loaded
         tokenizer_folder(name, base, tokenizer)
     folders = []
@@ -561,21 +556,37 @@ def evaluate_models(
         )
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
-        # an LM object carries no model_args: record the model as the user named it
-        if is_adapter_folder(local_folder(name)):  # the rule load_model follows
-            results["config"]["model_args"] = {"peft": name, **({"pretrained": base} if base else {})}
-        else:
-            results["config"]["model_args"] = {"pretrained": name}
-        tracker.general_config_tracker.model_name = name
-        tracker.general_config_tracker.model_name_sanitized = f"{index}-{Path(name).name or 'model'}"
-        samples = results.pop("samples")
-        tracker.save_results_aggregated(results=results, samples=samples)
-        for task in results["configs"]:
-            tracker.save_results_samples(task_name=task, samples=samples[task])
-        folder = out / tracker.general_config_tracker.model_name_sanitized
-        if not any(folder.glob(RESULTS_GLOB)):  # lm-eval logs a failed write as a warning
-            raise UserError(f"{folder}: lm-eval could not write its results; check the folder is writable")
-        folders.append(folder)
+        folders.append(_save_run(tracker, results, name, index, base, out))
         del model, lm
         gc.collect()
     return folders
+
+
+def _task_manager(task_manager_class, tasks: Sequence[str], include_path: Optional[str]):
+    """lm-eval's task manager, once every task in ``tasks`` is known to it."""
+    manager = task_manager_class(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        hint = "; pass --include-path for your own task YAML files" if include_path is None else f" (nor in {include_path})"
+        raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{hint}")
+    return manager
+
+
+def _save_run(tracker, results: dict, name: str, index: int, base: Optional[str], out: Path) -> Path:
+    """Write one model's lm-eval results and samples to ``out/<index>-<name>``, as lm-eval's
+    own files, with the model recorded as the user named it; returns that folder."""
+    # an LM object carries no model_args: record the model as the user named it
+    if is_adapter_folder(local_folder(name)):  # the rule load_model follows
+        results["config"]["model_args"] = {"peft": name, **({"pretrained": base} if base else {})}
+    else:
+        results["config"]["model_args"] = {"pretrained": name}
+    tracker.general_config_tracker.model_name = name
+    tracker.general_config_tracker.model_name_sanitized = f"{index}-{Path(name).name or 'model'}"
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in results["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    folder = out / tracker.general_config_tracker.model_name_sanitized
+    if not any(folder.glob(RESULTS_GLOB)):  # lm-eval logs a failed write as a warning
+        raise UserError(f"{folder}: lm-eval could not write its results; check the folder is writable")
+    return folder

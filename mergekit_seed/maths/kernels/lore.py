@@ -174,10 +174,8 @@ def lore_estimate(
     factored (:class:`Shifted`), so an iteration forms no m x n matrix at all, and each SVT is
     warm-started from the same delta's SVT in the previous iteration, whose residual differs
     by the change of dbar (see :func:`singular_value_threshold`). A noise-dominated spectrum
-    keeps ranks near min(m, n); dbar is then formed once per iteration.
-
-    ``profile`` gets the seconds of the thresholdings ("svt"), the counts of iterations, SVTs,
-    full SVDs and sketches, and the largest kept rank.
+    keeps ranks near min(m, n); dbar is then formed once per iteration. ``profile`` gets the
+    thresholdings' seconds ("svt"), counts (iterations, SVTs, full SVDs, sketches), largest rank.
     """
     mean, deviations = mean_and_deviations(theta)
     if mu is None:

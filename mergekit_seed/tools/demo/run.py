@@ -204,42 +204,18 @@ def run_experiment(
     if not (models / "base").exists():
         shutil.copytree(base, models / "base")
     options = MergeOptions(quiet=True, random_seed=experiment)  # DARE's drops are random
+
+    def score(model) -> dict:
+        return _score(model, validation, test, vocabulary)
+
     results: Dict[str, dict] = {}
     for setting in SETTINGS:
-        finetune_config = config.finetune[setting]
-        seeds = []
-        for index in range(SEED_COUNT):
-            seed_path = models / setting / f"seed{index}"
-            seed_value = 1000 * experiment + index
-            if not seed_path.exists():
-                finetune(models / "base", seed_path, train, finetune_config, seed_value, vocabulary, quiet)
-            seeds.append(seed_path)
-        accuracy: Dict[str, dict] = {}
-
-        def score(model) -> dict:
-            scores = {}
-            for split, examples in (("validation", validation), ("test", test)):
-                correct = exact_matches(model, examples, vocabulary)
-                scores[split] = {**accuracy_by_skill(examples, correct), "correct": [int(c) for c in correct]}
-            return scores
-
-        for index, seed_path in enumerate(seeds):
-            accuracy[seed_names(SEED_COUNT)[index]] = score(load_for_eval(models / "base", seed_path, setting))
-
-        mergekit_inputs = seeds
-        mergekit_kind = "full"
-        if setting == "lora":
-            mergekit_kind = "lora-via-mergekit"
-        elif setting == "sera":
-            # PEFT cannot load SeRA, so mergekit's baselines get the seeds merged into full checkpoints
-            mergekit_inputs = []
-            for index, seed_path in enumerate(seeds):
-                full_path = models / "sera-as-full" / f"seed{index}"
-                if not full_path.exists():
-                    model = merge_sera(load_sera(load_for_eval(models / "base", models / "base", "full"), seed_path))
-                    model.save_pretrained(full_path, safe_serialization=True)
-                    save_tokenizer(full_path, vocabulary)
-                mergekit_inputs.append(full_path)
+        seeds = [
+            _finetuned(models, setting, index, train, config, 1000 * experiment + index, vocabulary, quiet)
+            for index in range(SEED_COUNT)
+        ]
+        accuracy = {name: score(load_for_eval(models / "base", seed, setting)) for name, seed in zip(seed_names(SEED_COUNT), seeds)}
+        mergekit_kind, mergekit_inputs = _mergekit_baseline_inputs(models, setting, seeds, vocabulary)
         for method in OUR_METHODS + MERGEKIT_METHODS:
             ours = method in OUR_METHODS
             kind = ("adapter" if setting != "full" else "full") if ours else mergekit_kind
@@ -247,17 +223,57 @@ def run_experiment(
             merged = merges / setting / method
             # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
             merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
-            eval_kind = "lora" if kind == "adapter" else "full"
-            accuracy[method] = score(load_for_eval(models / "base", merged, eval_kind))
+            accuracy[method] = score(load_for_eval(models / "base", merged, "lora" if kind == "adapter" else "full"))
         results[setting] = accuracy
-        best = max(seed_names(SEED_COUNT), key=lambda n: accuracy[n]["validation"]["all"])
-        echo(
-            f"  {setting} (test): seeds "
-            + " / ".join(f"{100 * accuracy[n]['test']['all']:.1f}" for n in seed_names(SEED_COUNT))
-            + f" (best on validation: {best}); "
-            + ", ".join(f"{m} {100 * accuracy[m]['test']['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
-        )
+        echo(_setting_line(setting, accuracy))
     return results
+
+
+def _finetuned(models: Path, setting: str, index: int, train, config: DemoConfig, seed: int, vocabulary: CharVocabulary, quiet: bool) -> Path:
+    """The fine-tune of seed ``index`` for ``setting`` (trained now unless the cache holds it)."""
+    seed_path = models / setting / f"seed{index}"
+    if not seed_path.exists():
+        finetune(models / "base", seed_path, train, config.finetune[setting], seed, vocabulary, quiet)
+    return seed_path
+
+
+def _score(model, validation, test, vocabulary: CharVocabulary) -> dict:
+    """Exact-match accuracy per skill on validation and test, and which examples were right."""
+    scores = {}
+    for split, examples in (("validation", validation), ("test", test)):
+        correct = exact_matches(model, examples, vocabulary)
+        scores[split] = {**accuracy_by_skill(examples, correct), "correct": [int(c) for c in correct]}
+    return scores
+
+
+def _mergekit_baseline_inputs(models: Path, setting: str, seeds: List[Path], vocabulary: CharVocabulary):
+    """The recipe kind and inputs that mergekit's own methods merge for ``setting``: the seeds
+    themselves (LoRA through mergekit's ``BASE+ADAPTER``), and for SeRA, which PEFT cannot
+    load, the seeds merged into full checkpoints."""
+    if setting == "full":
+        return "full", seeds
+    if setting == "lora":
+        return "lora-via-mergekit", seeds
+    inputs = []
+    for index, seed_path in enumerate(seeds):
+        full_path = models / "sera-as-full" / f"seed{index}"
+        if not full_path.exists():
+            model = merge_sera(load_sera(load_for_eval(models / "base", models / "base", "full"), seed_path))
+            model.save_pretrained(full_path, safe_serialization=True)
+            save_tokenizer(full_path, vocabulary)
+        inputs.append(full_path)
+    return "full", inputs
+
+
+def _setting_line(setting: str, accuracy: Dict[str, dict]) -> str:
+    names = seed_names(SEED_COUNT)
+    best = max(names, key=lambda n: accuracy[n]["validation"]["all"])
+    return (
+        f"  {setting} (test): seeds "
+        + " / ".join(f"{100 * accuracy[n]['test']['all']:.1f}" for n in names)
+        + f" (best on validation: {best}); "
+        + ", ".join(f"{m} {100 * accuracy[m]['test']['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
+    )
 
 
 def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
