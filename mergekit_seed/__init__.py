@@ -15,10 +15,10 @@ __all__ = ["__version__", "SUPPORTED_MERGEKIT", "register", "merge", "MergeResul
 def register() -> list[str]:
     """Add every mergekit-seed method to ``mergekit.merge_methods``; safe to call twice.
 
-    See :func:`mergekit_seed.methods.register` (imported on first use: it imports torch and
+    See :func:`mergekit_seed.plugin.register` (imported on first use: it imports torch and
     mergekit, which ``import mergekit_seed`` must not).
     """
-    from mergekit_seed.methods import register as register_methods
+    from mergekit_seed.plugin import register as register_methods
 
     return register_methods()
 

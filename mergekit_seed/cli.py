@@ -161,7 +161,7 @@ def methods_command(as_json: bool) -> None:
     """List mergekit-seed's merge methods with their papers and parameters, and any problem
     registering them with mergekit."""
     try:
-        from mergekit_seed.methods import register
+        from mergekit_seed.plugin import register
 
         register()  # prints a warning line per name another package holds
     except Exception as error:  # the import hook's soft failure, reported here as an error

@@ -1,31 +1,20 @@
-"""mergekit ``MergeMethod`` specs wrapping the kernels, and their registration.
+"""mergekit ``MergeMethod`` specs wrapping the kernels (registration: plugin.py).
 
-Importing this module registers the methods with mergekit. Each method is a
-:class:`SeedMergeMethod` around one kernel. Parameter names, types, ranges and defaults
+Each method is a :class:`SeedMergeMethod` around one kernel. Parameter names, types, ranges and defaults
 here are the recipe format (see DESIGN.md); never rename them.
 """
 
 from __future__ import annotations
 
-import atexit
-import difflib
-import functools
-import json
 import logging
 import math
-import os
-import sys
-import time
 import zlib
 from dataclasses import dataclass
 from functools import partial
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import click
 import torch
-from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
     BasePolicy,
     GroupMergeMethod,
@@ -38,9 +27,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
-from mergekit_seed.errors import UserError
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
-from mergekit_seed.import_hooks import after_import
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import (
@@ -54,9 +41,7 @@ from mergekit_seed.maths.kernels.seedlora import (
     seedlora_twostage,
 )
 from mergekit_seed.maths.linalg import LowRank, compute_dtype
-from mergekit_seed.maths.profile import Profile
-from mergekit_seed.references.weights import full_model_files
-from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
+import mergekit_seed.profiling as profiling
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # no parameter takes NaN or Inf, or a number past float32's range (the kernels compute in
@@ -72,34 +57,6 @@ Kernel = Callable[[List[torch.Tensor], Dict[str, Any], TensorGroup], torch.Tenso
 FactoredKernel = Callable[[List[LowRank], Dict[str, Any], List[Dict[str, Any]]], LowRank]
 
 MIN_SEEDS = 2
-
-# MERGEKIT_SEED_PROFILE=FILE: seconds spent in each method's kernels, and how SeedFT's steps
-# ("seedft_steps") and LoRE's singular value thresholdings ("lore_svt") went, written to FILE
-# (JSON) at exit, so that benchmarks can split a stock mergekit-yaml run into merge and I/O time
-_PROFILE: Optional[Dict[str, Any]] = {} if os.environ.get("MERGEKIT_SEED_PROFILE") else None
-_SEEDFT_PROFILE: Optional[Profile] = Profile() if _PROFILE is not None else None
-_LORE_PROFILE: Optional[Profile] = Profile() if _PROFILE is not None else None
-
-
-def _write_profile() -> None:
-    seedft_steps, lore_svt = _SEEDFT_PROFILE, _LORE_PROFILE
-    if seedft_steps.shapes:
-        # (m, n, r) of every matrix: the benchmark counts those at full rank and its floor from them
-        _PROFILE["seedft_steps"] = {
-            **{step: seedft_steps.seconds[step] for step in ("gram", "eigh", "polar", "product")},
-            "shapes": [list(shape) for shape in seedft_steps.shapes],
-        }
-    if lore_svt.counts["matrices"]:
-        _PROFILE["lore_svt"] = {
-            **{event: lore_svt.counts[event] for event in ("matrices", "iterations", "svts", "full_svds", "sketches")},
-            "seconds": lore_svt.seconds["svt"],
-            "largest_rank": lore_svt.largest["rank"],
-        }
-    Path(os.environ["MERGEKIT_SEED_PROFILE"]).write_text(json.dumps(_PROFILE), encoding="utf-8")
-
-
-if _PROFILE is not None:
-    atexit.register(_write_profile)
 
 LOG = logging.getLogger("mergekit_seed")
 
@@ -208,13 +165,8 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        if _PROFILE is None:
+        with profiling.method_time(self.spec.name):
             return self._checked_merge(group, parameters)
-        started = time.perf_counter()
-        try:
-            return self._checked_merge(group, parameters)
-        finally:
-            _PROFILE[self.spec.name] = _PROFILE.get(self.spec.name, 0.0) + time.perf_counter() - started
 
     def _checked_merge(self, group: TensorGroup, parameters: Dict[str, Any]) -> torch.Tensor:
         # A NaN or Inf in any input shows up in the result or fails a decomposition (the rank
@@ -275,7 +227,7 @@ def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
-    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], profile=_SEEDFT_PROFILE)
+    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], profile=profiling.SEEDFT)
 
 
 def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:
@@ -464,7 +416,7 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
         post_merge=post_merge,
         lambda_=parameters["lambda"],
         report=report,
-        profile=_LORE_PROFILE,
+        profile=profiling.LORE,
     )
 
 
@@ -515,43 +467,6 @@ LORE = SeedMergeMethod(
 METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
 
 
-_warned: set = set()
-
-
-def parameter_sections(config: Any) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """(where, settings) for every ``parameters:`` mapping of a mergekit ``MergeConfiguration``:
-    global, per model, per output slice and input slice, per module."""
-
-    def slices(pieces: Any, prefix: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-        for index, piece in enumerate(pieces or []):
-            yield f"{prefix}slices[{index}] parameters", piece.parameters
-            for source_index, source in enumerate(piece.sources):
-                yield f"{prefix}slices[{index}].sources[{source_index}] ({source.model}) parameters", source.parameters
-
-    def models(entries: Any, prefix: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-        for index, model in enumerate(entries or []):
-            yield f"{prefix}models[{index}] ({model.model}) parameters", model.parameters
-
-    sections = [("parameters", config.parameters)]
-    sections += models(config.models, "")
-    sections += slices(getattr(config, "slices", None), "")
-    for name, module in (getattr(config, "modules", None) or {}).items():
-        sections.append((f"modules.{name} parameters", module.parameters))
-        sections += models(module.models, f"modules.{name}.")
-        sections += slices(module.slices, f"modules.{name}.")
-    return ((where, settings) for where, settings in sections if settings)
-
-
-def unknown_parameter_problem(method: Any, name: str, where: str) -> Optional[str]:
-    """The line for a parameter ``name`` that ``method`` does not declare; None if it does."""
-    known = [p.name for p in method.spec.parameters]
-    if name in known:
-        return None
-    suggestion = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
-    return f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: {', '.join(sorted(known)) or 'none'}"
-
-
 class MergeRefused(click.ClickException, ValueError):
     """A refusal by one of our methods inside mergekit (a non-finite input or result, a bad
     parameter). A ``ClickException``, so that stock ``mergekit-yaml`` (a click command) prints
@@ -561,122 +476,9 @@ class MergeRefused(click.ClickException, ValueError):
         click.echo(f"error: {self.message}", file=file, err=True)
 
 
-class RecipeParameterError(MergeRefused):
-    """A recipe parameter our method does not declare, caught when mergekit plans the merge."""
-
-
 def is_ours(method: Any) -> bool:
     """Whether a registered mergekit method is one of this package's."""
     return isinstance(method, SeedMergeMethod)
-
-
-def _check_planned_parameters(config: Any) -> None:
-    """mergekit resolves only the parameters a method declares and ignores the rest, so a
-    misspelt one (``rnak``) would merge with the default; for our methods, refuse it. Every
-    local model's weight files must lie inside its folder (mergekit follows an index entry such
-    as ``../x.safetensors`` wherever it points)."""
-    try:
-        method = registry.get(config.merge_method)
-    except RuntimeError:
-        return  # mergekit reports an unknown method itself
-    if not is_ours(method):
-        return  # mergekit's methods keep mergekit's behaviour
-    for where, settings in parameter_sections(config):
-        for name in settings:
-            problem = unknown_parameter_problem(method, name, where)
-            if problem:
-                raise RecipeParameterError(problem)
-    for reference in config.referenced_models():  # mergekit reads index entries as given: confine them first
-        folder = Path(str(reference.model.path))
-        if folder.is_dir():
-            try:
-                full_model_files(folder)
-            except UserError as error:
-                raise MergeRefused(str(error)) from None
-
-
-def install_planner_check() -> None:
-    """Wrap mergekit's ``MergePlanner.__init__`` once so that every route (stock
-    ``mergekit-yaml``, ``mergekit.merge.run_merge``, ours) checks our methods' parameter names
-    before any tensor is read; other methods pass through unchanged. Called when
-    ``mergekit.plan`` or ``mergekit.merge`` has been imported (they pull in transformers, which
-    an adapter merge never needs)."""
-    module = sys.modules.get("mergekit.plan")
-    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
-        # mergekit.plan imports the registry before it defines MergePlanner, and the registry
-        # registers us: too early; mergekit.merge, which run_merge and mergekit-yaml import once
-        # mergekit.plan is complete, installs the check
-        return
-    try:
-        from mergekit import plan
-
-        original = plan.MergePlanner.__init__
-    except (ImportError, AttributeError) as error:  # another mergekit release: the methods still register
-        _warn_once(f"mergekit-seed cannot check parameter names under this mergekit ({error}); validate recipes with `mergekit-seed validate`")
-        return
-    if getattr(original, "_mergekit_seed_check", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, config, *args, **kwargs):
-        _check_planned_parameters(config)
-        original(self, config, *args, **kwargs)
-
-    __init__._mergekit_seed_check = True
-    plan.MergePlanner.__init__ = __init__
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def register() -> List[str]:
-    """Add every mergekit-seed method to ``mergekit.merge_methods``; safe to call twice.
-
-    A name that another package already registered keeps that package's method (ours is not
-    registered under it) and is reported. Returns those reports, each also printed once as a
-    warning line, with one about a mergekit release other than :data:`SUPPORTED_MERGEKIT`.
-    Raises whatever registration raises (the import hook catches it).
-    """
-    installed = version("mergekit")
-    if installed != SUPPORTED_MERGEKIT:
-        _warn_once(
-            f"mergekit-seed {__version__} is built for mergekit {SUPPORTED_MERGEKIT} but mergekit {installed} "
-            f"is installed; its methods are registered anyway (install mergekit=={SUPPORTED_MERGEKIT} if a merge fails)"
-        )
-    problems = register_all()
-    for problem in problems:
-        _warn_once(problem)
-    return problems
-
-
-def register_all() -> List[str]:
-    """Register every method with mergekit; idempotent.
-
-    A name already registered by someone else is never shadowed: theirs is kept, ours is not
-    registered, and the returned list says so (one line per name).
-    """
-    present = {method.spec.name: method for method in registry.registered_methods()}
-    problems = []
-    for method in METHODS:
-        other = present.get(method.spec.name)
-        if other is None:
-            registry.register(method)
-        elif other is not method:
-            owner = type(other).__module__.split(".")[0]
-            problems.append(
-                f"merge_method '{method.spec.name}' is already registered by {owner}; mergekit-seed keeps that one "
-                f"and does not register its own, so recipes naming '{method.spec.name}' run {owner}'s method"
-            )
-    return problems
-
-
-# Importing this module registers the methods; register_all() is idempotent.
-register_all()
-after_import("mergekit.plan", install_planner_check)
-after_import("mergekit.merge", install_planner_check)
 
 
 def describe(method: SeedMergeMethod) -> Dict[str, Any]:

@@ -152,12 +152,12 @@ class Recipe:
         """Model paths that are adapter folders (PEFT LoRA or SeRA; local, or cached Hub ids)."""
         if not self.is_adapter_recipe:
             return []
-        return [entry.model for entry in self.config.models if _is_adapter(entry.model)]
+        return [entry.model for entry in self.config.models if _is_adapter_reference(entry.model)]
 
 
-def _is_adapter(reference: str) -> bool:
+def _is_adapter_reference(reference: str) -> bool:
     """A local adapter folder, or a Hub id whose cached snapshot has an ``adapter_config.json``."""
-    from mergekit_seed.references.adapters import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
+    from mergekit_seed.references.adapter_files import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
 
     if is_adapter_folder(reference):
         return True
@@ -171,14 +171,14 @@ def _is_adapter(reference: str) -> bool:
         return False
 
 
-def names_adapters(data: Dict[str, Any]) -> bool:
+def is_adapter_recipe_mapping(data: Dict[str, Any]) -> bool:
     """Whether a parsed recipe mapping is an adapter recipe: it has an ``output:`` section or
     its models are adapter folders (local, or Hub ids cached as adapters)."""
     if "output" in data:
         return True
     models = data.get("models")
     return isinstance(models, list) and any(
-        isinstance(entry, dict) and isinstance(entry.get("model"), str) and _is_adapter(entry["model"])
+        isinstance(entry, dict) and isinstance(entry.get("model"), str) and _is_adapter_reference(entry["model"])
         for entry in models
     )
 
@@ -261,7 +261,7 @@ def _read_mapping(path: str) -> Tuple[str, Dict[str, Any]]:
 def is_adapter_recipe_file(path: str) -> bool:
     """Whether ``path`` reads as an adapter recipe; False for anything unreadable."""
     try:
-        return names_adapters(_read_mapping(path)[1])
+        return is_adapter_recipe_mapping(_read_mapping(path)[1])
     except UserError:
         return False
 
@@ -271,7 +271,7 @@ def parse_recipe(source: str, origin: str = "recipe") -> Recipe:
     names it in messages (its path, or the model card it came from)."""
     data = parse_mapping(source, origin)
     try:
-        if names_adapters(data):
+        if is_adapter_recipe_mapping(data):
             config = AdapterMergeConfig.model_validate(data)
         else:
             from mergekit.config import MergeConfiguration
@@ -316,7 +316,8 @@ def _value_problem(error: ValidationError, value: Any) -> str:
 
 
 def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter: bool) -> List[str]:
-    from mergekit_seed.methods import is_ours, unknown_parameter_problem  # imports torch and mergekit's methods
+    from mergekit_seed.methods import is_ours  # imports torch and mergekit's methods
+    from mergekit_seed.plugin import unknown_parameter_problem
 
     problems: List[str] = []
     specs = {p.name: p for p in method.spec.parameters}
@@ -348,7 +349,8 @@ def _registered_method(recipe: Recipe, path: str) -> Tuple[Any, List[str]]:
     unknown name, or one of mergekit's methods named in an adapter recipe)."""
     from mergekit import merge_methods
 
-    from mergekit_seed.methods import is_ours, register  # imported here: they import torch and mergekit's methods
+    from mergekit_seed.methods import is_ours  # imported here: they import torch and mergekit's methods
+    from mergekit_seed.plugin import register
 
     register()
     name = recipe.config.merge_method
@@ -378,7 +380,7 @@ def _model_list_problems(recipe: Recipe, seeds: List[Any], path: str) -> List[st
             f"{path}: base_model {base} is also listed under models:; in an adapter merge models: are the adapters only, "
             "remove it there"
         )
-    if base is not None and _is_adapter(str(base)):  # what else would be said follows from this
+    if base is not None and _is_adapter_reference(str(base)):  # what else would be said follows from this
         return problems + [f"{path}: base_model {base} is an adapter folder; give the model the adapters were trained on"]
     if adapters and len(adapters) != len(seeds):
         configless = [m.model for m in seeds if m.model not in adapters and _has_adapter_weights(Path(m.model))]
@@ -423,7 +425,7 @@ def _seed_problems(method: Any, recipe: Recipe, seeds: List[Any], path: str) -> 
 
 def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     """Every problem with a parsed recipe, one line each; empty when it can run."""
-    from mergekit_seed.methods import parameter_sections  # (same: torch and mergekit)
+    from mergekit_seed.plugin import parameter_sections  # (same: torch and mergekit)
 
     method, problems = _registered_method(recipe, path)
     if method is None:
@@ -440,7 +442,7 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
         return problems
     seeds = [m for m in config.models if config.base_model is None or m.model != config.base_model]
     model_problems = _model_list_problems(recipe, seeds, path)
-    if config.base_model is not None and _is_adapter(str(config.base_model)):
+    if config.base_model is not None and _is_adapter_reference(str(config.base_model)):
         return problems + model_problems
     return problems + model_problems + _seed_problems(method, recipe, seeds, path)
 
@@ -597,7 +599,7 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
 def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[str]]) -> List[str]:
     """Placeholder or missing local paths, Hub ids that are not there, and the adapter of a
     ``BASE+ADAPTER`` saved relative to a base PEFT modified."""
-    from mergekit_seed.references.adapters import folder_modified_base_problem  # here: adapter reading imports torch
+    from mergekit_seed.references.adapter_files import folder_modified_base_problem  # here: adapter reading imports torch
 
     references = recipe.config.referenced_models()
     problems = [problem for ref in references for folder in reference_paths(ref) if (problem := _path_problem(folder, path))]
@@ -629,7 +631,7 @@ def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Op
     if recipe.is_adapter_recipe:
         if reference == recipe.config.base_model:
             return None
-        from mergekit_seed.references.adapters import read_adapter  # (same: torch)
+        from mergekit_seed.references.adapter_files import read_adapter  # (same: torch)
 
         return read_adapter(folder).shapes()
     files = full_model_files(folder)
@@ -806,7 +808,8 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
     config = recipe.config
     from mergekit import merge_methods
 
-    from mergekit_seed.methods import is_ours, parameter_sections, unknown_parameter_problem  # (same: torch)
+    from mergekit_seed.methods import is_ours  # (same: torch)
+    from mergekit_seed.plugin import parameter_sections, unknown_parameter_problem
 
     try:
         method = merge_methods.get(config.merge_method)
@@ -820,7 +823,7 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
                     warnings.append(f"{problem}; mergekit ignores it, as stock mergekit-yaml does")
             warnings += _fraction_warnings(settings, where)
     if not recipe.is_adapter_recipe:
-        from mergekit_seed.references.adapters import holds_model_and_adapter  # (same: torch)
+        from mergekit_seed.references.adapter_files import holds_model_and_adapter  # (same: torch)
 
         for reference in config.referenced_models():
             folder = reference_paths(reference)[0]
@@ -884,9 +887,9 @@ def localize(
 def merge_inputs(recipe, method) -> List[Any]:
     """The model references whose files the merge of ``recipe`` by ``method`` reads: every
     referenced model, except the base model of an adapter merge that writes a LoRA adapter and
-    needs no base weights (:func:`~mergekit_seed.references.adapters.why_base_is_read`, the
+    needs no base weights (:func:`~mergekit_seed.references.adapter_files.why_base_is_read`, the
     answer the engine acts on)."""
-    from mergekit_seed.references.adapters import why_base_is_read  # here: adapter reading imports torch, which cards need not
+    from mergekit_seed.references.adapter_files import why_base_is_read  # here: adapter reading imports torch, which cards need not
 
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":

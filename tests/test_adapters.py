@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import recipe_text, run_cli, save_random_lora, save_random_sera
 from mergekit_seed.adapters.engine import merge_module
-from mergekit_seed.references.adapters import read_adapter
+from mergekit_seed.references.adapter_files import read_adapter
 from tiny import save_tiny_llama
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.linalg import LowRank

@@ -49,8 +49,8 @@ def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp
 def test_a_foreign_method_under_our_name_is_kept_and_reported():
     done = run_python("""
         import copy, dataclasses
-        from mergekit_seed import _hook
-        _hook._uninstall()  # register the foreign method before ours
+        from mergekit_seed import startup
+        startup._uninstall()  # register the foreign method before ours
         from mergekit.merge_methods import registry
         foreign = copy.copy(registry.get("linear"))
         foreign.spec = dataclasses.replace(foreign.spec, name="lore")

@@ -11,16 +11,16 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "import_hooks", "output", "finite", "untrusted", "installed"],
+    "base": ["errors", "version", "after_import", "output", "finite", "untrusted", "installed"],
     "maths": ["maths"],
     "references": ["references"],
-    "methods": ["methods"],
+    "methods": ["methods", "profiling", "plugin"],
     "recipe": ["recipe"],
     "engines and cards": ["adapters.engine", "card", "reproduce"],
     "runner": ["runner"],
     "tools": ["tools"],
     "cli": ["cli"],
-    "package": ["__init__", "_hook"],
+    "package": ["__init__", "startup"],
 }
 
 
@@ -122,7 +122,7 @@ LATE_IMPORTS = {
     "lm_eval": None,  # an optional extra (mergekit-seed[eval]): imported where `compare --tasks` needs it
 }
 # imported at every interpreter start by mergekit_seed.pth: even the standard library waits (0.9-1.5 ms in all)
-START_UP_MODULES = {"__init__", "_hook"}
+START_UP_MODULES = {"__init__", "startup"}
 
 
 def _top_level_imports(path: Path):

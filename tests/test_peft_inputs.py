@@ -343,11 +343,11 @@ def test_the_card_hashes_the_base_when_a_lora_output_reads_it(bases, peft_seeds,
 
 
 def test_the_engine_and_the_card_agree_on_whether_the_base_is_read(bases, peft_seeds, tmp_path):
-    """One predicate (references.adapters.why_base_is_read) decides both: base-free lore with a
+    """One predicate (references.adapter_files.why_base_is_read) decides both: base-free lore with a
     head every seed saves whole reads no base weights, so the card hashes none; seedft, which
     takes that head's delta from the base, reads and hashes it."""
     from mergekit_seed.card import read_card
-    from mergekit_seed.references.adapters import why_base_is_read
+    from mergekit_seed.references.adapter_files import why_base_is_read
 
     base = bases / "llama-cls"
     seeds = peft_seeds["llama-seq-cls"]
@@ -423,7 +423,7 @@ def test_every_lora_config_field_is_read_refused_or_without_effect():
 
     from peft import LoraConfig
 
-    from mergekit_seed.references.adapters import LORA_FIELDS_REFUSED, LORA_FIELDS_WITHOUT_EFFECT, LoraFolderConfig
+    from mergekit_seed.references.adapter_files import LORA_FIELDS_REFUSED, LORA_FIELDS_WITHOUT_EFFECT, LoraFolderConfig
 
     fields = {field.name for field in dataclasses.fields(LoraConfig)}
     read = set(LoraFolderConfig.model_fields) - {"peft_type", "base_model_name_or_path", "task_type"}

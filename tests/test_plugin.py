@@ -17,7 +17,7 @@ def test_interpreter_start_imports_neither_torch_nor_mergekit():
         [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True
     )
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()]
-    assert "mergekit_seed._hook" in imported, "the .pth hook is not installed"
+    assert "mergekit_seed.startup" in imported, "the .pth hook is not installed"
     assert not [name for name in imported if name.split(".")[0] in ("torch", "mergekit")]
 
 

@@ -28,9 +28,9 @@ from safetensors import safe_open
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
-from mergekit_seed.methods import register
+from mergekit_seed.plugin import register
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
-from mergekit_seed.references.adapters import (
+from mergekit_seed.references.adapter_files import (
     AdapterSeed,
     MergedAdapter,
     TokenRows,

@@ -27,7 +27,7 @@ from mergekit_seed.finite import report_json, require_finite_tensor
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
 from mergekit_seed.output import OutputFolder, local_paths
-from mergekit_seed.references.adapters import is_adapter_folder, read_adapter
+from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter
 from mergekit_seed.references.weights import confined_glob, safetensors_index
 
 Delta = Union[torch.Tensor, LowRank]

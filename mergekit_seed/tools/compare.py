@@ -31,7 +31,7 @@ from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
-from mergekit_seed.references.adapters import is_adapter_folder, read_adapter_config
+from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter_config
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes

@@ -35,7 +35,7 @@ from mergekit_seed.finite import require_finite_number
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
-from mergekit_seed.references.adapters import is_adapter_folder
+from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
 from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
 from mergekit_seed.untrusted import read_json

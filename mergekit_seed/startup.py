@@ -1,27 +1,28 @@
-"""Interpreter-start hook: register our methods when mergekit's registry is imported.
+"""What ``mergekit_seed.pth`` runs at every interpreter start: register our methods once
+mergekit's registry is imported.
 
-Imported from ``mergekit_seed.pth`` at every interpreter start, so it must stay cheap:
-it imports neither torch nor mergekit. It installs a ``sys.meta_path`` finder
-(:func:`mergekit_seed.import_hooks.after_import`) that waits for ``mergekit.merge_methods``
-to be imported, lets the real loader execute it, then calls :func:`mergekit_seed.register`.
+It must stay cheap: it imports neither torch nor mergekit. It installs a ``sys.meta_path``
+finder (:func:`mergekit_seed.after_import.after_import`) that waits for
+``mergekit.merge_methods`` to be imported, lets the real loader execute it, then calls
+:func:`mergekit_seed.register` (which imports :mod:`mergekit_seed.plugin`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from mergekit_seed.import_hooks import after_import, remove
+from mergekit_seed.after_import import after_import, remove
 
 _TARGET = "mergekit.merge_methods"
 
 
 def _on_registry_import() -> None:
-    if "mergekit_seed.methods" in sys.modules:
-        return  # mid-import of our methods module, which registers on its last line
-    register_softly()
+    if "mergekit_seed.plugin" in sys.modules:
+        return  # mid-import of our plugin module, which registers on its last line
+    _register_or_warn()
 
 
-def register_softly() -> None:
+def _register_or_warn() -> None:
     """Register our methods; if that fails, say so in one line and let mergekit carry on.
 
     A plugin must never take its host down: with our package broken (a partial install, a
