@@ -254,3 +254,27 @@ def test_an_example_longer_than_the_context_is_one_line(tiny_family, tmp_path, a
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:2] + [{"text": "rev:" + "abc" * 100}])
     refused(run_cli("mergekit-seed", "compare", *models, "--data", data, "--out", tmp_path / "out", "--quiet"),
             "example 3:", "more than the model's context of 64")
+
+
+def test_greedy_continuation_is_the_argmax_whatever_the_model_generation_config(tiny_family):
+    """exact_match decodes through transformers' generate (KV cache); it must equal an argmax
+    loop over full forward passes, and ignore an end-of-sequence token the model would emit,
+    a repetition penalty and suppressed tokens from the model's generation config."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_seed.tools.compare import greedy_continuation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_family[0]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
+    expected = ids
+    with torch.no_grad():
+        for _ in range(9):
+            expected = torch.cat([expected, model(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    own = model.generation_config
+    own.eos_token_id = int(expected[0, 7])  # a token the argmax emits mid-answer
+    own.repetition_penalty = 1.5
+    own.suppress_tokens = [int(expected[1, 6])]
+    with torch.no_grad():
+        decoded = greedy_continuation(model, ids, 9)
+    assert torch.equal(decoded, expected)
+    assert model.generation_config is own and own.repetition_penalty == 1.5

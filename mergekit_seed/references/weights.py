@@ -80,12 +80,9 @@ def full_model_files(folder: Path) -> List[Path]:
     return []
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def hashed_weight_files(folder: Path) -> List[Path]:

@@ -233,10 +233,7 @@ def score_rows(
         if metric == "exact_match":
             for batch in _batches(starts, batch_size):
                 ids = torch.tensor([sequences[i][: starts[i]] for i in batch], device=device)
-                length = max(len(sequences[i]) - starts[i] for i in batch)
-                for _ in range(length):  # greedy decoding, as many tokens as the longest answer
-                    next_ids = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-                    ids = torch.cat([ids, next_ids], dim=1)
+                ids = greedy_continuation(model, ids, max(len(sequences[i]) - starts[i] for i in batch))
                 for row_index, generated in zip(batch, ids.tolist()):
                     answer_length = len(sequences[row_index]) - starts[row_index]
                     text = tokenizer.decode(generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True)
@@ -257,6 +254,22 @@ def score_rows(
                 results[row_index] = (float(kept.double().sum()), int(kept.numel()))
             advance(len(batch))
     return results
+
+
+def greedy_continuation(model, ids, length: int):
+    """``ids`` (batch, prompt) followed by ``length`` greedily decoded tokens (batch, prompt +
+    length): transformers' ``generate`` with its KV cache, and nothing but the argmax. The
+    model's own generation config (an end-of-sequence stop, a repetition penalty, suppressed
+    tokens) is set aside for the call, so every model is scored on the same rule."""
+    import torch
+    from transformers import GenerationConfig
+
+    greedy = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=length, eos_token_id=[], pad_token_id=0)
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+    finally:
+        model.generation_config = own
 
 
 def context_length(model) -> Optional[int]:
