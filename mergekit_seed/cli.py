@@ -47,7 +47,8 @@ class LazyGroup(click.Group):
     ``run`` takes mergekit's merge options, and importing ``mergekit.options`` costs seconds
     (it imports transformers and peft); the other commands should not pay for it, and neither
     should an adapter merge that uses only the options of :class:`AdapterRunOptions`: such a
-    ``run`` is parsed by a command that declares just those.
+    ``run`` is parsed by a command that declares just those (3.8 s for a tiny LoRA merge
+    against 7.3 s with mergekit's options imported, median of 5, see adapters/engine.py).
     """
 
     lazy_commands: dict = {}

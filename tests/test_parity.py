@@ -472,3 +472,44 @@ def test_architectures_merge_as_stock_tensors_config_and_tokenizer(tmp_path, arc
         if name == "config.json":
             mine.pop("transformers_version", None), theirs.pop("transformers_version", None)
         assert mine == theirs, name
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"model.safetensors": None},
+        {"model-00001-of-00002.safetensors": None, "model-00002-of-00002.safetensors": None, "model.safetensors.index.json": "index"},
+        {"pytorch_model.bin": None},
+        {"model.safetensors": None, "pytorch_model.bin": None},
+        {"pytorch_model-00001-of-00001.bin": None, "pytorch_model.bin.index.json": "index"},
+        {"model.safetensors.index.json": "index", "model-00001-of-00002.safetensors": None, "model-00002-of-00002.safetensors": None, "pytorch_model.bin": None},
+        {"consolidated.safetensors": None},
+        {},
+    ],
+)
+def test_the_files_we_confine_are_the_files_mergekits_loader_reads(tmp_path, layout):
+    """references.weights.full_model_files reads the index bounded and confines every entry,
+    which mergekit's ShardedTensorIndex.from_disk does not; the files it names must be the
+    ones mergekit's loader then reads."""
+    from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+    from safetensors.torch import save_file
+
+    from mergekit_seed.references.weights import full_model_files
+
+    shards = [name for name, kind in layout.items() if kind is None]
+    for index, name in enumerate(shards):
+        tensors = {f"t{index}": torch.zeros(2)}
+        if name.endswith(".safetensors"):
+            save_file(tensors, tmp_path / name)
+        else:
+            torch.save(tensors, tmp_path / name)
+    for name, kind in layout.items():
+        if kind == "index":
+            suffix = ".safetensors" if name.startswith("model.safetensors") else ".bin"
+            entries = {f"t{i}": shard for i, shard in enumerate(shards) if shard.endswith(suffix) and "-of-" in shard}
+            (tmp_path / name).write_text(json.dumps({"weight_map": entries}))
+    try:
+        theirs = sorted({shard.filename for shard in ShardedTensorIndex.from_disk(str(tmp_path)).shards})
+    except RuntimeError:  # "Unable to find model files"
+        theirs = []
+    assert [path.name for path in full_model_files(tmp_path)] == theirs

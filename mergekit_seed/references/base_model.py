@@ -65,7 +65,10 @@ def locate_base(reference: str) -> Path:
 
 
 class BaseWeights:
-    """The safetensors weights of a base model folder, by tensor name."""
+    """The safetensors weights of a base model folder, by tensor name.
+
+    Not mergekit's ``LazyTensorLoader``: an adapter merge asks for shapes and for single rows
+    (trainable tokens), which that loader can only give by reading whole tensors."""
 
     def __init__(self, reference: str):
         self.reference = reference

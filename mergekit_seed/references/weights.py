@@ -65,7 +65,11 @@ def full_model_files(folder: Path) -> List[Path]:
     """The weight files mergekit reads for a full model in ``folder``: ``model.safetensors``
     or the shards its ``.index.json`` names, else the same for ``pytorch_model.bin``; [] when
     the folder has none (an adapter folder, or only other files such as a Mistral
-    ``consolidated.safetensors``, which mergekit does not read)."""
+    ``consolidated.safetensors``, which mergekit does not read).
+
+    mergekit's ``ShardedTensorIndex.from_disk`` makes the same choice (tests/test_parity.py
+    holds the two equal) but parses the index unbounded and follows its entries wherever they
+    point; this reads it bounded and confines every entry before mergekit opens any."""
     folder = Path(folder)
     for name in FULL_MODEL_FILES:
         index = folder / f"{name}.index.json"
