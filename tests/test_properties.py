@@ -172,3 +172,18 @@ def test_the_wide_svd_is_an_svd(q, extra, decades, seed):
     assert torch.allclose(U.T @ U, torch.eye(q, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(V.T @ V, torch.eye(q, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(S, torch.linalg.svdvals(matrix), rtol=1e-10, atol=1e-14)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=st.lists(st.sampled_from(["model", "layers", "0", "q_proj", "v_proj", "self_attn", "proj", "q"]), min_size=1, max_size=5).map(".".join),
+    targets=st.lists(st.sampled_from(["q_proj", "proj", "self_attn.q_proj", "0.q_proj", "q", "layers.0", "model"]), min_size=1, max_size=3),
+)
+def test_sera_target_modules_match_as_peft_matches_a_list(name, targets):
+    """SeRA's target_modules (a list) select the modules PEFT's own rule selects."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from mergekit_seed.maths.sera import _matches
+
+    assert _matches(name, targets) == bool(check_target_module_exists(LoraConfig(target_modules=targets), name))

@@ -126,10 +126,7 @@ def _has_tokenizer(folder: Path) -> bool:
 def _adapter_config(folder: Path) -> Optional[dict]:
     """The adapter's settings when ``folder`` is an adapter (an ``adapter_config.json`` and no
     full-model weights, the rule merges follow)."""
-    if not is_adapter_folder(folder):
-        return None
-    config = read_adapter_config(folder)
-    return config
+    return read_adapter_config(folder) if is_adapter_folder(folder) else None
 
 
 def _base_reference(reference: str, config: dict, base: Optional[str]) -> str:
