@@ -23,7 +23,8 @@ import torch
 
 
 def main() -> None:
-    from mergekit_seed.tools.demo.run import DemoConfig, cached_base, experiment_data, quiet_libraries, seed_regime
+    from mergekit_seed.quiet import quiet_libraries
+    from mergekit_seed.tools.demo.run import DemoConfig, cached_base, experiment_data, seed_regime
     from mergekit_seed.tools.demo.task import CharVocabulary, SKILLS, accuracy_by_skill, exact_matches
     from mergekit_seed.tools.demo.train import finetune, load_for_eval
 

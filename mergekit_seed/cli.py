@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 import click
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.recipe import (
     check_files,
     check_recipe,
@@ -84,6 +85,8 @@ def run_recipe(
     protected: Sequence[Path] = (),
 ) -> None:
     """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
+    if merge_options.quiet:
+        quiet_libraries()
     try:
         merge(
             recipe_path,
@@ -288,6 +291,8 @@ def reproduce_command(
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
     Hub inputs are read at the commits the card records; the card names local inputs inputN,
     whose folders come from --input or --recipe."""
+    if quiet:
+        quiet_libraries()
     try:
         plan = prepare_reproduction(source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE)
     except UserError as error:
@@ -327,6 +332,8 @@ def reproduce_command(
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for analysis.json, plots and summary.md.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
+    if quiet:
+        quiet_libraries()
     """Compare seed MODELS: delta similarity, spectra, energy, subspace similarity."""
     from mergekit_seed.tools.analysis import analyze
 
@@ -367,6 +374,9 @@ def compare_command(
     per-example differences, a bootstrap interval, and a verdict. They are scored on --data, or
     by lm-evaluation-harness on --tasks; with --lm-eval, MODELS are lm-eval runs already made."""
     from mergekit_seed.tools.compare import METRICS, compare
+
+    if quiet:
+        quiet_libraries()
 
     ctx = click.get_current_context()
     given = {name for name in ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
@@ -423,12 +433,15 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
     method, and report accuracy per seed and per merge."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mergekit_seed.tools.demo.shipped import explain, shipped  # here: the demo imports torch and transformers
     from mergekit_seed.tools.demo.run import run_demo
 
     try:
-        run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
+        results = run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
     except UserError as error:
         fail(str(error))
+    for line in explain(results, shipped()):
+        click.echo(line)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ class OutputFolder:
         if not contents:
             return
         if not self.overwrite:
-            raise UserError(f"{self.path}: output folder is not empty; pass --overwrite to replace it")
+            raise UserError(f"{self.path}: output folder is not empty; pass --overwrite (overwrite=True from Python) to replace it")
         if written_files(self.path) is None:
             raise UserError(
                 f"{self.path}: --overwrite replaces only a previous mergekit-seed merge or report, and this folder holds "

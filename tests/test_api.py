@@ -79,6 +79,8 @@ def test_merge_api_full_and_adapter_recipes(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "full.yml", "seedlora_dm", base, seeds)
     result = mergekit_seed.merge(recipe, tmp_path / "full", quiet=True)
     assert result.kind == "full" and result.card.is_file()
+    with pytest.raises(UserError, match=r"overwrite=True from Python"):  # the Python spelling, not only the flag
+        mergekit_seed.merge(recipe, tmp_path / "full", quiet=True)
     cli_out = tmp_path / "cli"
     run_cli("mergekit-seed", "run", recipe, cli_out, "--quiet", check=True)
     api, cli = load_weights(result.out), load_weights(cli_out)

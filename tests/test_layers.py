@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "after_import", "output", "finite", "untrusted", "installed"],
+    "base": ["errors", "version", "after_import", "output", "finite", "untrusted", "installed", "quiet"],
     "maths": ["maths"],
     "references": ["references"],
     "methods": ["methods", "profiling", "plugin"],

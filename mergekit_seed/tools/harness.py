@@ -550,10 +550,16 @@ def evaluate_models(
         model, model_tokenizer = load_model(name, base, device, tokenizer)
         lm = HFLM(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)
         tracker = EvaluationTracker(output_path=str(out))
-        results = simple_evaluate(
-            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=True,
-            evaluation_tracker=tracker, task_manager=manager,
-        )
+        try:
+            results = simple_evaluate(
+                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=True,
+                evaluation_tracker=tracker, task_manager=manager,
+            )
+        except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline or not
+            raise UserError(
+                f"--tasks {','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]}); "
+                "run once with network access so that the datasets cache holds it, then offline runs read it from there"
+            ) from None
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
         folders.append(_save_run(tracker, results, name, index, base, out))

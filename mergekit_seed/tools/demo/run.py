@@ -31,17 +31,15 @@ import platform
 import shutil
 import statistics
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List
-
-from huggingface_hub.utils import disable_progress_bars
 
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import written_files
+from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
@@ -68,6 +66,8 @@ class DemoConfig:
     """Everything that determines the demo's numbers."""
 
     quick: bool = False
+    # 2: every experiment pre-trains its own base (issue 38); 1 shared one base across experiments
+    protocol: int = 2
     experiments: int = 3
     # a model this small trains fastest on one thread, and a busy machine slows more threads down
     threads: int = 1
@@ -100,6 +100,11 @@ class DemoConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def base_for(self, experiment: int) -> BaseConfig:
+        """Experiment ``experiment``'s base: pre-trained with its own seed, so that the
+        experiments are independent draws of the whole pipeline (base, data, fine-tunes)."""
+        return replace(self.base, seed=self.base.seed + experiment)
 
 
 def cache_dir() -> Path:
@@ -152,7 +157,7 @@ def experiment_data(config: DemoConfig, experiment: int):
     """The training, validation and test examples of one experiment: three disjoint sets, and
     no validation or test prompt was seen in training or pre-training."""
     train = make_examples(config.train_per_skill, config.data_seed + experiment)
-    seen = {e.prompt for e in train} | pretraining_prompts(config.base)
+    seen = {e.prompt for e in train} | pretraining_prompts(config.base_for(experiment))
     validation = make_examples(config.eval_per_skill, config.data_seed + 10_000 + experiment, frozenset(seen))
     seen |= {e.prompt for e in validation}
     test = make_examples(config.eval_per_skill, config.data_seed + 20_000 + experiment, frozenset(seen))
@@ -193,11 +198,14 @@ def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Calla
 
 
 def run_experiment(
-    experiment: int, config: DemoConfig, base: Path, out: Path, vocabulary: CharVocabulary, quiet: bool, echo: Callable[[str], None]
+    experiment: int, config: DemoConfig, out: Path, vocabulary: CharVocabulary, quiet: bool, echo: Callable[[str], None]
 ) -> Dict[str, dict]:
-    """Train, merge and evaluate every setting once; returns accuracies per setting."""
+    """Pre-train this experiment's base, then train, merge and evaluate every setting once;
+    returns accuracies per setting."""
     from mergekit.options import MergeOptions
 
+    base = cached_base(config.base_for(experiment), vocabulary, quiet)
+    echo(f"  base model: {base}")
     train, validation, test = experiment_data(config, experiment)
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
     merges = models.parent / "merges"
@@ -536,16 +544,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def quiet_libraries() -> None:
-    """Silence other libraries' progress bars and warnings inside the demo (the demo prints its own)."""
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    disable_progress_bars()
-
-
 def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
     import torch
 
@@ -567,12 +565,10 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
         for merged in (merges / setting / method for setting in SETTINGS for method in OUR_METHODS + MERGEKIT_METHODS):
             if merged.is_dir() and written_files(merged) is None:
                 shutil.rmtree(merged)
-    base = cached_base(config.base, vocabulary, quiet)
-    echo(f"base model: {base}")
     runs = []
     for experiment in range(config.experiments):
         echo(f"experiment {experiment + 1}/{config.experiments}")
-        runs.append(run_experiment(experiment, config, base, out, vocabulary, quiet, echo))
+        runs.append(run_experiment(experiment, config, out, vocabulary, quiet, echo))
     results = summarise(runs, config)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -583,14 +579,3 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     compare_full_setting(config, out, quiet, echo)
     echo(f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s")
     return results
-
-
-def update_docs(results_file: Path, page: Path) -> None:
-    """Put the tables of ``results_file`` (a full run's results.json, committed as
-    docs/demo-results.json) into ``page`` (docs/demo.md) between its results markers; a test
-    checks that they agree."""
-    results = json.loads(Path(results_file).read_text(encoding="utf-8"))
-    text = Path(page).read_text(encoding="utf-8")
-    before, rest = text.split("<!-- results:begin -->\n", 1)
-    _, after = rest.split("<!-- results:end -->", 1)
-    Path(page).write_text(before + "<!-- results:begin -->\n" + render_markdown(results) + "<!-- results:end -->" + after, encoding="utf-8")
