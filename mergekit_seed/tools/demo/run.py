@@ -116,10 +116,14 @@ def cache_dir() -> Path:
 
 def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> Path:
     """The pre-trained base for ``config``, built once and kept under the cache folder."""
-    # keyed by everything that shapes the base: its configuration, the alphabet, and the code
-    # that builds the corpus and trains it
+    import torch
+
+    # keyed by everything that shapes the base: its configuration (its seed included), the
+    # alphabet, the code that builds the corpus and trains it, and the float kernels torch
+    # trains it with (ATEN_CPU_CAPABILITY: another rounding trains another base)
     code = "".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in ("task.py", "train.py"))
-    key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet, code], sort_keys=True).encode()).hexdigest()[:16]
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet, code, capability], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"demo-base-{key}"
     if (path / "model.safetensors").is_file():
         return path
@@ -554,11 +558,12 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "demo-config.json"
-    if stamp.is_file() and stamp.read_text() != json.dumps(config.to_dict(), sort_keys=True):
-        # models trained under another configuration must not be reused
+    trained_under = json.dumps({**config.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text() != trained_under:
+        # models trained under another configuration or other float kernels must not be reused
         for stale in [out / "models", out / "merges", *out.glob("experiment*")]:
             shutil.rmtree(stale, ignore_errors=True)
-    stamp.write_text(json.dumps(config.to_dict(), sort_keys=True))
+    stamp.write_text(trained_under)
     # merges an older demo wrote without a manifest, at the demo's own paths only (never a
     # search of --out, which may be a folder of the user's)
     for merges in [out / "merges", *(folder / "merges" for folder in out.glob("experiment*"))]:
