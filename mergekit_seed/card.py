@@ -44,16 +44,16 @@ def option_flags(options: Dict[str, Any]) -> List[str]:
 
 
 def local_folders(recipe) -> List[str]:
-    """The local folders of the recipe's model references, sorted (the index of a folder here
-    is its label ``inputN`` in the card; mergekit returns the references as a set), then any
-    other local folder the recipe names (``tokenizer_source``, a tokenizer's sources), sorted."""
-    folders: List[str] = []
-    for reference in sorted(recipe.config.referenced_models(), key=str):
-        for path in reference_paths(reference):
-            if Path(path).is_dir() and path not in folders:
-                folders.append(path)
-    others = {path for path in reference_strings(parse_mapping(recipe.source, recipe.origin)) if Path(path).is_dir()}
-    return folders + sorted(others - set(folders))
+    """The local folders the recipe names, in the order it names them (the index of a folder
+    here is its label ``inputN`` in the card, so seed42 listed first is ``input1`` after the
+    base): first the model references mergekit reads (a reference mergekit spells differently
+    from the recipe comes after them, sorted), then any other local folder (``tokenizer_source``,
+    a tokenizer's sources)."""
+    ordered = list(dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))))
+    named = {path for reference in recipe.config.referenced_models() for path in reference_paths(reference)}
+    models = [path for path in ordered if path in named] + sorted(named - set(ordered))
+    others = [path for path in ordered if path not in named]
+    return [path for path in models + others if Path(path).is_dir()]
 
 
 def input_labels(recipe) -> Dict[str, str]:

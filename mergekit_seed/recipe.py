@@ -608,8 +608,12 @@ def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[st
     from mergekit_seed.references.adapter_files import folder_modified_base_problem  # here: adapter reading imports torch
 
     references = recipe.config.referenced_models()
-    problems = [problem for ref in references for folder in reference_paths(ref) if (problem := _path_problem(folder, path))]
+    order = {name: index for index, name in enumerate(dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))))}
+    folders = sorted({folder for ref in references for folder in reference_paths(ref)}, key=lambda folder: (order.get(folder, len(order)), folder))
+    problems = [problem for folder in folders if (problem := _path_problem(folder, path))]
     for reference in hub_references(recipe):
+        if any(placeholder in reference for placeholder in PLACEHOLDERS):
+            continue  # said once above, as a placeholder
         try:
             problem = hub_problem(reference)
         except HubNotChecked as reason:

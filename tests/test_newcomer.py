@@ -35,3 +35,37 @@ def test_an_lm_eval_task_whose_dataset_cannot_be_fetched_is_one_line(tiny_family
     result = run_cli("mergekit-seed", "compare", base, seeds[0], "--tasks", "hub_task", "--include-path", tasks,
                      "--out", tmp_path / "out", "--quiet", isolated=True)
     refused(result, "--tasks hub_task", "could not fetch", "datasets cache", out=tmp_path / "out")
+
+
+def test_card_labels_follow_the_recipe_order(tiny_family, tmp_path):
+    """inputN numbers the folders in the order the recipe names them (base first), not by
+    sorted path: seed42 listed before seed202 is input1, and the card lists input1, input2, input3."""
+    import shutil
+
+    import yaml
+
+    base, seeds = tiny_family
+    named = []
+    for seed, name in zip(seeds, ("seed42", "seed202", "seed7")):
+        shutil.copytree(seed, tmp_path / name)
+        named.append(tmp_path / name)
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, named)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    recorded = yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())
+    assert recorded["base_model"] == "input0"
+    assert [entry["model"] for entry in recorded["models"]] == ["input1", "input2", "input3"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.index("seed42") < card.index("seed202") < card.index("seed7")
+
+
+def test_validate_reports_each_placeholder_once_in_recipe_order():
+    """The shipped 7B recipe's REPLACE/ paths: one line each (not a second "not in the Hugging
+    Face cache" line for the same path), in the order the recipe lists them."""
+    from pathlib import Path
+
+    recipe = Path(__file__).parent.parent / "recipes" / "seedft-llama2-7b-metamath.yml"
+    result = run_cli("mergekit-seed", "validate", recipe)
+    lines = [line for line in result.stderr.splitlines() if "REPLACE/" in line]
+    assert [line.split("REPLACE/")[1].split()[0] for line in lines] == [
+        "llama2-7b-metamath-seed42", "llama2-7b-metamath-seed87", "llama2-7b-metamath-seed100"
+    ], result.stderr
