@@ -62,6 +62,7 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
     assert (out / "results.png").stat().st_size > 10_000
     assert "| setting | seed0 |" in stdout and "best seed" in stdout and "oracle" in stdout
     assert "experiment 1/1" in stdout and "| best seed, lora |" in stdout and "| mean seed, full |" in stdout
+    assert f"torch CPU capability: {environment['cpu_capability']}" in stdout and "not comparable" in stdout
     # the demo's recipes are real recipes with model cards
     assert (out / "merges" / "lora" / "seedlora_twostage" / "adapter_config.json").exists()
     assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
@@ -175,26 +176,65 @@ def test_analyze_reads_adapters_without_a_base(tmp_path):
     assert missing.returncode != 0
 
 
-def test_the_documented_results_are_the_committed_results_file():
-    """docs/demo.md's tables and the README's sentence are generated from docs/demo-results.json."""
+def test_the_documented_results_are_the_shipped_results_files():
+    """docs/demo.md's tables, the README's sentence and the package's shipped.json are
+    generated from every docs/demo-results-<capability>.json; each is a full run of the
+    current protocol under its own kernels, in the papers' regime."""
     from pathlib import Path
 
-    from mergekit_seed.tools.demo.run import headline, render_markdown
+    from mergekit_seed.tools.demo.run import DemoConfig
+    from mergekit_seed.tools.demo.shipped import SUMMARY_FILE, readme_sentence, results_section, summarise_files
 
     root = Path(__file__).parent.parent
-    results = json.loads((root / "docs" / "demo-results.json").read_text())
+    files = sorted((root / "docs").glob("demo-results-*.json"))
+    assert len(files) >= 2, files  # default and AVX2 on our machines; AVX-512 where a CPU has it
     page = (root / "docs" / "demo.md").read_text()
     section = page.split("<!-- results:begin -->\n", 1)[1].split("<!-- results:end -->", 1)[0]
-    assert section.strip() == render_markdown(results).strip()
-    assert headline(results) in (root / "README.md").read_text().replace("\n", " ")
-    assert results["config"]["quick"] is False and results["experiments"] >= 3
-    # the regime the papers study, measured on the seeds alone (validation)
-    for setting, entry in results["settings"].items():
-        regime = entry["regime_on_validation"]
-        assert all(0.2 <= value <= 0.9 for value in regime["mean_seed_per_skill"].values()), setting
-        assert regime["disagreement"] >= 0.1, setting
-        assert all(regime["criteria"].values()), setting
+    assert section.strip() == results_section(files).strip()
+    readme = (root / "README.md").read_text()
+    sentence = readme.split("<!-- demo:begin -->\n", 1)[1].split("<!-- demo:end -->", 1)[0]
+    assert sentence.strip() == readme_sentence(summarise_files(files))
+    assert json.loads(SUMMARY_FILE.read_text()) == json.loads(json.dumps(summarise_files(files)))
+    capabilities = []
     pinned = (root / "constraints.txt").read_text().splitlines()
-    for package in ("torch", "transformers", "peft", "mergekit", "numpy", "safetensors", "tokenizers"):
-        version = results["environment"]["versions"][package].split("+")[0]
-        assert f"{package}=={version}" in pinned, package
+    for file in files:
+        results = json.loads(file.read_text())
+        assert results["config"] == DemoConfig().to_dict(), file  # the current full configuration and protocol
+        assert results["experiments"] >= 3
+        capabilities.append(results["environment"]["cpu_capability"])
+        assert file.name == f"demo-results-{capabilities[-1].lower()}.json"
+        for setting, entry in results["settings"].items():  # the regime the papers study, on the seeds alone (validation)
+            regime = entry["regime_on_validation"]
+            assert all(0.2 <= value <= 0.9 for value in regime["mean_seed_per_skill"].values()), (file, setting)
+            assert regime["disagreement"] >= 0.1, (file, setting)
+        for package in ("torch", "transformers", "peft", "mergekit", "numpy", "safetensors", "tokenizers"):
+            version = results["environment"]["versions"][package].split("+")[0]
+            assert f"{package}=={version}" in pinned, package
+    assert len(set(capabilities)) == len(capabilities)
+
+
+def test_the_demo_says_where_its_numbers_fall_against_the_shipped_ones():
+    """A run inside the shipped range says so; one outside names the setting, the range and why;
+    both compare their verdict with the shipped one."""
+    import copy
+    from pathlib import Path
+
+    from mergekit_seed.tools.demo.shipped import explain, shipped
+
+    root = Path(__file__).parent.parent
+    (first, *_) = sorted((root / "docs").glob("demo-results-*.json"))
+    results = json.loads(first.read_text())
+    inside = explain(results, shipped())
+    assert inside[0].startswith(f"torch CPU capability: {results['environment']['cpu_capability']}")
+    assert "inside the shipped range" in inside[1] and "agrees with the shipped one" in inside[2]
+    moved = copy.deepcopy(results)
+    moved["settings"]["lora"]["mean_seed"] = 0.05
+    outside = explain(moved, shipped())
+    assert "outside the shipped range: lora 5.0%" in outside[1] and "float kernels" in outside[1]
+    better = copy.deepcopy(results)
+    better["settings"]["full"]["versus_best_seed"]["seedft"]["verdict"] = "better"
+    assert "differs from the shipped one" in explain(better, shipped())[2]
+    quick = copy.deepcopy(results)
+    quick["config"]["quick"] = True
+    assert "not comparable" in explain(quick, shipped())[1]
+

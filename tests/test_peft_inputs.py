@@ -460,3 +460,22 @@ def test_what_run_refuses_validate_refuses_too(bases, tiny_loras, tmp_path):
         recipe = adapter_recipe(tmp_path / f"r{index}.yml", "seedft", base_model, models, {"format": "full"})
         refused(run_cli("mergekit-seed", "validate", recipe), fragment)
         refused(run_cli("mergekit-seed", "run", recipe, tmp_path / f"out{index}"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_router_adapter_on_target_parameters_is_written_as_peft_can_load_it(tiny_mixtral, tmp_path, method):
+    """Issue 39: a LoRA on Mixtral's router (``target_parameters=["mlp.gate.weight"]``) beside
+    an attention LoRA. PEFT wraps a targeted parameter in a ParamWrapper, which ignores
+    rank_pattern: the router (rank <= 2 experts) must be written at the adapter's one rank and
+    under target_parameters, not as a module with its own rank. Identical seeds give back the seed."""
+    from peft import PeftModel
+
+    seed = save_peft_seed(tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    recipe = adapter_recipe(tmp_path / "r.yml", method, tiny_mixtral, [seed] * 3, {"format": "lora"},
+                            {"energy": 1.0} if method == "seedlora_twostage" else None)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["target_parameters"] == ["mlp.gate.weight"] and not any("gate" in m for m in written["target_modules"])
+    expected = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), seed))
+    result = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), tmp_path / "out"))
+    assert_close_to(result, expected, logits(load_base(tiny_mixtral)), f"{method} router")

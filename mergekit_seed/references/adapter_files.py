@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -133,6 +133,10 @@ class AdapterSeed:
     modules_to_save: List[str] = field(default_factory=list)
     token_indices_by_module: bool = False  # trainable_token_indices given as {module: indices}
     fan_in_fan_out: bool = False
+    # LoRA on parameters (PEFT's ``target_parameters``, e.g. an MoE router's ``mlp.gate.weight``):
+    # the config's entries, and the weights of ``deltas`` they name
+    target_parameters: List[str] = field(default_factory=list)
+    parameter_targets: Set[str] = field(default_factory=set)
 
     def tensor_names(self) -> List[str]:
         return sorted(set(self.deltas) | set(self.bias_deltas) | set(self.whole) | set(self.token_rows))
@@ -437,6 +441,8 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     placer = _LoraTensors(folder, lora, tensors, seed)
     for key, tensor in tensors.items():
         placer.add(key, tensor)
+    seed.target_parameters = list(lora.target_parameters or [])
+    seed.parameter_targets = {name for name in seed.deltas if any(name == t or name.endswith("." + t) for t in seed.target_parameters)}
     file = folder / SAFETENSORS_NAME
     for name in set(seed.token_rows) & set(seed.deltas):
         raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
@@ -575,6 +581,8 @@ class MergedAdapter:
     token_rows: Dict[str, TokenRows] = field(default_factory=dict)
     modules_to_save: List[str] = field(default_factory=list)
     token_indices_by_module: bool = False
+    target_parameters: List[str] = field(default_factory=list)  # the seeds' entries, kept as saved
+    parameter_targets: Set[str] = field(default_factory=set)  # the weights they name
 
 
 def _lora_factors(pair: LowRank, kind: str):
@@ -612,6 +620,21 @@ def _lora_pair_tensors(merged: MergedAdapter, tensors: Dict[str, torch.Tensor]) 
         else:
             tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
     return ranks, kinds
+
+
+def _pad_parameter_targets(merged: MergedAdapter, ranks: Dict[str, int], tensors: Dict[str, torch.Tensor]) -> None:
+    """Zero-pad every parameter target's factors to the adapter's one rank r: PEFT wraps a
+    targeted parameter in a ``ParamWrapper``, which takes r and ``lora_alpha`` from the config
+    and ignores ``rank_pattern``. The padded delta is the same (zero rows of A, zero columns of B)."""
+    r = max(ranks.values(), default=1)
+    for name in merged.parameter_targets:
+        module = name[: -len(".weight")]
+        if module not in ranks or ranks[module] == r:
+            continue
+        A, B = tensors[f"{KEY_PREFIX}{module}.lora_A.weight"], tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
+        tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])])
+        tensors[f"{KEY_PREFIX}{module}.lora_B.weight"] = torch.cat([B, B.new_zeros(B.shape[0], r - B.shape[1])], dim=1)
+        ranks[module] = r
 
 
 def _lora_bias_tensors(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> None:
@@ -653,15 +676,18 @@ def _lora_config(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, 
     else:
         trainable_token_indices = token_indices or None
     r = max(ranks.values(), default=1)
+    parameters = {name[: -len(".weight")] for name in merged.parameter_targets}
+    modules = {m: k for m, k in ranks.items() if m not in parameters}
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": r,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-        "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+        "target_modules": sorted(modules),
+        "target_parameters": merged.target_parameters or None,
+        "rank_pattern": {m: k for m, k in modules.items() if k != r},
+        "alpha_pattern": {m: k for m, k in modules.items() if k != r},
         "lora_dropout": 0.0,
         "bias": "all" if saved_biases else "none",
         "lora_bias": bool(merged.bias_deltas),
@@ -701,6 +727,7 @@ def write_lora_adapter(
 
     tensors: Dict[str, torch.Tensor] = {}
     ranks, kinds = _lora_pair_tensors(merged, tensors)
+    _pad_parameter_targets(merged, ranks, tensors)
     _lora_bias_tensors(merged, ranks, kinds, tensors)
     saved_biases, token_indices = _whole_and_token_tensors(merged, ranks, tensors)
     if not tensors:

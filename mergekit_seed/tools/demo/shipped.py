@@ -134,16 +134,22 @@ def readme_sentence(summary: dict) -> str:
     )
 
 
-def update_docs(files: Sequence[Path], page: Path, readme: Path) -> None:
-    """After shipping full runs (``docs/demo-results-<capability>.json``): write shipped.json,
-    put every run's tables into ``page`` (docs/demo.md) between its results markers, and the
-    sentence of :func:`readme_sentence` into ``readme`` between its markers; a test checks all three."""
-    write_summary(files)
+def results_section(files: Sequence[Path]) -> str:
+    """docs/demo.md's generated section: every shipped run's tables, headed by its kernels."""
     sections = []
     for file in files:
         results = read_json_object(Path(file), "demo results file")
-        sections.append(f"### {results['environment']['cpu_capability']} kernels ([{Path(file).name}]({Path(file).name}))\n\n" + render_markdown(results))
-    _between_markers(page, "results", "\n".join(sections))
+        heading = f"### {results['environment']['cpu_capability']} kernels ([{Path(file).name}]({Path(file).name}), {results['seconds'] / 60:.1f} min)"
+        sections.append(heading + "\n\n" + render_markdown(results))
+    return "\n".join(sections)
+
+
+def update_docs(files: Sequence[Path], page: Path, readme: Path) -> None:
+    """After shipping full runs (``docs/demo-results-<capability>.json``): write shipped.json,
+    put :func:`results_section` into ``page`` (docs/demo.md) and :func:`readme_sentence` into
+    ``readme`` between their markers; tests/test_demo.py checks all three."""
+    write_summary(files)
+    _between_markers(page, "results", results_section(files))
     _between_markers(readme, "demo", readme_sentence(summarise_files(files)) + "\n")
 
 
