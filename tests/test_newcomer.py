@@ -69,3 +69,20 @@ def test_validate_reports_each_placeholder_once_in_recipe_order():
     assert [line.split("REPLACE/")[1].split()[0] for line in lines] == [
         "llama2-7b-metamath-seed42", "llama2-7b-metamath-seed87", "llama2-7b-metamath-seed100"
     ], result.stderr
+
+
+def test_analyze_leads_with_the_layers_and_says_when_the_energy_panel_is_empty(tiny_family, tmp_path):
+    """The cosine headline is per transformer layer (the embeddings and the head apart), the
+    all-weights figure says what dominates it, and adapters' energy shares (all 1.0) say so."""
+    base, _ = tiny_family
+    adapters = [save_random_lora(base, tmp_path / f"lora{i}", r=2, seed=i) for i in range(3)]
+    run_cli("mergekit-seed", "analyze", *adapters, "--out", tmp_path / "out", "--quiet", check=True)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    analysis = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    per_layer = [
+        sum(matrix[a][b] for a in range(3) for b in range(a + 1, 3)) / 3
+        for layer, matrix in analysis["cosine_per_layer"].items() if layer != "other"
+    ]
+    assert f"per transformer layer: {min(per_layer):.3f} to {max(per_layer):.3f}" in summary
+    assert summary.index("per transformer layer") < summary.index("Over all weights")
+    assert "as for adapters" in summary

@@ -479,3 +479,12 @@ def test_a_router_adapter_on_target_parameters_is_written_as_peft_can_load_it(ti
     expected = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), seed))
     result = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), tmp_path / "out"))
     assert_close_to(result, expected, logits(load_base(tiny_mixtral)), f"{method} router")
+
+
+def test_a_router_adapter_routed_to_a_full_model_names_the_base_spelling(tiny_mixtral, tmp_path):
+    """transformers 5 saves Mixtral's router as block_sparse_moe.gate and loads it as mlp.gate,
+    which PEFT names: the refusal says where the base holds it and what works (a LoRA output)."""
+    seed = save_peft_seed(tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    recipe = adapter_recipe(tmp_path / "r.yml", "seedft", tiny_mixtral, [seed] * 3, {"format": "full"})
+    result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
+    refused(result, "model.layers.0.mlp.gate.weight", "block_sparse_moe.gate.weight", "output.format: lora", out=tmp_path / "out")

@@ -217,7 +217,24 @@ def write_full_model(
                         tensor = tensor.to(dtype)
                     writer.save_tensor(name, tensor)
     if remaining:
-        raise UserError(f"base_model {base.reference}: has no tensor {sorted(remaining)[0]} that the adapters change")
+        raise UserError(_missing_base_tensor(base, sorted(remaining)[0]))
+
+
+def _missing_base_tensor(base: BaseWeights, name: str) -> str:
+    """Why the base has no ``name``: a name the adapter took from the loaded model, which the
+    base's files spell otherwise (transformers converts some architectures on load, e.g.
+    Mixtral's ``block_sparse_moe.gate`` to ``mlp.gate``), or a base the seeds were not trained on."""
+    parts = name.split(".")
+    tail = ".".join(parts[-2:])  # module and parameter: gate.weight
+    layer = ".".join(parts[: parts.index("layers") + 2]) + "." if "layers" in parts[:-2] else ""  # model.layers.0.
+    spelled = sorted(n for n in base.names() if n.startswith(layer) and n.endswith("." + tail) and n != name)
+    if spelled:
+        return (
+            f"base_model {base.reference}: the adapters change {name}, which the base's files hold as {spelled[0]} "
+            "(transformers renames this architecture's weights when it loads them, and PEFT names them as loaded); "
+            "write output.format: lora, which PEFT applies to the loaded model"
+        )
+    return f"base_model {base.reference}: has no tensor {name} that the adapters change; give the base the seeds were trained from"
 
 
 def _merged_base_tensor(name: str, tensor: torch.Tensor, deltas: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -84,6 +84,10 @@ class BaseWeights:
     def has(self, name: str) -> bool:
         return name in self._files
 
+    def names(self) -> List[str]:
+        """Every tensor name of the base's files."""
+        return list(self._files)
+
     def _require(self, name: str, why: str) -> Path:
         if name not in self._files:
             raise UserError(f"base_model {self.reference}: has no tensor {name}, which {why}; give the base the seeds were trained from")

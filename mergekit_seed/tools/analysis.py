@@ -224,6 +224,7 @@ def _plot(result: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = [f"seed{i}" for i in range(len(result["models"]))]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -263,7 +264,9 @@ def _plot(result: dict, out: Path) -> None:
             label=f"top {share}",
         )
     axes[1].set_ylim(0, 1.05)
-    axes[1].set_title("energy share of the top directions, per layer")
+    axes[1].set_title("energy share of the top directions, per layer" + (
+        "\n(1.0 everywhere: each delta's rank is below the smallest share, as for adapters)" if _all_energy_in_top(result) else ""
+    ), fontsize=9)
     axes[1].set_xlabel("layer")
     axes[1].legend(fontsize=7)
     for pair, values in result["subspace_similarity"].items():
@@ -271,23 +274,37 @@ def _plot(result: dict, out: Path) -> None:
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("SeRA Eq. 4 similarity phi(i, i)")
     axes[2].set_xlabel("i (leading directions)")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "spectra.png", dpi=110)
     plt.close(figure)
 
 
+def _pair_mean(matrix: List[List[float]]) -> float:
+    """The mean cosine over the seed pairs of one similarity matrix."""
+    off_diagonal = [matrix[a][b] for a in range(len(matrix)) for b in range(a + 1, len(matrix))]
+    return sum(off_diagonal) / len(off_diagonal)
+
+
+def _all_energy_in_top(result: dict) -> bool:
+    return all(value >= 1 - 1e-9 for shares in result["energy_top_share_per_layer"].values() for value in shares.values())
+
+
 def _summary(result: dict) -> str:
     count = len(result["models"])
     off_diagonal = [result["cosine_global"][a][b] for a in range(count) for b in range(a + 1, count)]
-    lines = [
-        "# Seed analysis",
-        "",
-        f"{count} seeds, {result['weights']} 2-D weights" + (f", base {result['base']}" if result["base"] else "") + ".",
-        "",
-        f"- Cosine similarity of the seed deltas: mean {sum(off_diagonal) / len(off_diagonal):.3f} "
-        f"(min {min(off_diagonal):.3f}, max {max(off_diagonal):.3f}).",
-    ]
+    layers = {layer: _pair_mean(matrix) for layer, matrix in result["cosine_per_layer"].items() if layer != "other"}
+    lines = ["# Seed analysis", "", f"{count} seeds, {result['weights']} 2-D weights" + (f", base {result['base']}" if result["base"] else "") + ".", ""]
+    if layers:
+        lines.append(
+            f"- Cosine similarity of the seed deltas per transformer layer: {min(layers.values()):.3f} to {max(layers.values()):.3f} "
+            "(mean over seed pairs; embeddings and head apart, under `other`)."
+        )
+    lines.append(
+        f"- Over all weights at once: mean {sum(off_diagonal) / len(off_diagonal):.3f} (min {min(off_diagonal):.3f}, "
+        f"max {max(off_diagonal):.3f}); the largest tensors (often the embeddings and the head) dominate it."
+    )
     shares = {}
     for layer_values in result["energy_top_share_per_layer"].values():
         for share, value in layer_values.items():
@@ -295,7 +312,7 @@ def _summary(result: dict) -> str:
     lines.append(
         "- Energy in the top singular directions (mean over layers): "
         + ", ".join(f"top {s}: {sum(v) / len(v):.3f}" for s, v in shares.items())
-        + "."
+        + (" (every delta's rank is below the smallest share, as for adapters: this says nothing more)." if _all_energy_in_top(result) else ".")
     )
     for pair, values in result["subspace_similarity"].items():
         if values:
