@@ -78,6 +78,16 @@ def table(by_size: dict) -> str:
     return "\n".join(lines)
 
 
+def update_docs(scale_file: Path, page: Path) -> None:
+    """Put :func:`table` of a shipped ``scale.json`` (docs/demo-scale.json) into ``page``
+    (docs/demo.md) between its scale markers; tests/test_demo.py checks that they agree."""
+    by_size = json.loads(Path(scale_file).read_text(encoding="utf-8"))
+    text = Path(page).read_text(encoding="utf-8")
+    before, rest = text.split("<!-- scale:begin -->\n", 1)
+    _, after = rest.split("<!-- scale:end -->", 1)
+    Path(page).write_text(before + "<!-- scale:begin -->\n" + table(by_size) + "\n<!-- scale:end -->" + after, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)

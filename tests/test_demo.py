@@ -238,3 +238,22 @@ def test_the_demo_says_where_its_numbers_fall_against_the_shipped_ones():
     quick["config"]["quick"] = True
     assert "not comparable" in explain(quick, shipped())[1]
 
+
+
+def test_the_documented_scale_ladder_is_the_shipped_one():
+    """docs/demo.md's scale table is benchmarks/demo_scale.py's table of docs/demo-scale.json,
+    three sizes of the same task, each a full experiment of the current protocol."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    spec = importlib.util.spec_from_file_location("demo_scale", root / "benchmarks" / "demo_scale.py")
+    demo_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_scale)
+    by_size = json.loads((root / "docs" / "demo-scale.json").read_text())
+    assert len(by_size) == 3 and [results["parameters"] for results in by_size.values()] == sorted(r["parameters"] for r in by_size.values())
+    page = (root / "docs" / "demo.md").read_text()
+    section = page.split("<!-- scale:begin -->\n", 1)[1].split("<!-- scale:end -->", 1)[0]
+    assert section.strip() == demo_scale.table(by_size).strip()
+    for size, results in by_size.items():
+        assert results["config"] == demo_scale.config_for(size).to_dict() and results["experiments"] == 1

@@ -139,7 +139,7 @@ def results_section(files: Sequence[Path]) -> str:
     sections = []
     for file in files:
         results = read_json_object(Path(file), "demo results file")
-        heading = f"### {results['environment']['cpu_capability']} kernels ([{Path(file).name}]({Path(file).name}), {results['seconds'] / 60:.1f} min)"
+        heading = f"### {results['environment']['cpu_capability']} kernels ([{Path(file).name}]({Path(file).name}))"
         sections.append(heading + "\n\n" + render_markdown(results))
     return "\n".join(sections)
 
