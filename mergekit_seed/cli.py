@@ -427,7 +427,7 @@ def compare_command(
 
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
-@click.option("--quick", is_flag=True, help="One experiment, shorter training (under 3 minutes on 2 CPU cores).")
+@click.option("--quick", is_flag=True, help="One experiment, shorter training (about 6 min of one core from scratch, see docs/demo.md).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
