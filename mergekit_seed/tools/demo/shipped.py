@@ -12,15 +12,14 @@ the shipped files).
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from mergekit_seed.tools.demo.run import render_markdown
+from mergekit_seed.maths.stats import BETTER
+from mergekit_seed.tools.demo.run import best_seed, render_markdown
 from mergekit_seed.untrusted import read_json_object
 
 SUMMARY_FILE = Path(__file__).with_name("shipped.json")
-BETTER = "better"
 
 
 def beaten_by(results: dict) -> List[str]:
@@ -50,7 +49,7 @@ def run_summary(results: dict) -> dict:
         ours = entry["best_of_ours_by_validation"]
         settings[setting] = {
             "mean_seed": entry["mean_seed"],
-            "best_seed": statistics.fmean(entry["best_seed_per_experiment"]),
+            "best_seed": best_seed(entry),
             "best_of_ours": ours,
             "best_of_ours_accuracy": entry["methods"][ours],
             "best_of_ours_vs_best_seed": entry["versus_best_seed"][ours]["mean"],
