@@ -33,7 +33,7 @@ def test_an_lm_eval_task_whose_dataset_cannot_be_fetched_is_one_line(tiny_family
     )
     base, seeds = tiny_family
     result = run_cli("mergekit-seed", "compare", base, seeds[0], "--tasks", "hub_task", "--include-path", tasks,
-                     "--out", tmp_path / "out", "--quiet", isolated=True)
+                     "--out", tmp_path / "out")
     refused(result, "--tasks hub_task", "could not fetch", "datasets cache", out=tmp_path / "out")
 
 
