@@ -20,7 +20,15 @@ from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.installed import install_command, package_version
-from mergekit_seed.recipe import bounded_safe_load, merge_inputs, parse_mapping, reference_paths, reference_strings, rewrite_references
+from mergekit_seed.recipe import (
+    bounded_safe_load,
+    merge_inputs,
+    model_paths_in_order,
+    parse_mapping,
+    reference_paths,
+    reference_strings,
+    rewrite_references,
+)
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import weight_file_hashes
 from mergekit_seed.untrusted import fenced_block, front_matter
@@ -46,13 +54,10 @@ def option_flags(options: Dict[str, Any]) -> List[str]:
 def local_folders(recipe) -> List[str]:
     """The local folders the recipe names, in the order it names them (the index of a folder
     here is its label ``inputN`` in the card, so seed42 listed first is ``input1`` after the
-    base): first the model references mergekit reads (a reference mergekit spells differently
-    from the recipe comes after them, sorted), then any other local folder (``tokenizer_source``,
-    a tokenizer's sources)."""
-    ordered = list(dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))))
-    named = {path for reference in recipe.config.referenced_models() for path in reference_paths(reference)}
-    models = [path for path in ordered if path in named] + sorted(named - set(ordered))
-    others = [path for path in ordered if path not in named]
+    base): first the model references (:func:`model_paths_in_order`), then any other local
+    folder (``tokenizer_source``, a tokenizer's sources)."""
+    models = model_paths_in_order(recipe)
+    others = [path for path in dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))) if path not in models]
     return [path for path in models + others if Path(path).is_dir()]
 
 

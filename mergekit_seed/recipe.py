@@ -503,12 +503,21 @@ def reference_paths(reference) -> List[str]:
     return paths
 
 
+def model_paths_in_order(recipe: Recipe) -> List[str]:
+    """Every path the recipe's model references name (both parts of ``BASE+ADAPTER``), once
+    each, in the order the recipe writes them; a path mergekit spells differently from the
+    recipe comes last, sorted (mergekit returns the references as a set)."""
+    named = {path for reference in recipe.config.referenced_models() for path in reference_paths(reference)}
+    written = dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin)))
+    return [path for path in written if path in named] + sorted(named - set(written))
+
+
 def local_inputs(recipe: Recipe) -> List[Path]:
     """Every local file and folder a merge of ``recipe`` reads, as the recipe names them: the
     recipe file, and each existing local path among its references (base, models, slices'
     sources, both parts of ``BASE+ADAPTER``, ``tokenizer_source`` and a tokenizer's sources).
     Hub ids are read from the Hugging Face cache, which no output may overlap either."""
-    named = {path for reference in recipe.config.referenced_models() for path in reference_paths(reference)}
+    named = set(model_paths_in_order(recipe))
     named.update(reference_strings(parse_mapping(recipe.source, recipe.origin)))
     files = [Path(recipe.origin)] if Path(recipe.origin).is_file() else []
     return files + [Path(path) for path in sorted(named) if Path(path).exists()]
@@ -571,9 +580,13 @@ def _has_adapter_weights(folder: Path) -> bool:
 PLACEHOLDERS = ("REPLACE", "${")  # shipped recipes' REPLACE/... and ${DEMO_MODELS}
 
 
+def _is_placeholder(reference: str) -> bool:
+    return any(placeholder in reference for placeholder in PLACEHOLDERS)
+
+
 def _path_problem(folder: str, path: str) -> Optional[str]:
     """Why a model path cannot be used as written (a placeholder, ``~``, missing), or None."""
-    if any(placeholder in folder for placeholder in PLACEHOLDERS):
+    if _is_placeholder(folder):
         return f"{path}: model path {folder} is a placeholder; replace it with your model's folder or Hub id"
     if Path(folder).exists() or is_hub_id(folder):
         return None
@@ -608,11 +621,9 @@ def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[st
     from mergekit_seed.references.adapter_files import folder_modified_base_problem  # here: adapter reading imports torch
 
     references = recipe.config.referenced_models()
-    order = {name: index for index, name in enumerate(dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))))}
-    folders = sorted({folder for ref in references for folder in reference_paths(ref)}, key=lambda folder: (order.get(folder, len(order)), folder))
-    problems = [problem for folder in folders if (problem := _path_problem(folder, path))]
+    problems = [problem for folder in model_paths_in_order(recipe) if (problem := _path_problem(folder, path))]
     for reference in hub_references(recipe):
-        if any(placeholder in reference for placeholder in PLACEHOLDERS):
+        if _is_placeholder(reference):
             continue  # said once above, as a placeholder
         try:
             problem = hub_problem(reference)
