@@ -90,6 +90,13 @@ def fenced_block(text: str, heading: str, language: str) -> Optional[str]:
     return None
 
 
+def names_module(name: str, entry: str) -> bool:
+    """PEFT's rule for a plain (not regular-expression) entry of a module list
+    (``target_modules``, ``modules_to_save``, ``target_parameters``, the keys of
+    ``trainable_token_indices``): ``name`` is the entry itself or ends with ``.entry``."""
+    return name == entry or name.endswith("." + entry)
+
+
 def pattern_key(patterns: Iterable[str], module: str, where: str) -> Optional[str]:
     """The first key of ``patterns`` that PEFT's ``get_pattern_key`` would pick for ``module``
     (``re.match(rf"(.*\\.)?({key})$", module)``), or None. A key that is not a regular

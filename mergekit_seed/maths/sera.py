@@ -19,6 +19,8 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from mergekit_seed.untrusted import names_module
+
 PEFT_TYPE = "SERA"
 
 
@@ -103,7 +105,7 @@ def _matches(module_name: str, targets: List[str]) -> bool:
     """PEFT's rule for a list of ``target_modules`` (``check_target_module_exists``: the name
     itself or its last dotted parts); importing peft for it would cost 5.7 s, and a property
     test holds the two equal."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+    return any(names_module(module_name, t) for t in targets)
 
 
 def apply_sera(model: nn.Module, config: SeraConfig) -> nn.Module:

@@ -28,7 +28,7 @@ from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
 from mergekit_seed.references.weights import confined_file, full_model_files, load_plain_tensors, safetensors_index
-from mergekit_seed.untrusted import pattern_key, read_json_object
+from mergekit_seed.untrusted import names_module, pattern_key, read_json_object
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -233,7 +233,7 @@ def _saved_whole(name: str, modules_to_save: Iterable[str]) -> bool:
     entry of ``modules_to_save`` or ends with ``.entry`` (PEFT's own matching rule)."""
     parts = name.split(".")
     prefixes = [".".join(parts[:end]) for end in range(1, len(parts))]
-    return any(prefix == entry or prefix.endswith("." + entry) for prefix in prefixes for entry in modules_to_save)
+    return any(names_module(prefix, entry) for prefix in prefixes for entry in modules_to_save)
 
 
 def _token_indices(lora: LoraFolderConfig, module: str) -> Optional[List[int]]:
@@ -241,7 +241,7 @@ def _token_indices(lora: LoraFolderConfig, module: str) -> Optional[List[int]]:
     indices = lora.trainable_token_indices
     if isinstance(indices, dict):
         for target, values in indices.items():
-            if module == target or module.endswith("." + target):
+            if names_module(module, target):
                 return list(values)
         return None
     return list(indices) if indices is not None else None
@@ -444,7 +444,7 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     for key, tensor in tensors.items():
         placer.add(key, tensor)
     seed.target_parameters = list(lora.target_parameters or [])
-    seed.parameter_targets = {name for name in seed.deltas if any(name == t or name.endswith("." + t) for t in seed.target_parameters)}
+    seed.parameter_targets = {name for name in seed.deltas if any(names_module(name, t) for t in seed.target_parameters)}
     file = folder / SAFETENSORS_NAME
     for name in set(seed.token_rows) & set(seed.deltas):
         raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
