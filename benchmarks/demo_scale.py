@@ -82,11 +82,10 @@ def table(by_size: dict) -> str:
 def update_docs(scale_file: Path, page: Path) -> None:
     """Put :func:`table` of a shipped ``scale.json`` (docs/demo-scale.json) into ``page``
     (docs/demo.md) between its scale markers; tests/test_demo.py checks that they agree."""
+    from mergekit_seed.tools.demo.shipped import write_between_markers
+
     by_size = json.loads(Path(scale_file).read_text(encoding="utf-8"))
-    text = Path(page).read_text(encoding="utf-8")
-    before, rest = text.split("<!-- scale:begin -->\n", 1)
-    _, after = rest.split("<!-- scale:end -->", 1)
-    Path(page).write_text(before + "<!-- scale:begin -->\n" + table(by_size) + "\n<!-- scale:end -->" + after, encoding="utf-8")
+    write_between_markers(page, "scale", table(by_size) + "\n")
 
 
 def main() -> None:

@@ -148,11 +148,12 @@ def update_docs(files: Sequence[Path], page: Path, readme: Path) -> None:
     put :func:`results_section` into ``page`` (docs/demo.md) and :func:`readme_sentence` into
     ``readme`` between their markers; tests/test_demo.py checks all three."""
     write_summary(files)
-    _between_markers(page, "results", results_section(files))
-    _between_markers(readme, "demo", readme_sentence(summarise_files(files)) + "\n")
+    write_between_markers(page, "results", results_section(files))
+    write_between_markers(readme, "demo", readme_sentence(summarise_files(files)) + "\n")
 
 
-def _between_markers(path: Path, name: str, content: str) -> None:
+def write_between_markers(path: Path, name: str, content: str) -> None:
+    """Replace what ``path`` holds between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
     text = Path(path).read_text(encoding="utf-8")
     before, rest = text.split(f"<!-- {name}:begin -->\n", 1)
     _, after = rest.split(f"<!-- {name}:end -->", 1)
