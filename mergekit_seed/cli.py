@@ -425,6 +425,54 @@ def compare_command(
         fail(str(error))
 
 
+@main.command("select")
+@click.argument("seeds", nargs=-1, required=True)
+@click.option("--base", required=True, help="The model the seeds were fine-tuned from (folder or Hub id).")
+@click.option("--validation", required=True, type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format).")
+@click.option("--test", "test_data", required=True, type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the winning merge, its card and select.json/md/png.")
+@click.option("--methods", help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).")
+@click.option("--grid", type=click.Path(dir_okay=False), help="YAML of parameter values per method (replaces the default grid, docs/select.md).")
+@click.option("--metric", help="perplexity, answer_logprob or exact_match, as in compare.")
+@click.option("--versus-mean-seed", is_flag=True, help="Also compare with the mean seed: scores every seed on test (after the choice).")
+@click.option("--dry-run", is_flag=True, help="List the candidates and estimate disk and time; merge nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed output.")
+@click.option("--tokenizer", help="Tokenizer folder or Hub id for models that ship none.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--cuda", is_flag=True, help="Merge and score on the GPU (as --device cuda).")
+@click.option("--device", default=None, help="torch device to merge and score on (default cpu).")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
+@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def select_command(
+    seeds: tuple, base: str, validation: str, test_data: str, out: str, methods: Optional[str], grid: Optional[str],
+    metric: Optional[str], versus_mean_seed: bool, dry_run: bool, overwrite: bool, tokenizer: Optional[str], batch_size: int,
+    cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int, quiet: bool,
+) -> None:
+    """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
+    judge it once on --test against the seed chosen on validation, and publish it in --out
+    with its record (docs/select.md)."""
+    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, select
+
+    quiet_libraries()  # the merges' and loads' own bars and notices would break up select's one progress bar
+    try:
+        options = AdapterRunOptions(cuda=cuda, device=device)
+        check_device(options, work="merge and score")
+        method_list = None if methods is None else [name.strip() for name in methods.split(",") if name.strip()]
+        settings = dict(methods=method_list, grid=None if grid is None else Path(grid), metric=metric, tokenizer=tokenizer,
+                        batch_size=batch_size, device=options.device)
+        if dry_run:
+            for line in dry_run_lines(plan_selection(list(seeds), base, Path(validation), Path(test_data), **settings)):
+                click.echo(line)
+            return
+        select(list(seeds), base, Path(validation), Path(test_data), Path(out), versus_mean_seed=versus_mean_seed,
+               confidence=confidence, seed=seed, resamples=resamples, overwrite=overwrite, quiet=quiet, echo=click.echo,
+               warn=lambda message: click.echo(f"warning: {message}", err=True), **settings)
+    except UserError as error:
+        fail(str(error))
+
+
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
 @click.option("--quick", is_flag=True, help="One experiment, shorter training (about 6 min of one core from scratch, see docs/demo.md).")

@@ -31,9 +31,25 @@ def fill(recipe: dict, base: Path, seeds) -> dict:
     return recipe
 
 
+def is_select_grid(block: dict) -> bool:
+    """A `select --grid` file (docs/select.md): method names mapping to parameter values."""
+    from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS
+
+    return all(key in OUR_METHODS + MERGEKIT_METHODS and isinstance(value, dict) for key, value in block.items())
+
+
 @pytest.mark.parametrize("block", list(yaml_blocks()))
 def test_every_documented_recipe_validates(block, tiny_family, tiny_loras, tmp_path):
     recipe = yaml.safe_load(block)
+    if is_select_grid(recipe):  # every candidate of the grid checked as select checks it
+        from mergekit_seed.tools.selection import candidates, parsed_candidates, read_grid
+
+        path = tmp_path / "grid.yml"
+        path.write_text(block, encoding="utf-8")
+        base, seeds = tiny_family
+        found = candidates(list(recipe), read_grid(path))
+        assert len(parsed_candidates(found, str(base), [str(s) for s in seeds], "full")) > 1
+        return
     assert isinstance(recipe, dict) and "merge_method" in recipe, "a YAML block in the docs that is not a recipe"
     adapter = "output" in recipe  # the output section is the adapter route's
     base, seeds = tiny_loras if adapter else tiny_family

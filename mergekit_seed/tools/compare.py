@@ -310,7 +310,7 @@ def compare(models: Sequence[str], data: Path, out: Path, **settings) -> dict:
     return results
 
 
-def _score_model(
+def score_model(
     name: str, rows: Sequence[Row], metric: str, base: Optional[str], tokenizer: Optional[str], batch_size: int,
     device: str, advance: Callable[[int], None],
 ) -> List[Tuple[float, int]]:
@@ -344,7 +344,7 @@ def _checked_models(models: Sequence[str], reference: Optional[str], echo: Calla
     return models
 
 
-def _run_record(confidence: float, resamples: int, seed: int) -> dict:
+def run_record(confidence: float, resamples: int, seed: int) -> dict:
     """How a comparison was made: the interval's confidence, the bootstrap and the versions."""
     return {
         "confidence": confidence,
@@ -388,7 +388,7 @@ def compare_into(
         for model_name in models:
             progress.set_postfix_str(Path(model_name).name)
             try:
-                scores[model_name] = _score_model(model_name, rows, metric, base, tokenizer, batch_size, device, progress.update)
+                scores[model_name] = score_model(model_name, rows, metric, base, tokenizer, batch_size, device, progress.update)
             except UserError as error:
                 raise UserError(f"{data}: {error} for {model_name}") from None
     values = {name: per_example(scores[name], metric) for name in models}
@@ -407,7 +407,7 @@ def compare_into(
         "reference": reference,
         "models": {name: {"score": summary(scores[name], metric), "merge": merges[name]} for name in models},
         "versus_reference": comparisons,
-        **_run_record(confidence, resamples, seed),
+        **run_record(confidence, resamples, seed),
     }
     panels = [(f"{metric} on {len(rows)} examples", comparisons)]
     write_outputs(results, out, format_table(results), panels, echo)

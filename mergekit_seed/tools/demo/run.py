@@ -37,12 +37,12 @@ from typing import Callable, Dict, List
 
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
-from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import written_files
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
+from mergekit_seed.tools.selection import choose, judge, mean_seed
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 
@@ -315,7 +315,7 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
             "every_skill_between_20_and_90": all(0.2 <= v <= 0.9 for v in validation_regime["mean_seed_per_skill"].values()),
             "disagreement_at_least_10": validation_regime["disagreement"] >= 0.1,
         }
-        best_seeds = [max(seed_columns, key=lambda n: e[n]["validation"]["all"]) for e in experiments]
+        best_seeds = [choose({n: e[n]["validation"]["all"] for n in seed_columns}) for e in experiments]
         ours_on_validation = {m: mean_of(m, "validation") for m in OUR_METHODS}
         entry = {
             "seeds": {n: mean_of(n, "test") for n in seed_columns},
@@ -330,7 +330,7 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
             "regime_on_validation": validation_regime,
             "versus_best_seed": versus_best_seed(experiments, methods, best_seeds),
             "versus_mean_seed": versus_mean_seed(experiments, methods),
-            "best_of_ours_by_validation": max(OUR_METHODS, key=lambda m: ours_on_validation[m]),
+            "best_of_ours_by_validation": choose(ours_on_validation),
         }
         if len(runs) > 1:
             entry["std"] = {n: statistics.stdev(e[n]["test"]["all"] for e in experiments) for n in names}
@@ -353,9 +353,7 @@ def versus_best_seed(experiments: List[dict], methods: List[str], best_seeds: Li
     """Per method: the paired test difference to each experiment's best seed, the one chosen
     by its validation accuracy, with a 95% bootstrap interval and a verdict."""
     return {
-        method: paired_difference(
-            [[m - b for m, b in zip(e[method]["test"]["correct"], e[best]["test"]["correct"])] for e, best in zip(experiments, best_seeds)]
-        ).to_dict()
+        method: judge([e[method]["test"]["correct"] for e in experiments], [e[best]["test"]["correct"] for e, best in zip(experiments, best_seeds)])
         for method in methods
     }
 
@@ -364,12 +362,8 @@ def versus_mean_seed(experiments: List[dict], methods: List[str]) -> Dict[str, d
     """Per method: the paired test difference to the mean seed (per example, the share of
     seeds that solve it: what one fine-tuning run gives on average), interval and verdict."""
     seed_columns = seed_names(SEED_COUNT)
-    differences = {method: [] for method in methods}
-    for e in experiments:
-        mean_seed = [statistics.fmean(row) for row in zip(*(e[n]["test"]["correct"] for n in seed_columns))]
-        for method in methods:
-            differences[method].append([m - s for m, s in zip(e[method]["test"]["correct"], mean_seed)])
-    return {method: paired_difference(groups).to_dict() for method, groups in differences.items()}
+    average = [mean_seed([e[n]["test"]["correct"] for n in seed_columns]) for e in experiments]
+    return {method: judge([e[method]["test"]["correct"] for e in experiments], average) for method in methods}
 
 
 def environment(config: DemoConfig) -> dict:

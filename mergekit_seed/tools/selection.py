@@ -1,0 +1,607 @@
+"""``mergekit-seed select``: choose the merge on validation, judge it on test, publish the winner.
+
+The protocol (one implementation: the demo's choice and verdict use :func:`choose`,
+:func:`mean_seed` and :func:`judge` too):
+
+1. Every candidate (a method with one setting of the grid) is merged through the real engines
+   (:func:`mergekit_seed.runner.merge`) and scored on the validation set; every seed is too.
+2. The candidate and the seed with the best validation score are chosen.
+3. Only those two are scored on the test set, once, after the choice. The paired per-example
+   difference on test, with :func:`~mergekit_seed.maths.stats.paired_difference`'s interval,
+   gives the verdict ("better", "worse", "no detectable difference"). ``versus_mean_seed``
+   scores the other seeds on test as well (still after the choice) for the comparison with
+   the average seed.
+
+Candidates are merged one at a time and only the best so far stays on disk (two merges at
+most). OUT is the winning merge, card included, with a "Selection" section added to the card,
+and ``select.json``, ``select.md`` and ``select.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+from tqdm import tqdm
+
+from mergekit_seed.card import CARD_NAME
+from mergekit_seed.errors import UserError
+from mergekit_seed.finite import report_json
+from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.output import MANIFEST_NAME, OutputFolder, local_paths
+from mergekit_seed.recipe import check_recipe, parse_mapping, parse_recipe, read_recipe_text
+from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter_config
+from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.weights import sha256_file, weight_files
+from mergekit_seed.runner import merge
+from mergekit_seed.tools.compare import (
+    HIGHER_IS_BETTER,
+    choose_metric,
+    load_model,
+    per_example,
+    read_data,
+    run_record,
+    score_model,
+    score_rows,
+    summary,
+)
+
+OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
+MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
+DEFAULT_METHODS = OUR_METHODS + ("linear", "ties")
+# per-model parameters mergekit's methods require: linear (Model Soup) and TIES weigh each seed
+# 1; dare_ties sums the weighted deltas (its `normalize` defaults to false), so 1/N averages them
+MERGEKIT_WEIGHTS = {"linear": lambda count: 1.0, "ties": lambda count: 1.0, "dare_ties": lambda count: round(1 / count, 6)}
+DEFAULT_GRID: Dict[str, Dict[str, List[Any]]] = {
+    "seedft": {"lambda": ["auto", 1.0]},
+    "seedlora_twostage": {"energy": [0.9, 0.99]},
+    "lore": {"mu_relative": [0.05, 0.1, 0.2]},
+    "ties": {"density": [0.5]},
+    "dare_ties": {"density": [0.5]},
+}
+SELECTION_HEADING = "## Selection"
+
+
+# ------------------------------------------------------------------ the protocol
+
+
+def choose(scores: Mapping[str, float]) -> str:
+    """The name with the highest score (higher is better); on a tie, the first listed."""
+    if not scores:
+        raise ValueError("nothing to choose from")
+    return max(scores, key=scores.__getitem__)
+
+
+def mean_seed(seed_values: Sequence[Sequence[float]]) -> List[float]:
+    """Per example, the mean over seeds (``seed_values``: one list per seed): what one
+    fine-tuning run gives on average."""
+    return [statistics.fmean(row) for row in zip(*seed_values)]
+
+
+def judge(
+    model: Sequence[Sequence[float]], reference: Sequence[Sequence[float]], confidence: float = 0.95,
+    resamples: int = 10_000, seed: int = 0,
+) -> dict:
+    """The paired difference ``model - reference`` on test, per group (experiment) and example,
+    with its bootstrap interval and verdict, as a dict."""
+    differences = [[m - r for m, r in zip(mine, theirs)] for mine, theirs in zip(model, reference)]
+    return paired_difference(differences, confidence, resamples, seed).to_dict()
+
+
+# ------------------------------------------------------------------ candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One merge to try: a method and the recipe-level parameters of one grid point."""
+
+    method: str
+    parameters: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        settings = " ".join(f"{key}={value}" for key, value in self.parameters)
+        return f"{self.method} {settings}".strip()
+
+
+def read_grid(path: Path) -> Dict[str, Dict[str, List[Any]]]:
+    """``--grid``: ``{method: {parameter: [values]}}`` (a single value counts as a list of one);
+    one line naming the entry for anything else."""
+    data = parse_mapping(read_recipe_text(str(path)), str(path))
+    grid: Dict[str, Dict[str, List[Any]]] = {}
+    for method, settings in data.items():
+        if not isinstance(settings, dict):
+            raise UserError(f"{path}: {method}: give a mapping of parameter: [values]")
+        grid[str(method)] = {}
+        for parameter, values in settings.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise UserError(f"{path}: {method}.{parameter}: an empty list; give at least one value")
+            grid[str(method)][str(parameter)] = values
+    return grid
+
+
+def candidates(methods: Sequence[str], grid: Mapping[str, Mapping[str, Sequence[Any]]]) -> List[Candidate]:
+    """Every method once per point of its grid (the product of its parameters' values), in the
+    order of ``methods``; a method the grid does not name is tried once with its defaults."""
+    found = []
+    for method in methods:
+        settings = grid.get(method, {})
+        for values in itertools.product(*settings.values()):
+            found.append(Candidate(method, tuple(zip(settings, values))))
+    if not found:
+        raise UserError("no candidates: give at least one method")
+    return found
+
+
+def seed_kind(seeds: Sequence[str]) -> str:
+    """``full``, ``lora`` or ``sera``: what the seeds are (all of one kind)."""
+    kinds = {}
+    for seed in seeds:
+        folder = local_folder(seed)
+        if is_adapter_folder(folder):
+            kinds[seed] = "sera" if str(read_adapter_config(folder).get("peft_type", "LORA")).upper() == "SERA" else "lora"
+        else:
+            kinds[seed] = "full"
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{seed} ({kind})" for seed, kind in kinds.items())
+        raise UserError(f"the seeds must be of one kind (full models, LoRA or SeRA adapters): {listing}")
+    return next(iter(kinds.values()))
+
+
+def check_methods(methods: Sequence[str], kind: str) -> None:
+    """Refuse a method that cannot merge seeds of ``kind``."""
+    known = OUR_METHODS + MERGEKIT_METHODS
+    for method in methods:
+        if method not in known:
+            raise UserError(f"--methods {method}: select tries {', '.join(known)}")
+        if kind == "sera" and method in MERGEKIT_METHODS:
+            raise UserError(
+                f"--methods {method}: mergekit's methods cannot read SeRA adapters (PEFT does not know them); "
+                f"use {', '.join(OUR_METHODS)}, or merge the seeds into full models first"
+            )
+
+
+def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str) -> str:
+    """The recipe of ``candidate``: our methods merge adapter seeds into an adapter; mergekit's
+    merge LoRA seeds as ``BASE+ADAPTER`` into a full model. Model Soup (linear) averages the
+    seeds alone, and LoRE needs no base for full seeds (adapters' deltas are relative to it)."""
+    ours = candidate.method in OUR_METHODS
+    recipe: Dict[str, Any] = {"merge_method": candidate.method}
+    if candidate.method != "linear" and (kind != "full" or candidate.method != "lore"):
+        recipe["base_model"] = base
+    models = []
+    for seed in seeds:
+        entry: Dict[str, Any] = {"model": f"{base}+{seed}" if kind == "lora" and not ours else seed}
+        if not ours:
+            entry["parameters"] = {"weight": MERGEKIT_WEIGHTS[candidate.method](len(seeds))}
+        models.append(entry)
+    recipe["models"] = models
+    if candidate.parameters:
+        recipe["parameters"] = dict(candidate.parameters)
+    if kind != "full" and ours:
+        recipe["output"] = {"format": "lora"}
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def parsed_candidates(found: Sequence[Candidate], base: str, seeds: Sequence[str], kind: str) -> Dict[Candidate, Any]:
+    """Each candidate's parsed recipe, every one checked before anything is merged (a bad grid
+    value is one line naming the candidate, not a failure after the sweep has started)."""
+    recipes = {}
+    for candidate in found:
+        recipe = parse_recipe(recipe_text(candidate, base, seeds, kind), f"candidate {candidate.name}")
+        problems = check_recipe(recipe, recipe.origin)
+        if problems:
+            raise UserError(problems[0])
+        recipes[candidate] = recipe
+    return recipes
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class Split:
+    """A JSONL file of compare's format, its rows, its kind and its sha256."""
+
+    path: Path
+    kind: str
+    rows: list
+    sha256: str
+
+    def record(self) -> dict:
+        return {"path": str(self.path), "examples": len(self.rows), "sha256": self.sha256}
+
+
+def read_split(path: Path) -> Split:
+    kind, rows = read_data(path)
+    return Split(path=path, kind=kind, rows=rows, sha256=sha256_file(path))
+
+
+def _prompt_hash(row) -> str:
+    """What makes two examples the same question: the prompt (answer rows) or the text."""
+    text = row.text if row.text is not None else row.prompt
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def refuse_overlap(validation: Split, test: Split) -> None:
+    """Refuse a test set that shares an example with validation (same prompt, by hash): a
+    result judged on examples it was chosen on is inflated."""
+    if validation.kind != test.kind:
+        raise UserError(f"{test.path}: its rows are {test.kind} rows and {validation.path}'s are {validation.kind} rows; give both splits one kind")
+    seen = {_prompt_hash(row) for row in validation.rows}
+    shared = [index for index, row in enumerate(test.rows, start=1) if _prompt_hash(row) in seen]
+    if shared:
+        raise UserError(
+            f"{test.path}: {len(shared)} of its {len(test.rows)} examples (the first is example {shared[0]}) have a prompt "
+            f"that is also in {validation.path}; the test set must be disjoint from validation: remove them"
+        )
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Scores one model on one split with compare's scorers: (the model's figure, the per-example
+    values the choice and the verdict compare, higher is better)."""
+
+    metric: str
+    base: Optional[str]
+    tokenizer: Optional[str]
+    batch_size: int = 16
+    device: str = "cpu"
+
+    def __call__(self, model: str, split: Split) -> Tuple[float, List[float]]:
+        try:
+            scores = score_model(model, split.rows, self.metric, self.base, self.tokenizer, self.batch_size, self.device, lambda _count: None)
+        except UserError as error:
+            raise UserError(f"{split.path}: {error} for {model}") from None
+        return summary(scores, self.metric), per_example(scores, self.metric)
+
+
+@dataclass
+class Plan:
+    """Everything a selection needs, checked before anything is merged or scored."""
+
+    seeds: List[str]
+    base: str
+    kind: str
+    recipes: Dict[Candidate, Any]
+    validation: Split
+    test: Split
+    scorer: Scorer
+    grid_path: Optional[Path] = None
+
+    @property
+    def inputs(self) -> List[Any]:
+        return [*self.seeds, self.base, self.validation.path, self.test.path, self.scorer.tokenizer, self.grid_path]
+
+
+@dataclass
+class Sweep:
+    """What the validation pass found: each seed's and candidate's (figure, values), the
+    candidates that failed to merge, and the folder of the best candidate so far."""
+
+    seeds: Dict[str, Tuple[float, List[float]]] = field(default_factory=dict)
+    candidates: Dict[Candidate, Tuple[float, List[float]]] = field(default_factory=dict)
+    failures: Dict[Candidate, str] = field(default_factory=dict)
+    best_folder: Optional[Path] = None
+
+    def means(self, entries: Mapping[Any, Tuple[float, List[float]]]) -> Dict[Any, float]:
+        return {key: statistics.fmean(values) for key, (_, values) in entries.items()}
+
+
+def plan_selection(
+    seeds: Sequence[str], base: str, validation: Path, test: Path, *, methods: Optional[Sequence[str]] = None,
+    grid: Optional[Path] = None, metric: Optional[str] = None, tokenizer: Optional[str] = None, batch_size: int = 16,
+    device: str = "cpu",
+) -> Plan:
+    """Check every input of a selection and build its candidates (see :func:`select`)."""
+    seeds = list(dict.fromkeys(seeds))
+    if len(seeds) < 2:
+        raise UserError("select needs at least two seeds")
+    kind = seed_kind(seeds)
+    if methods is None:
+        methods = [m for m in DEFAULT_METHODS if kind != "sera" or m in OUR_METHODS]
+    check_methods(methods, kind)
+    user_grid = None if grid is None else read_grid(grid)
+    strays = [method for method in user_grid or {} if method not in methods]
+    if strays:
+        raise UserError(f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or drop it from the grid")
+    found = candidates(methods, DEFAULT_GRID if user_grid is None else user_grid)
+    validation_split, test_split = read_split(validation), read_split(test)
+    refuse_overlap(validation_split, test_split)
+    metric = choose_metric(validation_split.kind, metric, validation)
+    return Plan(
+        seeds=seeds, base=base, kind=kind, recipes=parsed_candidates(found, base, seeds, kind),
+        validation=validation_split, test=test_split, scorer=Scorer(metric, base, tokenizer, batch_size, device), grid_path=grid,
+    )
+
+
+def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: Callable[[str], None], warn: Callable[[str], None]) -> Sweep:
+    """Score every seed and every candidate on validation, merging the candidates one at a time
+    under ``work`` and keeping only the best so far on disk."""
+    sweep = Sweep()
+    with tqdm(total=len(plan.seeds) + len(plan.recipes), desc="Validation", unit="model", disable=quiet) as progress:
+        for seed in plan.seeds:
+            progress.set_postfix_str(Path(seed).name)
+            sweep.seeds[seed] = plan.scorer(seed, plan.validation)
+            progress.update()
+        for index, (candidate, recipe) in enumerate(plan.recipes.items()):
+            progress.set_postfix_str(candidate.name)
+            folder = work / f"candidate{index}" / out_name  # the card's title is the folder's name
+            try:
+                merge(recipe, folder, quiet=True, device=plan.scorer.device, random_seed=0, echo=lambda _line: None,
+                      warn=lambda message, name=candidate.name: _above_bar(progress, warn, f"{name}: {message}"))
+            except UserError as error:
+                sweep.failures[candidate] = str(error)
+                _above_bar(progress, warn, f"{candidate.name}: failed to merge, the sweep goes on: {error}")
+                progress.update()
+                continue
+            sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
+            if choose(sweep.means(sweep.candidates)) == candidate:
+                if sweep.best_folder is not None:
+                    shutil.rmtree(sweep.best_folder.parent)
+                sweep.best_folder = folder
+            else:
+                shutil.rmtree(folder.parent)
+            if not quiet:
+                progress.write(f"  {candidate.name}: validation {plan.scorer.metric} {sweep.candidates[candidate][0]:.4f}")
+            progress.update()
+    if not sweep.candidates:
+        first = next(iter(sweep.failures.values()))
+        raise UserError(f"every candidate failed to merge; the first: {first}")
+    return sweep
+
+
+def _above_bar(progress, warn: Callable[[str], None], message: str) -> None:
+    with progress.external_write_mode():
+        warn(message)
+
+
+# ------------------------------------------------------------------ the test, once
+
+
+def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: Tuple[float, int, int]) -> dict:
+    """Score the chosen candidate and the chosen seed on test (the other seeds too with
+    ``versus_mean_seed``), after the choice; their paired differences and verdicts."""
+    winner = choose(sweep.means(sweep.candidates))
+    chosen_seed = choose(sweep.means(sweep.seeds))
+    scored = {winner.name: plan.scorer(str(sweep.best_folder), plan.test), chosen_seed: plan.scorer(chosen_seed, plan.test)}
+    confidence, resamples, seed = bootstrap
+    verdicts = {"versus_best_seed": judge([scored[winner.name][1]], [scored[chosen_seed][1]], confidence, resamples, seed)}
+    if versus_mean_seed:
+        for other in plan.seeds:
+            if other not in scored:
+                scored[other] = plan.scorer(other, plan.test)
+        average = mean_seed([scored[name][1] for name in plan.seeds])
+        verdicts["versus_mean_seed"] = judge([scored[winner.name][1]], [average], confidence, resamples, seed)
+    return {
+        "winner": winner.name,
+        "best_seed": chosen_seed,
+        "scored": list(scored),
+        "scores": {name: figure for name, (figure, _) in scored.items()},
+        **verdicts,
+    }
+
+
+def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[float, int, int]) -> dict:
+    """select.json: the splits and their hashes, every candidate (recipe, validation score or
+    failure), the seeds on validation, what was chosen and the verdict on test."""
+    means = {**sweep.means(sweep.seeds), **{c.name: v for c, v in sweep.means(sweep.candidates).items()}}
+    entries = []
+    for candidate, recipe in plan.recipes.items():
+        entry = {"name": candidate.name, "method": candidate.method, "parameters": dict(candidate.parameters), "recipe": recipe.source}
+        if candidate in sweep.candidates:
+            entry["validation"] = {"score": sweep.candidates[candidate][0], "compared": means[candidate.name]}
+        else:
+            entry["failed"] = sweep.failures[candidate]
+        entries.append(entry)
+    return {
+        "seeds_kind": plan.kind,
+        "base": plan.base,
+        "metric": plan.scorer.metric,
+        "higher_is_better": HIGHER_IS_BETTER[plan.scorer.metric],
+        "compared_on": "mean log-probability per token" if plan.scorer.metric == "perplexity" else plan.scorer.metric,
+        "validation": plan.validation.record(),
+        "test": plan.test.record(),
+        "seeds": {seed: {"score": figure, "compared": means[seed]} for seed, (figure, _) in sweep.seeds.items()},
+        "candidates": entries,
+        "failures": [entry["name"] for entry in entries if "failed" in entry],
+        "chosen": {"candidate": test["winner"], "seed": test["best_seed"]},
+        "on_test": test,
+        "test_scored_once_for": test["scored"],
+        **run_record(*bootstrap),
+    }
+
+
+# ------------------------------------------------------------------ the record
+
+
+def _difference(difference: dict) -> str:
+    return f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]: {difference['verdict']}"
+
+
+def selection_markdown(record: dict) -> str:
+    """The "Selection" section of the card, and select.md: the candidates on validation, the
+    chosen pair, the verdict on test and the hashes of both splits."""
+    metric, test = record["metric"], record["on_test"]
+    lines = [
+        SELECTION_HEADING, "",
+        f"Chosen by `mergekit-seed select` among {len(record['candidates'])} candidates on the validation set, "
+        f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after the choice). "
+        f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']} (higher is better).",
+        "",
+        f"- validation: `{record['validation']['path']}`, {record['validation']['examples']} examples, sha256 `{record['validation']['sha256']}`",
+        f"- test: `{record['test']['path']}`, {record['test']['examples']} examples, sha256 `{record['test']['sha256']}`",
+        "",
+        f"| candidate | validation {metric} | compared value |", "|---|---|---|",
+    ]
+    for entry in record["candidates"]:
+        mark = " (chosen)" if entry["name"] == test["winner"] else ""
+        if "failed" in entry:
+            lines.append(f"| {entry['name']} | failed to merge | {entry['failed'][:120]} |")
+        else:
+            lines.append(f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | {entry['validation']['compared']:.4f} |")
+    for seed, entry in record["seeds"].items():
+        mark = " (best seed)" if seed == test["best_seed"] else ""
+        lines.append(f"| seed `{seed}`{mark} | {entry['score']:.4f} | {entry['compared']:.4f} |")
+    confidence = int(100 * record["confidence"])
+    lines += ["", f"On test, `{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): {_difference(test['versus_best_seed'])}."]
+    if "versus_mean_seed" in test:
+        lines.append(f"Minus the mean seed (every seed scored on test after the choice): {_difference(test['versus_mean_seed'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    """select.png: validation score per candidate and seed; the test difference with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    test = record["on_test"]
+    rows = [(e["name"], e["validation"]["compared"], "tab:green" if e["name"] == test["winner"] else "tab:blue")
+            for e in record["candidates"] if "validation" in e]
+    rows += [(f"seed {Path(s).name}", e["compared"], "tab:gray") for s, e in record["seeds"].items()]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.35 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
+    # points, not bars: log-probabilities are negative and candidates differ by little
+    left.scatter([value for _, value, _ in rows], range(len(rows)), color=[color for _, _, color in rows], zorder=3)
+    left.grid(axis="x", alpha=0.3)
+    left.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel(f"validation: per-example {record['compared_on']} (higher is better)")
+    left.set_title("candidates on validation (green: chosen)")
+    references = [key for key in ("versus_best_seed", "versus_mean_seed") if key in test]
+    for position, key in enumerate(references):
+        difference = test[key]
+        right.errorbar(difference["mean"], position, xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
+                       fmt="o", capsize=4, color={"better": "tab:green", "worse": "tab:red"}.get(difference["verdict"], "tab:gray"))
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set_yticks(range(len(references)), [key.replace("versus_", "vs ").replace("_", " ") for key in references])
+    right.set_ylim(-0.5, len(references) - 0.5)
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+    right.set_title(f"test: {test['winner']}")
+    right.set_xlabel(f"difference ({int(100 * record['confidence'])}% interval, positive is better)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
+    """Move the winning merge into ``staging`` (OUT), add the Selection section to its card and
+    write select.json, select.md and select.png beside it."""
+    for entry in sweep.best_folder.iterdir():
+        if entry.name != MANIFEST_NAME:
+            entry.rename(staging / entry.name)
+    section = selection_markdown(record)
+    card = staging / CARD_NAME
+    if card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + section, encoding="utf-8")
+    (staging / "select.json").write_text(report_json(record, "select.json"), encoding="utf-8")
+    (staging / "select.md").write_text(section.replace(SELECTION_HEADING, "# Selection", 1), encoding="utf-8")
+    plot(record, staging / "select.png")
+
+
+# ------------------------------------------------------------------ the command
+
+
+def select(
+    seeds: Sequence[str], base: str, validation: Path, test: Path, out: Path, *, versus_mean_seed: bool = False,
+    confidence: float = 0.95, seed: int = 0, resamples: int = 10_000, overwrite: bool = False, quiet: bool = False,
+    echo: Callable[[str], None] = print, warn: Optional[Callable[[str], None]] = None, **plan_settings: Any,
+) -> dict:
+    """Choose among ``plan_settings``' candidates (:func:`plan_selection`: ``methods``, ``grid``,
+    ``metric``, ``tokenizer``, ``batch_size``, ``device``) on ``validation``, judge the choice
+    on ``test`` and publish the winning merge with its record in ``out``
+    (:class:`~mergekit_seed.output.OutputFolder`). Returns what select.json holds."""
+    warn = warn or (lambda message: echo(f"warning: {message}"))
+    plan = plan_selection(seeds, base, Path(validation), Path(test), **plan_settings)
+    bootstrap = (confidence, resamples, seed)
+    with OutputFolder(out, local_paths(plan.inputs), overwrite) as output:
+        sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
+        results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
+        record = selection_record(plan, sweep, results, bootstrap)
+        publish_winner(sweep, output.staging, record)
+        shutil.rmtree(output.staging / ".sweep")
+        output.publish()
+    for line in summary_lines(record):
+        echo(line)
+    return record
+
+
+def summary_lines(record: dict) -> List[str]:
+    test = record["on_test"]
+    lines = [
+        f"chosen on validation: {test['winner']}; best seed on validation: {test['best_seed']}",
+        f"test ({record['test']['examples']} examples, scored once, after the choice): {test['winner']} minus the best seed "
+        f"{_difference(test['versus_best_seed'])}",
+    ]
+    if "versus_mean_seed" in test:
+        lines.append(f"  minus the mean seed {_difference(test['versus_mean_seed'])}")
+    if record["failures"]:
+        lines.append(f"failed to merge ({len(record['failures'])}): {', '.join(record['failures'])} (select.json says why)")
+    return lines
+
+
+# ------------------------------------------------------------------ --dry-run
+
+
+def _weight_bytes(reference: str) -> int:
+    return sum(file.stat().st_size for file in weight_files(local_folder(reference)))
+
+
+def disk_estimate(plan: Plan) -> int:
+    """Bytes on disk at the worst moment: the best merge kept, the one being written, and for
+    mergekit's methods on LoRA seeds the ``BASE+ADAPTER`` models mergekit writes first (one
+    full model per seed, removed after that merge)."""
+    base_bytes = _weight_bytes(plan.base)
+    seed_bytes = sum(_weight_bytes(seed) for seed in plan.seeds)
+    sizes = []
+    for candidate in plan.recipes:
+        if plan.kind == "full" or candidate.method not in OUR_METHODS:
+            cache = len(plan.seeds) * base_bytes if plan.kind == "lora" else 0
+            sizes.append((base_bytes, cache))
+        else:  # an exact merge of N rank-r adapters has rank up to N * r
+            sizes.append((seed_bytes, 0))
+    largest_output = max(output for output, _ in sizes)
+    return largest_output + max(output + cache for output, cache in sizes)
+
+
+def time_estimate(plan: Plan, probe_rows: int = 8) -> float:
+    """Seconds for the whole selection, from one measurement on this machine: loading the first
+    seed (``L``) and scoring it on up to ``probe_rows`` validation examples (``S``). A scoring
+    is ``L`` plus ``S`` per ``probe_rows`` examples; a merge, reading the base and every seed
+    and writing one model, about ``(N + 2) L``."""
+    load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)  # the first load also pays for imports
+    started = time.perf_counter()
+    model, tokenizer = load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)
+    loaded = time.perf_counter()
+    rows = plan.validation.rows[:probe_rows]
+    score_rows(model, tokenizer, rows, plan.scorer.metric, plan.scorer.batch_size, plan.scorer.device)
+    load, per_row = loaded - started, (time.perf_counter() - loaded) / len(rows)
+    merges = len(plan.recipes) * (len(plan.seeds) + 2) * load
+    validation = (len(plan.seeds) + len(plan.recipes)) * (load + per_row * len(plan.validation.rows))
+    return merges + validation + 2 * (load + per_row * len(plan.test.rows))
+
+
+def dry_run_lines(plan: Plan) -> List[str]:
+    """What ``--dry-run`` prints: the candidates, the work, the disk and the time it will take."""
+    lines = [f"{len(plan.recipes)} candidates for {len(plan.seeds)} {plan.kind} seeds on {plan.base}:"]
+    lines += [f"  {candidate.name}" for candidate in plan.recipes]
+    lines.append(
+        f"work: {len(plan.recipes)} merges, {len(plan.seeds) + len(plan.recipes)} scorings on validation "
+        f"({len(plan.validation.rows)} examples), 2 on test ({len(plan.test.rows)} examples)"
+    )
+    lines.append(f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT")
+    lines.append(f"time: about {time_estimate(plan):,.0f} s here (from loading one seed and scoring it on a few examples)")
+    return lines
