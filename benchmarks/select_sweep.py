@@ -48,25 +48,26 @@ def demo_lora_seeds(root: Path):
     return base, seeds, *splits
 
 
-def by_hand(plan, work: Path) -> float:
+def by_hand(plan, work: Path) -> dict:
     """Seconds for the selection's merges and scorings run one by one, as a user would."""
     from mergekit_seed.runner import merge
 
-    total = 0.0
-    for seed in plan.seeds:
+    spent = {"merges": 0.0, "scorings": 0.0}
+
+    def timed(kind: str, function) -> None:
         started = time.perf_counter()
-        plan.scorer(seed, plan.validation)
-        total += time.perf_counter() - started
+        function()
+        spent[kind] += time.perf_counter() - started
+
+    for seed in plan.seeds:
+        timed("scorings", lambda: plan.scorer(seed, plan.validation))
     for index, recipe in enumerate(plan.recipes.values()):
         folder = work / f"candidate{index}"
-        started = time.perf_counter()
-        merge(recipe, folder, quiet=True, random_seed=0, echo=lambda _line: None, warn=lambda _message: None)
-        plan.scorer(str(folder), plan.validation)
-        total += time.perf_counter() - started
-    started = time.perf_counter()
-    plan.scorer(str(work / "candidate0"), plan.test)
-    plan.scorer(plan.seeds[0], plan.test)
-    return total + time.perf_counter() - started
+        timed("merges", lambda: merge(recipe, folder, quiet=True, random_seed=0, echo=lambda _line: None, warn=lambda _message: None))
+        timed("scorings", lambda: plan.scorer(str(folder), plan.validation))
+    timed("scorings", lambda: plan.scorer(str(work / "candidate0"), plan.test))
+    timed("scorings", lambda: plan.scorer(plan.seeds[0], plan.test))
+    return spent
 
 
 def main() -> None:
@@ -97,10 +98,11 @@ def main() -> None:
         "winner": record["chosen"]["candidate"],
         "verdict_versus_best_seed": record["on_test"]["versus_best_seed"]["verdict"],
         "select_seconds": round(selected, 2),
-        "by_hand_seconds": round(manual, 2),
-        "select_over_by_hand": round(selected / manual, 3),
-        "dry_run_estimate_seconds": round(estimate, 2),
-        "estimate_over_select": round(estimate / selected, 3),
+        "by_hand_seconds": {kind: round(value, 2) for kind, value in manual.items()},
+        "select_over_by_hand": round(selected / sum(manual.values()), 3),
+        "dry_run_estimate_seconds": {"merges": round(estimate.merges, 2), "scorings": round(estimate.scorings, 2)},
+        "estimate_over_select": round(estimate.seconds / selected, 3),
+        "estimate_over_by_hand": {kind: round(getattr(estimate, kind) / manual[kind], 3) for kind in manual},
         "machine": machine("cpu"),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

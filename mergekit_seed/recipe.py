@@ -723,8 +723,11 @@ def _compare_dtype_kinds(kinds_by_input: Dict[str, Dict[str, str]], path: str) -
 def _missing_required_tensors(shapes_by_input: Dict[str, Dict[str, tuple]], path: str) -> List[str]:
     """Tensors an input lacks that its architecture needs, by mergekit's own rules: a weight
     that is not optional must be there under its name, an alias or a tied name (so tied and
-    untied embeddings, stray buffers and models of different depths are all fine)."""
+    untied embeddings, stray buffers and models of different depths are all fine), or be one
+    that mergekit's loader builds from the checkpoint's keys with transformers' conversion
+    mapping (a Mixtral saved as ``block_sparse_moe.experts.N.w1`` read as ``mlp.experts.gate_up_proj``)."""
     from mergekit.architecture import arch_info_for_config
+    from mergekit.architecture.conversion import can_convert_checkpoint_keys
     from transformers import AutoConfig
 
     problems = []
@@ -735,9 +738,12 @@ def _missing_required_tensors(shapes_by_input: Dict[str, Dict[str, tuple]], path
             weights = architecture.all_weights(model_config) if architecture is not None else []
         except Exception:  # an architecture mergekit does not know: it says so when it plans
             continue
+        keys = set(shapes)
         for weight in weights:
             names = [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]
-            if not weight.optional and not any(name in shapes for name in names):
+            if weight.optional or any(name in keys for name in names):
+                continue
+            if not any(can_convert_checkpoint_keys(model_config.model_type, keys, name) for name in [weight.name, *(weight.aliases or ())]):
                 problems.append(f"{path}: tensor {weight.name} is missing in {folder} (its architecture needs it)")
     return problems
 

@@ -488,3 +488,42 @@ def test_a_router_adapter_routed_to_a_full_model_names_the_base_spelling(tiny_mi
     recipe = adapter_recipe(tmp_path / "r.yml", "seedft", tiny_mixtral, [seed] * 3, {"format": "full"})
     result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
     refused(result, "model.layers.0.mlp.gate.weight", "block_sparse_moe.gate.weight", "output.format: lora", out=tmp_path / "out")
+
+
+def test_a_mixtral_saved_in_checkpoint_layout_merges_on_the_full_route_as_stock_mergekit_does(tiny_mixtral, tmp_path):
+    """transformers 5 saves Mixtral's experts as block_sparse_moe.experts.N.w1/w2/w3, and
+    mergekit reads them as mlp.experts.gate_up_proj through transformers' conversion mapping;
+    the up-front check asks the same mapping (issue 39: it refused what stock merges)."""
+    from safetensors.torch import load_file
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(tiny_mixtral)
+    seeds = []
+    for index in range(3):
+        torch.manual_seed(10 + index)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        model.save_pretrained(tmp_path / f"seed{index}")
+        seeds.append(tmp_path / f"seed{index}")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: seedlora_dm\nbase_model: {tiny_mixtral}\nmodels:\n"
+                      + "".join(f"  - model: {seed}\n" for seed in seeds) + "dtype: float32\n")
+    run_cli("mergekit-seed", "validate", recipe, check=True)
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "ours", "--quiet", check=True)
+    run_cli("mergekit-yaml", recipe, tmp_path / "stock", check=True)
+    ours, stock = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "stock" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in ours and sorted(ours) == sorted(stock)
+    assert all(torch.equal(ours[name], stock[name]) for name in ours)
+
+    def state(path):  # in transformers' model layout, float64
+        return {name: value.double() for name, value in MixtralForCausalLM.from_pretrained(path).state_dict().items()}
+
+    base, deltas = state(tiny_mixtral), [state(seed) for seed in seeds]
+    for name, merged in ours.items():  # DESIGN.md's seedlora_dm, written out in float64
+        taus = [seed[name] - base[name] for seed in deltas]
+        mean = sum(taus) / 3
+        mu_hat = sum(tau.mean() for tau in taus) / 3
+        s_hat = sum(tau.std(unbiased=False) for tau in taus) / 3
+        expected = base[name] + s_hat * (mean - mean.mean()) / mean.std(unbiased=False) + mu_hat
+        assert torch.allclose(merged.double(), expected, atol=1e-6), name

@@ -334,7 +334,7 @@ def _checked_lora_config(folder: Path, config: dict) -> LoraFolderConfig:
                 f"{folder / CONFIG_NAME}: target_parameters {target!r}: a LoRA on a parameter that is not a layer's weight "
                 "(such as MoE experts' 3-D gate_up_proj) is not a delta this reader can place; train the seeds without it "
                 "(attention and router LoRAs merge), or materialise each seed with PEFT's merge_and_unload() and merge "
-                "those checkpoints with stock mergekit-yaml"
+                "those checkpoints with mergekit-seed run (the full route)"
             )
     problem = modified_base_problem(lora.init_lora_weights)
     if problem:

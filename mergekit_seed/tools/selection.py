@@ -577,11 +577,24 @@ def disk_estimate(plan: Plan) -> int:
     return largest_output + max(output + cache for output, cache in sizes)
 
 
-def time_estimate(plan: Plan, probe_rows: int = 8) -> float:
-    """Seconds for the whole selection, from one measurement on this machine: loading the first
-    seed (``L``) and scoring it on up to ``probe_rows`` validation examples (``S``). A scoring
-    is ``L`` plus ``S`` per ``probe_rows`` examples; a merge, reading the base and every seed
-    and writing one model, about ``(N + 2) L``."""
+@dataclass(frozen=True)
+class TimeEstimate:
+    """--dry-run's guess, in seconds: every merge, and every scoring (validation and test)."""
+
+    merges: float
+    scorings: float
+
+    @property
+    def seconds(self) -> float:
+        return self.merges + self.scorings
+
+
+def time_estimate(plan: Plan, probe_rows: int = 256) -> TimeEstimate:
+    """The selection's time from one measurement on this machine: loading the first seed
+    (``L``) and scoring it on up to ``probe_rows`` validation examples (``S``; all of them for
+    a set that small, since a few examples in small batches cost more each). A scoring is ``L``
+    plus ``S`` per ``probe_rows`` examples; a merge, reading the base and every seed and
+    writing one model, about ``(N + 2) L``."""
     load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)  # the first load also pays for imports
     started = time.perf_counter()
     model, tokenizer = load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)
@@ -589,9 +602,11 @@ def time_estimate(plan: Plan, probe_rows: int = 8) -> float:
     rows = plan.validation.rows[:probe_rows]
     score_rows(model, tokenizer, rows, plan.scorer.metric, plan.scorer.batch_size, plan.scorer.device)
     load, per_row = loaded - started, (time.perf_counter() - loaded) / len(rows)
-    merges = len(plan.recipes) * (len(plan.seeds) + 2) * load
     validation = (len(plan.seeds) + len(plan.recipes)) * (load + per_row * len(plan.validation.rows))
-    return merges + validation + 2 * (load + per_row * len(plan.test.rows))
+    return TimeEstimate(
+        merges=len(plan.recipes) * (len(plan.seeds) + 2) * load,
+        scorings=validation + 2 * (load + per_row * len(plan.test.rows)),
+    )
 
 
 def dry_run_lines(plan: Plan) -> List[str]:
@@ -603,5 +618,5 @@ def dry_run_lines(plan: Plan) -> List[str]:
         f"({len(plan.validation.rows)} examples), 2 on test ({len(plan.test.rows)} examples)"
     )
     lines.append(f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT")
-    lines.append(f"time: about {time_estimate(plan):,.0f} s here (from loading one seed and scoring it on a few examples)")
+    lines.append(f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to 256 validation examples)")
     return lines
