@@ -744,7 +744,11 @@ def _missing_required_tensors(shapes_by_input: Dict[str, Dict[str, tuple]], path
             if weight.optional or any(name in keys for name in names):
                 continue
             if not any(can_convert_checkpoint_keys(model_config.model_type, keys, name) for name in [weight.name, *(weight.aliases or ())]):
-                problems.append(f"{path}: tensor {weight.name} is missing in {folder} (its architecture needs it)")
+                problems.append(
+                    f"{path}: tensor {weight.name} is missing in {folder} (mergekit's definition of {model_config.model_type} "
+                    "needs it, so stock mergekit-yaml fails on it too); seeds that are adapters merge on the adapter route "
+                    "(docs/adapters.md)"
+                )
     return problems
 
 
