@@ -179,6 +179,18 @@ def _parameter_tables(config, provenance: Dict[str, Any], labels: Dict[str, str]
     return f"| parameter | value | from |\n|---|---|---|\n{rows}\n\n{per_model_text}"
 
 
+def _unread_note(labels: List[str]) -> str:
+    """The reproduce section's word on inputs the merge did not read (no hash above): the
+    recipe still names them, so reproduce asks for a folder, and nothing about it is checked."""
+    if not labels:
+        return ""
+    listed = ", ".join(labels)
+    return (
+        f"\n# {listed}: not read by this merge (no hash above; a LoRA output of factor-only adapters needs no "
+        "base weights), so its files are not checked: give the folder of that model you have"
+    )
+
+
 def _input_rows(inputs: Dict[str, Dict[str, Any]]) -> str:
     rows = [f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |" for label, entry in inputs.items() for name, digest in entry["files"].items()]
     return "\n".join(rows) or "| (no local weight files) | | |"
@@ -226,7 +238,7 @@ The following YAML configuration was used to produce this model:
 ```sh
 pip install torch "mergekit=={mergekit_version}" {install}
 # straight from this card (or from its Hub repository: mergekit-seed reproduce ORG/NAME OUT ...), Hub
-# inputs at their recorded revisions, local inputs (inputN) from your folders, checking every tensor:
+# inputs at their recorded revisions, local inputs (inputN) from your folders, checking every tensor:{unread_note}
 mergekit-seed reproduce README.md OUT{input_flags} --check .
 # or save the Configuration above as recipe.yml, put your folders in place of inputN, and:
 mergekit-seed run recipe.yml OUT{option_flags}
@@ -265,6 +277,7 @@ def render_card(
         recipe=public_recipe_text(recipe).strip(),
         install=provenance["install"],
         input_flags="".join(f" --input {label}=PATH" for label in labels.values()),
+        unread_note=_unread_note([label for label in labels.values() if label not in provenance["inputs"]]),
         option_flags="".join(f" {flag}" for flag in option_flags(provenance["options"])),
     )
 

@@ -86,3 +86,23 @@ def test_analyze_leads_with_the_layers_and_says_when_the_energy_panel_is_empty(t
     assert f"per transformer layer: {min(per_layer):.3f} to {max(per_layer):.3f}" in summary
     assert summary.index("per transformer layer") < summary.index("Over all weights")
     assert "as for adapters" in summary
+
+
+def test_the_reproduce_line_says_which_inputs_the_merge_did_not_read(tiny_loras, tmp_path):
+    """A LoRA output of factor-only adapters reads no base weights: the card hashes no base, says
+    so beside the reproduce line, and reproduce with another copy of that base checks out."""
+    import shutil
+
+    from conftest import recipe_text
+
+    base, loras = tiny_loras
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(recipe_text("seedft", base, loras, output={"format": "lora"}))
+    run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# input0: not read by this merge" in card and "input1: not read" not in card
+    assert "`input0`" not in card.split("### Inputs")[1].split("###")[0]  # no hash recorded for it
+    elsewhere = shutil.copytree(base, tmp_path / "another-copy-of-the-base")
+    result = run_cli("mergekit-seed", "reproduce", tmp_path / "out", tmp_path / "again", "--input", f"input0={elsewhere}",
+                     "--input", f"input1={loras[0]}", "--input", f"input2={loras[1]}", "--check", "--quiet")
+    assert result.returncode == 0, result.stderr
