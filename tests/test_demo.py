@@ -257,3 +257,19 @@ def test_the_documented_scale_ladder_is_the_shipped_one():
     assert section.strip() == demo_scale.table(by_size).strip()
     for size, results in by_size.items():
         assert results["config"] == json.loads(json.dumps(demo_scale.config_for(size).to_dict())) and results["experiments"] == 1
+
+
+def test_the_documented_regime_of_a_shorter_demo_is_the_measured_one():
+    """docs/demo.md says why the demo was not shortened, quoting benchmarks/demo-regime-shrink.json:
+    every skill it names below 20%, with its accuracy, and only those."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    reports = json.loads((root / "benchmarks" / "demo-regime-shrink.json").read_text())
+    section = re.search(r"<!-- shrink:begin -->(.*?)<!-- shrink:end -->", (root / "docs" / "demo.md").read_text(), re.S).group(1)
+    for setting, label in (("lora", "LoRA"), ("sera", "SeRA"), ("full", "full")):
+        below = [f"{skill} {100 * value:.1f}%" for skill, value in reports["steps_200"][setting]["mean_seed_per_skill"].items() if value < 0.2]
+        assert below and f"  - {label}: {', '.join(below)}" in section
+    half = reports["pretrain_400_lora"]
+    assert f"at {100 * half['base_accuracy_all']:.1f}% accuracy" in section and f"at {100 * half['mean_seed_accuracy']:.1f}%." in section
