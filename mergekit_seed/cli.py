@@ -428,8 +428,13 @@ def compare_command(
 @main.command("select")
 @click.argument("seeds", nargs=-1, required=True)
 @click.option("--base", required=True, help="The model the seeds were fine-tuned from (folder or Hub id).")
-@click.option("--validation", required=True, type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format).")
-@click.option("--test", "test_data", required=True, type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
+@click.option("--validation", type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format).")
+@click.option("--test", "test_data", type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
+@click.option("--validation-tasks", help="lm-eval tasks to choose on (T1,T2), instead of --validation.")
+@click.option("--test-tasks", help="lm-eval tasks to judge on, once (T1,T2), instead of --test; no prompt of the validation tasks.")
+@click.option("--include-path", type=click.Path(exists=True), help="Tasks: a folder of your own lm-eval task YAML files.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Tasks: lm-eval's --num_fewshot.")
+@click.option("--limit", type=float, help="Tasks: lm-eval's --limit (documents per task, or a fraction).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the winning merge, its card and select.json/md/png.")
 @click.option("--methods", help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).")
 @click.option("--grid", type=click.Path(dir_okay=False), help="YAML of parameter values per method (replaces the default grid, docs/select.md).")
@@ -446,31 +451,44 @@ def compare_command(
 @click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def select_command(
-    seeds: tuple, base: str, validation: str, test_data: str, out: str, methods: Optional[str], grid: Optional[str],
-    metric: Optional[str], versus_mean_seed: bool, dry_run: bool, overwrite: bool, tokenizer: Optional[str], batch_size: int,
-    cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int, quiet: bool,
+    seeds: tuple, base: str, validation: Optional[str], test_data: Optional[str], validation_tasks: Optional[str],
+    test_tasks: Optional[str], include_path: Optional[str], num_fewshot: Optional[int], limit: Optional[float], out: str,
+    methods: Optional[str], grid: Optional[str], metric: Optional[str], versus_mean_seed: bool, dry_run: bool, overwrite: bool,
+    tokenizer: Optional[str], batch_size: int, cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int,
+    quiet: bool,
 ) -> None:
     """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
     judge it once on --test against the seed chosen on validation, and publish it in --out
-    with its record (docs/select.md)."""
-    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, select
+    with its record (docs/select.md). lm-eval tasks may stand in for both files."""
+    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, read_task_split, select
 
     quiet_libraries()  # the merges' and loads' own bars and notices would break up select's one progress bar
     try:
         options = AdapterRunOptions(cuda=cuda, device=device)
         check_device(options, work="merge and score")
-        method_list = None if methods is None else [name.strip() for name in methods.split(",") if name.strip()]
+        if (validation, test_data).count(None) + (validation_tasks, test_tasks).count(None) != 2 or (validation is None) != (test_data is None):
+            raise UserError("give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)")
+        if validation is None:
+            splits = [read_task_split(_names(tasks), include_path, num_fewshot, limit) for tasks in (validation_tasks, test_tasks)]
+        else:
+            splits = [Path(validation), Path(test_data)]
+        method_list = None if methods is None else _names(methods)
         settings = dict(methods=method_list, grid=None if grid is None else Path(grid), metric=metric, tokenizer=tokenizer,
                         batch_size=batch_size, device=options.device)
         if dry_run:
-            for line in dry_run_lines(plan_selection(list(seeds), base, Path(validation), Path(test_data), **settings)):
+            for line in dry_run_lines(plan_selection(list(seeds), base, *splits, **settings)):
                 click.echo(line)
             return
-        select(list(seeds), base, Path(validation), Path(test_data), Path(out), versus_mean_seed=versus_mean_seed,
+        select(list(seeds), base, *splits, Path(out), versus_mean_seed=versus_mean_seed,
                confidence=confidence, seed=seed, resamples=resamples, overwrite=overwrite, quiet=quiet, echo=click.echo,
                warn=lambda message: click.echo(f"warning: {message}", err=True), **settings)
     except UserError as error:
         fail(str(error))
+
+
+def _names(listing: str) -> List[str]:
+    """A comma-separated option's names (T1,T2)."""
+    return [name.strip() for name in listing.split(",") if name.strip()]
 
 
 @main.command("demo")

@@ -167,3 +167,42 @@ def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(plant
     assert record["on_test"]["winner"] == "linear"
     assert any("failed to merge (3)" in line for line in lines)
     assert any("planted failure" in line for line in lines if line.startswith("warning"))
+
+
+def _mc_task(folder: Path, name: str, words) -> None:
+    """An lm-eval multiple-choice task over local JSON documents (no dataset download)."""
+    from test_harness import MC_BODY, TASK_YAML
+
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"q": f"rev:{w}=", "choices": [w[::-1], w, w[1:] + w[0]], "gold": 0}) + "\n" for w in words))
+    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, body=MC_BODY, version=1.0))
+
+
+def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(planted, tmp_path, monkeypatch):
+    from functools import partialmethod
+
+    from lm_eval.tasks import TaskManager
+
+    from mergekit_seed.tools import harness
+
+    monkeypatch.setattr(TaskManager, "__init__", partialmethod(TaskManager.__init__, include_defaults=False))  # our tasks only
+    _, base, _, seeds, _, _ = planted
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _mc_task(tasks, "pick_val", ["abc", "xyz", "mno", "pqr", "hij", "uvw", "klm", "def"])
+    _mc_task(tasks, "pick_test", ["bca", "zyx", "onm", "rqp", "jih", "wvu", "mlk", "fed"])
+    _mc_task(tasks, "pick_overlap", ["abc", "zzz"])
+    runs = []
+    original = harness.evaluate_models
+    monkeypatch.setattr(selection, "evaluate_models", lambda models, out, names, **kw: runs.append((models[0], tuple(names))) or original(models, out, names, **kw))
+    validation, test = (selection.read_task_split([name], str(tasks), None, None) for name in ("pick_val", "pick_test"))
+    record = selection.select([str(s) for s in seeds], str(base), validation, test, tmp_path / "out", methods=["lore", "linear"],
+                              quiet=True, resamples=200, echo=lambda _line: None)
+    on_test = [model for model, names in runs if names == ("pick_test",)]
+    assert len(on_test) == 2 and on_test[1] == record["on_test"]["best_seed"] and "/.sweep/candidate" in on_test[0]
+    assert len(runs) == len(seeds) + len(record["candidates"]) + 2
+    assert record["validation"]["tasks"] == ["pick_val"] and record["validation"]["examples"] == 8
+    assert "lm-eval tasks pick_val" in (tmp_path / "out" / "README.md").read_text()
+    overlapping = selection.read_task_split(["pick_overlap"], str(tasks), None, None)
+    with pytest.raises(selection.UserError, match="1 of its 2 examples .* also in lm-eval tasks pick_val"):
+        selection.plan_selection([str(s) for s in seeds], str(base), validation, overlapping)

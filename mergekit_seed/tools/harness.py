@@ -323,7 +323,7 @@ def _parse_args(model_args) -> Dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs}
 
 
-def _comparable_metrics(task_runs: Sequence[TaskRun], echo: Callable[[str], None]) -> List[str]:
+def comparable_metrics(task_runs: Sequence[TaskRun], echo: Callable[[str], None]) -> List[str]:
     """The task's metrics whose per-example mean is the score every run's results file reports."""
     first = task_runs[0]
     kept = []
@@ -387,7 +387,7 @@ def _metric_sections(runs: List[Run], names: List[str], task_names: List[str], m
     sections, pooled_metrics = [], {}
     for task in task_names:
         task_runs = [run.tasks[task] for run in runs]
-        metrics = _comparable_metrics(task_runs, echo)
+        metrics = comparable_metrics(task_runs, echo)
         if not metrics:
             echo(f"note: {task}: no per-example metric to compare")
             continue
@@ -542,7 +542,7 @@ def evaluate_models(
         raise UserError(f"--tasks runs lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
     if quiet:
         logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    manager = _task_manager(TaskManager, tasks, include_path)
+    manager = task_manager(TaskManager, tasks, include_path)
     for name in models:  # before any model is loaded
         tokenizer_folder(name, base, tokenizer)
     folders = []
@@ -568,7 +568,7 @@ def evaluate_models(
     return folders
 
 
-def _task_manager(task_manager_class, tasks: Sequence[str], include_path: Optional[str]):
+def task_manager(task_manager_class, tasks: Sequence[str], include_path: Optional[str]):
     """lm-eval's task manager, once every task in ``tasks`` is known to it."""
     manager = task_manager_class(include_path=include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]

@@ -23,10 +23,11 @@ import hashlib
 import itertools
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 from tqdm import tqdm
@@ -41,6 +42,7 @@ from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapt
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import sha256_file, weight_files
 from mergekit_seed.runner import merge
+from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, read_run, task_manager
 from mergekit_seed.tools.compare import (
     HIGHER_IS_BETTER,
     choose_metric,
@@ -216,8 +218,49 @@ class Split:
     rows: list
     sha256: str
 
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def examples(self) -> int:
+        return len(self.rows)
+
+    def prompt_hashes(self) -> List[str]:
+        """What makes two examples the same question: the prompt (answer rows) or the text."""
+        return [_sha256(row.text if row.text is not None else row.prompt) for row in self.rows]
+
     def record(self) -> dict:
-        return {"path": str(self.path), "examples": len(self.rows), "sha256": self.sha256}
+        return {"name": str(self.path), "path": str(self.path), "examples": len(self.rows), "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    """lm-eval tasks as a split: the tasks, lm-eval's settings for them, and the sha256 of every
+    document's prompt (``doc_to_text``), read from the tasks' datasets before any model runs."""
+
+    tasks: Tuple[str, ...]
+    include_path: Optional[str]
+    num_fewshot: Optional[int]
+    limit: Optional[float]
+    prompts: Tuple[str, ...]
+    kind: str = "tasks"
+
+    @property
+    def name(self) -> str:
+        return "lm-eval tasks " + ",".join(self.tasks)
+
+    @property
+    def examples(self) -> int:
+        return len(self.prompts)
+
+    def prompt_hashes(self) -> List[str]:
+        return list(self.prompts)
+
+    def record(self) -> dict:
+        digest = _sha256("\n".join(self.prompts))
+        return {"name": self.name, "tasks": list(self.tasks), "examples": len(self.prompts), "num_fewshot": self.num_fewshot, "limit": self.limit,
+                "sha256": digest, "sha256_of": "the documents' prompts (doc_to_text), one per line"}
 
 
 def read_split(path: Path) -> Split:
@@ -225,23 +268,45 @@ def read_split(path: Path) -> Split:
     return Split(path=path, kind=kind, rows=rows, sha256=sha256_file(path))
 
 
-def _prompt_hash(row) -> str:
-    """What makes two examples the same question: the prompt (answer rows) or the text."""
-    text = row.text if row.text is not None else row.prompt
+def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def refuse_overlap(validation: Split, test: Split) -> None:
+def read_task_split(tasks: Sequence[str], include_path: Optional[str], num_fewshot: Optional[int], limit: Optional[float]) -> TaskSplit:
+    """lm-eval ``tasks`` as a split, their documents' prompts hashed (lm-eval's task manager
+    and datasets; a dataset it cannot reach is one line)."""
+    try:
+        from lm_eval.tasks import TaskManager, get_task_dict
+    except ImportError:
+        raise UserError(f"--validation-tasks and --test-tasks run lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
+    manager = task_manager(TaskManager, tasks, include_path)
+    try:
+        loaded = get_task_dict(list(tasks), manager)
+    except ConnectionError as error:
+        raise UserError(f"{','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]})") from None
+    prompts = [_sha256(str(task.doc_to_text(doc))) for task in _leaf_tasks(loaded) for doc in task.eval_docs]
+    return TaskSplit(tuple(tasks), include_path, num_fewshot, limit, tuple(prompts))
+
+
+def _leaf_tasks(tasks: Mapping[Any, Any]) -> List[Any]:
+    """The tasks of lm-eval's task dictionary, groups opened."""
+    found = []
+    for value in tasks.values():
+        found += _leaf_tasks(value) if isinstance(value, dict) else [value]
+    return found
+
+
+def refuse_overlap(validation, test) -> None:
     """Refuse a test set that shares an example with validation (same prompt, by hash): a
     result judged on examples it was chosen on is inflated."""
     if validation.kind != test.kind:
-        raise UserError(f"{test.path}: its rows are {test.kind} rows and {validation.path}'s are {validation.kind} rows; give both splits one kind")
-    seen = {_prompt_hash(row) for row in validation.rows}
-    shared = [index for index, row in enumerate(test.rows, start=1) if _prompt_hash(row) in seen]
+        raise UserError(f"{test.name}: its examples are {test.kind} rows and {validation.name}'s are {validation.kind} rows; give both splits one kind")
+    seen = set(validation.prompt_hashes())
+    shared = [index for index, digest in enumerate(test.prompt_hashes(), start=1) if digest in seen]
     if shared:
         raise UserError(
-            f"{test.path}: {len(shared)} of its {len(test.rows)} examples (the first is example {shared[0]}) have a prompt "
-            f"that is also in {validation.path}; the test set must be disjoint from validation: remove them"
+            f"{test.name}: {len(shared)} of its {test.examples} examples (the first is example {shared[0]}) have a prompt "
+            f"that is also in {validation.name}; the test set must be disjoint from validation: remove them"
         )
 
 
@@ -259,12 +324,53 @@ class Scorer:
     batch_size: int = 16
     device: str = "cpu"
 
+    def describe(self) -> Tuple[str, bool, str]:
+        """(metric, whether its figure is better higher, what the choice and the verdict compare)."""
+        compared = "mean log-probability per token" if self.metric == "perplexity" else self.metric
+        return self.metric, HIGHER_IS_BETTER[self.metric], compared + " (higher is better)"
+
     def __call__(self, model: str, split: Split) -> Tuple[float, List[float]]:
         try:
             scores = score_model(model, split.rows, self.metric, self.base, self.tokenizer, self.batch_size, self.device, lambda _count: None)
         except UserError as error:
             raise UserError(f"{split.path}: {error} for {model}") from None
         return summary(scores, self.metric), per_example(scores, self.metric)
+
+
+@dataclass(frozen=True)
+class TaskScorer:
+    """Scores one model on lm-eval tasks (:func:`~mergekit_seed.tools.harness.evaluate_models`,
+    the route of ``compare --tasks``): (the mean of its per-example values, those values signed
+    so that higher is better), pooled over the tasks in their order, each task with ``metric``
+    (else its first metric whose per-example mean is lm-eval's score)."""
+
+    metric: Optional[str]
+    base: Optional[str]
+    tokenizer: Optional[str]
+    batch_size: int = 16
+    device: str = "cpu"
+
+    def describe(self) -> Tuple[str, bool, str]:
+        return self.metric or "each task's first metric", True, "lm-eval's per-example values, signed so that higher is better"
+
+    def __call__(self, model: str, split: TaskSplit) -> Tuple[float, List[float]]:
+        with tempfile.TemporaryDirectory() as scratch:
+            (folder,) = evaluate_models([model], Path(scratch), split.tasks, base=self.base, tokenizer=self.tokenizer, device=self.device,
+                                        batch_size=self.batch_size, num_fewshot=split.num_fewshot, limit=split.limit,
+                                        include_path=split.include_path, quiet=True)
+            run = read_run(folder)
+        raw, oriented = [], []
+        for task in split.tasks:
+            task_run = run.tasks[task]
+            metrics = comparable_metrics([task_run], echo=lambda _line: None)
+            chosen = [m for m in metrics if m.split(",")[0] == self.metric] if self.metric else metrics[:1]
+            if not chosen:
+                raise UserError(f"--metric {self.metric}: lm-eval task {task} gives {', '.join(metrics) or 'no per-example metric'}")
+            sign = 1.0 if task_run.higher_is_better.get(chosen[0].split(",")[0], True) else -1.0
+            values = [task_run.values[chosen[0]][doc] for doc in sorted(task_run.values[chosen[0]])]
+            raw += values
+            oriented += [sign * value for value in values]
+        return statistics.fmean(raw), oriented
 
 
 @dataclass
@@ -275,14 +381,15 @@ class Plan:
     base: str
     kind: str
     recipes: Dict[Candidate, Any]
-    validation: Split
-    test: Split
-    scorer: Scorer
+    validation: Union[Split, TaskSplit]
+    test: Union[Split, TaskSplit]
+    scorer: Union[Scorer, TaskScorer]
     grid_path: Optional[Path] = None
 
     @property
     def inputs(self) -> List[Any]:
-        return [*self.seeds, self.base, self.validation.path, self.test.path, self.scorer.tokenizer, self.grid_path]
+        files = [getattr(split, "path", None) or getattr(split, "include_path", None) for split in (self.validation, self.test)]
+        return [*self.seeds, self.base, *files, self.scorer.tokenizer, self.grid_path]
 
 
 @dataclass
@@ -300,11 +407,13 @@ class Sweep:
 
 
 def plan_selection(
-    seeds: Sequence[str], base: str, validation: Path, test: Path, *, methods: Optional[Sequence[str]] = None,
-    grid: Optional[Path] = None, metric: Optional[str] = None, tokenizer: Optional[str] = None, batch_size: int = 16,
-    device: str = "cpu",
+    seeds: Sequence[str], base: str, validation: Union[Path, TaskSplit], test: Union[Path, TaskSplit], *,
+    methods: Optional[Sequence[str]] = None, grid: Optional[Path] = None, metric: Optional[str] = None,
+    tokenizer: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
 ) -> Plan:
-    """Check every input of a selection and build its candidates (see :func:`select`)."""
+    """Check every input of a selection and build its candidates (see :func:`select`).
+    ``validation`` and ``test`` are JSONL files (compare's format) or lm-eval tasks
+    (:func:`read_task_split`), both of one kind."""
     seeds = list(dict.fromkeys(seeds))
     if len(seeds) < 2:
         raise UserError("select needs at least two seeds")
@@ -317,12 +426,15 @@ def plan_selection(
     if strays:
         raise UserError(f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or drop it from the grid")
     found = candidates(methods, DEFAULT_GRID if user_grid is None else user_grid)
-    validation_split, test_split = read_split(validation), read_split(test)
+    validation_split, test_split = (split if isinstance(split, TaskSplit) else read_split(Path(split)) for split in (validation, test))
     refuse_overlap(validation_split, test_split)
-    metric = choose_metric(validation_split.kind, metric, validation)
+    if isinstance(validation_split, TaskSplit):
+        scorer = TaskScorer(metric, base, tokenizer, batch_size, device)
+    else:
+        scorer = Scorer(choose_metric(validation_split.kind, metric, validation_split.path), base, tokenizer, batch_size, device)
     return Plan(
         seeds=seeds, base=base, kind=kind, recipes=parsed_candidates(found, base, seeds, kind),
-        validation=validation_split, test=test_split, scorer=Scorer(metric, base, tokenizer, batch_size, device), grid_path=grid,
+        validation=validation_split, test=test_split, scorer=scorer, grid_path=grid,
     )
 
 
@@ -405,12 +517,13 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
         else:
             entry["failed"] = sweep.failures[candidate]
         entries.append(entry)
+    metric, higher_is_better, compared_on = plan.scorer.describe()
     return {
         "seeds_kind": plan.kind,
         "base": plan.base,
-        "metric": plan.scorer.metric,
-        "higher_is_better": HIGHER_IS_BETTER[plan.scorer.metric],
-        "compared_on": "mean log-probability per token" if plan.scorer.metric == "perplexity" else plan.scorer.metric,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "compared_on": compared_on,
         "validation": plan.validation.record(),
         "test": plan.test.record(),
         "seeds": {seed: {"score": figure, "compared": means[seed]} for seed, (figure, _) in sweep.seeds.items()},
@@ -438,10 +551,10 @@ def selection_markdown(record: dict) -> str:
         SELECTION_HEADING, "",
         f"Chosen by `mergekit-seed select` among {len(record['candidates'])} candidates on the validation set, "
         f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after the choice). "
-        f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']} (higher is better).",
+        f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']}.",
         "",
-        f"- validation: `{record['validation']['path']}`, {record['validation']['examples']} examples, sha256 `{record['validation']['sha256']}`",
-        f"- test: `{record['test']['path']}`, {record['test']['examples']} examples, sha256 `{record['test']['sha256']}`",
+        f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 `{record['validation']['sha256']}`",
+        f"- test: `{record['test']['name']}`, {record['test']['examples']} examples, sha256 `{record['test']['sha256']}`",
         "",
         f"| candidate | validation {metric} | compared value |", "|---|---|---|",
     ]
@@ -479,7 +592,7 @@ def plot(record: dict, path: Path) -> None:
     left.grid(axis="x", alpha=0.3)
     left.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
     left.invert_yaxis()
-    left.set_xlabel(f"validation: per-example {record['compared_on']} (higher is better)")
+    left.set_xlabel(f"validation: per-example {record['compared_on']}")
     left.set_title("candidates on validation (green: chosen)")
     references = [key for key in ("versus_best_seed", "versus_mean_seed") if key in test]
     for position, key in enumerate(references):
@@ -516,16 +629,17 @@ def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
 
 
 def select(
-    seeds: Sequence[str], base: str, validation: Path, test: Path, out: Path, *, versus_mean_seed: bool = False,
+    seeds: Sequence[str], base: str, validation: Union[Path, TaskSplit], test: Union[Path, TaskSplit], out: Path, *,
+    versus_mean_seed: bool = False,
     confidence: float = 0.95, seed: int = 0, resamples: int = 10_000, overwrite: bool = False, quiet: bool = False,
     echo: Callable[[str], None] = print, warn: Optional[Callable[[str], None]] = None, **plan_settings: Any,
 ) -> dict:
     """Choose among ``plan_settings``' candidates (:func:`plan_selection`: ``methods``, ``grid``,
     ``metric``, ``tokenizer``, ``batch_size``, ``device``) on ``validation``, judge the choice
-    on ``test`` and publish the winning merge with its record in ``out``
+    on ``test`` (JSONL files, or lm-eval tasks from :func:`read_task_split`) and publish the winning merge with its record in ``out``
     (:class:`~mergekit_seed.output.OutputFolder`). Returns what select.json holds."""
     warn = warn or (lambda message: echo(f"warning: {message}"))
-    plan = plan_selection(seeds, base, Path(validation), Path(test), **plan_settings)
+    plan = plan_selection(seeds, base, validation, test, **plan_settings)
     bootstrap = (confidence, resamples, seed)
     with OutputFolder(out, local_paths(plan.inputs), overwrite) as output:
         sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
@@ -615,8 +729,11 @@ def dry_run_lines(plan: Plan) -> List[str]:
     lines += [f"  {candidate.name}" for candidate in plan.recipes]
     lines.append(
         f"work: {len(plan.recipes)} merges, {len(plan.seeds) + len(plan.recipes)} scorings on validation "
-        f"({len(plan.validation.rows)} examples), 2 on test ({len(plan.test.rows)} examples)"
+        f"({plan.validation.examples} examples), 2 on test ({plan.test.examples} examples)"
     )
     lines.append(f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT")
-    lines.append(f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to 256 validation examples)")
+    if isinstance(plan.validation, TaskSplit):
+        lines.append("time: not estimated for lm-eval tasks (each scoring is one lm-eval run; time one with compare --tasks)")
+    else:
+        lines.append(f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to 256 validation examples)")
     return lines
