@@ -36,6 +36,7 @@ NOT_OFFLINE = {
     "mergekit-seed compare --lm-eval": "compares the folders the lm_eval commands above write (tests/test_harness.py builds such folders)",
     "mergekit-seed compare runs/seed0 runs/seed1 runs/seed2 merged/seedft --tasks": "downloads gsm8k and arc_easy, and asks for a GPU",
     "mergekit-seed select ... --dry-run": "elided arguments: the command above with --dry-run (tests/test_select.py runs it)",
+    "mergekit-seed select SEEDS... --base BASE --validation-tasks arc_easy_val": "downloads ARC-Easy (tests/test_select.py runs local lm-eval tasks)",
 }
 
 
