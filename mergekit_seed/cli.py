@@ -159,6 +159,29 @@ def _parses_as_adapter_run(command: click.Command, context: click.Context, args:
 LazyGroup.lazy_commands = {"run": _build_run_command}
 
 
+def _options(*decorators):
+    """One decorator applying ``decorators`` in order: options two commands share."""
+
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+bootstrap_options = _options(
+    click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed."),
+    click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples."),
+)
+lm_eval_options = _options(
+    click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval tasks: lm-eval's --num_fewshot."),
+    click.option("--limit", type=float, help="lm-eval tasks: lm-eval's --limit (documents per task, or a fraction)."),
+    click.option("--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."),
+)
+
+
 @main.command("methods")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def methods_command(as_json: bool) -> None:
@@ -355,14 +378,10 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 @click.option("--metric", help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each task's first).")
 @click.option("--reference", help="The model the others are compared with (default: the best model that is not a merge).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--num-fewshot", type=click.IntRange(min=0), help="--tasks: lm-eval's --num_fewshot.")
-@click.option("--limit", type=float, help="--tasks: lm-eval's --limit (documents per task, or a fraction).")
-@click.option("--include-path", type=click.Path(exists=True), help="--tasks: a folder of your own lm-eval task YAML files.")
+@lm_eval_options
 @click.option("--cuda", is_flag=True, help="Score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to score on (default cpu).")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
-@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
+@bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def compare_command(
     models: tuple, data: Optional[str], tasks: Optional[str], lm_eval_runs: bool, out: str, base: Optional[str],
@@ -432,13 +451,11 @@ def compare_command(
 @click.option("--test", "test_data", type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
 @click.option("--validation-tasks", help="lm-eval tasks to choose on (T1,T2), instead of --validation.")
 @click.option("--test-tasks", help="lm-eval tasks to judge on, once (T1,T2), instead of --test; no prompt of the validation tasks.")
-@click.option("--include-path", type=click.Path(exists=True), help="Tasks: a folder of your own lm-eval task YAML files.")
-@click.option("--num-fewshot", type=click.IntRange(min=0), help="Tasks: lm-eval's --num_fewshot.")
-@click.option("--limit", type=float, help="Tasks: lm-eval's --limit (documents per task, or a fraction).")
+@lm_eval_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the winning merge, its card and select.json/md/png.")
 @click.option("--methods", help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).")
 @click.option("--grid", type=click.Path(dir_okay=False), help="YAML of parameter values per method (replaces the default grid, docs/select.md).")
-@click.option("--metric", help="perplexity, answer_logprob or exact_match, as in compare.")
+@click.option("--metric", help="JSONL: perplexity, answer_logprob or exact_match. lm-eval tasks: the metric pooled over them (default: each task's first).")
 @click.option("--versus-mean-seed", is_flag=True, help="Also compare with the mean seed: scores every seed on test (after the choice).")
 @click.option("--dry-run", is_flag=True, help="List the candidates and estimate disk and time; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed output.")
@@ -446,9 +463,7 @@ def compare_command(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--cuda", is_flag=True, help="Merge and score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to merge and score on (default cpu).")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed.")
-@click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples.")
+@bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def select_command(
     seeds: tuple, base: str, validation: Optional[str], test_data: Optional[str], validation_tasks: Optional[str],
