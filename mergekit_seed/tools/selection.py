@@ -42,7 +42,6 @@ from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapt
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import sha256_file, weight_files
 from mergekit_seed.runner import merge
-from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, read_run, task_manager
 from mergekit_seed.tools.compare import (
     HIGHER_IS_BETTER,
     choose_metric,
@@ -54,6 +53,7 @@ from mergekit_seed.tools.compare import (
     score_rows,
     summary,
 )
+from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, read_run, task_manager
 
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")

@@ -42,13 +42,11 @@ from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
-from mergekit_seed.tools.selection import choose, judge, mean_seed
+from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS, choose, judge, mean_seed
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 
 LOG = logging.getLogger("mergekit_seed")
-OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
-MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
 SETTINGS = ("lora", "sera", "full")
 SEED_COUNT = 3
 # mergekit's required per-model `weight` and a density of 0.5 for TIES and DARE. dare_ties
