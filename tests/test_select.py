@@ -206,3 +206,17 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
     overlapping = selection.read_task_split(["pick_overlap"], str(tasks), None, None)
     with pytest.raises(selection.UserError, match="1 of its 2 examples .* also in lm-eval tasks pick_val"):
         selection.plan_selection([str(s) for s in seeds], str(base), validation, overlapping)
+
+
+def test_the_documented_cost_is_the_shipped_benchmark():
+    """docs/select.md's figures are benchmarks/select-bench.json's (benchmarks/select_sweep.py)."""
+    root = Path(__file__).parent.parent
+    bench = json.loads((root / "benchmarks" / "select-bench.json").read_text())
+    page = (root / "docs" / "select.md").read_text()
+    hand = bench["by_hand_seconds"]
+    estimate = bench["dry_run_estimate_seconds"]
+    for figure in (f"{bench['select_seconds']:.1f} s", f"{hand['merges'] + hand['scorings']:.1f} s", f"{bench['select_over_by_hand']:.2f} times",
+                   f"{hand['scorings']:.1f} s", f"{hand['merges']:.1f} s", f"{estimate['merges'] + estimate['scorings']:.1f} s",
+                   f"{bench['estimate_over_select']:.2f} of", f"{bench['candidates']} adapter merges",
+                   f"{bench['validation_examples']}\nvalidation and {bench['test_examples']} test examples"):
+        assert figure in page, figure
