@@ -165,7 +165,7 @@ def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(plant
                               quiet=True, resamples=200, echo=lines.append)
     assert record["failures"] == ["lore mu_relative=0.05", "lore mu_relative=0.1", "lore mu_relative=0.2"]
     assert record["on_test"]["winner"] == "linear"
-    assert any("failed to merge (3)" in line for line in lines)
+    assert any("failed to merge or to score (3)" in line for line in lines)
     assert any("planted failure" in line for line in lines if line.startswith("warning"))
 
 
@@ -220,3 +220,21 @@ def test_the_documented_cost_is_the_shipped_benchmark():
                    f"{bench['estimate_over_select']:.2f} of", f"{bench['candidates']} adapter merges",
                    f"{bench['validation_examples']}\nvalidation and {bench['test_examples']} test examples"):
         assert figure in page, figure
+
+
+def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes_on(planted, tmp_path, monkeypatch):
+    from mergekit_seed.errors import UserError
+
+    _, base, _, seeds, validation, test = planted
+    original = selection.score_model
+
+    def failing(model, *args, **kwargs):
+        if "candidate0" in str(model):
+            raise UserError("example 1: its exact_match score: nan is not a finite number")
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "score_model", failing)
+    record = selection.select([str(s) for s in seeds], str(base), validation, test, tmp_path / "out", methods=["linear", "seedft"],
+                              metric="exact_match", quiet=True, resamples=200, echo=lambda _line: None, warn=lambda _message: None)
+    assert record["failures"] == ["linear"] and "nan is not a finite number" in record["candidates"][0]["failed"]
+    assert record["on_test"]["winner"].startswith("seedft") and not (tmp_path / "out" / ".sweep").exists()

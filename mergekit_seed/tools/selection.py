@@ -395,7 +395,7 @@ class Plan:
 @dataclass
 class Sweep:
     """What the validation pass found: each seed's and candidate's (figure, values), the
-    candidates that failed to merge, and the folder of the best candidate so far."""
+    candidates that failed (to merge, or to score), and the folder of the best candidate so far."""
 
     seeds: Dict[str, Tuple[float, List[float]]] = field(default_factory=dict)
     candidates: Dict[Candidate, Tuple[float, List[float]]] = field(default_factory=dict)
@@ -453,12 +453,13 @@ def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: C
             try:
                 merge(recipe, folder, quiet=True, device=plan.scorer.device, random_seed=0, echo=lambda _line: None,
                       warn=lambda message, name=candidate.name: _above_bar(progress, warn, f"{name}: {message}"))
-            except UserError as error:
+                sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
+            except UserError as error:  # a merge refused, or a merge that scores NaN: the others still count
                 sweep.failures[candidate] = str(error)
-                _above_bar(progress, warn, f"{candidate.name}: failed to merge, the sweep goes on: {error}")
+                _above_bar(progress, warn, f"{candidate.name}: failed, the sweep goes on: {error}")
+                shutil.rmtree(folder.parent, ignore_errors=True)
                 progress.update()
                 continue
-            sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
             if choose(sweep.means(sweep.candidates)) == candidate:
                 if sweep.best_folder is not None:
                     shutil.rmtree(sweep.best_folder.parent)
@@ -466,11 +467,11 @@ def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: C
             else:
                 shutil.rmtree(folder.parent)
             if not quiet:
-                progress.write(f"  {candidate.name}: validation {plan.scorer.metric} {sweep.candidates[candidate][0]:.4f}")
+                progress.write(f"  {candidate.name}: validation {plan.scorer.describe()[0]} {sweep.candidates[candidate][0]:.4f}")
             progress.update()
     if not sweep.candidates:
         first = next(iter(sweep.failures.values()))
-        raise UserError(f"every candidate failed to merge; the first: {first}")
+        raise UserError(f"every candidate failed to merge or to score; the first: {first}")
     return sweep
 
 
@@ -561,7 +562,7 @@ def selection_markdown(record: dict) -> str:
     for entry in record["candidates"]:
         mark = " (chosen)" if entry["name"] == test["winner"] else ""
         if "failed" in entry:
-            lines.append(f"| {entry['name']} | failed to merge | {entry['failed'][:120]} |")
+            lines.append(f"| {entry['name']} | failed | {entry['failed'][:120]} |")
         else:
             lines.append(f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | {entry['validation']['compared']:.4f} |")
     for seed, entry in record["seeds"].items():
@@ -663,7 +664,7 @@ def summary_lines(record: dict) -> List[str]:
     if "versus_mean_seed" in test:
         lines.append(f"  minus the mean seed {_difference(test['versus_mean_seed'])}")
     if record["failures"]:
-        lines.append(f"failed to merge ({len(record['failures'])}): {', '.join(record['failures'])} (select.json says why)")
+        lines.append(f"failed to merge or to score ({len(record['failures'])}): {', '.join(record['failures'])} (select.json says why)")
     return lines
 
 
