@@ -12,6 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BIN = Path(sys.executable).parent
 
 
+def pytest_collection_modifyitems(items):
+    """The demo's tests first: `make test` runs two workers, a file each at a time (--dist
+    loadfile), and test_demo.py, the longest file (its quick demo is 4-5 minutes), should not
+    start last."""
+    items.sort(key=lambda item: item.path.name != "test_demo.py")
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """A tiny LLaMA base and three seed checkpoints (absolute paths)."""
