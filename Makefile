@@ -14,7 +14,7 @@ install: $(BIN)/mergekit-seed
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/mergekit-seed demo --out demo-out
 
-# two workers, a test file each at a time (a file's fixtures are built once): 11 min on a quiet
+# two workers, a test file each at a time (a file's fixtures are built once): 10.3 min on a quiet
 # 2-core machine against 14.5 min in one process
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
