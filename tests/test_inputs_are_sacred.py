@@ -594,3 +594,30 @@ def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(t
     inputs = {str(folder.resolve()) for folder in (base, *seeds[:2])}
     assert hashed and all(str(path.resolve().parent) in inputs for path in hashed), hashed
     assert not (tmp_path / "again").exists()
+
+
+def _select_data(folder: Path):
+    rows = [{"prompt": f"{op}:{word}=", "answer": word[::-1]} for op in ("rev", "sort") for word in ("abc", "xyz", "mno", "pq")]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
+    return folder / "val.jsonl", folder / "test.jsonl"
+
+
+@pytest.mark.parametrize("where", ["a seed", "the folder of the seeds", "inside a seed", "the base", "the folder of the data"])
+def test_select_never_writes_over_an_input_and_leaves_every_input_as_it_was(family, tmp_path, where):
+    """select merges candidates inside its own staging folder and moves the winner into OUT;
+    OUT may not equal, contain or lie inside a seed, the base or a data file, even with
+    --overwrite, and a successful selection changes no byte of its inputs."""
+    base, seeds = family
+    validation, test = _select_data(tmp_path / "runs" / "data")
+    out = {"a seed": seeds[1], "the folder of the seeds": seeds[0].parent, "inside a seed": seeds[0] / "merged", "the base": base,
+           "the folder of the data": validation.parent}[where]
+    arguments = [*map(str, seeds), "--base", base, "--validation", validation, "--test", test, "--methods", "linear", "--quiet"]
+    before = tree_hashes(tmp_path / "runs")
+    refused(run_cli("mergekit-seed", "select", *arguments, "--out", out, "--overwrite"), "a merge never writes over its inputs")
+    assert tree_hashes(tmp_path / "runs") == before
+    no_staging_left(out.parent)
+    run_cli("mergekit-seed", "select", *arguments, "--out", tmp_path / "chosen", check=True)
+    assert tree_hashes(tmp_path / "runs") == before and (tmp_path / "chosen" / "select.json").is_file()
+    no_staging_left(tmp_path)
