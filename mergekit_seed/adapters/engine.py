@@ -389,7 +389,6 @@ def _empty_adapter(seeds: Sequence[AdapterSeed]) -> MergedAdapter:
         modules_to_save=sorted(set().union(*(seed.modules_to_save for seed in seeds))),
         token_indices_by_module=any(seed.token_indices_by_module for seed in seeds),
         target_parameters=sorted(set().union(*(seed.target_parameters for seed in seeds))),
-        parameter_targets=set().union(*(seed.parameter_targets for seed in seeds)),
     )
     for seed in seeds:
         adapter.module_kinds.update(seed.module_kinds)

@@ -133,10 +133,8 @@ class AdapterSeed:
     modules_to_save: List[str] = field(default_factory=list)
     token_indices_by_module: bool = False  # trainable_token_indices given as {module: indices}
     fan_in_fan_out: bool = False
-    # LoRA on parameters (PEFT's ``target_parameters``, e.g. an MoE router's ``mlp.gate.weight``):
-    # the config's entries, and the weights of ``deltas`` they name
+    # LoRA on parameters (PEFT's ``target_parameters``, e.g. an MoE router's ``mlp.gate.weight``)
     target_parameters: List[str] = field(default_factory=list)
-    parameter_targets: Set[str] = field(default_factory=set)
 
     def tensor_names(self) -> List[str]:
         return sorted(set(self.deltas) | set(self.bias_deltas) | set(self.whole) | set(self.token_rows))
@@ -444,7 +442,6 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     for key, tensor in tensors.items():
         placer.add(key, tensor)
     seed.target_parameters = list(lora.target_parameters or [])
-    seed.parameter_targets = {name for name in seed.deltas if any(names_module(name, t) for t in seed.target_parameters)}
     file = folder / SAFETENSORS_NAME
     for name in set(seed.token_rows) & set(seed.deltas):
         raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
@@ -584,7 +581,11 @@ class MergedAdapter:
     modules_to_save: List[str] = field(default_factory=list)
     token_indices_by_module: bool = False
     target_parameters: List[str] = field(default_factory=list)  # the seeds' entries, kept as saved
-    parameter_targets: Set[str] = field(default_factory=set)  # the weights they name
+
+    def parameter_modules(self, modules: Iterable[str]) -> Set[str]:
+        """The modules among ``modules`` whose weight a ``target_parameters`` entry names: the
+        ones PEFT wraps in a ``ParamWrapper`` when it loads the written config."""
+        return {module for module in modules if any(names_module(f"{module}.weight", entry) for entry in self.target_parameters)}
 
 
 def _lora_factors(pair: LowRank, kind: str):
@@ -629,9 +630,8 @@ def _pad_parameter_targets(merged: MergedAdapter, ranks: Dict[str, int], tensors
     targeted parameter in a ``ParamWrapper``, which takes r and ``lora_alpha`` from the config
     and ignores ``rank_pattern``. The padded delta is the same (zero rows of A, zero columns of B)."""
     r = max(ranks.values(), default=1)
-    for name in merged.parameter_targets:
-        module = name[: -len(".weight")]
-        if module not in ranks or ranks[module] == r:
+    for module in merged.parameter_modules(ranks):
+        if ranks[module] == r:
             continue
         A, B = tensors[f"{KEY_PREFIX}{module}.lora_A.weight"], tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
         tensors[f"{KEY_PREFIX}{module}.lora_A.weight"] = torch.cat([A, A.new_zeros(r - A.shape[0], A.shape[1])])
@@ -678,7 +678,7 @@ def _lora_config(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, 
     else:
         trainable_token_indices = token_indices or None
     r = max(ranks.values(), default=1)
-    parameters = {name[: -len(".weight")] for name in merged.parameter_targets}
+    parameters = merged.parameter_modules(ranks)
     modules = {m: k for m, k in ranks.items() if m not in parameters}
     config = {
         "peft_type": "LORA",
