@@ -401,7 +401,7 @@ def compare_command(
     given = {name for name in ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     try:
-        task_list = [task.strip() for task in tasks.split(",") if task.strip()] if tasks is not None else None
+        task_list = _names(tasks) if tasks is not None else None
         if tasks is not None and not task_list:
             raise UserError("--tasks: give task names separated by commas (T1,T2)")
         if lm_eval_runs:

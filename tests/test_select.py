@@ -238,3 +238,18 @@ def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes
                               metric="exact_match", quiet=True, resamples=200, echo=lambda _line: None, warn=lambda _message: None)
     assert record["failures"] == ["linear"] and "nan is not a finite number" in record["candidates"][0]["failed"]
     assert record["on_test"]["winner"].startswith("seedft") and not (tmp_path / "out" / ".sweep").exists()
+
+
+def test_lora_seeds_stay_adapters_for_our_methods_and_go_through_base_plus_adapter_for_mergekits(tiny_loras, tmp_path):
+    base, loras = tiny_loras
+    rows = [{"text": f"{op}:{word}={word[::-1]}"} for op in ("rev", "sort", "dup") for word in ("abc", "xyz", "mno", "pq", "hij", "uvw")]
+    validation, test = tmp_path / "v.jsonl", tmp_path / "t.jsonl"
+    validation.write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
+    test.write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
+    record = selection.select([str(lora) for lora in loras], str(base), validation, test, tmp_path / "out", methods=["lore", "linear"],
+                              quiet=True, resamples=200, echo=lambda _line: None, warn=lambda _message: None)
+    assert record["seeds_kind"] == "lora" and record["metric"] == "perplexity" and not record["failures"]
+    recipes = {entry["name"]: entry["recipe"] for entry in record["candidates"]}
+    assert "format: lora" in recipes["lore mu_relative=0.1"] and f"{base}+{loras[0]}" in recipes["linear"]
+    winner_is_adapter = record["chosen"]["candidate"].startswith("lore")
+    assert (tmp_path / "out" / ("adapter_config.json" if winner_is_adapter else "config.json")).is_file()

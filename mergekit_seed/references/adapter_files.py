@@ -180,6 +180,12 @@ def holds_model_and_adapter(path: str | Path) -> bool:
     return Path(path, CONFIG_NAME).is_file() and bool(full_model_files(Path(path)))
 
 
+def peft_type(config: dict) -> str:
+    """An adapter config's ``peft_type``, upper case (``LORA`` when it names none, as PEFT's
+    LoRA configs written before the field existed)."""
+    return str(config.get("peft_type", "LORA")).upper()
+
+
 def read_adapter_config(folder: Path) -> dict:
     """The JSON object of an adapter folder's ``adapter_config.json`` (bounded, read from inside
     the folder); one line naming the file when it is missing or malformed."""
@@ -492,7 +498,7 @@ def _roles_from_headers(folder: Path) -> Tuple[bool, Dict[Optional[str], set]]:
     and the keys of its weight file (a safetensors header; a ``.bin`` is read with
     ``weights_only=True``, it has no header)."""
     config = read_adapter_config(folder)
-    if str(config.get("peft_type", "LORA")).upper() == SERA_TYPE:
+    if peft_type(config) == SERA_TYPE:
         return False, {}  # SeRA adapters hold factors only
     if (folder / SAFETENSORS_NAME).is_file():
         keys = list(safetensors_index([folder / SAFETENSORS_NAME]))
@@ -555,12 +561,12 @@ def read_adapter(path: str | Path) -> AdapterSeed:
     """Read a PEFT LoRA or SeRA adapter folder; any problem is a one-line :class:`UserError`."""
     folder = locate_adapter(path)
     config = read_adapter_config(folder)
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type == SERA_TYPE:
+    kind = peft_type(config)
+    if kind == SERA_TYPE:
         return read_sera(folder, config)
-    if peft_type == "LORA":
+    if kind == "LORA":
         return read_lora(folder, config)
-    raise UserError(f"{folder / CONFIG_NAME}: peft_type {peft_type!r} is not supported (LORA or SERA)")
+    raise UserError(f"{folder / CONFIG_NAME}: peft_type {kind!r} is not supported (LORA or SERA)")
 
 
 @dataclass

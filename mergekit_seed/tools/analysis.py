@@ -281,10 +281,15 @@ def _plot(result: dict, out: Path) -> None:
     plt.close(figure)
 
 
+def _pairs(matrix: List[List[float]]) -> List[float]:
+    """One similarity matrix's values for each pair of seeds (above the diagonal)."""
+    return [matrix[a][b] for a in range(len(matrix)) for b in range(a + 1, len(matrix))]
+
+
 def _pair_mean(matrix: List[List[float]]) -> float:
     """The mean cosine over the seed pairs of one similarity matrix."""
-    off_diagonal = [matrix[a][b] for a in range(len(matrix)) for b in range(a + 1, len(matrix))]
-    return sum(off_diagonal) / len(off_diagonal)
+    pairs = _pairs(matrix)
+    return sum(pairs) / len(pairs)
 
 
 def _all_energy_in_top(result: dict) -> bool:
@@ -293,7 +298,7 @@ def _all_energy_in_top(result: dict) -> bool:
 
 def _summary(result: dict) -> str:
     count = len(result["models"])
-    off_diagonal = [result["cosine_global"][a][b] for a in range(count) for b in range(a + 1, count)]
+    off_diagonal = _pairs(result["cosine_global"])
     layers = {layer: _pair_mean(matrix) for layer, matrix in result["cosine_per_layer"].items() if layer != "other"}
     lines = ["# Seed analysis", "", f"{count} seeds, {result['weights']} 2-D weights" + (f", base {result['base']}" if result["base"] else "") + ".", ""]
     if layers:

@@ -31,7 +31,8 @@ from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths
-from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter_config
+from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes
@@ -168,7 +169,7 @@ def load_model(reference: str, base: Optional[str], device: str, tokenizer_path:
         base_folder = local_folder(_base_reference(reference, config, base))
         safetensors_shapes(base_folder)
         model = AutoModelForCausalLM.from_pretrained(base_folder)
-        if str(config.get("peft_type", "LORA")).upper() == "SERA":
+        if peft_type(config) == SERA_TYPE:
             model = load_sera(model, folder)
         else:
             from peft import PeftModel

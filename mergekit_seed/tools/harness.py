@@ -396,10 +396,17 @@ def _metric_sections(runs: List[Run], names: List[str], task_names: List[str], m
             up = task_runs[0].higher_is_better.get(metric_key.split(",")[0], True)
             values = {name: [tr.values[metric_key][doc] for doc in docs] for name, tr in zip(names, task_runs)}
             sections.append({"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values})
-        chosen = [m for m in metrics if m.split(",")[0] == metric] if metric else metrics[:1]
+        chosen = pooled_metric(metrics, metric)
         if chosen:
-            pooled_metrics[task] = chosen[0]
+            pooled_metrics[task] = chosen
     return sections, pooled_metrics
+
+
+def pooled_metric(metrics: Sequence[str], metric: Optional[str]) -> Optional[str]:
+    """The ``metric,filter`` key pooled for a task: the first of ``metrics`` named ``metric``,
+    else (no ``metric`` given) the task's first; None when the task does not compute it."""
+    chosen = [key for key in metrics if key.split(",")[0] == metric] if metric else list(metrics[:1])
+    return chosen[0] if chosen else None
 
 
 def _oriented(section: dict, name: str) -> List[float]:

@@ -35,10 +35,11 @@ from tqdm import tqdm
 from mergekit_seed.card import CARD_NAME
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json
+from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder, local_paths
 from mergekit_seed.recipe import check_recipe, parse_mapping, parse_recipe, read_recipe_text
-from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter_config
+from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import sha256_file, weight_files
 from mergekit_seed.runner import merge
@@ -53,14 +54,11 @@ from mergekit_seed.tools.compare import (
     score_rows,
     summary,
 )
-from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, read_run, task_manager
+from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, pooled_metric, read_run, task_manager
 
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
 DEFAULT_METHODS = OUR_METHODS + ("linear", "ties")
-# per-model parameters mergekit's methods require: linear (Model Soup) and TIES weigh each seed
-# 1; dare_ties sums the weighted deltas (its `normalize` defaults to false), so 1/N averages them
-MERGEKIT_WEIGHTS = {"linear": lambda count: 1.0, "ties": lambda count: 1.0, "dare_ties": lambda count: round(1 / count, 6)}
 DEFAULT_GRID: Dict[str, Dict[str, List[Any]]] = {
     "seedft": {"lambda": ["auto", 1.0]},
     "seedlora_twostage": {"energy": [0.9, 0.99]},
@@ -149,7 +147,10 @@ def seed_kind(seeds: Sequence[str]) -> str:
     for seed in seeds:
         folder = local_folder(seed)
         if is_adapter_folder(folder):
-            kinds[seed] = "sera" if str(read_adapter_config(folder).get("peft_type", "LORA")).upper() == "SERA" else "lora"
+            kind = peft_type(read_adapter_config(folder))
+            if kind not in ("LORA", SERA_TYPE):
+                raise UserError(f"{seed}: peft_type {kind!r} is not supported (LORA or SERA)")
+            kinds[seed] = kind.lower()
         else:
             kinds[seed] = "full"
     if len(set(kinds.values())) > 1:
@@ -183,7 +184,9 @@ def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str
     for seed in seeds:
         entry: Dict[str, Any] = {"model": f"{base}+{seed}" if kind == "lora" and not ours else seed}
         if not ours:
-            entry["parameters"] = {"weight": MERGEKIT_WEIGHTS[candidate.method](len(seeds))}
+            # mergekit's methods require a per-model weight: 1 each for linear (Model Soup) and TIES;
+            # dare_ties sums the weighted deltas (its `normalize` defaults to false), so 1/N averages them
+            entry["parameters"] = {"weight": round(1 / len(seeds), 6) if candidate.method == "dare_ties" else 1.0}
         models.append(entry)
     recipe["models"] = models
     if candidate.parameters:
@@ -226,6 +229,10 @@ class Split:
     def examples(self) -> int:
         return len(self.rows)
 
+    @property
+    def inputs(self) -> List[Path]:
+        return [self.path]
+
     def prompt_hashes(self) -> List[str]:
         """What makes two examples the same question: the prompt (answer rows) or the text."""
         return [_sha256(row.text if row.text is not None else row.prompt) for row in self.rows]
@@ -253,6 +260,10 @@ class TaskSplit:
     @property
     def examples(self) -> int:
         return len(self.prompts)
+
+    @property
+    def inputs(self) -> List[str]:
+        return [self.include_path] if self.include_path else []
 
     def prompt_hashes(self) -> List[str]:
         return list(self.prompts)
@@ -363,11 +374,11 @@ class TaskScorer:
         for task in split.tasks:
             task_run = run.tasks[task]
             metrics = comparable_metrics([task_run], echo=lambda _line: None)
-            chosen = [m for m in metrics if m.split(",")[0] == self.metric] if self.metric else metrics[:1]
-            if not chosen:
+            chosen = pooled_metric(metrics, self.metric)
+            if chosen is None:
                 raise UserError(f"--metric {self.metric}: lm-eval task {task} gives {', '.join(metrics) or 'no per-example metric'}")
-            sign = 1.0 if task_run.higher_is_better.get(chosen[0].split(",")[0], True) else -1.0
-            values = [task_run.values[chosen[0]][doc] for doc in sorted(task_run.values[chosen[0]])]
+            sign = 1.0 if task_run.higher_is_better.get(chosen.split(",")[0], True) else -1.0
+            values = [task_run.values[chosen][doc] for doc in sorted(task_run.values[chosen])]
             raw += values
             oriented += [sign * value for value in values]
         return statistics.fmean(raw), oriented
@@ -388,8 +399,7 @@ class Plan:
 
     @property
     def inputs(self) -> List[Any]:
-        files = [getattr(split, "path", None) or getattr(split, "include_path", None) for split in (self.validation, self.test)]
-        return [*self.seeds, self.base, *files, self.scorer.tokenizer, self.grid_path]
+        return [*self.seeds, self.base, *self.validation.inputs, *self.test.inputs, self.scorer.tokenizer, self.grid_path]
 
 
 @dataclass
