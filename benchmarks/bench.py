@@ -231,42 +231,52 @@ def recipe(path: Path, method: str, base: Path, models, extra: str = "", dtype: 
     return path
 
 
-def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) -> dict:
-    """Median wall time and peak RSS of a child process over ``reps`` runs, and the seconds our
-    methods' kernels took in it (``merge_seconds``, from ``MERGEKIT_SEED_PROFILE``).
+def timed_child(command, env: dict, scratch: Path, timeout: Optional[float] = None) -> Optional[dict]:
+    """One run of ``command`` as a child process: wall and CPU seconds and peak RSS (MiB), or
+    None when it ran past ``timeout`` (it is stopped, with every process it started).
 
     The peak comes from GNU time, whose own small process forks the command: a child forked
     straight from this process would start with this process's RSS (the models it built)
-    counted in its maximum. A run past ``timeout`` is stopped and recorded as such.
+    counted in its maximum.
     """
+    report_file = scratch / "time.txt"
+    started = time.perf_counter()
+    # a session of its own, so that a run past ``timeout`` is stopped with the merge GNU time
+    # forked (killing time alone left the merge running, and every later row measured against it)
+    child = subprocess.Popen(
+        ["/usr/bin/time", "-f", "%U %S %M", "-o", str(report_file), *map(str, command)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    try:
+        _, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return None
+    elapsed = time.perf_counter() - started
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command))} failed: {stderr.decode()[-2000:]}")
+    user, system, peak_kib = report_file.read_text().split()[-3:]
+    return {"seconds": elapsed, "cpu_seconds": float(user) + float(system), "peak_mib": int(peak_kib) / 1024}
+
+
+def measure(command, reps: int, scratch: Path, timeout: Optional[float] = None) -> dict:
+    """Median wall time and peak RSS of a merge (``command`` OUT) over ``reps`` runs, and the
+    seconds our methods' kernels took in it (``merge_seconds``, from ``MERGEKIT_SEED_PROFILE``).
+    A run past ``timeout`` is stopped and recorded as such."""
     times, peaks, merges = [], [], []
     lore_profile = seedft_profile = None
     profile = scratch / "profile.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", MERGEKIT_SEED_PROFILE=str(profile))
-    report_file = scratch / "time.txt"
     for _ in range(reps):
         out = scratch / "out"
         shutil.rmtree(out, ignore_errors=True)
         profile.unlink(missing_ok=True)
-        started = time.perf_counter()
-        # a session of its own, so that a run past ``timeout`` is stopped with the merge GNU
-        # time forked (killing time alone left the merge running, and every later row measured
-        # against it)
-        child = subprocess.Popen(
-            ["/usr/bin/time", "-f", "%M", "-o", str(report_file), *map(str, command), str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
-        )
-        try:
-            _, stderr = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.communicate()
+        run = timed_child([*command, out], env, scratch, timeout)
+        if run is None:
             return {"seconds": None, "timed_out": timeout, "peak_mib": None, "runs": times}
-        elapsed = time.perf_counter() - started
-        if child.returncode != 0:
-            raise SystemExit(f"{' '.join(map(str, command))} failed: {stderr.decode()[-2000:]}")
-        times.append(elapsed)
-        peaks.append(int(report_file.read_text().split()[-1]) / 1024)  # KiB -> MiB
+        times.append(run["seconds"])
+        peaks.append(run["peak_mib"])
         if profile.is_file():
             recorded = json.loads(profile.read_text())
             merges.append(sum(value for value in recorded.values() if isinstance(value, (int, float))))
