@@ -11,7 +11,7 @@ seconds and peak RSS from GNU time, through ``bench.timed_child``):
 - ``commands``: `mergekit-seed recipes`, `methods`, `validate --offline` on a tiny full-model
   recipe, and `run` of a tiny three-seed LoRA recipe as it starts (no transformers or peft) and
   with one more mergekit option (`--allow-crimes`), which parses mergekit's own options and
-  imports them;
+  imports them (``light_run_saves``: what the light start saves);
 - ``teardown_seconds``: an interpreter that imported torch ending normally, less one ending
   through ``os._exit``;
 - ``hook_ms``: the start-up hook's cumulative import time (``python -X importtime``), with
@@ -107,13 +107,35 @@ def main() -> None:
             measured = median_run(command, args.reps, scratch)
             results["commands"][name] = {key: round(value, 2 if key != "peak_mib" else 0) for key, value in measured.items()}
             print(name, results["commands"][name], flush=True)
+    light, full = results["commands"]["run (adapter recipe)"], results["commands"]["run (adapter recipe, --allow-crimes)"]
+    results["light_run_saves"] = {key: round(full[key] - light[key], 2) for key in ("seconds", "peak_mib")}
     results["hook_ms"] = {"cached": round(hook_milliseconds(args.reps, True), 1), "uncached": round(hook_milliseconds(args.reps, False), 1)}
     if importlib.util.find_spec("lm_eval"):
         timer = "import time; from lm_eval.tasks import TaskManager; t = time.perf_counter(); TaskManager(); print(time.perf_counter() - t)"
         runs = [float(subprocess.check_output([sys.executable, "-c", timer], text=True).split()[-1]) for _ in range(min(args.reps, 3))]
         results["lm_eval_index_seconds"] = round(statistics.median(runs), 1)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    """The markdown section of benchmarks/RESULTS.md."""
+    lines = [
+        f"Machine: {results['machine']}; medians of {results['reps']} fresh processes.",
+        "",
+        "| command | wall (s) | CPU (s) | peak RSS (MiB) |",
+        "|---|---|---|---|",
+        *(f"| {name} | {m['seconds']:.2f} | {m['cpu_seconds']:.2f} | {m['peak_mib']:.0f} |" for name, m in results["commands"].items()),
+        "",
+        "Importing, in a fresh interpreter (s): " + ", ".join(f"`{name}` {seconds:.3f}" for name, seconds in results["imports"].items()) + ".",
+        "",
+        f"torch's share of a process: {results['torch_mib']} MiB. The interpreter's teardown after importing torch: "
+        f"{results['teardown_seconds']:.2f} s. The start-up hook: {results['hook_ms']['cached']} ms with Python's bytecode "
+        f"cache, {results['hook_ms']['uncached']} ms with none.",
+    ]
+    if "lm_eval_index_seconds" in results:
+        lines.append(f"lm-eval indexing its built-in tasks: {results['lm_eval_index_seconds']} s.")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

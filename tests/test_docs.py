@@ -2,6 +2,7 @@
 paths filled in with tiny models (adapter recipes with tiny PEFT LoRA adapters)."""
 
 import re
+from decimal import ROUND_HALF_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,101 @@ def test_a_demo_number_appears_only_where_a_test_checks_it(page):
     Outside the generated sections, no page quotes one; pages point to docs/demo.md instead."""
     text = GENERATED.sub("", page.read_text(encoding="utf-8"))
     assert not DEMO_NUMBER.findall(text), DEMO_NUMBER.findall(text)
+
+
+# Where each page's measured figures come from: the benchmarks' reports and raw numbers, and the
+# demo's shipped results. A page not named here quotes none.
+BENCHMARKS = ["benchmarks/RESULTS.md"]
+STARTUP = ["benchmarks/startup.json"]
+FIGURE_SOURCES = {
+    "docs/performance.md": BENCHMARKS + STARTUP,
+    "docs/architecture.md": STARTUP,
+    "docs/cli.md": STARTUP,
+    "docs/compare.md": STARTUP,
+    "docs/select.md": ["benchmarks/select-bench.json"] + BENCHMARKS,
+    "README.md": ["docs/demo-results-default.json", "docs/demo-results-avx2.json"],
+    "docs/demo.md": ["docs/demo-results-default.json", "docs/demo-results-avx2.json", "docs/demo-scale.json", "benchmarks/demo-regime-shrink.json"],
+    "docs/methods/lore.md": BENCHMARKS,
+    "docs/methods/seedft.md": BENCHMARKS,
+    "docs/methods/seedlora_dm.md": BENCHMARKS,
+    "docs/methods/seedlora_twostage.md": BENCHMARKS,
+}
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+# a measured figure: a ratio (1.06x), a duration, a size, a rate or a share, alone or as a range
+FIGURE = re.compile(
+    r"(?<![\w.\-/^])(?P<low>\d+(?:\.\d+)?)(?:-(?P<high>\d+(?:\.\d+)?))?"
+    r"(?P<unit>x\b| ?(?:s|ms|min|MiB|GiB|GB|GFLOP/s)\b|%)"
+)
+GOAL = re.compile(r"(?:<=|>=|<|>|under|at most|at least|within) ?$")
+# figures that are settings, goals or a paper's claim, not something we measured
+NOT_MEASURED = {
+    "95%": "the confidence level of every interval",
+    "1%": "a benchmark spectrum's noise level (--spectrum noise-1)",
+    "5%": "a benchmark spectrum's noise level (--spectrum noise-5)",
+    "1-20%": "the benchmark spectra's noise levels",
+    "20%": "the demo regime's floor, and a benchmark spectrum's noise level (--spectrum noise-20)",
+    "20-90%": "the demo regime's bounds",
+    "90%": "the demo regime's ceiling",
+    "10%": "the demo regime's disagreement floor, and analysis.md's quantile marks",
+    "25%": "analysis.md's quantile marks",
+    "50%": "analysis.md's median mark",
+    "1 s": "the bound on a pattern match, and the rule for a measured shortcut",
+    "10 s": "the Hub check's timeout",
+    "2.26x": "the LoRE paper's reported cost (Table 6), not ours",
+}
+
+
+def measured_numbers(page: Path) -> list:
+    """Every number in the page's results files, as text; a JSON file's numbers also as
+    percentages (its shares are fractions)."""
+    found = []
+    for name in FIGURE_SOURCES.get(str(page.relative_to(REPO)), []):
+        text = (REPO / name).read_text(encoding="utf-8")
+        numbers = re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)
+        found += numbers
+        if name.endswith(".json"):
+            found += [str(Decimal(number) * 100) for number in numbers]
+    return found
+
+
+def rounds_to(measured: str, quoted: str, unit: str) -> bool:
+    places = Decimal(quoted).as_tuple().exponent
+    values = [Decimal(measured)] + ([Decimal(measured) / 60] if unit.strip() == "min" else [])
+    # a tie either way: a file may hold 23.15 for the 23.149 a report printed as 23.1
+    return any(
+        value.quantize(Decimal(1).scaleb(places), rounding=rounding) == Decimal(quoted)
+        for value in values for rounding in (ROUND_HALF_UP, ROUND_HALF_DOWN)
+    )
+
+
+def unsourced_figures(text: str, measured: list) -> list:
+    text = GENERATED.sub("", text)
+    comments = re.findall(r"(?:^|\s)# (.*)", "\n".join(re.findall(r"```.*?```", text, re.S)))  # a command's comment is prose
+    text = CODE.sub("", text) + "\n" + "\n".join(comments)
+    missing = []
+    for match in FIGURE.finditer(text):
+        figure = match.group(0).strip()
+        if figure in NOT_MEASURED or GOAL.search(text[max(0, match.start() - 9):match.start()]):
+            continue
+        for number in filter(None, (match.group("low"), match.group("high"))):
+            if not any(rounds_to(value, number, match.group("unit")) for value in measured):
+                missing.append(figure)
+                break
+    return missing
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_every_measured_figure_comes_from_a_results_file(page):
+    """Issue 41: a page quotes a measured time, ratio, size or share only as one of its results
+    files (``FIGURE_SOURCES``) holds it, to the digits quoted, in prose and in a command's
+    comment alike."""
+    missing = unsourced_figures(page.read_text(encoding="utf-8"), measured_numbers(page))
+    assert not missing, f"{page.name}: figures no results file holds: {missing}"
+
+
+def test_the_figure_check_catches_a_stale_figure():
+    measured = ["1.06", "143.7", "1702.2"]
+    assert unsourced_figures("seedlora_dm runs at 1.06x linear, twostage 144 s, demo 28.4 min", measured) == []
+    assert unsourced_figures("seedlora_dm runs at 1.19x linear", measured) == ["1.19x"]
+    assert unsourced_figures("goal <= 1.2x; `--timeout 900 s`", measured) == []
+    assert unsourced_figures("```bash\nmake demo  # about 30.0 min\n```", measured) == ["30.0 min"]

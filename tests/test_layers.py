@@ -3,6 +3,7 @@ modules import each other, even inside functions. Read from the source (every im
 statement, at any depth), so a circle kept from crashing by a function-level import fails too."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,21 +107,10 @@ def test_every_module_imports_and_the_package_stays_cheap():
     assert cheap.stdout.split() == ["False", "False"], cheap.stdout + cheap.stderr
 
 
-# What a function may import late, with what importing it costs in a fresh interpreter on our
-# 2-core machine (measured 2026-12-03, `python -c "import X"`, torch included where X imports it).
-# Everything else is imported at the top of its module.
-LATE_IMPORTS = {
-    "torch": 1.7,
-    "safetensors.torch": 2.4,  # imports torch
-    "transformers": 0.9,
-    "peft": 5.7,
-    "mergekit": 2.2,  # mergekit.merge_methods; mergekit.config 8.4, mergekit.merge 7.6, mergekit.options 8.0
-    "matplotlib": 0.9,  # matplotlib.pyplot
-    "scipy": 0.4,  # scipy.linalg
-    "numpy": 0.14,
-    "tqdm": 0.1,
-    "lm_eval": None,  # an optional extra (mergekit-seed[eval]): imported where `compare --tasks` needs it
-}
+# What a function may import late: a package whose import cost benchmarks/startup.py measured
+# (seconds in a fresh interpreter on our 2-core machine, in benchmarks/startup.json; docs quote
+# them from there). Everything else is imported at the top of its module.
+LATE_IMPORTS = {name.split(".")[0] for name in json.loads((Path(__file__).parent.parent / "benchmarks" / "startup.json").read_text())["imports"]}
 # imported at every interpreter start by mergekit_seed.pth: even the standard library waits (0.9-1.5 ms in all)
 START_UP_MODULES = {"__init__", "startup"}
 
@@ -155,7 +145,7 @@ def test_a_function_imports_late_only_what_costs_start_up_time():
             for node in ast.walk(function):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
                 found += [f"{module}:{node.lineno}: {name}" for name in names if not _is_late_import(name, modules)]
-    assert not found, "import these at the top of their module (cheap), or measure them into LATE_IMPORTS:\n" + "\n".join(found)
+    assert not found, "import these at the top of their module (cheap), or measure them (benchmarks/startup.py MODULES):\n" + "\n".join(found)
 
 
 LONGEST_FUNCTION = 60
