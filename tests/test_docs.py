@@ -131,7 +131,7 @@ def measured_numbers(page: Path) -> list:
 
 def rounds_to(measured: str, quoted: str, unit: str) -> bool:
     places = Decimal(quoted).as_tuple().exponent
-    values = [Decimal(measured)] + ([Decimal(measured) / 60] if unit.strip() == "min" else [])
+    values = [Decimal(measured) / 60] if unit.strip() == "min" else [Decimal(measured)]  # results hold seconds
     # a tie either way: a file may hold 23.15 for the 23.149 a report printed as 23.1
     return any(
         value.quantize(Decimal(1).scaleb(places), rounding=rounding) == Decimal(quoted)
