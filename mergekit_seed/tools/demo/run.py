@@ -42,20 +42,18 @@ from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
-from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS, choose, judge, mean_seed
+from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS, Candidate, choose, judge, mean_seed, recipe_text
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
 from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
 
 LOG = logging.getLogger("mergekit_seed")
 SETTINGS = ("lora", "sera", "full")
 SEED_COUNT = 3
-# mergekit's required per-model `weight` and a density of 0.5 for TIES and DARE. dare_ties
-# sums the weighted deltas (its `normalize` defaults to false), so its weights are 1/N to
-# average the seeds like the other methods instead of adding them up.
-MERGEKIT_PARAMETERS = {
-    "linear": {"weight": 1.0},
-    "ties": {"weight": 1.0, "density": 0.5},
-    "dare_ties": {"weight": round(1 / SEED_COUNT, 6), "density": 0.5},
+# what the demo merges: each method at its defaults, mergekit's sparsifying methods at density
+# 0.5 (selection.recipe_text gives mergekit's methods their per-model weights)
+CANDIDATES = {
+    method: Candidate(method, (("density", 0.5),) if method in ("ties", "dare_ties") else ())
+    for method in OUR_METHODS + MERGEKIT_METHODS
 }
 
 
@@ -133,28 +131,6 @@ def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> 
     return path
 
 
-def write_recipe(path: Path, method: str, base: Path, seeds: List[Path], kind: str) -> Path:
-    """One merge recipe for a setting; adapter seeds of mergekit's methods use ``BASE+ADAPTER``."""
-    lines = [f"merge_method: {method}"]
-    # Model Soup averages the seeds alone; LoRE needs no base (adapters' deltas are relative to it)
-    if method not in ("linear", "lore") or kind == "adapter":
-        lines.append(f"base_model: {base}")
-    lines.append("models:")
-    per_model = MERGEKIT_PARAMETERS.get(method, {})
-    for seed in seeds:
-        reference = f"{base}+{seed}" if kind == "lora-via-mergekit" else str(seed)
-        lines.append(f"  - model: {reference}")
-        if per_model:
-            lines.append("    parameters:")
-            lines += [f"      {k}: {v}" for k, v in per_model.items()]
-    lines.append("dtype: float32")
-    if kind == "adapter":
-        lines += ["output:", "  format: lora"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 def experiment_data(config: DemoConfig, experiment: int):
     """The training, validation and test examples of one experiment: three disjoint sets, and
     no validation or test prompt was seen in training or pre-training."""
@@ -226,14 +202,16 @@ def run_experiment(
         ]
         accuracy = {name: score(load_for_eval(models / "base", seed, setting)) for name, seed in zip(seed_names(SEED_COUNT), seeds)}
         mergekit_kind, mergekit_inputs = _mergekit_baseline_inputs(models, setting, seeds, vocabulary)
-        for method in OUR_METHODS + MERGEKIT_METHODS:
+        for method, candidate in CANDIDATES.items():
             ours = method in OUR_METHODS
-            kind = ("adapter" if setting != "full" else "full") if ours else mergekit_kind
-            recipe = write_recipe(merges / setting / f"{method}.yml", method, models / "base", seeds if ours else mergekit_inputs, kind)
+            kind, inputs = (setting, seeds) if ours else (mergekit_kind, mergekit_inputs)
+            recipe = merges / setting / f"{method}.yml"
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            recipe.write_text(recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind), encoding="utf-8")
             merged = merges / setting / method
             # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
             merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
-            accuracy[method] = score(load_for_eval(models / "base", merged, "lora" if kind == "adapter" else "full"))
+            accuracy[method] = score(load_for_eval(models / "base", merged, "lora" if ours and setting != "full" else "full"))
         results[setting] = accuracy
         echo(_setting_line(setting, accuracy))
     return results
@@ -257,13 +235,11 @@ def _score(model, validation, test, vocabulary: CharVocabulary) -> dict:
 
 
 def _mergekit_baseline_inputs(models: Path, setting: str, seeds: List[Path], vocabulary: CharVocabulary):
-    """The recipe kind and inputs that mergekit's own methods merge for ``setting``: the seeds
+    """The seed kind and inputs that mergekit's own methods merge for ``setting``: the seeds
     themselves (LoRA through mergekit's ``BASE+ADAPTER``), and for SeRA, which PEFT cannot
     load, the seeds merged into full checkpoints."""
-    if setting == "full":
-        return "full", seeds
-    if setting == "lora":
-        return "lora-via-mergekit", seeds
+    if setting in ("full", "lora"):
+        return setting, seeds
     inputs = []
     for index, seed_path in enumerate(seeds):
         full_path = models / "sera-as-full" / f"seed{index}"
