@@ -42,7 +42,7 @@ from bench import BIN, build_models, machine, recipe, timed_child  # noqa: E402
 MODULES = (
     "torch", "safetensors.torch", "transformers", "peft", "mergekit.merge_methods", "mergekit.config",
     "mergekit.options", "mergekit.merge", "mergekit.io", "matplotlib.pyplot", "scipy.linalg", "numpy", "tqdm",
-    "lm_eval",
+    "lm_eval.evaluator",
 )
 IMPORT_TIMER = "import time, importlib; t = time.perf_counter(); importlib.import_module({!r}); print(time.perf_counter() - t)"
 
