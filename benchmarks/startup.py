@@ -5,8 +5,8 @@
 Every figure is the median of ``--reps`` fresh child processes on this machine (wall and CPU
 seconds and peak RSS from GNU time, through ``bench.timed_child``):
 - ``imports``: seconds to import each module that `tests/test_layers.py` allows a function to
-  import late (`LATE_IMPORTS`), and mergekit's heavier modules, in a fresh interpreter (the
-  start-up hook included, as a user gets it);
+  import late (`LATE_IMPORTS`), and mergekit's heavier modules, in a fresh interpreter (our
+  methods' registration included where mergekit's method registry is imported, as a user gets it);
 - ``torch_mib``: peak RSS of an interpreter that imports torch, less that of one that does not;
 - ``commands``: `mergekit-seed recipes`, `methods`, `validate --offline` on a tiny full-model
   recipe, and `run` of a tiny three-seed LoRA recipe as it starts (no transformers or peft) and
@@ -58,7 +58,7 @@ def import_seconds(module: str, reps: int) -> float:
 
 
 def hook_milliseconds(reps: int, cached: bool) -> float:
-    """The start-up hook's cumulative import time, from ``-X importtime`` (microseconds)."""
+    """The start-up hook's cumulative import time in milliseconds (``-X importtime`` gives microseconds)."""
     with tempfile.TemporaryDirectory() as empty:
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
