@@ -1,7 +1,10 @@
-"""Every YAML block in README.md and docs/ is a recipe that validates, with its placeholder
-paths filled in with tiny models (adapter recipes with tiny PEFT LoRA adapters)."""
+"""The docs hold up: every YAML block in README.md and docs/ is a recipe that validates, with its
+placeholder paths filled in with tiny models (adapter recipes with tiny PEFT LoRA adapters), and
+every figure a page quotes from the demo or a benchmark is the one its results file holds."""
 
+import json
 import re
+import sys
 from decimal import ROUND_HALF_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -170,3 +173,13 @@ def test_the_figure_check_catches_a_stale_figure():
     assert unsourced_figures("seedlora_dm runs at 1.19x linear", measured) == ["1.19x"]
     assert unsourced_figures("goal <= 1.2x; `--timeout 900 s`", measured) == []
     assert unsourced_figures("```bash\nmake demo  # about 30.0 min\n```", measured) == ["30.0 min"]
+
+
+def test_the_start_up_section_of_results_is_the_benchmarks_own_report():
+    """benchmarks/RESULTS.md's start-up section is what benchmarks/startup.py reports from
+    startup.json, so the pages checked against either file agree."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from startup import report  # the benchmark's own module: not importable before the path is set
+
+    results = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    assert report(json.loads((REPO / "benchmarks" / "startup.json").read_text(encoding="utf-8"))) in results
