@@ -508,7 +508,7 @@ def _names(listing: str) -> List[str]:
 
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
-@click.option("--quick", is_flag=True, help="One experiment, shorter training (about 6 min of one core from scratch, see docs/demo.md).")
+@click.option("--quick", is_flag=True, help="One experiment, shorter training (a few minutes of one core from scratch; docs/demo.md has the measured time).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every

@@ -87,8 +87,11 @@ FIGURE_SOURCES = {
     "docs/cli.md": STARTUP,
     "docs/compare.md": STARTUP,
     "docs/select.md": ["benchmarks/select-bench.json"] + BENCHMARKS,
-    "README.md": ["docs/demo-results-default.json", "docs/demo-results-avx2.json"],
-    "docs/demo.md": ["docs/demo-results-default.json", "docs/demo-results-avx2.json", "docs/demo-scale.json", "benchmarks/demo-regime-shrink.json"],
+    "README.md": ["benchmarks/demo-timing.json"],
+    "docs/demo.md": [
+        "docs/demo-results-default.json", "docs/demo-results-avx2.json", "docs/demo-scale.json",
+        "benchmarks/demo-regime-shrink.json", "benchmarks/demo-timing.json",
+    ],
     "docs/methods/lore.md": BENCHMARKS,
     "docs/methods/seedft.md": BENCHMARKS,
     "docs/methods/seedlora_dm.md": BENCHMARKS,
