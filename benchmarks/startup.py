@@ -44,17 +44,21 @@ MODULES = (
     "mergekit.options", "mergekit.merge", "mergekit.io", "matplotlib.pyplot", "scipy.linalg", "numpy", "tqdm",
     "lm_eval.evaluator",
 )
-IMPORT_TIMER = "import time, importlib; t = time.perf_counter(); importlib.import_module({!r}); print(time.perf_counter() - t)"
 
 
-def median_run(command, reps: int, scratch: Path, env=None) -> dict:
-    runs = [timed_child(command, env or dict(os.environ, HF_HUB_OFFLINE="1"), scratch) for _ in range(reps)]
+def median_run(command, reps: int, scratch: Path) -> dict:
+    runs = [timed_child(command, dict(os.environ, HF_HUB_OFFLINE="1"), scratch) for _ in range(reps)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def seconds_in_fresh_interpreter(setup: str, timed: str, reps: int) -> float:
+    """Median seconds of the statement ``timed``, after ``setup``, each time in a new interpreter."""
+    code = f"import time\n{setup}\nstarted = time.perf_counter()\n{timed}\nprint(time.perf_counter() - started)"
+    return statistics.median(float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1]) for _ in range(reps))
+
+
 def import_seconds(module: str, reps: int) -> float:
-    timings = [float(subprocess.check_output([sys.executable, "-c", IMPORT_TIMER.format(module)], text=True).split()[-1]) for _ in range(reps)]
-    return statistics.median(timings)
+    return seconds_in_fresh_interpreter("import importlib", f"importlib.import_module({module!r})", reps)
 
 
 def hook_milliseconds(reps: int, cached: bool) -> float:
@@ -111,9 +115,8 @@ def main() -> None:
     results["light_run_saves"] = {key: round(full[key] - light[key], 2) for key in ("seconds", "peak_mib")}
     results["hook_ms"] = {"cached": round(hook_milliseconds(args.reps, True), 1), "uncached": round(hook_milliseconds(args.reps, False), 1)}
     if importlib.util.find_spec("lm_eval"):
-        timer = "import time; from lm_eval.tasks import TaskManager; t = time.perf_counter(); TaskManager(); print(time.perf_counter() - t)"
-        runs = [float(subprocess.check_output([sys.executable, "-c", timer], text=True).split()[-1]) for _ in range(min(args.reps, 3))]
-        results["lm_eval_index_seconds"] = round(statistics.median(runs), 1)
+        index = seconds_in_fresh_interpreter("from lm_eval.tasks import TaskManager", "TaskManager()", min(args.reps, 3))
+        results["lm_eval_index_seconds"] = round(index, 1)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(report(results))
 
