@@ -20,8 +20,8 @@ from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.installed import install_command, package_version
+from mergekit_seed.reader import read_text
 from mergekit_seed.recipe import (
-    bounded_safe_load,
     merge_inputs,
     model_paths_in_order,
     parse_mapping,
@@ -31,7 +31,7 @@ from mergekit_seed.recipe import (
 )
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import weight_file_hashes
-from mergekit_seed.untrusted import fenced_block, front_matter
+from mergekit_seed.untrusted import bounded_safe_load, fenced_block, front_matter
 
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
@@ -346,12 +346,7 @@ def read_card(source: Path) -> Dict[str, Any]:
     """{"recipe": YAML text, "provenance": {...} or {}} from a card or an output folder; every
     part of the provenance is checked (one line naming the field when it is malformed)."""
     path = source / CARD_NAME if source.is_dir() else source
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"{path}: cannot read model card ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: the model card is not UTF-8 text") from None
+    text = read_text(path, "model card", within=source if source.is_dir() else None)
     recipe = fenced_block(text, "### Configuration", "yaml")
     if recipe is None:
         raise UserError(f"{path}: no '### Configuration' YAML block; is this a mergekit model card?")

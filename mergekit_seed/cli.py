@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import click
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.quiet import quiet_libraries
+from mergekit_seed.reader import read_text
 from mergekit_seed.recipe import (
     check_files,
     check_recipe,
@@ -83,6 +85,7 @@ def run_recipe(
     overwrite: bool,
     revisions: Optional[dict] = None,
     protected: Sequence[Path] = (),
+    command: str = "run",
 ) -> None:
     """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
     if merge_options.quiet:
@@ -97,6 +100,7 @@ def run_recipe(
             warn=lambda message: click.echo(f"warning: {message}", err=True),
             revisions=revisions,
             protected=protected,
+            command=command,
         )
     except RecipeProblems as error:
         for problem in error.problems:
@@ -170,14 +174,22 @@ def _options(*decorators):
     return apply
 
 
+def _finite(_context: click.Context, parameter: click.Parameter, value: Optional[float]) -> Optional[float]:
+    """A float option's value, refused (as click refuses a bad value) when it is NaN or infinite."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=parameter)
+    return value
+
+
 bootstrap_options = _options(
-    click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True),
+    click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
+                 callback=_finite),
     click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed."),
     click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples."),
 )
 lm_eval_options = _options(
     click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval tasks: lm-eval's --num_fewshot."),
-    click.option("--limit", type=float, help="lm-eval tasks: lm-eval's --limit (documents per task, or a fraction)."),
+    click.option("--limit", type=float, callback=_finite, help="lm-eval tasks: lm-eval's --limit (documents per task, or a fraction)."),
     click.option("--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."),
 )
 
@@ -284,13 +296,14 @@ CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the so
 
 
 @main.command("reproduce")
-@click.argument("source")
+@click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--check", "check_dir", is_flag=False, flag_value=CHECK_SOURCE, default=None, metavar="[DIR]",
     help="Compare every tensor with DIR; without DIR, with the source's own weights (the Hub repository's or the card's folder).",
 )
-@click.option("--atol", type=float, default=1e-6, show_default=True, help="Largest absolute difference --check accepts.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-6, show_default=True, callback=_finite,
+              help="Largest absolute difference --check accepts.")
 @click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed merge.")
 @click.option(
@@ -330,7 +343,7 @@ def reproduce_command(
     from mergekit.options import MergeOptions
 
     options = MergeOptions(**{**plan.options, "quiet": quiet})
-    run_recipe(plan.recipe, out, options, overwrite, revisions=plan.revisions, protected=plan.protected)
+    run_recipe(plan.recipe, out, options, overwrite, revisions=plan.revisions, protected=plan.protected, command="reproduce")
     check_dir = None if plan.check_dir is None else str(plan.check_dir)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
@@ -350,8 +363,8 @@ def reproduce_command(
 
 
 @main.command("analyze")
-@click.argument("models", nargs=-1, required=True)
-@click.option("--base", help="The base model (needed for full checkpoints, not for adapter folders).")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--base", type=click.Path(), help="The base model (needed for full checkpoints, not for adapter folders).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for analysis.json, plots and summary.md.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
@@ -364,17 +377,17 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
         analyze(list(models), base, Path(out), quiet=quiet)
     except UserError as error:
         fail(str(error))
-    click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
+    click.echo(read_text(Path(out) / "summary.md", "analysis summary"))
 
 
 @main.command("compare")
-@click.argument("models", nargs=-1, required=True)
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--data", type=click.Path(dir_okay=False), help='JSONL to score MODELS on: {"text"} rows, or {"prompt", "answer"} rows.')
 @click.option("--tasks", help="Score MODELS with lm-evaluation-harness on these tasks (T1,T2); with --lm-eval, compare only these.")
 @click.option("--lm-eval", "lm_eval_runs", is_flag=True, help="MODELS are lm-eval output folders (--output_path, --log_samples): compare those runs.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for compare.json, compare.md, compare.png.")
-@click.option("--base", help="Base model for adapters whose config names none (or to override it).")
-@click.option("--tokenizer", help="Tokenizer folder or Hub id for models that ship none.")
+@click.option("--base", type=click.Path(), help="Base model for adapters whose config names none (or to override it).")
+@click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
 @click.option("--metric", help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each task's first).")
 @click.option("--reference", help="The model the others are compared with (default: the best model that is not a merge).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -445,8 +458,8 @@ def compare_command(
 
 
 @main.command("select")
-@click.argument("seeds", nargs=-1, required=True)
-@click.option("--base", required=True, help="The model the seeds were fine-tuned from (folder or Hub id).")
+@click.argument("seeds", nargs=-1, required=True, type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The model the seeds were fine-tuned from (folder or Hub id).")
 @click.option("--validation", type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format).")
 @click.option("--test", "test_data", type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
 @click.option("--validation-tasks", help="lm-eval tasks to choose on (T1,T2), instead of --validation.")
@@ -459,7 +472,7 @@ def compare_command(
 @click.option("--versus-mean-seed", is_flag=True, help="Also compare with the mean seed: scores every seed on test (after the choice).")
 @click.option("--dry-run", is_flag=True, help="List the candidates and estimate disk and time; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed output.")
-@click.option("--tokenizer", help="Tokenizer folder or Hub id for models that ship none.")
+@click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--cuda", is_flag=True, help="Merge and score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to merge and score on (default cpu).")

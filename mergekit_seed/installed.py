@@ -6,26 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 from importlib.metadata import PackageNotFoundError, distribution, version
-from urllib.parse import urlsplit, urlunsplit
 
-
-def public_url(url: str) -> str:
-    """``url`` without what must never be published: credentials (``user:token@``; a token
-    may stand alone where the user name goes), the query string and the fragment
-    (``https://u:t@host/x.git?tok=1`` -> ``https://host/x.git``). An ssh remote keeps its user
-    name (``git``), which is no secret and which ssh needs; an scp-like remote
-    (``git@host:org/x``) is written as the ``ssh://`` URL pip reads."""
-    if "://" not in url and ":" in url:  # scp-like syntax: [user@]host:path
-        host, _, path = url.partition(":")
-        url = f"ssh://{host}/{path.lstrip('/')}"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.scheme.endswith("ssh") and parts.username and parts.password is None:
-        netloc = f"{parts.username}@{netloc}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+from mergekit_seed.public import public_url
 
 
 def install_command() -> str:
@@ -41,7 +23,7 @@ def install_command() -> str:
         return pinned
     url = direct.get("url", "")
     vcs = direct.get("vcs_info")
-    if vcs:
+    if vcs and not url.startswith("file:"):
         return f'"mergekit-seed @ {vcs.get("vcs", "git")}+{public_url(url)}@{vcs.get("commit_id", "")}"'
     if url.startswith("file://"):
         folder = url[len("file://"):]
@@ -52,12 +34,21 @@ def install_command() -> str:
                 ).stdout.strip()
 
             remote, commit = git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
-            if remote and commit and not remote.startswith(("/", ".", "file:")):
+            if remote and commit and _is_remote(remote):
                 return f'"mergekit-seed @ git+{public_url(remote)}@{commit}"'
         except (OSError, subprocess.SubprocessError):
             pass
         return f"{pinned}  # installed from a local folder: install that source instead"
     return pinned
+
+
+def _is_remote(remote: str) -> bool:
+    """A git remote another machine can reach: a URL with a network scheme, or scp-like
+    ``host:path``; never a path on this machine (``/src/x``, ``~/src/x``, ``../x``, ``file://``)."""
+    if "://" in remote:
+        return remote.split("://", 1)[0].lower() in ("https", "http", "ssh", "git", "git+ssh", "git+https")
+    host, separator, _ = remote.partition(":")
+    return bool(separator) and bool(host) and not host.startswith(("/", ".", "~")) and "/" not in host
 
 
 def package_version(name: str) -> str:

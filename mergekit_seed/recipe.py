@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -27,15 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.reader import load_pickled_tensors, read_json_object, read_text
 from mergekit_seed.references.hub import HubInput, HubNotChecked, hub_problem, is_hub_id, resolve, split_revision
 from mergekit_seed.references.weights import (
     full_model_dtype_kinds,
     full_model_files,
     full_model_shapes,
-    load_plain_tensors,
     safetensors_shapes,
 )
-from mergekit_seed.untrusted import read_json_object
+from mergekit_seed.untrusted import parse_yaml
 
 
 class OutputSection(BaseModel):
@@ -190,70 +191,19 @@ def is_adapter_recipe_mapping(data: Dict[str, Any]) -> bool:
 
 
 def read_recipe_text(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"{path}: cannot read recipe ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    """A recipe file's text, through the one reader (a regular file, at most :data:`MAX_RECIPE_BYTES`)."""
+    return read_text(path, "recipe", MAX_RECIPE_BYTES)
 
 
-# Bounds on what a recipe may be: a real one is a few kilobytes. YAML aliases can make a
-# few hundred bytes expand into billions of values (an "alias bomb").
+# A real recipe is a few kilobytes.
 MAX_RECIPE_BYTES = 1 << 20
-MAX_RECIPE_VALUES = 100_000
-
-
-def _expanded_size(node: yaml.Node, limit: int) -> int:
-    """How many YAML nodes ``node`` stands for once every alias is expanded (stops past ``limit``)."""
-    sizes: Dict[int, int] = {}
-
-    def size(current: yaml.Node) -> int:
-        if id(current) in sizes:
-            return sizes[id(current)]
-        total = 1
-        if isinstance(current, yaml.MappingNode):
-            children = [part for pair in current.value for part in pair]
-        elif isinstance(current, yaml.SequenceNode):
-            children = current.value
-        else:
-            children = []
-        for child in children:
-            total += size(child)
-            if total > limit:
-                break
-        sizes[id(current)] = total
-        return total
-
-    return size(node)
-
-
-def bounded_safe_load(source: str, origin: str) -> Any:
-    """``yaml.safe_load`` (the C loader when installed), refusing alias expansion past
-    :data:`MAX_RECIPE_VALUES` values."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(source)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, MAX_RECIPE_VALUES) > MAX_RECIPE_VALUES:
-            raise UserError(f"{origin}: YAML aliases expand to more than {MAX_RECIPE_VALUES:,} values; write the recipe out")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
 
 
 def parse_mapping(source: str, origin: str) -> Dict[str, Any]:
     """The recipe text's YAML mapping (safe loader); a :class:`UserError` otherwise."""
     if len(source) > MAX_RECIPE_BYTES:
         raise UserError(f"{origin}: {len(source):,} characters is too long for a recipe (at most {MAX_RECIPE_BYTES:,})")
-    try:
-        data = bounded_safe_load(source, origin)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{origin}:{where} YAML syntax error: {problem}") from None
+    data = parse_yaml(source, origin)
     if not isinstance(data, dict):
         raise UserError(f"{origin}: a recipe must be a YAML mapping with merge_method and models")
     return data
@@ -551,6 +501,8 @@ def rewrite_references(source: str, replacements: Dict[str, str], origin: str) -
 
 
 REFERENCE_KEYS = ("base_model", "model", "tokenizer_source", "source")
+# what tokenizer_source (and a tokenizer's source) may say instead of naming a model
+TOKENIZER_KEYWORDS = ("base", "union")
 
 
 def reference_strings(value: Any) -> List[str]:
@@ -584,15 +536,21 @@ def _is_placeholder(reference: str) -> bool:
     return any(placeholder in reference for placeholder in PLACEHOLDERS)
 
 
-def _path_problem(folder: str, path: str) -> Optional[str]:
-    """Why a model path cannot be used as written (a placeholder, ``~``, missing), or None."""
+def _path_problem(folder: str, path: str, what: str = "model path") -> Optional[str]:
+    """Why a model path cannot be used as written (a placeholder, ``~``, missing, a file or a
+    device instead of a folder), or None. A path that does not exist is never taken for a Hub id
+    unless it is written as one (``org/name``)."""
     if _is_placeholder(folder):
-        return f"{path}: model path {folder} is a placeholder; replace it with your model's folder or Hub id"
-    if Path(folder).exists() or is_hub_id(folder):
+        return f"{path}: {what} {folder} is a placeholder; replace it with your model's folder or Hub id"
+    if is_hub_id(split_revision(folder)[0]):
+        return None
+    if os.path.lexists(folder) and not Path(folder).is_dir():
+        return f"{path}: {what} {folder} is not a folder (a model or an adapter is a folder with its config and weights)"
+    if Path(folder).is_dir():
         return None
     if folder.startswith("~"):
-        return f"{path}: model path {folder} does not exist (~ is not expanded in recipes; write the full path)"
-    return f"{path}: model path {folder} does not exist"
+        return f"{path}: {what} {folder} does not exist (~ is not expanded in recipes; write the full path)"
+    return f"{path}: {what} {folder} does not exist"
 
 
 def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
@@ -602,7 +560,7 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
         if not (folder / "config.json").is_file():
             continue
         try:
-            architectures = read_json_object(folder / "config.json", "model config").get("architectures")
+            architectures = read_json_object(folder / "config.json", "model config", within=folder).get("architectures")
         except UserError as error:
             return str(error)
         if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
@@ -621,7 +579,13 @@ def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[st
     from mergekit_seed.references.adapter_files import folder_modified_base_problem  # here: adapter reading imports torch
 
     references = recipe.config.referenced_models()
-    problems = [problem for folder in model_paths_in_order(recipe) if (problem := _path_problem(folder, path))]
+    models = model_paths_in_order(recipe)
+    problems = [problem for folder in models if (problem := _path_problem(folder, path))]
+    others = dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin)))
+    problems += [
+        problem for other in others
+        if other not in models and other not in TOKENIZER_KEYWORDS and (problem := _path_problem(other, path, "tokenizer path"))
+    ]
     for reference in hub_references(recipe):
         if _is_placeholder(reference):
             continue  # said once above, as a placeholder
@@ -660,7 +624,7 @@ def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Op
         raise UserError(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
     for file in files:
         if file.suffix == ".bin" and file.is_file():  # mergekit reads it; refuse here what it would fail on
-            load_plain_tensors(file, mmap=True)
+            load_pickled_tensors(file, folder, mmap=True)
     return full_model_shapes(folder) or None  # (.bin checkpoints: mergekit reads them itself)
 
 
@@ -807,15 +771,27 @@ def shipped_recipe_text(name: str, models: Optional[str] = None) -> str:
         suggestion = difflib.get_close_matches(name, list(recipes), n=1)
         hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
         raise UserError(f"no shipped recipe named '{name}'{hint}; `mergekit-seed recipes` lists them")
-    text = recipes[name].read_text(encoding="utf-8")
+    text = read_text(recipes[name], "recipe")
     if models is not None:
-        text = text.replace(DEMO_PLACEHOLDER, str(Path(models).absolute()))
+        folder = str(Path(models).absolute())
+        text = re.sub(re.escape(DEMO_PLACEHOLDER) + r"(\S*)", lambda match: yaml_scalar(folder + match.group(1)), text)
     return text
+
+
+def yaml_scalar(value: str) -> str:
+    """``value`` as a YAML scalar that reads back as exactly ``value``: plain when it does, else
+    double-quoted (a ``#``, a newline or a leading ``*`` stays part of the path, never YAML)."""
+    try:
+        if "\n" not in value and yaml.safe_load(f"key: {value}") == {"key": value}:
+            return value
+    except yaml.YAMLError:
+        pass
+    return json.dumps(value)
 
 
 def recipe_summary(path: Path) -> str:
     """The first line of a shipped recipe's comment block (its one-line summary)."""
-    first = path.read_text(encoding="utf-8").splitlines()[0]
+    first = read_text(path, "recipe").splitlines()[0]
     return first.lstrip("# ").strip() if first.startswith("#") else ""
 
 

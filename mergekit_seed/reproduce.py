@@ -5,6 +5,7 @@ folder tensor by tensor (``mergekit-seed reproduce``)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,13 +22,14 @@ from mergekit_seed.recipe import (
     parse_mapping,
     parse_recipe,
     read_recipe_text,
+    TOKENIZER_KEYWORDS,
     reference_strings,
     rewrite_references,
     substitute_references,
 )
-from mergekit_seed.references.hub import download_file, is_hub_id, resolve, split_revision, verify_hub_inputs
-from mergekit_seed.references.weights import hashed_weight_files, load_weights, sha256_file, weight_files
-from mergekit_seed.untrusted import read_json
+from mergekit_seed.reader import read_json, sha256
+from mergekit_seed.references.hub import download_file, has_hub_id_form, is_hub_id, resolve, split_revision, verify_hub_inputs
+from mergekit_seed.references.weights import hashed_weight_files, load_weights, weight_files
 
 
 # options that run code shipped with the inputs: never taken from a card
@@ -79,16 +81,32 @@ def card_labels(recipe_text: str, origin: str) -> List[str]:
     return sorted({part for part in reference_strings(data) if LABEL.fullmatch(part)}, key=lambda label: int(label[5:]))
 
 
-def labels_from_recipe(card_recipe: str, card_origin: str, user_recipe: str, origin: str) -> Dict[str, str]:
-    """{``inputN``: path}: where the user's own copy of the recipe (``reproduce --recipe``,
-    read from ``origin``) has the local folders the card's recipe labels. The two must be the
-    same recipe but for those folders (references are paired in document order)."""
+def card_local_paths(recipe_text: str, origin: str) -> List[str]:
+    """The references of a card's recipe that name this machine's files: anything but an
+    ``inputN`` label or a Hub id (``org/name[@revision]``) that is not also a local path here.
+    A card comes from a stranger: these are never read (cards written before labels named their
+    folders so; ``--recipe`` gives the user's own)."""
+    found = []
+    for reference in dict.fromkeys(reference_strings(parse_mapping(recipe_text, origin))):
+        if LABEL.fullmatch(reference) or reference in TOKENIZER_KEYWORDS:
+            continue
+        if has_hub_id_form(split_revision(reference)[0]) and not os.path.lexists(split_revision(reference)[0]):
+            continue
+        found.append(reference)
+    return found
+
+
+def labels_from_recipe(card_recipe: str, card_origin: str, user_recipe: str, origin: str, replaced: List[str]) -> Dict[str, str]:
+    """{label or local path of the card: path}: where the user's own copy of the recipe
+    (``reproduce --recipe``, read from ``origin``) has what the card's recipe labels, or names
+    by a local path (``replaced``). The two must be the same recipe but for those (references
+    are paired in document order)."""
     card_data, user_data = parse_mapping(card_recipe, card_origin), parse_mapping(user_recipe, origin)
     card_references, user_references = reference_strings(card_data), reference_strings(user_data)
     mapping: Dict[str, str] = {}
     if len(card_references) == len(user_references):
-        for label, path in zip(card_references, user_references):
-            if LABEL.fullmatch(label) and mapping.setdefault(label, path) != path:
+        for reference, path in zip(card_references, user_references):
+            if (LABEL.fullmatch(reference) or reference in replaced) and mapping.setdefault(reference, path) != path:
                 break
         else:
             if substitute_references(card_data, mapping) == user_data:
@@ -101,27 +119,33 @@ def labels_from_recipe(card_recipe: str, card_origin: str, user_recipe: str, ori
 
 def fill_inputs(
     card_recipe: str, card_origin: str, given: List[str], user_recipe: Optional[str] = None
-) -> Tuple[str, Optional[Dict[str, str]]]:
+) -> Tuple[str, Dict[str, str]]:
     """The card's recipe (named ``card_origin`` in errors) with each ``inputN`` replaced by the
-    folder the user gives for it, and {``inputN``: folder} (None for a card whose recipe names
-    its folders itself).
+    folder the user gives for it, and {``inputN`` (or a local path an older card names): folder}.
 
     ``given`` holds ``inputN=PATH`` items (``reproduce --input``); ``user_recipe`` is the path of
     the user's own copy of the recipe (``reproduce --recipe``), paired with the card's by
-    :func:`labels_from_recipe`. Every label must get a folder.
+    :func:`labels_from_recipe`. Every label must get a folder. A card whose recipe names a local
+    path (:func:`card_local_paths`) is refused unless ``user_recipe`` replaces it: a card never
+    chooses what is read.
     """
     labels = card_labels(card_recipe, card_origin)
-    if not labels:
-        return card_recipe, None
-    mapping = {}
+    local = card_local_paths(card_recipe, card_origin)
+    if local and user_recipe is None:
+        raise UserError(
+            f"{card_origin}: names {local[0]!r} where a model, adapter or tokenizer goes, which is a path on this machine, "
+            "not an inputN label or a Hub id; a card never chooses which local files are read: give your copy of the "
+            "recipe with --recipe FILE"
+        )
+    mapping: Dict[str, str] = {}
     if user_recipe is not None:
-        mapping = labels_from_recipe(card_recipe, card_origin, read_recipe_text(user_recipe), user_recipe)
+        mapping = labels_from_recipe(card_recipe, card_origin, read_recipe_text(user_recipe), user_recipe, local)
     for item in given:
         label, separator, path = item.partition("=")
         if not separator or not LABEL.fullmatch(label) or not path:
-            raise UserError(f"--input {item}: write it as inputN=PATH (the card's recipe names {', '.join(labels)})")
+            raise UserError(f"--input {item}: write it as inputN=PATH (the card's recipe names {', '.join(labels) or 'no inputN'})")
         if label not in labels:
-            raise UserError(f"--input {item}: the card's recipe names no {label} (it names {', '.join(labels)})")
+            raise UserError(f"--input {item}: the card's recipe names no {label} (it names {', '.join(labels) or 'none'})")
         mapping[label] = str(Path(path).absolute())
     missing = [label for label in labels if label not in mapping]
     if missing:
@@ -130,24 +154,23 @@ def fill_inputs(
             f"{card_origin}: the card names its local inputs {', '.join(missing)} without their paths; give the folder of each "
             f"({flags}) or your copy of the recipe (--recipe FILE)"
         )
-    return rewrite_references(card_recipe, mapping, card_origin), mapping
+    return (rewrite_references(card_recipe, mapping, card_origin) if mapping else card_recipe), mapping
 
 
-def recorded_folders(recorded: Dict[str, Any], recipe, labels: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """{key of a card's ``inputs``: the local folder it stands for}. ``labels`` gives the folder
-    of each ``inputN`` (the card's recipe names labels); without it the recipe names the folders
-    itself (cards written before labels, where ``inputN`` is the N-th local folder of the recipe,
-    or keys are folders)."""
-    if labels is not None:
-        return {key: labels[key] for key in recorded if key in labels}
+def recorded_folders(recorded: Dict[str, Any], recipe, mapping: Dict[str, str]) -> Dict[str, str]:
+    """{key of a card's ``inputs``: the local folder it stands for}: a label or a local path the
+    user's folders replaced (``mapping``, :func:`fill_inputs`); in a card written before labels,
+    whose recipe named its folders, ``inputN`` is the N-th local folder of the recipe (the user's,
+    filled in)."""
+    if any(LABEL.fullmatch(key) for key in mapping):
+        return {key: mapping[key] for key in recorded if key in mapping}
     folders = local_folders(recipe)
     found = {}
     for key in recorded:
-        if LABEL.fullmatch(key):
-            if int(key[5:]) < len(folders):
-                found[key] = folders[int(key[5:])]
-        elif key in folders:  # a card is untrusted: only a folder its recipe names
-            found[key] = key
+        if key in mapping:
+            found[key] = mapping[key]
+        elif LABEL.fullmatch(key) and int(key[5:]) < len(folders):
+            found[key] = folders[int(key[5:])]
     return found
 
 
@@ -171,7 +194,7 @@ def verify_inputs(recorded: Dict[str, Any], folders: Dict[str, str]) -> List[str
                 continue
             if not path.is_file():
                 problems.append(f"input {path} is missing")
-            elif sha256_file(path) != digest:
+            elif sha256(path, within=folders[key]) != digest:
                 problems.append(f"input {path} has changed (sha256 differs from the card)")
     return problems
 
@@ -219,7 +242,7 @@ def compare_configs(result: Path, reference: Path) -> List[str]:
             problems.append(f"{name} is only in {result if mine.is_file() else reference}")
             continue
         try:
-            ours, others = (read_json(path, name) for path in (mine, theirs))
+            ours, others = (read_json(path, name, within=path.parent) for path in (mine, theirs))
         except UserError as error:
             problems.append(str(error))
             continue
@@ -291,7 +314,7 @@ def prepare_reproduction(
         raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
     options, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
     recipe_origin = f"{card_path} (recipe)"
-    recipe_text, labels = fill_inputs(card["recipe"], recipe_origin, given_inputs, user_recipe)
+    recipe_text, mapping = fill_inputs(card["recipe"], recipe_origin, given_inputs, user_recipe)
     recipe = parse_recipe(recipe_text, origin=recipe_origin)
     if check_dir == check_source:
         check_dir = str(source_weights if source_weights is not None else resolve(*split_revision(source)).folder)
@@ -300,7 +323,7 @@ def prepare_reproduction(
     hub_inputs = provenance.get("hub_inputs") or {}
     named_repos = [split_revision(reference)[0] for reference in hub_references(recipe)]
     recorded = provenance.get("inputs") or {}
-    mismatches = verify_inputs(recorded, recorded_folders(recorded, recipe, labels)) + verify_hub_inputs(hub_inputs, named_repos)
+    mismatches = verify_inputs(recorded, recorded_folders(recorded, recipe, mapping)) + verify_hub_inputs(hub_inputs, named_repos)
     revisions = {repo: str(entry["revision"]) for repo, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
     return Reproduction(card_path, recipe, options, warnings + _version_warnings(provenance), mismatches, revisions,
                         Path(check_dir) if check_dir is not None else None)

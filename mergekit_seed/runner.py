@@ -14,20 +14,18 @@ import contextlib
 import logging
 import os
 import random
-import shutil
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from pydantic import BaseModel, ValidationError, model_validator
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from mergekit_seed.card import CARD_NAME, public_recipe_text, render_card
+from mergekit_seed.card import CARD_NAME, input_labels, public_recipe_text, render_card
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
-from mergekit_seed.output import OutputFolder, check_location
+from mergekit_seed.output import OutputFolder, check_location, remove, staged_path, write_text
+from mergekit_seed.reader import safetensors_file
 from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, merge_inputs, recipe_warnings
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
@@ -191,17 +189,21 @@ def make_options(recipe: Recipe, values: dict) -> Options:
         raise UserError(f"option '{location}': {message}") from None
 
 
+def check_options(options: Options) -> None:
+    """Refuse option values mergekit accepts but fails on mid-merge (one line naming the option)."""
+    shard_size = getattr(options, "out_shard_size", 1)
+    if shard_size < 1:
+        raise UserError(f"--out-shard-size {shard_size}: must be at least 1 (parameters per output shard, such as 5B or 500M)")
+
+
 def check_finite_output(folder: Path) -> None:
     """Refuse a merge that wrote a NaN or Inf: every floating tensor of every weight file under
     ``folder`` is read back (one tensor at a time) and checked before anything is published."""
     for file in sorted(folder.rglob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt") as reader:
-                for name in reader.keys():
-                    if not is_finite_tensor(reader.get_tensor(name)):
-                        _refuse_non_finite_output(name)
-        except SafetensorError as error:
-            raise UserError(f"the merge wrote an unreadable {file.name} ({str(error).splitlines()[0]}); nothing was published") from None
+        with safetensors_file(file, within=folder) as reader:
+            non_finite = next((name for name in reader.keys() if not is_finite_tensor(reader.get_tensor(name))), None)
+        if non_finite is not None:
+            _refuse_non_finite_output(non_finite)
     for bin_folder in sorted({file.parent for file in folder.rglob("*.bin")}):
         for name, tensor in load_weights(bin_folder).items():
             if not is_finite_tensor(tensor):
@@ -213,10 +215,6 @@ def _refuse_non_finite_output(name: str) -> None:
         f"tensor {name}: the merge gives NaN or Inf; nothing was published (lower lambda or the weights, "
         "or check the inputs)"
     )
-
-
-def _terminate_on_signal(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 def check_device(options: Options, work: str = "merge") -> None:
@@ -255,6 +253,7 @@ def merge(
     warn: Optional[Callable[[str], None]] = None,
     revisions: Optional[Dict[str, str]] = None,
     protected: Sequence[Union[str, os.PathLike]] = (),
+    command: str = "merge",
     **option_values: Any,
 ) -> MergeResult:
     """Merge ``recipe`` (a YAML path or a :class:`~mergekit_seed.recipe.Recipe`) into ``out``.
@@ -275,7 +274,7 @@ def merge(
     refused); ``overwrite`` replaces only the files a previous mergekit-seed output lists in its
     manifest, and never deletes another file (:class:`~mergekit_seed.output.OutputFolder`).
     A symlinked ``out`` is written at its target. Nothing is published unless every tensor
-    written is finite.
+    written is finite. ``command`` is what the manifest says wrote ``out`` (``run``, ``select``).
     """
     if warn is None:
         warn = lambda message: echo(f"warning: {message}")  # noqa: E731
@@ -285,7 +284,9 @@ def merge(
         options = make_options(recipe, option_values)
     elif option_values:
         raise TypeError("give options or keyword option values, not both")
-    with OutputFolder(out, local_inputs(recipe) + [Path(path) for path in protected], overwrite) as output:
+    check_options(options)
+    inputs = local_inputs(recipe) + [Path(path) for path in protected]
+    with OutputFolder(out, inputs, overwrite, command=command, labels=input_labels(recipe), warn=warn) as output:
         modules = _stage_merge(output, recipe, options, echo=echo, warn=warn, revisions=revisions)
         output.publish()
     return MergeResult(out=output.path, kind=kind_of(recipe), card=output.path / CARD_NAME if _writes_card(options) else None, modules=modules)
@@ -332,14 +333,12 @@ def _stage_merge(
         recipe, method, options.model_dump(exclude_defaults=True), kind_of(recipe), hub_provenance(hub_inputs),
         title=output.path.name,
     )
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate_on_signal) if in_main_thread else None
     try:
         _apply_global_options(options)
         modules = _run_engine(local, recipe, options, output.staging, echo=echo, warn=warn)
         check_finite_output(output.staging)
         if _writes_card(options):
-            (output.staging / CARD_NAME).write_text(card, encoding="utf-8")
+            write_text(output.staging / CARD_NAME, card)
         return modules
     except ValueError as error:  # mergekit's and our methods' refusals mid-merge
         raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
@@ -352,9 +351,6 @@ def _stage_merge(
     except SafetensorError as error:  # safetensors' own wrapping of a failed write
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise UserError(f"{output.path}: the merge failed writing weights ({reason}); nothing was published") from None
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_engine(
@@ -374,13 +370,13 @@ def _run_engine(
 
     if options.lora_merge_cache is None and any(m.lora is not None for m in local.config.referenced_models()):
         # mergekit needs a folder for the BASE+ADAPTER copies it merges first
-        options = options.model_copy(update={"lora_merge_cache": str(staging / ".lora-merge-cache")})
+        options = options.model_copy(update={"lora_merge_cache": str(staged_path(staging / ".lora-merge-cache"))})
     # mergekit's own card step is skipped: ours replaces its README.md, and it looks
     # names up on the Hub (a relative local path fails offline, or waits on the network)
     with _without_torch_dtype_deprecation():
-        run_merge(in_recipe_order(local.config), str(staging), options=options.model_copy(update={"write_model_card": False}))
-    shutil.rmtree(staging / ".lora-merge-cache", ignore_errors=True)
+        run_merge(in_recipe_order(local.config), str(staged_path(staging)), options=options.model_copy(update={"write_model_card": False}))
+    remove(staging / ".lora-merge-cache")
     if _writes_card(options):  # what mergekit's card step writes beside the card: the recipe, without local paths
-        (staging / "mergekit_config.yml").write_text(public_recipe_text(recipe), encoding="utf-8")
+        write_text(staging / "mergekit_config.yml", public_recipe_text(recipe))
     return []
 

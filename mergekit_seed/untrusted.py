@@ -1,7 +1,8 @@
 """Bounded parsing of untrusted text: the one place where files other tools (or other people)
-wrote are parsed.
+wrote are parsed (:mod:`mergekit_seed.reader` reads them, with a size bound).
 
-- JSON files are read with a size bound, and nesting too deep for Python's parser is one line.
+- Nesting too deep for Python's JSON parser is one line.
+- YAML is parsed with the safe loader, and aliases that expand past a bound are refused.
 - A model card's front matter and its Configuration block are found by scanning lines, never
   by a regular expression that can backtrack over the whole card.
 - Regular expressions a user supplies (PEFT's ``rank_pattern`` and ``alpha_pattern`` keys) are
@@ -11,31 +12,14 @@ wrote are parsed.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import regex
+import yaml
 
 from mergekit_seed.errors import UserError
 
-JSON_MAX_BYTES = 64 << 20  # config, index and results files are kilobytes; lm-eval samples files are read by line
 PATTERN_SECONDS = 1.0  # a PEFT pattern matches a module name in microseconds; a second means it backtracks
-
-
-def read_json(path: Path, what: str = "JSON file", max_bytes: int = JSON_MAX_BYTES) -> Any:
-    """The parsed JSON of ``path``; a file past ``max_bytes``, unreadable, not UTF-8, not JSON or
-    nested past Python's recursion limit is one line naming it and ``what`` it should be."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise UserError(f"{path}: {size:,} bytes is too large for a {what} (at most {max_bytes:,})")
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; not a {what}") from None
-    return parse_json(text, f"{path}", what)
 
 
 def parse_json(text: str, origin: str, what: str = "JSON") -> Any:
@@ -48,12 +32,59 @@ def parse_json(text: str, origin: str, what: str = "JSON") -> Any:
         raise UserError(f"{origin}: not valid JSON ({str(error).splitlines()[0]}); not a {what}") from None
 
 
-def read_json_object(path: Path, what: str) -> dict:
-    """:func:`read_json`, which must give a JSON object (one line naming the file if not)."""
-    data = read_json(path, what)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: must be a JSON object (a {what}), not a {type(data).__name__}")
-    return data
+# Bounds on what a recipe (or any YAML we parse) may be: a real one is a few kilobytes. YAML
+# aliases can make a few hundred bytes expand into billions of values (an "alias bomb").
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """How many YAML nodes ``node`` stands for once every alias is expanded (stops past ``limit``)."""
+    sizes: Dict[int, int] = {}
+
+    def size(current: yaml.Node) -> int:
+        if id(current) in sizes:
+            return sizes[id(current)]
+        total = 1
+        if isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = current.value
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(current)] = total
+        return total
+
+    return size(node)
+
+
+def bounded_safe_load(source: str, origin: str) -> Any:
+    """``yaml.safe_load`` (the C loader when installed), refusing alias expansion past
+    :data:`MAX_YAML_VALUES` values."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(source)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise UserError(f"{origin}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values; write the recipe out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(source: str, origin: str) -> Any:
+    """:func:`bounded_safe_load` of ``source``, a syntax error as one line naming ``origin`` and the line."""
+    try:
+        return bounded_safe_load(source, origin)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{origin}:{where} YAML syntax error: {problem}") from None
 
 
 def front_matter(text: str) -> Optional[str]:

@@ -147,7 +147,7 @@ def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
     name = report["spectra"]["weight"]
     deltas = [(w[name] - base_weights[name]).double() for w in seed_weights]
     S = torch.linalg.svdvals(deltas[0])
-    torch.testing.assert_close(torch.tensor(report["spectra"]["seeds"][str(seeds[0])], dtype=torch.float64), S, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(report["spectra"]["seeds"][seeds[0].name], dtype=torch.float64), S, rtol=1e-6, atol=1e-9)
     U = [torch.linalg.svd(d).U for d in deltas]
     heatmap = report["spectra"]["subspace_heatmap_0_1"]
     assert heatmap[1][3] == pytest.approx(float((U[0][:, :2].T @ U[1][:, :4]).pow(2).sum() / 2), rel=1e-6)

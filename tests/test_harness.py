@@ -134,7 +134,9 @@ def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_p
     result = run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], runs["twin"], "--out", tmp_path / "c", check=True)
     assert "tiny_mc" in result.stdout and (tmp_path / "c" / "compare.md").is_file() and (tmp_path / "c" / "compare.png").is_file()
     report = compare_json(tmp_path / "c")
-    names = {str(harness[name]): name for name in ("good", "other", "twin")}
+    # the runs name their models by absolute paths; the published report, by their folder names
+    published = {name: harness[name].name for name in ("good", "other", "twin")}
+    names = {published[name]: name for name in ("good", "other", "twin")}
     assert set(report["models"]) == set(names)
     compared = set()
     for entry in report["tasks"]:
@@ -146,22 +148,22 @@ def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_p
         assert entry["examples"] == harness["documents"]
     assert compared == {("tiny_mc", "acc,none"), ("tiny_mc", "acc_norm,none"), ("tiny_gen", "exact_match,none")}
     # the good model is right everywhere by construction: it is the best non-merge, the reference
-    assert report["reference"] == str(harness["good"])
+    assert report["reference"] == published["good"]
     for entry in report["tasks"]:
-        assert entry["scores"][str(harness["good"])] == 1.0 and entry["scores"][str(harness["other"])] == 0.0
-        other, twin = entry["versus_reference"][str(harness["other"])], entry["versus_reference"][str(harness["twin"])]
+        assert entry["scores"][published["good"]] == 1.0 and entry["scores"][published["other"]] == 0.0
+        other, twin = entry["versus_reference"][published["other"]], entry["versus_reference"][published["twin"]]
         assert other["verdict"] == "worse" and other["mean"] == -1.0
         assert (twin["mean"], twin["low"], twin["high"]) == (0.0, 0.0, 0.0)
     pooled = report["pooled"]
     assert pooled["metrics"] == {"tiny_mc": "acc,none", "tiny_gen": "exact_match,none"}
-    assert pooled["versus_reference"][str(harness["twin"])]["mean"] == 0.0
-    assert pooled["versus_reference"][str(harness["other"])]["groups"] == 2
+    assert pooled["versus_reference"][published["twin"]]["mean"] == 0.0
+    assert pooled["versus_reference"][published["other"]]["groups"] == 2
     # --reference and --metric choose the comparison; the other model is better than... nothing
     run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], "--reference", str(harness["other"]),
             "--metric", "acc_norm", "--out", tmp_path / "r", check=True)
     report = compare_json(tmp_path / "r")
     assert report["pooled"]["metrics"] == {"tiny_mc": "acc_norm,none"}
-    assert report["pooled"]["versus_reference"][str(harness["good"])]["verdict"] == "better"
+    assert report["pooled"]["versus_reference"][published["good"]]["verdict"] == "better"
 
 
 def test_an_output_path_with_every_model_is_one_argument(harness, tmp_path):
@@ -183,10 +185,10 @@ def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_
     )
     assert "Pooled over tasks" in result.stdout
     report = compare_json(tmp_path / "c")
-    assert set(report["models"]) == {str(harness["other"]), str(adapter)}
+    assert set(report["models"]) == {harness["other"].name, adapter.name}  # published by folder name, not path
     cli_runs = {
-        str(harness["other"]): lm_eval(harness["tasks"], tmp_path / "cli-other", f"pretrained={harness['other']}", "--log_samples", "--limit", "6"),
-        str(adapter): lm_eval(harness["tasks"], tmp_path / "cli-lora", f"pretrained={harness['good']},peft={adapter}", "--log_samples", "--limit", "6"),
+        harness["other"].name: lm_eval(harness["tasks"], tmp_path / "cli-other", f"pretrained={harness['other']}", "--log_samples", "--limit", "6"),
+        adapter.name: lm_eval(harness["tasks"], tmp_path / "cli-lora", f"pretrained={harness['good']},peft={adapter}", "--log_samples", "--limit", "6"),
     }
     for entry in report["tasks"]:
         assert entry["examples"] == 6

@@ -584,8 +584,8 @@ def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(t
     (merged / "README.md").write_text("---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body)
 
     hashed = []
-    original = card_module.sha256_file
-    monkeypatch.setattr(card_module, "sha256_file", lambda path, *a, **k: hashed.append(Path(path)) or original(path, *a, **k))
+    original = card_module.sha256
+    monkeypatch.setattr(card_module, "sha256", lambda path, *a, **k: hashed.append(Path(path)) or original(path, *a, **k))
     result = run_cli("mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for name in (str(secret), "../secret.safetensors", "config.json"):

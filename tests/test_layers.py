@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "after_import", "output", "finite", "untrusted", "installed", "quiet"],
+    "base": ["errors", "version", "after_import", "output", "reader", "public", "finite", "untrusted", "installed", "quiet"],
     "maths": ["maths"],
     "references": ["references"],
     "methods": ["methods", "profiling", "plugin"],

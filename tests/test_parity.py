@@ -319,12 +319,12 @@ def tiny_llama_variant(path: Path, seed: int, **overrides) -> Path:
     """A tiny LLaMA with some settings changed (tied embeddings, depth, vocabulary)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mergekit_seed.tools.demo.task import save_tokenizer
+    from mergekit_seed.tools.demo.task import char_tokenizer
     from tiny import TINY_LLAMA, TINY_VOCABULARY
 
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).save_pretrained(path)
-    save_tokenizer(path, TINY_VOCABULARY)
+    char_tokenizer(TINY_VOCABULARY).save_pretrained(str(path))
     return path
 
 
@@ -433,7 +433,7 @@ def tiny_model(path: Path, architecture: str, seed: int) -> Path:
     """A tiny randomly initialised model of ``architecture`` with the demo's tokenizer."""
     import transformers
 
-    from mergekit_seed.tools.demo.task import save_tokenizer
+    from mergekit_seed.tools.demo.task import char_tokenizer
     from tiny import TINY_VOCABULARY
 
     configs = {
@@ -445,7 +445,7 @@ def tiny_model(path: Path, architecture: str, seed: int) -> Path:
     }
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(configs[architecture]).save_pretrained(path)
-    save_tokenizer(path, TINY_VOCABULARY)
+    char_tokenizer(TINY_VOCABULARY).save_pretrained(str(path))
     return path
 
 

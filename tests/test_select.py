@@ -121,7 +121,10 @@ def test_reproduce_reruns_the_winning_recipe(planted, tmp_path):
     record = json.loads((tmp_path / "out" / "select.json").read_text())
     winner = next(e for e in record["candidates"] if e["name"] == record["chosen"]["candidate"])
     recipe = tmp_path / "winner.yml"
-    recipe.write_text(winner["recipe"])  # the user's copy of the recipe, with their folders
+    text = winner["recipe"]  # published with the seeds by their folder names: the user puts their folders back
+    for folder in (*seeds, base):
+        text = text.replace(f"model: {folder.name}\n", f"model: {folder}\n").replace(f"base_model: {folder.name}\n", f"base_model: {folder}\n")
+    recipe.write_text(text)
     result = run_cli("mergekit-seed", "reproduce", tmp_path / "out", tmp_path / "again", "--recipe", recipe, "--check", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "every tensor matches" in result.stdout

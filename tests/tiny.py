@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_seed.references.weights import load_weights
-from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, save_tokenizer
+from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, char_tokenizer
 
 TINY_LLAMA = dict(
     vocab_size=64,
@@ -34,7 +34,7 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     model.save_pretrained(path, safe_serialization=True)
-    save_tokenizer(path, TINY_VOCABULARY)
+    char_tokenizer(TINY_VOCABULARY).save_pretrained(str(path))
     return path
 
 

@@ -19,7 +19,6 @@ mergekit's own ``mergekit.io`` (0.1 s).
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,12 +27,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mergekit.io.tensor_writer import TensorWriter
-from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank, compress, factor_dense
+from mergekit_seed.output import copy_file, make_folder, staged_path
 from mergekit_seed.plugin import register
+from mergekit_seed.reader import safetensors_file
 from mergekit_seed.recipe import AdapterMergeConfig, evaluate_setting, torch_dtype
 from mergekit_seed.references.adapter_files import (
     AdapterSeed,
@@ -202,14 +202,14 @@ def write_full_model(
     of a tensor saved whole put in place of the base's: the base's other files are copied, its
     tensors go one at a time through mergekit's ``TensorWriter`` (shards and index as a stock
     merge writes them)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     for file in sorted(base.folder.iterdir()):
         if not file.is_dir() and not file.name.endswith((".safetensors", ".safetensors.index.json")) and not file.name.startswith("README"):
-            shutil.copy2(confined_file(base.folder, file.name), out / file.name)
+            copy_file(confined_file(base.folder, file.name), out / file.name, within=base.folder)
     remaining = set(deltas) | set(values)
-    with TensorWriter(str(out), safe_serialization=True) as writer:
+    with TensorWriter(str(staged_path(out)), safe_serialization=True) as writer:
         for shard in base.shards:
-            with safe_open(shard, framework="pt") as reader:
+            with safetensors_file(shard, within=base.folder) as reader:
                 for name in reader.keys():
                     tensor = _merged_base_tensor(name, reader.get_tensor(name), deltas, values)
                     remaining.discard(name)

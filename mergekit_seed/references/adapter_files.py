@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
@@ -27,8 +27,10 @@ from mergekit_seed.maths.sera import SeraConfig, sera_delta_factors
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
-from mergekit_seed.references.weights import confined_file, full_model_files, load_plain_tensors, safetensors_index
-from mergekit_seed.untrusted import names_module, pattern_key, read_json_object
+from mergekit_seed.output import write_tensors, write_text
+from mergekit_seed.reader import load_pickled_tensors, load_safetensors, read_json_object
+from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
+from mergekit_seed.untrusted import names_module, pattern_key
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -192,22 +194,17 @@ def read_adapter_config(folder: Path) -> dict:
     config_path = confined_file(folder, CONFIG_NAME)
     if not config_path.exists():
         raise UserError(f"{folder}: not an adapter folder ({CONFIG_NAME} is missing)")
-    return read_json_object(config_path, "adapter config (the adapter's settings)")
+    return read_json_object(config_path, "adapter config (the adapter's settings)", within=folder)
 
 
 def _read_tensors(folder: Path) -> Dict[str, torch.Tensor]:
     """The adapter's tensors: safetensors, or a ``.bin`` read with ``weights_only=True`` only."""
     safetensors_path = confined_file(folder, SAFETENSORS_NAME)
     if safetensors_path.exists():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(safetensors_path)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise UserError(f"{safetensors_path}: corrupt or truncated safetensors file ({error})") from None
+        return load_safetensors(safetensors_path, folder)
     bin_path = confined_file(folder, BIN_NAME)
     if bin_path.exists():
-        return load_plain_tensors(bin_path)
+        return load_pickled_tensors(bin_path, folder)
     raise UserError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) with the adapter weights")
 
 
@@ -500,8 +497,8 @@ def _roles_from_headers(folder: Path) -> Tuple[bool, Dict[Optional[str], set]]:
     config = read_adapter_config(folder)
     if peft_type(config) == SERA_TYPE:
         return False, {}  # SeRA adapters hold factors only
-    if (folder / SAFETENSORS_NAME).is_file():
-        keys = list(safetensors_index([folder / SAFETENSORS_NAME]))
+    if os.path.lexists(folder / SAFETENSORS_NAME):
+        keys = list(safetensors_index([confined_file(folder, SAFETENSORS_NAME)]))
     else:
         keys = list(_read_tensors(folder))
     roles: Dict[Optional[str], set] = {}
@@ -731,8 +728,6 @@ def write_lora_adapter(
     directly because importing peft takes 5.7 s. ``dtype`` (default float32) is the dtype
     of every tensor written.
     """
-    from safetensors.torch import save_file
-
     tensors: Dict[str, torch.Tensor] = {}
     ranks, kinds = _lora_pair_tensors(merged, tensors)
     _pad_parameter_targets(merged, ranks, tensors)
@@ -743,7 +738,6 @@ def write_lora_adapter(
     config = _lora_config(merged, ranks, kinds, saved_biases, token_indices, base_model, task_type)
     target_dtype = dtype or torch.float32
     tensors = {key: tensor.to(target_dtype).contiguous() for key, tensor in tensors.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_tensors(folder / SAFETENSORS_NAME, tensors, metadata={"format": "pt"})
     return sorted(ranks)

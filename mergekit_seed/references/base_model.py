@@ -8,16 +8,15 @@ asked for are read (safetensors headers are indexed once).
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.reader import read_json, safetensors_file
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import confined_glob, safetensors_index
 
@@ -31,20 +30,20 @@ CONV1D_MODEL_TYPES = frozenset(
 
 def cached_config(reference: str) -> Optional[dict]:
     """The base's ``config.json`` from a local folder or the Hub cache (never the network)."""
-    path = Path(reference, "config.json")
+    path, within = Path(reference, "config.json"), Path(reference)
     if not path.is_file():
         try:
-
             found = try_to_load_from_cache(reference, "config.json")
         except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id either
             return None
         if not isinstance(found, str):
             return None
-        path = Path(found)
+        path, within = Path(found), Path(found).parent
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        config = read_json(path, "model config", within=within)
+    except UserError:
         return None
+    return config if isinstance(config, dict) else None
 
 
 def has_conv1d_layers(reference: Optional[str]) -> bool:
@@ -95,18 +94,18 @@ class BaseWeights:
 
     def shape(self, name: str, why: str) -> tuple:
         """The shape of the base's ``name`` (from the file header)."""
-        with safe_open(self._require(name, why), framework="pt") as reader:
+        with safetensors_file(self._require(name, why), within=self.folder) as reader:
             return tuple(reader.get_slice(name).get_shape())
 
     def tensor(self, name: str, why: str) -> torch.Tensor:
         """The base's ``name`` as float32 (float64 stays float64)."""
-        with safe_open(self._require(name, why), framework="pt") as reader:
+        with safetensors_file(self._require(name, why), within=self.folder) as reader:
             tensor = reader.get_tensor(name)
         return tensor if tensor.dtype == torch.float64 else tensor.float()
 
     def rows(self, name: str, indices: List[int], why: str) -> torch.Tensor:
         """Rows ``indices`` of the 2-D base tensor ``name`` as float32, without reading the rest."""
-        with safe_open(self._require(name, why), framework="pt") as reader:
+        with safetensors_file(self._require(name, why), within=self.folder) as reader:
             view = reader.get_slice(name)
             rows = [view[index : index + 1] for index in indices]
         return torch.cat(rows).float() if rows else torch.zeros(0)

@@ -39,9 +39,16 @@ class HubInput:
     folder: Path
 
 
+def has_hub_id_form(path: str) -> bool:
+    """Whether ``path`` is written as a Hub repository id (``org/name``, no revision): one
+    slash, not starting with ``/``, ``.`` or ``~``. Decided from the text alone; a local path
+    may have this form too (:func:`is_hub_id`)."""
+    return not path.startswith(("/", ".", "~")) and path.count("/") == 1 and "\0" not in path and "\n" not in path
+
+
 def is_hub_id(path: str) -> bool:
     """A Hugging Face Hub repository id (``org/name``) rather than a local path; decided offline."""
-    return not (path.startswith(("/", ".", "~")) or Path(path).exists() or path.count("/") != 1)
+    return has_hub_id_form(path) and not Path(path).exists()
 
 
 def split_revision(reference: str) -> Tuple[str, Optional[str]]:

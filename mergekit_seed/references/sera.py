@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 from typing import Union
 
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.maths.sera import SeraConfig, apply_sera, sera_layers
-from mergekit_seed.untrusted import read_json_object
+from mergekit_seed.output import OutputFolder, write_tensors, write_text
+from mergekit_seed.reader import load_safetensors, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,25 +27,27 @@ KEY_PREFIX = "base_model.model."
 
 def read_sera_config(folder: Union[str, Path]) -> SeraConfig:
     """The :class:`SeraConfig` of a SeRA adapter folder (bounded read, checked by type)."""
-    return SeraConfig.model_validate(read_json_object(Path(folder, CONFIG_NAME), "SeRA adapter config"))
+    return SeraConfig.model_validate(read_json_object(Path(folder, CONFIG_NAME), "SeRA adapter config", within=folder))
 
 
-def save_sera(model: nn.Module, folder: Union[str, Path], config: SeraConfig) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for a SeRA model."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_sera(model: nn.Module, folder: Union[str, Path], config: SeraConfig, overwrite: bool = False) -> None:
+    """Publish ``adapter_config.json`` and ``adapter_model.safetensors`` of a SeRA model as the
+    folder ``folder`` (:class:`~mergekit_seed.output.OutputFolder`: atomic; ``overwrite``
+    replaces an adapter saved here before)."""
     tensors = {}
     for name, layer in sera_layers(model).items():
         for part in ("sera_A", "sera_C", "sera_B"):
             tensors[f"{KEY_PREFIX}{name}.{part}"] = getattr(layer, part).detach().contiguous().cpu()
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config.model_dump(), indent=2) + "\n")
+    with OutputFolder(folder, overwrite=overwrite, command="save-sera") as output:
+        write_tensors(output.staging / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_text(output.staging / CONFIG_NAME, json.dumps(config.model_dump(), indent=2) + "\n")
+        output.publish()
 
 
 def load_sera(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
     """Apply the SeRA adapter stored in ``folder`` to ``model`` and load its weights."""
     apply_sera(model, read_sera_config(folder))
-    tensors = load_file(Path(folder) / WEIGHTS_NAME)
+    tensors = load_safetensors(Path(folder) / WEIGHTS_NAME, within=folder)
     for name, layer in sera_layers(model).items():
         for part in ("sera_A", "sera_C", "sera_B"):
             key = f"{KEY_PREFIX}{name}.{part}"

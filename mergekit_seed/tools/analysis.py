@@ -17,16 +17,16 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_tensor
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.linalg import DECOMPOSITION_DTYPE, LowRank, column_block_svd, factored_svd
-from mergekit_seed.output import OutputFolder, local_paths
+from mergekit_seed.output import OutputFolder, local_paths, staged_path, write_text
+from mergekit_seed.reader import safetensors_file
 from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter
 from mergekit_seed.references.weights import confined_glob, safetensors_index
 
@@ -77,6 +77,11 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
     if all(is_adapter_folder(m) for m in models):
         seeds = [read_adapter(m) for m in models]
         names = sorted(set().union(*(s.deltas for s in seeds)))
+        for name in names:
+            shapes = {model: tuple(seed.deltas[name].shape) for model, seed in zip(models, seeds) if name in seed.deltas}
+            if len(set(shapes.values())) > 1:
+                listing = ", ".join(f"{model} {shape}" for model, shape in shapes.items())
+                raise UserError(f"tensor {name} has different shapes: {listing}; analyze compares seeds of one base")
 
         def adapter_deltas(name: str) -> List[Delta]:
             shape = next(s.deltas[name].shape for s in seeds if name in s.deltas)
@@ -86,27 +91,34 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
     if base is None:
         raise UserError("full checkpoints need --base (the model the seeds were fine-tuned from)")
 
-    def index(folder: str) -> Dict[str, Path]:
+    def index(folder: str) -> Dict[str, Tuple[Path, tuple]]:
         files = confined_glob(Path(folder), "*.safetensors")
         if not files:
             raise UserError(f"{folder}: no .safetensors weights (and no adapter_config.json)")
-        return {key: file for key, (file, _) in safetensors_index(files).items()}
+        return safetensors_index(files)
 
     base_index = index(base)
     seed_indexes = [index(m) for m in models]
 
-    def read(mapping: Dict[str, Path], name: str) -> torch.Tensor:
-        with safe_open(mapping[name], framework="pt") as reader:
+    def read(mapping: Dict[str, Tuple[Path, tuple]], name: str) -> torch.Tensor:
+        file = mapping[name][0]
+        with safetensors_file(file) as reader:
             tensor = reader.get_tensor(name).float()
-        require_finite_tensor(tensor, f"{mapping[name]}: tensor {name}", "re-export that checkpoint or leave it out")
+        require_finite_tensor(tensor, f"{file}: tensor {name}", "re-export that checkpoint or leave it out")
         return tensor
 
     names = []
     for name in sorted(base_index):
-        if all(name in seed_index for seed_index in seed_indexes):
-            with safe_open(base_index[name], framework="pt") as reader:
-                if len(reader.get_slice(name).get_shape()) == 2:
-                    names.append(name)
+        shape = base_index[name][1]
+        if len(shape) != 2 or not all(name in seed_index for seed_index in seed_indexes):
+            continue
+        differing = [model for model, seed_index in zip(models, seed_indexes) if seed_index[name][1] != shape]
+        if differing:
+            raise UserError(
+                f"tensor {name} is {seed_indexes[models.index(differing[0])][name][1]} in {differing[0]} but {shape} in the base "
+                f"{base}; analyze compares seeds of one base: give the base they were fine-tuned from"
+            )
+        names.append(name)
 
     def full_deltas(name: str) -> List[Delta]:
         base_tensor = read(base_index, name)
@@ -119,11 +131,11 @@ def analyze(models: Sequence[str], base: Optional[str], out: Path, quiet: bool =
     """Compute every statistic (:func:`analysis`) and publish ``analysis.json``, the plots and
     ``summary.md`` in ``out`` (:class:`~mergekit_seed.output.OutputFolder`: an earlier report
     there is replaced; a folder holding anything else, or an input, is refused)."""
-    with OutputFolder(out, local_paths([*models, base]), overwrite=True) as output:
+    with OutputFolder(out, local_paths([*models, base]), command="analyze", report=True) as output:
         result = analysis(models, base, quiet)
-        (output.staging / "analysis.json").write_text(report_json(result, "analysis.json"), encoding="utf-8")
+        write_text(output.staging / "analysis.json", report_json(result, "analysis.json"))
         _plot(result, output.staging)
-        (output.staging / "summary.md").write_text(_summary(result), encoding="utf-8")
+        write_text(output.staging / "summary.md", _summary(result))
         output.publish()
     return result
 
@@ -245,7 +257,7 @@ def _plot(result: dict, out: Path) -> None:
     axes[1].set_title("per layer")
     figure.colorbar(image, ax=axes[1])
     figure.tight_layout()
-    figure.savefig(out / "cosine.png", dpi=110)
+    figure.savefig(staged_path(out / "cosine.png"), dpi=110)
     plt.close(figure)
 
     spectra = result["spectra"]
@@ -277,7 +289,7 @@ def _plot(result: dict, out: Path) -> None:
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "spectra.png", dpi=110)
+    figure.savefig(staged_path(out / "spectra.png"), dpi=110)
     plt.close(figure)
 
 

@@ -30,12 +30,14 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.output import OutputFolder, local_paths
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.output import OutputFolder, local_paths, staged_path, write_text
+from mergekit_seed.reader import read_lines, read_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes
+from mergekit_seed.untrusted import bounded_safe_load, front_matter
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
 TEXT_METRICS = ("perplexity",)
@@ -54,12 +56,7 @@ class Row:
 
 def read_data(path: Path) -> Tuple[str, List[Row]]:
     """The rows of a JSONL file and their kind (``text`` or ``answer``); one line per problem."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read data ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+    lines = read_lines(path, "JSONL data file")
     rows: List[Row] = []
     kinds = set()
     for number, line in enumerate(lines, start=1):
@@ -104,17 +101,15 @@ def is_merge(folder: Path) -> bool:
     if (folder / "mergekit_config.yml").is_file():
         return True
     card = folder / "README.md"
-    if card.is_file():
-        text = card.read_text(encoding="utf-8", errors="replace")
-        if text.startswith("---\n"):
-
-            try:
-                front = yaml.safe_load(text.split("---\n", 2)[1]) or {}
-            except (yaml.YAMLError, RecursionError):
-                return False
-            tags = front.get("tags") if isinstance(front, dict) else None
-            return isinstance(tags, list) and "merge" in tags
-    return False
+    if not card.is_file():
+        return False
+    try:
+        front = front_matter(read_text(card, "model card", within=folder))
+        metadata = bounded_safe_load(front, str(card)) if front is not None else None
+    except (UserError, yaml.YAMLError):
+        return False
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return isinstance(tags, list) and "merge" in tags
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -299,15 +294,19 @@ def summary(scores: Sequence[Tuple[float, int]], metric: str) -> float:
 # ------------------------------------------------------------------ comparison
 
 
-def compare(models: Sequence[str], data: Path, out: Path, **settings) -> dict:
+def compare(models: Sequence[str], data: Path, out: Path, labels: Optional[Dict[str, str]] = None, **settings) -> dict:
     """Score ``models`` on ``data``, compare each with the reference, and publish compare.json,
     compare.md and compare.png in ``out`` (:class:`~mergekit_seed.output.OutputFolder`: an
-    earlier report there is replaced, a folder holding anything else, or an input, is refused);
-    ``settings`` are :func:`compare_into`'s. Returns what compare.json holds."""
+    earlier ``compare`` report there is replaced; a folder holding anything else, or an input,
+    is refused); ``labels`` name local models in what is published and printed (default: as
+    given, absolute paths by their folder names); ``settings`` are :func:`compare_into`'s.
+    Returns what compare.json holds."""
     inputs = local_paths([*models, data, settings.get("base"), settings.get("tokenizer")])
-    with OutputFolder(out, inputs, overwrite=True) as output:
+    echo = settings.get("echo", print)
+    with OutputFolder(out, inputs, command="compare", report=True, labels=labels) as output:
         results = compare_into(models, data, output.staging, **settings)
         output.publish()
+    echo(output.public(format_table(results)))
     return results
 
 
@@ -411,7 +410,7 @@ def compare_into(
         **run_record(confidence, resamples, seed),
     }
     panels = [(f"{metric} on {len(rows)} examples", comparisons)]
-    write_outputs(results, out, format_table(results), panels, echo)
+    write_outputs(results, out, format_table(results), panels)
     return results
 
 
@@ -426,12 +425,11 @@ def unique_models(models: Sequence[str], echo: Callable[[str], None]) -> List[st
     return unique
 
 
-def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[str, Dict[str, dict]]], echo: Callable[[str], None]) -> None:
+def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[str, Dict[str, dict]]]) -> None:
     """compare.json, compare.md (``table``) and compare.png (one panel per (title, versus_reference)) in ``out``."""
-    (out / "compare.json").write_text(report_json(results, "compare.json"), encoding="utf-8")
-    (out / "compare.md").write_text(table + "\n", encoding="utf-8")
+    write_text(out / "compare.json", report_json(results, "compare.json"))
+    write_text(out / "compare.md", table + "\n")
     plot(panels, results["reference"], results["confidence"], out / "compare.png")
-    echo(table)
 
 
 def comparison_table(
@@ -492,7 +490,7 @@ def plot(panels: Sequence[Tuple[str, Dict[str, dict]]], reference: str, confiden
         axis.set_title(title)
     axes[-1, 0].set_xlabel(f"versus {_short(reference)} ({int(100 * confidence)}% interval, positive is better)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(staged_path(path), dpi=120)
     plt.close(figure)
 
 

@@ -23,6 +23,7 @@ import gc
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,11 +35,11 @@ from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import require_finite_number
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.output import OutputFolder, local_paths
+from mergekit_seed.output import OutputFolder, local_paths, staged_path
+from mergekit_seed.reader import read_json, read_lines, regular_file
 from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
 from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
-from mergekit_seed.untrusted import read_json
 
 RESULTS_GLOB = "results_*.json"
 INSTALL_HINT = "pip install 'mergekit-seed[eval]'"
@@ -90,7 +91,7 @@ class ResultsFile(BaseModel):
 
 
 def _read_json(path: Path) -> dict:
-    data = read_json(path, "lm-eval results file")
+    data = read_json(path, "lm-eval results file", within=path.parent)
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise UserError(f"{path}: not an lm-eval results file (no \"results\" object)")
     try:
@@ -138,10 +139,7 @@ def _read_samples(path: Path, task: str) -> TaskRun:
     doc_hashes: Dict[DocKey, Optional[str]] = {}
     prompt_hashes: Dict[DocKey, Optional[str]] = {}
     listed_any = False
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
+    lines = read_lines(path, "lm-eval samples file")
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -215,11 +213,12 @@ def read_run(folder: Path, only_tasks: Optional[Sequence[str]] = None) -> Run:
                 )
             seen[task] = results_file
             samples_file = folder / f"samples_{task}_{date}.jsonl"
-            if not samples_file.is_file():
+            if not os.path.lexists(samples_file):
                 raise UserError(
                     f"{folder}: {task} has no {samples_file.name} next to {results_file.name}; "
                     "rerun lm_eval with --log_samples"
                 )
+            regular_file(samples_file, within=folder, fix="lm-eval writes its samples as files", kind="run folder")
             task_run = _read_samples(samples_file, task)
             task_run.version = (results.get("versions") or {}).get(task)
             task_run.n_shot = (results.get("n-shot") or {}).get(task)
@@ -349,9 +348,10 @@ def compare_runs(paths: Sequence[str], out: Path, **settings) -> dict:
     """Compare lm-eval runs and publish compare.json, .md and .png in ``out`` through the
     output protocol (:func:`mergekit_seed.tools.compare.compare`'s rules); ``settings`` are
     :func:`compare_runs_into`'s."""
-    with OutputFolder(out, local_paths(paths), overwrite=True) as output:
+    with OutputFolder(out, local_paths(paths), command="compare", report=True) as output:
         results = compare_runs_into(paths, output.staging, **settings)
         output.publish()
+    settings.get("echo", print)(output.public(harness_tables(results)))
     return results
 
 
@@ -360,10 +360,11 @@ def compare_tasks(models: Sequence[str], tasks: Sequence[str], out: Path, evalua
     settings), keeping lm-eval's files in ``out/lm-eval``, and compare the runs there; one
     output folder, published once (:func:`compare_runs`)."""
     inputs = local_paths([*models, evaluation.get("base"), evaluation.get("tokenizer"), evaluation.get("include_path")])
-    with OutputFolder(out, inputs, overwrite=True) as output:
+    with OutputFolder(out, inputs, command="compare", report=True) as output:
         folders = evaluate_models(models, output.staging / "lm-eval", tasks, **evaluation)
         results = compare_runs_into([str(folder) for folder in folders], output.staging, within=output.staging, **settings)
         output.publish()
+    settings.get("echo", print)(output.public(harness_tables(results)))
     return results
 
 
@@ -486,7 +487,7 @@ def compare_runs_into(
         "bootstrap": {"resamples": resamples, "seed": seed},
         "versions": {p: package_version(p) for p in ("lm_eval", "mergekit-seed")},
     }
-    write_outputs(results, out, harness_tables(results), harness_panels(results), echo)
+    write_outputs(results, out, harness_tables(results), harness_panels(results))
     return results
 
 
@@ -556,7 +557,7 @@ def evaluate_models(
     for index, name in enumerate(models):
         model, model_tokenizer = load_model(name, base, device, tokenizer)
         lm = HFLM(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)
-        tracker = EvaluationTracker(output_path=str(out))
+        tracker = EvaluationTracker(output_path=str(staged_path(out)))
         try:
             results = simple_evaluate(
                 model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=True,

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +35,12 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.output import MANIFEST_NAME, OutputFolder, local_paths
+from mergekit_seed.output import MANIFEST_NAME, OutputFolder, local_paths, move, remove, scratch_folder, staged_path, write_text
+from mergekit_seed.reader import read_text, sha256
 from mergekit_seed.recipe import check_recipe, parse_mapping, parse_recipe, read_recipe_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import sha256_file, weight_files
+from mergekit_seed.references.weights import weight_files
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import (
     HIGHER_IS_BETTER,
@@ -276,7 +275,7 @@ class TaskSplit:
 
 def read_split(path: Path) -> Split:
     kind, rows = read_data(path)
-    return Split(path=path, kind=kind, rows=rows, sha256=sha256_file(path))
+    return Split(path=path, kind=kind, rows=rows, sha256=sha256(path))
 
 
 def _sha256(text: str) -> str:
@@ -365,8 +364,8 @@ class TaskScorer:
         return self.metric or "each task's first metric", True, "lm-eval's per-example values, signed so that higher is better"
 
     def __call__(self, model: str, split: TaskSplit) -> Tuple[float, List[float]]:
-        with tempfile.TemporaryDirectory() as scratch:
-            (folder,) = evaluate_models([model], Path(scratch), split.tasks, base=self.base, tokenizer=self.tokenizer, device=self.device,
+        with scratch_folder() as scratch:
+            (folder,) = evaluate_models([model], scratch, split.tasks, base=self.base, tokenizer=self.tokenizer, device=self.device,
                                         batch_size=self.batch_size, num_fewshot=split.num_fewshot, limit=split.limit,
                                         include_path=split.include_path, quiet=True)
             run = read_run(folder)
@@ -400,6 +399,16 @@ class Plan:
     @property
     def inputs(self) -> List[Any]:
         return [*self.seeds, self.base, *self.validation.inputs, *self.test.inputs, self.scorer.tokenizer, self.grid_path]
+
+    @property
+    def labels(self) -> Dict[str, str]:
+        """How what is published names the local seeds and base: by their folder names (each
+        made unique), never by their paths."""
+        labels: Dict[str, str] = {}
+        for index, path in enumerate([*self.seeds, self.base]):
+            name = Path(path).name or "model"
+            labels[path] = name if name not in labels.values() else ("base" if path == self.base else f"seed{index + 1}")
+        return labels
 
 
 @dataclass
@@ -467,15 +476,15 @@ def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: C
             except UserError as error:  # a merge refused, or a merge that scores NaN: the others still count
                 sweep.failures[candidate] = str(error)
                 _above_bar(progress, warn, f"{candidate.name}: failed, the sweep goes on: {error}")
-                shutil.rmtree(folder.parent, ignore_errors=True)
+                remove(folder.parent)
                 progress.update()
                 continue
             if choose(sweep.means(sweep.candidates)) == candidate:
                 if sweep.best_folder is not None:
-                    shutil.rmtree(sweep.best_folder.parent)
+                    remove(sweep.best_folder.parent)
                 sweep.best_folder = folder
             else:
-                shutil.rmtree(folder.parent)
+                remove(folder.parent)
             if not quiet:
                 progress.write(f"  {candidate.name}: validation {plan.scorer.describe()[0]} {sweep.candidates[candidate][0]:.4f}")
             progress.update()
@@ -617,7 +626,7 @@ def plot(record: dict, path: Path) -> None:
     right.set_title(f"test: {test['winner']}")
     right.set_xlabel(f"difference ({int(100 * record['confidence'])}% interval, positive is better)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(staged_path(path), dpi=120)
     plt.close(figure)
 
 
@@ -626,13 +635,13 @@ def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
     write select.json, select.md and select.png beside it."""
     for entry in sweep.best_folder.iterdir():
         if entry.name != MANIFEST_NAME:
-            entry.rename(staging / entry.name)
+            move(entry, staging / entry.name)
     section = selection_markdown(record)
     card = staging / CARD_NAME
     if card.is_file():
-        card.write_text(card.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + section, encoding="utf-8")
-    (staging / "select.json").write_text(report_json(record, "select.json"), encoding="utf-8")
-    (staging / "select.md").write_text(section.replace(SELECTION_HEADING, "# Selection", 1), encoding="utf-8")
+        write_text(card, read_text(card, "model card", within=staging).rstrip("\n") + "\n\n" + section)
+    write_text(staging / "select.json", report_json(record, "select.json"))
+    write_text(staging / "select.md", section.replace(SELECTION_HEADING, "# Selection", 1))
     plot(record, staging / "select.png")
 
 
@@ -652,12 +661,12 @@ def select(
     warn = warn or (lambda message: echo(f"warning: {message}"))
     plan = plan_selection(seeds, base, validation, test, **plan_settings)
     bootstrap = (confidence, resamples, seed)
-    with OutputFolder(out, local_paths(plan.inputs), overwrite) as output:
+    with OutputFolder(out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn) as output:
         sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
         results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
         record = selection_record(plan, sweep, results, bootstrap)
         publish_winner(sweep, output.staging, record)
-        shutil.rmtree(output.staging / ".sweep")
+        remove(output.staging / ".sweep")
         output.publish()
     for line in summary_lines(record):
         echo(line)

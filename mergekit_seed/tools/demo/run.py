@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,14 +36,25 @@ from typing import Callable, Dict, List
 
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
-from mergekit_seed.output import written_files
+from mergekit_seed.errors import UserError
+from mergekit_seed.output import OutputFolder, copy_tree, read_manifest, staged_path, write_text
 from mergekit_seed.quiet import quiet_libraries
+from mergekit_seed.reader import read_lines, read_text
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
 from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS, Candidate, choose, judge, mean_seed, recipe_text
-from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples, save_tokenizer
-from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune, load_for_eval, pretraining_prompts, seed_names
+from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples
+from mergekit_seed.tools.demo.train import (
+    BaseConfig,
+    FinetuneConfig,
+    build_base,
+    finetune,
+    load_for_eval,
+    pretraining_prompts,
+    save_checkpoint,
+    seed_names,
+)
 
 LOG = logging.getLogger("mergekit_seed")
 SETTINGS = ("lora", "sera", "full")
@@ -111,24 +121,21 @@ def cache_dir() -> Path:
 
 
 def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> Path:
-    """The pre-trained base for ``config``, built once and kept under the cache folder."""
+    """The pre-trained base for ``config``, built once and kept under the cache folder
+    (published through the output protocol: a run killed while building it leaves nothing
+    half-built, and two runs building it at once wait for each other)."""
     import torch
 
     # keyed by everything that shapes the base: its configuration (its seed included), the
     # alphabet, the code that builds the corpus and trains it, and the float kernels torch
     # trains it with (ATEN_CPU_CAPABILITY: another rounding trains another base)
-    code = "".join(Path(__file__).with_name(name).read_text(encoding="utf-8") for name in ("task.py", "train.py"))
+    code = "".join(read_text(Path(__file__).with_name(name), "Python source") for name in ("task.py", "train.py"))
     capability = torch.backends.cpu.get_cpu_capability()
     key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet, code, capability], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / f"demo-base-{key}"
     if (path / "model.safetensors").is_file():
         return path
-    staging = path.with_name(path.name + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    build_base(staging, config, vocabulary, quiet)
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
-    return path
+    return build_base(path, config, vocabulary, quiet)
 
 
 def experiment_data(config: DemoConfig, experiment: int):
@@ -159,20 +166,24 @@ def seed_regime(examples: List, correct_per_seed: List[List[bool]]) -> dict:
     }
 
 
-def compare_full_setting(config: DemoConfig, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
+def compare_full_setting(config: DemoConfig, work: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
     """The last step: `mergekit-seed compare` on the first experiment's full fine-tunes and our
-    merges of them, scoring each held-out answer's log-probability (no generation)."""
+    merges of them, scoring each held-out answer's log-probability (no generation). ``work`` is
+    the demo's staging folder, published as ``out``: the report names every model as ``out``
+    will hold it, relative to the folder the demo was started in, as --out was typed."""
     _, _, held_out = experiment_data(config, 0)
-    data = out / "compare-data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out), encoding="utf-8")
-    models = [out / "models" / "full" / name for name in seed_names(SEED_COUNT)]
-    models += [out / "merges" / "full" / method for method in OUR_METHODS]
+    data = write_text(work / "compare-data.jsonl", "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out))
+    models = [work / "models" / "full" / name for name in seed_names(SEED_COUNT)]
+    models += [work / "merges" / "full" / method for method in OUR_METHODS]
+
+    def shown(path: Path) -> str:
+        published = out / path.relative_to(work)
+        return os.path.relpath(published) if published.is_relative_to(Path.cwd()) else str(published)
+
     echo("")
     echo("mergekit-seed compare, full setting of experiment 1, answer log-probability:")
-    def shown(path: Path) -> str:  # relative to the folder the demo was started in, as --out was typed
-        return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
-
-    compare([shown(m) for m in models], Path(shown(data)), out / "compare", metric="answer_logprob", quiet=quiet, echo=echo)
+    compare([str(m) for m in models], data, work / "compare", metric="answer_logprob", quiet=quiet, echo=echo,
+            labels={str(path): shown(path) for path in [*models, data]})
 
 
 def run_experiment(
@@ -188,7 +199,7 @@ def run_experiment(
     models = out / "models" if experiment == 0 else out / f"experiment{experiment}" / "models"
     merges = models.parent / "merges"
     if not (models / "base").exists():
-        shutil.copytree(base, models / "base")
+        copy_tree(base, models / "base")
     options = MergeOptions(quiet=True, random_seed=experiment)  # DARE's drops are random
 
     def score(model) -> dict:
@@ -205,9 +216,7 @@ def run_experiment(
         for method, candidate in CANDIDATES.items():
             ours = method in OUR_METHODS
             kind, inputs = (setting, seeds) if ours else (mergekit_kind, mergekit_inputs)
-            recipe = merges / setting / f"{method}.yml"
-            recipe.parent.mkdir(parents=True, exist_ok=True)
-            recipe.write_text(recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind), encoding="utf-8")
+            recipe = write_text(merges / setting / f"{method}.yml", recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind))
             merged = merges / setting / method
             # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
             merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
@@ -245,8 +254,7 @@ def _mergekit_baseline_inputs(models: Path, setting: str, seeds: List[Path], voc
         full_path = models / "sera-as-full" / f"seed{index}"
         if not full_path.exists():
             model = merge_sera(load_sera(load_for_eval(models / "base", models / "base", "full"), seed_path))
-            model.save_pretrained(full_path, safe_serialization=True)
-            save_tokenizer(full_path, vocabulary)
+            save_checkpoint(model, full_path, vocabulary)
         inputs.append(full_path)
     return "full", inputs
 
@@ -360,10 +368,10 @@ def environment(config: DemoConfig) -> dict:
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` says)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+        for line in read_lines("/proc/cpuinfo", "CPU description", 1 << 20):
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
+    except UserError:
         pass
     return platform.processor() or "unknown"
 
@@ -512,11 +520,32 @@ def plot(results: dict, path: Path) -> None:
         axis.set_ylabel(f"versus {reference} (points, 95% CI)")
         axis.set_title(f"versus the {reference} on test: green better, red worse, gray no detectable difference")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(staged_path(path), dpi=120)
     plt.close(figure)
 
 
+STAMP = "demo-config.json"
+
+
+def reuse_trained_models(out: Path, work: Path, trained_under: str, echo: Callable[[str], None]) -> None:
+    """Copy the models an earlier demo in ``out`` trained into ``work`` (the new run's staging
+    folder), if it trained them under the same configuration and float kernels
+    (``trained_under``); models trained otherwise must not be reused."""
+    earlier = read_manifest(out) if out.is_dir() else None
+    if earlier is None or earlier.command != "demo":
+        return
+    if not (out / STAMP).is_file() or read_text(out / STAMP, "demo configuration", within=out) != trained_under:
+        echo("the models in --out were trained under another configuration or other float kernels: training again")
+        return
+    for models in [out / "models", *sorted(out.glob("experiment*/models"))]:
+        if models.is_dir():
+            copy_tree(models, work / models.relative_to(out))
+
+
 def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Run the demo into ``out`` (:class:`~mergekit_seed.output.OutputFolder`: published when
+    finished; an earlier demo there is replaced, and the seeds it trained under the same
+    configuration are reused)."""
     import torch
 
     config = DemoConfig.for_mode(quick)
@@ -524,32 +553,24 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     quiet_libraries()
     vocabulary = CharVocabulary()
     started, cpu_started = time.perf_counter(), time.process_time()
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = out / "demo-config.json"
     trained_under = json.dumps({**config.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
-    if stamp.is_file() and stamp.read_text() != trained_under:
-        # models trained under another configuration or other float kernels must not be reused
-        for stale in [out / "models", out / "merges", *out.glob("experiment*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-    stamp.write_text(trained_under)
-    # merges an older demo wrote without a manifest, at the demo's own paths only (never a
-    # search of --out, which may be a folder of the user's)
-    for merges in [out / "merges", *(folder / "merges" for folder in out.glob("experiment*"))]:
-        for merged in (merges / setting / method for setting in SETTINGS for method in OUR_METHODS + MERGEKIT_METHODS):
-            if merged.is_dir() and written_files(merged) is None:
-                shutil.rmtree(merged)
-    runs = []
-    for experiment in range(config.experiments):
-        echo(f"experiment {experiment + 1}/{config.experiments}")
-        runs.append(run_experiment(experiment, config, out, vocabulary, quiet, echo))
-    results = summarise(runs, config)
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    results["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # every thread of this process
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot(results, out / "results.png")
-    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
-    echo("")
-    echo(render_markdown(results))
-    compare_full_setting(config, out, quiet, echo)
+    with OutputFolder(out, command="demo", report=True) as output:
+        work = output.staging
+        reuse_trained_models(out, work, trained_under, echo)
+        write_text(work / STAMP, trained_under)
+        runs = []
+        for experiment in range(config.experiments):
+            echo(f"experiment {experiment + 1}/{config.experiments}")
+            runs.append(run_experiment(experiment, config, work, vocabulary, quiet, echo))
+        results = summarise(runs, config)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        results["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # every thread of this process
+        write_text(work / "results.json", json.dumps(results, indent=2) + "\n")
+        plot(results, work / "results.png")
+        write_text(work / "results.md", render_markdown(results))
+        echo("")
+        echo(render_markdown(results))
+        compare_full_setting(config, work, out, quiet, echo)
+        output.publish()
     echo(f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s ({results['cpu_seconds']} s of CPU time)")
     return results

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 from mergekit_seed.maths.stats import BETTER
 from mergekit_seed.tools.demo.run import best_seed, render_markdown
-from mergekit_seed.untrusted import read_json_object
+from mergekit_seed.reader import read_json_object, read_text
 
 SUMMARY_FILE = Path(__file__).with_name("shipped.json")
 
@@ -154,7 +154,7 @@ def update_docs(files: Sequence[Path], page: Path, readme: Path) -> None:
 
 def write_between_markers(path: Path, name: str, content: str) -> None:
     """Replace what ``path`` holds between ``<!-- name:begin -->`` and ``<!-- name:end -->``."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path, "page")
     before, rest = text.split(f"<!-- {name}:begin -->\n", 1)
     _, after = rest.split(f"<!-- {name}:end -->", 1)
     Path(path).write_text(before + f"<!-- {name}:begin -->\n" + content + f"<!-- {name}:end -->" + after, encoding="utf-8")

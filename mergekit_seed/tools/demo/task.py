@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from mergekit_seed.output import staged_path
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
 PAD, END = "_", "\n"
@@ -21,7 +23,7 @@ ALPHABET = PAD + END + LETTERS + DIGITS + ":=+"
 
 
 class CharVocabulary:
-    """Character <-> id, matching the saved tokenizer (see :func:`save_tokenizer`)."""
+    """Character <-> id, matching the saved tokenizer (see :func:`char_tokenizer`)."""
 
     def __init__(self, alphabet: str = ALPHABET):
         self.alphabet = alphabet
@@ -39,17 +41,19 @@ class CharVocabulary:
         return "".join(self.alphabet[i] for i in ids)
 
 
-def save_tokenizer(path, vocabulary: CharVocabulary) -> None:
-    """A character-level fast tokenizer over the vocabulary, so merges carry a tokenizer."""
+def char_tokenizer(vocabulary: CharVocabulary):
+    """A character-level fast tokenizer over the vocabulary (transformers' ``PreTrainedTokenizerFast``)."""
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(dict(vocabulary.index), unk_token=PAD))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()  # characters decode back to the text, without spaces between them
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token=PAD, pad_token=PAD, eos_token=END
-    )
-    tokenizer.save_pretrained(str(path))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=PAD, pad_token=PAD, eos_token=END)
+
+
+def save_tokenizer(path, vocabulary: CharVocabulary) -> None:
+    """:func:`char_tokenizer` saved in ``path`` (inside an output folder's staging), so merges carry a tokenizer."""
+    char_tokenizer(vocabulary).save_pretrained(str(staged_path(path)))
 
 
 def _word(rng: random.Random, low: int, high: int) -> str:

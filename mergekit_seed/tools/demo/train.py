@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from mergekit_seed.maths.sera import SeraConfig, apply_sera, merge_sera
+from mergekit_seed.output import OutputFolder, staged_path
 from mergekit_seed.references.sera import load_sera, save_sera
 from mergekit_seed.tools.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
 
@@ -76,7 +77,24 @@ def pretraining_prompts(config: BaseConfig) -> set:
 
 
 def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet: bool = False) -> Path:
-    """Pre-train the base on the synthetic corpus and save it (weights, config, tokenizer)."""
+    """Pre-train the base on the synthetic corpus and publish it as ``path`` (weights, config,
+    tokenizer; :class:`~mergekit_seed.output.OutputFolder`). A run building the same ``path``
+    meanwhile is waited for, and what it built is kept."""
+    with OutputFolder(path, command="demo-base", report=True, wait=True) as output:
+        if not (Path(path) / "model.safetensors").is_file():
+            save_checkpoint(pretrain(config, vocabulary, quiet), output.staging, vocabulary)
+            output.publish()
+    return Path(path)
+
+
+def save_checkpoint(model, folder: Path, vocabulary: CharVocabulary) -> None:
+    """A full checkpoint (safetensors) and the character tokenizer in ``folder``, inside an output folder's staging."""
+    model.save_pretrained(staged_path(folder), safe_serialization=True)
+    save_tokenizer(folder, vocabulary)
+
+
+def pretrain(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool = False):
+    """The base model, pre-trained on the synthetic corpus."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(config.seed)
@@ -108,9 +126,7 @@ def build_base(path: Path, config: BaseConfig, vocabulary: CharVocabulary, quiet
             loss.backward()
             optimizer.step()
             schedule.step()
-    model.save_pretrained(path, safe_serialization=True)
-    save_tokenizer(path, vocabulary)
-    return path
+    return model
 
 
 def finetune(
@@ -124,7 +140,8 @@ def finetune(
 ) -> Path:
     """Fine-tune ``base`` on ``train``; ``seed`` sets the adapter init and the data order.
 
-    Saves a PEFT LoRA adapter, a SeRA adapter or a full checkpoint to ``out``.
+    Publishes a PEFT LoRA adapter, a SeRA adapter or a full checkpoint as ``out``
+    (:class:`~mergekit_seed.output.OutputFolder`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -162,14 +179,15 @@ def finetune(
             loss.backward()
             optimizer.step()
             schedule.step()
-    out.mkdir(parents=True, exist_ok=True)
-    if config.setting == "lora":
-        model.save_pretrained(out)
-    elif config.setting == "sera":
+    if config.setting == "sera":
         save_sera(model, out, sera_config)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
-        save_tokenizer(out, vocabulary)
+        return out
+    with OutputFolder(out, command="demo-finetune") as output:
+        if config.setting == "lora":
+            model.save_pretrained(staged_path(output.staging))
+        else:
+            save_checkpoint(model, output.staging, vocabulary)
+        output.publish()
     return out
 
 
