@@ -128,7 +128,24 @@ def _build_run_command() -> click.Command:
         """
         run_recipe(recipe, out, merge_options, overwrite)
 
+    for parameter in run_command.params:
+        if type(parameter.type).__module__.startswith("mergekit."):  # one instance per option: safe to wrap
+            parameter.type.convert = _failing_in_one_line(parameter.type)
     return run_command
+
+
+def _failing_in_one_line(param_type: click.ParamType):
+    """``param_type.convert`` for one of mergekit's option types, whose bad values (``--out-shard-size
+    -1``) raise a bare ValueError: as click's own "Invalid value" line instead."""
+    convert = param_type.convert
+
+    def checked(value, parameter, context):
+        try:
+            return convert(value, parameter, context)
+        except (ValueError, TypeError, IndexError):
+            param_type.fail(f"{value!r} is not a {param_type.name} (such as 5B or 500M)", parameter, context)
+
+    return checked
 
 
 def _build_adapter_run_command() -> click.Command:

@@ -109,6 +109,7 @@ def install_planner_check() -> None:
         _warn_once(f"mergekit-seed cannot check parameter names under this mergekit ({error}); validate recipes with `mergekit-seed validate`")
         return
     if getattr(original, "_mergekit_seed_check", False):
+        _check_before_run_merge_reads()
         return
 
     @functools.wraps(original)
@@ -118,6 +119,26 @@ def install_planner_check() -> None:
 
     __init__._mergekit_seed_check = True
     plan.MergePlanner.__init__ = __init__
+    _check_before_run_merge_reads()
+
+
+def _check_before_run_merge_reads() -> None:
+    """``run_merge`` opens every model's weight files (its loader cache's warm-up) before it
+    builds a planner: the same check runs first, at its first step (``get_architecture_info``,
+    looked up in ``mergekit.merge`` at each call), so a FIFO or a file outside a model's folder
+    is refused before mergekit opens it."""
+    merge = sys.modules.get("mergekit.merge")  # its name is bound once mergekit.merge has imported it
+    original = getattr(merge, "get_architecture_info", None)
+    if original is None or getattr(original, "_mergekit_seed_check", False):
+        return
+
+    @functools.wraps(original)
+    def get_architecture_info(config, *args, **kwargs):
+        _check_planned_parameters(config)
+        return original(config, *args, **kwargs)
+
+    get_architecture_info._mergekit_seed_check = True
+    merge.get_architecture_info = get_architecture_info
 
 
 def _warn_once(message: str) -> None:

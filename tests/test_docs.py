@@ -118,6 +118,11 @@ NOT_MEASURED = {
     "50%": "analysis.md's median mark",
     "1 s": "the bound on a pattern match, and the rule for a measured shortcut",
     "10 s": "the Hub check's timeout",
+    "1 MiB": "the reader's bound on a recipe",
+    "16 MiB": "the reader's bound on a card or a grid",
+    "64 MiB": "the reader's bound on a JSON file",
+    "1 GiB": "the reader's bound on JSONL data",
+    "1 GB": "the size of the attack matrix's sparse file",
     "2.26x": "the LoRE paper's reported cost (Table 6), not ours",
 }
 

@@ -13,6 +13,7 @@ Every case here failed before the change that added it.
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import refused, run_cli, tree_hashes, write_recipe
+from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder
 
@@ -86,17 +87,55 @@ def test_an_index_naming_a_file_outside_the_folder_is_refused(family, tmp_path, 
         refused(run_cli("mergekit-seed", *command), "leads outside the model folder", out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("target", ["a file outside", "/dev/zero"])
+@pytest.mark.parametrize("target", ["a file outside", "/dev/zero", "a fifo", "a link to a fifo"])
 def test_a_weight_file_linking_out_of_its_folder_is_refused_and_never_hashed(family, tmp_path, target):
+    """Issue 47: a FIFO, or a link to /dev/zero or a FIFO, used to get "has no model weights"."""
     base, seeds = family
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(seeds[1] / "model.safetensors", outside)
-    (seeds[1] / "model.safetensors").symlink_to(outside if target == "a file outside" else Path("/dev/zero"))
+    weights = seeds[1] / "model.safetensors"
+    if target == "a fifo":
+        os.mkfifo(weights)
+    elif target == "a link to a fifo":
+        os.mkfifo(seeds[1] / "pipe")
+        weights.symlink_to("pipe")
+    else:
+        weights.symlink_to(outside if target == "a file outside" else Path("/dev/zero"))
+    fragment = "leads outside the model folder" if target in ("a file outside", "/dev/zero") else "not a regular file"
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     started = time.monotonic()
     for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
-        refused(run_cli("mergekit-seed", *command), "model.safetensors", out=tmp_path / "out")
-    assert time.monotonic() - started < 60  # /dev/zero is never read
+        refused(run_cli("mergekit-seed", *command), "model.safetensors", fragment, out=tmp_path / "out")
+    assert time.monotonic() - started < 60  # /dev/zero is never read, a FIFO never blocks
+
+
+def test_stock_mergekit_yaml_never_blocks_on_a_fifo_weight_file(family, tmp_path):
+    base, seeds = family
+    (seeds[1] / "model.safetensors").unlink()
+    os.mkfifo(seeds[1] / "model.safetensors")
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    done = subprocess.run([str(BIN / "mergekit-yaml"), str(recipe), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode != 0 and "not a regular file" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", ["/dev/null", "a file"])
+def test_a_model_path_that_is_not_a_folder_is_refused_up_front(family, tmp_path, model):
+    base, seeds = family
+    if model == "a file":
+        model = tmp_path / "weights.safetensors"
+        shutil.copy(seeds[0] / "model.safetensors", model)
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, [*seeds[:2], model])
+    refused(run_cli("mergekit-seed", "validate", recipe), f"model path {model} is not a folder")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "is not a folder", out=tmp_path / "out")
+
+
+def test_a_tokenizer_source_that_does_not_exist_is_refused_up_front(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    recipe.write_text(recipe.read_text() + f"tokenizer_source: {tmp_path / 'no-tokenizer'}\n")
+    refused(run_cli("mergekit-seed", "validate", recipe), f"tokenizer path {tmp_path / 'no-tokenizer'} does not exist")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "does not exist", out=tmp_path / "out")
 
 
 def test_a_fifo_in_an_adapter_folder_is_refused(tiny_loras, tmp_path):
@@ -569,3 +608,67 @@ def test_float32_max_is_torchs():
     from mergekit_seed.finite import FLOAT32_MAX
 
     assert FLOAT32_MAX == torch.finfo(torch.float32).max
+
+
+# ------------------------------------------------------------------ issue 47: tracebacks that became one line
+
+
+def test_a_nul_byte_in_out_is_one_line(family, tmp_path):
+    from mergekit_seed import merge
+
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    with pytest.raises(UserError, match="cannot resolve the path"):
+        merge(recipe, str(tmp_path / "out\0x"), quiet=True)
+
+
+@pytest.mark.parametrize("option, value", [("--confidence", "nan"), ("--confidence", "inf")])
+def test_a_non_finite_float_option_is_refused_by_click(family, tmp_path, option, value):
+    base, seeds = family
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    result = run_cli("mergekit-seed", "compare", *seeds[:2], "--data", data, "--out", tmp_path / "out", option, value)
+    assert result.returncode == 2 and "Invalid value for '--confidence'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reproduce_refuses_a_nan_tolerance(tmp_path):
+    result = run_cli("mergekit-seed", "reproduce", tmp_path / "card.md", tmp_path / "out", "--check", "--atol", "nan")
+    assert result.returncode == 2 and "not a finite number" in result.stderr
+
+
+def test_an_out_shard_size_below_one_is_one_line(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--out-shard-size", "0"), "--out-shard-size 0: must be at least 1",
+            out=tmp_path / "out")
+    negative = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--out-shard-size", "-1")
+    assert negative.returncode == 2 and "Invalid value for '--out-shard-size': '-1' is not a size" in negative.stderr
+
+
+def test_analyze_of_seeds_of_another_width_is_one_line(family, tmp_path):
+    from tiny import TINY_LLAMA
+
+    base, seeds = family
+    other = tmp_path / "wider"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "intermediate_size": 64})).save_pretrained(other, safe_serialization=True)
+    refused(run_cli("mergekit-seed", "analyze", seeds[0], other, "--base", base, "--out", tmp_path / "an"), "analyze compares seeds of one base")
+
+
+@pytest.mark.parametrize("folder", ["/data/run #2", "/data/a\nmerge_method: linear", "/data/*star: [x"])
+def test_recipes_show_writes_a_folder_as_yaml_reads_it_back(folder):
+    shown = run_cli("mergekit-seed", "recipes", "show", "demo-full-seedft", "--models", folder, check=True).stdout
+    recipe = yaml.safe_load(shown)
+    assert recipe["merge_method"] == "seedft" and recipe["base_model"] == f"{folder}/base"
+    assert [entry["model"] for entry in recipe["models"]] == [f"{folder}/full/seed{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("remote, published", [
+    ("~/src/mergekit-seed", False), ("/home/me/src/mergekit-seed", False), ("../upstream", False), ("file:///srv/x", False),
+    ("https://github.com/org/mergekit-seed", True), ("git@github.com:org/mergekit-seed.git", True),
+])
+def test_the_install_line_names_only_a_remote_another_machine_reaches(remote, published):
+    from mergekit_seed.installed import _is_remote
+
+    assert _is_remote(remote) == published
