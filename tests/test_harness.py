@@ -254,6 +254,34 @@ def test_runs_that_cannot_be_paired_are_refused_in_one_line(harness, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("what", ["samples file", "results file", "task name"])
+def test_an_lm_eval_run_is_read_only_from_inside_its_folder(harness, tmp_path, what):
+    """Issue 47: a samples_*.jsonl or results_*.json linked out of the run folder was followed,
+    and a task name such as ``x/../../outside/stolen`` in ``configs`` opened a file outside it."""
+    run = _copy_run(harness["runs"]["other"], tmp_path / "other")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (results_file,) = run.glob("results_*.json")
+    date = results_file.stem[len("results_"):]
+    if what == "samples file":
+        (samples_file,) = run.glob("samples_tiny_mc_*.jsonl")
+        moved = shutil.move(samples_file, outside / samples_file.name)
+        samples_file.symlink_to(moved)
+    elif what == "results file":
+        results_file.symlink_to(shutil.move(results_file, outside / results_file.name))
+    else:
+        results = json.loads(results_file.read_text())
+        stolen = "x/../../outside/stolen"
+        for key in ("results", "configs", "versions", "n-shot"):
+            results[key][stolen] = results[key].pop("tiny_gen")
+        results_file.write_text(json.dumps(results))
+        (samples_gen,) = run.glob("samples_tiny_gen_*.jsonl")
+        shutil.copy(samples_gen, outside / f"stolen_{date}.jsonl")
+        (run / f"samples_x").mkdir()
+    refused(run_cli("mergekit-seed", "compare", "--lm-eval", harness["runs"]["good"], run, "--out", tmp_path / "out"),
+            "leads outside the run folder", out=tmp_path / "out")
+
+
 # generated lm-eval files: one place of a run's results or samples replaced by a hostile value
 HOSTILE_VALUES = st.sampled_from(["list", "mapping", "string", "nan", "inf", "past-float", "huge-int", "missing", "null"])
 

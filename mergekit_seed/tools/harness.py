@@ -91,6 +91,7 @@ class ResultsFile(BaseModel):
 
 
 def _read_json(path: Path) -> dict:
+    regular_file(path, within=path.parent, fix="lm-eval writes its results as files", kind="run folder")
     data = read_json(path, "lm-eval results file", within=path.parent)
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise UserError(f"{path}: not an lm-eval results file (no \"results\" object)")
