@@ -36,7 +36,7 @@ from mergekit_seed.references.weights import (
     full_model_shapes,
     safetensors_shapes,
 )
-from mergekit_seed.untrusted import parse_yaml
+from mergekit_seed.untrusted import bounded_safe_load, parse_yaml
 
 
 class OutputSection(BaseModel):
@@ -782,7 +782,7 @@ def yaml_scalar(value: str) -> str:
     """``value`` as a YAML scalar that reads back as exactly ``value``: plain when it does, else
     double-quoted (a ``#``, a newline or a leading ``*`` stays part of the path, never YAML)."""
     try:
-        if "\n" not in value and yaml.safe_load(f"key: {value}") == {"key": value}:
+        if "\n" not in value and bounded_safe_load(f"key: {value}", "a folder name") == {"key": value}:
             return value
     except yaml.YAMLError:
         pass
