@@ -19,6 +19,11 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# ruff, configured in pyproject.toml as PEFT configures it (line length 119): run by CI
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 # mergekit 0.1.5's own test modules, from its sdist, with our plugin installed: the plugin must
 # not break its host. (The sdist lacks tests/common.py, so the six modules that import it,
 # test_basic_merges.py among them, cannot run from it and are left out.)
@@ -30,4 +35,4 @@ host-tests: install
 	cd .host-tests/mergekit-0.1.5 && HF_HUB_OFFLINE=1 ../../$(BIN)/python -m pytest -q -p no:cacheprovider \
 	    $$(grep -L "from tests" tests/test_*.py)
 
-.PHONY: install demo test host-tests
+.PHONY: install demo test lint host-tests
