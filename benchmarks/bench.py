@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+
 SIZES = {
     # name: (vocab, hidden, intermediate, layers, heads)
     "tiny": (512, 64, 176, 2, 4),
@@ -158,7 +159,9 @@ def demo_deltas(seeds: int) -> dict:
 def _demo_delta_for(demo: dict, name: str, shape, seed_index: int) -> torch.Tensor:
     """A demo delta of the same role (q_proj, down_proj, ...) as ``name``."""
     role = name.rsplit(".", 2)[-2]
-    candidates = [deltas for key, deltas in sorted(demo.items()) if key.rsplit(".", 2)[-2] == role] or list(demo.values())
+    candidates = [deltas for key, deltas in sorted(demo.items()) if key.rsplit(".", 2)[-2] == role] or list(
+        demo.values()
+    )
     return candidates[0][seed_index % len(candidates[0])]
 
 
@@ -170,28 +173,47 @@ def build_models(root: Path, size: str, seeds: int, dtype: str = "float32", spec
     stored = getattr(torch, dtype)
     shapes = weight_shapes(config)
     generator = torch.Generator().manual_seed(0)
-    base = {n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator)) for n, s in shapes.items()}
+    base = {
+        n: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=generator)) for n, s in shapes.items()
+    }
     shared = {}
     for name, shape in shapes.items():
         if len(shape) == 1:
             shared[name] = 1e-3 * torch.randn(shape, generator=generator)
         else:
-            shared[name] = torch.randn(shape[0], 8, generator=generator) @ torch.randn(8, shape[1], generator=generator) * (1e-3 / 8)
+            shared[name] = (
+                torch.randn(shape[0], 8, generator=generator)
+                @ torch.randn(8, shape[1], generator=generator)
+                * (1e-3 / 8)
+            )
 
     def save(folder: Path, tensors: dict) -> Path:
         folder.mkdir(parents=True)
-        save_file({k: v.to(stored).contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.to(stored).contiguous() for k, v in tensors.items()},
+            folder / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         (folder / "config.json").write_text(json.dumps(config))
         return folder
 
     base_path = save(root / "base", base)
     demo = demo_deltas(seeds) if spectrum == "demo" else None
     seed_paths = [
-        save(root / f"seed{i}", {
-            n: base[n] + realistic_delta(s, shared[n], generator, spectrum=spectrum,
-                                         demo=_demo_delta_for(demo, n, s, i) if demo and len(s) == 2 else None)
-            for n, s in shapes.items()
-        })
+        save(
+            root / f"seed{i}",
+            {
+                n: base[n]
+                + realistic_delta(
+                    s,
+                    shared[n],
+                    generator,
+                    spectrum=spectrum,
+                    demo=_demo_delta_for(demo, n, s, i) if demo and len(s) == 2 else None,
+                )
+                for n, s in shapes.items()
+            },
+        )
         for i in range(seeds)
     ]
     lora_paths = [build_lora(root / f"lora{i}", shapes, generator, base_path) for i in range(seeds)]
@@ -209,10 +231,16 @@ def build_lora(folder: Path, shapes: dict, generator, base_path: Path, rank: int
         if module.rsplit(".", 1)[-1] not in LORA_TARGETS:
             continue
         out_features, in_features = shape
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        tensors[f"base_model.model.{module}.lora_B.weight"] = 1e-3 * torch.randn(out_features, rank, generator=generator)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = (
+            torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        )
+        tensors[f"base_model.model.{module}.lora_B.weight"] = 1e-3 * torch.randn(
+            out_features, rank, generator=generator
+        )
     folder.mkdir(parents=True)
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), base_model_name_or_path=str(base_path)).save_pretrained(str(folder))
+    LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS), base_model_name_or_path=str(base_path)
+    ).save_pretrained(str(folder))
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     return folder
 
@@ -245,7 +273,10 @@ def timed_child(command, env: dict, scratch: Path, timeout: Optional[float] = No
     # forked (killing time alone left the merge running, and every later row measured against it)
     child = subprocess.Popen(
         ["/usr/bin/time", "-f", "%U %S %M", "-o", str(report_file), *map(str, command)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
     try:
         _, stderr = child.communicate(timeout=timeout)
@@ -317,8 +348,12 @@ def floors(size: str, seeds: int) -> dict:
     eigh_torch = seconds(lambda: torch.linalg.eigh(gram))
     eigh_lapack = seconds(lambda: _lapack_eigh(gram.clone()))
     eigh_hidden = min(eigh_torch, eigh_lapack)
-    svd_square = seconds(lambda: torch.linalg.svd(torch.randn(hidden, hidden, generator=generator), full_matrices=False))
-    svd_tall = seconds(lambda: torch.linalg.svd(torch.randn(intermediate, hidden, generator=generator), full_matrices=False))
+    svd_square = seconds(
+        lambda: torch.linalg.svd(torch.randn(hidden, hidden, generator=generator), full_matrices=False)
+    )
+    svd_tall = seconds(
+        lambda: torch.linalg.svd(torch.randn(intermediate, hidden, generator=generator), full_matrices=False)
+    )
     matrices = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
     rates = {"gemm64": gemm64, "eigh64_side": hidden, "eigh64_seconds": eigh_hidden}
     # at full numerical rank, r = min(n, the Gram's side)
@@ -335,7 +370,9 @@ def floors(size: str, seeds: int) -> dict:
         # LoRE on a noise-dominated spectrum: every thresholding of its default 10 iterations is a
         # full float32 SVD of each seed's residual (the kept rank is past what a sketch can hold)
         "per_layer_seconds": {
-            "seedft": layers * seedft, "seedlora_twostage": layers * twostage, "lore_full_svds": layers * 10 * seeds * twostage,
+            "seedft": layers * seedft,
+            "seedlora_twostage": layers * twostage,
+            "lore_full_svds": layers * 10 * seeds * twostage,
         },
     }
 
@@ -405,16 +442,30 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--size", default="44m", choices=sorted(SIZES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", default="all", help="all, none, or a comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS))
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="checkpoint dtype (default: bfloat16 for 7b-layer, as on the Hub; float32 otherwise)")
-    parser.add_argument("--timeout", type=float, help="stop a run after this many seconds and record it as stopped")
-    parser.add_argument("--floors", action="store_true", help="measure each method's decomposition floor on this machine")
-    parser.add_argument("--skip-adapters", action="store_true", help="leave out the adapter routes")
-    parser.add_argument("--skip-gram", action="store_true", help="leave out the SeedFT Gram-step throughput (minutes at 7b-layer)")
     parser.add_argument(
-        "--spectrum", default="bench",
-        help="how the seeds' deltas are built, one or several comma-separated: " + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()),
+        "--methods",
+        default="all",
+        help="all, none, or a comma-separated subset of " + ",".join(OUR_METHODS + MERGEKIT_METHODS),
+    )
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="checkpoint dtype (default: bfloat16 for 7b-layer, as on the Hub; float32 otherwise)",
+    )
+    parser.add_argument("--timeout", type=float, help="stop a run after this many seconds and record it as stopped")
+    parser.add_argument(
+        "--floors", action="store_true", help="measure each method's decomposition floor on this machine"
+    )
+    parser.add_argument("--skip-adapters", action="store_true", help="leave out the adapter routes")
+    parser.add_argument(
+        "--skip-gram", action="store_true", help="leave out the SeedFT Gram-step throughput (minutes at 7b-layer)"
+    )
+    parser.add_argument(
+        "--spectrum",
+        default="bench",
+        help="how the seeds' deltas are built, one or several comma-separated: "
+        + "; ".join(f"{k}: {v}" for k, v in SPECTRA.items()),
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
@@ -432,8 +483,13 @@ def main() -> None:
     device_flags = ["--cuda"] if args.device == "cuda" else []
     dtype = args.dtype or ("bfloat16" if args.size == "7b-layer" else "float32")
     results = {
-        "machine": machine(args.device), "size": args.size, "seeds": args.seeds, "reps": args.reps,
-        "device": args.device, "dtype": dtype, "threads": torch.get_num_threads(),
+        "machine": machine(args.device),
+        "size": args.size,
+        "seeds": args.seeds,
+        "reps": args.reps,
+        "device": args.device,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
     }
     spectra = [name.strip() for name in args.spectrum.split(",") if name.strip()]
     unknown = [name for name in spectra if name not in SPECTRA]
@@ -447,7 +503,11 @@ def main() -> None:
             base, seeds, loras, parameters = build_models(scratch / spectrum, args.size, args.seeds, dtype, spectrum)
             results["parameters"] = parameters
             results["build_seconds"] = time.perf_counter() - started
-            print(f"[{spectrum}] built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} LoRA r=8 seeds", flush=True)
+            print(
+                f"[{spectrum}] built a {parameters / 1e6:.1f}M-parameter base, {args.seeds} seeds and {args.seeds} "
+                "LoRA r=8 seeds",
+                flush=True,
+            )
             measured = results["spectra"][spectrum] = {}
             for method in methods:
                 path = recipe(scratch / f"{method}.yml", method, base, seeds, dtype=dtype)
@@ -456,7 +516,9 @@ def main() -> None:
                 if numbers["seconds"] is None:
                     print(f"[{spectrum}] {method}: stopped after {args.timeout:.0f} s", flush=True)
                 else:
-                    print(f"[{spectrum}] {method}: {numbers['seconds']:.1f} s, {numbers['peak_mib']:.0f} MiB", flush=True)
+                    print(
+                        f"[{spectrum}] {method}: {numbers['seconds']:.1f} s, {numbers['peak_mib']:.0f} MiB", flush=True
+                    )
             if index == 0:
                 results["methods"] = measured
                 if args.skip_adapters:
@@ -478,13 +540,19 @@ def main() -> None:
 def measure_adapter_routes(results: dict, scratch: Path, base: Path, loras, reps: int, device_flags) -> None:
     """The adapter-native engine against mergekit's BASE+ADAPTER route, both running seedft."""
     native = recipe(scratch / "native.yml", "seedft", base, loras, "output:\n  format: lora\n")
-    results["adapter_native"] = measure([BIN / "mergekit-seed", "run", native, "--quiet", *device_flags], reps, scratch)
+    results["adapter_native"] = measure(
+        [BIN / "mergekit-seed", "run", native, "--quiet", *device_flags], reps, scratch
+    )
     routed = recipe(scratch / "routed.yml", "seedft", base, [f"{base}+{lora}" for lora in loras])
     cache = scratch / "lora-cache"
     results["base_plus_adapter"] = measure(
         [BIN / "mergekit-yaml", routed, "--lora-merge-cache", cache, *device_flags], reps, scratch
     )
-    print(f"adapter-native seedft {results['adapter_native']['seconds']:.1f} s vs base+adapter {results['base_plus_adapter']['seconds']:.1f} s", flush=True)
+    print(
+        f"adapter-native seedft {results['adapter_native']['seconds']:.1f} s vs base+adapter "
+        f"{results['base_plus_adapter']['seconds']:.1f} s",
+        flush=True,
+    )
 
 
 def _seconds(numbers: dict) -> str:
@@ -499,19 +567,22 @@ def report(results: dict) -> str:
         "",
         f"Machine: {results['machine']}; torch threads: {results.get('threads')}.",
         f"Model: synthetic Llama-shaped, {results['parameters'] / 1e6:.1f}M parameters (`--size {results['size']}`), "
-        f"{results['seeds']} seeds, {results.get('dtype', 'float32')}; median of {results['reps']} runs per row, each a "
-        "fresh process (start-up and imports included). Merge: seconds in our kernels; the rest is start-up, "
+        f"{results['seeds']} seeds, {results.get('dtype', 'float32')}; "
+        f"median of {results['reps']} runs per row, each a fresh process (start-up and imports included). "
+        "Merge: seconds in our kernels; the rest is start-up, "
         "loading, planning and writing.",
         "",
-        "| method | wall time (s) | merge (s) | rest (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties (goal <= 1.5) |"
-        + (" floor (s) | merge / floor |" if floor else ""),
+        "| method | wall time (s) | merge (s) | rest (s) | peak RSS (MiB) | time ratio | target | peak RSS / ties "
+        "(goal <= 1.5) |" + (" floor (s) | merge / floor |" if floor else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|---|" if floor else ""),
     ]
     if not methods:
         lines = lines[:-3] + [""]
     for method, numbers in methods.items():
         reference, limit = TARGETS.get(method, (None, None))
-        measured = numbers["seconds"] is not None and reference in methods and methods[reference]["seconds"] is not None
+        measured = (
+            numbers["seconds"] is not None and reference in methods and methods[reference]["seconds"] is not None
+        )
         if measured:
             ratio = numbers["seconds"] / methods[reference]["seconds"]
             ratio_text = f"{ratio:.2f}x {reference}"
@@ -536,7 +607,10 @@ def report(results: dict) -> str:
         ties_peak = methods.get("ties", {}).get("peak_mib")
         memory = f"{numbers['peak_mib'] / ties_peak:.2f}" if numbers.get("peak_mib") and ties_peak else ""
         peak = f"{numbers['peak_mib']:.0f}" if numbers.get("peak_mib") else ""
-        row = f"| {method} | {_seconds(numbers)} | {merge_text} | {rest_text} | {peak} | {ratio_text} | {target} | {memory} |"
+        row = (
+            f"| {method} | {_seconds(numbers)} | {merge_text} | {rest_text} | {peak} | {ratio_text} | {target} | "
+            f"{memory} |"
+        )
         if floor:
             share = f"{merge / floor_seconds:.2f}" if floor_seconds and merge is not None else ""
             row += f" {floor_seconds:.0f} | {share} |" if floor_seconds else " | |"
@@ -558,23 +632,32 @@ def report(results: dict) -> str:
             f"{memory:.2f} of the peak memory (target <= 0.2: {'met' if memory <= 0.2 else 'NOT met'}).",
         ]
     gram = results["gram"]
-    lines += [] if gram is None else [
-        "",
-        f"SeedFT Gram step (sum_i X_i X_i^T in float64, m={gram['shape'][0]}, n={gram['shape'][1]}, N={gram['shape'][2]}): "
-        f"{gram['gram_gflops']:.1f} GFLOP/s; one float64 matmul of the same size {gram['matmul_float64_gflops']:.1f} GFLOP/s "
-        f"(float32: {gram['matmul_float32_gflops']:.1f}); Gram + eigh {gram['gram_plus_eigh_seconds']:.3f} s.",
-    ]
+    lines += (
+        []
+        if gram is None
+        else [
+            "",
+            f"SeedFT Gram step (sum_i X_i X_i^T in float64, m={gram['shape'][0]}, n={gram['shape'][1]}, "
+            f"N={gram['shape'][2]}): "
+            f"{gram['gram_gflops']:.1f} GFLOP/s; one float64 matmul of the same size "
+            f"{gram['matmul_float64_gflops']:.1f} GFLOP/s "
+            f"(float32: {gram['matmul_float32_gflops']:.1f}); Gram + eigh {gram['gram_plus_eigh_seconds']:.3f} s.",
+        ]
+    )
     if floor:
         floors_ = results["floors"]
         eigh = ", ".join(f"{side}: {t:.1f} s" for side, t in floors_["eigh64_seconds"].items())
         svd = ", ".join(f"{shape}: {t:.1f} s" for shape, t in floors_["svd32_seconds"].items())
         lines += [
             "",
-            f"Floors from this machine's rates: float64 GEMM {floors_['gemm64_gflops']:.1f} GFLOP/s; float64 eigh {eigh} "
+            f"Floors from this machine's rates: float64 GEMM {floors_['gemm64_gflops']:.1f} GFLOP/s; float64 eigh "
+            f"{eigh} "
             f"(the larger side by cubic scaling; at {SIZES[results['size']][1]}: torch "
             f"{floors_['eigh64_torch_lapack_seconds'][0]:.1f} s, LAPACK syevr through scipy "
-            f"{floors_['eigh64_torch_lapack_seconds'][1]:.1f} s, the faster counts); float32 SVD {svd}. SeedFT's floor: the Gram on the smaller side of each "
-            "m x Nn concatenation, its eigh and the polar factor's eigh; the two-stage SeedLoRA's: one full SVD per matrix "
+            f"{floors_['eigh64_torch_lapack_seconds'][1]:.1f} s, the faster counts); float32 SVD {svd}. SeedFT's "
+            "floor: the Gram on the smaller side of each "
+            "m x Nn concatenation, its eigh and the polar factor's eigh; the two-stage SeedLoRA's: one full SVD per "
+            "matrix "
             "(when the masked residual's kept rank is near full).",
         ]
     if len(results.get("spectra", {})) > 1:
@@ -601,11 +684,15 @@ def spectrum_table(results: dict) -> str:
     floor = (results.get("floors") or {}).get("per_layer_seconds", {})
     ours = [m for m in OUR_METHODS if any(m in measured for measured in results["spectra"].values())]
     header = (
-        "| spectrum | " + " | ".join(ours) + " | seedft merge / floor | LoRE: iterations per matrix, SVTs, full SVDs, sketches, "
-        "largest kept rank, SVT s | lore merge / full-SVD floor | SeedFT: matrices at full rank, Gram, eigh, polar, product s |"
+        "| spectrum | "
+        + " | ".join(ours)
+        + " | seedft merge / floor | LoRE: iterations per matrix, SVTs, full SVDs, sketches, "
+        "largest kept rank, SVT s | lore merge / full-SVD floor | SeedFT: matrices at full rank, Gram, eigh, polar, "
+        "product s |"
     )
     lines = [
-        f"By spectrum (`--spectrum`, {results['size']}, {results['seeds']} seeds; wall-time ratios to each method's reference, "
+        f"By spectrum (`--spectrum`, {results['size']}, {results['seeds']} seeds; wall-time ratios to each method's "
+        "reference, "
         f"{TARGETS['lore'][1]}x ties for lore and seedft, {TARGETS['seedlora_dm'][1]}x linear for seedlora_dm, "
         f"{TARGETS['seedlora_twostage'][1]}x ties for seedlora_twostage):",
         "",
@@ -622,25 +709,40 @@ def spectrum_table(results: dict) -> str:
             elif numbers["seconds"] is None:
                 cells.append(f"> {numbers['timed_out'] / base:.1f}x {reference} (stopped)" if base else "stopped")
             else:
-                cells.append(f"{numbers['seconds'] / base:.2f}x {reference}" if base else f"{numbers['seconds']:.1f} s")
+                cells.append(
+                    f"{numbers['seconds'] / base:.2f}x {reference}" if base else f"{numbers['seconds']:.1f} s"
+                )
         seedft = measured.get("seedft") or {}
         seedft_seconds = method_floor(results, "seedft", seedft)
-        floor_cell = f"{seedft['merge_seconds'] / seedft_seconds:.2f} (floor {seedft_seconds:.0f} s)" if seedft_seconds and seedft.get("merge_seconds") else ""
+        floor_cell = (
+            f"{seedft['merge_seconds'] / seedft_seconds:.2f} (floor {seedft_seconds:.0f} s)"
+            if seedft_seconds and seedft.get("merge_seconds")
+            else ""
+        )
         svt = (measured.get("lore") or {}).get("lore_svt")
         svt_cell = (
-            f"{svt['iterations'] / max(svt['matrices'], 1):.1f}, {svt['svts']}, {svt['full_svds']}, {svt['sketches']}, "
-            f"{svt['largest_rank']}, {svt['seconds']:.1f}" if svt else ""
+            f"{svt['iterations'] / max(svt['matrices'], 1):.1f}, {svt['svts']}, {svt['full_svds']}, "
+            f"{svt['sketches']}, "
+            f"{svt['largest_rank']}, {svt['seconds']:.1f}"
+            if svt
+            else ""
         )
         lore_floor = ""
         if svt and floor.get("lore_full_svds") and svt["full_svds"] * 2 >= svt["svts"]:
-            lore_floor = f"{measured['lore']['merge_seconds'] / floor['lore_full_svds']:.2f} (floor {floor['lore_full_svds']:.0f} s)"
+            lore_floor = (
+                f"{measured['lore']['merge_seconds'] / floor['lore_full_svds']:.2f} (floor "
+                f"{floor['lore_full_svds']:.0f} s)"
+            )
         steps = (measured.get("seedft") or {}).get("seedft_steps")
         steps_cell = (
             f"{sum(r == min(m, n) for m, n, r in steps['shapes'])}/{len(steps['shapes'])}, "
             f"{steps['gram']:.1f}, {steps['eigh']:.1f}, {steps['polar']:.1f}, {steps['product']:.1f}"
-            if steps else ""
+            if steps
+            else ""
         )
-        lines.append(f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} | {lore_floor} | {steps_cell} |")
+        lines.append(
+            f"| {spectrum} | " + " | ".join(cells) + f" | {floor_cell} | {svt_cell} | {lore_floor} | {steps_cell} |"
+        )
     lines += ["", "Spectra: " + "; ".join(f"`{name}`: {SPECTRA[name]}" for name in results["spectra"]) + "."]
     return "\n".join(lines)
 

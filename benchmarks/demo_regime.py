@@ -25,7 +25,7 @@ import torch
 def main() -> None:
     from mergekit_seed.quiet import quiet_libraries
     from mergekit_seed.tools.demo.run import DemoConfig, cached_base, experiment_data, seed_regime
-    from mergekit_seed.tools.demo.task import CharVocabulary, SKILLS, accuracy_by_skill, exact_matches
+    from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches
     from mergekit_seed.tools.demo.train import finetune, load_for_eval
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,7 +41,12 @@ def main() -> None:
 
     default = DemoConfig()
     base_config = default.base
-    changes = {"hidden_size": arguments.hidden, "num_hidden_layers": arguments.layers, "pretrain_steps": arguments.pretrain_steps, "skill_share": arguments.skill_share}
+    changes = {
+        "hidden_size": arguments.hidden,
+        "num_hidden_layers": arguments.layers,
+        "pretrain_steps": arguments.pretrain_steps,
+        "skill_share": arguments.skill_share,
+    }
     base_config = replace(base_config, **{k: v for k, v in changes.items() if v is not None})
     if arguments.hidden is not None:
         base_config = replace(base_config, intermediate_size=2 * arguments.hidden)
@@ -57,12 +62,22 @@ def main() -> None:
     base = cached_base(config.base, vocabulary, quiet=True)
     base_seconds = time.perf_counter() - started
     train, validation, _ = experiment_data(config, arguments.experiment)
-    base_accuracy = accuracy_by_skill(validation, exact_matches(load_for_eval(base, base, "full"), validation, vocabulary))
+    base_accuracy = accuracy_by_skill(
+        validation, exact_matches(load_for_eval(base, base, "full"), validation, vocabulary)
+    )
     correct = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         for index in range(3):
-            seed_path = finetune(base, Path(folder) / f"seed{index}", train, finetune_config, 1000 * arguments.experiment + index, vocabulary, quiet=True)
+            seed_path = finetune(
+                base,
+                Path(folder) / f"seed{index}",
+                train,
+                finetune_config,
+                1000 * arguments.experiment + index,
+                vocabulary,
+                quiet=True,
+            )
             correct.append(exact_matches(load_for_eval(base, seed_path, arguments.setting), validation, vocabulary))
     finetune_seconds = (time.perf_counter() - started) / 3
     regime = seed_regime(validation, correct)

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+
 # name: (hidden, intermediate, layers, heads); "0.17m" is the demo's own model. A 4M rung
 # (hidden 256) was started and stopped: on our 2-core machine it would have run well past an hour.
 SIZES = {"0.17m": (64, 128, 4, 4), "0.55m": (96, 192, 6, 4), "1m": (128, 256, 6, 4)}
@@ -28,7 +29,13 @@ def config_for(size: str):
 
     hidden, intermediate, layers, heads = SIZES[size]
     default = DemoConfig()
-    base = replace(default.base, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads)
+    base = replace(
+        default.base,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
     return replace(default, experiments=1, base=base)
 
 
@@ -66,7 +73,10 @@ def table(by_size: dict) -> str:
         return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
 
     methods = list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    lines = ["| size | setting | mean seed | best seed | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 4)]
+    lines = [
+        "| size | setting | mean seed | best seed | " + " | ".join(methods) + " |",
+        "|" + "---|" * (len(methods) + 4),
+    ]
     for size, results in by_size.items():
         label = f"{results['parameters'] / 1e6:.2f}M ({results['seconds'] / 60:.0f} min)"
         for setting, entry in results["settings"].items():

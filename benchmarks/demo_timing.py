@@ -22,6 +22,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+
 BIN = Path(sys.executable).parent
 
 
@@ -29,7 +30,9 @@ def run_demo(mode: str, scratch: Path) -> Path:
     """``mergekit-seed demo`` (``--quick`` for the quick mode) from scratch; its results.json."""
     out, cache = scratch / f"{mode}-out", scratch / f"{mode}-cache"
     cache.mkdir()
-    command = [str(BIN / "mergekit-seed"), "demo", "--out", str(out), "--quiet"] + (["--quick"] if mode == "quick" else [])
+    command = [str(BIN / "mergekit-seed"), "demo", "--out", str(out), "--quiet"] + (
+        ["--quick"] if mode == "quick" else []
+    )
     subprocess.run(command, env=dict(os.environ, MERGEKIT_SEED_CACHE=str(cache), HF_HUB_OFFLINE="1"), check=True)
     return out / "results.json"
 
@@ -38,15 +41,20 @@ def timing(results_file: Path) -> dict:
     results = json.loads(results_file.read_text(encoding="utf-8"))
     environment = results["environment"]
     return {
-        "seconds": results["seconds"], "cpu_seconds": results["cpu_seconds"],
-        "threads": environment["threads"], "cpu": environment["cpu"], "cpu_capability": environment["cpu_capability"],
+        "seconds": results["seconds"],
+        "cpu_seconds": results["cpu_seconds"],
+        "threads": environment["threads"],
+        "cpu": environment["cpu"],
+        "cpu_capability": environment["cpu_capability"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="quick,full")
-    parser.add_argument("--results", nargs="+", metavar="MODE=RESULTS_JSON", help="record runs made by hand the same way")
+    parser.add_argument(
+        "--results", nargs="+", metavar="MODE=RESULTS_JSON", help="record runs made by hand the same way"
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "demo-timing.json")
     args = parser.parse_args()
     record = {"date": date.today().isoformat(), "from_scratch": "empty MERGEKIT_SEED_CACHE, fresh --out", "modes": {}}

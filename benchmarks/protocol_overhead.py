@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import build_models, machine, recipe  # noqa: E402
 
@@ -75,7 +76,10 @@ def main() -> None:
         confinement = seconds(confine)
         gate = seconds(lambda: check_finite_output(out))
     print(f"machine: {machine('cpu')}")
-    print(f"{args.size}: {parameters / 1e6:.1f}M parameters, {args.seeds} seeds, {args.method}; merge {merge_seconds:.2f} s")
+    print(
+        f"{args.size}: {parameters / 1e6:.1f}M parameters, {args.seeds} seeds, {args.method}; merge "
+        f"{merge_seconds:.2f} s"
+    )
     for name, value in (("reader", confinement), ("writer", protocol_seconds), ("finiteness gate", gate)):
         print(f"{name}: {value:.4f} s = {100 * value / merge_seconds:.2f}% of the merge")
     total = confinement + protocol_seconds + gate

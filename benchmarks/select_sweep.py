@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import machine  # noqa: E402
 
@@ -43,7 +44,9 @@ def demo_lora_seeds(root: Path):
     splits = []
     for name, examples in (("validation", validation), ("test", test)):
         path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in examples), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in examples), encoding="utf-8"
+        )
         splits.append(path)
     return base, seeds, *splits
 
@@ -63,7 +66,12 @@ def by_hand(plan, work: Path) -> dict:
         timed("scorings", lambda: plan.scorer(seed, plan.validation))
     for index, recipe in enumerate(plan.recipes.values()):
         folder = work / f"candidate{index}"
-        timed("merges", lambda: merge(recipe, folder, quiet=True, random_seed=0, echo=lambda _line: None, warn=lambda _message: None))
+        timed(
+            "merges",
+            lambda: merge(
+                recipe, folder, quiet=True, random_seed=0, echo=lambda _line: None, warn=lambda _message: None
+            ),
+        )
         timed("scorings", lambda: plan.scorer(str(folder), plan.validation))
     timed("scorings", lambda: plan.scorer(str(work / "candidate0"), plan.test))
     timed("scorings", lambda: plan.scorer(plan.seeds[0], plan.test))
@@ -87,8 +95,17 @@ def main() -> None:
         plan = plan_selection([str(s) for s in seeds], str(base), validation, test, **settings)
         estimate = time_estimate(plan)
         started = time.perf_counter()
-        record = select([str(s) for s in seeds], str(base), validation, test, root / "out", quiet=True,
-                        echo=lambda _line: None, warn=lambda _message: None, **settings)
+        record = select(
+            [str(s) for s in seeds],
+            str(base),
+            validation,
+            test,
+            root / "out",
+            quiet=True,
+            echo=lambda _line: None,
+            warn=lambda _message: None,
+            **settings,
+        )
         selected = time.perf_counter() - started
         manual = by_hand(plan, root / "by-hand")
     result = {

@@ -36,12 +36,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import BIN, build_models, machine, recipe, timed_child  # noqa: E402
 
+
 MODULES = (
-    "torch", "safetensors.torch", "transformers", "peft", "mergekit.merge_methods", "mergekit.config",
-    "mergekit.options", "mergekit.merge", "mergekit.io", "matplotlib.pyplot", "scipy.linalg", "numpy", "tqdm",
+    "torch",
+    "safetensors.torch",
+    "transformers",
+    "peft",
+    "mergekit.merge_methods",
+    "mergekit.config",
+    "mergekit.options",
+    "mergekit.merge",
+    "mergekit.io",
+    "matplotlib.pyplot",
+    "scipy.linalg",
+    "numpy",
+    "tqdm",
     "lm_eval.evaluator",
 )
 
@@ -54,7 +67,9 @@ def median_run(command, reps: int, scratch: Path) -> dict:
 def seconds_in_fresh_interpreter(setup: str, timed: str, reps: int) -> float:
     """Median seconds of the statement ``timed``, after ``setup``, each time in a new interpreter."""
     code = f"import time\n{setup}\nstarted = time.perf_counter()\n{timed}\nprint(time.perf_counter() - started)"
-    return statistics.median(float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1]) for _ in range(reps))
+    return statistics.median(
+        float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1]) for _ in range(reps)
+    )
 
 
 def import_seconds(module: str, reps: int) -> float:
@@ -71,7 +86,9 @@ def hook_milliseconds(reps: int, cached: bool) -> float:
         subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)  # writes the cache when allowed
         found = []
         for _ in range(reps):
-            report = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True, text=True, check=True).stderr
+            report = subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True, text=True, check=True
+            ).stderr
             match = re.search(r"import time:\s+\d+ \|\s+(\d+) \|\s+mergekit_seed\.startup$", report, re.M)
             if match is None:
                 raise SystemExit("the start-up hook did not run: is mergekit-seed installed in this interpreter?")
@@ -85,7 +102,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "startup.json")
     args = parser.parse_args()
     results = {"machine": machine("cpu"), "reps": args.reps}
-    results["imports"] = {m: round(import_seconds(m, args.reps), 3) for m in MODULES if importlib.util.find_spec(m.split(".")[0])}
+    results["imports"] = {
+        m: round(import_seconds(m, args.reps), 3) for m in MODULES if importlib.util.find_spec(m.split(".")[0])
+    }
     print("imports:", results["imports"], flush=True)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -104,18 +123,36 @@ def main() -> None:
             "methods": [*seed, "methods"],
             "validate --offline": [*seed, "validate", "--offline", full],
             "run (adapter recipe)": [*seed, "run", adapter, out, "--overwrite", "--quiet"],
-            "run (adapter recipe, --allow-crimes)": [*seed, "run", adapter, out, "--overwrite", "--quiet", "--allow-crimes"],
+            "run (adapter recipe, --allow-crimes)": [
+                *seed,
+                "run",
+                adapter,
+                out,
+                "--overwrite",
+                "--quiet",
+                "--allow-crimes",
+            ],
         }
         results["commands"] = {}
         for name, command in commands.items():
             measured = median_run(command, args.reps, scratch)
-            results["commands"][name] = {key: round(value, 2 if key != "peak_mib" else 0) for key, value in measured.items()}
+            results["commands"][name] = {
+                key: round(value, 2 if key != "peak_mib" else 0) for key, value in measured.items()
+            }
             print(name, results["commands"][name], flush=True)
-    light, full = results["commands"]["run (adapter recipe)"], results["commands"]["run (adapter recipe, --allow-crimes)"]
+    light, full = (
+        results["commands"]["run (adapter recipe)"],
+        results["commands"]["run (adapter recipe, --allow-crimes)"],
+    )
     results["light_run_saves"] = {key: round(full[key] - light[key], 2) for key in ("seconds", "peak_mib")}
-    results["hook_ms"] = {"cached": round(hook_milliseconds(args.reps, True), 1), "uncached": round(hook_milliseconds(args.reps, False), 1)}
+    results["hook_ms"] = {
+        "cached": round(hook_milliseconds(args.reps, True), 1),
+        "uncached": round(hook_milliseconds(args.reps, False), 1),
+    }
     if importlib.util.find_spec("lm_eval"):
-        index = seconds_in_fresh_interpreter("from lm_eval.tasks import TaskManager", "TaskManager()", min(args.reps, 3))
+        index = seconds_in_fresh_interpreter(
+            "from lm_eval.tasks import TaskManager", "TaskManager()", min(args.reps, 3)
+        )
         results["lm_eval_index_seconds"] = round(index, 1)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(report(results))
@@ -128,12 +165,18 @@ def report(results: dict) -> str:
         "",
         "| command | wall (s) | CPU (s) | peak RSS (MiB) |",
         "|---|---|---|---|",
-        *(f"| {name} | {m['seconds']:.2f} | {m['cpu_seconds']:.2f} | {m['peak_mib']:.0f} |" for name, m in results["commands"].items()),
+        *(
+            f"| {name} | {m['seconds']:.2f} | {m['cpu_seconds']:.2f} | {m['peak_mib']:.0f} |"
+            for name, m in results["commands"].items()
+        ),
         "",
-        "Importing, in a fresh interpreter (s): " + ", ".join(f"`{name}` {seconds:.3f}" for name, seconds in results["imports"].items()) + ".",
+        "Importing, in a fresh interpreter (s): "
+        + ", ".join(f"`{name}` {seconds:.3f}" for name, seconds in results["imports"].items())
+        + ".",
         "",
         f"torch's share of a process: {results['torch_mib']} MiB. The interpreter's teardown after importing torch: "
-        f"{results['teardown_seconds']:.2f} s. The start-up hook: {results['hook_ms']['cached']} ms with Python's bytecode "
+        f"{results['teardown_seconds']:.2f} s. The start-up hook: {results['hook_ms']['cached']} ms with Python's "
+        "bytecode "
         f"cache, {results['hook_ms']['uncached']} ms with none.",
     ]
     if "lm_eval_index_seconds" in results:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
+
 __all__ = ["__version__", "SUPPORTED_MERGEKIT", "register", "merge", "MergeResult", "UserError", "RecipeProblems"]
 
 

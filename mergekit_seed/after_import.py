@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.machinery
 import sys
 
+
 if False:  # for type checkers only: importing typing or collections at every interpreter start costs 1-7 ms
     from collections.abc import Callable
 

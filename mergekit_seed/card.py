@@ -33,10 +33,22 @@ from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import weight_file_hashes
 from mergekit_seed.untrusted import bounded_safe_load, fenced_block, front_matter
 
+
 CARD_NAME = "README.md"
 PROVENANCE_KEY = "mergekit_seed"
 # Options that only choose hardware or verbosity; everything else is recorded for reproduction.
-HARDWARE_OPTIONS = {"cuda", "device", "multi_gpu", "read_to_gpu", "low_cpu_memory", "quiet", "verbosity", "num_threads", "lora_merge_cache", "transformers_cache"}
+HARDWARE_OPTIONS = {
+    "cuda",
+    "device",
+    "multi_gpu",
+    "read_to_gpu",
+    "low_cpu_memory",
+    "quiet",
+    "verbosity",
+    "num_threads",
+    "lora_merge_cache",
+    "transformers_cache",
+}
 
 
 def option_flags(options: Dict[str, Any]) -> List[str]:
@@ -57,7 +69,11 @@ def local_folders(recipe) -> List[str]:
     base): first the model references (:func:`model_paths_in_order`), then any other local
     folder (``tokenizer_source``, a tokenizer's sources)."""
     models = model_paths_in_order(recipe)
-    others = [path for path in dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin))) if path not in models]
+    others = [
+        path
+        for path in dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin)))
+        if path not in models
+    ]
     return [path for path in models + others if Path(path).is_dir()]
 
 
@@ -95,7 +111,9 @@ def resolved_parameters(method, config) -> Dict[str, Any]:
     """The recipe's global ``parameters:`` (per-model ones set there included), with every
     global default filled in, from the method's mergekit spec (ours and mergekit's alike)."""
     given = config.parameters or {}
-    shown_defaults = {p.name: p.shown_default for p in getattr(method, "parameters", ()) if p.shown_default is not None}
+    shown_defaults = {
+        p.name: p.shown_default for p in getattr(method, "parameters", ()) if p.shown_default is not None
+    }
     resolved = {}
     for parameter in method.spec.parameters:
         if parameter.name in given:  # a per-model parameter set here is every model's default
@@ -123,7 +141,9 @@ def reference_md(reference, labels: Optional[Dict[str, str]] = None) -> str:
     """A model reference in markdown, Hub ids linked (``BASE+ADAPTER`` as ``base + adapter``),
     local folders by their ``labels``."""
     labels = labels or {}
-    return " + ".join(f"`{labels[path]}`" if path in labels else _hub_link(path) for path in reference_paths(reference))
+    return " + ".join(
+        f"`{labels[path]}`" if path in labels else _hub_link(path) for path in reference_paths(reference)
+    )
 
 
 def card_provenance(
@@ -147,7 +167,9 @@ def card_provenance(
 def card_metadata(recipe, provenance: Dict[str, Any], output_kind: str) -> Dict[str, Any]:
     """The card's YAML front matter, in the Hub's layout (``base_model`` lists Hub ids only)."""
     references = recipe.config.referenced_models()
-    hub_ids = sorted({path.partition("@")[0] for ref in references for path in reference_paths(ref) if is_hub_id(path)})
+    hub_ids = sorted(
+        {path.partition("@")[0] for ref in references for path in reference_paths(ref) if is_hub_id(path)}
+    )
     return {
         "base_model": hub_ids,
         "base_model_relation": "merge",
@@ -158,14 +180,19 @@ def card_metadata(recipe, provenance: Dict[str, Any], output_kind: str) -> Dict[
 
 
 def _method_line(method, config, labels: Dict[str, str]) -> str:
-    """"This model was merged using ..." and the paper, in markdown."""
+    """ "This model was merged using ..." and the paper, in markdown."""
     paper = getattr(method, "paper", None)
     if method.spec.reference_url:
         paper = f"[{paper or method.spec.reference_url}]({method.spec.reference_url})"
     base_text = f" using {reference_md(config.base_model, labels)} as a base" if config.base_model else ""
     if config.base_model and not getattr(method, "needs_base", True):
-        base_text = f" (base model {reference_md(config.base_model, labels)} listed but not an input: the method needs none)"
-    return f"This model was merged using the **{method.spec.pretty_name or method.spec.name}** merge method{base_text}.\nPaper: *{paper}*."
+        base_text = (
+            f" (base model {reference_md(config.base_model, labels)} listed but not an input: the method needs none)"
+        )
+    return (
+        f"This model was merged using the **{method.spec.pretty_name or method.spec.name}** merge "
+        f"method{base_text}.\nPaper: *{paper}*."
+    )
 
 
 def _parameter_tables(config, provenance: Dict[str, Any], labels: Dict[str, str]) -> str:
@@ -174,7 +201,11 @@ def _parameter_tables(config, provenance: Dict[str, Any], labels: Dict[str, str]
         f"| `{name}` | `{json.dumps(value)}` | {'recipe' if name in (config.parameters or {}) else 'default'} |"
         for name, value in provenance["parameters"].items()
     )
-    per_model = [f"* {reference_md(m.model, labels)}: `{json.dumps(_jsonable(m.parameters))}`" for m in config.models or [] if m.parameters]
+    per_model = [
+        f"* {reference_md(m.model, labels)}: `{json.dumps(_jsonable(m.parameters))}`"
+        for m in config.models or []
+        if m.parameters
+    ]
     per_model_text = ("Per-model parameters:\n\n" + "\n".join(per_model)) if per_model else ""
     return f"| parameter | value | from |\n|---|---|---|\n{rows}\n\n{per_model_text}"
 
@@ -192,7 +223,11 @@ def _unread_note(labels: List[str]) -> str:
 
 
 def _input_rows(inputs: Dict[str, Dict[str, Any]]) -> str:
-    rows = [f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |" for label, entry in inputs.items() for name, digest in entry["files"].items()]
+    rows = [
+        f"| `{label}` ({entry['folder']}) | `{name}` | `{digest}` |"
+        for label, entry in inputs.items()
+        for name, digest in entry["files"].items()
+    ]
     return "\n".join(rows) or "| (no local weight files) | | |"
 
 
@@ -357,7 +392,7 @@ def read_card(source: Path) -> Dict[str, Any]:
         provenance = Provenance.model_validate(recorded)
     except ValidationError as error:
         location, message = first_validation_problem(error)
-        raise UserError(f"{path}: {PROVENANCE_KEY}.{location}: {message}" if location else f"{path}: {PROVENANCE_KEY}: {message}") from None
+        raise UserError(
+            f"{path}: {PROVENANCE_KEY}.{location}: {message}" if location else f"{path}: {PROVENANCE_KEY}: {message}"
+        ) from None
     return {"recipe": recipe, "provenance": provenance.model_dump()}
-
-

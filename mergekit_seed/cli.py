@@ -28,6 +28,7 @@ from mergekit_seed.reproduce import compare_weights, prepare_reproduction
 from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, check_device, merge
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
+
 # Commands import what they use when they run: `mergekit-seed recipes` or `validate --offline`
 # must not pay for torch, mergekit's options (transformers, peft) or the kernels. Every import
 # of this package inside a function below is there for that start-up cost, none for a circle.
@@ -159,8 +160,12 @@ def _build_adapter_run_command() -> click.Command:
     @click.option("--device", default=None, help="Perform matrix arithmetic on specified device")
     @click.option("--quiet/--no-quiet", default=False, help="Suppress progress bars and other non-essential output")
     @click.option("-v", "verbosity", count=True, help="Verbose logging (repeat for more verbosity)")
-    @click.option("--num-threads", "-j", type=int, default=None, help="Number of threads to use for parallel CPU operations")
-    @click.option("--random-seed", type=int, default=None, help="Seed for reproducible use of randomized merge methods")
+    @click.option(
+        "--num-threads", "-j", type=int, default=None, help="Number of threads to use for parallel CPU operations"
+    )
+    @click.option(
+        "--random-seed", type=int, default=None, help="Seed for reproducible use of randomized merge methods"
+    )
     def adapter_run_command(recipe: str, out: str, overwrite: bool, **options) -> None:
         run_recipe(recipe, out, AdapterRunOptions(**options), overwrite)
 
@@ -170,7 +175,9 @@ def _build_adapter_run_command() -> click.Command:
 def _parses_as_adapter_run(command: click.Command, context: click.Context, args: List[str]) -> bool:
     """Whether ``args`` name an adapter recipe and use only the adapter ``run``'s options."""
     try:
-        parsed, extra, _ = command.make_parser(click.Context(command, parent=context, info_name="run")).parse_args(list(args))
+        parsed, extra, _ = command.make_parser(click.Context(command, parent=context, info_name="run")).parse_args(
+            list(args)
+        )
     except click.UsageError:  # a mergekit option the adapter command does not declare
         return False
     recipe = parsed.get("recipe")  # click leaves a sentinel, not None, for a missing argument
@@ -199,15 +206,29 @@ def _finite(_context: click.Context, parameter: click.Parameter, value: Optional
 
 
 bootstrap_options = _options(
-    click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
-                 callback=_finite),
+    click.option(
+        "--confidence",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.95,
+        show_default=True,
+        callback=_finite,
+    ),
     click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap random seed."),
-    click.option("--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples."),
+    click.option(
+        "--resamples", type=click.IntRange(min=100), default=10_000, show_default=True, help="Bootstrap resamples."
+    ),
 )
 lm_eval_options = _options(
     click.option("--num-fewshot", type=click.IntRange(min=0), help="lm-eval tasks: lm-eval's --num_fewshot."),
-    click.option("--limit", type=float, callback=_finite, help="lm-eval tasks: lm-eval's --limit (documents per task, or a fraction)."),
-    click.option("--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."),
+    click.option(
+        "--limit",
+        type=float,
+        callback=_finite,
+        help="lm-eval tasks: lm-eval's --limit (documents per task, or a fraction).",
+    ),
+    click.option(
+        "--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."
+    ),
 )
 
 
@@ -222,7 +243,10 @@ def methods_command(as_json: bool) -> None:
         register()  # prints a warning line per name another package holds
     except Exception as error:  # the import hook's soft failure, reported here as an error
         reason = (str(error).splitlines() or [""])[0]
-        fail(f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); reinstall it (pip install -e .) or check the mergekit version ({SUPPORTED_MERGEKIT} is supported)")
+        fail(
+            f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); "
+            f"reinstall it (pip install -e .) or check the mergekit version ({SUPPORTED_MERGEKIT} is supported)"
+        )
     from mergekit_seed.methods import METHODS, describe
 
     described = [describe(method) for method in METHODS]
@@ -282,7 +306,10 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
     if not_checked:
         for line in not_checked:
             click.echo(f"warning: not checked: {line}", err=True)
-        click.echo(f"{len(recipes)} recipe(s) have no problem found, but {len(not_checked)} input(s) could not be checked (above)")
+        click.echo(
+            f"{len(recipes)} recipe(s) have no problem found, but {len(not_checked)} input(s) could not be checked "
+            "(above)"
+        )
         sys.exit(2)
     click.echo(f"{len(recipes)} recipe(s) valid")
 
@@ -316,29 +343,55 @@ CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the so
 @click.argument("source", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
-    "--check", "check_dir", is_flag=False, flag_value=CHECK_SOURCE, default=None, metavar="[DIR]",
-    help="Compare every tensor with DIR; without DIR, with the source's own weights (the Hub repository's or the card's folder).",
+    "--check",
+    "check_dir",
+    is_flag=False,
+    flag_value=CHECK_SOURCE,
+    default=None,
+    metavar="[DIR]",
+    help="Compare every tensor with DIR; without DIR, with the source's own weights (the Hub repository's or the "
+    "card's folder).",
 )
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-6, show_default=True, callback=_finite,
-              help="Largest absolute difference --check accepts.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    callback=_finite,
+    help="Largest absolute difference --check accepts.",
+)
 @click.option("--no-verify-inputs", is_flag=True, help="Warn instead of failing when an input's sha256 differs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed merge.")
 @click.option(
-    "--input", "given_inputs", multiple=True, metavar="inputN=PATH",
+    "--input",
+    "given_inputs",
+    multiple=True,
+    metavar="inputN=PATH",
     help="The folder on this machine of the local input the card labels inputN (repeat for each).",
 )
 @click.option(
-    "--recipe", "user_recipe", type=click.Path(dir_okay=False),
+    "--recipe",
+    "user_recipe",
+    type=click.Path(dir_okay=False),
     help="Your copy of the card's recipe, with your folders in place of inputN (instead of --input).",
 )
 @click.option(
-    "--trust-remote-code", is_flag=True,
+    "--trust-remote-code",
+    is_flag=True,
     help="Let the models' own Python code run (mergekit's option); never taken from the card.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars and no non-essential output.")
 def reproduce_command(
-    source: str, out: str, check_dir: Optional[str], atol: float, no_verify_inputs: bool, overwrite: bool,
-    given_inputs: tuple, user_recipe: Optional[str], trust_remote_code: bool, quiet: bool,
+    source: str,
+    out: str,
+    check_dir: Optional[str],
+    atol: float,
+    no_verify_inputs: bool,
+    overwrite: bool,
+    given_inputs: tuple,
+    user_recipe: Optional[str],
+    trust_remote_code: bool,
+    quiet: bool,
 ) -> None:
     """Re-run the merge described by SOURCE into OUT: a model card (README.md), an output
     folder, or a Hub repository ORG/NAME[@REVISION] (its card, through the Hugging Face cache).
@@ -347,7 +400,9 @@ def reproduce_command(
     if quiet:
         quiet_libraries()
     try:
-        plan = prepare_reproduction(source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE)
+        plan = prepare_reproduction(
+            source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE
+        )
     except UserError as error:
         fail(str(error))
     for warning in plan.warnings:
@@ -355,12 +410,16 @@ def reproduce_command(
     for mismatch in plan.mismatches:
         click.echo(f"{'warning' if no_verify_inputs else 'error'}: {mismatch}", err=True)
     if plan.mismatches and not no_verify_inputs:
-        click.echo("error: inputs differ from the ones the card records; pass --no-verify-inputs to merge anyway", err=True)
+        click.echo(
+            "error: inputs differ from the ones the card records; pass --no-verify-inputs to merge anyway", err=True
+        )
         sys.exit(1)
     from mergekit.options import MergeOptions
 
     options = MergeOptions(**{**plan.options, "quiet": quiet})
-    run_recipe(plan.recipe, out, options, overwrite, revisions=plan.revisions, protected=plan.protected, command="reproduce")
+    run_recipe(
+        plan.recipe, out, options, overwrite, revisions=plan.revisions, protected=plan.protected, command="reproduce"
+    )
     check_dir = None if plan.check_dir is None else str(plan.check_dir)
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
@@ -381,8 +440,12 @@ def reproduce_command(
 
 @main.command("analyze")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--base", type=click.Path(), help="The base model (needed for full checkpoints, not for adapter folders).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for analysis.json, plots and summary.md.")
+@click.option(
+    "--base", type=click.Path(), help="The base model (needed for full checkpoints, not for adapter folders)."
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for analysis.json, plots and summary.md."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
     if quiet:
@@ -399,14 +462,34 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 
 @main.command("compare")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--data", type=click.Path(dir_okay=False), help='JSONL to score MODELS on: {"text"} rows, or {"prompt", "answer"} rows.')
-@click.option("--tasks", help="Score MODELS with lm-evaluation-harness on these tasks (T1,T2); with --lm-eval, compare only these.")
-@click.option("--lm-eval", "lm_eval_runs", is_flag=True, help="MODELS are lm-eval output folders (--output_path, --log_samples): compare those runs.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for compare.json, compare.md, compare.png.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    help='JSONL to score MODELS on: {"text"} rows, or {"prompt", "answer"} rows.',
+)
+@click.option(
+    "--tasks",
+    help="Score MODELS with lm-evaluation-harness on these tasks (T1,T2); with --lm-eval, compare only these.",
+)
+@click.option(
+    "--lm-eval",
+    "lm_eval_runs",
+    is_flag=True,
+    help="MODELS are lm-eval output folders (--output_path, --log_samples): compare those runs.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for compare.json, compare.md, compare.png."
+)
 @click.option("--base", type=click.Path(), help="Base model for adapters whose config names none (or to override it).")
 @click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
-@click.option("--metric", help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each task's first).")
-@click.option("--reference", help="The model the others are compared with (default: the best model that is not a merge).")
+@click.option(
+    "--metric",
+    help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each "
+    "task's first).",
+)
+@click.option(
+    "--reference", help="The model the others are compared with (default: the best model that is not a merge)."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @lm_eval_options
 @click.option("--cuda", is_flag=True, help="Score on the GPU (as --device cuda).")
@@ -414,10 +497,25 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 @bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def compare_command(
-    models: tuple, data: Optional[str], tasks: Optional[str], lm_eval_runs: bool, out: str, base: Optional[str],
-    tokenizer: Optional[str], metric: Optional[str], reference: Optional[str], batch_size: int, num_fewshot: Optional[int],
-    limit: Optional[float], include_path: Optional[str], cuda: bool, device: Optional[str], confidence: float, seed: int,
-    resamples: int, quiet: bool,
+    models: tuple,
+    data: Optional[str],
+    tasks: Optional[str],
+    lm_eval_runs: bool,
+    out: str,
+    base: Optional[str],
+    tokenizer: Optional[str],
+    metric: Optional[str],
+    reference: Optional[str],
+    batch_size: int,
+    num_fewshot: Optional[int],
+    limit: Optional[float],
+    include_path: Optional[str],
+    cuda: bool,
+    device: Optional[str],
+    confidence: float,
+    seed: int,
+    resamples: int,
+    quiet: bool,
 ) -> None:
     """Compare MODELS (full models or adapters, folders or Hub ids) with the best seed: paired
     per-example differences, a bootstrap interval, and a verdict. They are scored on --data, or
@@ -428,8 +526,21 @@ def compare_command(
         quiet_libraries()
 
     ctx = click.get_current_context()
-    given = {name for name in ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
-             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    given = {
+        name
+        for name in (
+            "base",
+            "tokenizer",
+            "num_fewshot",
+            "limit",
+            "include_path",
+            "cuda",
+            "device",
+            "batch_size",
+            "data",
+        )
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+    }
     try:
         task_list = _names(tasks) if tasks is not None else None
         if tasks is not None and not task_list:
@@ -438,14 +549,28 @@ def compare_command(
             extra = sorted(given)
             if extra:
                 flags = ", ".join("--" + name.replace("_", "-") for name in extra)
-                raise UserError(f"--lm-eval compares runs already made; {flags} apply only when compare scores the models itself")
+                raise UserError(
+                    f"--lm-eval compares runs already made; {flags} apply only when compare scores the models itself"
+                )
             from mergekit_seed.tools.harness import compare_runs
 
-            compare_runs(list(models), Path(out), reference=reference, metric=metric, tasks=task_list,
-                         confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
+            compare_runs(
+                list(models),
+                Path(out),
+                reference=reference,
+                metric=metric,
+                tasks=task_list,
+                confidence=confidence,
+                seed=seed,
+                resamples=resamples,
+                echo=click.echo,
+            )
             return
         if (data is None) == (task_list is None):
-            raise UserError("give --data FILE (score on your JSONL) or --tasks T1,T2 (score with lm-eval), one of them; or --lm-eval with lm-eval output folders")
+            raise UserError(
+                "give --data FILE (score on your JSONL) or --tasks T1,T2 (score with lm-eval), one of them; or "
+                "--lm-eval with lm-eval output folders"
+            )
         options = AdapterRunOptions(cuda=cuda, device=device)
         check_device(options, work="score")
         if data is not None:
@@ -455,9 +580,20 @@ def compare_command(
             if metric is not None and metric not in METRICS:
                 raise UserError(f"--metric {metric}: --data gives {', '.join(METRICS)}")
             compare(
-                list(models), Path(data), Path(out), base=base, metric=metric, reference=reference, batch_size=batch_size,
-                device=options.device, tokenizer=tokenizer, confidence=confidence, seed=seed, resamples=resamples,
-                quiet=quiet, echo=click.echo,
+                list(models),
+                Path(data),
+                Path(out),
+                base=base,
+                metric=metric,
+                reference=reference,
+                batch_size=batch_size,
+                device=options.device,
+                tokenizer=tokenizer,
+                confidence=confidence,
+                seed=seed,
+                resamples=resamples,
+                quiet=quiet,
+                echo=click.echo,
             )
             return
         from mergekit_seed.tools.compare import unique_models
@@ -466,27 +602,77 @@ def compare_command(
         names = unique_models(models, click.echo)
         if len(names) < 2:
             raise UserError("compare needs at least two models")
-        evaluation = dict(base=base, tokenizer=tokenizer, device=options.device, batch_size=batch_size,
-                          num_fewshot=num_fewshot, limit=limit, include_path=include_path, quiet=quiet)
-        compare_tasks(names, task_list, Path(out), evaluation, reference=reference, metric=metric,
-                      confidence=confidence, seed=seed, resamples=resamples, echo=click.echo)
+        evaluation = dict(
+            base=base,
+            tokenizer=tokenizer,
+            device=options.device,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            include_path=include_path,
+            quiet=quiet,
+        )
+        compare_tasks(
+            names,
+            task_list,
+            Path(out),
+            evaluation,
+            reference=reference,
+            metric=metric,
+            confidence=confidence,
+            seed=seed,
+            resamples=resamples,
+            echo=click.echo,
+        )
     except UserError as error:
         fail(str(error))
 
 
 @main.command("select")
 @click.argument("seeds", nargs=-1, required=True, type=click.Path())
-@click.option("--base", required=True, type=click.Path(), help="The model the seeds were fine-tuned from (folder or Hub id).")
-@click.option("--validation", type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format).")
-@click.option("--test", "test_data", type=click.Path(dir_okay=False), help="JSONL the choice is judged on, once; no prompt of --validation.")
+@click.option(
+    "--base", required=True, type=click.Path(), help="The model the seeds were fine-tuned from (folder or Hub id)."
+)
+@click.option(
+    "--validation", type=click.Path(dir_okay=False), help="JSONL the candidates are chosen on (compare's format)."
+)
+@click.option(
+    "--test",
+    "test_data",
+    type=click.Path(dir_okay=False),
+    help="JSONL the choice is judged on, once; no prompt of --validation.",
+)
 @click.option("--validation-tasks", help="lm-eval tasks to choose on (T1,T2), instead of --validation.")
-@click.option("--test-tasks", help="lm-eval tasks to judge on, once (T1,T2), instead of --test; no prompt of the validation tasks.")
+@click.option(
+    "--test-tasks",
+    help="lm-eval tasks to judge on, once (T1,T2), instead of --test; no prompt of the validation tasks.",
+)
 @lm_eval_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the winning merge, its card and select.json/md/png.")
-@click.option("--methods", help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).")
-@click.option("--grid", type=click.Path(dir_okay=False), help="YAML of parameter values per method (replaces the default grid, docs/select.md).")
-@click.option("--metric", help="JSONL: perplexity, answer_logprob or exact_match. lm-eval tasks: the metric pooled over them (default: each task's first).")
-@click.option("--versus-mean-seed", is_flag=True, help="Also compare with the mean seed: scores every seed on test (after the choice).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the winning merge, its card and select.json/md/png.",
+)
+@click.option(
+    "--methods",
+    help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).",
+)
+@click.option(
+    "--grid",
+    type=click.Path(dir_okay=False),
+    help="YAML of parameter values per method (replaces the default grid, docs/select.md).",
+)
+@click.option(
+    "--metric",
+    help="JSONL: perplexity, answer_logprob or exact_match. lm-eval tasks: the metric pooled over them (default: each "
+    "task's first).",
+)
+@click.option(
+    "--versus-mean-seed",
+    is_flag=True,
+    help="Also compare with the mean seed: scores every seed on test (after the choice).",
+)
 @click.option("--dry-run", is_flag=True, help="List the candidates and estimate disk and time; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed output.")
 @click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
@@ -496,10 +682,29 @@ def compare_command(
 @bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def select_command(
-    seeds: tuple, base: str, validation: Optional[str], test_data: Optional[str], validation_tasks: Optional[str],
-    test_tasks: Optional[str], include_path: Optional[str], num_fewshot: Optional[int], limit: Optional[float], out: str,
-    methods: Optional[str], grid: Optional[str], metric: Optional[str], versus_mean_seed: bool, dry_run: bool, overwrite: bool,
-    tokenizer: Optional[str], batch_size: int, cuda: bool, device: Optional[str], confidence: float, seed: int, resamples: int,
+    seeds: tuple,
+    base: str,
+    validation: Optional[str],
+    test_data: Optional[str],
+    validation_tasks: Optional[str],
+    test_tasks: Optional[str],
+    include_path: Optional[str],
+    num_fewshot: Optional[int],
+    limit: Optional[float],
+    out: str,
+    methods: Optional[str],
+    grid: Optional[str],
+    metric: Optional[str],
+    versus_mean_seed: bool,
+    dry_run: bool,
+    overwrite: bool,
+    tokenizer: Optional[str],
+    batch_size: int,
+    cuda: bool,
+    device: Optional[str],
+    confidence: float,
+    seed: int,
+    resamples: int,
     quiet: bool,
 ) -> None:
     """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
@@ -511,22 +716,47 @@ def select_command(
     try:
         options = AdapterRunOptions(cuda=cuda, device=device)
         check_device(options, work="merge and score")
-        if (validation, test_data).count(None) + (validation_tasks, test_tasks).count(None) != 2 or (validation is None) != (test_data is None):
-            raise UserError("give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)")
+        if (validation, test_data).count(None) + (validation_tasks, test_tasks).count(None) != 2 or (
+            validation is None
+        ) != (test_data is None):
+            raise UserError(
+                "give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)"
+            )
         if validation is None:
-            splits = [read_task_split(_names(tasks), include_path, num_fewshot, limit) for tasks in (validation_tasks, test_tasks)]
+            splits = [
+                read_task_split(_names(tasks), include_path, num_fewshot, limit)
+                for tasks in (validation_tasks, test_tasks)
+            ]
         else:
             splits = [Path(validation), Path(test_data)]
         method_list = None if methods is None else _names(methods)
-        settings = dict(methods=method_list, grid=None if grid is None else Path(grid), metric=metric, tokenizer=tokenizer,
-                        batch_size=batch_size, device=options.device)
+        settings = dict(
+            methods=method_list,
+            grid=None if grid is None else Path(grid),
+            metric=metric,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            device=options.device,
+        )
         if dry_run:
             for line in dry_run_lines(plan_selection(list(seeds), base, *splits, **settings)):
                 click.echo(line)
             return
-        select(list(seeds), base, *splits, Path(out), versus_mean_seed=versus_mean_seed,
-               confidence=confidence, seed=seed, resamples=resamples, overwrite=overwrite, quiet=quiet, echo=click.echo,
-               warn=lambda message: click.echo(f"warning: {message}", err=True), **settings)
+        select(
+            list(seeds),
+            base,
+            *splits,
+            Path(out),
+            versus_mean_seed=versus_mean_seed,
+            confidence=confidence,
+            seed=seed,
+            resamples=resamples,
+            overwrite=overwrite,
+            quiet=quiet,
+            echo=click.echo,
+            warn=lambda message: click.echo(f"warning: {message}", err=True),
+            **settings,
+        )
     except UserError as error:
         fail(str(error))
 
@@ -537,15 +767,26 @@ def _names(listing: str) -> List[str]:
 
 
 @main.command("demo")
-@click.option("--out", type=click.Path(file_okay=False), default="demo-out", show_default=True, help="Folder for models, merges and results.")
-@click.option("--quick", is_flag=True, help="One experiment, shorter training (a few minutes of one core from scratch; docs/demo.md has the measured time).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="demo-out",
+    show_default=True,
+    help="Folder for models, merges and results.",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="One experiment, shorter training (a few minutes of one core from scratch; docs/demo.md has the measured "
+    "time).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
     method, and report accuracy per seed and per merge."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mergekit_seed.tools.demo.shipped import explain, shipped  # here: the demo imports torch and transformers
     from mergekit_seed.tools.demo.run import run_demo
+    from mergekit_seed.tools.demo.shipped import explain, shipped  # here: the demo imports torch and transformers
 
     try:
         results = run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Tuple
 
 from mergekit_seed.errors import UserError
 
+
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, the range our methods compute in
 
 
@@ -45,7 +46,9 @@ def largest_difference(a: Any, b: Any) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def require_finite_number(value: Any, where: str, why: str = "the file is damaged or was not written by this tool") -> float:
+def require_finite_number(
+    value: Any, where: str, why: str = "the file is damaged or was not written by this tool"
+) -> float:
     """``value`` as a float, refused in one line naming ``where`` (and ``why`` it may be so)
     unless it is a finite number (a bool counts as 0 or 1)."""
     if isinstance(value, (bool, int, float)):

@@ -26,8 +26,9 @@ def install_command() -> str:
     if vcs and not url.startswith("file:"):
         return f'"mergekit-seed @ {vcs.get("vcs", "git")}+{public_url(url)}@{vcs.get("commit_id", "")}"'
     if url.startswith("file://"):
-        folder = url[len("file://"):]
+        folder = url[len("file://") :]
         try:
+
             def git(*args: str) -> str:
                 return subprocess.run(
                     ["git", "-C", folder, *args], capture_output=True, text=True, check=True, timeout=5

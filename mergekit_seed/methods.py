@@ -27,6 +27,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
+import mergekit_seed.profiling as profiling
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
@@ -41,7 +42,7 @@ from mergekit_seed.maths.kernels.seedlora import (
     seedlora_twostage,
 )
 from mergekit_seed.maths.linalg import LowRank, compute_dtype
-import mergekit_seed.profiling as profiling
+
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # no parameter takes NaN or Inf, or a number past float32's range (the kernels compute in
@@ -148,7 +149,11 @@ class SeedMergeMethod(GroupMergeMethod):
         """
         problems = []
         weights = [entry.get("weight") for entry in seed_values or []]
-        if self.weighted_mean and weights and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        if (
+            self.weighted_mean
+            and weights
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+        ):
             try:
                 eq4_weights(weights, values.get("normalize", True) is True, len(weights))
             except ValueError as error:
@@ -159,9 +164,7 @@ class SeedMergeMethod(GroupMergeMethod):
         for name in self.seed_bounded:
             value = values.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > seed_count:
-                problems.append(
-                    f"parameter '{name}' = {value} exceeds the number of seeds ({seed_count})"
-                )
+                problems.append(f"parameter '{name}' = {value} exceeds the number of seeds ({seed_count})")
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -294,9 +297,7 @@ SEEDLORA_DM = SeedMergeMethod(
             "importance weight w_i of a seed (Eq. 4)",
             scope=ParameterScope.NON_BASE,
         ),
-        Parameter(
-            "normalize", bool, True, "bool", "divide the weighted sum by sum(w_i); false: by N"
-        ),
+        Parameter("normalize", bool, True, "bool", "divide the weighted sum by sum(w_i); false: by N"),
         LAMBDA,
     ),
     kernel=_seedlora_dm_kernel,
@@ -331,9 +332,7 @@ def make_fusion(name: str, density: float, seed: Optional[int], tensor_name: Opt
 
 
 def _seedlora_twostage_kernel(tau, parameters, group) -> torch.Tensor:
-    fusion = make_fusion(
-        parameters["fusion"], parameters["density"], parameters["seed"], group.metadata.name
-    )
+    fusion = make_fusion(parameters["fusion"], parameters["density"], parameters["seed"], group.metadata.name)
     return seedlora_twostage(
         tau,
         threshold=parameters["threshold"],
@@ -372,9 +371,7 @@ SEEDLORA_TWOSTAGE = SeedMergeMethod(
             "int >= 1 | null",
             "large same-sign entries needed for a robust entry; null = ceil(N/2)",
         ),
-        Parameter(
-            "rank", Optional[PositiveInt], None, "int >= 1 | null", "stage-2 SVD rank; null: use energy"
-        ),
+        Parameter("rank", Optional[PositiveInt], None, "int >= 1 | null", "stage-2 SVD rank; null: use energy"),
         Parameter(
             "energy",
             UnitFloat,
@@ -397,11 +394,14 @@ SEEDLORA_TWOSTAGE = SeedMergeMethod(
     seed_bounded=("min_agree",),
 )
 
+
 def _lore_kernel(theta, parameters, group) -> torch.Tensor:
     name = group.metadata.name
 
     def report(estimate: LoreEstimate) -> None:
-        LOG.info("lore %s: mu=%.4g, %d iterations, kept ranks %s", name, estimate.mu, estimate.iterations, estimate.ranks)
+        LOG.info(
+            "lore %s: mu=%.4g, %d iterations, kept ranks %s", name, estimate.mu, estimate.iterations, estimate.ranks
+        )
 
     if parameters["post_merge"] == "average":
         post_merge = average

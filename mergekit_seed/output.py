@@ -59,6 +59,7 @@ from mergekit_seed.public import TEXT_SUFFIXES, Labels, public_text
 from mergekit_seed.reader import open_file, read_bytes, read_json
 from mergekit_seed.version import __version__
 
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs into one OUT are not locked there (docs/errors.md)
@@ -100,7 +101,10 @@ def check_location(out_path: Path, inputs: Iterable[PathLike]) -> None:
         )
     cache = resolve_path(constants.HF_HUB_CACHE, "fix HF_HUB_CACHE (or HF_HOME)")
     if out_path == cache or out_path.is_relative_to(cache) or cache.is_relative_to(out_path):
-        raise UserError(f"{out_path}: the output folder overlaps the Hugging Face cache ({cache}); choose an output folder outside it")
+        raise UserError(
+            f"{out_path}: the output folder overlaps the Hugging Face cache ({cache}); choose an output folder "
+            "outside it"
+        )
 
 
 def _entries(folder: Path) -> List[str]:
@@ -122,7 +126,11 @@ class Manifest:
     files: List[str]
 
     def describe(self) -> str:
-        return f"a merge written by `mergekit-seed {self.command}`" if self.kind == MERGE else f"a `mergekit-seed {self.command}` report"
+        return (
+            f"a merge written by `mergekit-seed {self.command}`"
+            if self.kind == MERGE
+            else f"a `mergekit-seed {self.command}` report"
+        )
 
 
 # what a manifest written before commands were recorded held, by a file only that command writes
@@ -158,7 +166,11 @@ def foreign_entries(folder: Path) -> List[str]:
     """The entries of ``folder`` that no manifest of ours lists (every entry, when it has none)."""
     listed = set(written_files(folder) or ())
     ancestors = {parent.as_posix() for name in listed for parent in Path(name).parents}
-    return [entry for entry in _entries(folder) if entry != MANIFEST_NAME and entry not in listed and entry not in ancestors]
+    return [
+        entry
+        for entry in _entries(folder)
+        if entry != MANIFEST_NAME and entry not in listed and entry not in ancestors
+    ]
 
 
 def _listing(entries: Sequence[str]) -> str:
@@ -245,8 +257,15 @@ class OutputFolder:
     """
 
     def __init__(
-        self, out: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False, *, command: str = "merge",
-        report: bool = False, labels: Optional[Dict[str, str]] = None, wait: bool = False,
+        self,
+        out: PathLike,
+        inputs: Iterable[PathLike] = (),
+        overwrite: bool = False,
+        *,
+        command: str = "merge",
+        report: bool = False,
+        labels: Optional[Dict[str, str]] = None,
+        wait: bool = False,
         warn: Optional[Callable[[str], None]] = None,
     ):
         self.path = resolve_path(out, "choose another output folder")
@@ -272,7 +291,9 @@ class OutputFolder:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UserError(f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})") from None
+            raise UserError(
+                f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})"
+            ) from None
         self._lock()
         try:
             self._check_existing()
@@ -285,7 +306,9 @@ class OutputFolder:
             _step("staged")
         except OSError as error:
             self.__exit__()
-            raise UserError(f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})") from None
+            raise UserError(
+                f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})"
+            ) from None
         except BaseException:
             self.__exit__()
             raise
@@ -314,7 +337,9 @@ class OutputFolder:
                 continue  # a program that handles Ctrl-C itself keeps doing so
             if current is signal.SIG_IGN:
                 continue
-            self._handlers[signum] = signal.signal(signum, _terminate if signum != signal.SIGINT else signal.default_int_handler)
+            self._handlers[signum] = signal.signal(
+                signum, _terminate if signum != signal.SIGINT else signal.default_int_handler
+            )
 
     def _release_signals(self) -> None:
         for signum, handler in self._handlers.items():
@@ -325,16 +350,25 @@ class OutputFolder:
 
     def _open_lock(self) -> int:
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(
+                self._lock_path,
+                os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                0o644,
+            )
         except OSError as error:
             if os.path.islink(self._lock_path):
-                raise UserError(f"{self._lock_path}: the lock file is a symbolic link, which is never written through; remove it") from None
-            raise UserError(f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})") from None
+                raise UserError(
+                    f"{self._lock_path}: the lock file is a symbolic link, which is never written through; remove it"
+                ) from None
+            raise UserError(
+                f"{self.path}: cannot create the output folder here ({error.strerror}: {error.filename})"
+            ) from None
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
             os.close(fd)
             raise UserError(
-                f"{self._lock_path}: the lock file is not a plain file of its own (it has other hard links or is a device); "
+                f"{self._lock_path}: the lock file is not a plain file of its own (it has other hard links or is a "
+                "device); "
                 "it is never written through: remove it"
             )
         return fd
@@ -397,17 +431,25 @@ class OutputFolder:
         from a swap it did not finish, remove its staging folder; one line for each."""
         entries = _journal_entries(journal)
         if "pid" in entries:  # older versions named their folders by process id
-            entries = {"staging": f".{self.path.name}.partial-{entries['pid']}", "replaced": f".{self.path.name}.replaced-{entries['pid']}"}
+            entries = {
+                "staging": f".{self.path.name}.partial-{entries['pid']}",
+                "replaced": f".{self.path.name}.replaced-{entries['pid']}",
+            }
         if not entries:
             return
         with _signals_blocked():
             replaced = self._ours(entries.get("replaced"), "replaced")
             if replaced is not None and not os.path.lexists(self.path):
                 os.rename(replaced, self.path)
-                self.warn(f"{self.path}: restored the earlier output from {replaced.name}, which a killed run left while replacing it")
+                self.warn(
+                    f"{self.path}: restored the earlier output from {replaced.name}, which a killed run left while "
+                    "replacing it"
+                )
             elif replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
-                self.warn(f"{self.path}: removed {replaced.name}, the earlier output a killed run had already replaced")
+                self.warn(
+                    f"{self.path}: removed {replaced.name}, the earlier output a killed run had already replaced"
+                )
             staging = self._ours(entries.get("staging"), "partial")
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -425,14 +467,20 @@ class OutputFolder:
         if not contents:
             return
         if not self.overwrite:
-            raise UserError(f"{self.path}: output folder is not empty; pass --overwrite (overwrite=True from Python) to replace it")
+            raise UserError(
+                f"{self.path}: output folder is not empty; pass --overwrite (overwrite=True from Python) to replace it"
+            )
         earlier = read_manifest(self.path)
         if earlier is None:
             raise UserError(
-                f"{self.path}: --overwrite replaces only a previous mergekit-seed merge or report, and this folder holds "
+                f"{self.path}: --overwrite replaces only a previous mergekit-seed merge or report, and this folder "
+                "holds "
                 f"something else ({_listing(sorted(contents))}); remove it yourself or choose another output folder"
             )
-        if (earlier.kind, earlier.command if earlier.kind == REPORT else MERGE) != (self.kind, self.command if self.kind == REPORT else MERGE):
+        if (earlier.kind, earlier.command if earlier.kind == REPORT else MERGE) != (
+            self.kind,
+            self.command if self.kind == REPORT else MERGE,
+        ):
             what = f"a `mergekit-seed {self.command}` report" if self.kind == REPORT else "a merge"
             raise UserError(
                 f"{self.path}: holds {earlier.describe()}, which {what} never replaces; choose another output folder"
@@ -473,7 +521,9 @@ class OutputFolder:
         for name in files:
             path = self.staging / name
             if path.suffix in TEXT_SUFFIXES and path.is_file() and not path.is_symlink():
-                text = read_bytes(path, "text file", STAGED_TEXT_MAX_BYTES, within=self.staging).decode("utf-8", "surrogateescape")
+                text = read_bytes(path, "text file", STAGED_TEXT_MAX_BYTES, within=self.staging).decode(
+                    "utf-8", "surrogateescape"
+                )
                 public = public_text(text, self.labels)
                 if public != text:
                     path.write_bytes(public.encode("utf-8", "surrogateescape"))
@@ -483,8 +533,10 @@ class OutputFolder:
     def _refuse_foreign(self, foreign: Sequence[str]) -> None:
         self._keep_staging = True
         raise UserError(
-            f"{self.path}: {_listing(foreign)} appeared in the output folder during the run, and a file we did not write "
-            f"is never deleted; the folder was left as it was, and the new output is in {self.staging}: move those files "
+            f"{self.path}: {_listing(foreign)} appeared in the output folder during the run, and a file we did not "
+            "write "
+            f"is never deleted; the folder was left as it was, and the new output is in {self.staging}: move those "
+            "files "
             f"out and rename it to {self.path.name}, or run again"
         )
 
@@ -556,7 +608,11 @@ def _journal_entries(journal: bytes) -> Dict[str, str]:
     except ValueError:
         pid = text.partition(", pid ")[2].partition(",")[0]
         return {"pid": pid} if pid.isdigit() else {}
-    return {key: value for key, value in record.items() if key in ("staging", "replaced") and isinstance(value, str)} if isinstance(record, dict) else {}
+    return (
+        {key: value for key, value in record.items() if key in ("staging", "replaced") and isinstance(value, str)}
+        if isinstance(record, dict)
+        else {}
+    )
 
 
 def local_paths(names: Iterable[Optional[PathLike]]) -> List[Path]:
@@ -573,7 +629,9 @@ def staged_path(path: PathLike) -> Path:
     this process: the only paths anything of ours writes to (``RuntimeError`` otherwise, a bug)."""
     resolved = Path(path).absolute().resolve()
     if not any(resolved == root or resolved.is_relative_to(root) for root in _LIVE_STAGING):
-        raise RuntimeError(f"{path}: not inside an open output folder's staging; every write goes through output.OutputFolder")
+        raise RuntimeError(
+            f"{path}: not inside an open output folder's staging; every write goes through output.OutputFolder"
+        )
     return Path(path)
 
 

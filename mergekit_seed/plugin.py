@@ -23,6 +23,7 @@ from mergekit_seed.methods import METHODS, MergeRefused, is_ours
 from mergekit_seed.references.weights import full_model_files
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
+
 _warned: set = set()
 
 
@@ -57,7 +58,10 @@ def unknown_parameter_problem(method: Any, name: str, where: str) -> Optional[st
         return None
     suggestion = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean '{suggestion[0]}'?)" if suggestion else ""
-    return f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: {', '.join(sorted(known)) or 'none'}"
+    return (
+        f"{where}: unknown parameter '{name}' for {method.spec.name}{hint}; known: "
+        f"{', '.join(sorted(known)) or 'none'}"
+    )
 
 
 class RecipeParameterError(MergeRefused):
@@ -106,7 +110,10 @@ def install_planner_check() -> None:
 
         original = plan.MergePlanner.__init__
     except (ImportError, AttributeError) as error:  # another mergekit release: the methods still register
-        _warn_once(f"mergekit-seed cannot check parameter names under this mergekit ({error}); validate recipes with `mergekit-seed validate`")
+        _warn_once(
+            f"mergekit-seed cannot check parameter names under this mergekit ({error}); validate recipes with "
+            "`mergekit-seed validate`"
+        )
         return
     if getattr(original, "_mergekit_seed_check", False):
         _check_before_run_merge_reads()
@@ -159,7 +166,8 @@ def register() -> List[str]:
     if installed != SUPPORTED_MERGEKIT:
         _warn_once(
             f"mergekit-seed {__version__} is built for mergekit {SUPPORTED_MERGEKIT} but mergekit {installed} "
-            f"is installed; its methods are registered anyway (install mergekit=={SUPPORTED_MERGEKIT} if a merge fails)"
+            f"is installed; its methods are registered anyway (install mergekit=={SUPPORTED_MERGEKIT} if a merge "
+            "fails)"
         )
     problems = _register_methods()
     for problem in problems:
@@ -192,5 +200,3 @@ def _register_methods() -> List[str]:
 _register_methods()
 after_import("mergekit.plan", install_planner_check)
 after_import("mergekit.merge", install_planner_check)
-
-

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, Optional
 
 from mergekit_seed.maths.profile import Profile, timed
 
+
 _FILE = os.environ.get("MERGEKIT_SEED_PROFILE")
 SEEDFT: Optional[Profile] = Profile() if _FILE else None
 LORE: Optional[Profile] = Profile() if _FILE else None

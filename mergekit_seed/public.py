@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from huggingface_hub import constants
 
+
 TEXT_SUFFIXES = frozenset({".md", ".json", ".jsonl", ".yml", ".yaml", ".txt", ".jinja", ".csv"})
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|ACCESS_?KEY|CREDENTIAL", re.IGNORECASE)
 REDACTED = "<redacted>"
@@ -89,7 +90,7 @@ class Labels:
         """The label of a local ``path``: an input's (with the rest of the path), else its last component."""
         for form, label in self.pairs:
             if path == form or path.startswith(form + "/"):
-                return label + path[len(form):]
+                return label + path[len(form) :]
         return Path(path.rstrip("/")).name or path
 
 
@@ -144,7 +145,11 @@ def _public_url_match(match: "re.Match[str]") -> str:
 
 def secrets_in_environment() -> List[str]:
     """Values of environment variables whose names say they are secrets (8 characters or more)."""
-    return sorted({value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8}, key=len, reverse=True)
+    return sorted(
+        {value for name, value in os.environ.items() if SECRET_NAME.search(name) and len(value) >= 8},
+        key=len,
+        reverse=True,
+    )
 
 
 def public_text(text: str, labels: Labels = Labels()) -> str:

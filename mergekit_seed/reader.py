@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from mergekit_seed.errors import UserError
 from mergekit_seed.untrusted import parse_json, parse_yaml
 
+
 if TYPE_CHECKING:  # torch is imported where tensors are loaded: headers and hashes need none of it
     import torch
 
@@ -63,7 +64,11 @@ def _resolved(path: Path) -> Path:
 
 
 def regular_file(
-    path: PathLike, within: Optional[PathLike] = None, missing_ok: bool = False, fix: str = "give a file", kind: str = "folder",
+    path: PathLike,
+    within: Optional[PathLike] = None,
+    missing_ok: bool = False,
+    fix: str = "give a file",
+    kind: str = "folder",
 ) -> Path:
     """``path`` as given, once it is known to be a regular file (rule 2), inside ``within``
     when given (rule 1; ``kind`` names that folder in the refusal). A missing file is one line,
@@ -113,7 +118,9 @@ def read_bytes(path: PathLike, what: str, max_bytes: int, within: Optional[PathL
         size = os.fstat(handle.fileno()).st_size
         data = handle.read(max_bytes + 1) if size <= max_bytes else b""
         if size > max_bytes or len(data) > max_bytes:
-            raise UserError(f"{path}: {max(size, len(data)):,} bytes or more is too large for a {what} (at most {max_bytes:,})")
+            raise UserError(
+                f"{path}: {max(size, len(data)):,} bytes or more is too large for a {what} (at most {max_bytes:,})"
+            )
     return data
 
 
@@ -125,12 +132,16 @@ def read_text(path: PathLike, what: str, max_bytes: int = TEXT_MAX_BYTES, within
         raise UserError(f"{path}: not UTF-8 text; a {what} is UTF-8 text") from None
 
 
-def read_lines(path: PathLike, what: str, max_bytes: int = DATA_MAX_BYTES, within: Optional[PathLike] = None) -> List[str]:
+def read_lines(
+    path: PathLike, what: str, max_bytes: int = DATA_MAX_BYTES, within: Optional[PathLike] = None
+) -> List[str]:
     """The lines of a text file such as JSONL data (:func:`read_text`, a larger bound)."""
     return read_text(path, what, max_bytes, within).splitlines()
 
 
-def read_json(path: PathLike, what: str = "JSON file", max_bytes: int = JSON_MAX_BYTES, within: Optional[PathLike] = None) -> Any:
+def read_json(
+    path: PathLike, what: str = "JSON file", max_bytes: int = JSON_MAX_BYTES, within: Optional[PathLike] = None
+) -> Any:
     """The parsed JSON of ``path``: unreadable, past ``max_bytes``, not UTF-8, not JSON or
     nested past Python's recursion limit is one line naming it and ``what`` it should be."""
     return parse_json(read_text(path, what, max_bytes, within), str(path), what)
@@ -156,7 +167,9 @@ def sha256(path: PathLike, within: Optional[PathLike] = None) -> str:
 
 
 def _safetensors_problem(path: PathLike, error: Exception) -> UserError:
-    return UserError(f"{path}: corrupt or truncated safetensors file ({(str(error).splitlines() or [type(error).__name__])[0]})")
+    return UserError(
+        f"{path}: corrupt or truncated safetensors file ({(str(error).splitlines() or [type(error).__name__])[0]})"
+    )
 
 
 @contextlib.contextmanager
@@ -188,7 +201,9 @@ def load_safetensors(path: PathLike, within: Optional[PathLike] = None) -> Dict[
         raise _safetensors_problem(path, error) from None
 
 
-def load_pickled_tensors(path: PathLike, within: Optional[PathLike] = None, mmap: bool = False) -> Dict[str, "torch.Tensor"]:
+def load_pickled_tensors(
+    path: PathLike, within: Optional[PathLike] = None, mmap: bool = False
+) -> Dict[str, "torch.Tensor"]:
     """A PyTorch ``.bin`` file's tensors through ``torch.load(weights_only=True)``, which runs no
     pickled code; with ``mmap`` no tensor data is read (zip-format files; older ones are read
     whole). A file it refuses (pickled code, truncated, not a checkpoint) is one line naming it."""
@@ -206,12 +221,15 @@ def load_pickled_tensors(path: PathLike, within: Optional[PathLike] = None, mmap
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(
-            f"{path}: refused: it holds pickled objects other than tensors, which torch.load(weights_only=True) does not "
+            f"{path}: refused: it holds pickled objects other than tensors, which torch.load(weights_only=True) does "
+            "not "
             "load (nothing in it was run); convert the checkpoint to safetensors where it was made"
         ) from None
     except Exception as error:  # the unpickler raises many types; all mean "refused"
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{path}: refused (only plain tensors load with weights_only=True): {reason}; convert it to safetensors") from None
+        raise UserError(
+            f"{path}: refused (only plain tensors load with weights_only=True): {reason}; convert it to safetensors"
+        ) from None
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: holds a {type(loaded).__name__}, not a mapping of tensor names to tensors")
     return loaded

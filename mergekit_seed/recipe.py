@@ -57,8 +57,18 @@ class OutputSection(BaseModel):
 
 # the dtype names mergekit.common.dtype_from_name accepts (that module imports peft and
 # transformers, which an adapter merge otherwise never needs)
-DtypeName = Literal["bfloat16", "float16", "float32", "float64", "int64",
-                    "torch.bfloat16", "torch.float16", "torch.float32", "torch.float64", "torch.int64"]
+DtypeName = Literal[
+    "bfloat16",
+    "float16",
+    "float32",
+    "float64",
+    "int64",
+    "torch.bfloat16",
+    "torch.float16",
+    "torch.float32",
+    "torch.float64",
+    "torch.int64",
+]
 
 
 # A counterpart of mergekit.common.dtype_from_name, kept because importing
@@ -164,14 +174,15 @@ class Recipe:
 
 def _is_adapter_reference(reference: str) -> bool:
     """A local adapter folder, or a Hub id whose cached snapshot has an ``adapter_config.json``."""
-    from mergekit_seed.references.adapter_files import is_adapter_folder  # here: adapter reading imports torch, which parsing a recipe need not
+    from mergekit_seed.references.adapter_files import (
+        is_adapter_folder,  # here: adapter reading imports torch, which parsing a recipe need not
+    )
 
     if is_adapter_folder(reference):
         return True
     if "+" in reference or not is_hub_id(reference.partition("@")[0]):
         return False
     try:
-
         repo_id, _, revision = reference.partition("@")
         return isinstance(try_to_load_from_cache(repo_id, "adapter_config.json", revision=revision or None), str)
     except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id
@@ -202,7 +213,9 @@ MAX_RECIPE_BYTES = 1 << 20
 def parse_mapping(source: str, origin: str) -> Dict[str, Any]:
     """The recipe text's YAML mapping (safe loader); a :class:`UserError` otherwise."""
     if len(source) > MAX_RECIPE_BYTES:
-        raise UserError(f"{origin}: {len(source):,} characters is too long for a recipe (at most {MAX_RECIPE_BYTES:,})")
+        raise UserError(
+            f"{origin}: {len(source):,} characters is too long for a recipe (at most {MAX_RECIPE_BYTES:,})"
+        )
     data = parse_yaml(source, origin)
     if not isinstance(data, dict):
         raise UserError(f"{origin}: a recipe must be a YAML mapping with merge_method and models")
@@ -237,7 +250,9 @@ def parse_recipe(source: str, origin: str = "recipe") -> Recipe:
         location, message = first_validation_problem(error)
         if message == "Extra inputs are not permitted":
             top_level = "." not in location  # slices, tokenizer, ...: mergekit's full-model fields
-            message = "not used by adapter merges (they change only the adapters' modules)" if top_level else "unknown field"
+            message = (
+                "not used by adapter merges (they change only the adapters' modules)" if top_level else "unknown field"
+            )
         raise UserError(f"{origin}: {location}: {message}" if location else f"{origin}: {message}") from None
     except (RuntimeError, ValueError) as error:  # mergekit's validators raise RuntimeError
         raise UserError(f"{origin}: {str(error).splitlines()[0]}") from None
@@ -333,15 +348,19 @@ def _model_list_problems(recipe: Recipe, seeds: List[Any], path: str) -> List[st
     problems = []
     if recipe.is_adapter_recipe and base is not None and len(seeds) < len(config.models):
         problems.append(
-            f"{path}: base_model {base} is also listed under models:; in an adapter merge models: are the adapters only, "
+            f"{path}: base_model {base} is also listed under models:; in an adapter merge models: are the adapters "
+            "only, "
             "remove it there"
         )
     if base is not None and _is_adapter_reference(str(base)):  # what else would be said follows from this
-        return problems + [f"{path}: base_model {base} is an adapter folder; give the model the adapters were trained on"]
+        return problems + [
+            f"{path}: base_model {base} is an adapter folder; give the model the adapters were trained on"
+        ]
     if adapters and len(adapters) != len(seeds):
         configless = [m.model for m in seeds if m.model not in adapters and _has_adapter_weights(Path(m.model))]
         problems += [
-            f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with"
+            f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved "
+            "with"
             for folder in configless
         ] or [
             f"{path}: mix of adapter folders and full models under models:; list only adapters "
@@ -360,9 +379,13 @@ def _seed_problems(method: Any, recipe: Recipe, seeds: List[Any], path: str) -> 
     config = recipe.config
     problems = []
     if method.spec.contract.base == BasePolicy.REQUIRED and not recipe.adapter_paths and config.base_model is None:
-        problems.append(f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)")
+        problems.append(
+            f"{path}: {config.merge_method} needs base_model (the checkpoint the seeds were fine-tuned from)"
+        )
     if isinstance(method, SeedMergeMethod) and len(seeds) < MIN_SEEDS:  # mergekit's methods: their own contracts
-        problems.append(f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}")
+        problems.append(
+            f"{path}: {config.merge_method} needs at least {MIN_SEEDS} seed models under models:, got {len(seeds)}"
+        )
     problems += _missing_required(method, config, path)
     check = getattr(method, "parameter_problems", None)
     if check is not None:
@@ -392,7 +415,10 @@ def check_recipe(recipe: Recipe, path: str = "recipe") -> List[str]:
     for field_name in ("dtype", "out_dtype"):
         value = getattr(config, field_name, None)
         if value is not None and value not in get_args(DtypeName):
-            problems.append(f"{path}: {field_name}: '{value}' is not a dtype mergekit knows; use bfloat16, float16, float32 or float64")
+            problems.append(
+                f"{path}: {field_name}: '{value}' is not a dtype mergekit knows; use bfloat16, float16, float32 or "
+                "float64"
+            )
     problems += _check_output_section(recipe, path)
     if not config.models:
         return problems
@@ -545,7 +571,9 @@ def _path_problem(folder: str, path: str, what: str = "model path") -> Optional[
     if is_hub_id(split_revision(folder)[0]):
         return None
     if os.path.lexists(folder) and not Path(folder).is_dir():
-        return f"{path}: {what} {folder} is not a folder (a model or an adapter is a folder with its config and weights)"
+        return (
+            f"{path}: {what} {folder} is not a folder (a model or an adapter is a folder with its config and weights)"
+        )
     if Path(folder).is_dir():
         return None
     if folder.startswith("~"):
@@ -560,31 +588,45 @@ def _architecture_problem(folders: List[Path], path: str) -> Optional[str]:
         if not (folder / "config.json").is_file():
             continue
         try:
-            architectures = read_json_object(folder / "config.json", "model config", within=folder).get("architectures")
+            architectures = read_json_object(folder / "config.json", "model config", within=folder).get(
+                "architectures"
+            )
         except UserError as error:
             return str(error)
-        if architectures is not None and not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-            return f"{folder / 'config.json'}: architectures must be a list of class names, not {json.dumps(architectures)[:40]}"
+        if architectures is not None and not (
+            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+        ):
+            return (
+                f"{folder / 'config.json'}: architectures must be a list of class names, not "
+                f"{json.dumps(architectures)[:40]}"
+            )
         if architectures:
             found.setdefault(str(folder), architectures[0])
     if len(set(found.values())) > 1:
         listing = ", ".join(f"{architecture} ({folder})" for folder, architecture in found.items())
-        return f"{path}: the models have different architectures: {listing}; mergekit mixes them only with --allow-crimes"
+        return (
+            f"{path}: the models have different architectures: {listing}; mergekit mixes them only with --allow-crimes"
+        )
     return None
 
 
 def _reference_problems(recipe: Recipe, path: str, not_checked: Optional[List[str]]) -> List[str]:
     """Placeholder or missing local paths, Hub ids that are not there, and the adapter of a
     ``BASE+ADAPTER`` saved relative to a base PEFT modified."""
-    from mergekit_seed.references.adapter_files import folder_modified_base_problem  # here: adapter reading imports torch
+    from mergekit_seed.references.adapter_files import (
+        folder_modified_base_problem,  # here: adapter reading imports torch
+    )
 
     references = recipe.config.referenced_models()
     models = model_paths_in_order(recipe)
     problems = [problem for folder in models if (problem := _path_problem(folder, path))]
     others = dict.fromkeys(reference_strings(parse_mapping(recipe.source, recipe.origin)))
     problems += [
-        problem for other in others
-        if other not in models and other not in TOKENIZER_KEYWORDS and (problem := _path_problem(other, path, "tokenizer path"))
+        problem
+        for other in others
+        if other not in models
+        and other not in TOKENIZER_KEYWORDS
+        and (problem := _path_problem(other, path, "tokenizer path"))
     ]
     for reference in hub_references(recipe):
         if _is_placeholder(reference):
@@ -611,8 +653,15 @@ def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Op
     a model or adapter raises the one line why."""
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise UserError(f"{path}: {folder} is not a model or adapter folder (no config.json or adapter_config.json)")
-    if _has_adapter_weights(folder) and not (folder / "adapter_config.json").is_file() and not full_model_files(folder):
-        raise UserError(f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved with")
+    if (
+        _has_adapter_weights(folder)
+        and not (folder / "adapter_config.json").is_file()
+        and not full_model_files(folder)
+    ):
+        raise UserError(
+            f"{path}: {folder} holds adapter weights but no adapter_config.json; add the config the adapter was saved "
+            "with"
+        )
     if recipe.is_adapter_recipe:
         if reference == recipe.config.base_model:
             return None
@@ -621,7 +670,10 @@ def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Op
         return read_adapter(folder).shapes()
     files = full_model_files(folder)
     if not files:
-        raise UserError(f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their .index.json)")
+        raise UserError(
+            f"{path}: {folder} has no model weights mergekit reads (model.safetensors or pytorch_model.bin, or their "
+            ".index.json)"
+        )
     for file in files:
         if file.suffix == ".bin" and file.is_file():  # mergekit reads it; refuse here what it would fail on
             load_pickled_tensors(file, folder, mmap=True)
@@ -629,7 +681,10 @@ def _input_shapes(recipe: Recipe, reference: Any, folder: Path, path: str) -> Op
 
 
 def check_files(
-    recipe: Recipe, path: str = "recipe", allow_crimes: bool = False, not_checked: Optional[List[str]] = None,
+    recipe: Recipe,
+    path: str = "recipe",
+    allow_crimes: bool = False,
+    not_checked: Optional[List[str]] = None,
     truncate_embeddings: bool = False,
 ) -> List[str]:
     """Problems with the inputs on disk: placeholder or missing local paths, unreadable files,
@@ -641,7 +696,9 @@ def check_files(
     if problems:
         return problems
     if not recipe.is_adapter_recipe and not allow_crimes:
-        local = [Path(reference_paths(r)[0]) for r in config.referenced_models() if Path(reference_paths(r)[0]).is_dir()]
+        local = [
+            Path(reference_paths(r)[0]) for r in config.referenced_models() if Path(reference_paths(r)[0]).is_dir()
+        ]
         problem = _architecture_problem(local, path)
         if problem:
             return [problem]
@@ -663,10 +720,14 @@ def check_files(
     if len(shapes_by_input) > 1:
         # with a tokenizer setting mergekit aligns the vocabularies, and --unsafe-truncate-embeddings
         # cuts them to the output's: embedding rows may differ
-        rows_may_differ = truncate_embeddings or bool(getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None))
+        rows_may_differ = truncate_embeddings or bool(
+            getattr(config, "tokenizer_source", None) or getattr(config, "tokenizer", None)
+        )
         problems += _compare_shapes(shapes_by_input, path, rows_may_differ)
     if len(shapes_by_input) > 1 and not recipe.is_adapter_recipe and not problems:
-        problems += _compare_dtype_kinds({folder: full_model_dtype_kinds(Path(folder)) for folder in shapes_by_input}, path)
+        problems += _compare_dtype_kinds(
+            {folder: full_model_dtype_kinds(Path(folder)) for folder in shapes_by_input}, path
+        )
     return problems
 
 
@@ -707,10 +768,15 @@ def _missing_required_tensors(shapes_by_input: Dict[str, Dict[str, tuple]], path
             names = [weight.name, *(weight.aliases or ()), *(weight.tied_names or ())]
             if weight.optional or any(name in keys for name in names):
                 continue
-            if not any(can_convert_checkpoint_keys(model_config.model_type, keys, name) for name in [weight.name, *(weight.aliases or ())]):
+            if not any(
+                can_convert_checkpoint_keys(model_config.model_type, keys, name)
+                for name in [weight.name, *(weight.aliases or ())]
+            ):
                 problems.append(
-                    f"{path}: tensor {weight.name} is missing in {folder} (mergekit's definition of {model_config.model_type} "
-                    "needs it, so stock mergekit-yaml fails on it too); seeds that are adapters merge on the adapter route "
+                    f"{path}: tensor {weight.name} is missing in {folder} (mergekit's definition of "
+                    f"{model_config.model_type} "
+                    "needs it, so stock mergekit-yaml fails on it too); seeds that are adapters merge on the adapter "
+                    "route "
                     "(docs/adapters.md)"
                 )
     return problems
@@ -735,7 +801,9 @@ def _adapter_base_problems(shapes_by_seed: Dict[str, Dict[str, tuple]], base: Pa
     return problems
 
 
-def _compare_shapes(shapes_by_input: Dict[str, Dict[str, tuple]], path: str, rows_may_differ: bool = False) -> List[str]:
+def _compare_shapes(
+    shapes_by_input: Dict[str, Dict[str, tuple]], path: str, rows_may_differ: bool = False
+) -> List[str]:
     """A tensor the inputs share must have one shape in all of them (a tensor only some have is
     fine here: which ones an input needs is :func:`_missing_required_tensors`'s question)."""
     problems = []
@@ -801,7 +869,8 @@ MERGEKIT_FRACTIONS = ("density", "epsilon", "gamma", "select_topk")
 
 def _fraction_warnings(settings: dict, where: str) -> List[str]:
     return [
-        f"{where}: parameter '{name}' = {value!r} is outside [0, 1]; mergekit runs it anyway, as stock mergekit-yaml does, "
+        f"{where}: parameter '{name}' = {value!r} is outside [0, 1]; mergekit runs it anyway, as stock mergekit-yaml "
+        "does, "
         "and the result is rarely what was meant"
         for name in MERGEKIT_FRACTIONS
         for value in _scalar_leaves(settings.get(name))
@@ -896,7 +965,9 @@ def merge_inputs(recipe, method) -> List[Any]:
     referenced model, except the base model of an adapter merge that writes a LoRA adapter and
     needs no base weights (:func:`~mergekit_seed.references.adapter_files.why_base_is_read`, the
     answer the engine acts on)."""
-    from mergekit_seed.references.adapter_files import why_base_is_read  # here: adapter reading imports torch, which cards need not
+    from mergekit_seed.references.adapter_files import (
+        why_base_is_read,  # here: adapter reading imports torch, which cards need not
+    )
 
     config = recipe.config
     if recipe.is_adapter_recipe and config.output.format == "lora":

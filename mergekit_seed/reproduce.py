@@ -16,19 +16,26 @@ from mergekit_seed.card import CARD_NAME, HARDWARE_OPTIONS, LABEL, local_folders
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import largest_difference
 from mergekit_seed.installed import package_version
+from mergekit_seed.reader import read_json, sha256
 from mergekit_seed.recipe import (
+    TOKENIZER_KEYWORDS,
     Recipe,
     hub_references,
     parse_mapping,
     parse_recipe,
     read_recipe_text,
-    TOKENIZER_KEYWORDS,
     reference_strings,
     rewrite_references,
     substitute_references,
 )
-from mergekit_seed.reader import read_json, sha256
-from mergekit_seed.references.hub import download_file, has_hub_id_form, is_hub_id, resolve, split_revision, verify_hub_inputs
+from mergekit_seed.references.hub import (
+    download_file,
+    has_hub_id_form,
+    is_hub_id,
+    resolve,
+    split_revision,
+    verify_hub_inputs,
+)
 from mergekit_seed.references.weights import hashed_weight_files, load_weights, weight_files
 
 
@@ -61,7 +68,8 @@ def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[D
             if value and not trust_remote_code:
                 raise UserError(
                     f"{origin}: the card asks for {key}, which runs Python code shipped with the models; reproduce "
-                    f"never enables it from a card: pass --{key.replace('_', '-')} if you trust every model the recipe names"
+                    f"never enables it from a card: pass --{key.replace('_', '-')} if you trust every model the "
+                    "recipe names"
                 )
         else:
             options[key] = value
@@ -78,7 +86,9 @@ def card_options(recorded: Any, trust_remote_code: bool, origin: str) -> Tuple[D
 def card_labels(recipe_text: str, origin: str) -> List[str]:
     """The ``inputN`` labels a card's recipe names, each once, by N."""
     data = parse_mapping(recipe_text, origin)
-    return sorted({part for part in reference_strings(data) if LABEL.fullmatch(part)}, key=lambda label: int(label[5:]))
+    return sorted(
+        {part for part in reference_strings(data) if LABEL.fullmatch(part)}, key=lambda label: int(label[5:])
+    )
 
 
 def card_local_paths(recipe_text: str, origin: str) -> List[str]:
@@ -96,7 +106,9 @@ def card_local_paths(recipe_text: str, origin: str) -> List[str]:
     return found
 
 
-def labels_from_recipe(card_recipe: str, card_origin: str, user_recipe: str, origin: str, replaced: List[str]) -> Dict[str, str]:
+def labels_from_recipe(
+    card_recipe: str, card_origin: str, user_recipe: str, origin: str, replaced: List[str]
+) -> Dict[str, str]:
     """{label or local path of the card: path}: where the user's own copy of the recipe
     (``reproduce --recipe``, read from ``origin``) has what the card's recipe labels, or names
     by a local path (``replaced``). The two must be the same recipe but for those (references
@@ -133,7 +145,8 @@ def fill_inputs(
     local = card_local_paths(card_recipe, card_origin)
     if local and user_recipe is None:
         raise UserError(
-            f"{card_origin}: names {local[0]!r} where a model, adapter or tokenizer goes, which is a path on this machine, "
+            f"{card_origin}: names {local[0]!r} where a model, adapter or tokenizer goes, which is a path on this "
+            "machine, "
             "not an inputN label or a Hub id; a card never chooses which local files are read: give your copy of the "
             "recipe with --recipe FILE"
         )
@@ -143,15 +156,20 @@ def fill_inputs(
     for item in given:
         label, separator, path = item.partition("=")
         if not separator or not LABEL.fullmatch(label) or not path:
-            raise UserError(f"--input {item}: write it as inputN=PATH (the card's recipe names {', '.join(labels) or 'no inputN'})")
+            raise UserError(
+                f"--input {item}: write it as inputN=PATH (the card's recipe names {', '.join(labels) or 'no inputN'})"
+            )
         if label not in labels:
-            raise UserError(f"--input {item}: the card's recipe names no {label} (it names {', '.join(labels) or 'none'})")
+            raise UserError(
+                f"--input {item}: the card's recipe names no {label} (it names {', '.join(labels) or 'none'})"
+            )
         mapping[label] = str(Path(path).absolute())
     missing = [label for label in labels if label not in mapping]
     if missing:
         flags = " ".join(f"--input {label}=PATH" for label in missing)
         raise UserError(
-            f"{card_origin}: the card names its local inputs {', '.join(missing)} without their paths; give the folder of each "
+            f"{card_origin}: the card names its local inputs {', '.join(missing)} without their paths; give the "
+            "folder of each "
             f"({flags}) or your copy of the recipe (--recipe FILE)"
         )
     return (rewrite_references(card_recipe, mapping, card_origin) if mapping else card_recipe), mapping
@@ -190,7 +208,9 @@ def verify_inputs(recorded: Dict[str, Any], folders: Dict[str, str]) -> List[str
         for name, digest in files.items():
             path = Path(folders[key]) / name
             if Path(name).name != name or name in ("", ".", "..") or (name not in weight_files and path.exists()):
-                problems.append(f"{key}: the card names {name!r}, which is not a weight file in the input's folder; refused")
+                problems.append(
+                    f"{key}: the card names {name!r}, which is not a weight file in the input's folder; refused"
+                )
                 continue
             if not path.is_file():
                 problems.append(f"input {path} is missing")
@@ -251,7 +271,10 @@ def compare_configs(result: Path, reference: Path) -> List[str]:
             continue
         for key in sorted((set(ours) | set(others)) - set(CONFIG_KEYS_NOT_COMPARED)):
             if ours.get(key, "(absent)") != others.get(key, "(absent)"):
-                problems.append(f"{name}: {key} is {ours.get(key, '(absent)')!r} here and {others.get(key, '(absent)')!r} in {reference}")
+                problems.append(
+                    f"{name}: {key} is {ours.get(key, '(absent)')!r} here and {others.get(key, '(absent)')!r} in "
+                    f"{reference}"
+                )
     return problems
 
 
@@ -299,8 +322,12 @@ def _version_warnings(provenance: Dict[str, Any]) -> List[str]:
 
 
 def prepare_reproduction(
-    source: str, given_inputs: List[str], user_recipe: Optional[str], trust_remote_code: bool,
-    check_dir: Optional[str], check_source: str,
+    source: str,
+    given_inputs: List[str],
+    user_recipe: Optional[str],
+    trust_remote_code: bool,
+    check_dir: Optional[str],
+    check_source: str,
 ) -> Reproduction:
     """Read and check the card of ``source`` (:func:`locate_card`) for ``mergekit-seed
     reproduce``: its options (:func:`card_options`), its recipe with ``given_inputs``
@@ -311,7 +338,10 @@ def prepare_reproduction(
     card = read_card(card_path)
     provenance = card["provenance"]
     if not provenance:
-        raise UserError(f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be reproduced")
+        raise UserError(
+            f"{card_path}: the card records no mergekit-seed provenance (versions, inputs, options); it cannot be "
+            "reproduced"
+        )
     options, warnings = card_options(provenance.get("options"), trust_remote_code, str(card_path))
     recipe_origin = f"{card_path} (recipe)"
     recipe_text, mapping = fill_inputs(card["recipe"], recipe_origin, given_inputs, user_recipe)
@@ -323,7 +353,20 @@ def prepare_reproduction(
     hub_inputs = provenance.get("hub_inputs") or {}
     named_repos = [split_revision(reference)[0] for reference in hub_references(recipe)]
     recorded = provenance.get("inputs") or {}
-    mismatches = verify_inputs(recorded, recorded_folders(recorded, recipe, mapping)) + verify_hub_inputs(hub_inputs, named_repos)
-    revisions = {repo: str(entry["revision"]) for repo, entry in hub_inputs.items() if isinstance(entry, dict) and entry.get("revision")}
-    return Reproduction(card_path, recipe, options, warnings + _version_warnings(provenance), mismatches, revisions,
-                        Path(check_dir) if check_dir is not None else None)
+    mismatches = verify_inputs(recorded, recorded_folders(recorded, recipe, mapping)) + verify_hub_inputs(
+        hub_inputs, named_repos
+    )
+    revisions = {
+        repo: str(entry["revision"])
+        for repo, entry in hub_inputs.items()
+        if isinstance(entry, dict) and entry.get("revision")
+    }
+    return Reproduction(
+        card_path,
+        recipe,
+        options,
+        warnings + _version_warnings(provenance),
+        mismatches,
+        revisions,
+        Path(check_dir) if check_dir is not None else None,
+    )

@@ -26,9 +26,19 @@ from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.output import OutputFolder, check_location, remove, staged_path, write_text
 from mergekit_seed.reader import safetensors_file
-from mergekit_seed.recipe import Recipe, check_files, check_recipe, load_recipe, local_inputs, localize, merge_inputs, recipe_warnings
+from mergekit_seed.recipe import (
+    Recipe,
+    check_files,
+    check_recipe,
+    load_recipe,
+    local_inputs,
+    localize,
+    merge_inputs,
+    recipe_warnings,
+)
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
+
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
     from mergekit.options import MergeOptions
@@ -73,6 +83,7 @@ def in_recipe_order(config: Any) -> Any:
 def _without_torch_dtype_deprecation():
     """mergekit sets ``config.torch_dtype``, which transformers 5 answers with a deprecation
     warning on every merge: noise the user can do nothing about, even with --quiet."""
+
     def keep(record: logging.LogRecord) -> bool:
         return "`torch_dtype` is deprecated" not in record.getMessage()
 
@@ -118,11 +129,12 @@ class AdapterRunOptions(BaseModel, frozen=True):
 
     def apply_global_options(self) -> None:
 
-        logging.basicConfig(level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING)
+        logging.basicConfig(
+            level=logging.DEBUG if self.verbosity > 1 else logging.INFO if self.verbosity else logging.WARNING
+        )
         import torch
 
         if self.random_seed is not None:
-
             import numpy
 
             random.seed(self.random_seed)
@@ -193,7 +205,9 @@ def check_options(options: Options) -> None:
     """Refuse option values mergekit accepts but fails on mid-merge (one line naming the option)."""
     shard_size = getattr(options, "out_shard_size", 1)
     if shard_size < 1:
-        raise UserError(f"--out-shard-size {shard_size}: must be at least 1 (parameters per output shard, such as 5B or 500M)")
+        raise UserError(
+            f"--out-shard-size {shard_size}: must be at least 1 (parameters per output shard, such as 5B or 500M)"
+        )
 
 
 def check_finite_output(folder: Path) -> None:
@@ -227,7 +241,9 @@ def check_device(options: Options, work: str = "merge") -> None:
 
     if not torch.cuda.is_available():
         flag = "--cuda" if options.cuda and options.device in (None, "cuda") else f"--device {device}"
-        raise UserError(f"{flag}: torch sees no CUDA device here (torch {torch.__version__}); leave it out to {work} on the CPU")
+        raise UserError(
+            f"{flag}: torch sees no CUDA device here (torch {torch.__version__}); leave it out to {work} on the CPU"
+        )
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():
         raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
@@ -238,7 +254,9 @@ def validate(recipe: Recipe, allow_crimes: bool = False, truncate_embeddings: bo
     ``allow_crimes`` and ``truncate_embeddings`` are mergekit's options of those names."""
     problems = check_recipe(recipe, recipe.origin)
     if not problems:
-        problems = check_files(recipe, recipe.origin, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings)
+        problems = check_files(
+            recipe, recipe.origin, allow_crimes=allow_crimes, truncate_embeddings=truncate_embeddings
+        )
     if problems:
         raise RecipeProblems(problems)
 
@@ -289,7 +307,12 @@ def merge(
     with OutputFolder(out, inputs, overwrite, command=command, labels=input_labels(recipe), warn=warn) as output:
         modules = _stage_merge(output, recipe, options, echo=echo, warn=warn, revisions=revisions)
         output.publish()
-    return MergeResult(out=output.path, kind=kind_of(recipe), card=output.path / CARD_NAME if _writes_card(options) else None, modules=modules)
+    return MergeResult(
+        out=output.path,
+        kind=kind_of(recipe),
+        card=output.path / CARD_NAME if _writes_card(options) else None,
+        modules=modules,
+    )
 
 
 def kind_of(recipe: Recipe) -> str:
@@ -302,7 +325,12 @@ def _writes_card(options: Options) -> bool:
 
 
 def _stage_merge(
-    output: OutputFolder, recipe: Recipe, options: Options, *, echo: Callable[[str], None], warn: Callable[[str], None],
+    output: OutputFolder,
+    recipe: Recipe,
+    options: Options,
+    *,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
     revisions: Optional[Dict[str, str]],
 ) -> List[Any]:
     """Validate ``recipe``, merge it into ``output``'s staging folder, check that what was
@@ -330,7 +358,11 @@ def _stage_merge(
     # rendered first: the inputs are hashed as they are when the merge reads them, and
     # mergekit's planner rewrites the configuration object while it runs
     card = render_card(
-        recipe, method, options.model_dump(exclude_defaults=True), kind_of(recipe), hub_provenance(hub_inputs),
+        recipe,
+        method,
+        options.model_dump(exclude_defaults=True),
+        kind_of(recipe),
+        hub_provenance(hub_inputs),
         title=output.path.name,
     )
     try:
@@ -354,16 +386,29 @@ def _stage_merge(
 
 
 def _run_engine(
-    local: Recipe, recipe: Recipe, options: Options, staging: Path, *, echo: Callable[[str], None], warn: Callable[[str], None],
+    local: Recipe,
+    recipe: Recipe,
+    options: Options,
+    staging: Path,
+    *,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
 ) -> List[Any]:
     """Run the adapter engine or mergekit's ``run_merge`` on ``local`` (Hub ids resolved) into
     ``staging``; ``recipe`` is the recipe as the user wrote it."""
     if local.is_adapter_recipe:
-        from mergekit_seed.adapters.engine import run_adapter_merge  # here: it imports torch, which validation need not
+        from mergekit_seed.adapters.engine import (
+            run_adapter_merge,  # here: it imports torch, which validation need not
+        )
 
         named_base = recipe.config.base_model
         return run_adapter_merge(
-            local.config, staging, quiet=options.quiet, echo=echo, warn=warn, device=options.device or "cpu",
+            local.config,
+            staging,
+            quiet=options.quiet,
+            echo=echo,
+            warn=warn,
+            device=options.device or "cpu",
             base_model_name=named_base if named_base and is_hub_id(named_base.partition("@")[0]) else None,
         )
     from mergekit.merge import run_merge
@@ -374,9 +419,12 @@ def _run_engine(
     # mergekit's own card step is skipped: ours replaces its README.md, and it looks
     # names up on the Hub (a relative local path fails offline, or waits on the network)
     with _without_torch_dtype_deprecation():
-        run_merge(in_recipe_order(local.config), str(staged_path(staging)), options=options.model_copy(update={"write_model_card": False}))
+        run_merge(
+            in_recipe_order(local.config),
+            str(staged_path(staging)),
+            options=options.model_copy(update={"write_model_card": False}),
+        )
     remove(staging / ".lora-merge-cache")
     if _writes_card(options):  # what mergekit's card step writes beside the card: the recipe, without local paths
         write_text(staging / "mergekit_config.yml", public_recipe_text(recipe))
     return []
-

@@ -13,6 +13,7 @@ import sys
 
 from mergekit_seed.after_import import after_import, remove
 
+
 _TARGET = "mergekit.merge_methods"
 
 
@@ -44,7 +45,8 @@ def _register_or_warn() -> None:
         reason = (str(error).splitlines() or [""])[0] or type(error).__name__
         sys.stderr.write(
             f"warning: mergekit-seed {installed('mergekit-seed')} could not register its merge methods with "
-            f"mergekit {installed('mergekit')} ({type(error).__name__}: {reason}); mergekit's own methods work as usual; "
+            f"mergekit {installed('mergekit')} ({type(error).__name__}: {reason}); mergekit's own methods work as "
+            "usual; "
             "run `mergekit-seed methods` to check\n"
         )
 

@@ -19,6 +19,7 @@ import yaml
 
 from mergekit_seed.errors import UserError
 
+
 PATTERN_SECONDS = 1.0  # a PEFT pattern matches a module name in microseconds; a second means it backtracks
 
 
@@ -70,7 +71,9 @@ def bounded_safe_load(source: str, origin: str) -> Any:
         if node is None:
             return None
         if _expanded_size(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
-            raise UserError(f"{origin}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values; write the recipe out")
+            raise UserError(
+                f"{origin}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values; write the recipe out"
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -137,7 +140,9 @@ def pattern_key(patterns: Iterable[str], module: str, where: str) -> Optional[st
             if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_SECONDS):
                 return key
         except regex.error as error:
-            raise UserError(f"{where}: key {key!r} is not a valid regular expression ({error}); fix or remove it") from None
+            raise UserError(
+                f"{where}: key {key!r} is not a valid regular expression ({error}); fix or remove it"
+            ) from None
         except TimeoutError:
             raise UserError(
                 f"{where}: key {key!r} takes more than {PATTERN_SECONDS:g} s to match {module} (a regular expression "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -116,9 +117,7 @@ def run_cli(*args, check=False, isolated=False):
     """
     if isolated:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        done = subprocess.run(
-            [str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env
-        )
+        done = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, env=env)
         result = CliResult(done.returncode, done.stdout, done.stderr)
     else:
         from click.testing import CliRunner
@@ -132,7 +131,9 @@ def run_cli(*args, check=False, isolated=False):
     return result
 
 
-def save_random_lora(base: Path, out: Path, r: int, seed: int, targets=("q_proj", "v_proj"), use_rslora=False, alpha=16):
+def save_random_lora(
+    base: Path, out: Path, r: int, seed: int, targets=("q_proj", "v_proj"), use_rslora=False, alpha=16
+):
     """A PEFT LoRA adapter on the tiny base with random (non-zero) A and B."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -140,7 +141,9 @@ def save_random_lora(base: Path, out: Path, r: int, seed: int, targets=("q_proj"
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -159,7 +162,9 @@ def save_random_sera(base: Path, out: Path, r: int, split: int, seed: int, targe
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = SeraConfig(r=r, split=split, sera_alpha=2 * r, target_modules=list(targets), base_model_name_or_path=str(base))
+    config = SeraConfig(
+        r=r, split=split, sera_alpha=2 * r, target_modules=list(targets), base_model_name_or_path=str(base)
+    )
     apply_sera(model, config)
     with torch.no_grad():
         for layer in sera_layers(model).values():

@@ -4,16 +4,17 @@ import math
 
 import pytest
 import torch
+from conftest import recipe_text, run_cli, save_random_lora, save_random_sera
+from tiny import save_tiny_llama
 from torch import nn
 
-from conftest import recipe_text, run_cli, save_random_lora, save_random_sera
 from mergekit_seed.adapters.engine import merge_module
-from mergekit_seed.references.adapter_files import read_adapter
-from tiny import save_tiny_llama
-from mergekit_seed.references.weights import load_weights
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, merge_sera
+from mergekit_seed.references.adapter_files import read_adapter
 from mergekit_seed.references.sera import load_sera, save_sera
+from mergekit_seed.references.weights import load_weights
+
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 
@@ -111,7 +112,9 @@ def test_mergekit_base_plus_adapter_route_agrees(adapter_family, tmp_path, metho
     _, base, seeds = adapter_family
     lora_seeds = seeds[:3]
     native = tmp_path / "native.yml"
-    native.write_text(recipe_text(method, base, lora_seeds, {"energy": 1.0} if method != "seedft" else None, {"format": "full"}))
+    native.write_text(
+        recipe_text(method, base, lora_seeds, {"energy": 1.0} if method != "seedft" else None, {"format": "full"})
+    )
     assert run_cli("mergekit-seed", "run", native, tmp_path / "native", "--quiet").returncode == 0
     routed = tmp_path / "routed.yml"
     routed.write_text(
@@ -279,7 +282,17 @@ def test_adapter_run_with_any_mergekit_option_gives_the_same_adapter(adapter_fam
     recipe = tmp_path / "r.yml"
     recipe.write_text(recipe_text("seedlora_twostage", base, seeds, {"fusion": "dare", "energy": 1.0}))
     run_cli("mergekit-seed", "run", recipe, tmp_path / "lean", "--quiet", "--random-seed", "3", check=True)
-    run_cli("mergekit-seed", "run", recipe, tmp_path / "full", "--quiet", "--random-seed", "3", "--lazy-unpickle", check=True)
+    run_cli(
+        "mergekit-seed",
+        "run",
+        recipe,
+        tmp_path / "full",
+        "--quiet",
+        "--random-seed",
+        "3",
+        "--lazy-unpickle",
+        check=True,
+    )
     run_cli("mergekit-seed", "run", recipe, tmp_path / "other", "--quiet", "--random-seed", "4", check=True)
     lean, full, other = (load_weights(tmp_path / name) for name in ("lean", "full", "other"))
     assert lean.keys() == full.keys()
@@ -294,7 +307,9 @@ def test_filter_conditions_choose_parameters_per_module(adapter_family, tmp_path
     _, base, seeds = adapter_family
     conditional = tmp_path / "conditional.yml"
     conditional.write_text(
-        recipe_text("seedlora_dm", base, seeds, {"lambda": "[{filter: q_proj, value: 0.0}, {value: 1.0}]"}, {"format": "full"})
+        recipe_text(
+            "seedlora_dm", base, seeds, {"lambda": "[{filter: q_proj, value: 0.0}, {value: 1.0}]"}, {"format": "full"}
+        )
     )
     plain = tmp_path / "plain.yml"
     plain.write_text(recipe_text("seedlora_dm", base, seeds, None, {"format": "full"}))

@@ -5,7 +5,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import recipe_text, run_cli, save_random_lora, write_recipe
 
 import mergekit_seed
@@ -20,15 +19,20 @@ def run_python(code: str, prelude: str = "") -> subprocess.CompletedProcess:
 def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = tmp_path / "linear.yml"
-    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
-                      f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    )
     out = tmp_path / "out"
     broken = 'import sys; sys.modules["mergekit_seed.maths.kernels.lore"] = None  # one module of ours unimportable\n'
-    done = run_python(prelude=broken, code=f"""
+    done = run_python(
+        prelude=broken,
+        code=f"""
         sys.argv = ["mergekit-yaml", {str(recipe)!r}, {str(out)!r}]
         from mergekit.scripts.run_yaml import main
         main()
-    """)
+    """,
+    )
     assert done.returncode == 0, done.stderr
     assert list(out.glob("*.safetensors"))
     ours = [line for line in done.stderr.splitlines() if "mergekit-seed" in line]
@@ -36,11 +40,14 @@ def test_a_broken_install_of_ours_leaves_stock_mergekit_working(tiny_family, tmp
     assert ours[0].startswith("warning: mergekit-seed 0.1.0 could not register its merge methods with mergekit 0.1.5")
     assert "mergekit-seed methods" in ours[0] and "Traceback" not in done.stderr
 
-    done = run_python(prelude=broken, code="""
+    done = run_python(
+        prelude=broken,
+        code="""
         sys.argv = ["mergekit-seed", "methods"]
         from mergekit_seed.cli import main
         main()
-    """)
+    """,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could not register" in errors[0], done.stderr
@@ -159,7 +166,8 @@ def test_a_second_plugin_installed_beside_ours_that_claims_one_of_our_names(tmp_
     stays ours. Both plugins' other methods work."""
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    (site_dir / "other_plugin.py").write_text(textwrap.dedent("""
+    (site_dir / "other_plugin.py").write_text(
+        textwrap.dedent("""
         import copy, dataclasses
         from mergekit.merge_methods import registry
         for name in ("lore", "other_linear"):
@@ -170,17 +178,23 @@ def test_a_second_plugin_installed_beside_ours_that_claims_one_of_our_names(tmp_
                 print("registered", name)
             except ValueError as error:
                 print("refused", name, "-", error)
-    """))
+    """)
+    )
     (site_dir / "zz_other_plugin.pth").write_text("import other_plugin\n")
-    done = run_python("""
+    done = run_python(
+        """
         import site
         site.addsitedir(sys.argv[1])  # as site-packages does with an installed plugin's .pth
         from mergekit.merge_methods import registry
         import mergekit_seed.methods as ours
         print("lore is ours:", registry.get("lore") is ours.METHODS[[m.spec.name for m in ours.METHODS].index("lore")])
         print("other_linear:", registry.get("other_linear").spec.name)
-    """.replace("sys.argv[1]", repr(str(site_dir))), prelude="import sys\n")
+    """.replace("sys.argv[1]", repr(str(site_dir))),
+        prelude="import sys\n",
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("refused lore - ") and "already registered" in line for line in lines), done.stdout
-    assert "registered other_linear" in lines and "lore is ours: True" in lines and "other_linear: other_linear" in lines
+    assert (
+        "registered other_linear" in lines and "lore is ours: True" in lines and "other_linear: other_linear" in lines
+    )

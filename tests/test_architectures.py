@@ -15,13 +15,13 @@ to do. Merges run in-process (``mergekit_seed.merge``) to keep the sweep short.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from mergekit_seed.errors import UserError
+
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 # largest difference between routes, as a share of the largest entry of the merged delta.
@@ -37,35 +37,111 @@ def _configs():
 
     decoder = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
     return {
-        "llama": (t.LlamaConfig(**decoder), "LlamaForCausalLM", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+        "llama": (
+            t.LlamaConfig(**decoder),
+            "LlamaForCausalLM",
+            dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+        ),
         "mistral": (t.MistralConfig(**decoder), "MistralForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
         "qwen2": (t.Qwen2Config(**decoder), "Qwen2ForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
         "qwen3": (t.Qwen3Config(**decoder, head_dim=8), "Qwen3ForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
         "gemma": (t.GemmaConfig(**decoder, head_dim=8), "GemmaForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
-        "gemma2": (t.Gemma2Config(**decoder, head_dim=8), "Gemma2ForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
-        "phi3": (t.Phi3Config(**dict(decoder, num_key_value_heads=4), pad_token_id=0), "Phi3ForCausalLM",
-                 dict(target_modules=["qkv_proj", "gate_up_proj"])),
-        "gpt2": (t.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=4, n_positions=64), "GPT2LMHeadModel",
-                 dict(target_modules=["c_attn", "c_proj"])),
-        "gpt_neox": (t.GPTNeoXConfig(**SMALL, max_position_embeddings=64), "GPTNeoXForCausalLM",
-                     dict(target_modules=["query_key_value", "dense"])),
+        "gemma2": (
+            t.Gemma2Config(**decoder, head_dim=8),
+            "Gemma2ForCausalLM",
+            dict(target_modules=["q_proj", "v_proj"]),
+        ),
+        "phi3": (
+            t.Phi3Config(**dict(decoder, num_key_value_heads=4), pad_token_id=0),
+            "Phi3ForCausalLM",
+            dict(target_modules=["qkv_proj", "gate_up_proj"]),
+        ),
+        "gpt2": (
+            t.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+            "GPT2LMHeadModel",
+            dict(target_modules=["c_attn", "c_proj"]),
+        ),
+        "gpt_neox": (
+            t.GPTNeoXConfig(**SMALL, max_position_embeddings=64),
+            "GPTNeoXForCausalLM",
+            dict(target_modules=["query_key_value", "dense"]),
+        ),
         # untied: mergekit's Falcon definition needs lm_head.weight (a tied one is refused, as stock fails)
-        "falcon-40b-style": (t.FalconConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
-                                            new_decoder_architecture=True, tie_word_embeddings=False), "FalconForCausalLM",
-                             dict(target_modules=["query_key_value", "dense"])),
-        "falcon-7b-style": (t.FalconConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
-                                           new_decoder_architecture=False), "FalconForCausalLM", dict(target_modules=["query_key_value", "dense"])),
-        "opt": (t.OPTConfig(vocab_size=48, hidden_size=32, ffn_dim=40, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-                            max_position_embeddings=64), "OPTForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
-        "bloom": (t.BloomConfig(vocab_size=48, hidden_size=32, n_layer=2, n_head=4), "BloomForCausalLM",
-                  dict(target_modules=["query_key_value"])),
-        "t5": (t.T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4, feed_forward_proj="relu"),
-               "T5ForConditionalGeneration", dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])),
-        "t5-v1.1": (t.T5Config(vocab_size=48, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-                               tie_word_embeddings=False), "T5ForConditionalGeneration", dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])),
-        "bert-cls": (t.BertConfig(**SMALL, num_labels=3), "BertForSequenceClassification", dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
+        "falcon-40b-style": (
+            t.FalconConfig(
+                vocab_size=48,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_kv_heads=2,
+                new_decoder_architecture=True,
+                tie_word_embeddings=False,
+            ),
+            "FalconForCausalLM",
+            dict(target_modules=["query_key_value", "dense"]),
+        ),
+        "falcon-7b-style": (
+            t.FalconConfig(
+                vocab_size=48,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                multi_query=True,
+                new_decoder_architecture=False,
+            ),
+            "FalconForCausalLM",
+            dict(target_modules=["query_key_value", "dense"]),
+        ),
+        "opt": (
+            t.OPTConfig(
+                vocab_size=48,
+                hidden_size=32,
+                ffn_dim=40,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=32,
+                max_position_embeddings=64,
+            ),
+            "OPTForCausalLM",
+            dict(target_modules=["q_proj", "v_proj"]),
+        ),
+        "bloom": (
+            t.BloomConfig(vocab_size=48, hidden_size=32, n_layer=2, n_head=4),
+            "BloomForCausalLM",
+            dict(target_modules=["query_key_value"]),
+        ),
+        "t5": (
+            t.T5Config(
+                vocab_size=48, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4, feed_forward_proj="relu"
+            ),
+            "T5ForConditionalGeneration",
+            dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"]),
+        ),
+        "t5-v1.1": (
+            t.T5Config(
+                vocab_size=48,
+                d_model=32,
+                d_kv=8,
+                d_ff=40,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+            ),
+            "T5ForConditionalGeneration",
+            dict(task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"]),
+        ),
+        "bert-cls": (
+            t.BertConfig(**SMALL, num_labels=3),
+            "BertForSequenceClassification",
+            dict(task_type="SEQ_CLS", target_modules=["query", "value"]),
+        ),
         "mixtral-attention": (_mixtral(t), "MixtralForCausalLM", dict(target_modules=["q_proj", "v_proj"])),
-        "mixtral-router": (_mixtral(t), "MixtralForCausalLM", dict(target_modules=[], target_parameters=["mlp.gate.weight"])),
+        "mixtral-router": (
+            _mixtral(t),
+            "MixtralForCausalLM",
+            dict(target_modules=[], target_parameters=["mlp.gate.weight"]),
+        ),
         "mixtral-all-linear": (_mixtral(t), "MixtralForCausalLM", dict(target_modules="all-linear")),
     }
 
@@ -85,8 +161,27 @@ REFUSED = {
     # the experts' 3-D parameters are no Linear delta
     "mixtral-all-linear": {"adapter-full": "merge_and_unload", "adapter-lora": "merge_and_unload"},
 }
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "falcon-40b-style",
-                 "falcon-7b-style", "opt", "bloom", "t5", "t5-v1.1", "bert-cls", "mixtral-attention", "mixtral-router", "mixtral-all-linear"]
+ARCHITECTURES = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "falcon-40b-style",
+    "falcon-7b-style",
+    "opt",
+    "bloom",
+    "t5",
+    "t5-v1.1",
+    "bert-cls",
+    "mixtral-attention",
+    "mixtral-router",
+    "mixtral-all-linear",
+]
 
 
 def _model_class(name: str):
@@ -111,14 +206,18 @@ def _seeds(root: Path, name: str):
     seeds, checkpoints = [], []
     for index in range(3):
         torch.manual_seed(index + 1)
-        model = get_peft_model(_model_class(class_name).from_pretrained(root / "base"), LoraConfig(r=4, lora_alpha=8, **arguments))
+        model = get_peft_model(
+            _model_class(class_name).from_pretrained(root / "base"), LoraConfig(r=4, lora_alpha=8, **arguments)
+        )
         with torch.no_grad():
             for parameter in model.parameters():
                 if parameter.requires_grad:
                     parameter.add_(torch.randn_like(parameter) * 0.05)
         model.save_pretrained(root / f"seed{index}")
         seeds.append(root / f"seed{index}")
-        merged = PeftModel.from_pretrained(_model_class(class_name).from_pretrained(root / "base"), root / f"seed{index}")
+        merged = PeftModel.from_pretrained(
+            _model_class(class_name).from_pretrained(root / "base"), root / f"seed{index}"
+        )
         merged.merge_and_unload().save_pretrained(root / f"checkpoint{index}")
         checkpoints.append(root / f"checkpoint{index}")
     return root / "base", class_name, seeds, checkpoints
@@ -145,8 +244,13 @@ def _route(root: Path, route: str, method: str, base: Path, class_name: str, see
     output = {"full": None, "adapter-full": "full", "adapter-lora": "lora"}[route]
     out = root / f"{method}-{route}"
     try:
-        merge(parse_recipe(_recipe(method, base, models, output), f"{method} {route}"), out, quiet=True,
-              echo=lambda _line: None, warn=lambda _message: None)
+        merge(
+            parse_recipe(_recipe(method, base, models, output), f"{method} {route}"),
+            out,
+            quiet=True,
+            echo=lambda _line: None,
+            warn=lambda _message: None,
+        )
     except UserError as error:
         return error
     if route != "adapter-lora":
@@ -161,8 +265,10 @@ def test_every_route_of_every_method_agrees_or_is_refused_in_one_line(name, tmp_
     base_state = _state(base, class_name)
     refusals = REFUSED.get(name, {})
     for method in METHODS:
-        results = {route: _route(tmp_path, route, method, base, class_name, seeds, checkpoints)
-                   for route in ("adapter-full", "adapter-lora", "full")}
+        results = {
+            route: _route(tmp_path, route, method, base, class_name, seeds, checkpoints)
+            for route in ("adapter-full", "adapter-lora", "full")
+        }
         for route, result in results.items():
             if route in refusals:
                 assert isinstance(result, UserError), f"{name} {method} {route}: merged, expected a refusal"
@@ -178,4 +284,6 @@ def test_every_route_of_every_method_agrees_or_is_refused_in_one_line(name, tmp_
         assert delta > 1e-4, f"{name} {method}: the merge changed nothing"
         for other in merged[1:]:
             worst = max(float((other[key] - reference[key]).abs().max()) for key in shared)
-            assert worst <= TOLERANCE[method] * delta, f"{name} {method}: routes differ by {worst / delta:.2e} of the delta"
+            assert worst <= TOLERANCE[method] * delta, (
+                f"{name} {method}: routes differ by {worst / delta:.2e} of the delta"
+            )

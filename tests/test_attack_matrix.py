@@ -18,14 +18,20 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-
 from conftest import save_random_lora, tree_hashes, write_recipe
+
 from mergekit_seed.cli import _build_adapter_run_command, _build_run_command, main
+
 
 SECONDS_PER_CASE = 60
 ATTACKS = ("fifo", "dev-zero", "link", "hard-link", "missing", "newline-name", "sparse-1gb")
 # options each command needs beside its required parameters to do its work at all
-NEEDED = {"compare": ("data",), "select": ("validation", "test_data", "methods"), "reproduce": ("given_inputs",), "analyze": ("base",)}
+NEEDED = {
+    "compare": ("data",),
+    "select": ("validation", "test_data", "methods"),
+    "reproduce": ("given_inputs",),
+    "analyze": ("base",),
+}
 
 
 def commands():
@@ -50,7 +56,12 @@ def is_path(parameter: click.Parameter) -> bool:
 
 
 def path_parameters():
-    return [(path, command, parameter) for path, command in commands() for parameter in command.params if is_path(parameter)]
+    return [
+        (path, command, parameter)
+        for path, command in commands()
+        for parameter in command.params
+        if is_path(parameter)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +89,40 @@ def world(tiny_family, tmp_path_factory):
     sparse = root / "sparse"
     with open(sparse, "wb") as handle:
         handle.truncate(1 << 30)
-    return {"root": root, "inputs": inputs, "base": base, "seeds": seeds, "recipe": recipe, "card": card, "sparse": sparse,
-            "outside": outside, "counter": [0]}
+    return {
+        "root": root,
+        "inputs": inputs,
+        "base": base,
+        "seeds": seeds,
+        "recipe": recipe,
+        "card": card,
+        "sparse": sparse,
+        "outside": outside,
+        "counter": [0],
+    }
 
 
 def baseline(world, parameter: click.Parameter, out: Path, command_path=()):
     """A valid value for ``parameter`` by its name: a list of command-line words."""
     inputs = world["inputs"]
     by_name = {
-        "recipe": [inputs / "lora.yml" if command_path == ("run", "adapters") else world["recipe"]], "recipes": [world["recipe"]], "user_recipe": [world["recipe"]],
-        "out": [out], "models": [str(s) for s in world["seeds"]], "seeds": [str(s) for s in world["seeds"]],
-        "base": [world["base"]], "tokenizer": [world["base"]], "data": [inputs / "val.jsonl"], "validation": [inputs / "val.jsonl"],
-        "test_data": [inputs / "test.jsonl"], "grid": [inputs / "grid.yml"], "source": [world["card"]],
-        "check_dir": [world["card"]], "include_path": [inputs / "tasks"], "name": ["demo-full-seedft"], "methods": ["linear"],
+        "recipe": [inputs / "lora.yml" if command_path == ("run", "adapters") else world["recipe"]],
+        "recipes": [world["recipe"]],
+        "user_recipe": [world["recipe"]],
+        "out": [out],
+        "models": [str(s) for s in world["seeds"]],
+        "seeds": [str(s) for s in world["seeds"]],
+        "base": [world["base"]],
+        "tokenizer": [world["base"]],
+        "data": [inputs / "val.jsonl"],
+        "validation": [inputs / "val.jsonl"],
+        "test_data": [inputs / "test.jsonl"],
+        "grid": [inputs / "grid.yml"],
+        "source": [world["card"]],
+        "check_dir": [world["card"]],
+        "include_path": [inputs / "tasks"],
+        "name": ["demo-full-seedft"],
+        "methods": ["linear"],
         "given_inputs": [f"input{i}={path}" for i, path in enumerate([world["base"], *world["seeds"]])],
     }
     if parameter.name not in by_name:
@@ -152,8 +184,16 @@ CASES = [(path, parameter.name, attack) for path, _, parameter in path_parameter
 
 def test_every_path_parameter_is_attacked():
     names = {(" ".join(path), name) for path, name, _ in CASES}
-    assert {("run", "recipe"), ("run", "out"), ("validate", "recipes"), ("compare", "data"), ("select", "grid"),
-            ("reproduce", "source"), ("recipes show", "models"), ("demo", "out")} <= names, names
+    assert {
+        ("run", "recipe"),
+        ("run", "out"),
+        ("validate", "recipes"),
+        ("compare", "data"),
+        ("select", "grid"),
+        ("reproduce", "source"),
+        ("recipes show", "models"),
+        ("demo", "out"),
+    } <= names, names
 
 
 @pytest.mark.parametrize("command_path, name, attack", CASES, ids=[f"{' '.join(p)}-{n}-{a}" for p, n, a in CASES])
@@ -186,7 +226,9 @@ def test_an_attacked_path_ends_in_one_line_or_a_result(world, monkeypatch, tmp_p
     assert "Traceback" not in stderr
     if outcome.exit_code != 0:
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert lines and all(line.startswith(("error:", "warning:", "Error:", "Usage:", "Try ", "  ")) for line in lines), stderr
+        assert lines and all(
+            line.startswith(("error:", "warning:", "Error:", "Usage:", "Try ", "  ")) for line in lines
+        ), stderr
     assert tree_hashes(world["inputs"], world["card"]) == before, f"{argv} changed an input"
 
 

@@ -14,34 +14,91 @@ from pathlib import Path
 
 import pytest
 
+
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 READER, WRITER = "reader.py", "output.py"
 
 # attribute or function names whose call reads a file
 READ_CALLS = {"read_text", "read_bytes", "safe_open", "load_file"}
-READ_QUALIFIED = {("json", "load"), ("torch", "load"), ("yaml", "load"), ("yaml", "safe_load"), ("yaml", "full_load"),
-                  ("yaml", "unsafe_load"), ("yaml", "load_all"), ("yaml", "safe_load_all"), ("os", "open"), ("np", "load"),
-                  ("numpy", "load"), ("pickle", "load")}
+READ_QUALIFIED = {
+    ("json", "load"),
+    ("torch", "load"),
+    ("yaml", "load"),
+    ("yaml", "safe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "load_all"),
+    ("yaml", "safe_load_all"),
+    ("os", "open"),
+    ("np", "load"),
+    ("numpy", "load"),
+    ("pickle", "load"),
+}
 # ... and whose call writes, renames or deletes
-WRITE_CALLS = {"write_text", "write_bytes", "unlink", "rmdir", "mkdir", "makedirs", "rename", "replace", "rmtree", "copy",
-               "copy2", "copyfile", "copytree", "copyfileobj", "move", "remove", "removedirs", "save_file", "symlink_to",
-               "hardlink_to", "touch", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory", "mkstemp", "truncate", "chmod"}
+WRITE_CALLS = {
+    "write_text",
+    "write_bytes",
+    "unlink",
+    "rmdir",
+    "mkdir",
+    "makedirs",
+    "rename",
+    "replace",
+    "rmtree",
+    "copy",
+    "copy2",
+    "copyfile",
+    "copytree",
+    "copyfileobj",
+    "move",
+    "remove",
+    "removedirs",
+    "save_file",
+    "symlink_to",
+    "hardlink_to",
+    "touch",
+    "mkdtemp",
+    "NamedTemporaryFile",
+    "TemporaryDirectory",
+    "mkstemp",
+    "truncate",
+    "chmod",
+}
 # also methods of str, list, dict or set: a file-system call only as os.X or shutil.X
 NOT_FILE_SYSTEM = {"replace", "remove", "copy", "move"}
 # a plain call ``name(...)`` is checked when ``name`` was imported from one of these
-FILE_SYSTEM_MODULES = {"os", "os.path", "shutil", "tempfile", "pathlib", "io", "json", "yaml", "pickle", "numpy", "torch",
-                       "safetensors", "safetensors.torch"}
+FILE_SYSTEM_MODULES = {
+    "os",
+    "os.path",
+    "shutil",
+    "tempfile",
+    "pathlib",
+    "io",
+    "json",
+    "yaml",
+    "pickle",
+    "numpy",
+    "torch",
+    "safetensors",
+    "safetensors.torch",
+}
 # libraries that write into a folder they are given: the folder must come from staged_path()
 STAGED_WRITERS = {"save_pretrained", "savefig", "run_merge", "TensorWriter", "EvaluationTracker"}
 
 # (file, call name): why it may
 ALLOWED = {
-    ("installed.py", "read_text"): "importlib.metadata's read of our own installation record (direct_url.json), not a user file",
+    (
+        "installed.py",
+        "read_text",
+    ): "importlib.metadata's read of our own installation record (direct_url.json), not a user file",
     ("profiling.py", "write_text"): "the benchmarks' kernel timings, written to the file MERGEKIT_SEED_PROFILE names "
-                                     "(set by benchmarks/bench.py for its own child process), never a user folder",
-    ("tools/demo/shipped.py", "write_text"): "a maintainer's tool: after shipping demo runs it rewrites this repository's "
-                                             "own docs and shipped.json (docs/demo.md says when), never a user folder",
+    "(set by benchmarks/bench.py for its own child process), never a user folder",
+    (
+        "tools/demo/shipped.py",
+        "write_text",
+    ): "a maintainer's tool: after shipping demo runs it rewrites this repository's "
+    "own docs and shipped.json (docs/demo.md says when), never a user folder",
 }
 
 
@@ -57,19 +114,29 @@ def _name(call: ast.Call):
 
 
 def _mentions_staged_path(call: ast.Call) -> bool:
-    return any(isinstance(node, ast.Call) and _name(node)[1] == "staged_path" for argument in call.args + [k.value for k in call.keywords]
-               for node in ast.walk(argument))
+    return any(
+        isinstance(node, ast.Call) and _name(node)[1] == "staged_path"
+        for argument in call.args + [k.value for k in call.keywords]
+        for node in ast.walk(argument)
+    )
 
 
 def _is_write_open(call: ast.Call) -> bool:
     modes = [call.args[1]] if len(call.args) > 1 else [k.value for k in call.keywords if k.arg == "mode"]
-    return any(isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax+") for mode in modes)
+    return any(
+        isinstance(mode, ast.Constant) and isinstance(mode.value, str) and set(mode.value) & set("wax+")
+        for mode in modes
+    )
 
 
 def _imported_names(tree: ast.Module) -> dict:
     """{local name: module it was imported from} for every ``from X import name``."""
-    return {alias.asname or alias.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-            for alias in node.names}
+    return {
+        alias.asname or alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
 
 
 def violations():
@@ -90,7 +157,9 @@ def violations():
                 if relative not in (READER, WRITER) or (relative == READER and _is_write_open(call)):
                     found.append(f"{where}: opens a file (use mergekit_seed.reader, or output's write helpers)")
             elif name in READ_CALLS or (qualifier, name) in READ_QUALIFIED:
-                if relative != READER and not (relative == WRITER and (qualifier, name) == ("os", "open")):  # the lock file
+                if relative != READER and not (
+                    relative == WRITER and (qualifier, name) == ("os", "open")
+                ):  # the lock file
                     found.append(f"{where}: reads a file outside the one reader (mergekit_seed.reader)")
             elif name in WRITE_CALLS and (name not in NOT_FILE_SYSTEM or qualifier in ("os", "shutil") or plain):
                 if relative != WRITER:
@@ -110,7 +179,11 @@ def test_the_allow_list_has_no_stale_entry():
     calls = set()
     for path in PACKAGE.rglob("*.py"):
         relative = path.relative_to(PACKAGE).as_posix()
-        calls |= {(relative, _name(node)[1]) for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.Call)}
+        calls |= {
+            (relative, _name(node)[1])
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Call)
+        }
     assert not set(ALLOWED) - calls, set(ALLOWED) - calls
 
 

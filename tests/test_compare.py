@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import refused, run_cli, save_random_lora
+
 from mergekit_seed.tools.compare import load_model, read_data, score_rows
 
 
@@ -17,8 +17,14 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-TEXTS = [{"text": t} for t in ("rev:abc=cba", "sort:dcb=bcd", "add:12+30=42", "next:abc=bcd", "dup:ab=aabb", "rev:xyz=zyx")]
-ANSWERS = [{"prompt": "rev:abc=", "answer": "cba"}, {"prompt": "add:1+2=", "answer": "3"}, {"prompt": "dup:xy=", "answer": "xxyy"}]
+TEXTS = [
+    {"text": t} for t in ("rev:abc=cba", "sort:dcb=bcd", "add:12+30=42", "next:abc=bcd", "dup:ab=aabb", "rev:xyz=zyx")
+]
+ANSWERS = [
+    {"prompt": "rev:abc=", "answer": "cba"},
+    {"prompt": "add:1+2=", "answer": "3"},
+    {"prompt": "dup:xy=", "answer": "xxyy"},
+]
 
 
 def test_perplexity_and_answer_logprob_equal_transformers_losses(tiny_family):
@@ -76,7 +82,11 @@ def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
     good, other = str(seeds[0]), str(save_tiny_llama(tmp_path / "other", seed=99))
     # answers are what `good` generates greedily; keep the prompts where `other` generates something else
     model, tokenizer = load_model(good, None, "cpu")
-    prompts = [f"{op}:{w}=" for op in ("rev", "sort", "dup", "next", "add") for w in ("abc", "xyz", "mno", "pq", "hij", "uvw", "12", "7")]
+    prompts = [
+        f"{op}:{w}="
+        for op in ("rev", "sort", "dup", "next", "add")
+        for w in ("abc", "xyz", "mno", "pq", "hij", "uvw", "12", "7")
+    ]
     rows = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
@@ -93,8 +103,24 @@ def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     twin = shutil.copytree(seeds[0], tmp_path / "twin")
 
-    result = run_cli("mergekit-seed", "compare", good, other, twin, "--data", data, "--out", tmp_path / "out",
-                     "--metric", "exact_match", "--reference", other, "--quiet", "--resamples", "2000")
+    result = run_cli(
+        "mergekit-seed",
+        "compare",
+        good,
+        other,
+        twin,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--metric",
+        "exact_match",
+        "--reference",
+        other,
+        "--quiet",
+        "--resamples",
+        "2000",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     # published reports name local models by their folders, never by the merging machine's paths
@@ -111,8 +137,34 @@ def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
     assert difference["verdict"] == "no detectable difference"
 
     # deterministic bootstrap for a fixed seed
-    run_cli("mergekit-seed", "compare", good, other, "--data", data, "--out", tmp_path / "a", "--quiet", "--seed", "4", check=True)
-    run_cli("mergekit-seed", "compare", good, other, "--data", data, "--out", tmp_path / "b", "--quiet", "--seed", "4", check=True)
+    run_cli(
+        "mergekit-seed",
+        "compare",
+        good,
+        other,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "a",
+        "--quiet",
+        "--seed",
+        "4",
+        check=True,
+    )
+    run_cli(
+        "mergekit-seed",
+        "compare",
+        good,
+        other,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "b",
+        "--quiet",
+        "--seed",
+        "4",
+        check=True,
+    )
     assert (tmp_path / "a" / "compare.json").read_text() == (tmp_path / "b" / "compare.json").read_text()
 
 
@@ -144,16 +196,17 @@ def test_bad_data_is_one_line(tiny_family, tmp_path, content, fragment):
     data = tmp_path / "d.jsonl"
     data.write_text(content)
     seeds = tiny_family[1]
-    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "out"), fragment)
+    refused(
+        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "out"), fragment
+    )
     assert not (tmp_path / "out").exists()
 
 
 def _spaced_tokenizer(folder: Path):
     """A character-level WordLevel tokenizer with no decoder: decode joins tokens with spaces."""
+    from tiny import TINY_VOCABULARY
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from tiny import TINY_VOCABULARY
 
     backend = Tokenizer(models.WordLevel(dict(TINY_VOCABULARY.index), unk_token="#"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -167,7 +220,11 @@ def _byte_level_bpe(folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     backend = ByteLevelBPETokenizer()
-    corpus = [f"{op}:{w}={w[::-1]} and more words" for op in ("rev", "sort", "dup") for w in ("abc", "xyz", "mno", "hello", "world")]
+    corpus = [
+        f"{op}:{w}={w[::-1]} and more words"
+        for op in ("rev", "sort", "dup")
+        for w in ("abc", "xyz", "mno", "hello", "world")
+    ]
     backend.train_from_iterator(corpus, vocab_size=300, min_frequency=1, show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, pad_token="<pad>")
     tokenizer.save_pretrained(folder)
@@ -178,9 +235,8 @@ def _byte_level_bpe(folder: Path):
 def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, kind):
     """The answer is the text of the tokens the model generates; decode joins a character
     vocabulary's tokens with spaces, which must not turn every hit into a miss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny import TINY_LLAMA
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "model"
     tokenizer = _spaced_tokenizer(folder) if kind == "decode inserts spaces" else _byte_level_bpe(folder)
@@ -188,7 +244,9 @@ def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, 
     model = LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, vocab_size=len(tokenizer)))).eval()
     model.save_pretrained(folder)
     rows = []
-    for prompt in [f"{op}:{w}=" for op in ("rev", "sort", "dup") for w in ("abc", "xyz", "mno", "hello", "world", "pq")]:
+    for prompt in [
+        f"{op}:{w}=" for op in ("rev", "sort", "dup") for w in ("abc", "xyz", "mno", "hello", "world", "pq")
+    ]:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             for _ in range(3):
@@ -198,14 +256,31 @@ def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, 
             answer = "".join(tokenizer.convert_ids_to_tokens(generated))  # the characters themselves
         else:
             answer = tokenizer.decode(generated)
-        if answer.strip() == answer and answer and tokenizer(answer, add_special_tokens=False)["input_ids"] == generated:
+        if (
+            answer.strip() == answer
+            and answer
+            and tokenizer(answer, add_special_tokens=False)["input_ids"] == generated
+        ):
             rows.append({"prompt": prompt, "answer": answer})
     assert len(rows) >= 5
     if kind == "decode inserts spaces":
         assert " " in tokenizer.decode(tokenizer(rows[0]["answer"], add_special_tokens=False)["input_ids"])
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     twin = shutil.copytree(folder, tmp_path / "twin")
-    run_cli("mergekit-seed", "compare", folder, twin, "--data", data, "--metric", "exact_match", "--out", tmp_path / "out", "--quiet", check=True)
+    run_cli(
+        "mergekit-seed",
+        "compare",
+        folder,
+        twin,
+        "--data",
+        data,
+        "--metric",
+        "exact_match",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        check=True,
+    )
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert report["models"][folder.name]["score"] == 1.0
 
@@ -217,9 +292,25 @@ def test_a_model_without_tokenizer_is_refused_and_tokenizer_names_one(tiny_famil
     for name in ("config.json", "model.safetensors"):
         shutil.copy(seeds[0] / name, bare)
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
-    refused(run_cli("mergekit-seed", "compare", bare, seeds[1], "--data", data, "--out", tmp_path / "out"),
-            f"{bare}: no tokenizer files", "--tokenizer")
-    run_cli("mergekit-seed", "compare", bare, seeds[0], "--data", data, "--tokenizer", base, "--out", tmp_path / "out", "--quiet", check=True)
+    refused(
+        run_cli("mergekit-seed", "compare", bare, seeds[1], "--data", data, "--out", tmp_path / "out"),
+        f"{bare}: no tokenizer files",
+        "--tokenizer",
+    )
+    run_cli(
+        "mergekit-seed",
+        "compare",
+        bare,
+        seeds[0],
+        "--data",
+        data,
+        "--tokenizer",
+        base,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        check=True,
+    )
     same = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert next(iter(same["versus_reference"].values()))["mean"] == 0.0  # same weights, same tokenizer
 
@@ -227,12 +318,27 @@ def test_a_model_without_tokenizer_is_refused_and_tokenizer_names_one(tiny_famil
 def test_a_model_given_twice_is_said_and_cuda_without_a_gpu_names_scoring(tiny_family, tmp_path):
     seeds = tiny_family[1]
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS)
-    result = run_cli("mergekit-seed", "compare", seeds[0], seeds[1], seeds[0], "--data", data, "--out", tmp_path / "out", "--quiet", check=True)
+    result = run_cli(
+        "mergekit-seed",
+        "compare",
+        seeds[0],
+        seeds[1],
+        seeds[0],
+        "--data",
+        data,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        check=True,
+    )
     assert f"{seeds[0]} is given twice" in result.stdout
     assert len(json.loads((tmp_path / "out" / "compare.json").read_text())["models"]) == 2
     if not torch.cuda.is_available():
-        refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--cuda"),
-                "--cuda", "score on the CPU")
+        refused(
+            run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--cuda"),
+            "--cuda",
+            "score on the CPU",
+        )
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
@@ -248,13 +354,18 @@ def test_an_example_longer_than_the_context_is_one_line(tiny_family, tmp_path, a
         for index in range(2):
             torch.manual_seed(index)
             folder = tmp_path / f"gpt2-{index}"
-            GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)).save_pretrained(folder)
+            GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)).save_pretrained(
+                folder
+            )
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(seeds[0] / name, folder)
             models.append(folder)
     data = write_jsonl(tmp_path / "d.jsonl", TEXTS[:2] + [{"text": "rev:" + "abc" * 100}])
-    refused(run_cli("mergekit-seed", "compare", *models, "--data", data, "--out", tmp_path / "out", "--quiet"),
-            "example 3:", "more than the model's context of 64")
+    refused(
+        run_cli("mergekit-seed", "compare", *models, "--data", data, "--out", tmp_path / "out", "--quiet"),
+        "example 3:",
+        "more than the model's context of 64",
+    )
 
 
 def test_greedy_continuation_is_the_argmax_whatever_the_model_generation_config(tiny_family):

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli
+
+from mergekit_seed.references.weights import load_weights
 from mergekit_seed.tools.analysis import subspace_similarity
 from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
-from mergekit_seed.references.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,11 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
     assert "## Reproduce" in (out / "merges" / "full" / "seedft" / "README.md").read_text()
     # compare's table names the models as the user's --out names them, not by absolute paths
     table = (out / "compare" / "compare.md").read_text()
-    assert "| out/models/full/seed0 |" in table and str(out) not in table and "examples of out/compare-data.jsonl" in table
+    assert (
+        "| out/models/full/seed0 |" in table
+        and str(out) not in table
+        and "examples of out/compare-data.jsonl" in table
+    )
 
 
 def test_demo_merges_and_evaluation_are_deterministic(quick_demo):
@@ -94,13 +98,25 @@ def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
     assert not ((prompts[1] | prompts[2]) & pretraining_prompts(config.base))
     # seed1 is best on validation, seed2 on test: the verdict must use seed1's test answers
     n = len(test)
+
     def model(validation_hits, test_hits):
-        return {"validation": {"all": validation_hits / n, "correct": [1] * validation_hits + [0] * (n - validation_hits)},
-                "test": {"all": test_hits / n, "correct": [1] * test_hits + [0] * (n - test_hits)}}
-    setting = {"seed0": model(10, 10), "seed1": model(30, 20), "seed2": model(20, 40), **{m: model(25, 25) for m in ("seedft", "seedlora_dm", "seedlora_twostage", "lore", "linear", "ties", "dare_ties")}}
+        return {
+            "validation": {"all": validation_hits / n, "correct": [1] * validation_hits + [0] * (n - validation_hits)},
+            "test": {"all": test_hits / n, "correct": [1] * test_hits + [0] * (n - test_hits)},
+        }
+
+    setting = {
+        "seed0": model(10, 10),
+        "seed1": model(30, 20),
+        "seed2": model(20, 40),
+        **{
+            m: model(25, 25)
+            for m in ("seedft", "seedlora_dm", "seedlora_twostage", "lore", "linear", "ties", "dare_ties")
+        },
+    }
     for split in ("validation", "test"):
         for entry in setting.values():
-            entry[split].update({skill: entry[split]["all"] for skill in SKILLS})
+            entry[split].update(dict.fromkeys(SKILLS, entry[split]["all"]))
     results = summarise([{"lora": setting, "sera": setting, "full": setting}], config)
     entry = results["settings"]["lora"]
     assert entry["best_seed_by_validation"] == ["seed1"]
@@ -122,7 +138,12 @@ def test_fine_tuning_is_deterministic_for_a_seed(tmp_path):
     from mergekit_seed.tools.demo.train import BaseConfig, FinetuneConfig, build_base, finetune
 
     vocabulary = CharVocabulary()
-    base = build_base(tmp_path / "base", BaseConfig(pretrain_steps=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1), vocabulary, quiet=True)
+    base = build_base(
+        tmp_path / "base",
+        BaseConfig(pretrain_steps=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+        vocabulary,
+        quiet=True,
+    )
     train = make_examples(20, 0)
     config = FinetuneConfig("lora", steps=5, lr=1e-2)
     a = finetune(base, tmp_path / "a", train, config, 7, vocabulary, quiet=True)
@@ -147,7 +168,9 @@ def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
     name = report["spectra"]["weight"]
     deltas = [(w[name] - base_weights[name]).double() for w in seed_weights]
     S = torch.linalg.svdvals(deltas[0])
-    torch.testing.assert_close(torch.tensor(report["spectra"]["seeds"][seeds[0].name], dtype=torch.float64), S, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        torch.tensor(report["spectra"]["seeds"][seeds[0].name], dtype=torch.float64), S, rtol=1e-6, atol=1e-9
+    )
     U = [torch.linalg.svd(d).U for d in deltas]
     heatmap = report["spectra"]["subspace_heatmap_0_1"]
     assert heatmap[1][3] == pytest.approx(float((U[0][:, :2].T @ U[1][:, :4]).pow(2).sum() / 2), rel=1e-6)
@@ -166,7 +189,10 @@ def test_analyze_reads_adapters_without_a_base(tmp_path):
     from tiny import save_tiny_llama
 
     base = save_tiny_llama(tmp_path / "base")
-    seeds = [save_random_lora(base, tmp_path / "a", r=4, seed=1), save_random_sera(base, tmp_path / "b", r=4, split=2, seed=2)]
+    seeds = [
+        save_random_lora(base, tmp_path / "a", r=4, seed=1),
+        save_random_sera(base, tmp_path / "b", r=4, split=2, seed=2),
+    ]
     result = run_cli("mergekit-seed", "analyze", *seeds, "--out", tmp_path / "an", "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "an" / "analysis.json").read_text())
@@ -199,11 +225,15 @@ def test_the_documented_results_are_the_shipped_results_files():
     pinned = (root / "constraints.txt").read_text().splitlines()
     for file in files:
         results = json.loads(file.read_text())
-        assert results["config"] == json.loads(json.dumps(DemoConfig().to_dict())), file  # the current full configuration and protocol
+        assert results["config"] == json.loads(json.dumps(DemoConfig().to_dict())), (
+            file
+        )  # the current full configuration and protocol
         assert results["experiments"] >= 3
         capabilities.append(results["environment"]["cpu_capability"])
         assert file.name == f"demo-results-{capabilities[-1].lower()}.json"
-        for setting, entry in results["settings"].items():  # the regime the papers study, on the seeds alone (validation)
+        for setting, entry in results[
+            "settings"
+        ].items():  # the regime the papers study, on the seeds alone (validation)
             regime = entry["regime_on_validation"]
             assert all(0.2 <= value <= 0.9 for value in regime["mean_seed_per_skill"].values()), (file, setting)
             assert regime["disagreement"] >= 0.1, (file, setting)
@@ -239,7 +269,6 @@ def test_the_demo_says_where_its_numbers_fall_against_the_shipped_ones():
     assert "not comparable" in explain(quick, shipped())[1]
 
 
-
 def test_the_documented_scale_ladder_is_the_shipped_one():
     """docs/demo.md's scale table is benchmarks/demo_scale.py's table of docs/demo-scale.json,
     three sizes of the same task, each a full experiment of the current protocol."""
@@ -251,12 +280,17 @@ def test_the_documented_scale_ladder_is_the_shipped_one():
     demo_scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo_scale)
     by_size = json.loads((root / "docs" / "demo-scale.json").read_text())
-    assert len(by_size) == 3 and [results["parameters"] for results in by_size.values()] == sorted(r["parameters"] for r in by_size.values())
+    assert len(by_size) == 3 and [results["parameters"] for results in by_size.values()] == sorted(
+        r["parameters"] for r in by_size.values()
+    )
     page = (root / "docs" / "demo.md").read_text()
     section = page.split("<!-- scale:begin -->\n", 1)[1].split("<!-- scale:end -->", 1)[0]
     assert section.strip() == demo_scale.table(by_size).strip()
     for size, results in by_size.items():
-        assert results["config"] == json.loads(json.dumps(demo_scale.config_for(size).to_dict())) and results["experiments"] == 1
+        assert (
+            results["config"] == json.loads(json.dumps(demo_scale.config_for(size).to_dict()))
+            and results["experiments"] == 1
+        )
 
 
 def test_the_documented_regime_of_a_shorter_demo_is_the_measured_one():
@@ -267,9 +301,18 @@ def test_the_documented_regime_of_a_shorter_demo_is_the_measured_one():
 
     root = Path(__file__).parent.parent
     reports = json.loads((root / "benchmarks" / "demo-regime-shrink.json").read_text())
-    section = re.search(r"<!-- shrink:begin -->(.*?)<!-- shrink:end -->", (root / "docs" / "demo.md").read_text(), re.S).group(1)
+    section = re.search(
+        r"<!-- shrink:begin -->(.*?)<!-- shrink:end -->", (root / "docs" / "demo.md").read_text(), re.S
+    ).group(1)
     for setting, label in (("lora", "LoRA"), ("sera", "SeRA"), ("full", "full")):
-        below = [f"{skill} {100 * value:.1f}%" for skill, value in reports["steps_200"][setting]["mean_seed_per_skill"].items() if value < 0.2]
+        below = [
+            f"{skill} {100 * value:.1f}%"
+            for skill, value in reports["steps_200"][setting]["mean_seed_per_skill"].items()
+            if value < 0.2
+        ]
         assert below and f"  - {label}: {', '.join(below)}" in section
     half = reports["pretrain_400_lora"]
-    assert f"at {100 * half['base_accuracy_all']:.1f}% accuracy" in section and f"at {100 * half['mean_seed_accuracy']:.1f}%." in section
+    assert (
+        f"at {100 * half['base_accuracy_all']:.1f}% accuracy" in section
+        and f"at {100 * half['mean_seed_accuracy']:.1f}%." in section
+    )

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, write_recipe
+
 from mergekit_seed.maths.kernels.lore import lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
 from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_dm_factored, seedlora_twostage
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.references.weights import load_weights
+
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "eye", "arange", "tensor", "Generator"}
@@ -44,7 +45,9 @@ def test_every_tensor_factory_in_the_math_names_its_device():
         assert not missing, f"{path.name}: {missing}"
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
 def test_dtype_policy(dtype, expected):
     tau = [torch.randn(6, 5).to(dtype) for _ in range(3)]
     for kernel in (seedft, seedlora_dm, seedlora_twostage, lore):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+
 REPO = Path(__file__).parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^ *```(?:bash|sh)\n(.*?)^ *```", re.S | re.M)
@@ -28,15 +29,20 @@ NOT_OFFLINE = {
     "pip install": "installs packages from an index",
     "mergekit-seed demo --out demo-out": "the demo (tests/test_demo.py runs it with --quick)",
     "hf upload": "uploads to the Hugging Face Hub",
-    "mergekit-seed reproduce me/llama-seedft": "reads a Hub repository (tests/test_hub.py reproduces from a local Hub cache)",
+    "mergekit-seed reproduce "
+    "me/llama-seedft": "reads a Hub repository (tests/test_hub.py reproduces from a local Hub cache)",
     "for model in": "a loop of lm-eval runs with vLLM on real models",
     "lm_eval ": "lm-eval on real models and datasets (vLLM, or a 7B model)",
     "done": "the end of the lm-eval loop above",
     "accelerate launch": "lm-eval under accelerate on real models",
-    "mergekit-seed compare --lm-eval": "compares the folders the lm_eval commands above write (tests/test_harness.py builds such folders)",
-    "mergekit-seed compare runs/seed0 runs/seed1 runs/seed2 merged/seedft --tasks": "downloads gsm8k and arc_easy, and asks for a GPU",
-    "mergekit-seed select ... --dry-run": "elided arguments: the command above with --dry-run (tests/test_select.py runs it)",
-    "mergekit-seed select SEEDS... --base BASE --validation-tasks arc_easy_val": "downloads ARC-Easy (tests/test_select.py runs local lm-eval tasks)",
+    "mergekit-seed compare "
+    "--lm-eval": "compares the folders the lm_eval commands above write (tests/test_harness.py builds such folders)",
+    "mergekit-seed compare runs/seed0 runs/seed1 runs/seed2 merged/seedft "
+    "--tasks": "downloads gsm8k and arc_easy, and asks for a GPU",
+    "mergekit-seed select ... "
+    "--dry-run": "elided arguments: the command above with --dry-run (tests/test_select.py runs it)",
+    "mergekit-seed select SEEDS... --base BASE --validation-tasks "
+    "arc_easy_val": "downloads ARC-Easy (tests/test_select.py runs local lm-eval tasks)",
 }
 
 
@@ -85,14 +91,24 @@ def workspace(folder: Path, models) -> dict:
     (folder / "runs").mkdir()
     for index, name in enumerate(["seed0", "seed1", "seed2", "seed42", "seed87", "seed100"]):
         (folder / "runs" / name).symlink_to(seeds[index % 3])
-    recipe = re.search(r"```yaml\n(# seedft.yml.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    recipe = re.search(r"```yaml\n(# seedft.yml.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S).group(
+        1
+    )
     for name, path in names.items():
         recipe = recipe.replace(name, str(path)) if name.startswith("/") else recipe
     for file in ("seedft.yml", "recipe.yml"):  # the README's recipe, on the tiny models
         (folder / file).write_text(recipe)
-    (folder / "lore.yml").write_text(recipe.replace("merge_method: seedft", "merge_method: lore").replace("lambda: auto", "lambda: 1.0"))
-    (folder / "base-plus-adapters.yml").write_text(recipe_text("seedlora_dm", base, [f"{base}+{lora}" for lora in loras]))
-    rows = [{"prompt": f"{op}:{word}=", "answer": word[::-1]} for op in ("rev", "sort", "dup") for word in ("abc", "xyz", "mno", "pq", "hij", "uvw")]
+    (folder / "lore.yml").write_text(
+        recipe.replace("merge_method: seedft", "merge_method: lore").replace("lambda: auto", "lambda: 1.0")
+    )
+    (folder / "base-plus-adapters.yml").write_text(
+        recipe_text("seedlora_dm", base, [f"{base}+{lora}" for lora in loras])
+    )
+    rows = [
+        {"prompt": f"{op}:{word}=", "answer": word[::-1]}
+        for op in ("rev", "sort", "dup")
+        for word in ("abc", "xyz", "mno", "pq", "hij", "uvw")
+    ]
     for name, part in (("heldout.jsonl", rows), ("val.jsonl", rows[::2]), ("test.jsonl", rows[1::2])):
         (folder / name).write_text("".join(json.dumps(row) + "\n" for row in part))
     return names
@@ -123,11 +139,20 @@ def test_every_documented_command_runs_offline_or_says_why_not(block, models, tm
     names = workspace(tmp_path, models)
     for command in block:
         if _skip_reason(command) is None:
-            assert command.split()[0] in ("mergekit-seed", "mergekit-yaml", "cat"), f"{command}: neither run here nor listed in NOT_OFFLINE"
+            assert command.split()[0] in ("mergekit-seed", "mergekit-yaml", "cat"), (
+                f"{command}: neither run here nor listed in NOT_OFFLINE"
+            )
             run(command, names, tmp_path)
 
 
 def test_every_listed_command_is_still_in_the_docs():
-    documented = [command for page in PAGES for match in BLOCK.finditer(page.read_text(encoding="utf-8")) for command in commands(match.group(1))]
+    documented = [
+        command
+        for page in PAGES
+        for match in BLOCK.finditer(page.read_text(encoding="utf-8"))
+        for command in commands(match.group(1))
+    ]
     for start in NOT_OFFLINE:
-        assert any(command.startswith(start) for command in documented), f"{start}: no longer in the docs; drop it from NOT_OFFLINE"
+        assert any(command.startswith(start) for command in documented), (
+            f"{start}: no longer in the docs; drop it from NOT_OFFLINE"
+        )

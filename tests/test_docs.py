@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
+
 
 REPO = Path(__file__).parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -89,8 +89,11 @@ FIGURE_SOURCES = {
     "docs/select.md": ["benchmarks/select-bench.json"] + BENCHMARKS,
     "README.md": ["benchmarks/demo-timing.json"],
     "docs/demo.md": [
-        "docs/demo-results-default.json", "docs/demo-results-avx2.json", "docs/demo-scale.json",
-        "benchmarks/demo-regime-shrink.json", "benchmarks/demo-timing.json",
+        "docs/demo-results-default.json",
+        "docs/demo-results-avx2.json",
+        "docs/demo-scale.json",
+        "benchmarks/demo-regime-shrink.json",
+        "benchmarks/demo-timing.json",
     ],
     "docs/methods/lore.md": BENCHMARKS,
     "docs/methods/seedft.md": BENCHMARKS,
@@ -146,18 +149,21 @@ def rounds_to(measured: str, quoted: str, unit: str) -> bool:
     # a tie either way: a file may hold 23.15 for the 23.149 a report printed as 23.1
     return any(
         value.quantize(Decimal(1).scaleb(places), rounding=rounding) == Decimal(quoted)
-        for value in values for rounding in (ROUND_HALF_UP, ROUND_HALF_DOWN)
+        for value in values
+        for rounding in (ROUND_HALF_UP, ROUND_HALF_DOWN)
     )
 
 
 def unsourced_figures(text: str, measured: list) -> list:
     text = GENERATED.sub("", text)
-    comments = re.findall(r"(?:^|\s)# (.*)", "\n".join(re.findall(r"```.*?```", text, re.S)))  # a command's comment is prose
+    comments = re.findall(
+        r"(?:^|\s)# (.*)", "\n".join(re.findall(r"```.*?```", text, re.S))
+    )  # a command's comment is prose
     text = CODE.sub("", text) + "\n" + "\n".join(comments)
     missing = []
     for match in FIGURE.finditer(text):
         figure = match.group(0).strip()
-        if figure in NOT_MEASURED or GOAL.search(text[max(0, match.start() - 9):match.start()]):
+        if figure in NOT_MEASURED or GOAL.search(text[max(0, match.start() - 9) : match.start()]):
             continue
         for number in filter(None, (match.group("low"), match.group("high"))):
             if not any(rounds_to(value, number, match.group("unit")) for value in measured):

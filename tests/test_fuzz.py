@@ -19,11 +19,11 @@ from typing import Any, List, Tuple
 import pytest
 import torch
 import yaml
+from conftest import run_cli, tree_hashes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from conftest import run_cli, tree_hashes
 
 FUZZ = settings(
     max_examples=80,
@@ -32,7 +32,22 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-MUTATIONS = ("list", "mapping", "string", "integer", "boolean", "null", "nan", "inf", "-inf", "zero", "negative", "huge", "missing", "extra")
+MUTATIONS = (
+    "list",
+    "mapping",
+    "string",
+    "integer",
+    "boolean",
+    "null",
+    "nan",
+    "inf",
+    "-inf",
+    "zero",
+    "negative",
+    "huge",
+    "missing",
+    "extra",
+)
 
 
 def field_paths(document: Any, prefix: Tuple = ()) -> List[Tuple]:
@@ -87,7 +102,9 @@ def mutations(document: Any):
     return st.tuples(st.sampled_from(field_paths(document)), st.sampled_from(MUTATIONS))
 
 
-def assert_contract(result, out: Path, inputs_before: dict, roots: List[Path], merged_before_failing: bool = False) -> None:
+def assert_contract(
+    result, out: Path, inputs_before: dict, roots: List[Path], merged_before_failing: bool = False
+) -> None:
     """Exit 0 with finite weights, or exit 1 with error lines; no traceback, no staging, inputs
     unchanged. ``merged_before_failing``: the command may fail after publishing a merge
     (``reproduce --check`` finding a difference), which must be finite all the same."""
@@ -134,10 +151,19 @@ def checkpoints(tiny_family):
 
 
 def recipe_document(method: str, base: Path, seeds: List[Path]) -> dict:
-    models = [{"model": str(seeds[0]), "parameters": {"weight": 1.0}}, {"model": str(seeds[1]), "parameters": {"weight": 2.0}}]
+    models = [
+        {"model": str(seeds[0]), "parameters": {"weight": 1.0}},
+        {"model": str(seeds[1]), "parameters": {"weight": 2.0}},
+    ]
     if method != "seedlora_dm":
         models = [{"model": str(seed)} for seed in seeds]
-    return {"merge_method": method, "base_model": str(base), "models": models, "parameters": dict(METHOD_PARAMETERS[method]), "dtype": "float32"}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": dict(METHOD_PARAMETERS[method]),
+        "dtype": "float32",
+    }
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_PARAMETERS))
@@ -175,8 +201,15 @@ def test_mutated_adapter_configs_keep_the_contract(tiny_loras, output, data):
     with tempfile.TemporaryDirectory() as folder:
         copies = [shutil.copytree(seed, Path(folder) / seed.name) for seed in seeds]
         broken = mutated(config, path, kind) if whole is None or data.draw(st.booleans()) else whole
-        (copies[1] / "adapter_config.json").write_text(json.dumps(broken), encoding="utf-8")  # NaN/Infinity as json writes them
-        document = {"merge_method": method, "base_model": str(base), "models": [{"model": str(c)} for c in copies], "output": {"format": output}}
+        (copies[1] / "adapter_config.json").write_text(
+            json.dumps(broken), encoding="utf-8"
+        )  # NaN/Infinity as json writes them
+        document = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(c)} for c in copies],
+            "output": {"format": output},
+        }
         recipe = dump(Path(folder) / "r.yml", document)
         out = Path(folder) / "out"
         roots = [base, *copies]

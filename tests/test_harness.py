@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import refused, run_cli, save_random_lora
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import refused, run_cli, save_random_lora
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -60,8 +60,22 @@ def lm_eval(tasks_folder: Path, out: Path, model_args: str, *extra: str) -> Path
     """lm-eval's own command line, in-process; returns the model's output folder."""
     import lm_eval.__main__
 
-    argv = ["lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", TASKS, "--include_path", str(tasks_folder),
-            "--output_path", str(out), "--device", "cpu", *extra]
+    argv = [
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        TASKS,
+        "--include_path",
+        str(tasks_folder),
+        "--output_path",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
     saved, sys.argv = sys.argv, argv
     try:
         lm_eval.__main__.cli_evaluate()
@@ -107,12 +121,20 @@ def harness(tmp_path_factory):
     picks, texts = {}, {}
     for name, model in (("good", good), ("other", other)):
         folder = lm_eval(probe_tasks, root / f"probe-{name}", f"pretrained={model}", "--log_samples")
-        picks[name] = {row["doc_id"]: max(range(3), key=lambda i: float(row["filtered_resps"][i][0])) for row in samples(folder, "tiny_mc")}
+        picks[name] = {
+            row["doc_id"]: max(range(3), key=lambda i: float(row["filtered_resps"][i][0]))
+            for row in samples(folder, "tiny_mc")
+        }
         texts[name] = {row["doc_id"]: row["filtered_resps"][0] for row in samples(folder, "tiny_gen")}
     docs = []
     for doc_id, doc in enumerate(probe_docs):
         text = texts["good"][doc_id]
-        if picks["good"][doc_id] != picks["other"][doc_id] and text and text == text.strip() and text != texts["other"][doc_id]:
+        if (
+            picks["good"][doc_id] != picks["other"][doc_id]
+            and text
+            and text == text.strip()
+            and text != texts["other"][doc_id]
+        ):
             docs.append(dict(doc, gold=picks["good"][doc_id], answer=text))
     assert len(docs) >= 10, "the probe left too few documents to tell the models apart"
     data = root / "data.jsonl"
@@ -122,7 +144,16 @@ def harness(tmp_path_factory):
         name: lm_eval(tasks, root / "runs" / name, f"pretrained={model}", "--log_samples")
         for name, model in (("good", good), ("other", other), ("twin", twin))
     }
-    return {"root": root, "good": good, "other": other, "twin": twin, "tasks": tasks, "data": data, "runs": runs, "documents": len(docs)}
+    return {
+        "root": root,
+        "good": good,
+        "other": other,
+        "twin": twin,
+        "tasks": tasks,
+        "data": data,
+        "runs": runs,
+        "documents": len(docs),
+    }
 
 
 def compare_json(out: Path) -> dict:
@@ -131,8 +162,22 @@ def compare_json(out: Path) -> dict:
 
 def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_path):
     runs = harness["runs"]
-    result = run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], runs["twin"], "--out", tmp_path / "c", check=True)
-    assert "tiny_mc" in result.stdout and (tmp_path / "c" / "compare.md").is_file() and (tmp_path / "c" / "compare.png").is_file()
+    result = run_cli(
+        "mergekit-seed",
+        "compare",
+        "--lm-eval",
+        runs["good"],
+        runs["other"],
+        runs["twin"],
+        "--out",
+        tmp_path / "c",
+        check=True,
+    )
+    assert (
+        "tiny_mc" in result.stdout
+        and (tmp_path / "c" / "compare.md").is_file()
+        and (tmp_path / "c" / "compare.png").is_file()
+    )
     report = compare_json(tmp_path / "c")
     # the runs name their models by absolute paths; the published report, by their folder names
     published = {name: harness[name].name for name in ("good", "other", "twin")}
@@ -159,8 +204,20 @@ def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_p
     assert pooled["versus_reference"][published["twin"]]["mean"] == 0.0
     assert pooled["versus_reference"][published["other"]]["groups"] == 2
     # --reference and --metric choose the comparison; the other model is better than... nothing
-    run_cli("mergekit-seed", "compare", "--lm-eval", runs["good"], runs["other"], "--reference", str(harness["other"]),
-            "--metric", "acc_norm", "--out", tmp_path / "r", check=True)
+    run_cli(
+        "mergekit-seed",
+        "compare",
+        "--lm-eval",
+        runs["good"],
+        runs["other"],
+        "--reference",
+        str(harness["other"]),
+        "--metric",
+        "acc_norm",
+        "--out",
+        tmp_path / "r",
+        check=True,
+    )
     report = compare_json(tmp_path / "r")
     assert report["pooled"]["metrics"] == {"tiny_mc": "acc_norm,none"}
     assert report["pooled"]["versus_reference"][published["good"]]["verdict"] == "better"
@@ -170,7 +227,9 @@ def test_an_output_path_with_every_model_is_one_argument(harness, tmp_path):
     together = tmp_path / "all"
     for name in ("good", "other"):
         shutil.copytree(harness["runs"][name], together / name)
-    run_cli("mergekit-seed", "compare", "--lm-eval", together, "--out", tmp_path / "c", "--tasks", "tiny_mc", check=True)
+    run_cli(
+        "mergekit-seed", "compare", "--lm-eval", together, "--out", tmp_path / "c", "--tasks", "tiny_mc", check=True
+    )
     report = compare_json(tmp_path / "c")
     assert len(report["models"]) == 2 and {entry["task"] for entry in report["tasks"]} == {"tiny_mc"}
 
@@ -180,33 +239,85 @@ def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_
     gives them (the adapter through lm-eval's peft= argument)."""
     adapter = save_random_lora(harness["good"], tmp_path / "lora", r=4, seed=3)
     result = run_cli(
-        "mergekit-seed", "compare", harness["other"], adapter, "--base", harness["good"], "--tasks", TASKS,
-        "--include-path", harness["tasks"], "--limit", "6", "--batch-size", "1", "--out", tmp_path / "c", "--quiet", check=True,
+        "mergekit-seed",
+        "compare",
+        harness["other"],
+        adapter,
+        "--base",
+        harness["good"],
+        "--tasks",
+        TASKS,
+        "--include-path",
+        harness["tasks"],
+        "--limit",
+        "6",
+        "--batch-size",
+        "1",
+        "--out",
+        tmp_path / "c",
+        "--quiet",
+        check=True,
     )
     assert "Pooled over tasks" in result.stdout
     report = compare_json(tmp_path / "c")
     assert set(report["models"]) == {harness["other"].name, adapter.name}  # published by folder name, not path
     cli_runs = {
-        harness["other"].name: lm_eval(harness["tasks"], tmp_path / "cli-other", f"pretrained={harness['other']}", "--log_samples", "--limit", "6"),
-        adapter.name: lm_eval(harness["tasks"], tmp_path / "cli-lora", f"pretrained={harness['good']},peft={adapter}", "--log_samples", "--limit", "6"),
+        harness["other"].name: lm_eval(
+            harness["tasks"], tmp_path / "cli-other", f"pretrained={harness['other']}", "--log_samples", "--limit", "6"
+        ),
+        adapter.name: lm_eval(
+            harness["tasks"],
+            tmp_path / "cli-lora",
+            f"pretrained={harness['good']},peft={adapter}",
+            "--log_samples",
+            "--limit",
+            "6",
+        ),
     }
     for entry in report["tasks"]:
         assert entry["examples"] == 6
         for model, folder in cli_runs.items():
             (results_file,) = folder.glob("results_*.json")
             expected = json.loads(results_file.read_text())["results"][entry["task"]][entry["metric"]]
-            assert entry["scores"][model] == pytest.approx(expected, abs=1e-12), (model, entry["task"], entry["metric"])
+            assert entry["scores"][model] == pytest.approx(expected, abs=1e-12), (
+                model,
+                entry["task"],
+                entry["metric"],
+            )
     # the runs it made are lm-eval's own files, comparable again with --lm-eval
-    run_cli("mergekit-seed", "compare", "--lm-eval", tmp_path / "c" / "lm-eval", "--out", tmp_path / "again", check=True)
+    run_cli(
+        "mergekit-seed", "compare", "--lm-eval", tmp_path / "c" / "lm-eval", "--out", tmp_path / "again", check=True
+    )
     assert compare_json(tmp_path / "again")["tasks"] == report["tasks"]
     # its runs are part of the report, recorded relative to it; a file the user adds there is never replaced
     assert all(folder.startswith("lm-eval/") for folder in report["lm_eval_runs"].values())
     (tmp_path / "c" / "lm-eval" / "notes.txt").write_text("mine")
-    refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--base", harness["good"], "--tasks", TASKS,
-                    "--include-path", harness["tasks"], "--out", tmp_path / "c"), "lm-eval/notes.txt", "was not written by it")
+    refused(
+        run_cli(
+            "mergekit-seed",
+            "compare",
+            harness["other"],
+            adapter,
+            "--base",
+            harness["good"],
+            "--tasks",
+            TASKS,
+            "--include-path",
+            harness["tasks"],
+            "--out",
+            tmp_path / "c",
+        ),
+        "lm-eval/notes.txt",
+        "was not written by it",
+    )
     assert (tmp_path / "c" / "lm-eval" / "notes.txt").read_text() == "mine"
-    refused(run_cli("mergekit-seed", "compare", harness["other"], adapter, "--tasks", "no_such_task", "--out", tmp_path / "n"),
-            "no_such_task", "--include-path")
+    refused(
+        run_cli(
+            "mergekit-seed", "compare", harness["other"], adapter, "--tasks", "no_such_task", "--out", tmp_path / "n"
+        ),
+        "no_such_task",
+        "--include-path",
+    )
 
 
 def _copy_run(folder: Path, to: Path) -> Path:
@@ -224,7 +335,12 @@ def test_runs_that_cannot_be_paired_are_refused_in_one_line(harness, tmp_path):
     fewshot = lm_eval(tasks, tmp_path / "fewshot", f"pretrained={other}", "--log_samples", "--num_fewshot", "1")
     refused(run_cli(*compare, runs["good"], fewshot, *out), str(fewshot), "-shot", "--num_fewshot")
 
-    versioned = lm_eval(write_tasks(tmp_path / "v2", harness["data"], version=2.0), tmp_path / "versioned", f"pretrained={other}", "--log_samples")
+    versioned = lm_eval(
+        write_tasks(tmp_path / "v2", harness["data"], version=2.0),
+        tmp_path / "versioned",
+        f"pretrained={other}",
+        "--log_samples",
+    )
     refused(run_cli(*compare, runs["good"], versioned, *out), str(versioned), "version")
 
     no_samples = lm_eval(tasks, tmp_path / "no-samples", f"pretrained={other}")
@@ -262,7 +378,7 @@ def test_an_lm_eval_run_is_read_only_from_inside_its_folder(harness, tmp_path, w
     outside = tmp_path / "outside"
     outside.mkdir()
     (results_file,) = run.glob("results_*.json")
-    date = results_file.stem[len("results_"):]
+    date = results_file.stem[len("results_") :]
     if what == "samples file":
         (samples_file,) = run.glob("samples_tiny_mc_*.jsonl")
         moved = shutil.move(samples_file, outside / samples_file.name)
@@ -277,23 +393,55 @@ def test_an_lm_eval_run_is_read_only_from_inside_its_folder(harness, tmp_path, w
         results_file.write_text(json.dumps(results))
         (samples_gen,) = run.glob("samples_tiny_gen_*.jsonl")
         shutil.copy(samples_gen, outside / f"stolen_{date}.jsonl")
-        (run / f"samples_x").mkdir()
-    refused(run_cli("mergekit-seed", "compare", "--lm-eval", harness["runs"]["good"], run, "--out", tmp_path / "out"),
-            "leads outside the run folder", out=tmp_path / "out")
+        (run / "samples_x").mkdir()
+    refused(
+        run_cli("mergekit-seed", "compare", "--lm-eval", harness["runs"]["good"], run, "--out", tmp_path / "out"),
+        "leads outside the run folder",
+        out=tmp_path / "out",
+    )
 
 
 # generated lm-eval files: one place of a run's results or samples replaced by a hostile value
-HOSTILE_VALUES = st.sampled_from(["list", "mapping", "string", "nan", "inf", "past-float", "huge-int", "missing", "null"])
+HOSTILE_VALUES = st.sampled_from(
+    ["list", "mapping", "string", "nan", "inf", "past-float", "huge-int", "missing", "null"]
+)
 
 
 def _hostile(kind: str):
-    return {"list": [1, 2], "mapping": {"a": 1}, "string": "x", "nan": float("nan"), "inf": float("inf"),
-            "past-float": 1e308 * 10, "huge-int": 10**400, "null": None}[kind]
+    return {
+        "list": [1, 2],
+        "mapping": {"a": 1},
+        "string": "x",
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "past-float": 1e308 * 10,
+        "huge-int": 10**400,
+        "null": None,
+    }[kind]
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(where=st.sampled_from(["versions", "n-shot", "results", "results.task", "results.metric", "higher_is_better", "configs", "config",
-                              "sample.metric", "sample.metrics", "sample.doc_id"]), kind=HOSTILE_VALUES, row=st.integers(0, 5))
+@settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    where=st.sampled_from(
+        [
+            "versions",
+            "n-shot",
+            "results",
+            "results.task",
+            "results.metric",
+            "higher_is_better",
+            "configs",
+            "config",
+            "sample.metric",
+            "sample.metrics",
+            "sample.doc_id",
+        ]
+    ),
+    kind=HOSTILE_VALUES,
+    row=st.integers(0, 5),
+)
 def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_path_factory, where, kind, row):
     """Whatever lm-eval-like file compare reads, it writes a report without NaN or Inf, or says
     in one line what is wrong: never a traceback, never 'no detectable difference' from NaN."""
@@ -313,7 +461,13 @@ def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_p
             target[key] = _hostile(kind)
         samples_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        container, key = (results, section) if not part else (results["results"], "tiny_mc") if part == "task" else (results["results"]["tiny_mc"], "acc,none")
+        container, key = (
+            (results, section)
+            if not part
+            else (results["results"], "tiny_mc")
+            if part == "task"
+            else (results["results"]["tiny_mc"], "acc,none")
+        )
         if kind == "missing":
             container.pop(key, None)
         else:
@@ -322,7 +476,9 @@ def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_p
     out = root / "out"
     result = run_cli("mergekit-seed", "compare", "--lm-eval", harness["runs"]["good"], run, "--out", out)
     if result.returncode == 0:
-        json.loads((out / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(f"compare.json holds {name}"))
+        json.loads(
+            (out / "compare.json").read_text(), parse_constant=lambda name: pytest.fail(f"compare.json holds {name}")
+        )
         assert "nan" not in (out / "compare.md").read_text().lower()
     else:
         refused(result)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import refused, run_cli
+
 from mergekit_seed.references.weights import load_weights
 
 
@@ -73,7 +73,11 @@ def test_hub_ids_merge_offline_and_the_card_pins_them(hub, tiny_family, tmp_path
     assert recorded["hub_inputs"]["org/seed1"]["files"] == {"model.safetensors": digest}
     # the same merge from the local folders gives the same tensors
     local = tmp_path / "local.yml"
-    local.write_text(f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {s}\n" for s in seeds) + "dtype: float32\n")
+    local.write_text(
+        f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {s}\n" for s in seeds)
+        + "dtype: float32\n"
+    )
     run_cli("mergekit-seed", "run", local, tmp_path / "local", "--quiet", check=True)
     a, b = load_weights(out), load_weights(tmp_path / "local")
     assert all(torch.equal(a[name], b[name]) for name in b)
@@ -120,7 +124,9 @@ def test_a_tampered_blob_is_refused(hub, tmp_path):
     data[-1] ^= 1
     blob.write_bytes(bytes(data))
     again = tmp_path / "again"
-    refused(run_cli("mergekit-seed", "reproduce", out, again), "org/seed2@", "model.safetensors has changed", out=again)
+    refused(
+        run_cli("mergekit-seed", "reproduce", out, again), "org/seed2@", "model.safetensors has changed", out=again
+    )
     assert not again.exists()
 
 
@@ -134,7 +140,9 @@ def test_a_missing_revision_and_a_card_without_provenance(hub, tmp_path):
     again = tmp_path / "again"
     refused(run_cli("mergekit-seed", "reproduce", card, again), f"org/seed1@{'f' * 40}", out=again)
 
-    card.write_text("# A model\n\n### Configuration\n\n```yaml\n" + hub_recipe(tmp_path / "x.yml").read_text() + "```\n")
+    card.write_text(
+        "# A model\n\n### Configuration\n\n```yaml\n" + hub_recipe(tmp_path / "x.yml").read_text() + "```\n"
+    )
     refused(run_cli("mergekit-seed", "reproduce", card, again), "no mergekit-seed provenance", out=again)
     assert not again.exists()
 
@@ -144,7 +152,11 @@ def test_hub_ids_missing_from_the_cache_are_one_line(hub, tmp_path):
     recipe.write_text(recipe.read_text().replace("org/seed2", "org/absent"))
     refused(run_cli("mergekit-seed", "validate", recipe), "org/absent", "not in the Hugging Face cache")
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "org/absent", out=tmp_path / "out")
-    refused(run_cli("mergekit-seed", "reproduce", "org/nothing-here", tmp_path / "out"), "org/nothing-here", out=tmp_path / "out")
+    refused(
+        run_cli("mergekit-seed", "reproduce", "org/nothing-here", tmp_path / "out"),
+        "org/nothing-here",
+        out=tmp_path / "out",
+    )
 
 
 def test_hub_adapters_merge_offline(hub, tiny_family, tmp_path):
@@ -156,7 +168,9 @@ def test_hub_adapters_merge_offline(hub, tiny_family, tmp_path):
         folder = save_random_lora(base, tmp_path / f"lora{index}", r=2, seed=index)
         publish_to_cache(cache, f"org/lora{index}", folder, "v1")
     recipe = tmp_path / "lora.yml"
-    recipe.write_text("merge_method: seedft\nbase_model: org/base\nmodels:\n  - model: org/lora0\n  - model: org/lora1\n")
+    recipe.write_text(
+        "merge_method: seedft\nbase_model: org/base\nmodels:\n  - model: org/lora0\n  - model: org/lora1\n"
+    )
     out = tmp_path / "merged"
     result = run_cli("mergekit-seed", "run", recipe, out, "--quiet")
     assert result.returncode == 0, result.stderr
@@ -167,13 +181,20 @@ def test_hub_adapters_merge_offline(hub, tiny_family, tmp_path):
     assert result.returncode == 0 and "largest difference: 0" in result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("direct_url, expected", [
-    (None, '"mergekit-seed=={version}"'),  # from an index: the version
-    ({"url": "https://github.com/org/mergekit-seed", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
-     '"mergekit-seed @ git+https://github.com/org/mergekit-seed@abc123"'),  # from git: that commit
-    ({"url": "file:///nowhere/checkout", "dir_info": {"editable": True}},
-     '"mergekit-seed=={version}"  # installed from a local folder: install that source instead'),
-])
+@pytest.mark.parametrize(
+    "direct_url, expected",
+    [
+        (None, '"mergekit-seed=={version}"'),  # from an index: the version
+        (
+            {"url": "https://github.com/org/mergekit-seed", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
+            '"mergekit-seed @ git+https://github.com/org/mergekit-seed@abc123"',
+        ),  # from git: that commit
+        (
+            {"url": "file:///nowhere/checkout", "dir_info": {"editable": True}},
+            '"mergekit-seed=={version}"  # installed from a local folder: install that source instead',
+        ),
+    ],
+)
 def test_install_line_names_where_the_package_came_from(monkeypatch, direct_url, expected):
     from mergekit_seed import installed
     from mergekit_seed.installed import install_command, package_version
@@ -197,7 +218,11 @@ def test_the_publishing_page_flow_with_local_inputs(hub, tiny_family, tmp_path):
     cache, _ = hub
     base, seeds = tiny_family
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(f"merge_method: seedft\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {s}\n" for s in seeds) + "dtype: float32\n")
+    recipe.write_text(
+        f"merge_method: seedft\nbase_model: {base}\nmodels:\n"
+        + "".join(f"  - model: {s}\n" for s in seeds)
+        + "dtype: float32\n"
+    )
     merged = tmp_path / "merged"
     run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
     card = (merged / "README.md").read_text()
@@ -215,7 +240,11 @@ def test_the_publishing_page_flow_with_local_inputs(hub, tiny_family, tmp_path):
     folders = {str(path): path for path in [base, *seeds]}
     given = []
     for label, record in labels.items():
-        (match,) = [folder for name, folder in folders.items() if Path(name).name == record["folder"]] if isinstance(record, dict) and "folder" in record else [None]
+        (match,) = (
+            [folder for name, folder in folders.items() if Path(name).name == record["folder"]]
+            if isinstance(record, dict) and "folder" in record
+            else [None]
+        )
         given += ["--input", f"{label}={match}"]
     result = run_cli("mergekit-seed", "reproduce", "me/llama-seedft", tmp_path / "again", *given, "--check", "--quiet")
     assert result.returncode == 0, result.stderr

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
 from mergekit_seed.references.weights import load_weights
 
 
@@ -45,7 +45,12 @@ def no_staging_left(folder: Path) -> None:
 @pytest.mark.parametrize("where", ["a seed", "the folder of the seeds", "inside a seed", "the base"])
 def test_out_never_overlaps_an_input_even_with_overwrite(family, tmp_path, where):
     base, seeds = family
-    out = {"a seed": seeds[1], "the folder of the seeds": seeds[0].parent, "inside a seed": seeds[0] / "merged", "the base": base}[where]
+    out = {
+        "a seed": seeds[1],
+        "the folder of the seeds": seeds[0].parent,
+        "inside a seed": seeds[0] / "merged",
+        "the base": base,
+    }[where]
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
     before = tree_hashes(tmp_path / "runs")
     result = run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet")
@@ -116,8 +121,14 @@ def test_reproduce_never_writes_over_its_card_or_check_folder(family, tmp_path):
     other = tmp_path / "other"
     run_cli("mergekit-seed", "run", recipe, other, "--quiet", check=True)
     before = tree_hashes(merged, other)
-    refused(run_cli("mergekit-seed", "reproduce", merged, merged, "--recipe", recipe, "--overwrite", "--check"), "contains the input")
-    refused(run_cli("mergekit-seed", "reproduce", merged, other, "--recipe", recipe, "--overwrite", "--check", other), "is the input")
+    refused(
+        run_cli("mergekit-seed", "reproduce", merged, merged, "--recipe", recipe, "--overwrite", "--check"),
+        "contains the input",
+    )
+    refused(
+        run_cli("mergekit-seed", "reproduce", merged, other, "--recipe", recipe, "--overwrite", "--check", other),
+        "is the input",
+    )
     assert tree_hashes(merged, other) == before
 
 
@@ -169,7 +180,10 @@ def test_a_write_that_fails_part_way_is_one_line_and_leaves_nothing(family, tiny
     out = tmp_path / "out"
     done = subprocess.run(
         [str(BIN / "mergekit-seed"), "run", str(recipe), str(out), "--quiet"],
-        capture_output=True, text=True, preexec_fn=_limit_file_size, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     refused(done, "nothing was published", out=out)
     assert len([line for line in done.stderr.splitlines() if line.startswith("error:")]) == 1, done.stderr
@@ -236,7 +250,7 @@ def test_stock_mergekit_yaml_never_writes_an_overflowed_tensor_of_ours(family, t
     result = run_cli("mergekit-yaml", recipe, out, isolated=True)
     assert result.returncode != 0
     assert "gives NaN or Inf from finite inputs" in result.stderr
-    for tensor in (load_weights(out).values() if out.exists() else []):
+    for tensor in load_weights(out).values() if out.exists() else []:
         assert torch.isfinite(tensor).all()
 
 
@@ -275,7 +289,10 @@ def test_a_non_finite_weight_is_refused(family, tmp_path, value):
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "'weight'", "finite", out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("field,value", [("lora_alpha", float("nan")), ("lora_alpha", float("inf")), ("alpha_pattern", {"q_proj": float("nan")})])
+@pytest.mark.parametrize(
+    "field,value",
+    [("lora_alpha", float("nan")), ("lora_alpha", float("inf")), ("alpha_pattern", {"q_proj": float("nan")})],
+)
 def test_non_finite_adapter_config_numbers_are_one_line(tiny_loras, tmp_path, field, value):
     _, seeds = lora_copies(tiny_loras, tmp_path)
     config = json.loads((seeds[1] / "adapter_config.json").read_text())
@@ -294,15 +311,16 @@ def pissa(tmp_path_factory):
     """Two real PiSSA adapters on the tiny base, each saved as PEFT saves it (relative to the
     residual base) and converted (relative to the original base), with the fine-tuned weights."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from tiny import save_tiny_llama
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("pissa")
     base = save_tiny_llama(root / "base")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(model, config)
     initial = root / "initial"
     peft_model.peft_config["default"].init_lora_weights = True  # as PEFT's docs save the initial adapter
@@ -323,10 +341,19 @@ def test_an_unconverted_pissa_adapter_is_refused_with_the_conversion(pissa, tmp_
     base, raw, converted, _ = pissa
     assert json.loads((raw / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, [raw, converted], output={"format": "full"})
-    refused(run_cli("mergekit-seed", "validate", recipe), "init_lora_weights 'pissa'", "path_initial_model_for_weight_conversion")
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "init_lora_weights 'pissa'", out=tmp_path / "out")
+    refused(
+        run_cli("mergekit-seed", "validate", recipe),
+        "init_lora_weights 'pissa'",
+        "path_initial_model_for_weight_conversion",
+    )
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "init_lora_weights 'pissa'", out=tmp_path / "out"
+    )
     # the checkpoint route (model: BASE+ADAPTER) is refused as well
-    text = f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n  - model: {base}+{raw}\n  - model: {base}+{converted}\ndtype: float32\n"
+    text = (
+        f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n  - model: {base}+{raw}\n  - model: "
+        f"{base}+{converted}\ndtype: float32\n"
+    )
     (tmp_path / "c.yml").write_text(text)
     refused(run_cli("mergekit-seed", "validate", tmp_path / "c.yml"), "init_lora_weights 'pissa'")
 
@@ -337,7 +364,10 @@ def test_every_init_that_changes_the_base_is_refused(tiny_loras, tmp_path, init)
     config = json.loads((seeds[0] / "adapter_config.json").read_text())
     config["init_lora_weights"] = init
     (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
-    refused(run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"), f"'{init}'")
+    refused(
+        run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"),
+        f"'{init}'",
+    )
 
 
 def test_a_converted_pissa_adapter_merges_to_the_fine_tuned_weights(pissa, tmp_path):
@@ -368,7 +398,10 @@ def test_a_zero_rank_pattern_is_one_line(tiny_loras, tmp_path):
     config = json.loads((seeds[0] / "adapter_config.json").read_text())
     config["rank_pattern"] = {"q_proj": 0}
     (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
-    refused(run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"), "rank_pattern")
+    refused(
+        run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"),
+        "rank_pattern",
+    )
 
 
 def test_factors_whose_inner_dimensions_differ_are_one_line(tiny_loras, tmp_path):
@@ -378,7 +411,10 @@ def test_factors_whose_inner_dimensions_differ_are_one_line(tiny_loras, tmp_path
     key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
     tensors[key] = torch.randn(tensors[key].shape[0], 3)
     save_file(tensors, file)
-    refused(run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"), "do not fit together")
+    refused(
+        run_cli("mergekit-seed", "run", write_recipe(tmp_path / "r.yml", "seedft", None, seeds), tmp_path / "out"),
+        "do not fit together",
+    )
 
 
 def _truncate(file: Path) -> None:
@@ -397,7 +433,11 @@ def test_a_truncated_base_is_one_line_on_the_adapter_route(tiny_loras, tmp_path,
     tensors["base_model.model.lm_head.weight"] = torch.randn(64, 32)  # as PEFT saves a module whole
     save_file(tensors, seeds[0] / "adapter_model.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, output={"format": output})
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet"), "corrupt or truncated", out=tmp_path / "out")
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet"),
+        "corrupt or truncated",
+        out=tmp_path / "out",
+    )
 
 
 def test_a_truncated_base_is_one_line_on_the_checkpoint_route(family, tmp_path):
@@ -406,7 +446,10 @@ def test_a_truncated_base_is_one_line_on_the_checkpoint_route(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
     refused(run_cli("mergekit-seed", "validate", recipe), "corrupt or truncated", str(base))
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "corrupt or truncated", out=tmp_path / "out")
-    refused(run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "analysis"), "corrupt or truncated")
+    refused(
+        run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "analysis"),
+        "corrupt or truncated",
+    )
 
 
 def test_a_truncated_model_is_one_line_in_compare(family, tmp_path):
@@ -414,7 +457,11 @@ def test_a_truncated_model_is_one_line_in_compare(family, tmp_path):
     _truncate(seeds[1] / "model.safetensors")
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "abc"}\n{"text": "cab"}\n')
-    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--quiet"), "corrupt or truncated", str(seeds[1]))
+    refused(
+        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", tmp_path / "c", "--quiet"),
+        "corrupt or truncated",
+        str(seeds[1]),
+    )
 
 
 def test_a_truncated_check_folder_is_one_line(family, tmp_path):
@@ -423,7 +470,12 @@ def test_a_truncated_check_folder_is_one_line(family, tmp_path):
     run_cli("mergekit-seed", "run", recipe, tmp_path / "merged", "--quiet", check=True)
     check = shutil.copytree(tmp_path / "merged", tmp_path / "check")
     _truncate(check / "model.safetensors")
-    refused(run_cli("mergekit-seed", "reproduce", tmp_path / "merged", tmp_path / "again", "--recipe", recipe, "--check", check), "corrupt or truncated")
+    refused(
+        run_cli(
+            "mergekit-seed", "reproduce", tmp_path / "merged", tmp_path / "again", "--recipe", recipe, "--check", check
+        ),
+        "corrupt or truncated",
+    )
 
 
 def _front(card: Path):
@@ -448,10 +500,22 @@ CARD_DAMAGE = [
     ("provenance a list", lambda f: f.__setitem__("mergekit_seed", [1, 2]), "mergekit_seed"),
     ("provenance a string", lambda f: f.__setitem__("mergekit_seed", "x"), "mergekit_seed"),
     ("inputs a list", lambda f: f["mergekit_seed"].__setitem__("inputs", ["a"]), "mergekit_seed.inputs"),
-    ("an input a string", lambda f: f["mergekit_seed"]["inputs"].__setitem__("input0", "x"), "mergekit_seed.inputs.input0"),
-    ("files a list", lambda f: f["mergekit_seed"]["inputs"]["input0"].__setitem__("files", ["x"]), "mergekit_seed.inputs.input0"),
+    (
+        "an input a string",
+        lambda f: f["mergekit_seed"]["inputs"].__setitem__("input0", "x"),
+        "mergekit_seed.inputs.input0",
+    ),
+    (
+        "files a list",
+        lambda f: f["mergekit_seed"]["inputs"]["input0"].__setitem__("files", ["x"]),
+        "mergekit_seed.inputs.input0",
+    ),
     ("hub_inputs a list", lambda f: f["mergekit_seed"].__setitem__("hub_inputs", ["x"]), "mergekit_seed.hub_inputs"),
-    ("hub_inputs a string", lambda f: f["mergekit_seed"].__setitem__("hub_inputs", "org/x"), "mergekit_seed.hub_inputs"),
+    (
+        "hub_inputs a string",
+        lambda f: f["mergekit_seed"].__setitem__("hub_inputs", "org/x"),
+        "mergekit_seed.hub_inputs",
+    ),
 ]
 
 
@@ -461,7 +525,11 @@ def test_malformed_card_structures_are_one_line(merged_card, tmp_path, case, dam
     front, body = _front(card)
     damage(front)
     _write_front(card, front, body)
-    refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", recipe), fragment, out=tmp_path / "again")
+    refused(
+        run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", recipe),
+        fragment,
+        out=tmp_path / "again",
+    )
 
 
 def test_front_matter_that_is_not_a_mapping_is_one_line(merged_card, tmp_path):
@@ -476,7 +544,7 @@ def test_a_card_whose_recipe_is_not_a_yaml_mapping_is_one_line(merged_card, tmp_
     card, recipe = merged_card
     text = card.read_text(encoding="utf-8")
     start = text.index("```yaml\n") + len("```yaml\n")
-    card.write_text(text[:start] + block + text[text.index("```", start):], encoding="utf-8")
+    card.write_text(text[:start] + block + text[text.index("```", start) :], encoding="utf-8")
     for flags in ((), ("--recipe", recipe)):
         refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", *flags), f"{card} (recipe)")
 
@@ -490,7 +558,10 @@ def test_a_card_that_is_not_utf8_is_one_line(merged_card, tmp_path):
 def test_deeply_nested_json_in_compare_data_is_one_line(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    refused(run_cli("mergekit-seed", "compare", tmp_path / "a", tmp_path / "b", "--data", data, "--out", tmp_path / "c"), "nested too deeply")
+    refused(
+        run_cli("mergekit-seed", "compare", tmp_path / "a", tmp_path / "b", "--data", data, "--out", tmp_path / "c"),
+        "nested too deeply",
+    )
 
 
 # ------------------------------------------------------------------ 5. no local path is published
@@ -543,7 +614,9 @@ def test_reproduce_without_the_inputs_names_the_labels(merged_card, tmp_path):
     refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--input", "input9=/x"), "names no input9")
     other = tmp_path / "other.yml"
     other.write_text(recipe.read_text().replace("seedlora_dm", "seedft"))
-    refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", other), "not the card's recipe")
+    refused(
+        run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", other), "not the card's recipe"
+    )
 
 
 # ------------------------------------------------------------------ 6. validate = run
@@ -561,7 +634,9 @@ def test_validate_refuses_adapters_whose_vocabulary_differs_from_the_base(tiny_l
         save_file(tensors, seed / "adapter_model.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, output={"format": "full"})
     refused(run_cli("mergekit-seed", "validate", recipe), "model.embed_tokens.weight", "(72, 32)")
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "model.embed_tokens.weight", out=tmp_path / "out")
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), "model.embed_tokens.weight", out=tmp_path / "out"
+    )
 
 
 def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(tiny_family, tmp_path, monkeypatch):
@@ -585,7 +660,9 @@ def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(t
 
     hashed = []
     original = card_module.sha256
-    monkeypatch.setattr(card_module, "sha256", lambda path, *a, **k: hashed.append(Path(path)) or original(path, *a, **k))
+    monkeypatch.setattr(
+        card_module, "sha256", lambda path, *a, **k: hashed.append(Path(path)) or original(path, *a, **k)
+    )
     result = run_cli("mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     for name in (str(secret), "../secret.safetensors", "config.json"):
@@ -597,25 +674,50 @@ def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(t
 
 
 def _select_data(folder: Path):
-    rows = [{"prompt": f"{op}:{word}=", "answer": word[::-1]} for op in ("rev", "sort") for word in ("abc", "xyz", "mno", "pq")]
+    rows = [
+        {"prompt": f"{op}:{word}=", "answer": word[::-1]}
+        for op in ("rev", "sort")
+        for word in ("abc", "xyz", "mno", "pq")
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
     (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
     return folder / "val.jsonl", folder / "test.jsonl"
 
 
-@pytest.mark.parametrize("where", ["a seed", "the folder of the seeds", "inside a seed", "the base", "the folder of the data"])
+@pytest.mark.parametrize(
+    "where", ["a seed", "the folder of the seeds", "inside a seed", "the base", "the folder of the data"]
+)
 def test_select_never_writes_over_an_input_and_leaves_every_input_as_it_was(family, tmp_path, where):
     """select merges candidates inside its own staging folder and moves the winner into OUT;
     OUT may not equal, contain or lie inside a seed, the base or a data file, even with
     --overwrite, and a successful selection changes no byte of its inputs."""
     base, seeds = family
     validation, test = _select_data(tmp_path / "runs" / "data")
-    out = {"a seed": seeds[1], "the folder of the seeds": seeds[0].parent, "inside a seed": seeds[0] / "merged", "the base": base,
-           "the folder of the data": validation.parent}[where]
-    arguments = [*map(str, seeds), "--base", base, "--validation", validation, "--test", test, "--methods", "linear", "--quiet"]
+    out = {
+        "a seed": seeds[1],
+        "the folder of the seeds": seeds[0].parent,
+        "inside a seed": seeds[0] / "merged",
+        "the base": base,
+        "the folder of the data": validation.parent,
+    }[where]
+    arguments = [
+        *map(str, seeds),
+        "--base",
+        base,
+        "--validation",
+        validation,
+        "--test",
+        test,
+        "--methods",
+        "linear",
+        "--quiet",
+    ]
     before = tree_hashes(tmp_path / "runs")
-    refused(run_cli("mergekit-seed", "select", *arguments, "--out", out, "--overwrite"), "a merge never writes over its inputs")
+    refused(
+        run_cli("mergekit-seed", "select", *arguments, "--out", out, "--overwrite"),
+        "a merge never writes over its inputs",
+    )
     assert tree_hashes(tmp_path / "runs") == before
     no_staging_left(out.parent)
     run_cli("mergekit-seed", "select", *arguments, "--out", tmp_path / "chosen", check=True)

@@ -8,11 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = {
-    "base": ["errors", "version", "after_import", "output", "reader", "public", "finite", "untrusted", "installed", "quiet"],
+    "base": [
+        "errors",
+        "version",
+        "after_import",
+        "output",
+        "reader",
+        "public",
+        "finite",
+        "untrusted",
+        "installed",
+        "quiet",
+    ],
     "maths": ["maths"],
     "references": ["references"],
     "methods": ["methods", "profiling", "plugin"],
@@ -48,13 +60,13 @@ def imports_of(path: Path):
             if node.module == "mergekit_seed":
                 yield "__init__", node.lineno
             else:
-                yield node.module[len("mergekit_seed."):], node.lineno
+                yield node.module[len("mergekit_seed.") :], node.lineno
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "mergekit_seed":
                     yield "__init__", node.lineno
                 elif alias.name.startswith("mergekit_seed."):
-                    yield alias.name[len("mergekit_seed."):], node.lineno
+                    yield alias.name[len("mergekit_seed.") :], node.lineno
 
 
 def edges():
@@ -102,7 +114,8 @@ def test_every_module_imports_and_the_package_stays_cheap():
     # `import mergekit_seed` (run at every interpreter start by the .pth hook) imports neither torch nor mergekit
     cheap = subprocess.run(
         [sys.executable, "-c", "import sys, mergekit_seed; print('torch' in sys.modules, 'mergekit' in sys.modules)"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert cheap.stdout.split() == ["False", "False"], cheap.stdout + cheap.stderr
 
@@ -129,9 +142,11 @@ def _is_late_import(name: str, modules: dict, seen=()) -> bool:
     """A module on the list, or one of ours that imports one at its top (directly or through ours)."""
     if any(name == late or name.startswith(late + ".") for late in LATE_IMPORTS):
         return True
-    ours = name[len("mergekit_seed."):] if name.startswith("mergekit_seed.") else None
+    ours = name[len("mergekit_seed.") :] if name.startswith("mergekit_seed.") else None
     if ours in modules and ours not in seen:
-        return any(_is_late_import(imported, modules, seen + (ours,)) for imported in _top_level_imports(modules[ours]))
+        return any(
+            _is_late_import(imported, modules, seen + (ours,)) for imported in _top_level_imports(modules[ours])
+        )
     return False
 
 
@@ -145,9 +160,18 @@ def test_a_function_imports_late_only_what_costs_start_up_time():
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(function):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 found += [f"{module}:{node.lineno}: {name}" for name in names if not _is_late_import(name, modules)]
-    assert not found, "import these at the top of their module (cheap), or measure them (benchmarks/startup.py MODULES):\n" + "\n".join(found)
+    assert not found, (
+        "import these at the top of their module (cheap), or measure them (benchmarks/startup.py MODULES):\n"
+        + "\n".join(found)
+    )
 
 
 LONGEST_FUNCTION = 60
@@ -160,6 +184,7 @@ def test_no_function_is_longer_than_sixty_lines():
         f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
         for module, path in module_names()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
     ]
     assert not long, "\n".join(long)

@@ -4,11 +4,11 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.references.weights import load_weights
+
 from mergekit_seed.maths.kernels.lore import _factored, lore, lore_estimate, relative_mu
 from mergekit_seed.maths.profile import Profile
+from mergekit_seed.references.weights import load_weights
 
 
 def svt_reference(X, mu):
@@ -48,7 +48,11 @@ def test_matches_float64_reference(N, shape, iterations):
 
 @pytest.mark.parametrize(
     "dtype, shape, iterations, bound",
-    [(torch.float32, (600, 560), 3, 1e-4), (torch.float64, (600, 560), 3, 1e-10), (torch.float64, (1000, 900), 3, 1e-10)],
+    [
+        (torch.float32, (600, 560), 3, 1e-4),
+        (torch.float64, (600, 560), 3, 1e-10),
+        (torch.float64, (1000, 900), 3, 1e-10),
+    ],
 )
 def test_randomized_svt_path_matches_reference_on_a_large_matrix(dtype, shape, iterations, bound):
     """Through the randomized thresholdings, each warm-started from the previous iteration's
@@ -59,9 +63,12 @@ def test_randomized_svt_path_matches_reference_on_a_large_matrix(dtype, shape, i
     m, n = shape
     common = torch.randn(m, n, generator=generator, dtype=torch.float64)
     theta = [
-        (common
-         + torch.randn(m, 6, generator=generator, dtype=torch.float64) @ torch.randn(6, n, generator=generator, dtype=torch.float64)
-         + 0.01 * torch.randn(m, n, generator=generator, dtype=torch.float64)).to(dtype)
+        (
+            common
+            + torch.randn(m, 6, generator=generator, dtype=torch.float64)
+            @ torch.randn(6, n, generator=generator, dtype=torch.float64)
+            + 0.01 * torch.randn(m, n, generator=generator, dtype=torch.float64)
+        ).to(dtype)
         for _ in range(3)
     ]
     mu = relative_mu(theta, 0.1)
@@ -158,7 +165,9 @@ def test_svt_count_bound_is_a_lower_bound_and_noise_goes_to_the_full_svd():
     from mergekit_seed.maths.linalg import _count_above_lower_bound, singular_value_threshold
 
     generator = torch.Generator().manual_seed(1)
-    low_rank = torch.randn(600, 8, generator=generator, dtype=torch.float64) @ torch.randn(8, 560, generator=generator, dtype=torch.float64)
+    low_rank = torch.randn(600, 8, generator=generator, dtype=torch.float64) @ torch.randn(
+        8, 560, generator=generator, dtype=torch.float64
+    )
     noise = torch.randn(600, 560, generator=generator, dtype=torch.float64)
     for matrix in (low_rank, noise, low_rank + 0.1 * noise):
         S = torch.linalg.svdvals(matrix)
@@ -185,7 +194,8 @@ def reference_stopping_iteration(theta, mu, tol, iterations):
 
 
 @pytest.mark.parametrize(
-    "spectrum", ["low rank (the factored test)", "noise (the dense test)", "low rank, zero mean (theta0's norm formed)"]
+    "spectrum",
+    ["low rank (the factored test)", "noise (the dense test)", "low rank, zero mean (theta0's norm formed)"],
 )
 def test_the_stopping_test_matches_the_reference_on_either_path(spectrum):
     """The convergence test is computed from the factors while the mean delta stays factored,
@@ -197,15 +207,21 @@ def test_the_stopping_test_matches_the_reference_on_either_path(spectrum):
     shape = (400, 300) if low_rank else (60, 40)
     common = torch.randn(shape, generator=generator, dtype=torch.float64)
     if low_rank:
-        theta = [common + torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
-                 @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64) for _ in range(3)]
+        theta = [
+            common
+            + torch.randn(shape[0], 2, generator=generator, dtype=torch.float64)
+            @ torch.randn(2, shape[1], generator=generator, dtype=torch.float64)
+            for _ in range(3)
+        ]
         if "zero mean" in spectrum:
             theta = [t - common for t in theta]
             theta[2] = -theta[0] - theta[1]
         theta = [t.float() for t in theta]
         mu = 20.0
     else:
-        theta = [(common + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float() for _ in range(3)]
+        theta = [
+            (common + 0.3 * torch.randn(shape, generator=generator, dtype=torch.float64)).float() for _ in range(3)
+        ]
         mu = 1.0
     tol = 0.1 if "zero mean" in spectrum else 1e-4  # there theta0 grows from 0 as -dbar
     estimate = lore_estimate(theta, mu=mu, iterations=40, tol=tol)

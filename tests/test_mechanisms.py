@@ -20,15 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN, refused, run_cli, tree_hashes, write_recipe
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder
 
-PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+PROPERTY = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture
@@ -52,7 +55,11 @@ def test_out_inside_or_equal_to_tokenizer_source_is_refused(family, tmp_path):
     recipe.write_text(recipe.read_text() + f"tokenizer_source: {tokenizer}\n")
     before = tree_hashes(tokenizer)
     for out in (tokenizer, tokenizer / "merged"):
-        refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "a merge never writes over its inputs", str(tokenizer))
+        refused(
+            run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
+            "a merge never writes over its inputs",
+            str(tokenizer),
+        )
     assert tree_hashes(tokenizer) == before
 
 
@@ -71,7 +78,7 @@ def _shard_elsewhere(folder: Path, target: str) -> None:
     """Turn ``folder`` into a sharded checkpoint whose index names ``target`` for every tensor."""
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
-    index = {"metadata": {}, "weight_map": {name: target for name in tensors}}
+    index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, target)}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return tensors
 
@@ -79,7 +86,9 @@ def _shard_elsewhere(folder: Path, target: str) -> None:
 @pytest.mark.parametrize("where", ["parent", "absolute"])
 def test_an_index_naming_a_file_outside_the_folder_is_refused(family, tmp_path, where):
     base, seeds = family
-    tensors = _shard_elsewhere(seeds[0], "../outside.safetensors" if where == "parent" else str(tmp_path / "outside.safetensors"))
+    tensors = _shard_elsewhere(
+        seeds[0], "../outside.safetensors" if where == "parent" else str(tmp_path / "outside.safetensors")
+    )
     save_file(tensors, seeds[0].parent / "outside.safetensors")
     save_file(tensors, tmp_path / "outside.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
@@ -114,8 +123,13 @@ def test_stock_mergekit_yaml_never_blocks_on_a_fifo_weight_file(family, tmp_path
     (seeds[1] / "model.safetensors").unlink()
     os.mkfifo(seeds[1] / "model.safetensors")
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    done = subprocess.run([str(BIN / "mergekit-yaml"), str(recipe), str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(
+        [str(BIN / "mergekit-yaml"), str(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert done.returncode != 0 and "not a regular file" in done.stderr, done.stderr[-2000:]
 
 
@@ -152,8 +166,35 @@ def folder_trees(draw):
     """A model folder's entries: (name, kind, target) with kinds file, link in, link out,
     dangling link, folder, fifo; and index entries naming arbitrary paths."""
     names = st.sampled_from(["model.safetensors", "a.safetensors", "b.bin", "sub", "x"])
-    entries = draw(st.lists(st.tuples(names, st.sampled_from(["file", "link-in", "link-out", "dangling", "folder", "fifo"])), max_size=5, unique_by=lambda e: e[0]))
-    index = draw(st.none() | st.lists(st.sampled_from(["a.safetensors", "../a.safetensors", "/etc/hostname", "sub/../a.safetensors", "sub", "x", "", ".", "..", "/dev/zero", "a.safetensors/../../x"]), min_size=1, max_size=3))
+    entries = draw(
+        st.lists(
+            st.tuples(names, st.sampled_from(["file", "link-in", "link-out", "dangling", "folder", "fifo"])),
+            max_size=5,
+            unique_by=lambda e: e[0],
+        )
+    )
+    index = draw(
+        st.none()
+        | st.lists(
+            st.sampled_from(
+                [
+                    "a.safetensors",
+                    "../a.safetensors",
+                    "/etc/hostname",
+                    "sub/../a.safetensors",
+                    "sub",
+                    "x",
+                    "",
+                    ".",
+                    "..",
+                    "/dev/zero",
+                    "a.safetensors/../../x",
+                ]
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
     return entries, index
 
 
@@ -183,7 +224,9 @@ def test_confinement_returns_only_regular_files_inside_the_folder(tree, tmp_path
         else:
             os.mkfifo(path)
     if index is not None:
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"t{i}": p for i, p in enumerate(index)}}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {f"t{i}": p for i, p in enumerate(index)}})
+        )
     resolved_folder = folder.resolve()
     for listing in (full_model_files, hashed_weight_files, weight_files):
         try:
@@ -205,7 +248,11 @@ def test_a_second_run_into_the_same_out_is_refused_naming_the_first(family, tmp_
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     out = tmp_path / "out"
     with OutputFolder(out) as first:
-        refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "another run is writing this output folder", "pid")
+        refused(
+            run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
+            "another run is writing this output folder",
+            "pid",
+        )
         assert list(first.staging.iterdir()) == []
     run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)  # the lock is released
     assert not (tmp_path / ".out.lock").exists()
@@ -229,7 +276,9 @@ def test_a_file_put_into_out_during_the_merge_is_kept(family, tmp_path, monkeypa
         merge(recipe, out, quiet=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     (kept,) = staged(out)
-    assert str(kept) in str(raised.value) and (kept / "model.safetensors").is_file() and (kept / MANIFEST_NAME).is_file()
+    assert (
+        str(kept) in str(raised.value) and (kept / "model.safetensors").is_file() and (kept / MANIFEST_NAME).is_file()
+    )
 
 
 def test_overwrite_keeps_what_the_user_added_to_an_earlier_merge(family, tmp_path):
@@ -267,8 +316,14 @@ def test_compare_never_writes_into_a_model_folder(family, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "abc"}) + "\n")
     before = tree_hashes(seeds[0])
-    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", seeds[0]), "never writes over its inputs")
-    refused(run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", seeds[0] / "analysis"), "lies inside")
+    refused(
+        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", seeds[0]),
+        "never writes over its inputs",
+    )
+    refused(
+        run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", seeds[0] / "analysis"),
+        "lies inside",
+    )
     assert tree_hashes(seeds[0]) == before
 
 
@@ -283,7 +338,9 @@ def test_a_report_folder_holding_other_files_is_refused(tmp_path):
 
 
 # generated runs: an interleaving of two writers into one OUT and a user adding files
-ACTIONS = st.lists(st.sampled_from(["a-enter", "b-enter", "a-publish", "b-publish", "user-file", "a-exit", "b-exit"]), max_size=10)
+ACTIONS = st.lists(
+    st.sampled_from(["a-enter", "b-enter", "a-publish", "b-publish", "user-file", "a-exit", "b-exit"]), max_size=10
+)
 
 
 @PROPERTY
@@ -360,7 +417,9 @@ def test_check_against_a_reference_holding_nan_is_a_difference(family, tmp_path)
     run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
     reference = shutil.copytree(merged, tmp_path / "reference")
     _with_nan(reference)
-    result = run_cli("mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe, "--check", reference)
+    result = run_cli(
+        "mergekit-seed", "reproduce", merged, tmp_path / "again", "--recipe", recipe, "--check", reference
+    )
     refused(result, "NaN or Inf")
     assert "every tensor matches" not in result.stdout
 
@@ -408,12 +467,19 @@ def card_text(tiny_family, tmp_path_factory):
 
 
 @PROPERTY
-@given(junk=st.text(alphabet="-`#\n yaml:Configuration{}[]*\\", max_size=2000), repeat=st.integers(1, 500), where=st.sampled_from(["front", "middle", "end"]))
+@given(
+    junk=st.text(alphabet="-`#\n yaml:Configuration{}[]*\\", max_size=2000),
+    repeat=st.integers(1, 500),
+    where=st.sampled_from(["front", "middle", "end"]),
+)
 def test_reading_any_card_text_up_to_a_megabyte_is_fast(card_text, tmp_path_factory, junk, repeat, where):
     from mergekit_seed.card import read_card
 
-    text = {"front": junk * repeat + card_text, "middle": card_text.replace("### Configuration", junk * repeat + "### Configuration"),
-            "end": card_text + junk * repeat}[where][: 1 << 20]
+    text = {
+        "front": junk * repeat + card_text,
+        "middle": card_text.replace("### Configuration", junk * repeat + "### Configuration"),
+        "end": card_text + junk * repeat,
+    }[where][: 1 << 20]
     path = tmp_path_factory.mktemp("c") / "README.md"
     path.write_text(text)
     started = time.monotonic()
@@ -428,7 +494,9 @@ def test_a_700_kb_card_that_hung_reproduce_is_read_at_once(tmp_path):
     from mergekit_seed.card import read_card
 
     path = tmp_path / "README.md"
-    path.write_text("---\n" + "### Configuration " * 40_000 + "\n```yam" * 2000)  # the old regex scanned this for minutes
+    path.write_text(
+        "---\n" + "### Configuration " * 40_000 + "\n```yam" * 2000
+    )  # the old regex scanned this for minutes
     started = time.monotonic()
     with pytest.raises(UserError, match="no '### Configuration' YAML block"):
         read_card(path)
@@ -442,7 +510,10 @@ def test_the_line_scanner_finds_what_the_card_writer_writes(card_text):
     assert yaml.safe_load(fenced_block(card_text, "### Configuration", "yaml"))["merge_method"] == "seedlora_dm"
 
 
-@pytest.mark.parametrize("pattern, fragment", [("[", "is not a valid regular expression"), ("((a+)+)+[", "is not a valid regular expression")])
+@pytest.mark.parametrize(
+    "pattern, fragment",
+    [("[", "is not a valid regular expression"), ("((a+)+)+[", "is not a valid regular expression")],
+)
 def test_a_rank_pattern_that_is_not_a_regex_is_one_line(tiny_loras, tmp_path, pattern, fragment):
     base, loras = tiny_loras
     seeds = [shutil.copytree(lora, tmp_path / lora.name) for lora in loras]
@@ -459,19 +530,32 @@ def test_user_patterns_match_as_peft_matches_them_and_in_bounded_time():
     from mergekit_seed.untrusted import PATTERN_SECONDS, pattern_key
 
     modules = ["model.layers.0.self_attn.q_proj", "model.layers.10.mlp.down_proj", "lm_head", "q_proj"]
-    patterns = ["q_proj", r"layers\.1\d\.mlp\.down_proj", "layers.0.self_attn.q_proj", "head", "lm_head", r".*\.mlp\..*"]
+    patterns = [
+        "q_proj",
+        r"layers\.1\d\.mlp\.down_proj",
+        "layers.0.self_attn.q_proj",
+        "head",
+        "lm_head",
+        r".*\.mlp\..*",
+    ]
     for module in modules:
         peft = next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)  # PEFT's get_pattern_key
         assert pattern_key(patterns, module, "adapter_config.json") == peft
     started = time.monotonic()
     try:  # exponential under Python's re (seconds at 26 characters); bounded here
-        pattern_key([r"([a-z_.0-9]+)+Z", r"(x+x+)+y"], "base_model.model.model.layers.0.self_attn.q_proj" + "x" * 40, "adapter_config.json")
+        pattern_key(
+            [r"([a-z_.0-9]+)+Z", r"(x+x+)+y"],
+            "base_model.model.model.layers.0.self_attn.q_proj" + "x" * 40,
+            "adapter_config.json",
+        )
     except UserError as error:
         assert "backtracks" in str(error)
     assert time.monotonic() - started < 2 * PATTERN_SECONDS + 1
 
 
-@pytest.mark.parametrize("damage, fragment", [("deep", "nested too deeply"), ("architectures", "architectures must be a list")])
+@pytest.mark.parametrize(
+    "damage, fragment", [("deep", "nested too deeply"), ("architectures", "architectures must be a list")]
+)
 def test_a_hostile_config_json_is_one_line(family, tmp_path, damage, fragment):
     base, seeds = family
     config = seeds[1] / "config.json"
@@ -519,8 +603,12 @@ def test_no_written_file_carries_a_git_credential(family, tmp_path, monkeypatch)
     class Installed:
         def read_text(self, name):
             if name == "direct_url.json":
-                return json.dumps({"url": f"https://user:{token}@example.com/org/mergekit-seed.git?access_token={token}",
-                                   "vcs_info": {"vcs": "git", "commit_id": "0123abcd"}})
+                return json.dumps(
+                    {
+                        "url": f"https://user:{token}@example.com/org/mergekit-seed.git?access_token={token}",
+                        "vcs_info": {"vcs": "git", "commit_id": "0123abcd"},
+                    }
+                )
             return real("mergekit-seed").read_text(name)
 
     monkeypatch.setattr(installed, "distribution", lambda name: Installed() if name == "mergekit-seed" else real(name))
@@ -535,12 +623,15 @@ def test_no_written_file_carries_a_git_credential(family, tmp_path, monkeypatch)
             assert token.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("remote, public", [
-    ("https://user:tok@host/org/x.git?t=1#frag", "https://host/org/x.git"),
-    ("https://tok@host:8443/org/x", "https://host:8443/org/x"),
-    ("git@host:org/x.git", "ssh://git@host/org/x.git"),
-    ("ssh://u:pw@host/x", "ssh://host/x"),
-])
+@pytest.mark.parametrize(
+    "remote, public",
+    [
+        ("https://user:tok@host/org/x.git?t=1#frag", "https://host/org/x.git"),
+        ("https://tok@host:8443/org/x", "https://host:8443/org/x"),
+        ("git@host:org/x.git", "ssh://git@host/org/x.git"),
+        ("ssh://u:pw@host/x", "ssh://host/x"),
+    ],
+)
 def test_public_urls_drop_credentials_and_queries(remote, public):
     from mergekit_seed.installed import public_url
 
@@ -592,7 +683,10 @@ def test_stock_mergekit_yaml_never_follows_an_index_out_of_a_model_folder(family
 @given(
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32]),
-    specials=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38, 0.0])), max_size=3),
+    specials=st.lists(
+        st.tuples(st.integers(0, 10_000), st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38, 0.0])),
+        max_size=3,
+    ),
 )
 def test_the_gate_agrees_with_isfinite_on_every_tensor(shape, dtype, specials):
     from mergekit_seed.finite import is_finite_tensor
@@ -628,7 +722,11 @@ def test_a_non_finite_float_option_is_refused_by_click(family, tmp_path, option,
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "abc"}) + "\n")
     result = run_cli("mergekit-seed", "compare", *seeds[:2], "--data", data, "--out", tmp_path / "out", option, value)
-    assert result.returncode == 2 and "Invalid value for '--confidence'" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "Invalid value for '--confidence'" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_reproduce_refuses_a_nan_tolerance(tmp_path):
@@ -639,8 +737,11 @@ def test_reproduce_refuses_a_nan_tolerance(tmp_path):
 def test_an_out_shard_size_below_one_is_one_line(family, tmp_path):
     base, seeds = family
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--out-shard-size", "0"), "--out-shard-size 0: must be at least 1",
-            out=tmp_path / "out")
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--out-shard-size", "0"),
+        "--out-shard-size 0: must be at least 1",
+        out=tmp_path / "out",
+    )
     negative = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--out-shard-size", "-1")
     assert negative.returncode == 2 and "Invalid value for '--out-shard-size': '-1' is not a size" in negative.stderr
 
@@ -652,8 +753,13 @@ def test_analyze_of_seeds_of_another_width_is_one_line(family, tmp_path):
     other = tmp_path / "wider"
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "intermediate_size": 64})).save_pretrained(other, safe_serialization=True)
-    refused(run_cli("mergekit-seed", "analyze", seeds[0], other, "--base", base, "--out", tmp_path / "an"), "analyze compares seeds of one base")
+    LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "intermediate_size": 64})).save_pretrained(
+        other, safe_serialization=True
+    )
+    refused(
+        run_cli("mergekit-seed", "analyze", seeds[0], other, "--base", base, "--out", tmp_path / "an"),
+        "analyze compares seeds of one base",
+    )
 
 
 @pytest.mark.parametrize("folder", ["/data/run #2", "/data/a\nmerge_method: linear", "/data/*star: [x"])
@@ -664,10 +770,17 @@ def test_recipes_show_writes_a_folder_as_yaml_reads_it_back(folder):
     assert [entry["model"] for entry in recipe["models"]] == [f"{folder}/full/seed{i}" for i in range(3)]
 
 
-@pytest.mark.parametrize("remote, published", [
-    ("~/src/mergekit-seed", False), ("/home/me/src/mergekit-seed", False), ("../upstream", False), ("file:///srv/x", False),
-    ("https://github.com/org/mergekit-seed", True), ("git@github.com:org/mergekit-seed.git", True),
-])
+@pytest.mark.parametrize(
+    "remote, published",
+    [
+        ("~/src/mergekit-seed", False),
+        ("/home/me/src/mergekit-seed", False),
+        ("../upstream", False),
+        ("file:///srv/x", False),
+        ("https://github.com/org/mergekit-seed", True),
+        ("git@github.com:org/mergekit-seed.git", True),
+    ],
+)
 def test_the_install_line_names_only_a_remote_another_machine_reaches(remote, published):
     from mergekit_seed.installed import _is_remote
 

@@ -16,10 +16,23 @@ def test_quiet_run_and_compare_print_only_their_own_lines(tiny_family, tmp_path)
     adapters = [save_random_lora(base, tmp_path / f"lora{i}", r=2, seed=i) for i in range(2)]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": text}) for text in ("abc def", "hello there", "one two")) + "\n")
-    compared = run_cli("mergekit-seed", "compare", *adapters, "--base", base, "--data", data, "--out", tmp_path / "cmp",
-                       "--quiet", isolated=True)
+    compared = run_cli(
+        "mergekit-seed",
+        "compare",
+        *adapters,
+        "--base",
+        base,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "cmp",
+        "--quiet",
+        isolated=True,
+    )
     assert compared.returncode == 0 and compared.stderr == "", compared.stderr
-    assert all(line.startswith("|") or line.startswith("3 examples") or not line for line in compared.stdout.splitlines())
+    assert all(
+        line.startswith("|") or line.startswith("3 examples") or not line for line in compared.stdout.splitlines()
+    )
 
 
 def test_an_lm_eval_task_whose_dataset_cannot_be_fetched_is_one_line(tiny_family, tmp_path):
@@ -28,12 +41,22 @@ def test_an_lm_eval_task_whose_dataset_cannot_be_fetched_is_one_line(tiny_family
     tasks.mkdir()
     (tasks / "hub_task.yaml").write_text(
         "task: hub_task\ndataset_path: allenai/ai2_arc\ndataset_name: ARC-Easy\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices.text}}\"\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices.text}}"\n'
         "doc_to_target: 0\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
     )
     base, seeds = tiny_family
-    result = run_cli("mergekit-seed", "compare", base, seeds[0], "--tasks", "hub_task", "--include-path", tasks,
-                     "--out", tmp_path / "out")
+    result = run_cli(
+        "mergekit-seed",
+        "compare",
+        base,
+        seeds[0],
+        "--tasks",
+        "hub_task",
+        "--include-path",
+        tasks,
+        "--out",
+        tmp_path / "out",
+    )
     refused(result, "--tasks hub_task", "could not fetch", "datasets cache", out=tmp_path / "out")
 
 
@@ -67,7 +90,9 @@ def test_validate_reports_each_placeholder_once_in_recipe_order():
     result = run_cli("mergekit-seed", "validate", recipe)
     lines = [line for line in result.stderr.splitlines() if "REPLACE/" in line]
     assert [line.split("REPLACE/")[1].split()[0] for line in lines] == [
-        "llama2-7b-metamath-seed42", "llama2-7b-metamath-seed87", "llama2-7b-metamath-seed100"
+        "llama2-7b-metamath-seed42",
+        "llama2-7b-metamath-seed87",
+        "llama2-7b-metamath-seed100",
     ], result.stderr
 
 
@@ -81,7 +106,8 @@ def test_analyze_leads_with_the_layers_and_says_when_the_energy_panel_is_empty(t
     analysis = json.loads((tmp_path / "out" / "analysis.json").read_text())
     per_layer = [
         sum(matrix[a][b] for a in range(3) for b in range(a + 1, 3)) / 3
-        for layer, matrix in analysis["cosine_per_layer"].items() if layer != "other"
+        for layer, matrix in analysis["cosine_per_layer"].items()
+        if layer != "other"
     ]
     assert f"per transformer layer: {min(per_layer):.3f} to {max(per_layer):.3f}" in summary
     assert summary.index("per transformer layer") < summary.index("Over all weights")
@@ -103,6 +129,18 @@ def test_the_reproduce_line_says_which_inputs_the_merge_did_not_read(tiny_loras,
     assert "# input0: not read by this merge" in card and "input1: not read" not in card
     assert "`input0`" not in card.split("### Inputs")[1].split("###")[0]  # no hash recorded for it
     elsewhere = shutil.copytree(base, tmp_path / "another-copy-of-the-base")
-    result = run_cli("mergekit-seed", "reproduce", tmp_path / "out", tmp_path / "again", "--input", f"input0={elsewhere}",
-                     "--input", f"input1={loras[0]}", "--input", f"input2={loras[1]}", "--check", "--quiet")
+    result = run_cli(
+        "mergekit-seed",
+        "reproduce",
+        tmp_path / "out",
+        tmp_path / "again",
+        "--input",
+        f"input0={elsewhere}",
+        "--input",
+        f"input1={loras[0]}",
+        "--input",
+        f"input2={loras[1]}",
+        "--check",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr

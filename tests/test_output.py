@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-
 from conftest import refused, run_cli, tree_hashes, write_recipe
+
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder, copy_file, staged_path, write_text
 
@@ -57,8 +56,11 @@ def test_a_report_never_replaces_a_merge(family, merged, tmp_path, command):
     data.write_text(json.dumps({"text": "abc def"}) + "\n")
     before = tree_hashes(merged)
     arguments = ["--data", data] if command == "compare" else ["--base", base]
-    refused(run_cli("mergekit-seed", command, seeds[0], seeds[1], *arguments, "--out", merged, "--quiet"),
-            "holds a merge written by `mergekit-seed run`", f"a `mergekit-seed {command}` report never replaces")
+    refused(
+        run_cli("mergekit-seed", command, seeds[0], seeds[1], *arguments, "--out", merged, "--quiet"),
+        "holds a merge written by `mergekit-seed run`",
+        f"a `mergekit-seed {command}` report never replaces",
+    )
     assert tree_hashes(merged) == before
 
 
@@ -68,10 +70,14 @@ def test_a_report_replaces_only_its_own_command(family, tmp_path):
     data.write_text(json.dumps({"text": "abc def"}) + "\n")
     out = tmp_path / "report"
     run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", out, "--quiet", check=True)
-    run_cli("mergekit-seed", "analyze", seeds[0], seeds[2], "--base", base, "--out", out, "--quiet", check=True)  # its own: replaced
+    run_cli(
+        "mergekit-seed", "analyze", seeds[0], seeds[2], "--base", base, "--out", out, "--quiet", check=True
+    )  # its own: replaced
     before = tree_hashes(out)
-    refused(run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", out, "--quiet"),
-            "holds a `mergekit-seed analyze` report, which a `mergekit-seed compare` report never replaces")
+    refused(
+        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", out, "--quiet"),
+        "holds a `mergekit-seed analyze` report, which a `mergekit-seed compare` report never replaces",
+    )
     assert tree_hashes(out) == before
 
 
@@ -81,7 +87,10 @@ def test_overwrite_of_a_merge_never_replaces_a_report(family, tmp_path):
     run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", out, "--quiet", check=True)
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     before = tree_hashes(out)
-    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "holds a `mergekit-seed analyze` report, which a merge never replaces")
+    refused(
+        run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
+        "holds a `mergekit-seed analyze` report, which a merge never replaces",
+    )
     assert tree_hashes(out) == before
 
 
@@ -131,7 +140,9 @@ def test_staging_names_are_unpredictable_and_a_user_folder_of_the_old_name_is_ke
     for _ in range(3):
         with OutputFolder(out, overwrite=True) as output:
             names.add(output.staging.name)
-            assert output.staging.name.startswith(".out.partial-") and len(output.staging.name) > len(".out.partial-") + 8
+            assert (
+                output.staging.name.startswith(".out.partial-") and len(output.staging.name) > len(".out.partial-") + 8
+            )
     assert len(names) == 3 and (mine / "thesis.tex").read_text() == "mine"
 
 
@@ -172,7 +183,9 @@ CHILD = textwrap.dedent(
 
 
 def _child(out: Path, step: str, mode: str = "exchange") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHILD, str(out), step, mode], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, str(out), step, mode], capture_output=True, text=True, timeout=120
+    )
 
 
 def _content(out: Path) -> bytes:
@@ -209,7 +222,9 @@ def test_a_run_killed_at_any_step_of_an_overwrite_is_recovered_by_the_next(tmp_p
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_out_is_held_removes_the_staging_folder_and_the_lock(tmp_path, signum):
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), "wait", "exchange"], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), "wait", "exchange"], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "staged"
     child.send_signal(signum)
     child.wait(timeout=60)
@@ -218,7 +233,9 @@ def test_a_signal_while_out_is_held_removes_the_staging_folder_and_the_lock(tmp_
 
 def test_a_sigkilled_run_leaves_leftovers_the_next_run_removes(tmp_path):
     out = tmp_path / "out"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), "wait", "exchange"], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), "wait", "exchange"], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "staged"
     child.kill()
     child.wait(timeout=60)
@@ -264,19 +281,44 @@ def test_sigterm_in_every_command_leaves_nothing(family, tmp_path, command):
     while the signal comes): no lock, no staging folder, no traceback."""
     base, seeds = family
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "pqr", "mno")))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "pqr", "mno"))
+    )
     test_data = tmp_path / "test.jsonl"
     test_data.write_text("".join(json.dumps({"prompt": f"{w}:", "answer": w}) + "\n" for w in ("abc", "xyz")))
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     held, arguments = {
         "run": (("mergekit_seed.runner", "validate"), ["run", recipe, out]),
-        "compare": (("mergekit_seed.tools.compare", "compare_into"), ["compare", *seeds, "--data", data, "--out", out]),
-        "select": (("mergekit_seed.tools.selection", "sweep_validation"),
-                   ["select", *seeds, "--base", base, "--validation", data, "--test", test_data, "--methods", "linear", "--out", out]),
+        "compare": (
+            ("mergekit_seed.tools.compare", "compare_into"),
+            ["compare", *seeds, "--data", data, "--out", out],
+        ),
+        "select": (
+            ("mergekit_seed.tools.selection", "sweep_validation"),
+            [
+                "select",
+                *seeds,
+                "--base",
+                base,
+                "--validation",
+                data,
+                "--test",
+                test_data,
+                "--methods",
+                "linear",
+                "--out",
+                out,
+            ],
+        ),
     }[command]
-    child = subprocess.Popen([sys.executable, "-c", STOPPED_COMMAND, *held, *map(str, arguments)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    child = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_COMMAND, *held, *map(str, arguments)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert child.stdout.readline().strip() == "ready"
     assert any(".partial-" in name for name in leftovers(out))
     child.send_signal(signal.SIGTERM)

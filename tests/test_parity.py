@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import refused, run_cli, write_recipe
+
 from mergekit_seed.references.weights import load_weights
 
 
@@ -28,7 +28,9 @@ def same_as_stock_mergekit(recipe: Path, tmp_path: Path, *options) -> Path:
     assert set(a) == set(b) and a
     for name in b:
         assert torch.equal(a[name], b[name]), name
-    result = run_cli("mergekit-seed", "reproduce", ours / "README.md", tmp_path / "again", "--check", ours, "--recipe", recipe)
+    result = run_cli(
+        "mergekit-seed", "reproduce", ours / "README.md", tmp_path / "again", "--check", ours, "--recipe", recipe
+    )
     assert result.returncode == 0, result.stderr
     return ours
 
@@ -49,7 +51,8 @@ def test_a_builtin_method_with_one_model(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = tmp_path / "r.yml"
     recipe.write_text(
-        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n    parameters: {{weight: 0.5}}\n"
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n    parameters: "
+        f"{{weight: 0.5}}\n"
         "dtype: float32\n"
     )
     same_as_stock_mergekit(recipe, tmp_path)
@@ -73,7 +76,16 @@ def test_reproduce_check_compares_bin_outputs(tiny_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     run_cli("mergekit-seed", "run", recipe, tmp_path / "bin", "--quiet", "--no-safe-serialization", check=True)
     assert list((tmp_path / "bin").glob("*.bin"))
-    result = run_cli("mergekit-seed", "reproduce", tmp_path / "bin", tmp_path / "again", "--check", tmp_path / "bin", "--recipe", recipe)
+    result = run_cli(
+        "mergekit-seed",
+        "reproduce",
+        tmp_path / "bin",
+        tmp_path / "again",
+        "--check",
+        tmp_path / "bin",
+        "--recipe",
+        recipe,
+    )
     assert result.returncode == 0 and "every tensor matches" in result.stdout, result.stderr
 
 
@@ -139,7 +151,10 @@ def test_card_options_are_checked_as_untrusted_input(tiny_family, tmp_path):
     run_cli("mergekit-seed", "run", recipe, tmp_path / "merged", "--quiet", check=True)
     card = tmp_path / "merged" / "README.md"
     front, body = _front_matter(card)
-    for options, fragment in (({"run_this": "rm -rf /"}, "options.run_this: not a mergekit option"), ({"out_shard_size": "huge"}, "options.out_shard_size")):
+    for options, fragment in (
+        ({"run_this": "rm -rf /"}, "options.run_this: not a mergekit option"),
+        ({"out_shard_size": "huge"}, "options.out_shard_size"),
+    ):
         front["mergekit_seed"]["options"] = options
         card.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body, encoding="utf-8")
         refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again"), fragment, out=tmp_path / "again")
@@ -150,7 +165,17 @@ def test_no_write_model_card_and_a_reproduce_line_that_round_trips(tiny_family, 
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     run_cli("mergekit-seed", "run", recipe, tmp_path / "nocard", "--quiet", "--no-write-model-card", check=True)
     assert not (tmp_path / "nocard" / "README.md").exists()
-    run_cli("mergekit-seed", "run", recipe, tmp_path / "card", "--quiet", "--no-copy-tokenizer", "--random-seed", "3", check=True)
+    run_cli(
+        "mergekit-seed",
+        "run",
+        recipe,
+        tmp_path / "card",
+        "--quiet",
+        "--no-copy-tokenizer",
+        "--random-seed",
+        "3",
+        check=True,
+    )
     text = (tmp_path / "card" / "README.md").read_text()
     line = next(line for line in text.splitlines() if line.startswith("mergekit-seed run recipe.yml OUT"))
     assert "--no-copy-tokenizer" in line and "--random-seed 3" in line
@@ -179,7 +204,9 @@ def test_parameters_inside_slices_are_checked(tiny_family, tmp_path, where, para
     else:
         piece["parameters"] = {name: value}
     recipe = tmp_path / "r.yml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "seedft", "base_model": str(base), "slices": [piece], "dtype": "float32"}))
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": "seedft", "base_model": str(base), "slices": [piece], "dtype": "float32"})
+    )
     for command in (("validate", recipe), ("run", recipe, tmp_path / "out")):
         refused(run_cli("mergekit-seed", *command), fragment, out=tmp_path / "out")
 
@@ -255,13 +282,20 @@ def test_the_output_config_is_the_first_models_whatever_the_hash_seed(tiny_famil
         config.pop("rope_theta", None)
         (folder / "config.json").write_text(json.dumps(config))
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {second}\n    parameters: {{weight: 0.5}}\n  - model: {first}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {second}\n    parameters: {{weight: 0.5}}\n  - model: {first}\n   "
+        f" parameters: {{weight: 0.5}}\ndtype: float32\n"
+    )
     thetas = set()
     for hash_seed in ("1", "2", "3"):
         out = tmp_path / f"out{hash_seed}"
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, HF_HUB_OFFLINE="1")
-        done = subprocess.run([str(Path(sys.executable).parent / "mergekit-seed"), "run", str(recipe), str(out), "--quiet"],
-                              capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "mergekit-seed"), "run", str(recipe), str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert done.returncode == 0, done.stderr
         assert "torch_dtype" not in done.stderr  # transformers' deprecation of what mergekit sets: noise under --quiet
         thetas.add(json.loads((out / "config.json").read_text())["rope_parameters"]["rope_theta"])
@@ -272,7 +306,17 @@ def test_the_output_config_is_the_first_models_whatever_the_hash_seed(tiny_famil
     config = json.loads((changed / "config.json").read_text())
     config["rope_parameters"]["rope_theta"] = 10000.0
     (changed / "config.json").write_text(json.dumps(config))
-    result = run_cli("mergekit-seed", "reproduce", tmp_path / "out1", tmp_path / "again", "--recipe", recipe, "--check", changed, "--quiet")
+    result = run_cli(
+        "mergekit-seed",
+        "reproduce",
+        tmp_path / "out1",
+        tmp_path / "again",
+        "--recipe",
+        recipe,
+        "--check",
+        changed,
+        "--quiet",
+    )
     assert result.returncode == 1 and "config.json: rope_parameters is" in result.stderr
 
 
@@ -284,7 +328,10 @@ def test_an_unknown_parameter_of_a_mergekit_method_is_ignored_with_a_warning_as_
         f"  - model: {seeds[1]}\n    parameters: {{weight: 0.5}}\nparameters:\n  normalise: true\ndtype: float32\n"
     )
     checked = run_cli("mergekit-seed", "validate", recipe)
-    assert checked.returncode == 0 and "unknown parameter 'normalise' for linear (did you mean 'normalize'?)" in checked.stderr
+    assert (
+        checked.returncode == 0
+        and "unknown parameter 'normalise' for linear (did you mean 'normalize'?)" in checked.stderr
+    )
     assert "mergekit ignores it" in checked.stderr and "wieght_x" in checked.stderr
     ours = same_as_stock_mergekit(recipe, tmp_path)
     assert ours.is_dir()
@@ -317,10 +364,10 @@ def test_a_card_for_a_mergekit_method_lists_its_parameters_and_no_seed_runs(tiny
 
 def tiny_llama_variant(path: Path, seed: int, **overrides) -> Path:
     """A tiny LLaMA with some settings changed (tied embeddings, depth, vocabulary)."""
+    from tiny import TINY_LLAMA, TINY_VOCABULARY
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mergekit_seed.tools.demo.task import char_tokenizer
-    from tiny import TINY_LLAMA, TINY_VOCABULARY
 
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(**dict(TINY_LLAMA, **overrides))).save_pretrained(path)
@@ -344,8 +391,10 @@ def test_tied_and_untied_embeddings_merge_as_stock(tmp_path):
     with safe_open(tied / "model.safetensors", "pt") as reader:
         assert "lm_head.weight" not in reader.keys()  # transformers saves a tied head once
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: linear\nbase_model: {tied}\nmodels:\n  - model: {tied}\n    parameters: {{weight: 0.5}}\n"
-                      f"  - model: {untied}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    recipe.write_text(
+        f"merge_method: linear\nbase_model: {tied}\nmodels:\n  - model: {tied}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {untied}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    )
     same_as_stock_mergekit(recipe, tmp_path)
 
 
@@ -364,7 +413,11 @@ def test_stray_buffers_and_extra_weight_files_merge_as_stock(tiny_family, tmp_pa
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     bad = write_recipe(tmp_path / "bad.yml", "seedlora_dm", base, [seeds[0], broken])
-    refused(run_cli("mergekit-seed", "run", bad, tmp_path / "o"), "model.layers.1.mlp.down_proj.weight is missing in", str(broken))
+    refused(
+        run_cli("mergekit-seed", "run", bad, tmp_path / "o"),
+        "model.layers.1.mlp.down_proj.weight is missing in",
+        str(broken),
+    )
 
 
 def test_a_passthrough_frankenmerge_across_depths_merges_as_stock(tmp_path):
@@ -392,7 +445,9 @@ def test_a_full_model_folder_that_also_holds_an_adapter_is_a_full_model(tiny_fam
         for file in adapter.iterdir():
             shutil.copy(file, seed / file.name)
     for method in ("seedft", "linear"):
-        recipe = write_recipe(tmp_path / f"{method}.yml", method, base, seeds, {"weight": 0.5} if method == "linear" else None)
+        recipe = write_recipe(
+            tmp_path / f"{method}.yml", method, base, seeds, {"weight": 0.5} if method == "linear" else None
+        )
         out = tmp_path / method
         result = run_cli("mergekit-seed", "run", recipe, out)
         assert result.returncode == 0, result.stderr
@@ -405,9 +460,13 @@ def test_unsafe_truncate_embeddings_merges_a_larger_vocabulary_as_stock(tmp_path
     base = tiny_llama_variant(tmp_path / "base", 0)
     larger = tiny_llama_variant(tmp_path / "larger", 1, vocab_size=72)
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
-                      f"  - model: {larger}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "refused"), "model.embed_tokens.weight has different shapes")
+    recipe.write_text(
+        f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {larger}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    )
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "refused"), "model.embed_tokens.weight has different shapes"
+    )
     same_as_stock_mergekit(recipe, tmp_path, "--unsafe-truncate-embeddings")
 
 
@@ -418,8 +477,10 @@ def test_relative_model_paths_merge_without_asking_the_hub(tiny_family, tmp_path
     for name, seed in zip("ab", seeds):
         shutil.copytree(seed, tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    Path("r.yml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 0.5}\n"
-                             "  - model: b\n    parameters: {weight: 0.5}\ndtype: float32\n")
+    Path("r.yml").write_text(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 0.5}\n"
+        "  - model: b\n    parameters: {weight: 0.5}\ndtype: float32\n"
+    )
     run_cli("mergekit-seed", "run", "r.yml", "out", "--quiet", check=True)
     written = yaml.safe_load(Path("out/mergekit_config.yml").read_text())
     assert [entry["model"] for entry in written["models"]] == ["input0", "input1"]
@@ -432,16 +493,30 @@ def test_relative_model_paths_merge_without_asking_the_hub(tiny_family, tmp_path
 def tiny_model(path: Path, architecture: str, seed: int) -> Path:
     """A tiny randomly initialised model of ``architecture`` with the demo's tokenizer."""
     import transformers
-
-    from mergekit_seed.tools.demo.task import char_tokenizer
     from tiny import TINY_VOCABULARY
 
+    from mergekit_seed.tools.demo.task import char_tokenizer
+
     configs = {
-        "qwen2-tied": transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        "qwen2-tied": transformers.Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
         "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-        "mistral": transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+        "mistral": transformers.MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
     }
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(configs[architecture]).save_pretrained(path)
@@ -449,7 +524,13 @@ def tiny_model(path: Path, architecture: str, seed: int) -> Path:
     return path
 
 
-DETERMINISTIC_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DETERMINISTIC_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 @pytest.mark.parametrize("architecture", ["qwen2-tied", "gpt2", "mistral"])
@@ -460,7 +541,9 @@ def test_architectures_merge_as_stock_tensors_config_and_tokenizer(tmp_path, arc
     README.md (ours is our card) and mergekit_config.yml (local folders labelled inputN)."""
     base = tiny_model(tmp_path / "base", architecture, 0)
     seeds = [tiny_model(tmp_path / f"seed{i}", architecture, i + 1) for i in range(2)]
-    parameters = {"weight": 0.5, "density": 0.6} if method == "ties" else ({"weight": 0.5} if method == "linear" else None)
+    parameters = (
+        {"weight": 0.5, "density": 0.6} if method == "ties" else ({"weight": 0.5} if method == "linear" else None)
+    )
     recipe = write_recipe(tmp_path / "r.yml", method, base, seeds, parameters)
     ours = same_as_stock_mergekit(recipe, tmp_path)
     stock = tmp_path / "stock"
@@ -478,11 +561,20 @@ def test_architectures_merge_as_stock_tensors_config_and_tokenizer(tmp_path, arc
     "layout",
     [
         {"model.safetensors": None},
-        {"model-00001-of-00002.safetensors": None, "model-00002-of-00002.safetensors": None, "model.safetensors.index.json": "index"},
+        {
+            "model-00001-of-00002.safetensors": None,
+            "model-00002-of-00002.safetensors": None,
+            "model.safetensors.index.json": "index",
+        },
         {"pytorch_model.bin": None},
         {"model.safetensors": None, "pytorch_model.bin": None},
         {"pytorch_model-00001-of-00001.bin": None, "pytorch_model.bin.index.json": "index"},
-        {"model.safetensors.index.json": "index", "model-00001-of-00002.safetensors": None, "model-00002-of-00002.safetensors": None, "pytorch_model.bin": None},
+        {
+            "model.safetensors.index.json": "index",
+            "model-00001-of-00002.safetensors": None,
+            "model-00002-of-00002.safetensors": None,
+            "pytorch_model.bin": None,
+        },
         {"consolidated.safetensors": None},
         {},
     ],

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import refused, run_cli
+
 from mergekit_seed.references.weights import load_weights
+
 
 METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
 TOKENS = [3, 5, 7]
@@ -24,8 +25,15 @@ def _llama_config(**extra):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **extra,
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **extra,
     )
 
 
@@ -49,28 +57,58 @@ def bases(tmp_path_factory):
 # name: (base folder, PEFT LoraConfig arguments)
 VARIANTS = {
     "llama-seq-cls": ("llama-cls", dict(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])),
-    "llama-trainable-tokens": ("llama-cls", dict(task_type="SEQ_CLS", target_modules=["q_proj"], trainable_token_indices=TOKENS)),
-    "llama-lm-head": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    "llama-trainable-tokens": (
+        "llama-cls",
+        dict(task_type="SEQ_CLS", target_modules=["q_proj"], trainable_token_indices=TOKENS),
+    ),
+    "llama-lm-head": (
+        "llama-lm",
+        dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    ),
     "gpt2-bias-all": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"], bias="all")),
-    "gpt2-bias-lora-only": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"], bias="lora_only")),
+    "gpt2-bias-lora-only": (
+        "gpt2",
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"], bias="lora_only"),
+    ),
     "gpt2-lora-bias": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_fc"], lora_bias=True)),
-    "gpt2-trainable-tokens": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=TOKENS[:2])),
+    "gpt2-trainable-tokens": (
+        "gpt2",
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn"], trainable_token_indices=TOKENS[:2]),
+    ),
     # Conv1D and Linear layers in one adapter: PEFT saves fan_in_fan_out as set for the last layer (false)
-    "gpt2-conv1d-and-linear": ("gpt2-untied", dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "lm_head"])),
+    "gpt2-conv1d-and-linear": (
+        "gpt2-untied",
+        dict(task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "lm_head"]),
+    ),
     # only embedding and head: PEFT saves their base layers too (save_embedding_layers), and a
     # LoRA output must keep them LoRA targets for PEFT to load it
     "llama-embed-and-head-only": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "lm_head"])),
     # the fields that say what the tensors mean, each set by a variant
-    "llama-rank-alpha-patterns-rslora": ("llama-lm", dict(
-        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2},
-        alpha_pattern={"down_proj": 3.0}, use_rslora=True,
-    )),
+    "llama-rank-alpha-patterns-rslora": (
+        "llama-lm",
+        dict(
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3.0},
+            use_rslora=True,
+        ),
+    ),
     "gpt2-fan-in-fan-out": ("gpt2", dict(task_type="CAUSAL_LM", target_modules=["c_attn"], fan_in_fan_out=True)),
-    "llama-layers-and-exclusions": ("llama-lm", dict(
-        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1],
-        exclude_modules=["up_proj"], init_lora_weights="gaussian",
-    )),
-    "llama-target-parameters-2d": ("llama-lm", dict(task_type="CAUSAL_LM", target_modules=[], target_parameters=["self_attn.q_proj.weight"])),
+    "llama-layers-and-exclusions": (
+        "llama-lm",
+        dict(
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            layers_to_transform=[1],
+            exclude_modules=["up_proj"],
+            init_lora_weights="gaussian",
+        ),
+    ),
+    "llama-target-parameters-2d": (
+        "llama-lm",
+        dict(task_type="CAUSAL_LM", target_modules=[], target_parameters=["self_attn.q_proj.weight"]),
+    ),
 }
 
 
@@ -197,13 +235,21 @@ def assert_same_tensors(result, expected, base, where, rtol=1e-4):
         rounding = 1e-6 * value.norm()
         changed += bool(delta > rounding)
         error = (result[name] - value).norm()
-        assert error <= rtol * delta + rounding, f"{where}: {name} off by {error / delta.clamp_min(1e-30):.2e} of its delta"
+        assert error <= rtol * delta + rounding, (
+            f"{where}: {name} off by {error / delta.clamp_min(1e-30):.2e} of its delta"
+        )
     assert changed, f"{where}: nothing changed"
 
 
 DISTINCT = [
-    "llama-seq-cls", "llama-trainable-tokens", "llama-lm-head",
-    "gpt2-bias-all", "gpt2-bias-lora-only", "gpt2-lora-bias", "gpt2-trainable-tokens", "gpt2-conv1d-and-linear",
+    "llama-seq-cls",
+    "llama-trainable-tokens",
+    "llama-lm-head",
+    "gpt2-bias-all",
+    "gpt2-bias-lora-only",
+    "gpt2-lora-bias",
+    "gpt2-trainable-tokens",
+    "gpt2-conv1d-and-linear",
     "llama-embed-and-head-only",
 ]
 
@@ -326,6 +372,7 @@ def test_the_card_hashes_the_base_when_a_lora_output_reads_it(bases, peft_seeds,
     base = bases / "llama-cls"
     recipe = adapter_recipe(tmp_path / "heads.yml", "seedft", base, peft_seeds["llama-seq-cls"], {"format": "lora"})
     run_cli("mergekit-seed", "run", recipe, tmp_path / "heads", "--quiet", check=True)
+
     def hashed_folders(output):
         return {entry["folder"] for entry in read_card(output)["provenance"]["inputs"].values()}
 
@@ -369,14 +416,26 @@ def tiny_mixtral(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mixtral")
     torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)).save_pretrained(root / "base")
+    MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=48,
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+        )
+    ).save_pretrained(root / "base")
     return root / "base"
 
 
 @pytest.mark.parametrize("case", ["alora", "layer_replication", "moe_target_parameters"])
 @pytest.mark.parametrize("output_format", ["lora", "full"])
-def test_peft_adapters_no_delta_can_express_are_refused_in_one_line(bases, tiny_mixtral, tmp_path, case, output_format):
+def test_peft_adapters_no_delta_can_express_are_refused_in_one_line(
+    bases, tiny_mixtral, tmp_path, case, output_format
+):
     """aLoRA acts only after its invocation tokens; layer_replication builds a deeper model;
     a LoRA on MoE experts' 3-D parameters is no Linear delta. Each was written wrong, exit 0."""
     base = tiny_mixtral if case == "moe_target_parameters" else bases / "llama-lm"
@@ -386,7 +445,11 @@ def test_peft_adapters_no_delta_can_express_are_refused_in_one_line(bases, tiny_
         "moe_target_parameters": dict(target_modules=[], target_parameters=["experts.gate_up_proj"]),
     }[case]
     seeds = [save_peft_seed(base, tmp_path / f"s{i}", i, task_type="CAUSAL_LM", **arguments) for i in range(2)]
-    fragment = {"alora": "alora_invocation_tokens", "layer_replication": "layer_replication", "moe_target_parameters": "gate_up_proj"}[case]
+    fragment = {
+        "alora": "alora_invocation_tokens",
+        "layer_replication": "layer_replication",
+        "moe_target_parameters": "gate_up_proj",
+    }[case]
     recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": output_format})
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), fragment, out=tmp_path / "out")
     refused(run_cli("mergekit-seed", "validate", recipe), fragment)
@@ -397,7 +460,9 @@ def test_a_config_that_disagrees_with_its_tensors_is_refused(bases, tmp_path, ch
     from safetensors.torch import load_file, save_file
 
     base = bases / "llama-lm"
-    seeds = [save_peft_seed(base, tmp_path / f"s{i}", i, task_type="CAUSAL_LM", target_modules=["q_proj"]) for i in range(2)]
+    seeds = [
+        save_peft_seed(base, tmp_path / f"s{i}", i, task_type="CAUSAL_LM", target_modules=["q_proj"]) for i in range(2)
+    ]
     config_path = seeds[1] / "adapter_config.json"
     config = json.loads(config_path.read_text())
     if change == "r disagrees with the factors":
@@ -408,7 +473,10 @@ def test_a_config_that_disagrees_with_its_tensors_is_refused(bases, tmp_path, ch
         fragment = "field 'r'"
     else:
         tensors = load_file(seeds[1] / "adapter_model.safetensors")
-        save_file({key: (value * 100).to(torch.int8) for key, value in tensors.items()}, seeds[1] / "adapter_model.safetensors")
+        save_file(
+            {key: (value * 100).to(torch.int8) for key, value in tensors.items()},
+            seeds[1] / "adapter_model.safetensors",
+        )
         fragment = "is int8"
     config_path.write_text(json.dumps(config))
     recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": "lora"})
@@ -423,7 +491,11 @@ def test_every_lora_config_field_is_read_refused_or_without_effect():
 
     from peft import LoraConfig
 
-    from mergekit_seed.references.adapter_files import LORA_FIELDS_REFUSED, LORA_FIELDS_WITHOUT_EFFECT, LoraFolderConfig
+    from mergekit_seed.references.adapter_files import (
+        LORA_FIELDS_REFUSED,
+        LORA_FIELDS_WITHOUT_EFFECT,
+        LoraFolderConfig,
+    )
 
     fields = {field.name for field in dataclasses.fields(LoraConfig)}
     read = set(LoraFolderConfig.model_fields) - {"peft_type", "base_model_name_or_path", "task_type"}
@@ -450,12 +522,20 @@ def test_what_run_refuses_validate_refuses_too(bases, tiny_loras, tmp_path):
         "is an adapter folder; give the model the adapters were trained on": (adapters[0], adapters),
     }
     llama = bases / "llama-lm"
-    seeds = [save_peft_seed(llama, tmp_path / f"emb{i}", i, task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj"]) for i in range(2)]
+    seeds = [
+        save_peft_seed(
+            llama, tmp_path / f"emb{i}", i, task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj"]
+        )
+        for i in range(2)
+    ]
     tensors = load_file(seeds[1] / "adapter_model.safetensors")
     key = "base_model.model.model.embed_tokens.base_layer.weight"
     tensors[key] = torch.cat([tensors[key], torch.zeros(8, tensors[key].shape[1])])  # resized after the LoRA was made
     save_file(tensors, seeds[1] / "adapter_model.safetensors")
-    cases["is saved whole with shape (56, 32) but its LoRA delta has shape (48, 32)"] = (str(llama), [str(s) for s in seeds])
+    cases["is saved whole with shape (56, 32) but its LoRA delta has shape (48, 32)"] = (
+        str(llama),
+        [str(s) for s in seeds],
+    )
     for index, (fragment, (base_model, models)) in enumerate(cases.items()):
         recipe = adapter_recipe(tmp_path / f"r{index}.yml", "seedft", base_model, models, {"format": "full"})
         refused(run_cli("mergekit-seed", "validate", recipe), fragment)
@@ -470,12 +550,22 @@ def test_a_router_adapter_on_target_parameters_is_written_as_peft_can_load_it(ti
     under target_parameters, not as a module with its own rank. Identical seeds give back the seed."""
     from peft import PeftModel
 
-    seed = save_peft_seed(tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
-    recipe = adapter_recipe(tmp_path / "r.yml", method, tiny_mixtral, [seed] * 3, {"format": "lora"},
-                            {"energy": 1.0} if method == "seedlora_twostage" else None)
+    seed = save_peft_seed(
+        tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"]
+    )
+    recipe = adapter_recipe(
+        tmp_path / "r.yml",
+        method,
+        tiny_mixtral,
+        [seed] * 3,
+        {"format": "lora"},
+        {"energy": 1.0} if method == "seedlora_twostage" else None,
+    )
     run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet", check=True)
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert written["target_parameters"] == ["mlp.gate.weight"] and not any("gate" in m for m in written["target_modules"])
+    assert written["target_parameters"] == ["mlp.gate.weight"] and not any(
+        "gate" in m for m in written["target_modules"]
+    )
     expected = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), seed))
     result = logits(PeftModel.from_pretrained(load_base(tiny_mixtral), tmp_path / "out"))
     assert_close_to(result, expected, logits(load_base(tiny_mixtral)), f"{method} router")
@@ -484,10 +574,18 @@ def test_a_router_adapter_on_target_parameters_is_written_as_peft_can_load_it(ti
 def test_a_router_adapter_routed_to_a_full_model_names_the_base_spelling(tiny_mixtral, tmp_path):
     """transformers 5 saves Mixtral's router as block_sparse_moe.gate and loads it as mlp.gate,
     which PEFT names: the refusal says where the base holds it and what works (a LoRA output)."""
-    seed = save_peft_seed(tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"])
+    seed = save_peft_seed(
+        tiny_mixtral, tmp_path / "seed", 1, target_modules=["q_proj"], target_parameters=["mlp.gate.weight"]
+    )
     recipe = adapter_recipe(tmp_path / "r.yml", "seedft", tiny_mixtral, [seed] * 3, {"format": "full"})
     result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
-    refused(result, "model.layers.0.mlp.gate.weight", "block_sparse_moe.gate.weight", "output.format: lora", out=tmp_path / "out")
+    refused(
+        result,
+        "model.layers.0.mlp.gate.weight",
+        "block_sparse_moe.gate.weight",
+        "output.format: lora",
+        out=tmp_path / "out",
+    )
 
 
 def test_a_mixtral_saved_in_checkpoint_layout_merges_on_the_full_route_as_stock_mergekit_does(tiny_mixtral, tmp_path):
@@ -507,12 +605,18 @@ def test_a_mixtral_saved_in_checkpoint_layout_merges_on_the_full_route_as_stock_
         model.save_pretrained(tmp_path / f"seed{index}")
         seeds.append(tmp_path / f"seed{index}")
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: seedlora_dm\nbase_model: {tiny_mixtral}\nmodels:\n"
-                      + "".join(f"  - model: {seed}\n" for seed in seeds) + "dtype: float32\n")
+    recipe.write_text(
+        f"merge_method: seedlora_dm\nbase_model: {tiny_mixtral}\nmodels:\n"
+        + "".join(f"  - model: {seed}\n" for seed in seeds)
+        + "dtype: float32\n"
+    )
     run_cli("mergekit-seed", "validate", recipe, check=True)
     run_cli("mergekit-seed", "run", recipe, tmp_path / "ours", "--quiet", check=True)
     run_cli("mergekit-yaml", recipe, tmp_path / "stock", check=True)
-    ours, stock = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "stock" / "model.safetensors")
+    ours, stock = (
+        load_file(tmp_path / "ours" / "model.safetensors"),
+        load_file(tmp_path / "stock" / "model.safetensors"),
+    )
     assert "model.layers.0.mlp.experts.gate_up_proj" in ours and sorted(ours) == sorted(stock)
     assert all(torch.equal(ours[name], stock[name]) for name in ours)
 

@@ -6,16 +6,14 @@ import sys
 
 import pytest
 import torch
-
 from conftest import recipe_text, refused, run_cli, write_recipe
-from mergekit_seed.references.weights import load_weights
+
 from mergekit_seed.maths.kernels.seedft import seedft
+from mergekit_seed.references.weights import load_weights
 
 
 def test_interpreter_start_imports_neither_torch_nor_mergekit():
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True)
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()]
     assert "mergekit_seed.startup" in imported, "the .pth hook is not installed"
     assert not [name for name in imported if name.split(".")[0] in ("torch", "mergekit")]
@@ -28,8 +26,9 @@ def test_registry_import_registers_our_methods():
 
 
 def test_register_is_idempotent():
-    import mergekit_seed
     from mergekit import merge_methods
+
+    import mergekit_seed
 
     mergekit_seed.register()
     mergekit_seed.register()
@@ -83,9 +82,7 @@ def test_bad_parameters_are_refused_by_name(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, {"rnak": 2, "rtol": -1, "lambda": "big"})
     out = tmp_path / "out"
-    refused(
-        run_cli("mergekit-seed", "run", recipe, out), "did you mean 'rank'", "'rtol'", "'lambda'", out=out
-    )
+    refused(run_cli("mergekit-seed", "run", recipe, out), "did you mean 'rank'", "'rtol'", "'lambda'", out=out)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -103,7 +100,11 @@ def test_existing_output_is_not_mixed(tiny_family, tmp_path):
     refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
     assert (out / "keep.txt").exists()
     # --overwrite replaces only a previous merge of ours, never a folder of something else
-    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "replaces only a previous mergekit-seed merge", "keep.txt")
+    refused(
+        run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
+        "replaces only a previous mergekit-seed merge",
+        "keep.txt",
+    )
     assert (out / "keep.txt").read_text() == "x"
 
 
@@ -144,7 +145,12 @@ def test_stock_mergekit_yaml_refuses_a_misspelt_parameter_of_our_methods(tiny_fa
     misspelt, meant = ("lamda", "lambda") if where == "global" else ("weigth", "weight")
     for isolated in (False, True):
         out = tmp_path / f"out-{isolated}"
-        refused(run_cli("mergekit-yaml", path, out, isolated=isolated), f"unknown parameter '{misspelt}'", f"did you mean '{meant}'", out=out)
+        refused(
+            run_cli("mergekit-yaml", path, out, isolated=isolated),
+            f"unknown parameter '{misspelt}'",
+            f"did you mean '{meant}'",
+            out=out,
+        )
     refused(run_cli("mergekit-seed", "run", path, tmp_path / "o"), f"unknown parameter '{misspelt}'")
     # mergekit's Python API: a ValueError naming it
     from mergekit.config import MergeConfiguration
@@ -184,7 +190,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 try:
-    run_merge(MergeConfiguration.model_validate({recipe!r}), {str(tmp_path / 'out')!r}, options=MergeOptions())
+    run_merge(MergeConfiguration.model_validate({recipe!r}), {str(tmp_path / "out")!r}, options=MergeOptions())
 except ValueError as error:
     print("refused:", error)
 """

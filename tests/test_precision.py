@@ -7,7 +7,6 @@ against each method's independent float64 reference, the one the reference tests
 
 import pytest
 import torch
-
 from test_lore import lore_reference
 from test_seedft import seedft_reference
 from test_seedlora import dm_reference, twostage_reference
@@ -15,6 +14,7 @@ from test_seedlora import dm_reference, twostage_reference
 from mergekit_seed.maths.kernels.lore import lore, relative_mu
 from mergekit_seed.maths.kernels.seedft import seedft
 from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_twostage
+
 
 TOLERANCE = 1e-4
 
@@ -37,7 +37,9 @@ def hard_deltas(kind: str, shape=(48, 40), N: int = 3):
         deltas = [with_spectrum(m, n, spectrum, generator) for _ in range(N)]
     elif kind == "deficient":
         shared = with_spectrum(m, n, torch.tensor([3.0, 1.0, 0.3], dtype=torch.float64), generator)
-        deltas = [shared + 0.1 * with_spectrum(m, n, torch.tensor([1.0], dtype=torch.float64), generator) for _ in range(N)]
+        deltas = [
+            shared + 0.1 * with_spectrum(m, n, torch.tensor([1.0], dtype=torch.float64), generator) for _ in range(N)
+        ]
     else:
         deltas = [5.0 + 5e-3 * torch.randn(m, n, generator=generator, dtype=torch.float64) for _ in range(N)]
     return [d.float() for d in deltas]

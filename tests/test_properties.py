@@ -11,6 +11,7 @@ from mergekit_seed.maths.kernels.lore import lore
 from mergekit_seed.maths.kernels.seedft import seedft
 from mergekit_seed.maths.kernels.seedlora import seedlora_dm, seedlora_twostage
 
+
 KERNELS = {
     # name: (kernel, scale that makes N identical seeds give that seed back)
     "seedft": (lambda tau: seedft(tau), lambda n: 1 / math.sqrt(n)),
@@ -36,7 +37,9 @@ def seed_deltas(draw):
     deltas = []
     for _ in range(count):
         if rank is not None and len(shape) == 2:
-            tensor = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, shape[1], generator=generator)
+            tensor = torch.randn(shape[0], rank, generator=generator) @ torch.randn(
+                rank, shape[1], generator=generator
+            )
         else:
             tensor = torch.randn(shape, generator=generator)
         deltas.append(scale * tensor)
@@ -97,7 +100,8 @@ FILTERS = st.one_of(st.none(), st.just("*"), st.sampled_from(["q_proj", "mlp", "
 def test_adapter_settings_resolve_as_mergekit_resolves_them(setting, tensor_name):
     """Adapter recipes resolve parameter settings without mergekit's configuration module;
     the value must be the one mergekit's own evaluator gives for the parsed setting."""
-    from mergekit.config import ParameterSetting, evaluate_setting as mergekit_evaluate
+    from mergekit.config import ParameterSetting
+    from mergekit.config import evaluate_setting as mergekit_evaluate
     from pydantic import TypeAdapter
 
     from mergekit_seed.recipe import evaluate_setting
@@ -147,7 +151,10 @@ def test_a_shifted_matrix_multiplies_as_the_formed_sum(m, n, k, q, seed):
 
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(m, n, generator=generator, dtype=torch.float64)
-    shift = LowRank(torch.randn(m, k, generator=generator, dtype=torch.float64), torch.randn(k, n, generator=generator, dtype=torch.float64))
+    shift = LowRank(
+        torch.randn(m, k, generator=generator, dtype=torch.float64),
+        torch.randn(k, n, generator=generator, dtype=torch.float64),
+    )
     shifted, formed = Shifted(base, shift), base + shift.left @ shift.right
     right = torch.randn(n, q, generator=generator, dtype=torch.float64)
     left = torch.randn(q, m, generator=generator, dtype=torch.float64)
@@ -166,7 +173,10 @@ def test_the_wide_svd_is_an_svd(q, extra, decades, seed):
 
     generator = torch.Generator().manual_seed(seed)
     n = q + extra
-    matrix = torch.randn(q, n, generator=generator, dtype=torch.float64) * torch.logspace(0, -decades, q, dtype=torch.float64)[:, None]
+    matrix = (
+        torch.randn(q, n, generator=generator, dtype=torch.float64)
+        * torch.logspace(0, -decades, q, dtype=torch.float64)[:, None]
+    )
     U, S, V = _wide_svd(matrix)
     assert torch.allclose((U * S) @ V.T, matrix, atol=1e-12)
     assert torch.allclose(U.T @ U, torch.eye(q, dtype=torch.float64), atol=1e-12)
@@ -176,8 +186,14 @@ def test_the_wide_svd_is_an_svd(q, extra, decades, seed):
 
 @settings(max_examples=200, deadline=None)
 @given(
-    name=st.lists(st.sampled_from(["model", "layers", "0", "q_proj", "v_proj", "self_attn", "proj", "q"]), min_size=1, max_size=5).map(".".join),
-    targets=st.lists(st.sampled_from(["q_proj", "proj", "self_attn.q_proj", "0.q_proj", "q", "layers.0", "model"]), min_size=1, max_size=3),
+    name=st.lists(
+        st.sampled_from(["model", "layers", "0", "q_proj", "v_proj", "self_attn", "proj", "q"]), min_size=1, max_size=5
+    ).map(".".join),
+    targets=st.lists(
+        st.sampled_from(["q_proj", "proj", "self_attn.q_proj", "0.q_proj", "q", "layers.0", "model"]),
+        min_size=1,
+        max_size=3,
+    ),
 )
 def test_sera_target_modules_match_as_peft_matches_a_list(name, targets):
     """SeRA's target_modules (a list) select the modules PEFT's own rule selects."""

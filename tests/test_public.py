@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, save_random_lora, write_recipe
+
 from mergekit_seed.public import Labels, public_text
+
 
 TOKEN = "hf_PLANTEDtoken0123456789"
 PLANTED = "/planted/private/checkpoint"
@@ -19,15 +20,28 @@ def test_inputs_become_labels_and_paths_under_them_keep_their_tail(tmp_path):
     runs = tmp_path / "runs"
     labels = Labels.for_inputs([runs / "base", runs / "seed1"], {str(runs / "base"): "input0"})
     text = f"base {runs}/base, a file {runs}/seed1/model.safetensors, not {runs}/base2 nor {runs}/seed10"
-    assert public_text(text, labels) == f"base input0, a file seed1/model.safetensors, not {runs}/base2 nor {runs}/seed10"
+    assert (
+        public_text(text, labels) == f"base input0, a file seed1/model.safetensors, not {runs}/base2 nor {runs}/seed10"
+    )
 
 
 def test_json_name_or_path_fields_never_name_a_local_path(tmp_path):
     labels = Labels.for_inputs([tmp_path / "base"], {str(tmp_path / "base"): "input0"})
-    text = json.dumps({"name_or_path": str(tmp_path / "base"), "_name_or_path": PLANTED, "base_model_name_or_path": "org/model",
-                       "other": "kept"})
+    text = json.dumps(
+        {
+            "name_or_path": str(tmp_path / "base"),
+            "_name_or_path": PLANTED,
+            "base_model_name_or_path": "org/model",
+            "other": "kept",
+        }
+    )
     published = json.loads(public_text(text, labels))
-    assert published == {"name_or_path": "input0", "_name_or_path": "checkpoint", "base_model_name_or_path": "org/model", "other": "kept"}
+    assert published == {
+        "name_or_path": "input0",
+        "_name_or_path": "checkpoint",
+        "base_model_name_or_path": "org/model",
+        "other": "kept",
+    }
 
 
 def test_cache_paths_become_repository_ids(monkeypatch, tmp_path):
@@ -35,13 +49,19 @@ def test_cache_paths_become_repository_ids(monkeypatch, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / ("a" * 40)
-    assert public_text(f'{{"name_or_path": "{snapshot}"}} and {snapshot}/config.json') == '{"name_or_path": "org/name"} and org/name'
+    assert (
+        public_text(f'{{"name_or_path": "{snapshot}"}} and {snapshot}/config.json')
+        == '{"name_or_path": "org/name"} and org/name'
+    )
 
 
-@pytest.mark.parametrize("url, public", [
-    ("https://user:tok@host/x.git?token=1#frag", "https://host/x.git"),
-    ("https://huggingface.co/org/name", "https://huggingface.co/org/name"),
-])
+@pytest.mark.parametrize(
+    "url, public",
+    [
+        ("https://user:tok@host/x.git?token=1#frag", "https://host/x.git"),
+        ("https://huggingface.co/org/name", "https://huggingface.co/org/name"),
+    ],
+)
 def test_urls_lose_credentials_and_queries(url, public):
     assert public_text(f"see {url} here") == f"see {public} here"
 
@@ -65,8 +85,12 @@ def _plant(folder: Path) -> None:
 
 
 def _written_text(*folders: Path) -> dict:
-    return {str(path): path.read_text(errors="replace") for folder in folders for path in folder.rglob("*")
-            if path.is_file() and path.suffix in (".md", ".json", ".yml", ".yaml", ".txt", ".jinja")}
+    return {
+        str(path): path.read_text(errors="replace")
+        for folder in folders
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix in (".md", ".json", ".yml", ".yaml", ".txt", ".jinja")
+    }
 
 
 def test_no_published_file_names_a_planted_path_or_token(tiny_family, tmp_path, monkeypatch):
@@ -82,7 +106,9 @@ def test_no_published_file_names_a_planted_path_or_token(tiny_family, tmp_path, 
     for folder in (base, *seeds, *loras):
         _plant(folder)
     data = runs / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "mno", "pqr")))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "mno", "pqr"))
+    )
     test_data = runs / "test.jsonl"
     test_data.write_text("".join(json.dumps({"prompt": f"{w}:", "answer": w}) + "\n" for w in ("abc", "xyz")))
     outs = tmp_path / "outs"
@@ -91,7 +117,20 @@ def test_no_published_file_names_a_planted_path_or_token(tiny_family, tmp_path, 
     commands = [
         ("run", full, outs / "full"),
         ("run", adapter, outs / "lora"),
-        ("select", *seeds, "--base", base, "--validation", data, "--test", test_data, "--methods", "seedft,linear", "--out", outs / "select"),
+        (
+            "select",
+            *seeds,
+            "--base",
+            base,
+            "--validation",
+            data,
+            "--test",
+            test_data,
+            "--methods",
+            "seedft,linear",
+            "--out",
+            outs / "select",
+        ),
         ("compare", *seeds, "--data", data, "--out", outs / "compare"),
         ("analyze", *seeds, "--base", base, "--out", outs / "analyze"),
         ("reproduce", outs / "full", outs / "again", "--recipe", full),

@@ -37,13 +37,16 @@ def _returns_quickly(function, seconds: float = 10.0):
     return outcome["value"]
 
 
-@pytest.mark.parametrize("reader", [
-    lambda path: read_text(path, "recipe"),
-    lambda path: read_json(path, "config"),
-    lambda path: read_lines(path, "JSONL data file"),
-    lambda path: read_yaml(path, "grid"),
-    lambda path: sha256(path),
-])
+@pytest.mark.parametrize(
+    "reader",
+    [
+        lambda path: read_text(path, "recipe"),
+        lambda path: read_json(path, "config"),
+        lambda path: read_lines(path, "JSONL data file"),
+        lambda path: read_yaml(path, "grid"),
+        lambda path: sha256(path),
+    ],
+)
 def test_a_fifo_is_refused_without_blocking(tmp_path, reader):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -4,10 +4,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, save_random_lora, save_random_sera, write_recipe
 from tiny import derive_seeds, save_tiny_llama
+
 from mergekit_seed.recipe import shipped_recipes
+
 
 REPO = Path(__file__).parent.parent
 
@@ -90,10 +91,22 @@ parameters:
         ("merge_method: seedft\nmodels: 3\n", "models: Input should be a valid list"),
         ("merge_method: seedfit\nmodels:\n  - model: /a\n  - model: /b\n", "did you mean 'seedft'"),
         ("merge_method: seedft\nmodels:\n  - model: /a\n  - model: /b\n", "needs base_model"),
-        ("merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  rank: two\n", "'rank'"),
-        ("merge_method: lore\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  mu: 1\n  mu_relative: 0.1\n", "exclude each other"),
-        ("merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  format: zip\n", "output.format"),
-        ("merge_method: seedft\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  fromat: lora\n", "output.fromat: unknown field"),
+        (
+            "merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  rank: two\n",
+            "'rank'",
+        ),
+        (
+            "merge_method: lore\nmodels:\n  - model: /a\n  - model: /b\nparameters:\n  mu: 1\n  mu_relative: 0.1\n",
+            "exclude each other",
+        ),
+        (
+            "merge_method: seedft\nbase_model: /c\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  format: zip\n",
+            "output.format",
+        ),
+        (
+            "merge_method: seedft\nmodels:\n  - model: /a\n  - model: /b\noutput:\n  fromat: lora\n",
+            "output.fromat: unknown field",
+        ),
     ],
 )
 def test_broken_recipes_are_refused_by_name(tmp_path, text, fragment):
@@ -103,7 +116,10 @@ def test_broken_recipes_are_refused_by_name(tmp_path, text, fragment):
 
 def test_validate_checks_paths_and_tensor_shapes(tiny_family, tmp_path):
     base, seeds = tiny_family
-    result = validate(tmp_path, f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: /nowhere/seed\n")
+    result = validate(
+        tmp_path,
+        f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: /nowhere/seed\n",
+    )
     assert result.returncode == 1 and "/nowhere/seed does not exist" in result.stderr
     from tiny import TINY_LLAMA
 
@@ -111,7 +127,9 @@ def test_validate_checks_paths_and_tensor_shapes(tiny_family, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "intermediate_size": 40})).save_pretrained(wider)
-    result = validate(tmp_path, f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: {wider}\n")
+    result = validate(
+        tmp_path, f"merge_method: seedft\nbase_model: {base}\nmodels:\n  - model: {seeds[0]}\n  - model: {wider}\n"
+    )
     assert result.returncode == 1
     assert "tensor model.layers.0.mlp.down_proj.weight has different shapes" in result.stderr
     assert validate(tmp_path, write_recipe(tmp_path / "ok.yml", "seedft", base, seeds).read_text()).returncode == 0
@@ -122,7 +140,9 @@ def test_reproduce_from_the_card_and_detect_tampering(tiny_family, tmp_path):
     inputs = tmp_path / "inputs"
     shutil.copytree(base, inputs / "base")
     copies = [shutil.copytree(seed, inputs / seed.name) for seed in seeds]
-    recipe = write_recipe(tmp_path / "r.yml", "seedlora_twostage", inputs / "base", copies, {"fusion": "dare", "seed": 3})
+    recipe = write_recipe(
+        tmp_path / "r.yml", "seedlora_twostage", inputs / "base", copies, {"fusion": "dare", "seed": 3}
+    )
     out = tmp_path / "out"
     assert run_cli("mergekit-seed", "run", recipe, out, "--quiet").returncode == 0
     card = out / "README.md"
@@ -137,7 +157,9 @@ def test_reproduce_from_the_card_and_detect_tampering(tiny_family, tmp_path):
     tampered_card = tmp_path / "tampered.md"
     tampered_card.write_text(text.replace("seed: 3", "seed: 4"))
     # the card labels its local inputs: input0 is the base, input1-3 the seeds (sorted paths)
-    labels = ["--input", f"input0={inputs / 'base'}"] + [arg for i, c in enumerate(copies) for arg in ("--input", f"input{i + 1}={c}")]
+    labels = ["--input", f"input0={inputs / 'base'}"] + [
+        arg for i, c in enumerate(copies) for arg in ("--input", f"input{i + 1}={c}")
+    ]
     changed = run_cli("mergekit-seed", "reproduce", tampered_card, tmp_path / "changed", "--check", out, *labels)
     assert changed.returncode == 1 and "differs by" in changed.stderr
 
@@ -163,7 +185,12 @@ def test_validate_never_says_valid_for_inputs_it_did_not_check(tiny_family, tmp_
     hub = write_recipe(tmp_path / "h.yml", "seedft", base, [seeds[0], "some-org/some-seed"])
     # a closed port on this machine: the Hub cannot be reached, at once
     env = dict(os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
-    done = subprocess.run([str(Path(os.sys.executable).parent / "mergekit-seed"), "validate", str(hub)], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [str(Path(os.sys.executable).parent / "mergekit-seed"), "validate", str(hub)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "warning: not checked:" in done.stderr and "some-org/some-seed: the Hub could not be asked" in done.stderr
     assert "valid" not in done.stdout and "could not be checked" in done.stdout

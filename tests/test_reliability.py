@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BIN, refused, run_cli, save_random_sera, write_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import BIN, refused, run_cli, save_random_sera, write_recipe
 from mergekit_seed.references.weights import load_weights
+
 
 PACKAGE = Path(__file__).parent.parent / "mergekit_seed"
 
@@ -32,15 +33,30 @@ def rewrite(folder: Path, change):
 # ------------------------------------------------------------------ recipes
 
 OUT_OF_RANGE = [
-    ("seedft", "rank", 0), ("seedft", "rtol", 0), ("seedft", "lambda", "big"),
-    ("seedlora_dm", "normalize", "maybe"), ("seedlora_dm", "lambda", "x"),
-    ("seedlora_twostage", "threshold", -1), ("seedlora_twostage", "threshold_quantile", 1),
-    ("seedlora_twostage", "threshold_quantile", 0), ("seedlora_twostage", "min_agree", 0),
-    ("seedlora_twostage", "rank", 0), ("seedlora_twostage", "energy", 0), ("seedlora_twostage", "energy", 1.5),
-    ("seedlora_twostage", "fusion", "avg"), ("seedlora_twostage", "density", 0), ("seedlora_twostage", "density", 2),
-    ("seedlora_twostage", "seed", "x"), ("seedlora_twostage", "lambda", "x"),
-    ("lore", "mu", -1), ("lore", "mu_relative", -0.5), ("lore", "iterations", 0), ("lore", "tol", -1),
-    ("lore", "post_merge", "mean"), ("lore", "density", 0), ("lore", "lambda", "x"),
+    ("seedft", "rank", 0),
+    ("seedft", "rtol", 0),
+    ("seedft", "lambda", "big"),
+    ("seedlora_dm", "normalize", "maybe"),
+    ("seedlora_dm", "lambda", "x"),
+    ("seedlora_twostage", "threshold", -1),
+    ("seedlora_twostage", "threshold_quantile", 1),
+    ("seedlora_twostage", "threshold_quantile", 0),
+    ("seedlora_twostage", "min_agree", 0),
+    ("seedlora_twostage", "rank", 0),
+    ("seedlora_twostage", "energy", 0),
+    ("seedlora_twostage", "energy", 1.5),
+    ("seedlora_twostage", "fusion", "avg"),
+    ("seedlora_twostage", "density", 0),
+    ("seedlora_twostage", "density", 2),
+    ("seedlora_twostage", "seed", "x"),
+    ("seedlora_twostage", "lambda", "x"),
+    ("lore", "mu", -1),
+    ("lore", "mu_relative", -0.5),
+    ("lore", "iterations", 0),
+    ("lore", "tol", -1),
+    ("lore", "post_merge", "mean"),
+    ("lore", "density", 0),
+    ("lore", "lambda", "x"),
 ]
 
 
@@ -52,14 +68,23 @@ def test_every_parameter_range_is_checked(tmp_path, method, name, value):
 
 def test_per_model_weight_type_is_checked(tmp_path):
     recipe = tmp_path / "r.yml"
-    recipe.write_text("merge_method: seedlora_dm\nbase_model: /b\nmodels:\n  - model: /s1\n    parameters:\n      weight: heavy\n  - model: /s2\n")
+    recipe.write_text(
+        "merge_method: seedlora_dm\nbase_model: /b\nmodels:\n  - model: /s1\n    parameters:\n      weight: heavy\n  "
+        "- model: /s2\n"
+    )
     refused(run_cli("mergekit-seed", "validate", "--offline", recipe), "models[0]", "'weight'")
 
 
-@pytest.mark.parametrize("models, fragment", [
-    ("[]", "Exactly one of 'models', 'slices', or 'modules' must be present"),  # mergekit's schema: an empty list is no models
-    ("[{model: /s1}]", "seedft needs at least 2 seed models under models:, got 1"),
-])
+@pytest.mark.parametrize(
+    "models, fragment",
+    [
+        (
+            "[]",
+            "Exactly one of 'models', 'slices', or 'modules' must be present",
+        ),  # mergekit's schema: an empty list is no models
+        ("[{model: /s1}]", "seedft needs at least 2 seed models under models:, got 1"),
+    ],
+)
 def test_zero_or_one_seed(tmp_path, models, fragment):
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: seedft\nbase_model: /b\nmodels: {models}\n")
@@ -113,7 +138,9 @@ def test_mixed_bf16_and_fp32_inputs_are_merged_in_fp32(tiny_family, tmp_path):
     base, seeds = copy_family(tiny_family, tmp_path)
     rewrite(seeds[0], lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
     recipe = tmp_path / "r.yml"
-    recipe.write_text(f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {s}\n" for s in seeds))
+    recipe.write_text(
+        f"merge_method: seedlora_dm\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {s}\n" for s in seeds)
+    )
     result = run_cli("mergekit-seed", "run", recipe, tmp_path / "out", "--quiet")
     assert result.returncode == 0, result.stderr
     merged = load_weights(tmp_path / "out")
@@ -215,7 +242,11 @@ def test_sera_with_r_not_divisible_by_split_is_refused(tiny_loras, tmp_path):
     config["split"] = 3
     (sera / "adapter_config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    refused(run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, [seeds[0], sera]), out), "split (3) must divide r (4)", out=out)
+    refused(
+        run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, [seeds[0], sera]), out),
+        "split (3) must divide r (4)",
+        out=out,
+    )
 
 
 def test_bin_adapters_load_with_weights_only_and_pickles_are_refused(tiny_loras, tmp_path):
@@ -259,7 +290,9 @@ def test_a_run_killed_halfway_leaves_no_partial_model(tiny_family, tmp_path):
     base, seeds = tiny_family
     recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds, {"iterations": 100000, "tol": 0})
     out = tmp_path / "out"
-    process = subprocess.Popen([str(BIN / "mergekit-seed"), "run", str(recipe), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(BIN / "mergekit-seed"), "run", str(recipe), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         time.sleep(0.2)

@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import refused, run_cli, tree_hashes, write_recipe
 
 
@@ -39,7 +38,9 @@ def test_a_card_naming_local_folders_is_refused_and_nothing_is_read(card_naming,
 
     opened = []
     original = reader.regular_file
-    monkeypatch.setattr(reader, "regular_file", lambda path, *a, **k: opened.append(str(path)) or original(path, *a, **k))
+    monkeypatch.setattr(
+        reader, "regular_file", lambda path, *a, **k: opened.append(str(path)) or original(path, *a, **k)
+    )
     result = run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", *flags)
     refused(result, "a card never chooses which local files are read", str(base))
     assert not (tmp_path / "again").exists()
@@ -51,8 +52,20 @@ def test_a_hub_id_that_is_also_a_local_folder_here_is_refused(card_naming, tmp_p
     monkeypatch.chdir(tmp_path)
     shutil.copytree(seeds[0], tmp_path / "org" / "seed")  # "org/seed" reads as a Hub id, and is a folder here
     card = rewrite({"input1": "org/seed"})
-    refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--input", f"input0={base}", "--input", f"input2={seeds[1]}"),
-            "'org/seed'", "a card never chooses")
+    refused(
+        run_cli(
+            "mergekit-seed",
+            "reproduce",
+            card,
+            tmp_path / "again",
+            "--input",
+            f"input0={base}",
+            "--input",
+            f"input2={seeds[1]}",
+        ),
+        "'org/seed'",
+        "a card never chooses",
+    )
 
 
 def test_the_users_recipe_stands_in_for_a_card_that_names_folders(card_naming, tmp_path):
@@ -60,7 +73,17 @@ def test_the_users_recipe_stands_in_for_a_card_that_names_folders(card_naming, t
     read, and the merge reproduces."""
     rewrite, base, seeds, recipe = card_naming
     card = rewrite({"input0": "/elsewhere/base", "input1": "/elsewhere/seed0", "input2": "/elsewhere/seed1"})
-    result = run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--recipe", recipe, "--no-verify-inputs", "--check", card)
+    result = run_cli(
+        "mergekit-seed",
+        "reproduce",
+        card,
+        tmp_path / "again",
+        "--recipe",
+        recipe,
+        "--no-verify-inputs",
+        "--check",
+        card,
+    )
     assert result.returncode == 0, result.stderr
     assert "every tensor matches" in result.stdout
 
@@ -75,8 +98,22 @@ def test_a_card_naming_a_local_tokenizer_source_is_refused(card_naming, tmp_path
     data["tokenizer_source"] = str(tmp_path)
     (card / "README.md").write_text(head + "```yaml\n" + yaml.safe_dump(data, sort_keys=False) + "```" + tail)
     before = tree_hashes(base)
-    refused(run_cli("mergekit-seed", "reproduce", card, tmp_path / "again", "--input", f"input0={base}", "--input",
-                    f"input1={seeds[0]}", "--input", f"input2={seeds[1]}"), "a card never chooses", str(tmp_path))
+    refused(
+        run_cli(
+            "mergekit-seed",
+            "reproduce",
+            card,
+            tmp_path / "again",
+            "--input",
+            f"input0={base}",
+            "--input",
+            f"input1={seeds[0]}",
+            "--input",
+            f"input2={seeds[1]}",
+        ),
+        "a card never chooses",
+        str(tmp_path),
+    )
     assert tree_hashes(base) == before and not os.path.exists(tmp_path / "again")
 
 

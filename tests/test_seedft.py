@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from mergekit_seed.maths.kernels.seedft import seedft
 from mergekit_seed.maths import linalg
+from mergekit_seed.maths.kernels.seedft import seedft
 from mergekit_seed.maths.linalg import polar_factor
 
 
@@ -27,9 +27,7 @@ def related_deltas(m, n, N, generator, rank=None):
     shared = torch.randn(m, n, generator=generator, dtype=torch.float64)
     if rank is not None:
         left = torch.randn(m, rank, generator=generator, dtype=torch.float64)
-        return [
-            left @ torch.randn(rank, n, generator=generator, dtype=torch.float64) for _ in range(N)
-        ]
+        return [left @ torch.randn(rank, n, generator=generator, dtype=torch.float64) for _ in range(N)]
     return [0.6 * shared + 0.4 * torch.randn(m, n, generator=generator, dtype=torch.float64) for _ in range(N)]
 
 

@@ -5,19 +5,21 @@ import math
 
 import pytest
 import torch
-
 from conftest import refused, run_cli, write_recipe
-from mergekit_seed.references.weights import load_weights
+
 from mergekit_seed.maths.kernels import seedlora as seedlora_kernels
 from mergekit_seed.maths.kernels.seedlora import fuse_mean, robust_and_conflict, seedlora_dm, seedlora_twostage
 from mergekit_seed.maths.linalg import mean_and_std, quantile
 from mergekit_seed.methods import make_fusion
+from mergekit_seed.references.weights import load_weights
 
 
 def seeds_like(shape, N, seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     shared = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return [(0.7 * shared + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype) for _ in range(N)]
+    return [
+        (0.7 * shared + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype) for _ in range(N)
+    ]
 
 
 # ------------------------------------------------------------------ distribution matching
@@ -226,7 +228,9 @@ def test_twostage_identity_order_and_zero(fusion):
     if fusion != "dare":
         expected = seedlora_twostage(tau, fusion=fuse)
         for order in itertools.permutations(range(3)):
-            torch.testing.assert_close(seedlora_twostage([tau[i] for i in order], fusion=fuse), expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                seedlora_twostage([tau[i] for i in order], fusion=fuse), expected, atol=1e-5, rtol=1e-4
+            )
     assert torch.count_nonzero(seedlora_twostage([torch.zeros(6, 5)] * 3, fusion=fuse)) == 0
 
 

@@ -4,11 +4,10 @@ import math
 import random
 
 import numpy
-
 import pytest
 
-from mergekit_seed.tools.demo.run import versus_best_seed
 from mergekit_seed.maths.stats import BETTER, NO_DIFFERENCE, WORSE, paired_difference
+from mergekit_seed.tools.demo.run import versus_best_seed
 
 
 def test_a_constant_difference_has_a_point_interval():

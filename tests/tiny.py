@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.tools.demo.task import ALPHABET, CharVocabulary, char_tokenizer
 
+
 TINY_LLAMA = dict(
     vocab_size=64,
     hidden_size=32,
@@ -23,7 +24,8 @@ TINY_LLAMA = dict(
 )
 # the demo's characters, padded with other printable ones to the tiny vocabulary size
 TINY_VOCABULARY = CharVocabulary(
-    ALPHABET + "".join(c for c in map(chr, range(33, 127)) if c not in ALPHABET)[: TINY_LLAMA["vocab_size"] - len(ALPHABET)]
+    ALPHABET
+    + "".join(c for c in map(chr, range(33, 127)) if c not in ALPHABET)[: TINY_LLAMA["vocab_size"] - len(ALPHABET)]
 )
 
 
@@ -42,15 +44,11 @@ def derive_seeds(base: Path, out_dir: Path, count: int, scale: float = 0.02) -> 
     """Seed checkpoints = base + shared low-rank update + seed-specific noise."""
     weights = load_weights(base)
     generator = torch.Generator().manual_seed(1234)
-    shared = {
-        name: scale * torch.randn(t.shape, generator=generator) for name, t in weights.items()
-    }
+    shared = {name: scale * torch.randn(t.shape, generator=generator) for name, t in weights.items()}
     paths = []
     for index in range(count):
         seed_weights = {
-            name: (t + shared[name] + 0.5 * scale * torch.randn(t.shape, generator=generator)).to(
-                t.dtype
-            ).contiguous()
+            name: (t + shared[name] + 0.5 * scale * torch.randn(t.shape, generator=generator)).to(t.dtype).contiguous()
             for name, t in weights.items()
         }
         seed_dir = out_dir / f"seed{index}"

@@ -48,6 +48,7 @@ from mergekit_seed.references.base_model import BaseWeights, has_conv1d_layers
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import confined_file
 
+
 LOG = logging.getLogger("mergekit_seed")
 
 
@@ -81,8 +82,6 @@ def _factor(merged: Union[LowRank, torch.Tensor], output) -> Tuple[LowRank, floa
     return factor_dense(merged, max_rank=max_rank, energy=energy)
 
 
-
-
 def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:
     """Refuse a merged tensor with a NaN or Inf, or a factored delta whose product would have
     one in float32 (its Frobenius norm, NaN for non-finite factors, past float32's range)."""
@@ -97,7 +96,9 @@ def _refuse_non_finite(name: str, merged: Union[LowRank, torch.Tensor]) -> None:
         )
 
 
-def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], None], warn: Callable[[str], None]) -> None:
+def _report_ranks(
+    modules: List[ModuleReport], output, report: Callable[[str], None], warn: Callable[[str], None]
+) -> None:
     if not modules:
         return
     if output.rank is not None:
@@ -108,7 +109,8 @@ def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], N
             f"; {len(capped)} module(s) kept less than the {output.energy} asked for because rank auto stops at the "
             "break-even rank m*n/(m+n), past which LoRA factors hold more numbers than the dense weights "
             "(output.format: full keeps everything)"
-            if capped else ""
+            if capped
+            else ""
         )
         report(
             f"rank {output.rank}: kept energy per module from {lowest.kept_energy:.4f} ({lowest.name}) "
@@ -128,7 +130,9 @@ def _report_ranks(modules: List[ModuleReport], output, report: Callable[[str], N
         )
 
 
-def resolve_module_parameters(method, config: AdapterMergeConfig, tensor_name: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def resolve_module_parameters(
+    method, config: AdapterMergeConfig, tensor_name: str
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Global and per-seed parameter values for one module, with mergekit's precedence: a seed's
     own setting, then the recipe's ``parameters``, then the method's default."""
 
@@ -204,7 +208,11 @@ def write_full_model(
     merge writes them)."""
     make_folder(out)
     for file in sorted(base.folder.iterdir()):
-        if not file.is_dir() and not file.name.endswith((".safetensors", ".safetensors.index.json")) and not file.name.startswith("README"):
+        if (
+            not file.is_dir()
+            and not file.name.endswith((".safetensors", ".safetensors.index.json"))
+            and not file.name.startswith("README")
+        ):
             copy_file(confined_file(base.folder, file.name), out / file.name, within=base.folder)
     remaining = set(deltas) | set(values)
     with TensorWriter(str(staged_path(out)), safe_serialization=True) as writer:
@@ -234,21 +242,30 @@ def _missing_base_tensor(base: BaseWeights, name: str) -> str:
             "(transformers renames this architecture's weights when it loads them, and PEFT names them as loaded); "
             "write output.format: lora, which PEFT applies to the loaded model"
         )
-    return f"base_model {base.reference}: has no tensor {name} that the adapters change; give the base the seeds were trained from"
+    return (
+        f"base_model {base.reference}: has no tensor {name} that the adapters change; give the base the seeds "
+        "were trained from"
+    )
 
 
-def _merged_base_tensor(name: str, tensor: torch.Tensor, deltas: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _merged_base_tensor(
+    name: str, tensor: torch.Tensor, deltas: Dict[str, torch.Tensor], values: Dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The base's ``tensor`` plus its delta, or the merged value that replaces it, in its dtype."""
     if name not in deltas and name not in values:
         return tensor
     change = deltas.get(name, values.get(name))
     if tensor.shape != change.shape:
-        raise UserError(f"{name}: the adapters' tensor has shape {tuple(change.shape)} but the base's has {tuple(tensor.shape)}")
+        raise UserError(
+            f"{name}: the adapters' tensor has shape {tuple(change.shape)} but the base's has {tuple(tensor.shape)}"
+        )
     merged = tensor.float() + change.float() if name in deltas else change
     return merged.to(tensor.dtype)
 
 
-def _base_model_name(seeds: List[AdapterSeed], recipe_base: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
+def _base_model_name(
+    seeds: List[AdapterSeed], recipe_base: Optional[str], warn: Callable[[str], None]
+) -> Optional[str]:
     names = {seed.base_model for seed in seeds if seed.base_model}
     if len(names) > 1:
         warn(f"the adapters name different base models ({', '.join(sorted(names))}); merging them anyway")
@@ -277,7 +294,9 @@ class _TensorInputs:
     """The seeds' inputs for one base tensor, by role. ``seed_shapes``: each seed's
     :meth:`AdapterSeed.shapes`, computed once per merge."""
 
-    def __init__(self, seeds: List[AdapterSeed], name: str, base: Optional[BaseWeights], seed_shapes: List[Dict[str, tuple]]):
+    def __init__(
+        self, seeds: List[AdapterSeed], name: str, base: Optional[BaseWeights], seed_shapes: List[Dict[str, tuple]]
+    ):
         self.name = name
         self.seeds = seeds
         self.base = base
@@ -293,7 +312,9 @@ class _TensorInputs:
     def whole_everywhere(self) -> bool:
         """Every seed saves this tensor whole and nothing else changes it (no base value needed
         by a base-free method)."""
-        return saved_whole_everywhere(self.name, [(seed.whole, seed.deltas.keys() | seed.bias_deltas.keys()) for seed in self.seeds])
+        return saved_whole_everywhere(
+            self.name, [(seed.whole, seed.deltas.keys() | seed.bias_deltas.keys()) for seed in self.seeds]
+        )
 
     def shape(self) -> tuple:
         shapes = {shapes[self.name] for shapes in self.seed_shapes if self.name in shapes}
@@ -303,7 +324,10 @@ class _TensorInputs:
             if self.name in seed.token_rows
         }
         if len(shapes) > 1:
-            raise UserError(f"{self.name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base model")
+            raise UserError(
+                f"{self.name}: the adapters have different shapes {sorted(shapes)}; they are not for the same base "
+                "model"
+            )
         return shapes.pop()
 
     @cached_property
@@ -395,7 +419,9 @@ def _empty_adapter(seeds: Sequence[AdapterSeed]) -> MergedAdapter:
     return adapter
 
 
-def _merge_saved_whole(method, inputs: "_TensorInputs", seeds, base, shape, parameters, name: str, device: str) -> torch.Tensor:
+def _merge_saved_whole(
+    method, inputs: "_TensorInputs", seeds, base, shape, parameters, name: str, device: str
+) -> torch.Tensor:
     """A tensor the adapters save whole, merged as the checkpoint route merges its values."""
     shared, per_seed = parameters
     needs_base_value = method.needs_base or not inputs.whole_everywhere()
@@ -410,13 +436,18 @@ def _merge_deltas(method, inputs: "_TensorInputs", seeds, shape, parameters, nam
     """The seeds' deltas of one tensor (a zero delta where a seed lacks it) merged by the method."""
     shared, per_seed = parameters
     tau = [inputs.delta(seed, shape) for seed in seeds]
-    tau = [(LowRank.zeros(shape) if t is None and len(shape) == 2 else torch.zeros(shape) if t is None else t) for t in tau]
+    tau = [
+        (LowRank.zeros(shape) if t is None and len(shape) == 2 else torch.zeros(shape) if t is None else t)
+        for t in tau
+    ]
     merged = merge_module(method, [t.to(device) for t in tau], shared, per_seed, name).to("cpu")
     _refuse_non_finite(name, merged)
     return merged
 
 
-def _place_delta(merged, name: str, inputs: "_TensorInputs", seeds, shape, base, config: AdapterMergeConfig, result: _Merged) -> None:
+def _place_delta(
+    merged, name: str, inputs: "_TensorInputs", seeds, shape, base, config: AdapterMergeConfig, result: _Merged
+) -> None:
     """Put one merged delta where the output keeps it: the full model's deltas, a bias delta,
     trainable-token rows, or a LoRA pair (factored to the output's rank)."""
     if config.output.format == "full":
@@ -484,28 +515,52 @@ def run_adapter_merge(
         unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
         if unchanged_in:
             with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
-                warn(f"{name}: missing in {', '.join(unchanged_in)}; counted as {inputs.counted_as_where_missing} there")
+                warn(
+                    f"{name}: missing in {', '.join(unchanged_in)}; counted as {inputs.counted_as_where_missing} there"
+                )
         if not inputs.whole:
-            _place_delta(_merge_deltas(method, inputs, seeds, shape, parameters, name, device), name, inputs, seeds, shape, base, config, result)
+            _place_delta(
+                _merge_deltas(method, inputs, seeds, shape, parameters, name, device),
+                name,
+                inputs,
+                seeds,
+                shape,
+                base,
+                config,
+                result,
+            )
         elif config.output.format == "full":
             result.full_values[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
         else:
-            result.adapter.whole[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
+            result.adapter.whole[name] = _merge_saved_whole(
+                method, inputs, seeds, base, shape, parameters, name, device
+            )
     progress.close()
 
     if config.output.format == "full":
-        write_full_model(out, base, result.full_deltas, result.full_values, torch_dtype(config.out_dtype or config.dtype))
+        write_full_model(
+            out, base, result.full_deltas, result.full_values, torch_dtype(config.out_dtype or config.dtype)
+        )
         echo(f"wrote a full model with {len(result.full_deltas) + len(result.full_values)} merged tensors")
     else:
         if base_model_name is None and base_name and is_hub_id(base_name.partition("@")[0]):
             base_model_name = base_name
         _write_adapter(out, result, seeds, base_model_name, config)
         _report_ranks(result.modules, config.output, report, warn)
-        echo(f"wrote a LoRA adapter with {len(result.adapter.pairs)} LoRA modules, {len(result.adapter.whole)} tensors saved whole")
+        echo(
+            f"wrote a LoRA adapter with {len(result.adapter.pairs)} LoRA modules, {len(result.adapter.whole)} tensors "
+            "saved whole"
+        )
     return result.modules
 
 
-def _write_adapter(out: Path, result: _Merged, seeds: Sequence[AdapterSeed], base_model_name: Optional[str], config: AdapterMergeConfig) -> None:
+def _write_adapter(
+    out: Path,
+    result: _Merged,
+    seeds: Sequence[AdapterSeed],
+    base_model_name: Optional[str],
+    config: AdapterMergeConfig,
+) -> None:
     """The merged LoRA adapter, with the seeds' task type and the output dtype."""
     task_type = next((seed.task_type for seed in seeds if seed.task_type), None)
     write_lora_adapter(out, result.adapter, base_model_name, task_type, torch_dtype(config.out_dtype or config.dtype))

@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from mergekit_seed.maths.profile import Profile, timed
 
+
 DECOMPOSITION_DTYPE = torch.float64
 
 
@@ -111,7 +112,9 @@ class ColumnBlockSVD:
 
 
 def column_block_svd(
-    blocks: Sequence[torch.Tensor], rtol: float, max_rank: Optional[int] = None,
+    blocks: Sequence[torch.Tensor],
+    rtol: float,
+    max_rank: Optional[int] = None,
     profile: Optional[Profile] = None,
 ) -> ColumnBlockSVD:
     """SVD of the column concatenation of ``blocks`` (each (m, n)) via a float64 Gram matrix.
@@ -151,9 +154,7 @@ def column_block_svd(
     right = list(eigenvectors.split(n, dim=0))
     # U S = X V = sum_i X_i V_i
     left_scaled = sum(b @ v for b, v in zip(blocks, right))
-    return ColumnBlockSVD(
-        U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0)
-    )
+    return ColumnBlockSVD(U=left_scaled / singular_values, S=singular_values, mean_right=torch.stack(right).mean(0))
 
 
 def polar_factor(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
@@ -265,9 +266,7 @@ def _needed_rank(S: torch.Tensor, sketch: int, total: torch.Tensor, energy: floa
     return sketch + int(math.ceil((deficit / smallest).item()))
 
 
-def truncated_svd(
-    matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
-):
+def truncated_svd(matrix: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None):
     """Leading singular triplets ``U (m, r), S (r,), V (n, r)`` of a 2-D float matrix.
 
     ``rank`` gives r = min(rank, min(m, n)); otherwise r is the smallest rank keeping
@@ -425,7 +424,9 @@ def _sketch_product(matrix, sketch: int, start, start_product, seed: int) -> tor
         missing = sketch
     if missing > 0:
         generator = torch.Generator(device=matrix.device).manual_seed(seed)
-        products.append(matrix @ torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype))
+        products.append(
+            matrix @ torch.randn(n, missing, generator=generator, device=matrix.device, dtype=matrix.dtype)
+        )
     return torch.cat(products, dim=1) if len(products) > 1 else products[0]
 
 
@@ -563,8 +564,12 @@ def singular_value_threshold(
 def _shrink(U, S, V, mu: float, full_svd: bool = False, sketches: int = 0, product=None) -> Thresholded:
     keep = int((S > mu).sum().item())
     return Thresholded(
-        U=U[:, :keep], shrunk=S[:keep] - mu, subspace=V, subspace_product=product,
-        full_svd=full_svd, sketches=sketches,
+        U=U[:, :keep],
+        shrunk=S[:keep] - mu,
+        subspace=V,
+        subspace_product=product,
+        full_svd=full_svd,
+        sketches=sketches,
     )
 
 
@@ -609,9 +614,7 @@ class LowRank:
     @classmethod
     def zeros(cls, shape, dtype=torch.float32, device=None) -> "LowRank":
         m, n = shape
-        return cls(
-            torch.zeros(m, 0, dtype=dtype, device=device), torch.zeros(0, n, dtype=dtype, device=device)
-        )
+        return cls(torch.zeros(m, 0, dtype=dtype, device=device), torch.zeros(0, n, dtype=dtype, device=device))
 
 
 @dataclass
@@ -739,9 +742,7 @@ def compress(delta: LowRank, rtol: float = 1e-6, max_rank: Optional[int] = None,
     return _balanced_pair(U, S, V, delta.left.dtype), kept
 
 
-def factored_column_block_svd(
-    blocks: Sequence[LowRank], rtol: float, max_rank: Optional[int] = None
-):
+def factored_column_block_svd(blocks: Sequence[LowRank], rtol: float, max_rank: Optional[int] = None):
     """SVD of ``[X_1 | ... | X_N]`` for factored blocks X_i = L_i R_i, never formed.
 
     [X_1 | ... | X_N] = [L_1 .. L_N] blockdiag(R_1 .. R_N). With QR factorisations
@@ -772,7 +773,9 @@ def factored_column_block_svd(
     return Q @ core_U[:, :rank], S[:rank], V_blocks
 
 
-def factor_dense(matrix: torch.Tensor, rtol: float = 1e-6, max_rank: Optional[int] = None, energy: Optional[float] = None):
+def factor_dense(
+    matrix: torch.Tensor, rtol: float = 1e-6, max_rank: Optional[int] = None, energy: Optional[float] = None
+):
     """Factor a dense (m, n) delta as a balanced pair ``(U sqrt(S), sqrt(S) V^T)`` of its
     numerical rank (or ``max_rank``, or the rank keeping ``energy``); returns the pair and
     the kept energy share."""

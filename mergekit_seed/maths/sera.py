@@ -21,6 +21,7 @@ from torch import nn
 
 from mergekit_seed.untrusted import names_module
 
+
 PEFT_TYPE = "SERA"
 
 
@@ -69,9 +70,7 @@ class SeraLinear(nn.Module):
         super().__init__()
         d_in, d_out = base.in_features, base.out_features
         if r % split or d_in % split or d_out % split:
-            raise ValueError(
-                f"SeRA split {split} must divide r ({r}), d_in ({d_in}) and d_out ({d_out})"
-            )
+            raise ValueError(f"SeRA split {split} must divide r ({r}), d_in ({d_in}) and d_out ({d_out})")
         self.base_layer = base
         self.split, self.r, self.scaling = split, r, scaling
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no detectable difference"
 
 

@@ -24,13 +24,14 @@ from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.sera import SeraConfig, sera_delta_factors
+from mergekit_seed.output import write_tensors, write_text
+from mergekit_seed.reader import load_pickled_tensors, load_safetensors, read_json_object
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
-from mergekit_seed.output import write_tensors, write_text
-from mergekit_seed.reader import load_pickled_tensors, load_safetensors, read_json_object
 from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
 from mergekit_seed.untrusted import names_module, pattern_key
+
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -77,18 +78,38 @@ LORA_FIELDS_REFUSED = {
     "use_qalora": "QA-LoRA pools the layer's inputs before the LoRA product: not a low-rank delta of the weight",
     "arrow_config": "Arrow routes between several LoRA experts per token: not one delta",
     "kasa_config": "KaSA changes the base weights' singular values: not a delta from the original base",
-    "lora_ga_config": "LoRA-GA initialises from gradients and changes the base weights: not a delta from the original base",
-    "monteclora_config": "MonteCLoRA's adapter is a distribution, not one fixed delta; mergekit-seed cannot vouch for it",
+    "lora_ga_config": (
+        "LoRA-GA initialises from gradients and changes the base weights: not a delta from the original base"
+    ),
+    "monteclora_config": (
+        "MonteCLoRA's adapter is a distribution, not one fixed delta; mergekit-seed cannot vouch for it"
+    ),
     "use_bdlora": "block-diagonal LoRA (BD-LoRA) is not read by mergekit-seed; its factors would be misread",
     "velora_config": "VeLoRA changes how the adapter is trained and run; mergekit-seed cannot vouch for it",
 }
 # fields that change nothing in what the saved tensors mean: metadata, training-time settings,
 # and which modules the adapter covers (the saved tensors say that themselves)
 LORA_FIELDS_WITHOUT_EFFECT = (
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "megatron_config", "megatron_core", "runtime_config", "eva_config", "corda_config",
-    "loftq_config", "qalora_group_size", "ensure_weight_tying",
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "megatron_config",
+    "megatron_core",
+    "runtime_config",
+    "eva_config",
+    "corda_config",
+    "loftq_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
 )
 
 
@@ -149,7 +170,8 @@ class AdapterSeed:
         for name, tensor in {**self.bias_deltas, **self.whole}.items():
             if name in shapes and shapes[name] != tuple(tensor.shape):
                 raise UserError(
-                    f"{self.path}: {name} is saved whole with shape {tuple(tensor.shape)} but its LoRA delta has shape "
+                    f"{self.path}: {name} is saved whole with shape {tuple(tensor.shape)} but its LoRA delta has "
+                    "shape "
                     f"{shapes[name]}; the adapter does not fit together (re-save it)"
                 )
             shapes[name] = tuple(tensor.shape)
@@ -250,7 +272,13 @@ def _token_indices(lora: LoraFolderConfig, module: str) -> Optional[List[int]]:
 
 # the roles a tensor of a PEFT LoRA file can have, by the key it is saved under
 LORA_A, LORA_B, BIAS_DELTA, EMBEDDING_A, EMBEDDING_B, TOKENS, WHOLE = (
-    "lora_A", "lora_B", "bias_delta", "lora_embedding_A", "lora_embedding_B", "tokens", "whole"
+    "lora_A",
+    "lora_B",
+    "bias_delta",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "tokens",
+    "whole",
 )
 _ROLE_SUFFIXES = (
     (".lora_A.weight", LORA_A, ".weight"),
@@ -298,7 +326,8 @@ def modified_base_problem(init_lora_weights: Any) -> Optional[str]:
         return None
     return (
         f"init_lora_weights {init_lora_weights!r}: this adapter is relative to a base that PEFT changed when it "
-        f"initialised the adapter ({kind}), so merged onto the original base it is wrong; convert it as PEFT documents, "
+        f"initialised the adapter ({kind}), so merged onto the original base it is wrong; convert it as PEFT "
+        "documents, "
         "save_pretrained(DIR, path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR) (or "
         "convert_pissa_to_lora/convert_mutated_to_lora), and merge the converted adapter"
     )
@@ -324,7 +353,8 @@ def _checked_lora_config(folder: Path, config: dict) -> LoraFolderConfig:
         raise _field_error(folder, error) from None
     if lora.use_dora:
         raise UserError(
-            f"{folder / CONFIG_NAME}: DoRA adapters (use_dora) are not a low-rank delta; merge them with model: BASE+ADAPTER"
+            f"{folder / CONFIG_NAME}: DoRA adapters (use_dora) are not a low-rank delta; merge them with model: "
+            "BASE+ADAPTER"
         )
     problem = _refused_field_problem(config)
     if problem:
@@ -332,9 +362,12 @@ def _checked_lora_config(folder: Path, config: dict) -> LoraFolderConfig:
     for target in lora.target_parameters or []:
         if target.rsplit(".", 1)[-1] != "weight":
             raise UserError(
-                f"{folder / CONFIG_NAME}: target_parameters {target!r}: a LoRA on a parameter that is not a layer's weight "
-                "(such as MoE experts' 3-D gate_up_proj) is not a delta this reader can place; train the seeds without it "
-                "(attention and router LoRAs merge), or materialise each seed with PEFT's merge_and_unload() and merge "
+                f"{folder / CONFIG_NAME}: target_parameters {target!r}: a LoRA on a parameter that is not a layer's "
+                "weight "
+                "(such as MoE experts' 3-D gate_up_proj) is not a delta this reader can place; train the seeds "
+                "without it "
+                "(attention and router LoRAs merge), or materialise each seed with PEFT's merge_and_unload() and "
+                "merge "
                 "those checkpoints with mergekit-seed run (the full route)"
             )
     problem = modified_base_problem(lora.init_lora_weights)
@@ -352,11 +385,15 @@ class _LoraTensors:
         self.file = folder / SAFETENSORS_NAME
 
     def rank(self, module: str) -> int:
-        return _pattern_value(self.lora.rank_pattern, module, self.lora.r, f"{self.folder / CONFIG_NAME}: rank_pattern")
+        return _pattern_value(
+            self.lora.rank_pattern, module, self.lora.r, f"{self.folder / CONFIG_NAME}: rank_pattern"
+        )
 
     def scaling(self, module: str) -> float:
         r = self.rank(module)
-        alpha = _pattern_value(self.lora.alpha_pattern, module, self.lora.lora_alpha, f"{self.folder / CONFIG_NAME}: alpha_pattern")
+        alpha = _pattern_value(
+            self.lora.alpha_pattern, module, self.lora.lora_alpha, f"{self.folder / CONFIG_NAME}: alpha_pattern"
+        )
         return alpha / math.sqrt(r) if self.lora.use_rslora else alpha / r
 
     def partner(self, key: str, suffix: str, other: str) -> torch.Tensor:
@@ -378,16 +415,25 @@ class _LoraTensors:
         if A.dim() == 2:
             self._check_rank(key, A.shape[0], module)
         if A.dim() != 2 or B.dim() != 2:
-            raise UserError(f"{self.file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged here; merge through checkpoints (model: BASE+ADAPTER)")
+            raise UserError(
+                f"{self.file}: {key} is a LoRA on a convolution layer ({A.dim()}-D factors), which cannot be merged "
+                "here; merge through checkpoints (model: BASE+ADAPTER)"
+            )
         if A.shape[0] != B.shape[1]:
-            raise UserError(f"{self.file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do not fit together (re-save the adapter)")
+            raise UserError(
+                f"{self.file}: {key} has {A.shape[0]} rows but its lora_B has {B.shape[1]} columns; the factors do "
+                "not fit together (re-save the adapter)"
+            )
         self.seed.deltas[f"{module}.weight"] = LowRank(self.scaling(module) * B, A)  # scaling * B A, (out, in)
         self.seed.module_kinds[f"{module}.weight"] = LINEAR
 
     def add_embedding(self, key: str, tensor: torch.Tensor, module: str) -> None:
         B = self.partner(key, ".lora_embedding_A", ".lora_embedding_B")
         if tensor.dim() != 2 or B.dim() != 2 or tensor.shape[0] != B.shape[1]:
-            raise UserError(f"{self.file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit together (re-save the adapter)")
+            raise UserError(
+                f"{self.file}: {key} {tuple(tensor.shape)} and its lora_embedding_B {tuple(B.shape)} do not fit "
+                "together (re-save the adapter)"
+            )
         self._check_rank(key, tensor.shape[0], module)
         # weight (num_embeddings, dim) += scaling * (B A)^T
         self.seed.deltas[f"{module}.weight"] = LowRank(tensor.float().T, self.scaling(module) * B.T)
@@ -407,13 +453,18 @@ class _LoraTensors:
         role, target = lora_key_role(key, self.seed.modules_to_save, self.lora.bias)
         module = target.rsplit(".", 1)[0]
         if role in (LORA_A, LORA_B, EMBEDDING_A, EMBEDDING_B, BIAS_DELTA) and not tensor.is_floating_point():
-            raise UserError(f"{self.file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point (PEFT refuses to load this adapter too); save the adapter unquantized")
+            raise UserError(
+                f"{self.file}: {key} is {str(tensor.dtype).replace('torch.', '')}: LoRA factors are floating point "
+                "(PEFT refuses to load this adapter too); save the adapter unquantized"
+            )
         if role == LORA_A:
             self.add_linear(key, tensor, module)
         elif role == LORA_B:
             self.partner(key, ".lora_B.weight", ".lora_A.weight")
         elif role == BIAS_DELTA:
-            self.seed.bias_deltas[f"{module}.bias"] = self.scaling(module) * tensor.float()  # added to the output like B A x
+            self.seed.bias_deltas[f"{module}.bias"] = (
+                self.scaling(module) * tensor.float()
+            )  # added to the output like B A x
         elif role == EMBEDDING_A:
             self.add_embedding(key, tensor, module)
         elif role == EMBEDDING_B:
@@ -447,7 +498,9 @@ def read_lora(folder: Path, config: dict) -> AdapterSeed:
     seed.target_parameters = list(lora.target_parameters or [])
     file = folder / SAFETENSORS_NAME
     for name in set(seed.token_rows) & set(seed.deltas):
-        raise UserError(f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)")
+        raise UserError(
+            f"{file}: {name} has both a LoRA and trainable tokens; merge through checkpoints (model: BASE+ADAPTER)"
+        )
     if not (seed.deltas or seed.whole or seed.token_rows or seed.bias_deltas):
         raise UserError(f"{file}: no LoRA tensors found")
     return seed
@@ -476,7 +529,11 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
         if C is None or B is None:
             raise UserError(f"{folder / SAFETENSORS_NAME}: {key} has no matching sera_C/sera_B")
         expected_A = (sera.split, A.shape[1], sera.r // sera.split)
-        if tuple(A.shape) != expected_A or tuple(C.shape) != (sera.r, sera.r) or B.shape[:2] != (sera.split, sera.r // sera.split):
+        if (
+            tuple(A.shape) != expected_A
+            or tuple(C.shape) != (sera.r, sera.r)
+            or B.shape[:2] != (sera.split, sera.r // sera.split)
+        ):
             raise UserError(
                 f"{folder / SAFETENSORS_NAME}: {module_key} has shapes A {tuple(A.shape)}, C {tuple(C.shape)}, "
                 f"B {tuple(B.shape)}, which do not match r={sera.r}, split={sera.split}"
@@ -486,7 +543,7 @@ def read_sera(folder: Path, config: dict) -> AdapterSeed:
         deltas[f"{module}.weight"] = LowRank(left, right)
     if not deltas:
         raise UserError(f"{folder / SAFETENSORS_NAME}: no sera_A/sera_C/sera_B tensors found")
-    kinds = {name: LINEAR for name in deltas}
+    kinds = dict.fromkeys(deltas, LINEAR)
     return AdapterSeed(folder, "sera", sera.base_model_name_or_path, deltas, kinds)
 
 
@@ -515,7 +572,9 @@ def saved_whole_everywhere(name: str, seeds: Iterable[Tuple[Iterable[str], Itera
     return all(name in whole and name not in changed for whole, changed in seeds)
 
 
-def why_base_is_read(folders: Iterable[Union[str, Path]], needs_base: bool, output_format: str, base_model: Optional[str]) -> Optional[str]:
+def why_base_is_read(
+    folders: Iterable[Union[str, Path]], needs_base: bool, output_format: str, base_model: Optional[str]
+) -> Optional[str]:
     """Why merging these adapter folders reads the base model's weights, or None when the
     adapters suffice: the one answer the adapter engine acts on and the model card records.
 
@@ -588,7 +647,11 @@ class MergedAdapter:
     def parameter_modules(self, modules: Iterable[str]) -> Set[str]:
         """The modules among ``modules`` whose weight a ``target_parameters`` entry names: the
         ones PEFT wraps in a ``ParamWrapper`` when it loads the written config."""
-        return {module for module in modules if any(names_module(f"{module}.weight", entry) for entry in self.target_parameters)}
+        return {
+            module
+            for module in modules
+            if any(names_module(f"{module}.weight", entry) for entry in self.target_parameters)
+        }
 
 
 def _lora_factors(pair: LowRank, kind: str):
@@ -600,7 +663,9 @@ def _lora_factors(pair: LowRank, kind: str):
     return pair.right, pair.left  # weight (out, in) += B A
 
 
-def _lora_pair_tensors(merged: MergedAdapter, tensors: Dict[str, torch.Tensor]) -> Tuple[Dict[str, int], Dict[str, str]]:
+def _lora_pair_tensors(
+    merged: MergedAdapter, tensors: Dict[str, torch.Tensor]
+) -> Tuple[Dict[str, int], Dict[str, str]]:
     """Each merged pair's LoRA factors into ``tensors``; returns {module: rank} and {module: kind}."""
     ranks: Dict[str, int] = {}
     kinds: Dict[str, str] = {}
@@ -642,22 +707,31 @@ def _pad_parameter_targets(merged: MergedAdapter, ranks: Dict[str, int], tensors
         ranks[module] = r
 
 
-def _lora_bias_tensors(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], tensors: Dict[str, torch.Tensor]) -> None:
+def _lora_bias_tensors(
+    merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], tensors: Dict[str, torch.Tensor]
+) -> None:
     """``lora_B.bias`` for every LoRA layer when any seed trained ``lora_bias`` (zero where none did)."""
     missing_layer = sorted(set(merged.bias_deltas) - {f"{module}.bias" for module in ranks})
     if missing_layer:
-        raise UserError(f"{missing_layer[0]}: a merged lora_bias whose layer has no LoRA delta in any seed; merge with output.format: full")
+        raise UserError(
+            f"{missing_layer[0]}: a merged lora_bias whose layer has no LoRA delta in any seed; merge with "
+            "output.format: full"
+        )
     if not merged.bias_deltas:
         return
     for module, kind in kinds.items():
         if kind == EMBEDDING:
-            raise UserError(f"{module}: PEFT has no lora_bias for embedding layers; merge these seeds with output.format: full")
+            raise UserError(
+                f"{module}: PEFT has no lora_bias for embedding layers; merge these seeds with output.format: full"
+            )
         B = tensors[f"{KEY_PREFIX}{module}.lora_B.weight"]
         bias = merged.bias_deltas.get(f"{module}.bias")
         tensors[f"{KEY_PREFIX}{module}.lora_B.bias"] = torch.zeros(B.shape[0]) if bias is None else bias
 
 
-def _whole_and_token_tensors(merged: MergedAdapter, ranks: Dict[str, int], tensors: Dict[str, torch.Tensor]) -> Tuple[bool, Dict[str, List[int]]]:
+def _whole_and_token_tensors(
+    merged: MergedAdapter, ranks: Dict[str, int], tensors: Dict[str, torch.Tensor]
+) -> Tuple[bool, Dict[str, List[int]]]:
     """Tensors saved whole under PEFT's keys and trainable-token rows into ``tensors``; returns
     whether biases are saved (PEFT's ``bias: all``) and the token indices by module."""
     saved_biases = False
@@ -673,8 +747,15 @@ def _whole_and_token_tensors(merged: MergedAdapter, ranks: Dict[str, int], tenso
     return saved_biases, token_indices
 
 
-def _lora_config(merged: MergedAdapter, ranks: Dict[str, int], kinds: Dict[str, str], saved_biases: bool,
-                 token_indices: Dict[str, List[int]], base_model: Optional[str], task_type: Optional[str]) -> Dict[str, Any]:
+def _lora_config(
+    merged: MergedAdapter,
+    ranks: Dict[str, int],
+    kinds: Dict[str, str],
+    saved_biases: bool,
+    token_indices: Dict[str, List[int]],
+    base_model: Optional[str],
+    task_type: Optional[str],
+) -> Dict[str, Any]:
     """The fields of PEFT's ``LoraConfig`` that define the written tensors (scaling 1 everywhere)."""
     if len(token_indices) == 1 and not merged.token_indices_by_module:
         trainable_token_indices: Any = next(iter(token_indices.values()))

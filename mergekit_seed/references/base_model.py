@@ -20,6 +20,7 @@ from mergekit_seed.reader import read_json, safetensors_file
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import confined_glob, safetensors_index
 
+
 # model_type of the transformers architectures with Conv1D layers (transformers 5: the models
 # whose modeling file builds a Conv1D). PEFT treats those layers as fan_in_fan_out whatever
 # the saved config says (its flag keeps the value set for the last layer it wrapped).
@@ -89,7 +90,10 @@ class BaseWeights:
 
     def _require(self, name: str, why: str) -> Path:
         if name not in self._files:
-            raise UserError(f"base_model {self.reference}: has no tensor {name}, which {why}; give the base the seeds were trained from")
+            raise UserError(
+                f"base_model {self.reference}: has no tensor {name}, which {why}; give the base the seeds were "
+                "trained from"
+            )
         return self._files[name]
 
     def shape(self, name: str, why: str) -> tuple:

@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 from mergekit_seed.errors import UserError
 from mergekit_seed.references.weights import weight_file_hashes
 
+
 # what a merge reads from a model or adapter repository (no code: remote code stays off)
 PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 

@@ -20,6 +20,7 @@ from mergekit_seed.maths.sera import SeraConfig, apply_sera, sera_layers
 from mergekit_seed.output import OutputFolder, write_tensors, write_text
 from mergekit_seed.reader import load_safetensors, read_json_object
 
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."

@@ -16,6 +16,7 @@ from mergekit_seed.reader import (
     sha256,
 )
 
+
 if TYPE_CHECKING:  # torch is imported where tensors are read: hashing and headers need none of it
     import torch
 
@@ -29,7 +30,9 @@ def confined_file(folder: Path, name: str) -> Path:
     (:func:`~mergekit_seed.reader.confinement_root`) with every symlink followed: an index entry
     such as ``../x.safetensors`` or ``/etc/passwd``, a link out of the folder and a device, FIFO
     or socket are never read. A missing file is returned as it is, for the caller to name."""
-    return regular_file(Path(folder) / name, folder, missing_ok=True, fix="remove it from the model folder", kind="model folder")
+    return regular_file(
+        Path(folder) / name, folder, missing_ok=True, fix="remove it from the model folder", kind="model folder"
+    )
 
 
 def confined_glob(folder: Path, *patterns: str) -> List[Path]:

@@ -30,6 +30,7 @@ from mergekit_seed.reader import safetensors_file
 from mergekit_seed.references.adapter_files import is_adapter_folder, read_adapter
 from mergekit_seed.references.weights import confined_glob, safetensors_index
 
+
 Delta = Union[torch.Tensor, LowRank]
 TOP_SHARES = (0.1, 0.25, 0.5)
 SUBSPACE_DIRECTIONS = 8
@@ -78,7 +79,9 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
         seeds = [read_adapter(m) for m in models]
         names = sorted(set().union(*(s.deltas for s in seeds)))
         for name in names:
-            shapes = {model: tuple(seed.deltas[name].shape) for model, seed in zip(models, seeds) if name in seed.deltas}
+            shapes = {
+                model: tuple(seed.deltas[name].shape) for model, seed in zip(models, seeds) if name in seed.deltas
+            }
             if len(set(shapes.values())) > 1:
                 listing = ", ".join(f"{model} {shape}" for model, shape in shapes.items())
                 raise UserError(f"tensor {name} has different shapes: {listing}; analyze compares seeds of one base")
@@ -115,7 +118,8 @@ def load_inputs(models: Sequence[str], base: Optional[str]) -> Inputs:
         differing = [model for model, seed_index in zip(models, seed_indexes) if seed_index[name][1] != shape]
         if differing:
             raise UserError(
-                f"tensor {name} is {seed_indexes[models.index(differing[0])][name][1]} in {differing[0]} but {shape} in the base "
+                f"tensor {name} is {seed_indexes[models.index(differing[0])][name][1]} in {differing[0]} but {shape} "
+                "in the base "
                 f"{base}; analyze compares seeds of one base: give the base they were fine-tuned from"
             )
         names.append(name)
@@ -162,7 +166,9 @@ def _showcase_spectra(name: str, deltas: list, decompositions: list, seed_names:
     }
     if k > 0:
         U_a, U_b = decompositions[0][0], decompositions[1][0]
-        spectra["subspace_heatmap_0_1"] = [[subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)]
+        spectra["subspace_heatmap_0_1"] = [
+            [subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)
+        ]
     return spectra
 
 
@@ -219,7 +225,8 @@ def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) ->
             for layer, shares in sorted(energy.items(), key=_layer_key)
         },
         "subspace_similarity": {
-            pair: [sum(column) / len(column) for column in zip(*rows)] if rows else [] for pair, rows in subspace.items()
+            pair: [sum(column) / len(column) for column in zip(*rows)] if rows else []
+            for pair, rows in subspace.items()
         },
         "spectra": spectra,
     }
@@ -248,7 +255,10 @@ def _plot(result: dict, out: Path) -> None:
     layers = list(result["cosine_per_layer"])
     count = len(labels)
     pair_names = [f"{a}-{b}" for a in range(count) for b in range(a + 1, count)]
-    grid = [[result["cosine_per_layer"][layer][a][b] for a in range(count) for b in range(a + 1, count)] for layer in layers]
+    grid = [
+        [result["cosine_per_layer"][layer][a][b] for a in range(count) for b in range(a + 1, count)]
+        for layer in layers
+    ]
     image = axes[1].imshow(grid, vmin=-1, vmax=1, cmap="coolwarm", aspect="auto")
     axes[1].set_xticks(range(len(pair_names)), pair_names)
     axes[1].set_yticks(range(len(layers)), layers)
@@ -276,9 +286,15 @@ def _plot(result: dict, out: Path) -> None:
             label=f"top {share}",
         )
     axes[1].set_ylim(0, 1.05)
-    axes[1].set_title("energy share of the top directions, per layer" + (
-        "\n(1.0 everywhere: each delta's rank is below the smallest share, as for adapters)" if _all_energy_in_top(result) else ""
-    ), fontsize=9)
+    axes[1].set_title(
+        "energy share of the top directions, per layer"
+        + (
+            "\n(1.0 everywhere: each delta's rank is below the smallest share, as for adapters)"
+            if _all_energy_in_top(result)
+            else ""
+        ),
+        fontsize=9,
+    )
     axes[1].set_xlabel("layer")
     axes[1].legend(fontsize=7)
     for pair, values in result["subspace_similarity"].items():
@@ -305,17 +321,27 @@ def _pair_mean(matrix: List[List[float]]) -> float:
 
 
 def _all_energy_in_top(result: dict) -> bool:
-    return all(value >= 1 - 1e-9 for shares in result["energy_top_share_per_layer"].values() for value in shares.values())
+    return all(
+        value >= 1 - 1e-9 for shares in result["energy_top_share_per_layer"].values() for value in shares.values()
+    )
 
 
 def _summary(result: dict) -> str:
     count = len(result["models"])
     off_diagonal = _pairs(result["cosine_global"])
     layers = {layer: _pair_mean(matrix) for layer, matrix in result["cosine_per_layer"].items() if layer != "other"}
-    lines = ["# Seed analysis", "", f"{count} seeds, {result['weights']} 2-D weights" + (f", base {result['base']}" if result["base"] else "") + ".", ""]
+    lines = [
+        "# Seed analysis",
+        "",
+        f"{count} seeds, {result['weights']} 2-D weights"
+        + (f", base {result['base']}" if result["base"] else "")
+        + ".",
+        "",
+    ]
     if layers:
         lines.append(
-            f"- Cosine similarity of the seed deltas per transformer layer: {min(layers.values()):.3f} to {max(layers.values()):.3f} "
+            f"- Cosine similarity of the seed deltas per transformer layer: {min(layers.values()):.3f} to "
+            f"{max(layers.values()):.3f} "
             "(mean over seed pairs; embeddings and head apart, under `other`)."
         )
     lines.append(
@@ -329,10 +355,20 @@ def _summary(result: dict) -> str:
     lines.append(
         "- Energy in the top singular directions (mean over layers): "
         + ", ".join(f"top {s}: {sum(v) / len(v):.3f}" for s, v in shares.items())
-        + (" (every delta's rank is below the smallest share, as for adapters: this says nothing more)." if _all_energy_in_top(result) else ".")
+        + (
+            " (every delta's rank is below the smallest share, as for adapters: this says nothing more)."
+            if _all_energy_in_top(result)
+            else "."
+        )
     )
     for pair, values in result["subspace_similarity"].items():
         if values:
-            lines.append(f"- Subspace similarity (SeRA Eq. 4) of seeds {pair}: phi(1,1) {values[0]:.3f}, phi({len(values)},{len(values)}) {values[-1]:.3f}.")
-    lines += ["", "Plots: `cosine.png` (similarity, global and per layer), `spectra.png` (spectra, energy, subspaces)."]
+            lines.append(
+                f"- Subspace similarity (SeRA Eq. 4) of seeds {pair}: phi(1,1) {values[0]:.3f}, "
+                f"phi({len(values)},{len(values)}) {values[-1]:.3f}."
+            )
+    lines += [
+        "",
+        "Plots: `cosine.png` (similarity, global and per layer), `spectra.png` (spectra, energy, subspaces).",
+    ]
     return "\n".join(lines) + "\n"

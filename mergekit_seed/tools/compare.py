@@ -29,8 +29,8 @@ import yaml
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.installed import package_version
-from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths, staged_path, write_text
 from mergekit_seed.reader import read_lines, read_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
@@ -38,6 +38,7 @@ from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.references.weights import safetensors_shapes
 from mergekit_seed.untrusted import bounded_safe_load, front_matter
+
 
 METRICS = ("perplexity", "answer_logprob", "exact_match")
 TEXT_METRICS = ("perplexity",)
@@ -71,7 +72,11 @@ def read_data(path: Path) -> Tuple[str, List[Row]]:
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             rows.append(Row(text=record["text"]))
             kinds.add("text")
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str):
+        elif (
+            isinstance(record, dict)
+            and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("answer"), str)
+        ):
             rows.append(Row(prompt=record["prompt"], answer=record["answer"]))
             kinds.add("answer")
         else:
@@ -175,7 +180,9 @@ def load_model(reference: str, base: Optional[str], device: str, tokenizer_path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except Exception as error:
-        raise UserError(f"{reference}: no usable tokenizer in {tokenizer_source} ({str(error).splitlines()[0]})") from None
+        raise UserError(
+            f"{reference}: no usable tokenizer in {tokenizer_source} ({str(error).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), tokenizer
 
 
@@ -191,11 +198,20 @@ def _batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
     groups: Dict[int, List[int]] = {}
     for index, length in enumerate(lengths):
         groups.setdefault(length, []).append(index)
-    return [indices[start : start + batch_size] for indices in groups.values() for start in range(0, len(indices), batch_size)]
+    return [
+        indices[start : start + batch_size]
+        for indices in groups.values()
+        for start in range(0, len(indices), batch_size)
+    ]
 
 
 def score_rows(
-    model, tokenizer, rows: Sequence[Row], metric: str, batch_size: int = 16, device: str = "cpu",
+    model,
+    tokenizer,
+    rows: Sequence[Row],
+    metric: str,
+    batch_size: int = 16,
+    device: str = "cpu",
     advance: Callable[[int], None] = lambda _count: None,
 ) -> List[Tuple[float, int]]:
     """Per row: (score, token count). perplexity: (sum of token log-probabilities, tokens
@@ -214,7 +230,9 @@ def score_rows(
     context = context_length(model)
     for index, (sequence, start) in enumerate(zip(sequences, starts)):
         if start < 1 or len(sequence) <= start:
-            raise UserError(f"example {index + 1}: nothing to score once tokenized (empty text or answer, or no prompt token)")
+            raise UserError(
+                f"example {index + 1}: nothing to score once tokenized (empty text or answer, or no prompt token)"
+            )
         if context is not None and len(sequence) > context:
             # past its positions a model either fails (GPT-2) or scores garbage without a word (RoPE)
             raise UserError(
@@ -229,7 +247,9 @@ def score_rows(
                 ids = greedy_continuation(model, ids, max(len(sequences[i]) - starts[i] for i in batch))
                 for row_index, generated in zip(batch, ids.tolist()):
                     answer_length = len(sequences[row_index]) - starts[row_index]
-                    text = tokenizer.decode(generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True)
+                    text = tokenizer.decode(
+                        generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True
+                    )
                     # the answer goes through the same decode: a decoder that joins tokens with
                     # spaces (WordLevel, character vocabularies) would otherwise never match
                     expected = tokenizer.decode(sequences[row_index][starts[row_index] :], skip_special_tokens=True)
@@ -311,24 +331,36 @@ def compare(models: Sequence[str], data: Path, out: Path, labels: Optional[Dict[
 
 
 def score_model(
-    name: str, rows: Sequence[Row], metric: str, base: Optional[str], tokenizer: Optional[str], batch_size: int,
-    device: str, advance: Callable[[int], None],
+    name: str,
+    rows: Sequence[Row],
+    metric: str,
+    base: Optional[str],
+    tokenizer: Optional[str],
+    batch_size: int,
+    device: str,
+    advance: Callable[[int], None],
 ) -> List[Tuple[float, int]]:
     """One model's (score, tokens) per row (:func:`score_rows`), each score finite; the model is
     freed before the next one loads (one model in memory at a time)."""
     model, model_tokenizer = load_model(name, base, device, tokenizer)
     scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance)
     for index, (value, _) in enumerate(scores):
-        require_finite_number(value, f"example {index + 1}: its {metric} score", "the model's weights or outputs hold NaN or Inf")
+        require_finite_number(
+            value, f"example {index + 1}: its {metric} score", "the model's weights or outputs hold NaN or Inf"
+        )
     del model
     gc.collect()
     return scores
 
 
-def _versus_reference(values: Dict[str, List[float]], reference: str, confidence: float, resamples: int, seed: int) -> Dict[str, dict]:
+def _versus_reference(
+    values: Dict[str, List[float]], reference: str, confidence: float, resamples: int, seed: int
+) -> Dict[str, dict]:
     """Each other model's paired per-example difference with ``reference``, with its interval."""
     return {
-        name: paired_difference([[a - b for a, b in zip(mine, values[reference])]], confidence, resamples, seed).to_dict()
+        name: paired_difference(
+            [[a - b for a, b in zip(mine, values[reference])]], confidence, resamples, seed
+        ).to_dict()
         for name, mine in values.items()
         if name != reference
     }
@@ -388,7 +420,9 @@ def compare_into(
         for model_name in models:
             progress.set_postfix_str(Path(model_name).name)
             try:
-                scores[model_name] = score_model(model_name, rows, metric, base, tokenizer, batch_size, device, progress.update)
+                scores[model_name] = score_model(
+                    model_name, rows, metric, base, tokenizer, batch_size, device, progress.update
+                )
             except UserError as error:
                 raise UserError(f"{data}: {error} for {model_name}") from None
     values = {name: per_example(scores[name], metric) for name in models}
@@ -433,7 +467,12 @@ def write_outputs(results: dict, out: Path, table: str, panels: Sequence[Tuple[s
 
 
 def comparison_table(
-    column: str, scores: Dict[str, float], merges: Dict[str, bool], reference: str, versus: Dict[str, dict], confidence: float,
+    column: str,
+    scores: Dict[str, float],
+    merges: Dict[str, bool],
+    reference: str,
+    versus: Dict[str, dict],
+    confidence: float,
 ) -> str:
     """One Markdown table: each model's score, whether it is a merge, its paired difference
     with ``reference`` (interval) and the verdict."""
@@ -456,9 +495,12 @@ def format_table(results: dict) -> str:
     metric = results["metric"]
     unit = "per-token log-prob" if metric == "perplexity" else metric
     table = comparison_table(
-        metric, {name: entry["score"] for name, entry in results["models"].items()},
+        metric,
+        {name: entry["score"] for name, entry in results["models"].items()},
         {name: entry["merge"] for name, entry in results["models"].items()},
-        results["reference"], results["versus_reference"], results["confidence"],
+        results["reference"],
+        results["versus_reference"],
+        results["confidence"],
     )
     legend = (
         f"{results['examples']} examples of {results['data']}; differences in {unit} are paired per example, "
@@ -481,9 +523,12 @@ def plot(panels: Sequence[Tuple[str, Dict[str, dict]]], reference: str, confiden
         for position, name in enumerate(names):
             difference = versus[name]
             axis.errorbar(
-                difference["mean"], position,
+                difference["mean"],
+                position,
                 xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
-                fmt="o", capsize=3, color=colors.get(difference["verdict"], "tab:gray"),
+                fmt="o",
+                capsize=3,
+                color=colors.get(difference["verdict"], "tab:gray"),
             )
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(names)), [_short(name) for name in names])

@@ -39,7 +39,15 @@ from mergekit_seed.output import OutputFolder, local_paths, staged_path
 from mergekit_seed.reader import read_json, read_lines, regular_file
 from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.hub import is_hub_id, local_folder, split_revision
-from mergekit_seed.tools.compare import comparison_table, is_merge, load_model, tokenizer_folder, unique_models, write_outputs
+from mergekit_seed.tools.compare import (
+    comparison_table,
+    is_merge,
+    load_model,
+    tokenizer_folder,
+    unique_models,
+    write_outputs,
+)
+
 
 RESULTS_GLOB = "results_*.json"
 INSTALL_HINT = "pip install 'mergekit-seed[eval]'"
@@ -94,7 +102,7 @@ def _read_json(path: Path) -> dict:
     regular_file(path, within=path.parent, fix="lm-eval writes its results as files", kind="run folder")
     data = read_json(path, "lm-eval results file", within=path.parent)
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise UserError(f"{path}: not an lm-eval results file (no \"results\" object)")
+        raise UserError(f'{path}: not an lm-eval results file (no "results" object)')
     try:
         ResultsFile.model_validate(data)
     except ValidationError as error:
@@ -116,7 +124,9 @@ def run_folders(paths: Sequence[str]) -> List[Path]:
             continue
         inside = sorted(sub for sub in folder.iterdir() if sub.is_dir() and any(sub.glob(RESULTS_GLOB)))
         if not inside:
-            raise UserError(f"{path}: no results_*.json in it or its subfolders; pass the folder lm_eval's --output_path wrote")
+            raise UserError(
+                f"{path}: no results_*.json in it or its subfolders; pass the folder lm_eval's --output_path wrote"
+            )
         folders.extend(inside)
     return folders
 
@@ -153,7 +163,10 @@ def _read_samples(path: Path, task: str) -> TaskRun:
         flt = str(row.get("filter", "none"))
         key = (row["doc_id"], flt)
         if key in doc_hashes:
-            raise UserError(f"{path}:{number}: document {row['doc_id']} (filter {flt}) appears twice; the file holds two runs, keep one")
+            raise UserError(
+                f"{path}:{number}: document {row['doc_id']} (filter {flt}) appears twice; the file holds two runs, "
+                "keep one"
+            )
         doc_hashes[key] = row.get("doc_hash")
         prompt_hashes[key] = row.get("prompt_hash")
         metrics = row.get("metrics")
@@ -202,7 +215,7 @@ def read_run(folder: Path, only_tasks: Optional[Sequence[str]] = None) -> Run:
                 f"{folder}: {results_file.name} is a run of {name}, another results file of {run.name}; "
                 "keep one model's runs per folder"
             )
-        date = results_file.stem[len("results_"):]
+        date = results_file.stem[len("results_") :]
         task_configs = results.get("configs") if isinstance(results.get("configs"), dict) else {}
         for task in task_configs:  # groups have no config and no samples of their own
             if only_tasks is not None and task not in only_tasks:
@@ -225,8 +238,10 @@ def read_run(folder: Path, only_tasks: Optional[Sequence[str]] = None) -> Run:
             task_run.n_shot = (results.get("n-shot") or {}).get(task)
             reported = results["results"].get(task) or {}
             task_run.reported = {
-                key: value for key, value in (
-                    (key, _number(value, f"{results_file}: {task} {key}")) for key, value in reported.items()
+                key: value
+                for key, value in (
+                    (key, _number(value, f"{results_file}: {task} {key}"))
+                    for key, value in reported.items()
                     if "," in key and "_stderr," not in key
                 )
                 if value is not None
@@ -248,9 +263,15 @@ def _differs(run: Run, other: Run, task: str) -> Optional[str]:
     mine, theirs = run.tasks[task], other.tasks[task]
     where = f"{run.folder}: {task}"
     if mine.version != theirs.version:
-        return f"{where} is version {mine.version} there and {theirs.version} in {other.folder}; evaluate every model with the same task version"
+        return (
+            f"{where} is version {mine.version} there and {theirs.version} in {other.folder}; evaluate every "
+            "model with the same task version"
+        )
     if mine.n_shot != theirs.n_shot:
-        return f"{where} ran {mine.n_shot}-shot there and {theirs.n_shot}-shot in {other.folder}; rerun with the same --num_fewshot"
+        return (
+            f"{where} ran {mine.n_shot}-shot there and {theirs.n_shot}-shot in {other.folder}; rerun with the "
+            "same --num_fewshot"
+        )
     if set(mine.doc_hashes) != set(theirs.doc_hashes):
         shared = len(set(mine.doc_hashes) & set(theirs.doc_hashes))
         limits = f" (--limit {run.limit} there, {other.limit} in {other.folder})" if run.limit != other.limit else ""
@@ -260,7 +281,10 @@ def _differs(run: Run, other: Run, task: str) -> Optional[str]:
         )
     for key, doc_hash in mine.doc_hashes.items():
         if doc_hash and theirs.doc_hashes[key] and doc_hash != theirs.doc_hashes[key]:
-            return f"{where} document {key[0]} differs from the one in {other.folder}; evaluate every model on the same dataset revision"
+            return (
+                f"{where} document {key[0]} differs from the one in {other.folder}; evaluate every model on the "
+                "same dataset revision"
+            )
     for key, prompt_hash in mine.prompt_hashes.items():
         if prompt_hash and theirs.prompt_hashes[key] and prompt_hash != theirs.prompt_hashes[key]:
             return (
@@ -307,7 +331,6 @@ def _merge_flag(run: Run) -> bool:
     if Path(reference).is_dir():
         return is_merge(Path(reference))
     if is_hub_id(split_revision(reference)[0]):
-
         repo_id, revision = split_revision(reference)
         for name in ("README.md", "mergekit_config.yml"):
             cached = try_to_load_from_cache(repo_id, name, revision=revision)
@@ -339,9 +362,14 @@ def comparable_metrics(task_runs: Sequence[TaskRun], echo: Callable[[str], None]
         if agrees:
             kept.append(metric)
         else:
-            echo(f"note: {first.task} {metric}: lm-eval's score is not the mean of its per-example values; not compared")
+            echo(
+                f"note: {first.task} {metric}: lm-eval's score is not the mean of its per-example values; not compared"
+            )
     for metric in first.not_numbers:
-        echo(f"note: {first.task} {metric}: per-example values are not numbers (lm-eval aggregates it corpus-wide); not compared")
+        echo(
+            f"note: {first.task} {metric}: per-example values are not numbers (lm-eval aggregates it corpus-wide); "
+            "not compared"
+        )
     return kept
 
 
@@ -360,10 +388,14 @@ def compare_tasks(models: Sequence[str], tasks: Sequence[str], out: Path, evalua
     """Score ``models`` with lm-eval on ``tasks`` (``evaluation``: :func:`evaluate_models`'
     settings), keeping lm-eval's files in ``out/lm-eval``, and compare the runs there; one
     output folder, published once (:func:`compare_runs`)."""
-    inputs = local_paths([*models, evaluation.get("base"), evaluation.get("tokenizer"), evaluation.get("include_path")])
+    inputs = local_paths(
+        [*models, evaluation.get("base"), evaluation.get("tokenizer"), evaluation.get("include_path")]
+    )
     with OutputFolder(out, inputs, command="compare", report=True) as output:
         folders = evaluate_models(models, output.staging / "lm-eval", tasks, **evaluation)
-        results = compare_runs_into([str(folder) for folder in folders], output.staging, within=output.staging, **settings)
+        results = compare_runs_into(
+            [str(folder) for folder in folders], output.staging, within=output.staging, **settings
+        )
         output.publish()
     settings.get("echo", print)(output.public(harness_tables(results)))
     return results
@@ -383,7 +415,9 @@ def _run_names(runs: List[Run], reference: Optional[str]) -> Tuple[List[str], Op
     return names, reference
 
 
-def _metric_sections(runs: List[Run], names: List[str], task_names: List[str], metric: Optional[str], echo) -> Tuple[List[dict], Dict[str, str]]:
+def _metric_sections(
+    runs: List[Run], names: List[str], task_names: List[str], metric: Optional[str], echo
+) -> Tuple[List[dict], Dict[str, str]]:
     """One section per task and comparable metric (per-example values by model, on the shared
     documents), and the metric pooled for each task (``metric``, else the task's first)."""
     sections, pooled_metrics = [], {}
@@ -397,7 +431,9 @@ def _metric_sections(runs: List[Run], names: List[str], task_names: List[str], m
             docs = sorted(task_runs[0].values[metric_key])
             up = task_runs[0].higher_is_better.get(metric_key.split(",")[0], True)
             values = {name: [tr.values[metric_key][doc] for doc in docs] for name, tr in zip(names, task_runs)}
-            sections.append({"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values})
+            sections.append(
+                {"task": task, "metric": metric_key, "higher_is_better": up, "examples": len(docs), "values": values}
+            )
         chosen = pooled_metric(metrics, metric)
         if chosen:
             pooled_metrics[task] = chosen
@@ -417,16 +453,21 @@ def _oriented(section: dict, name: str) -> List[float]:
     return [sign * value for value in section["values"][name]]
 
 
-def _versus(names: List[str], reference: str, groups_of: Callable[[str], List[List[float]]], bootstrap: Tuple[float, int, int]) -> Dict[str, dict]:
+def _versus(
+    names: List[str], reference: str, groups_of: Callable[[str], List[List[float]]], bootstrap: Tuple[float, int, int]
+) -> Dict[str, dict]:
     """Each model's paired difference with ``reference`` over the groups ``groups_of`` gives
     (``bootstrap``: confidence, resamples, seed)."""
     confidence, resamples, seed = bootstrap
     return {
         name: paired_difference(
             [[a - b for a, b in zip(mine, theirs)] for mine, theirs in zip(groups_of(name), groups_of(reference))],
-            confidence, resamples, seed,
+            confidence,
+            resamples,
+            seed,
         ).to_dict()
-        for name in names if name != reference
+        for name in names
+        if name != reference
     }
 
 
@@ -456,7 +497,9 @@ def compare_runs_into(
     if not sections:
         raise UserError(f"{' '.join(paths)}: no task has a per-example metric to compare")
     if not pooled_metrics:
-        raise UserError(f"--metric {metric}: no task computes it ({', '.join(sorted({s['metric'] for s in sections}))})")
+        raise UserError(
+            f"--metric {metric}: no task computes it ({', '.join(sorted({s['metric'] for s in sections}))})"
+        )
     pooled_sections = [s for s in sections if pooled_metrics.get(s["task"]) == s["metric"]]
     examples = sum(s["examples"] for s in pooled_sections)
     pooled_mean = {name: sum(sum(_oriented(s, name)) for s in pooled_sections) / examples for name in names}
@@ -476,7 +519,9 @@ def compare_runs_into(
         "metrics": pooled_metrics,
         "examples": examples,
         "scores": pooled_mean,
-        "versus_reference": _versus(names, reference, lambda name: [_oriented(s, name) for s in pooled_sections], bootstrap),
+        "versus_reference": _versus(
+            names, reference, lambda name: [_oriented(s, name) for s in pooled_sections], bootstrap
+        ),
     }
     results = {
         "lm_eval_runs": {name: _shown_folder(run.folder, within) for name, run in zip(names, runs)},
@@ -493,7 +538,11 @@ def compare_runs_into(
 
 
 def _shown_folder(folder: Path, within: Optional[Path]) -> str:
-    return Path(folder).relative_to(within).as_posix() if within is not None and Path(folder).is_relative_to(within) else str(folder)
+    return (
+        Path(folder).relative_to(within).as_posix()
+        if within is not None and Path(folder).is_relative_to(within)
+        else str(folder)
+    )
 
 
 def harness_panels(results: dict) -> List[Tuple[str, Dict[str, dict]]]:
@@ -510,12 +559,18 @@ def harness_tables(results: dict) -> str:
     pooled = results["pooled"]
     parts = [
         "Pooled over tasks (" + ", ".join(f"{task} {metric}" for task, metric in pooled["metrics"].items()) + "):",
-        comparison_table("mean (higher is better)", pooled["scores"], merges, reference, pooled["versus_reference"], confidence),
+        comparison_table(
+            "mean (higher is better)", pooled["scores"], merges, reference, pooled["versus_reference"], confidence
+        ),
     ]
     for entry in results["tasks"]:
         direction = "" if entry["higher_is_better"] else ", lower is better"
         parts.append(f"{entry['task']}, {entry['metric']} ({entry['examples']} examples{direction}):")
-        parts.append(comparison_table(entry["metric"], entry["scores"], merges, reference, entry["versus_reference"], confidence))
+        parts.append(
+            comparison_table(
+                entry["metric"], entry["scores"], merges, reference, entry["versus_reference"], confidence
+            )
+        )
     legend = (
         "Examples are paired by lm-eval's doc_id; differences are model minus reference, oriented so "
         "that positive is better; better or worse only when the interval excludes 0. The pooled "
@@ -561,13 +616,19 @@ def evaluate_models(
         tracker = EvaluationTracker(output_path=str(staged_path(out)))
         try:
             results = simple_evaluate(
-                model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=True,
-                evaluation_tracker=tracker, task_manager=manager,
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                log_samples=True,
+                evaluation_tracker=tracker,
+                task_manager=manager,
             )
         except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline or not
             raise UserError(
                 f"--tasks {','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]}); "
-                "run once with network access so that the datasets cache holds it, then offline runs read it from there"
+                "run once with network access so that the datasets cache holds it, then offline runs read it from "
+                "there"
             ) from None
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
@@ -582,7 +643,11 @@ def task_manager(task_manager_class, tasks: Sequence[str], include_path: Optiona
     manager = task_manager_class(include_path=include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        hint = "; pass --include-path for your own task YAML files" if include_path is None else f" (nor in {include_path})"
+        hint = (
+            "; pass --include-path for your own task YAML files"
+            if include_path is None
+            else f" (nor in {include_path})"
+        )
         raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{hint}")
     return manager
 

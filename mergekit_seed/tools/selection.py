@@ -35,7 +35,16 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.output import MANIFEST_NAME, OutputFolder, local_paths, move, remove, scratch_folder, staged_path, write_text
+from mergekit_seed.output import (
+    MANIFEST_NAME,
+    OutputFolder,
+    local_paths,
+    move,
+    remove,
+    scratch_folder,
+    staged_path,
+    write_text,
+)
 from mergekit_seed.reader import read_text, sha256
 from mergekit_seed.recipe import check_recipe, parse_mapping, parse_recipe, read_recipe_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
@@ -53,7 +62,15 @@ from mergekit_seed.tools.compare import (
     score_rows,
     summary,
 )
-from mergekit_seed.tools.harness import INSTALL_HINT, comparable_metrics, evaluate_models, pooled_metric, read_run, task_manager
+from mergekit_seed.tools.harness import (
+    INSTALL_HINT,
+    comparable_metrics,
+    evaluate_models,
+    pooled_metric,
+    read_run,
+    task_manager,
+)
+
 
 OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
@@ -85,8 +102,11 @@ def mean_seed(seed_values: Sequence[Sequence[float]]) -> List[float]:
 
 
 def judge(
-    model: Sequence[Sequence[float]], reference: Sequence[Sequence[float]], confidence: float = 0.95,
-    resamples: int = 10_000, seed: int = 0,
+    model: Sequence[Sequence[float]],
+    reference: Sequence[Sequence[float]],
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
 ) -> dict:
     """The paired difference ``model - reference`` on test, per group (experiment) and example,
     with its bootstrap interval and verdict, as a dict."""
@@ -269,8 +289,15 @@ class TaskSplit:
 
     def record(self) -> dict:
         digest = _sha256("\n".join(self.prompts))
-        return {"name": self.name, "tasks": list(self.tasks), "examples": len(self.prompts), "num_fewshot": self.num_fewshot, "limit": self.limit,
-                "sha256": digest, "sha256_of": "the documents' prompts (doc_to_text), one per line"}
+        return {
+            "name": self.name,
+            "tasks": list(self.tasks),
+            "examples": len(self.prompts),
+            "num_fewshot": self.num_fewshot,
+            "limit": self.limit,
+            "sha256": digest,
+            "sha256_of": "the documents' prompts (doc_to_text), one per line",
+        }
 
 
 def read_split(path: Path) -> Split:
@@ -282,18 +309,24 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def read_task_split(tasks: Sequence[str], include_path: Optional[str], num_fewshot: Optional[int], limit: Optional[float]) -> TaskSplit:
+def read_task_split(
+    tasks: Sequence[str], include_path: Optional[str], num_fewshot: Optional[int], limit: Optional[float]
+) -> TaskSplit:
     """lm-eval ``tasks`` as a split, their documents' prompts hashed (lm-eval's task manager
     and datasets; a dataset it cannot reach is one line)."""
     try:
         from lm_eval.tasks import TaskManager, get_task_dict
     except ImportError:
-        raise UserError(f"--validation-tasks and --test-tasks run lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
+        raise UserError(
+            f"--validation-tasks and --test-tasks run lm-evaluation-harness, which is not installed; {INSTALL_HINT}"
+        ) from None
     manager = task_manager(TaskManager, tasks, include_path)
     try:
         loaded = get_task_dict(list(tasks), manager)
     except ConnectionError as error:
-        raise UserError(f"{','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]})") from None
+        raise UserError(
+            f"{','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]})"
+        ) from None
     prompts = [_sha256(str(task.doc_to_text(doc))) for task in _leaf_tasks(loaded) for doc in task.eval_docs]
     return TaskSplit(tuple(tasks), include_path, num_fewshot, limit, tuple(prompts))
 
@@ -310,12 +343,16 @@ def refuse_overlap(validation, test) -> None:
     """Refuse a test set that shares an example with validation (same prompt, by hash): a
     result judged on examples it was chosen on is inflated."""
     if validation.kind != test.kind:
-        raise UserError(f"{test.name}: its examples are {test.kind} rows and {validation.name}'s are {validation.kind} rows; give both splits one kind")
+        raise UserError(
+            f"{test.name}: its examples are {test.kind} rows and {validation.name}'s are {validation.kind} rows; give "
+            "both splits one kind"
+        )
     seen = set(validation.prompt_hashes())
     shared = [index for index, digest in enumerate(test.prompt_hashes(), start=1) if digest in seen]
     if shared:
         raise UserError(
-            f"{test.name}: {len(shared)} of its {test.examples} examples (the first is example {shared[0]}) have a prompt "
+            f"{test.name}: {len(shared)} of its {test.examples} examples (the first is example {shared[0]}) have a "
+            "prompt "
             f"that is also in {validation.name}; the test set must be disjoint from validation: remove them"
         )
 
@@ -341,7 +378,16 @@ class Scorer:
 
     def __call__(self, model: str, split: Split) -> Tuple[float, List[float]]:
         try:
-            scores = score_model(model, split.rows, self.metric, self.base, self.tokenizer, self.batch_size, self.device, lambda _count: None)
+            scores = score_model(
+                model,
+                split.rows,
+                self.metric,
+                self.base,
+                self.tokenizer,
+                self.batch_size,
+                self.device,
+                lambda _count: None,
+            )
         except UserError as error:
             raise UserError(f"{split.path}: {error} for {model}") from None
         return summary(scores, self.metric), per_example(scores, self.metric)
@@ -361,13 +407,27 @@ class TaskScorer:
     device: str = "cpu"
 
     def describe(self) -> Tuple[str, bool, str]:
-        return self.metric or "each task's first metric", True, "lm-eval's per-example values, signed so that higher is better"
+        return (
+            self.metric or "each task's first metric",
+            True,
+            "lm-eval's per-example values, signed so that higher is better",
+        )
 
     def __call__(self, model: str, split: TaskSplit) -> Tuple[float, List[float]]:
         with scratch_folder() as scratch:
-            (folder,) = evaluate_models([model], scratch, split.tasks, base=self.base, tokenizer=self.tokenizer, device=self.device,
-                                        batch_size=self.batch_size, num_fewshot=split.num_fewshot, limit=split.limit,
-                                        include_path=split.include_path, quiet=True)
+            (folder,) = evaluate_models(
+                [model],
+                scratch,
+                split.tasks,
+                base=self.base,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                batch_size=self.batch_size,
+                num_fewshot=split.num_fewshot,
+                limit=split.limit,
+                include_path=split.include_path,
+                quiet=True,
+            )
             run = read_run(folder)
         raw, oriented = [], []
         for task in split.tasks:
@@ -375,7 +435,10 @@ class TaskScorer:
             metrics = comparable_metrics([task_run], echo=lambda _line: None)
             chosen = pooled_metric(metrics, self.metric)
             if chosen is None:
-                raise UserError(f"--metric {self.metric}: lm-eval task {task} gives {', '.join(metrics) or 'no per-example metric'}")
+                raise UserError(
+                    f"--metric {self.metric}: lm-eval task {task} gives "
+                    f"{', '.join(metrics) or 'no per-example metric'}"
+                )
             sign = 1.0 if task_run.higher_is_better.get(chosen.split(",")[0], True) else -1.0
             values = [task_run.values[chosen][doc] for doc in sorted(task_run.values[chosen])]
             raw += values
@@ -398,7 +461,14 @@ class Plan:
 
     @property
     def inputs(self) -> List[Any]:
-        return [*self.seeds, self.base, *self.validation.inputs, *self.test.inputs, self.scorer.tokenizer, self.grid_path]
+        return [
+            *self.seeds,
+            self.base,
+            *self.validation.inputs,
+            *self.test.inputs,
+            self.scorer.tokenizer,
+            self.grid_path,
+        ]
 
     @property
     def labels(self) -> Dict[str, str]:
@@ -407,7 +477,9 @@ class Plan:
         labels: Dict[str, str] = {}
         for index, path in enumerate([*self.seeds, self.base]):
             name = Path(path).name or "model"
-            labels[path] = name if name not in labels.values() else ("base" if path == self.base else f"seed{index + 1}")
+            labels[path] = (
+                name if name not in labels.values() else ("base" if path == self.base else f"seed{index + 1}")
+            )
         return labels
 
 
@@ -426,9 +498,17 @@ class Sweep:
 
 
 def plan_selection(
-    seeds: Sequence[str], base: str, validation: Union[Path, TaskSplit], test: Union[Path, TaskSplit], *,
-    methods: Optional[Sequence[str]] = None, grid: Optional[Path] = None, metric: Optional[str] = None,
-    tokenizer: Optional[str] = None, batch_size: int = 16, device: str = "cpu",
+    seeds: Sequence[str],
+    base: str,
+    validation: Union[Path, TaskSplit],
+    test: Union[Path, TaskSplit],
+    *,
+    methods: Optional[Sequence[str]] = None,
+    grid: Optional[Path] = None,
+    metric: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    batch_size: int = 16,
+    device: str = "cpu",
 ) -> Plan:
     """Check every input of a selection and build its candidates (see :func:`select`).
     ``validation`` and ``test`` are JSONL files (compare's format) or lm-eval tasks
@@ -443,21 +523,36 @@ def plan_selection(
     user_grid = None if grid is None else read_grid(grid)
     strays = [method for method in user_grid or {} if method not in methods]
     if strays:
-        raise UserError(f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or drop it from the grid")
+        raise UserError(
+            f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or "
+            "drop it from the grid"
+        )
     found = candidates(methods, DEFAULT_GRID if user_grid is None else user_grid)
-    validation_split, test_split = (split if isinstance(split, TaskSplit) else read_split(Path(split)) for split in (validation, test))
+    validation_split, test_split = (
+        split if isinstance(split, TaskSplit) else read_split(Path(split)) for split in (validation, test)
+    )
     refuse_overlap(validation_split, test_split)
     if isinstance(validation_split, TaskSplit):
         scorer = TaskScorer(metric, base, tokenizer, batch_size, device)
     else:
-        scorer = Scorer(choose_metric(validation_split.kind, metric, validation_split.path), base, tokenizer, batch_size, device)
+        scorer = Scorer(
+            choose_metric(validation_split.kind, metric, validation_split.path), base, tokenizer, batch_size, device
+        )
     return Plan(
-        seeds=seeds, base=base, kind=kind, recipes=parsed_candidates(found, base, seeds, kind),
-        validation=validation_split, test=test_split, scorer=scorer, grid_path=grid,
+        seeds=seeds,
+        base=base,
+        kind=kind,
+        recipes=parsed_candidates(found, base, seeds, kind),
+        validation=validation_split,
+        test=test_split,
+        scorer=scorer,
+        grid_path=grid,
     )
 
 
-def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: Callable[[str], None], warn: Callable[[str], None]) -> Sweep:
+def sweep_validation(
+    plan: Plan, work: Path, out_name: str, quiet: bool, echo: Callable[[str], None], warn: Callable[[str], None]
+) -> Sweep:
     """Score every seed and every candidate on validation, merging the candidates one at a time
     under ``work`` and keeping only the best so far on disk."""
     sweep = Sweep()
@@ -470,8 +565,15 @@ def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: C
             progress.set_postfix_str(candidate.name)
             folder = work / f"candidate{index}" / out_name  # the card's title is the folder's name
             try:
-                merge(recipe, folder, quiet=True, device=plan.scorer.device, random_seed=0, echo=lambda _line: None,
-                      warn=lambda message, name=candidate.name: _above_bar(progress, warn, f"{name}: {message}"))
+                merge(
+                    recipe,
+                    folder,
+                    quiet=True,
+                    device=plan.scorer.device,
+                    random_seed=0,
+                    echo=lambda _line: None,
+                    warn=lambda message, name=candidate.name: _above_bar(progress, warn, f"{name}: {message}"),
+                )
                 sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
             except UserError as error:  # a merge refused, or a merge that scores NaN: the others still count
                 sweep.failures[candidate] = str(error)
@@ -486,7 +588,9 @@ def sweep_validation(plan: Plan, work: Path, out_name: str, quiet: bool, echo: C
             else:
                 remove(folder.parent)
             if not quiet:
-                progress.write(f"  {candidate.name}: validation {plan.scorer.describe()[0]} {sweep.candidates[candidate][0]:.4f}")
+                progress.write(
+                    f"  {candidate.name}: validation {plan.scorer.describe()[0]} {sweep.candidates[candidate][0]:.4f}"
+                )
             progress.update()
     if not sweep.candidates:
         first = next(iter(sweep.failures.values()))
@@ -507,9 +611,14 @@ def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: T
     ``versus_mean_seed``), after the choice; their paired differences and verdicts."""
     winner = choose(sweep.means(sweep.candidates))
     chosen_seed = choose(sweep.means(sweep.seeds))
-    scored = {winner.name: plan.scorer(str(sweep.best_folder), plan.test), chosen_seed: plan.scorer(chosen_seed, plan.test)}
+    scored = {
+        winner.name: plan.scorer(str(sweep.best_folder), plan.test),
+        chosen_seed: plan.scorer(chosen_seed, plan.test),
+    }
     confidence, resamples, seed = bootstrap
-    verdicts = {"versus_best_seed": judge([scored[winner.name][1]], [scored[chosen_seed][1]], confidence, resamples, seed)}
+    verdicts = {
+        "versus_best_seed": judge([scored[winner.name][1]], [scored[chosen_seed][1]], confidence, resamples, seed)
+    }
     if versus_mean_seed:
         for other in plan.seeds:
             if other not in scored:
@@ -531,7 +640,12 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
     means = {**sweep.means(sweep.seeds), **{c.name: v for c, v in sweep.means(sweep.candidates).items()}}
     entries = []
     for candidate, recipe in plan.recipes.items():
-        entry = {"name": candidate.name, "method": candidate.method, "parameters": dict(candidate.parameters), "recipe": recipe.source}
+        entry = {
+            "name": candidate.name,
+            "method": candidate.method,
+            "parameters": dict(candidate.parameters),
+            "recipe": recipe.source,
+        }
         if candidate in sweep.candidates:
             entry["validation"] = {"score": sweep.candidates[candidate][0], "compared": means[candidate.name]}
         else:
@@ -568,29 +682,44 @@ def selection_markdown(record: dict) -> str:
     chosen pair, the verdict on test and the hashes of both splits."""
     metric, test = record["metric"], record["on_test"]
     lines = [
-        SELECTION_HEADING, "",
+        SELECTION_HEADING,
+        "",
         f"Chosen by `mergekit-seed select` among {len(record['candidates'])} candidates on the validation set, "
-        f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after the choice). "
+        f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after "
+        "the choice). "
         f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']}.",
         "",
-        f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 `{record['validation']['sha256']}`",
-        f"- test: `{record['test']['name']}`, {record['test']['examples']} examples, sha256 `{record['test']['sha256']}`",
+        f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 "
+        f"`{record['validation']['sha256']}`",
+        f"- test: `{record['test']['name']}`, {record['test']['examples']} examples, sha256 "
+        f"`{record['test']['sha256']}`",
         "",
-        f"| candidate | validation {metric} | compared value |", "|---|---|---|",
+        f"| candidate | validation {metric} | compared value |",
+        "|---|---|---|",
     ]
     for entry in record["candidates"]:
         mark = " (chosen)" if entry["name"] == test["winner"] else ""
         if "failed" in entry:
             lines.append(f"| {entry['name']} | failed | {entry['failed'][:120]} |")
         else:
-            lines.append(f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | {entry['validation']['compared']:.4f} |")
+            lines.append(
+                f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | "
+                f"{entry['validation']['compared']:.4f} |"
+            )
     for seed, entry in record["seeds"].items():
         mark = " (best seed)" if seed == test["best_seed"] else ""
         lines.append(f"| seed `{seed}`{mark} | {entry['score']:.4f} | {entry['compared']:.4f} |")
     confidence = int(100 * record["confidence"])
-    lines += ["", f"On test, `{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): {_difference(test['versus_best_seed'])}."]
+    lines += [
+        "",
+        f"On test, `{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): "
+        f"{_difference(test['versus_best_seed'])}.",
+    ]
     if "versus_mean_seed" in test:
-        lines.append(f"Minus the mean seed (every seed scored on test after the choice): {_difference(test['versus_mean_seed'])}.")
+        lines.append(
+            "Minus the mean seed (every seed scored on test after the choice): "
+            f"{_difference(test['versus_mean_seed'])}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -603,10 +732,15 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.ticker
 
     test = record["on_test"]
-    rows = [(e["name"], e["validation"]["compared"], "tab:green" if e["name"] == test["winner"] else "tab:blue")
-            for e in record["candidates"] if "validation" in e]
+    rows = [
+        (e["name"], e["validation"]["compared"], "tab:green" if e["name"] == test["winner"] else "tab:blue")
+        for e in record["candidates"]
+        if "validation" in e
+    ]
     rows += [(f"seed {Path(s).name}", e["compared"], "tab:gray") for s, e in record["seeds"].items()]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.35 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(12, 1.5 + 0.35 * len(rows)), gridspec_kw={"width_ratios": [3, 2]}
+    )
     # points, not bars: log-probabilities are negative and candidates differ by little
     left.scatter([value for _, value, _ in rows], range(len(rows)), color=[color for _, _, color in rows], zorder=3)
     left.grid(axis="x", alpha=0.3)
@@ -617,8 +751,14 @@ def plot(record: dict, path: Path) -> None:
     references = [key for key in ("versus_best_seed", "versus_mean_seed") if key in test]
     for position, key in enumerate(references):
         difference = test[key]
-        right.errorbar(difference["mean"], position, xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
-                       fmt="o", capsize=4, color={"better": "tab:green", "worse": "tab:red"}.get(difference["verdict"], "tab:gray"))
+        right.errorbar(
+            difference["mean"],
+            position,
+            xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
+            fmt="o",
+            capsize=4,
+            color={"better": "tab:green", "worse": "tab:red"}.get(difference["verdict"], "tab:gray"),
+        )
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(range(len(references)), [key.replace("versus_", "vs ").replace("_", " ") for key in references])
     right.set_ylim(-0.5, len(references) - 0.5)
@@ -649,19 +789,33 @@ def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
 
 
 def select(
-    seeds: Sequence[str], base: str, validation: Union[Path, TaskSplit], test: Union[Path, TaskSplit], out: Path, *,
+    seeds: Sequence[str],
+    base: str,
+    validation: Union[Path, TaskSplit],
+    test: Union[Path, TaskSplit],
+    out: Path,
+    *,
     versus_mean_seed: bool = False,
-    confidence: float = 0.95, seed: int = 0, resamples: int = 10_000, overwrite: bool = False, quiet: bool = False,
-    echo: Callable[[str], None] = print, warn: Optional[Callable[[str], None]] = None, **plan_settings: Any,
+    confidence: float = 0.95,
+    seed: int = 0,
+    resamples: int = 10_000,
+    overwrite: bool = False,
+    quiet: bool = False,
+    echo: Callable[[str], None] = print,
+    warn: Optional[Callable[[str], None]] = None,
+    **plan_settings: Any,
 ) -> dict:
     """Choose among ``plan_settings``' candidates (:func:`plan_selection`: ``methods``, ``grid``,
     ``metric``, ``tokenizer``, ``batch_size``, ``device``) on ``validation``, judge the choice
-    on ``test`` (JSONL files, or lm-eval tasks from :func:`read_task_split`) and publish the winning merge with its record in ``out``
-    (:class:`~mergekit_seed.output.OutputFolder`). Returns what select.json holds."""
+    on ``test`` (JSONL files, or lm-eval tasks from :func:`read_task_split`) and publish the winning
+    merge with its record in ``out`` (:class:`~mergekit_seed.output.OutputFolder`). Returns what
+    select.json holds."""
     warn = warn or (lambda message: echo(f"warning: {message}"))
     plan = plan_selection(seeds, base, validation, test, **plan_settings)
     bootstrap = (confidence, resamples, seed)
-    with OutputFolder(out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn) as output:
+    with OutputFolder(
+        out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn
+    ) as output:
         sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
         results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
         record = selection_record(plan, sweep, results, bootstrap)
@@ -677,13 +831,17 @@ def summary_lines(record: dict) -> List[str]:
     test = record["on_test"]
     lines = [
         f"chosen on validation: {test['winner']}; best seed on validation: {test['best_seed']}",
-        f"test ({record['test']['examples']} examples, scored once, after the choice): {test['winner']} minus the best seed "
+        f"test ({record['test']['examples']} examples, scored once, after the choice): {test['winner']} minus the "
+        "best seed "
         f"{_difference(test['versus_best_seed'])}",
     ]
     if "versus_mean_seed" in test:
         lines.append(f"  minus the mean seed {_difference(test['versus_mean_seed'])}")
     if record["failures"]:
-        lines.append(f"failed to merge or to score ({len(record['failures'])}): {', '.join(record['failures'])} (select.json says why)")
+        lines.append(
+            f"failed to merge or to score ({len(record['failures'])}): {', '.join(record['failures'])} (select.json "
+            "says why)"
+        )
     return lines
 
 
@@ -729,7 +887,9 @@ def time_estimate(plan: Plan, probe_rows: int = 256) -> TimeEstimate:
     a set that small, since a few examples in small batches cost more each). A scoring is ``L``
     plus ``S`` per ``probe_rows`` examples; a merge, reading the base and every seed and
     writing one model, about ``(N + 2) L``."""
-    load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)  # the first load also pays for imports
+    load_model(
+        plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer
+    )  # the first load also pays for imports
     started = time.perf_counter()
     model, tokenizer = load_model(plan.seeds[0], plan.base, plan.scorer.device, plan.scorer.tokenizer)
     loaded = time.perf_counter()
@@ -751,9 +911,16 @@ def dry_run_lines(plan: Plan) -> List[str]:
         f"work: {len(plan.recipes)} merges, {len(plan.seeds) + len(plan.recipes)} scorings on validation "
         f"({plan.validation.examples} examples), 2 on test ({plan.test.examples} examples)"
     )
-    lines.append(f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT")
+    lines.append(
+        f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT"
+    )
     if isinstance(plan.validation, TaskSplit):
-        lines.append("time: not estimated for lm-eval tasks (each scoring is one lm-eval run; time one with compare --tasks)")
+        lines.append(
+            "time: not estimated for lm-eval tasks (each scoring is one lm-eval run; time one with compare --tasks)"
+        )
     else:
-        lines.append(f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to 256 validation examples)")
+        lines.append(
+            f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to "
+            "256 validation examples)"
+        )
     return lines

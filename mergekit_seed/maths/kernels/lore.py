@@ -28,6 +28,7 @@ from mergekit_seed.maths.linalg import (
 )
 from mergekit_seed.maths.profile import Profile, timed
 
+
 DEFAULT_MU_RELATIVE = 0.1
 
 
@@ -74,9 +75,7 @@ def _mu_of_deviations(deviations: Sequence[torch.Tensor], mu_relative: float) ->
 
 def objective(theta, theta0, deltas, nuclear_norms, mu: float) -> float:
     """Eq. 1 in float64."""
-    fit = sum(
-        0.5 * (theta0 + d - t).double().pow(2).sum().item() for t, d in zip(theta, deltas)
-    )
+    fit = sum(0.5 * (theta0 + d - t).double().pow(2).sum().item() for t, d in zip(theta, deltas))
     return fit + mu * sum(nuclear_norms)
 
 
@@ -132,7 +131,9 @@ class _MeanDelta:
         return self._theta0
 
 
-def _converged(mean_norm: float, current: _MeanDelta, previous: _MeanDelta, step: Optional[LowRank], tol: float) -> bool:
+def _converged(
+    mean_norm: float, current: _MeanDelta, previous: _MeanDelta, step: Optional[LowRank], tol: float
+) -> bool:
     """||theta0_t - theta0_{t-1}||_F <= tol * ||theta0_t||_F.
 
     The change equals ||dbar_t - dbar_{t-1}||_F: from the factors while both are factored
@@ -197,7 +198,9 @@ def lore_estimate(
                 matrix = mean_delta.residual_of(deviation, residual)
                 if mean_delta.dense is not None:
                     residual = matrix
-                thresholdings[index] = singular_value_threshold(matrix, mu, warm_start=thresholdings[index], change=step)
+                thresholdings[index] = singular_value_threshold(
+                    matrix, mu, warm_start=thresholdings[index], change=step
+                )
                 factors[index] = thresholdings[index].low_rank
                 nuclear_norms.append(thresholdings[index].shrunk.sum().item())
         _record_svts(profile, thresholdings)
@@ -209,8 +212,12 @@ def lore_estimate(
         if converged:
             break
     return LoreEstimate(
-        theta0=mean_delta.theta0, factors=factors, mu=mu, iterations=done,
-        ranks=[t.rank if t is not None else 0 for t in thresholdings], objective=history,
+        theta0=mean_delta.theta0,
+        factors=factors,
+        mu=mu,
+        iterations=done,
+        ranks=[t.rank if t is not None else 0 for t in thresholdings],
+        objective=history,
     )
 
 

@@ -23,7 +23,9 @@ from mergekit_seed.maths.profile import Profile, timed
 
 
 def seedft(
-    tau: Sequence[torch.Tensor], rank: Optional[int] = None, rtol: float = 1e-6,
+    tau: Sequence[torch.Tensor],
+    rank: Optional[int] = None,
+    rtol: float = 1e-6,
     profile: Optional[Profile] = None,
 ) -> torch.Tensor:
     """Merged delta Delta theta_M (Eq. 7), without the global scale alpha.
@@ -60,9 +62,7 @@ def seedft(
     return delta_M.to(out_dtype)
 
 
-def seedft_factored(
-    tau: Sequence[LowRank], rank: Optional[int] = None, rtol: float = 1e-6
-) -> LowRank:
+def seedft_factored(tau: Sequence[LowRank], rank: Optional[int] = None, rtol: float = 1e-6) -> LowRank:
     """Alg. 1 on factored deltas tau_i = L_i R_i, exactly, without forming any m x n matrix.
 
     Same result as :func:`seedft` on the dense deltas (without alpha): Delta_c's SVD comes

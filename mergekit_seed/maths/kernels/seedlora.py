@@ -28,6 +28,7 @@ from mergekit_seed.maths.linalg import (
     truncated_svd,
 )
 
+
 # ---------------------------------------------------------------- distribution matching
 
 
@@ -37,10 +38,15 @@ def eq4_weights(weights: Optional[Sequence[float]], normalize: bool, n: int) -> 
     weighted mean: ValueError."""
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"seedlora_dm: weight {next(w for w in weights if not math.isfinite(w))} is not a finite number")
+        raise ValueError(
+            f"seedlora_dm: weight {next(w for w in weights if not math.isfinite(w))} is not a finite number"
+        )
     divisor = math.fsum(weights) if normalize else float(n)
     if divisor == 0:
-        raise ValueError("seedlora_dm: the seeds' weights sum to 0, so their normalised mean (Eq. 4) is undefined; change a weight or set normalize: false")
+        raise ValueError(
+            "seedlora_dm: the seeds' weights sum to 0, so their normalised mean (Eq. 4) is undefined; change a weight "
+            "or set normalize: false"
+        )
     return weights, divisor
 
 
@@ -167,9 +173,7 @@ def default_min_agree(seed_count: int) -> int:
     return math.ceil(seed_count / 2)
 
 
-def robust_and_conflict(
-    tau: torch.Tensor, sigma: torch.Tensor | float, min_agree: int
-) -> StageOne:
+def robust_and_conflict(tau: torch.Tensor, sigma: torch.Tensor | float, min_agree: int) -> StageOne:
     """Classify entries of stacked deltas ``tau`` (N, ...) with magnitude threshold ``sigma``.
 
     Entry j is large in seed i when |tau_i(j)| >= sigma and tau_i(j) != 0.
@@ -191,9 +195,7 @@ def robust_and_conflict(
 
     large_count = positive_count + negative_count
     robust = ~conflict & (large_count >= min_agree) & (large_count > 0)
-    robust_value = torch.where(
-        robust, (positive_mass - negative_mass) / large_count.clamp_min(1), 0
-    )
+    robust_value = torch.where(robust, (positive_mass - negative_mass) / large_count.clamp_min(1), 0)
     return StageOne(
         robust=robust_value.to(tau.dtype),
         conflict=conflict_value.to(tau.dtype),

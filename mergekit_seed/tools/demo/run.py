@@ -34,16 +34,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from mergekit_seed.errors import UserError
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
-from mergekit_seed.errors import UserError
 from mergekit_seed.output import OutputFolder, copy_tree, read_manifest, staged_path, write_text
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.reader import read_lines, read_text
 from mergekit_seed.references.sera import load_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
-from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS, Candidate, choose, judge, mean_seed, recipe_text
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples
 from mergekit_seed.tools.demo.train import (
     BaseConfig,
@@ -55,6 +54,16 @@ from mergekit_seed.tools.demo.train import (
     save_checkpoint,
     seed_names,
 )
+from mergekit_seed.tools.selection import (
+    MERGEKIT_METHODS,
+    OUR_METHODS,
+    Candidate,
+    choose,
+    judge,
+    mean_seed,
+    recipe_text,
+)
+
 
 LOG = logging.getLogger("mergekit_seed")
 SETTINGS = ("lora", "sera", "full")
@@ -131,7 +140,9 @@ def cached_base(config: BaseConfig, vocabulary: CharVocabulary, quiet: bool) -> 
     # trains it with (ATEN_CPU_CAPABILITY: another rounding trains another base)
     code = "".join(read_text(Path(__file__).with_name(name), "Python source") for name in ("task.py", "train.py"))
     capability = torch.backends.cpu.get_cpu_capability()
-    key = hashlib.sha256(json.dumps([asdict(config), vocabulary.alphabet, code, capability], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([asdict(config), vocabulary.alphabet, code, capability], sort_keys=True).encode()
+    ).hexdigest()[:16]
     path = cache_dir() / f"demo-base-{key}"
     if (path / "model.safetensors").is_file():
         return path
@@ -172,7 +183,10 @@ def compare_full_setting(config: DemoConfig, work: Path, out: Path, quiet: bool,
     the demo's staging folder, published as ``out``: the report names every model as ``out``
     will hold it, relative to the folder the demo was started in, as --out was typed."""
     _, _, held_out = experiment_data(config, 0)
-    data = write_text(work / "compare-data.jsonl", "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out))
+    data = write_text(
+        work / "compare-data.jsonl",
+        "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out),
+    )
     models = [work / "models" / "full" / name for name in seed_names(SEED_COUNT)]
     models += [work / "merges" / "full" / method for method in OUR_METHODS]
 
@@ -182,12 +196,24 @@ def compare_full_setting(config: DemoConfig, work: Path, out: Path, quiet: bool,
 
     echo("")
     echo("mergekit-seed compare, full setting of experiment 1, answer log-probability:")
-    compare([str(m) for m in models], data, work / "compare", metric="answer_logprob", quiet=quiet, echo=echo,
-            labels={str(path): shown(path) for path in [*models, data]})
+    compare(
+        [str(m) for m in models],
+        data,
+        work / "compare",
+        metric="answer_logprob",
+        quiet=quiet,
+        echo=echo,
+        labels={str(path): shown(path) for path in [*models, data]},
+    )
 
 
 def run_experiment(
-    experiment: int, config: DemoConfig, out: Path, vocabulary: CharVocabulary, quiet: bool, echo: Callable[[str], None]
+    experiment: int,
+    config: DemoConfig,
+    out: Path,
+    vocabulary: CharVocabulary,
+    quiet: bool,
+    echo: Callable[[str], None],
 ) -> Dict[str, dict]:
     """Pre-train this experiment's base, then train, merge and evaluate every setting once;
     returns accuracies per setting."""
@@ -211,22 +237,39 @@ def run_experiment(
             _finetuned(models, setting, index, train, config, 1000 * experiment + index, vocabulary, quiet)
             for index in range(SEED_COUNT)
         ]
-        accuracy = {name: score(load_for_eval(models / "base", seed, setting)) for name, seed in zip(seed_names(SEED_COUNT), seeds)}
+        accuracy = {
+            name: score(load_for_eval(models / "base", seed, setting))
+            for name, seed in zip(seed_names(SEED_COUNT), seeds)
+        }
         mergekit_kind, mergekit_inputs = _mergekit_baseline_inputs(models, setting, seeds, vocabulary)
         for method, candidate in CANDIDATES.items():
             ours = method in OUR_METHODS
             kind, inputs = (setting, seeds) if ours else (mergekit_kind, mergekit_inputs)
-            recipe = write_text(merges / setting / f"{method}.yml", recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind))
+            recipe = write_text(
+                merges / setting / f"{method}.yml",
+                recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind),
+            )
             merged = merges / setting / method
             # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
             merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
-            accuracy[method] = score(load_for_eval(models / "base", merged, "lora" if ours and setting != "full" else "full"))
+            accuracy[method] = score(
+                load_for_eval(models / "base", merged, "lora" if ours and setting != "full" else "full")
+            )
         results[setting] = accuracy
         echo(_setting_line(setting, accuracy))
     return results
 
 
-def _finetuned(models: Path, setting: str, index: int, train, config: DemoConfig, seed: int, vocabulary: CharVocabulary, quiet: bool) -> Path:
+def _finetuned(
+    models: Path,
+    setting: str,
+    index: int,
+    train,
+    config: DemoConfig,
+    seed: int,
+    vocabulary: CharVocabulary,
+    quiet: bool,
+) -> Path:
     """The fine-tune of seed ``index`` for ``setting`` (trained now unless the cache holds it)."""
     seed_path = models / setting / f"seed{index}"
     if not seed_path.exists():
@@ -285,16 +328,24 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
             return statistics.fmean(e[name][split][key] for e in experiments)
 
         regimes = {
-            split: [seed_regime(splits[index][split], [e[n][split]["correct"] for n in seed_columns]) for index, e in enumerate(experiments)]
+            split: [
+                seed_regime(splits[index][split], [e[n][split]["correct"] for n in seed_columns])
+                for index, e in enumerate(experiments)
+            ]
             for split in ("validation", "test")
         }
         validation_regime = {
-            "mean_seed_per_skill": {skill: statistics.fmean(r["mean_seed_per_skill"][skill] for r in regimes["validation"]) for skill in SKILLS},
+            "mean_seed_per_skill": {
+                skill: statistics.fmean(r["mean_seed_per_skill"][skill] for r in regimes["validation"])
+                for skill in SKILLS
+            },
             "disagreement": statistics.fmean(r["disagreement"] for r in regimes["validation"]),
             "oracle": statistics.fmean(r["oracle"] for r in regimes["validation"]),
         }
         validation_regime["criteria"] = {
-            "every_skill_between_20_and_90": all(0.2 <= v <= 0.9 for v in validation_regime["mean_seed_per_skill"].values()),
+            "every_skill_between_20_and_90": all(
+                0.2 <= v <= 0.9 for v in validation_regime["mean_seed_per_skill"].values()
+            ),
             "disagreement_at_least_10": validation_regime["disagreement"] >= 0.1,
         }
         best_seeds = [choose({n: e[n]["validation"]["all"] for n in seed_columns}) for e in experiments]
@@ -335,7 +386,10 @@ def versus_best_seed(experiments: List[dict], methods: List[str], best_seeds: Li
     """Per method: the paired test difference to each experiment's best seed, the one chosen
     by its validation accuracy, with a 95% bootstrap interval and a verdict."""
     return {
-        method: judge([e[method]["test"]["correct"] for e in experiments], [e[best]["test"]["correct"] for e, best in zip(experiments, best_seeds)])
+        method: judge(
+            [e[method]["test"]["correct"] for e in experiments],
+            [e[best]["test"]["correct"] for e, best in zip(experiments, best_seeds)],
+        )
         for method in methods
     }
 
@@ -401,23 +455,34 @@ def format_table(results: dict) -> str:
     for setting, entry in results["settings"].items():
         values = {**entry["seeds"], **entry["methods"]}
         spread = entry.get("std", {})
-        cells = [
-            f"{100 * values[c]:.1f}" + (f" ± {100 * spread[c]:.1f}" if c in spread else "") for c in columns
-        ]
+        cells = [f"{100 * values[c]:.1f}" + (f" ± {100 * spread[c]:.1f}" if c in spread else "") for c in columns]
         references = [entry["mean_seed"], best_seed(entry), entry["oracle"], entry["disagreement"]]
-        lines.append(f"| {setting} | " + " | ".join(cells) + " | " + " | ".join(f"{100 * v:.1f}" for v in references) + " |")
+        lines.append(
+            f"| {setting} | " + " | ".join(cells) + " | " + " | ".join(f"{100 * v:.1f}" for v in references) + " |"
+        )
     return "\n".join(lines)
 
 
 def format_regime(results: dict) -> str:
     """The seeds on validation, where the configuration was chosen: each skill's mean seed
     accuracy (the regime wants 20-90%) and the disagreement (at least 10%)."""
-    lines = ["| seeds on validation | " + " | ".join(SKILLS) + " | disagreement | oracle | criteria met |", "|" + "---|" * (len(SKILLS) + 4)]
+    lines = [
+        "| seeds on validation | " + " | ".join(SKILLS) + " | disagreement | oracle | criteria met |",
+        "|" + "---|" * (len(SKILLS) + 4),
+    ]
     for setting, entry in results["settings"].items():
         regime = entry["regime_on_validation"]
         cells = [f"{100 * regime['mean_seed_per_skill'][skill]:.1f}" for skill in SKILLS]
-        met = "yes" if all(regime["criteria"].values()) else "no: " + ", ".join(k for k, v in regime["criteria"].items() if not v)
-        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {100 * regime['disagreement']:.1f} | {100 * regime['oracle']:.1f} | {met} |")
+        met = (
+            "yes"
+            if all(regime["criteria"].values())
+            else "no: " + ", ".join(k for k, v in regime["criteria"].items() if not v)
+        )
+        lines.append(
+            f"| {setting} | "
+            + " | ".join(cells)
+            + f" | {100 * regime['disagreement']:.1f} | {100 * regime['oracle']:.1f} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -431,7 +496,10 @@ def format_verdicts(results: dict) -> str:
             cells = []
             for method in columns:
                 difference = entry[key][method]
-                cells.append(f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}] {difference['verdict']}")
+                cells.append(
+                    f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, "
+                    f"{100 * difference['high']:+.1f}] {difference['verdict']}"
+                )
             lines.append(f"| {reference}, {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -446,8 +514,10 @@ def verdict_lines(results: dict) -> List[str]:
     for setting, entry in results["settings"].items():
         ours = entry["best_of_ours_by_validation"]
         lines.append(
-            f"{setting}: {ours} (best of ours on validation) vs best seed {_interval(entry['versus_best_seed'][ours])}, "
-            f"vs mean seed {_interval(entry['versus_mean_seed'][ours])}; seeds {100 * entry['mean_seed']:.1f}% on average, "
+            f"{setting}: {ours} (best of ours on validation) vs best seed "
+            f"{_interval(entry['versus_best_seed'][ours])}, "
+            f"vs mean seed {_interval(entry['versus_mean_seed'][ours])}; seeds {100 * entry['mean_seed']:.1f}% on "
+            "average, "
             f"oracle {100 * entry['oracle']:.1f}%"
         )
     return lines
@@ -457,24 +527,32 @@ def headline(results: dict) -> str:
     """The README's outcome: per setting, the best of ours (chosen on validation) against the
     best and the mean seed on test, in points with 95% intervals."""
     parts = [
-        f"{setting} {entry['best_of_ours_by_validation']} {_interval(entry['versus_best_seed'][entry['best_of_ours_by_validation']])} "
+        f"{setting} {entry['best_of_ours_by_validation']} "
+        f"{_interval(entry['versus_best_seed'][entry['best_of_ours_by_validation']])} "
         f"vs best seed, {_interval(entry['versus_mean_seed'][entry['best_of_ours_by_validation']])} vs mean seed"
         for setting, entry in results["settings"].items()
     ]
-    return f"best of ours (chosen on validation) on test, over {results['experiments']} experiments: " + "; ".join(parts) + "."
+    return (
+        f"best of ours (chosen on validation) on test, over {results['experiments']} experiments: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def render_markdown(results: dict) -> str:
     """results.md, and the results section of docs/demo.md: the tables, the legend, the verdicts."""
-    return "\n\n".join(
-        [
-            format_table(results),
-            format_verdicts(results),
-            LEGEND,
-            "\n".join(f"- {line}" for line in verdict_lines(results)),
-            format_regime(results),
-        ]
-    ) + "\n"
+    return (
+        "\n\n".join(
+            [
+                format_table(results),
+                format_verdicts(results),
+                LEGEND,
+                "\n".join(f"- {line}" for line in verdict_lines(results)),
+                format_regime(results),
+            ]
+        )
+        + "\n"
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -510,7 +588,11 @@ def plot(results: dict, path: Path) -> None:
                 x = position + index * width
                 mean, low, high = (100 * difference[k] for k in ("mean", "low", "high"))
                 axis.errorbar(
-                    x, mean, yerr=[[mean - low], [high - mean]], fmt="o", capsize=3,
+                    x,
+                    mean,
+                    yerr=[[mean - low], [high - mean]],
+                    fmt="o",
+                    capsize=3,
                     color=colors.get(difference["verdict"], "tab:gray"),
                 )
                 if position == 0:
@@ -553,7 +635,9 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
     quiet_libraries()
     vocabulary = CharVocabulary()
     started, cpu_started = time.perf_counter(), time.process_time()
-    trained_under = json.dumps({**config.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}, sort_keys=True)
+    trained_under = json.dumps(
+        {**config.to_dict(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}, sort_keys=True
+    )
     with OutputFolder(out, command="demo", report=True) as output:
         work = output.staging
         reuse_trained_models(out, work, trained_under, echo)
@@ -572,5 +656,8 @@ def run_demo(out: Path, quick: bool, quiet: bool = False, echo: Callable[[str], 
         echo(render_markdown(results))
         compare_full_setting(config, work, out, quiet, echo)
         output.publish()
-    echo(f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s ({results['cpu_seconds']} s of CPU time)")
+    echo(
+        f"wrote {out / 'results.json'}, {out / 'results.png'} and {out / 'results.md'} in {results['seconds']} s "
+        f"({results['cpu_seconds']} s of CPU time)"
+    )
     return results

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from mergekit_seed.maths.stats import BETTER
-from mergekit_seed.tools.demo.run import best_seed, render_markdown
 from mergekit_seed.reader import read_json_object, read_text
+from mergekit_seed.tools.demo.run import best_seed, render_markdown
+
 
 SUMMARY_FILE = Path(__file__).with_name("shipped.json")
 
 
 def beaten_by(results: dict) -> List[str]:
-    """"SETTING METHOD vs best|mean seed" for every merge whose test verdict is "better"."""
+    """ "SETTING METHOD vs best|mean seed" for every merge whose test verdict is "better"."""
     return [
         f"{setting} {method} vs {reference} seed"
         for setting, entry in results["settings"].items()
@@ -55,8 +56,13 @@ def run_summary(results: dict) -> dict:
             "best_of_ours_vs_best_seed": entry["versus_best_seed"][ours]["mean"],
         }
     environment = results["environment"]
-    return {"capability": environment["cpu_capability"], "cpu": environment["cpu"], "seconds": results.get("seconds"),
-            "settings": settings, "verdict": verdict(results)}
+    return {
+        "capability": environment["cpu_capability"],
+        "cpu": environment["cpu"],
+        "seconds": results.get("seconds"),
+        "settings": settings,
+        "verdict": verdict(results),
+    }
 
 
 def summarise_files(files: Sequence[Path]) -> dict:
@@ -76,8 +82,13 @@ def ranges(summary: dict) -> Dict[str, Dict[str, tuple]]:
     """Per setting and quantity: (lowest, highest) across the shipped runs."""
     runs = summary["runs"]
     return {
-        setting: {key: (min(run["settings"][setting][key] for run in runs), max(run["settings"][setting][key] for run in runs))
-                  for key in ("mean_seed", "best_seed", "best_of_ours_accuracy", "best_of_ours_vs_best_seed")}
+        setting: {
+            key: (
+                min(run["settings"][setting][key] for run in runs),
+                max(run["settings"][setting][key] for run in runs),
+            )
+            for key in ("mean_seed", "best_seed", "best_of_ours_accuracy", "best_of_ours_vs_best_seed")
+        }
         for setting in runs[0]["settings"]
     }
 
@@ -87,7 +98,9 @@ def shared_verdict(summary: dict) -> str:
     verdicts = {run["verdict"] for run in summary["runs"]}
     if len(verdicts) == 1:
         return verdicts.pop()
-    return "the shipped runs disagree: " + "; ".join(f"{run['capability']}: {run['verdict']}" for run in summary["runs"])
+    return "the shipped runs disagree: " + "; ".join(
+        f"{run['capability']}: {run['verdict']}" for run in summary["runs"]
+    )
 
 
 def explain(results: dict, summary: dict) -> List[str]:
@@ -96,18 +109,22 @@ def explain(results: dict, summary: dict) -> List[str]:
     shipped_kernels = ", ".join(run["capability"] for run in summary["runs"])
     lines = [f"torch CPU capability: {capability} (shipped runs: {shipped_kernels})"]
     if results["config"]["quick"]:
-        lines.append("--quick trains less than the shipped full runs: its numbers are not comparable with docs/demo.md")
+        lines.append(
+            "--quick trains less than the shipped full runs: its numbers are not comparable with docs/demo.md"
+        )
         return lines
     mine, known = run_summary(results), ranges(summary)
     outside = [
-        f"{setting} {100 * entry['mean_seed']:.1f}% (shipped {100 * known[setting]['mean_seed'][0]:.1f}-{100 * known[setting]['mean_seed'][1]:.1f}%)"
+        f"{setting} {100 * entry['mean_seed']:.1f}% (shipped "
+        f"{100 * known[setting]['mean_seed'][0]:.1f}-{100 * known[setting]['mean_seed'][1]:.1f}%)"
         for setting, entry in mine["settings"].items()
         if not known[setting]["mean_seed"][0] <= entry["mean_seed"] <= known[setting]["mean_seed"][1]
     ]
     agreement = "agrees with" if mine["verdict"] == shared_verdict(summary) else "differs from"
     if outside:
         lines.append(
-            "mean seed accuracy outside the shipped range: " + ", ".join(outside)
+            "mean seed accuracy outside the shipped range: "
+            + ", ".join(outside)
             + "; float kernels (CPU, ATEN_CPU_CAPABILITY, torch build) change how the same seeds train"
         )
     else:
@@ -122,11 +139,18 @@ def readme_sentence(summary: dict) -> str:
 
     def span(low: float, high: float, unit: str, signed: bool = False) -> str:
         form = "{:+.1f}" if signed else "{:.1f}"
-        return form.format(100 * low) + (f" to {form.format(100 * high)}" if round(100 * low, 1) != round(100 * high, 1) else "") + unit
+        return (
+            form.format(100 * low)
+            + (f" to {form.format(100 * high)}" if round(100 * low, 1) != round(100 * high, 1) else "")
+            + unit
+        )
 
     kernels = ", ".join(run["capability"] for run in summary["runs"])
     seeds = "; ".join(f"{setting} {span(*values['mean_seed'], '%')}" for setting, values in known.items())
-    ours = "; ".join(f"{setting} {span(*values['best_of_ours_vs_best_seed'], ' pt', signed=True)}" for setting, values in known.items())
+    ours = "; ".join(
+        f"{setting} {span(*values['best_of_ours_vs_best_seed'], ' pt', signed=True)}"
+        for setting, values in known.items()
+    )
     return (
         f"Across {len(summary['runs'])} full runs under torch's {kernels} CPU kernels: {shared_verdict(summary)}. "
         f"Mean seed accuracy on test: {seeds}. Best of ours (chosen on validation) against the best seed: {ours}."
@@ -157,4 +181,6 @@ def write_between_markers(path: Path, name: str, content: str) -> None:
     text = read_text(path, "page")
     before, rest = text.split(f"<!-- {name}:begin -->\n", 1)
     _, after = rest.split(f"<!-- {name}:end -->", 1)
-    Path(path).write_text(before + f"<!-- {name}:begin -->\n" + content + f"<!-- {name}:end -->" + after, encoding="utf-8")
+    Path(path).write_text(
+        before + f"<!-- {name}:begin -->\n" + content + f"<!-- {name}:end -->" + after, encoding="utf-8"
+    )

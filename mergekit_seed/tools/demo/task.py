@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mergekit_seed.output import staged_path
 
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
 PAD, END = "_", "\n"
@@ -161,7 +162,9 @@ def batch_tensors(
 
 
 @torch.no_grad()
-def exact_matches(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> List[bool]:
+def exact_matches(
+    model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12
+) -> List[bool]:
     """Per example (in order): whether greedy decoding gives exactly the answer."""
     model.eval()
     by_length: Dict[int, List[int]] = {}
@@ -195,6 +198,8 @@ def accuracy_by_skill(examples: Sequence[Example], correct: Sequence[bool]) -> D
     return result
 
 
-def evaluate(model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12) -> Dict[str, float]:
+def evaluate(
+    model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12
+) -> Dict[str, float]:
     """Exact-match accuracy per skill (and ``"all"``) under greedy decoding."""
     return accuracy_by_skill(examples, exact_matches(model, examples, vocabulary, max_new_tokens))

@@ -16,6 +16,7 @@ from mergekit_seed.output import OutputFolder, staged_path
 from mergekit_seed.references.sera import load_sera, save_sera
 from mergekit_seed.tools.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
 
+
 SEQUENCE_LENGTH = 26  # the longest example (sort or swap of 9 letters) with its end mark
 
 
@@ -152,7 +153,9 @@ def finetune(
 
         model = get_peft_model(
             model,
-            LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=list(config.targets), lora_dropout=0.0),
+            LoraConfig(
+                r=config.rank, lora_alpha=2 * config.rank, target_modules=list(config.targets), lora_dropout=0.0
+            ),
         )
     elif config.setting == "sera":
         sera_config = SeraConfig(
