@@ -32,12 +32,12 @@ def __dir__() -> list[str]:
 def __getattr__(name: str) -> object:
     # the API is imported on first use, so that `import mergekit_seed` (run from the .pth
     # hook at every interpreter start) stays cheap
-    if name in ("merge", "MergeResult", "RecipeProblems"):
+    if name in ("merge", "MergeResult"):
         from mergekit_seed import runner
 
         return getattr(runner, name)
-    if name == "UserError":
-        from mergekit_seed.errors import UserError
+    if name in ("UserError", "RecipeProblems"):
+        from mergekit_seed import errors
 
-        return UserError
+        return getattr(errors, name)
     raise AttributeError(f"module 'mergekit_seed' has no attribute {name!r}")

@@ -7,11 +7,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 import click
+from click.core import ParameterSource
 
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import UserError, show_tracebacks
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.reader import read_text
 from mergekit_seed.recipe import (
@@ -25,7 +26,7 @@ from mergekit_seed.recipe import (
     shipped_recipes,
 )
 from mergekit_seed.reproduce import compare_weights, prepare_reproduction
-from mergekit_seed.runner import AdapterRunOptions, RecipeProblems, check_device, merge
+from mergekit_seed.runner import AdapterRunOptions, check_device, merge
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
 
@@ -37,12 +38,6 @@ if TYPE_CHECKING:  # importing mergekit.options costs seconds; see LazyGroup
     from mergekit.options import MergeOptions
 
     from mergekit_seed.recipe import Recipe
-
-
-def fail(message: str) -> None:
-    """Print one error line and exit with status 1 (no traceback)."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 class LazyGroup(click.Group):
@@ -79,6 +74,10 @@ def main() -> None:
     """Multi-seed model merging for mergekit: SeedFT, SeedLoRA, LoRE-Merging."""
 
 
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def run_recipe(
     recipe_path: "str | Recipe",
     out: str,
@@ -88,27 +87,23 @@ def run_recipe(
     protected: Sequence[Path] = (),
     command: str = "run",
 ) -> None:
-    """``run``: :func:`mergekit_seed.runner.merge`, every problem printed as one line."""
+    """``run``: :func:`mergekit_seed.runner.merge`; a refusal is a ``UserError``, which click
+    prints as one line (every problem of a recipe, one line each); ``-v`` adds its traceback."""
     if merge_options.quiet:
         quiet_libraries()
-    try:
-        merge(
-            recipe_path,
-            out,
-            merge_options,
-            overwrite=overwrite,
-            echo=click.echo,
-            warn=lambda message: click.echo(f"warning: {message}", err=True),
-            revisions=revisions,
-            protected=protected,
-            command=command,
-        )
-    except RecipeProblems as error:
-        for problem in error.problems:
-            click.echo(f"error: {problem}", err=True)
-        sys.exit(1)
-    except UserError as error:
-        fail(str(error))
+    if merge_options.verbosity:
+        show_tracebacks()
+    merge(
+        recipe_path,
+        out,
+        merge_options,
+        overwrite=overwrite,
+        echo=click.echo,
+        warn=_warn,
+        revisions=revisions,
+        protected=protected,
+        command=command,
+    )
     if not merge_options.quiet:
         click.echo(f"merged into {Path(out).absolute()}")
 
@@ -243,10 +238,10 @@ def methods_command(as_json: bool) -> None:
         register()  # prints a warning line per name another package holds
     except Exception as error:  # the import hook's soft failure, reported here as an error
         reason = (str(error).splitlines() or [""])[0]
-        fail(
+        raise UserError(
             f"mergekit-seed could not register its merge methods with mergekit ({type(error).__name__}: {reason}); "
             f"reinstall it (pip install -e .) or check the mergekit version ({SUPPORTED_MERGEKIT} is supported)"
-        )
+        ) from error
     from mergekit_seed.methods import METHODS, describe
 
     described = [describe(method) for method in METHODS]
@@ -330,10 +325,7 @@ def recipes_group(context: click.Context) -> None:
 @click.option("--models", type=click.Path(file_okay=False), help="Fill ${DEMO_MODELS} with this folder.")
 def recipes_show_command(name: str, models: Optional[str]) -> None:
     """Print the shipped recipe NAME."""
-    try:
-        click.echo(shipped_recipe_text(name, models), nl=False)
-    except UserError as error:
-        fail(str(error))
+    click.echo(shipped_recipe_text(name, models), nl=False)
 
 
 CHECK_SOURCE = "\0source"  # --check given without a folder: compare with the source's own weights
@@ -399,12 +391,7 @@ def reproduce_command(
     whose folders come from --input or --recipe."""
     if quiet:
         quiet_libraries()
-    try:
-        plan = prepare_reproduction(
-            source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE
-        )
-    except UserError as error:
-        fail(str(error))
+    plan = prepare_reproduction(source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     for mismatch in plan.mismatches:
@@ -424,10 +411,7 @@ def reproduce_command(
     if check_dir is None:
         click.echo(f"reproduced the merge into {out}")
         return
-    try:
-        worst_name, worst, problems = compare_weights(Path(out), Path(check_dir))
-    except UserError as error:
-        fail(str(error))
+    worst_name, worst, problems = compare_weights(Path(out), Path(check_dir))
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
     click.echo(f"largest difference: {worst:.3g} in {worst_name}")
@@ -448,15 +432,13 @@ def reproduce_command(
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -> None:
-    if quiet:
-        quiet_libraries()
-    """Compare seed MODELS: delta similarity, spectra, energy, subspace similarity."""
+    """Compare seed MODELS before merging: delta similarity, spectra, energy in the top
+    directions, subspace similarity (analysis.json, cosine.png, spectra.png, summary.md in --out)."""
     from mergekit_seed.tools.analysis import analyze
 
-    try:
-        analyze(list(models), base, Path(out), quiet=quiet)
-    except UserError as error:
-        fail(str(error))
+    if quiet:
+        quiet_libraries()
+    analyze(list(models), base, Path(out), quiet=quiet)
     click.echo(read_text(Path(out) / "summary.md", "analysis summary"))
 
 
@@ -496,136 +478,81 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 @click.option("--device", default=None, help="torch device to score on (default cpu).")
 @bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compare_command(
-    models: tuple,
-    data: Optional[str],
-    tasks: Optional[str],
-    lm_eval_runs: bool,
-    out: str,
-    base: Optional[str],
-    tokenizer: Optional[str],
-    metric: Optional[str],
-    reference: Optional[str],
-    batch_size: int,
-    num_fewshot: Optional[int],
-    limit: Optional[float],
-    include_path: Optional[str],
-    cuda: bool,
-    device: Optional[str],
-    confidence: float,
-    seed: int,
-    resamples: int,
-    quiet: bool,
-) -> None:
+def compare_command(models: tuple, **options: Any) -> None:
     """Compare MODELS (full models or adapters, folders or Hub ids) with the best seed: paired
     per-example differences, a bootstrap interval, and a verdict. They are scored on --data, or
     by lm-evaluation-harness on --tasks; with --lm-eval, MODELS are lm-eval runs already made."""
+    if options["quiet"]:
+        quiet_libraries()
+    context = click.get_current_context()
+    given = {name for name in SCORING_OPTIONS if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    tasks = None if options["tasks"] is None else _names(options["tasks"])
+    if tasks == []:
+        raise UserError("--tasks: give task names separated by commas (T1,T2)")
+    bootstrap = {key: options[key] for key in ("reference", "metric", "confidence", "seed", "resamples")}
+    if options["lm_eval_runs"]:
+        _compare_runs(list(models), Path(options["out"]), tasks, given, bootstrap)
+    elif (options["data"] is None) == (tasks is None):
+        raise UserError(
+            "give --data FILE (score on your JSONL) or --tasks T1,T2 (score with lm-eval), one of them; or "
+            "--lm-eval with lm-eval output folders"
+        )
+    elif options["data"] is not None:
+        _compare_on_data(list(models), given, options, bootstrap)
+    else:
+        _compare_on_tasks(list(models), tasks, options, bootstrap)
+
+
+# the options that only apply when compare scores the models itself (not with --lm-eval)
+SCORING_OPTIONS = ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
+
+
+def _compare_runs(runs: List[str], out: Path, tasks: Optional[List[str]], given: set, bootstrap: dict) -> None:
+    """``compare --lm-eval``: lm-eval runs already made."""
+    from mergekit_seed.tools.harness import compare_runs
+
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+        raise UserError(
+            f"--lm-eval compares runs already made; {flags} apply only when compare scores the models itself"
+        )
+    compare_runs(runs, out, tasks=tasks, echo=click.echo, **bootstrap)
+
+
+def _scoring_device(options: dict, work: str) -> str:
+    device_options = AdapterRunOptions(cuda=options["cuda"], device=options["device"])
+    check_device(device_options, work=work)
+    return device_options.device
+
+
+def _compare_on_data(models: List[str], given: set, options: dict, bootstrap: dict) -> None:
+    """``compare --data``: every model scored on the JSONL file."""
     from mergekit_seed.tools.compare import METRICS, compare
 
-    if quiet:
-        quiet_libraries()
+    device = _scoring_device(options, "score")
+    unused = sorted(given & {"num_fewshot", "limit", "include_path"})
+    if unused:
+        raise UserError(f"--{unused[0].replace('_', '-')} applies to --tasks, not to --data")
+    if bootstrap["metric"] is not None and bootstrap["metric"] not in METRICS:
+        raise UserError(f"--metric {bootstrap['metric']}: --data gives {', '.join(METRICS)}")
+    scoring = {key: options[key] for key in ("base", "batch_size", "tokenizer", "quiet")}
+    compare(
+        models, Path(options["data"]), Path(options["out"]), device=device, echo=click.echo, **scoring, **bootstrap
+    )
 
-    ctx = click.get_current_context()
-    given = {
-        name
-        for name in (
-            "base",
-            "tokenizer",
-            "num_fewshot",
-            "limit",
-            "include_path",
-            "cuda",
-            "device",
-            "batch_size",
-            "data",
-        )
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-    }
-    try:
-        task_list = _names(tasks) if tasks is not None else None
-        if tasks is not None and not task_list:
-            raise UserError("--tasks: give task names separated by commas (T1,T2)")
-        if lm_eval_runs:
-            extra = sorted(given)
-            if extra:
-                flags = ", ".join("--" + name.replace("_", "-") for name in extra)
-                raise UserError(
-                    f"--lm-eval compares runs already made; {flags} apply only when compare scores the models itself"
-                )
-            from mergekit_seed.tools.harness import compare_runs
 
-            compare_runs(
-                list(models),
-                Path(out),
-                reference=reference,
-                metric=metric,
-                tasks=task_list,
-                confidence=confidence,
-                seed=seed,
-                resamples=resamples,
-                echo=click.echo,
-            )
-            return
-        if (data is None) == (task_list is None):
-            raise UserError(
-                "give --data FILE (score on your JSONL) or --tasks T1,T2 (score with lm-eval), one of them; or "
-                "--lm-eval with lm-eval output folders"
-            )
-        options = AdapterRunOptions(cuda=cuda, device=device)
-        check_device(options, work="score")
-        if data is not None:
-            unused = sorted(given & {"num_fewshot", "limit", "include_path"})
-            if unused:
-                raise UserError(f"--{unused[0].replace('_', '-')} applies to --tasks, not to --data")
-            if metric is not None and metric not in METRICS:
-                raise UserError(f"--metric {metric}: --data gives {', '.join(METRICS)}")
-            compare(
-                list(models),
-                Path(data),
-                Path(out),
-                base=base,
-                metric=metric,
-                reference=reference,
-                batch_size=batch_size,
-                device=options.device,
-                tokenizer=tokenizer,
-                confidence=confidence,
-                seed=seed,
-                resamples=resamples,
-                quiet=quiet,
-                echo=click.echo,
-            )
-            return
-        from mergekit_seed.tools.compare import unique_models
-        from mergekit_seed.tools.harness import compare_tasks
+def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootstrap: dict) -> None:
+    """``compare --tasks``: every model evaluated by lm-eval, then the runs compared."""
+    from mergekit_seed.tools.compare import unique_models
+    from mergekit_seed.tools.harness import compare_tasks
 
-        names = unique_models(models, click.echo)
-        if len(names) < 2:
-            raise UserError("compare needs at least two models")
-        evaluation = dict(
-            base=base,
-            tokenizer=tokenizer,
-            device=options.device,
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            include_path=include_path,
-            quiet=quiet,
-        )
-        compare_tasks(
-            names,
-            task_list,
-            Path(out),
-            evaluation,
-            reference=reference,
-            metric=metric,
-            confidence=confidence,
-            seed=seed,
-            resamples=resamples,
-            echo=click.echo,
-        )
-    except UserError as error:
-        fail(str(error))
+    device = _scoring_device(options, "score")
+    names = unique_models(models, click.echo)
+    if len(names) < 2:
+        raise UserError("compare needs at least two models")
+    keys = ("base", "tokenizer", "batch_size", "num_fewshot", "limit", "include_path", "quiet")
+    evaluation = {"device": device, **{key: options[key] for key in keys}}
+    compare_tasks(names, tasks, Path(options["out"]), evaluation, echo=click.echo, **bootstrap)
 
 
 @main.command("select")
@@ -681,84 +608,53 @@ def compare_command(
 @click.option("--device", default=None, help="torch device to merge and score on (default cpu).")
 @bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def select_command(
-    seeds: tuple,
-    base: str,
-    validation: Optional[str],
-    test_data: Optional[str],
-    validation_tasks: Optional[str],
-    test_tasks: Optional[str],
-    include_path: Optional[str],
-    num_fewshot: Optional[int],
-    limit: Optional[float],
-    out: str,
-    methods: Optional[str],
-    grid: Optional[str],
-    metric: Optional[str],
-    versus_mean_seed: bool,
-    dry_run: bool,
-    overwrite: bool,
-    tokenizer: Optional[str],
-    batch_size: int,
-    cuda: bool,
-    device: Optional[str],
-    confidence: float,
-    seed: int,
-    resamples: int,
-    quiet: bool,
-) -> None:
+def select_command(seeds: tuple, **options: Any) -> None:
     """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
     judge it once on --test against the seed chosen on validation, and publish it in --out
     with its record (docs/select.md). lm-eval tasks may stand in for both files."""
-    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, read_task_split, select
+    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, select
 
     quiet_libraries()  # the merges' and loads' own bars and notices would break up select's one progress bar
-    try:
-        options = AdapterRunOptions(cuda=cuda, device=device)
-        check_device(options, work="merge and score")
-        if (validation, test_data).count(None) + (validation_tasks, test_tasks).count(None) != 2 or (
-            validation is None
-        ) != (test_data is None):
-            raise UserError(
-                "give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)"
-            )
-        if validation is None:
-            splits = [
-                read_task_split(_names(tasks), include_path, num_fewshot, limit)
-                for tasks in (validation_tasks, test_tasks)
-            ]
-        else:
-            splits = [Path(validation), Path(test_data)]
-        method_list = None if methods is None else _names(methods)
-        settings = dict(
-            methods=method_list,
-            grid=None if grid is None else Path(grid),
-            metric=metric,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            device=options.device,
+    device = _scoring_device(options, "merge and score")
+    splits = _select_splits(options)
+    settings = {
+        "methods": None if options["methods"] is None else _names(options["methods"]),
+        "grid": None if options["grid"] is None else Path(options["grid"]),
+        "metric": options["metric"],
+        "tokenizer": options["tokenizer"],
+        "batch_size": options["batch_size"],
+        "device": device,
+    }
+    if options["dry_run"]:
+        for line in dry_run_lines(plan_selection(list(seeds), options["base"], *splits, **settings)):
+            click.echo(line)
+        return
+    keys = ("versus_mean_seed", "confidence", "seed", "resamples", "overwrite", "quiet")
+    select(
+        list(seeds),
+        options["base"],
+        *splits,
+        Path(options["out"]),
+        echo=click.echo,
+        warn=_warn,
+        **{key: options[key] for key in keys},
+        **settings,
+    )
+
+
+def _select_splits(options: dict) -> list:
+    """``select``'s validation and test splits: two JSONL files, or two lists of lm-eval tasks."""
+    from mergekit_seed.tools.selection import read_task_split
+
+    files, tasks = (options["validation"], options["test_data"]), (options["validation_tasks"], options["test_tasks"])
+    if files.count(None) + tasks.count(None) != 2 or (files[0] is None) != (files[1] is None):
+        raise UserError(
+            "give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)"
         )
-        if dry_run:
-            for line in dry_run_lines(plan_selection(list(seeds), base, *splits, **settings)):
-                click.echo(line)
-            return
-        select(
-            list(seeds),
-            base,
-            *splits,
-            Path(out),
-            versus_mean_seed=versus_mean_seed,
-            confidence=confidence,
-            seed=seed,
-            resamples=resamples,
-            overwrite=overwrite,
-            quiet=quiet,
-            echo=click.echo,
-            warn=lambda message: click.echo(f"warning: {message}", err=True),
-            **settings,
-        )
-    except UserError as error:
-        fail(str(error))
+    if files[0] is not None:
+        return [Path(path) for path in files]
+    lm_eval = (options["include_path"], options["num_fewshot"], options["limit"])
+    return [read_task_split(_names(listing), *lm_eval) for listing in tasks]
 
 
 def _names(listing: str) -> List[str]:
@@ -788,10 +684,7 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     from mergekit_seed.tools.demo.run import run_demo
     from mergekit_seed.tools.demo.shipped import explain, shipped  # here: the demo imports torch and transformers
 
-    try:
-        results = run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
-    except UserError as error:
-        fail(str(error))
+    results = run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)
     try:
         lines = explain(results, shipped())
     except UserError as error:  # the package's summary of the shipped runs is missing or unreadable

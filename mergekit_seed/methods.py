@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import click
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
@@ -28,6 +27,7 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 import mergekit_seed.profiling as profiling
+from mergekit_seed.errors import MergeRefused
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
 from mergekit_seed.maths.kernels.seedft import seedft, seedft_factored
@@ -200,19 +200,19 @@ class SeedMergeMethod(GroupMergeMethod):
     def _merge(self, group: TensorGroup, parameters: Dict[str, Any]) -> torch.Tensor:
         inputs = [entry.tensor for entry in group.entries if not entry.is_base]
         if len(inputs) < MIN_SEEDS:
-            raise ValueError(
+            raise MergeRefused(
                 f"{self.spec.name} needs at least {MIN_SEEDS} models for {group.metadata.name}, got {len(inputs)}"
             )
         problems = self.parameter_problems(parameters, len(inputs))
         if problems:
-            raise ValueError(problems[0])
+            raise MergeRefused(problems[0])
         if not self.needs_base:
             return self.kernel(inputs, parameters, group).to(inputs[0].dtype)
         base = group.base.tensor
         work_dtype = compute_dtype(base)
         scale = self.resolve_lambda(parameters["lambda"], len(inputs))
         if not math.isfinite(scale) or abs(scale) > torch.finfo(work_dtype).max:
-            raise ValueError(f"parameter 'lambda' = {scale!r}: must be a finite number within {work_dtype}'s range")
+            raise MergeRefused(f"parameter 'lambda' = {scale!r}: must be a finite number within {work_dtype}'s range")
         base_work = base.to(work_dtype)
         tau = [_minus(tensor, base_work) for tensor in inputs]
         delta = self.kernel(tau, parameters, group)
@@ -465,15 +465,6 @@ LORE = SeedMergeMethod(
 )
 
 METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
-
-
-class MergeRefused(click.ClickException, ValueError):
-    """A refusal by one of our methods inside mergekit (a non-finite input or result, a bad
-    parameter). A ``ClickException``, so that stock ``mergekit-yaml`` (a click command) prints
-    it as one line and exits 1; a ``ValueError`` for callers of mergekit's Python API."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", file=file, err=True)
 
 
 def is_ours(method: Any) -> bool:

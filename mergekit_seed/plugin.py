@@ -18,8 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from mergekit.merge_methods import registry
 
 from mergekit_seed.after_import import after_import
-from mergekit_seed.errors import UserError
-from mergekit_seed.methods import METHODS, MergeRefused, is_ours
+from mergekit_seed.errors import MergeRefused, UserError
+from mergekit_seed.methods import METHODS, is_ours
 from mergekit_seed.references.weights import full_model_files
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 

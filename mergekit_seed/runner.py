@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError, model_validator
 from safetensors import SafetensorError
 
 from mergekit_seed.card import CARD_NAME, input_labels, public_recipe_text, render_card
-from mergekit_seed.errors import UserError, first_validation_problem
+from mergekit_seed.errors import RecipeProblems, UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
 from mergekit_seed.output import OutputFolder, check_location, remove, staged_path, write_text
 from mergekit_seed.reader import safetensors_file
@@ -93,15 +93,6 @@ def _without_torch_dtype_deprecation():
         yield
     finally:
         logger.removeFilter(keep)
-
-
-class RecipeProblems(UserError):
-    """A recipe that cannot run. ``problems`` holds every problem found, one line each; the
-    message is the first."""
-
-    def __init__(self, problems: List[str]):
-        super().__init__(problems[0])
-        self.problems = problems
 
 
 # The fields of mergekit.options.MergeOptions an adapter merge reads, kept because importing
@@ -199,6 +190,18 @@ def make_options(recipe: Recipe, values: dict) -> Options:
     except ValidationError as error:
         location, message = first_validation_problem(error)
         raise UserError(f"option '{location}': {message}") from None
+
+
+def raised_by_mergekit(error: BaseException) -> bool:
+    """Whether ``error`` was raised in mergekit's own code (its refusal of what it was given),
+    not in ours or another library's (which would be a bug to report, with its traceback)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is None:
+        return False
+    module = frame.tb_frame.f_globals.get("__name__", "")
+    return module == "mergekit" or module.startswith("mergekit.")
 
 
 def check_options(options: Options) -> None:
@@ -372,10 +375,17 @@ def _stage_merge(
         if _writes_card(options):
             write_text(output.staging / CARD_NAME, card)
         return modules
-    except ValueError as error:  # mergekit's and our methods' refusals mid-merge
-        raise UserError(f"{recipe.origin}: {str(error).splitlines()[0]}") from None
+    except RecipeProblems:
+        raise
     except UserError as error:
-        raise UserError(f"{recipe.origin}: {error}") from None
+        raise type(error)(f"{recipe.origin}: {error}") from error
+    except (
+        ValueError,
+        RuntimeError,
+    ) as error:  # mergekit's own refusal of the recipe, mid-merge; anything else is a bug
+        if not raised_by_mergekit(error):
+            raise
+        raise UserError(f"{recipe.origin}: mergekit refused the merge: {str(error).splitlines()[0]}") from error
     except OSError as error:  # a failed write (disk full, file too large, no permission)
         where = f" ({error.filename})" if error.filename else ""
         reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]

@@ -179,12 +179,13 @@ LONGEST_FUNCTION = 60
 
 def test_no_function_is_longer_than_sixty_lines():
     """Issue 37: a function longer than this is split by meaning (a step, a test, data apart
-    from its template), docstring included in the count."""
+    from its template), docstring included in the count. The signature is not counted: ruff
+    writes one parameter a line once it outgrows a line (issue 48)."""
     long = [
-        f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+        f"{module}:{node.lineno} {node.name}: {node.end_lineno - node.body[0].lineno + 1} lines"
         for module, path in module_names()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION
+        and node.end_lineno - node.body[0].lineno + 1 > LONGEST_FUNCTION
     ]
     assert not long, "\n".join(long)

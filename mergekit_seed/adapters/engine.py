@@ -496,7 +496,6 @@ def run_adapter_merge(
     machine's directory layout.
     """
     from mergekit import merge_methods
-    from tqdm import tqdm
 
     register()
     report = echo  # results (the kept energy of a truncation) are printed even when quiet
@@ -504,39 +503,7 @@ def run_adapter_merge(
         echo = lambda _message: None  # noqa: E731
     method = merge_methods.get(config.merge_method)
     seeds, base_name, base = _open_seeds(config, method, warn)
-    names_by_seed = [set(seed.tensor_names()) for seed in seeds]
-    seed_shapes = [seed.shapes() for seed in seeds]
-    result = _Merged(_empty_adapter(seeds))
-    progress = tqdm(sorted(set().union(*names_by_seed)), desc="Merging tensors", disable=quiet)
-    for name in progress:
-        inputs = _TensorInputs(seeds, name, base, seed_shapes)
-        shape = inputs.shape()
-        parameters = resolve_module_parameters(method, config, name)
-        unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
-        if unchanged_in:
-            with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
-                warn(
-                    f"{name}: missing in {', '.join(unchanged_in)}; counted as {inputs.counted_as_where_missing} there"
-                )
-        if not inputs.whole:
-            _place_delta(
-                _merge_deltas(method, inputs, seeds, shape, parameters, name, device),
-                name,
-                inputs,
-                seeds,
-                shape,
-                base,
-                config,
-                result,
-            )
-        elif config.output.format == "full":
-            result.full_values[name] = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
-        else:
-            result.adapter.whole[name] = _merge_saved_whole(
-                method, inputs, seeds, base, shape, parameters, name, device
-            )
-    progress.close()
-
+    result = _merge_every_tensor(config, method, seeds, base, device, warn, quiet)
     if config.output.format == "full":
         write_full_model(
             out, base, result.full_deltas, result.full_values, torch_dtype(config.out_dtype or config.dtype)
@@ -552,6 +519,43 @@ def run_adapter_merge(
             "saved whole"
         )
     return result.modules
+
+
+def _merge_every_tensor(
+    config: AdapterMergeConfig,
+    method: Any,
+    seeds: Sequence[AdapterSeed],
+    base: Optional[BaseWeights],
+    device: str,
+    warn: Callable[[str], None],
+    quiet: bool,
+) -> _Merged:
+    """Every tensor any seed changes, merged by ``method`` on ``device``, into a :class:`_Merged`."""
+    from tqdm import tqdm
+
+    names_by_seed = [set(seed.tensor_names()) for seed in seeds]
+    seed_shapes = [seed.shapes() for seed in seeds]
+    result = _Merged(_empty_adapter(seeds))
+    for name in tqdm(sorted(set().union(*names_by_seed)), desc="Merging tensors", disable=quiet):
+        inputs = _TensorInputs(seeds, name, base, seed_shapes)
+        shape = inputs.shape()
+        parameters = resolve_module_parameters(method, config, name)
+        unchanged_in = [str(seed.path) for seed, seed_names in zip(seeds, names_by_seed) if name not in seed_names]
+        if unchanged_in:
+            with tqdm.external_write_mode(file=sys.stderr):  # a line of its own, not inside the bar
+                warn(
+                    f"{name}: missing in {', '.join(unchanged_in)}; counted as {inputs.counted_as_where_missing} there"
+                )
+        if not inputs.whole:
+            merged = _merge_deltas(method, inputs, seeds, shape, parameters, name, device)
+            _place_delta(merged, name, inputs, seeds, shape, base, config, result)
+            continue
+        value = _merge_saved_whole(method, inputs, seeds, base, shape, parameters, name, device)
+        if config.output.format == "full":
+            result.full_values[name] = value
+        else:
+            result.adapter.whole[name] = value
+    return result
 
 
 def _write_adapter(

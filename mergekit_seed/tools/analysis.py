@@ -239,11 +239,17 @@ def _layer_key(item):
 
 
 def _plot(result: dict, out: Path) -> None:
+    """cosine.png and spectra.png in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
+    _plot_cosine(result, out)
+    _plot_spectra(result, out)
+
+
+def _plot_cosine(result: dict, out: Path) -> None:
+    """cosine.png: the seeds' cosine similarity over all weights, then per layer and seed pair."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     labels = [f"seed{i}" for i in range(len(result["models"]))]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -269,6 +275,13 @@ def _plot(result: dict, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(staged_path(out / "cosine.png"), dpi=110)
     plt.close(figure)
+
+
+def _plot_spectra(result: dict, out: Path) -> None:
+    """spectra.png: one weight's singular values, the energy in the top directions per layer,
+    and SeRA's Eq. 4 subspace similarity."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     spectra = result["spectra"]
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
