@@ -5,8 +5,8 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import BIN, run_cli, write_recipe
+
 from mergekit_seed.errors import MergeRefused, RecipeProblems, UserError
 
 
