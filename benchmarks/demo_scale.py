@@ -67,12 +67,12 @@ def run_size(size: str, out: Path) -> dict:
 
 
 def table(by_size: dict) -> str:
-    from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, OUR_METHODS
+    from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, ours
 
     def cell(difference: dict) -> str:
         return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
 
-    methods = list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    methods = list(ours()) + list(MERGEKIT_METHODS)
     lines = [
         "| size | setting | mean seed | best seed | " + " | ".join(methods) + " |",
         "|" + "---|" * (len(methods) + 4),

@@ -92,7 +92,13 @@ class SeedMergeMethod(GroupMergeMethod):
     ``base + lambda * delta`` in the base's dtype. Without it, the kernel receives the
     models' weights (a listed base is not an input) and returns the merged weights.
     A method that is exact on low-rank factors also has a ``factored_kernel``, which the
-    adapter-native engine uses instead of materialising the deltas.
+    adapter-native engine uses instead of materialising the deltas; every method merges adapter
+    seeds natively (the engine hands the others one module's dense deltas at a time).
+
+    What the rest of the package used to copy about a method lives here too: ``needs_base``
+    (recipes, cards, select's recipes), ``select_grid`` (the values ``mergekit-seed select``
+    tries by default, {parameter: values}) and ``in_demo`` (whether the demo merges with it).
+    Adding a method is one kernel, one entry in :data:`METHODS` and one docs page.
     """
 
     def __init__(
@@ -110,6 +116,8 @@ class SeedMergeMethod(GroupMergeMethod):
         seed_bounded: Tuple[str, ...] = (),
         exclusive: Tuple[Tuple[str, str], ...] = (),
         weighted_mean: bool = False,
+        select_grid: Optional[Dict[str, Tuple[Any, ...]]] = None,
+        in_demo: bool = True,
     ):
         self.paper = paper
         self.parameters = parameters
@@ -120,6 +128,8 @@ class SeedMergeMethod(GroupMergeMethod):
         self.seed_bounded = seed_bounded
         self.exclusive = exclusive
         self.weighted_mean = weighted_mean
+        self.select_grid = dict(select_grid or {})
+        self.in_demo = in_demo
         contract = (
             InputContract(base=BasePolicy.REQUIRED, min_non_base=MIN_SEEDS)
             if needs_base
@@ -268,6 +278,7 @@ SEEDFT = SeedMergeMethod(
     kernel=_seedft_kernel,
     factored_kernel=_seedft_factored_kernel,
     auto_lambda=lambda seed_count: 1.0 / math.sqrt(seed_count),
+    select_grid={"lambda": ("auto", 1.0)},
 )
 
 LAMBDA = Parameter("lambda", FiniteFloat, 1.0, "float", "global scale of the merged delta")
@@ -392,6 +403,7 @@ SEEDLORA_TWOSTAGE = SeedMergeMethod(
     ),
     kernel=_seedlora_twostage_kernel,
     seed_bounded=("min_agree",),
+    select_grid={"energy": (0.9, 0.99)},
 )
 
 
@@ -462,9 +474,21 @@ LORE = SeedMergeMethod(
     kernel=_lore_kernel,
     needs_base=False,
     exclusive=(("mu", "mu_relative"),),
+    select_grid={"mu_relative": (0.05, 0.1, 0.2)},
 )
 
+# The one list of our methods: registration, `methods`, validation, select, the demo and the
+# tests read it (through our_methods(), at call time).
 METHODS: Tuple[SeedMergeMethod, ...] = (SEEDFT, SEEDLORA_DM, SEEDLORA_TWOSTAGE, LORE)
+
+
+def our_methods() -> Tuple[SeedMergeMethod, ...]:
+    """Every method of this package, in :data:`METHODS`' order."""
+    return METHODS
+
+
+def our_method_names() -> Tuple[str, ...]:
+    return tuple(method.spec.name for method in our_methods())
 
 
 def is_ours(method: Any) -> bool:

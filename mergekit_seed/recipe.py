@@ -908,9 +908,9 @@ def recipe_warnings(recipe: Recipe) -> List[str]:
                     f"{folder} holds a full model and an adapter (adapter_config.json); it is merged as the full "
                     "model, as mergekit reads it (to merge the adapter, give a folder that holds only the adapter)"
                 )
-    if config.merge_method == "lore" and config.base_model is not None and not recipe.is_adapter_recipe:
+    if is_ours(method) and not method.needs_base and config.base_model is not None and not recipe.is_adapter_recipe:
         warnings.append(
-            f"base_model {config.base_model} is not an input of lore (it needs no base); "
+            f"base_model {config.base_model} is not an input of {config.merge_method} (it needs no base); "
             "mergekit still uses it for the output's configuration and tokenizer"
         )
     return warnings

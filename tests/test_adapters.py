@@ -11,12 +11,13 @@ from torch import nn
 from mergekit_seed.adapters.engine import merge_module
 from mergekit_seed.maths.linalg import LowRank
 from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, merge_sera
+from mergekit_seed.methods import our_method_names
 from mergekit_seed.references.adapter_files import read_adapter
 from mergekit_seed.references.sera import load_sera, save_sera
 from mergekit_seed.references.weights import load_weights
 
 
-METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
+METHODS = list(our_method_names())  # the one list (methods.METHODS)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.tools.analysis import subspace_similarity
-from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, OUR_METHODS, SETTINGS
+from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, SETTINGS, ours
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
     assert set(results["settings"]) == set(SETTINGS)
     for entry in results["settings"].values():
         assert set(entry["seeds"]) == {"seed0", "seed1", "seed2"}
-        assert set(entry["methods"]) == set(OUR_METHODS) | set(MERGEKIT_METHODS)
+        assert set(entry["methods"]) == set(ours()) | set(MERGEKIT_METHODS)
         for value in list(entry["seeds"].values()) + list(entry["methods"].values()):
             assert 0.0 <= value <= 1.0
         assert set(entry["per_skill"]["seedft"]) == set(results["task"]["skills"])
@@ -58,7 +58,7 @@ def test_quick_demo_writes_results_in_the_papers_layout(quick_demo):
         regime = entry["regime_on_validation"]
         assert set(regime["mean_seed_per_skill"]) == set(results["task"]["skills"])
         assert set(regime["criteria"]) == {"every_skill_between_20_and_90", "disagreement_at_least_10"}
-        assert entry["best_of_ours_by_validation"] in OUR_METHODS
+        assert entry["best_of_ours_by_validation"] in ours()
     assert (out / "results.png").stat().st_size > 10_000
     assert "| setting | seed0 |" in stdout and "best seed" in stdout and "oracle" in stdout
     assert "experiment 1/1" in stdout and "| best seed, lora |" in stdout and "| mean seed, full |" in stdout
@@ -109,10 +109,7 @@ def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
         "seed0": model(10, 10),
         "seed1": model(30, 20),
         "seed2": model(20, 40),
-        **{
-            m: model(25, 25)
-            for m in ("seedft", "seedlora_dm", "seedlora_twostage", "lore", "linear", "ties", "dare_ties")
-        },
+        **{m: model(25, 25) for m in ours() + MERGEKIT_METHODS},
     }
     for split in ("validation", "test"):
         for entry in setting.values():

@@ -79,7 +79,9 @@ def test_kernels_give_the_cpus_result_on_the_gpu(shape):
 @needs_gpu
 def test_stock_mergekit_yaml_with_cuda_matches_the_cpu(tiny_family, tmp_path):
     base, seeds = tiny_family
-    for method in ("seedft", "seedlora_dm", "seedlora_twostage", "lore"):
+    from mergekit_seed.methods import our_method_names
+
+    for method in our_method_names():
         recipe = write_recipe(tmp_path / f"{method}.yml", method, None if method == "lore" else base, seeds)
         run_cli("mergekit-yaml", recipe, tmp_path / f"{method}-cpu", check=True)
         run_cli("mergekit-yaml", recipe, tmp_path / f"{method}-gpu", "--cuda", check=True)

@@ -37,9 +37,12 @@ def fill(recipe: dict, base: Path, seeds) -> dict:
 
 def is_select_grid(block: dict) -> bool:
     """A `select --grid` file (docs/select.md): method names mapping to parameter values."""
-    from mergekit_seed.tools.selection import MERGEKIT_METHODS, OUR_METHODS
+    from mergekit_seed.methods import our_method_names
+    from mergekit_seed.tools.selection import MERGEKIT_METHODS
 
-    return all(key in OUR_METHODS + MERGEKIT_METHODS and isinstance(value, dict) for key, value in block.items())
+    return all(
+        key in our_method_names() + MERGEKIT_METHODS and isinstance(value, dict) for key, value in block.items()
+    )
 
 
 @pytest.mark.parametrize("block", list(yaml_blocks()))

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import refused, run_cli
+from conftest import refused, run_cli, write_recipe
 
+from mergekit_seed.methods import our_method_names
 from mergekit_seed.references.weights import load_weights
 
 
-METHODS = ["seedft", "seedlora_dm", "seedlora_twostage", "lore"]
+METHODS = list(our_method_names())  # the one list (methods.METHODS)
 TOKENS = [3, 5, 7]
 
 
@@ -481,6 +482,19 @@ def test_a_config_that_disagrees_with_its_tensors_is_refused(bases, tmp_path, ch
     config_path.write_text(json.dumps(config))
     recipe = adapter_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, {"format": "lora"})
     refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), str(seeds[1]), fragment, out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("field", ["use_hyper_lora", "rank_dropout_schedule"])
+def test_a_lora_config_field_no_release_we_know_has_is_refused_naming_it(tiny_loras, tmp_path, field):
+    """Issue 48: an adapter from a newer PEFT variant was read as plain LoRA."""
+    base, loras = tiny_loras
+    seeds = [shutil.copytree(lora, tmp_path / lora.name) for lora in loras]
+    config = json.loads((seeds[0] / "adapter_config.json").read_text())
+    config[field] = True
+    (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, output={"format": "lora"})
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), f"field '{field}' is not a LoraConfig field",
+            out=tmp_path / "out")  # fmt: skip
 
 
 def test_every_lora_config_field_is_read_refused_or_without_effect():

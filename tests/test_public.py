@@ -78,9 +78,8 @@ def _plant(folder: Path) -> None:
         path = folder / name
         if path.is_file():
             data = json.loads(path.read_text())
-            data["name_or_path" if name == "tokenizer_config.json" else "_name_or_path"] = PLANTED
-            if name == "adapter_config.json":
-                data["base_model_name_or_path"] = PLANTED
+            key = {"tokenizer_config.json": "name_or_path", "adapter_config.json": "base_model_name_or_path"}
+            data[key.get(name, "_name_or_path")] = PLANTED
             path.write_text(json.dumps(data))
 
 

@@ -110,7 +110,24 @@ LORA_FIELDS_WITHOUT_EFFECT = (
     "loftq_config",
     "qalora_group_size",
     "ensure_weight_tying",
+    # fields of older PEFT releases' LoraConfig, gone since, that changed nothing the tensors mean
+    "enable_lora",
+    "merge_weights",
 )
+
+
+def _unclassified_field(config: dict) -> Optional[str]:
+    """The first field of an adapter config that is neither read, refused nor known to change
+    nothing: a newer PEFT's option, which might change what the tensors mean."""
+    known = set(LoraFolderConfig.model_fields) | set(LORA_FIELDS_REFUSED) | set(LORA_FIELDS_WITHOUT_EFFECT)
+    return next((name for name in config if name not in known), None)
+
+
+def _peft_version() -> str:
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _refused_field_problem(config: dict) -> Optional[str]:
@@ -359,6 +376,14 @@ def _checked_lora_config(folder: Path, config: dict) -> LoraFolderConfig:
     problem = _refused_field_problem(config)
     if problem:
         raise UserError(f"{folder / CONFIG_NAME}: {problem}")
+    unknown = _unclassified_field(config)
+    if unknown is not None:
+        raise UserError(
+            f"{folder / CONFIG_NAME}: field {unknown!r} is not a LoraConfig field of the PEFT releases mergekit-seed "
+            f"knows (it reads peft {_peft_version()}'s); it may change what the tensors mean, so the adapter is "
+            "refused: save it with a PEFT release mergekit-seed supports, or merge through checkpoints "
+            "(model: BASE+ADAPTER)"
+        )
     for target in lora.target_parameters or []:
         if target.rsplit(".", 1)[-1] != "weight":
             raise UserError(

@@ -35,6 +35,7 @@ from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json
 from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
+from mergekit_seed.methods import our_method_names, our_methods
 from mergekit_seed.output import (
     MANIFEST_NAME,
     OutputFolder,
@@ -72,16 +73,29 @@ from mergekit_seed.tools.harness import (
 )
 
 
-OUR_METHODS = ("seedft", "seedlora_dm", "seedlora_twostage", "lore")
+# mergekit's own methods select can try (ours come from methods.METHODS), the ones it tries by
+# default, and their default grid
 MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
-DEFAULT_METHODS = OUR_METHODS + ("linear", "ties")
-DEFAULT_GRID: Dict[str, Dict[str, List[Any]]] = {
-    "seedft": {"lambda": ["auto", 1.0]},
-    "seedlora_twostage": {"energy": [0.9, 0.99]},
-    "lore": {"mu_relative": [0.05, 0.1, 0.2]},
-    "ties": {"density": [0.5]},
-    "dare_ties": {"density": [0.5]},
-}
+MERGEKIT_DEFAULTS = ("linear", "ties")
+MERGEKIT_GRID: Dict[str, Dict[str, List[Any]]] = {"ties": {"density": [0.5]}, "dare_ties": {"density": [0.5]}}
+
+
+def our_method(name: str) -> Optional[Any]:
+    """Our method called ``name`` (its spec object, :mod:`mergekit_seed.methods`), or None."""
+    return next((method for method in our_methods() if method.spec.name == name), None)
+
+
+def default_methods() -> Tuple[str, ...]:
+    return our_method_names() + MERGEKIT_DEFAULTS
+
+
+def default_grid() -> Dict[str, Dict[str, List[Any]]]:
+    """Each method's default values to try: ours from their specs' ``select_grid``, mergekit's
+    from :data:`MERGEKIT_GRID`."""
+    ours = {method.spec.name: {k: list(v) for k, v in method.select_grid.items()} for method in our_methods()}
+    return {**{name: grid for name, grid in ours.items() if grid}, **MERGEKIT_GRID}
+
+
 SELECTION_HEADING = "## Selection"
 
 
@@ -180,24 +194,25 @@ def seed_kind(seeds: Sequence[str]) -> str:
 
 def check_methods(methods: Sequence[str], kind: str) -> None:
     """Refuse a method that cannot merge seeds of ``kind``."""
-    known = OUR_METHODS + MERGEKIT_METHODS
+    known = our_method_names() + MERGEKIT_METHODS
     for method in methods:
         if method not in known:
             raise UserError(f"--methods {method}: select tries {', '.join(known)}")
         if kind == "sera" and method in MERGEKIT_METHODS:
             raise UserError(
                 f"--methods {method}: mergekit's methods cannot read SeRA adapters (PEFT does not know them); "
-                f"use {', '.join(OUR_METHODS)}, or merge the seeds into full models first"
+                f"use {', '.join(our_method_names())}, or merge the seeds into full models first"
             )
 
 
 def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str) -> str:
     """The recipe of ``candidate``: our methods merge adapter seeds into an adapter; mergekit's
     merge LoRA seeds as ``BASE+ADAPTER`` into a full model. Model Soup (linear) averages the
-    seeds alone, and LoRE needs no base for full seeds (adapters' deltas are relative to it)."""
-    ours = candidate.method in OUR_METHODS
+    seeds alone, and a method that needs no base (LoRE) gets none for full seeds (adapters'
+    deltas are relative to it)."""
+    ours = our_method(candidate.method)
     recipe: Dict[str, Any] = {"merge_method": candidate.method}
-    if candidate.method != "linear" and (kind != "full" or candidate.method != "lore"):
+    if candidate.method != "linear" and (kind != "full" or not ours or ours.needs_base):
         recipe["base_model"] = base
     models = []
     for seed in seeds:
@@ -518,7 +533,7 @@ def plan_selection(
         raise UserError("select needs at least two seeds")
     kind = seed_kind(seeds)
     if methods is None:
-        methods = [m for m in DEFAULT_METHODS if kind != "sera" or m in OUR_METHODS]
+        methods = [m for m in default_methods() if kind != "sera" or our_method(m)]
     check_methods(methods, kind)
     user_grid = None if grid is None else read_grid(grid)
     strays = [method for method in user_grid or {} if method not in methods]
@@ -527,7 +542,7 @@ def plan_selection(
             f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or "
             "drop it from the grid"
         )
-    found = candidates(methods, DEFAULT_GRID if user_grid is None else user_grid)
+    found = candidates(methods, default_grid() if user_grid is None else user_grid)
     validation_split, test_split = (
         split if isinstance(split, TaskSplit) else read_split(Path(split)) for split in (validation, test)
     )
@@ -860,7 +875,7 @@ def disk_estimate(plan: Plan) -> int:
     seed_bytes = sum(_weight_bytes(seed) for seed in plan.seeds)
     sizes = []
     for candidate in plan.recipes:
-        if plan.kind == "full" or candidate.method not in OUR_METHODS:
+        if plan.kind == "full" or not our_method(candidate.method):
             cache = len(plan.seeds) * base_bytes if plan.kind == "lora" else 0
             sizes.append((base_bytes, cache))
         else:  # an exact merge of N rank-r adapters has rank up to N * r

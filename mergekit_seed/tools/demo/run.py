@@ -32,11 +32,12 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.installed import package_version
 from mergekit_seed.maths.sera import merge_sera
+from mergekit_seed.methods import our_methods
 from mergekit_seed.output import OutputFolder, copy_tree, read_manifest, staged_path, write_text
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.reader import read_lines, read_text
@@ -56,7 +57,6 @@ from mergekit_seed.tools.demo.train import (
 )
 from mergekit_seed.tools.selection import (
     MERGEKIT_METHODS,
-    OUR_METHODS,
     Candidate,
     choose,
     judge,
@@ -68,12 +68,20 @@ from mergekit_seed.tools.selection import (
 LOG = logging.getLogger("mergekit_seed")
 SETTINGS = ("lora", "sera", "full")
 SEED_COUNT = 3
-# what the demo merges: each method at its defaults, mergekit's sparsifying methods at density
-# 0.5 (selection.recipe_text gives mergekit's methods their per-model weights)
-CANDIDATES = {
-    method: Candidate(method, (("density", 0.5),) if method in ("ties", "dare_ties") else ())
-    for method in OUR_METHODS + MERGEKIT_METHODS
-}
+
+
+def ours() -> Tuple[str, ...]:
+    """Our methods the demo merges with: those of methods.METHODS whose spec says ``in_demo``."""
+    return tuple(method.spec.name for method in our_methods() if method.in_demo)
+
+
+def candidates() -> Dict[str, Candidate]:
+    """What the demo merges: each method at its defaults, mergekit's sparsifying methods at
+    density 0.5 (selection.recipe_text gives mergekit's methods their per-model weights)."""
+    return {
+        method: Candidate(method, (("density", 0.5),) if method in ("ties", "dare_ties") else ())
+        for method in ours() + MERGEKIT_METHODS
+    }
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ def compare_full_setting(config: DemoConfig, work: Path, out: Path, quiet: bool,
         "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out),
     )
     models = [work / "models" / "full" / name for name in seed_names(SEED_COUNT)]
-    models += [work / "merges" / "full" / method for method in OUR_METHODS]
+    models += [work / "merges" / "full" / method for method in ours()]
 
     def shown(path: Path) -> str:
         published = out / path.relative_to(work)
@@ -242,9 +250,9 @@ def run_experiment(
             for name, seed in zip(seed_names(SEED_COUNT), seeds)
         }
         mergekit_kind, mergekit_inputs = _mergekit_baseline_inputs(models, setting, seeds, vocabulary)
-        for method, candidate in CANDIDATES.items():
-            ours = method in OUR_METHODS
-            kind, inputs = (setting, seeds) if ours else (mergekit_kind, mergekit_inputs)
+        for method, candidate in candidates().items():
+            is_ours = method in ours()
+            kind, inputs = (setting, seeds) if is_ours else (mergekit_kind, mergekit_inputs)
             recipe = write_text(
                 merges / setting / f"{method}.yml",
                 recipe_text(candidate, str(models / "base"), [str(i) for i in inputs], kind),
@@ -253,7 +261,7 @@ def run_experiment(
             # the demo keeps two-stage and LoRE adapters exact, whatever their size: no size warning
             merge(recipe, merged, options, overwrite=True, echo=echo, warn=lambda message: LOG.info(message))
             accuracy[method] = score(
-                load_for_eval(models / "base", merged, "lora" if ours and setting != "full" else "full")
+                load_for_eval(models / "base", merged, "lora" if is_ours and setting != "full" else "full")
             )
         results[setting] = accuracy
         echo(_setting_line(setting, accuracy))
@@ -309,7 +317,7 @@ def _setting_line(setting: str, accuracy: Dict[str, dict]) -> str:
         f"  {setting} (test): seeds "
         + " / ".join(f"{100 * accuracy[n]['test']['all']:.1f}" for n in names)
         + f" (best on validation: {best}); "
-        + ", ".join(f"{m} {100 * accuracy[m]['test']['all']:.1f}" for m in OUR_METHODS + MERGEKIT_METHODS)
+        + ", ".join(f"{m} {100 * accuracy[m]['test']['all']:.1f}" for m in ours() + MERGEKIT_METHODS)
     )
 
 
@@ -336,7 +344,7 @@ def summarise(runs: List[Dict[str, dict]], config: DemoConfig) -> dict:
         }
         validation_regime = _regime_on_validation(regimes["validation"])
         best_seeds = [choose({n: e[n]["validation"]["all"] for n in seed_columns}) for e in experiments]
-        ours_on_validation = {m: mean_of(m, "validation") for m in OUR_METHODS}
+        ours_on_validation = {m: mean_of(m, "validation") for m in ours()}
         entry = {
             "seeds": {n: mean_of(n, "test") for n in seed_columns},
             "methods": {n: mean_of(n, "test") for n in methods},
@@ -453,7 +461,7 @@ LEGEND = (
 
 def format_table(results: dict) -> str:
     """The papers' layout: one row per setting, seeds then methods, then the reference points."""
-    columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    columns = seed_names(SEED_COUNT) + list(ours()) + list(MERGEKIT_METHODS)
     header = "| setting | " + " | ".join(columns) + " | mean seed | best seed | oracle | disagreement |"
     lines = [header, "|" + "---|" * (len(columns) + 5)]
     for setting, entry in results["settings"].items():
@@ -492,7 +500,7 @@ def format_regime(results: dict) -> str:
 
 def format_verdicts(results: dict) -> str:
     """Per setting and reference (best seed, mean seed): each merge's difference, interval and verdict."""
-    columns = list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    columns = list(ours()) + list(MERGEKIT_METHODS)
     lines = ["| versus | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for reference in ("best seed", "mean seed"):
         key = "versus_" + reference.replace(" ", "_")
@@ -565,8 +573,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = seed_names(SEED_COUNT) + list(OUR_METHODS) + list(MERGEKIT_METHODS)
-    methods = list(OUR_METHODS) + list(MERGEKIT_METHODS)
+    columns = seed_names(SEED_COUNT) + list(ours()) + list(MERGEKIT_METHODS)
+    methods = list(ours()) + list(MERGEKIT_METHODS)
     settings = list(results["settings"])
     figure, axes = plt.subplots(3, 1, figsize=(11, 10.5))
     bars = axes[0]
