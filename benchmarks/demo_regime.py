@@ -24,7 +24,7 @@ import torch
 
 def main() -> None:
     from mergekit_seed.quiet import quiet_libraries
-    from mergekit_seed.tools.demo.run import DemoConfig, cached_base, experiment_data, seed_regime
+    from mergekit_seed.tools.demo.pipeline import DemoConfig, cached_base, experiment_data, seed_regime
     from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches
     from mergekit_seed.tools.demo.train import finetune, load_for_eval
 

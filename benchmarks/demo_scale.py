@@ -25,7 +25,7 @@ SIZES = {"0.17m": (64, 128, 4, 4), "0.55m": (96, 192, 6, 4), "1m": (128, 256, 6,
 
 
 def config_for(size: str):
-    from mergekit_seed.tools.demo.run import DemoConfig
+    from mergekit_seed.tools.demo.pipeline import DemoConfig
 
     hidden, intermediate, layers, heads = SIZES[size]
     default = DemoConfig()
@@ -52,7 +52,7 @@ def run_size(size: str, out: Path) -> dict:
     import torch
 
     from mergekit_seed.quiet import quiet_libraries
-    from mergekit_seed.tools.demo.run import run_experiment, summarise
+    from mergekit_seed.tools.demo.pipeline import run_experiment, summarise
     from mergekit_seed.tools.demo.task import CharVocabulary
 
     config = config_for(size)
@@ -67,7 +67,7 @@ def run_size(size: str, out: Path) -> dict:
 
 
 def table(by_size: dict) -> str:
-    from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, ours
+    from mergekit_seed.tools.demo.pipeline import MERGEKIT_METHODS, ours
 
     def cell(difference: dict) -> str:
         return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"

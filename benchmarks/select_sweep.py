@@ -4,7 +4,7 @@
 
 Trains the quick demo's three LoRA seeds (experiment 1: its cached base, 250 steps each, one
 thread), writes its validation and test splits as JSONL, then in one process:
-1. ``--dry-run``'s time estimate (:func:`mergekit_seed.tools.selection.time_estimate`);
+1. ``--dry-run``'s time estimate (:func:`mergekit_seed.tools.selection.sweep.time_estimate`);
 2. ``select`` with the default methods and grid, exact match, timed as a whole;
 3. the same work by hand: every seed scored on validation, every candidate merged with
    ``runner.merge`` and scored on validation, then two scorings on test, each timed.
@@ -30,7 +30,7 @@ from bench import machine  # noqa: E402
 
 def demo_lora_seeds(root: Path):
     """The quick demo's base (from its cache) and three LoRA seeds, with validation and test JSONL."""
-    from mergekit_seed.tools.demo.run import SEED_COUNT, DemoConfig, cached_base, experiment_data
+    from mergekit_seed.tools.demo.pipeline import SEED_COUNT, DemoConfig, cached_base, experiment_data
     from mergekit_seed.tools.demo.task import CharVocabulary
     from mergekit_seed.tools.demo.train import finetune
 
@@ -84,7 +84,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from mergekit_seed.quiet import quiet_libraries
-    from mergekit_seed.tools.selection import plan_selection, select, time_estimate
+    from mergekit_seed.tools.selection import select
+    from mergekit_seed.tools.selection.sweep import plan_selection, time_estimate
 
     torch.set_num_threads(1)
     quiet_libraries()

@@ -12,7 +12,7 @@ import importlib.machinery
 import sys
 
 
-if False:  # for type checkers only: importing typing or collections at every interpreter start costs 1-7 ms
+if False:  # for type checkers only: importing typing or collections at every interpreter start costs time
     from collections.abc import Callable
 
 

@@ -20,9 +20,9 @@ from typing_extensions import Annotated
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.installed import install_command, package_version
+from mergekit_seed.methods import is_ours
 from mergekit_seed.reader import read_text
 from mergekit_seed.recipe import (
-    merge_inputs,
     model_paths_in_order,
     parse_mapping,
     reference_paths,
@@ -32,6 +32,7 @@ from mergekit_seed.recipe import (
 from mergekit_seed.references.hub import is_hub_id
 from mergekit_seed.references.weights import weight_file_hashes
 from mergekit_seed.untrusted import bounded_safe_load, fenced_block, front_matter
+from mergekit_seed.validation import merge_inputs
 
 
 CARD_NAME = "README.md"
@@ -292,8 +293,6 @@ def render_card(
     """The README.md text for a finished merge (:data:`CARD_TEMPLATE`); ``hub_inputs`` is
     :func:`mergekit_seed.references.hub.hub_provenance` of the Hub ids the merge resolved (commits and
     file hashes), ``title`` the model's name."""
-    from mergekit_seed.methods import is_ours  # here: methods imports torch, which reading a card does not need
-
     config = recipe.config
     provenance = card_provenance(recipe, method, merge_options, hub_inputs)
     labels = input_labels(recipe)

@@ -12,21 +12,11 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 import click
 from click.core import ParameterSource
 
+from mergekit_seed.catalogue import recipe_summary, shipped_recipe_text, shipped_recipes
 from mergekit_seed.errors import UserError, show_tracebacks
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.reader import read_text
-from mergekit_seed.recipe import (
-    check_files,
-    check_recipe,
-    is_adapter_recipe_file,
-    load_recipe,
-    recipe_summary,
-    recipe_warnings,
-    shipped_recipe_text,
-    shipped_recipes,
-)
-from mergekit_seed.reproduce import compare_weights, prepare_reproduction
-from mergekit_seed.runner import AdapterRunOptions, check_device, merge
+from mergekit_seed.recipe import is_adapter_recipe_file, load_recipe
 from mergekit_seed.version import SUPPORTED_MERGEKIT
 
 
@@ -38,6 +28,7 @@ if TYPE_CHECKING:  # importing mergekit.options costs seconds; see LazyGroup
     from mergekit.options import MergeOptions
 
     from mergekit_seed.recipe import Recipe
+    from mergekit_seed.runner import AdapterRunOptions
 
 
 class LazyGroup(click.Group):
@@ -46,8 +37,8 @@ class LazyGroup(click.Group):
     ``run`` takes mergekit's merge options, and importing ``mergekit.options`` costs seconds
     (it imports transformers and peft); the other commands should not pay for it, and neither
     should an adapter merge that uses only the options of :class:`AdapterRunOptions`: such a
-    ``run`` is parsed by a command that declares just those (3.8 s for a tiny LoRA merge
-    against 7.3 s with mergekit's options imported, median of 5, see adapters/engine.py).
+    ``run`` is parsed by a command that declares just those (the start-up it saves is measured
+    in ``benchmarks/startup.json`` and quoted in docs/architecture.md).
     """
 
     lazy_commands: dict = {}
@@ -93,6 +84,8 @@ def run_recipe(
         quiet_libraries()
     if merge_options.verbosity:
         show_tracebacks()
+    from mergekit_seed.runner import merge  # here: it imports the methods, and so torch
+
     merge(
         recipe_path,
         out,
@@ -162,6 +155,8 @@ def _build_adapter_run_command() -> click.Command:
         "--random-seed", type=int, default=None, help="Seed for reproducible use of randomized merge methods"
     )
     def adapter_run_command(recipe: str, out: str, overwrite: bool, **options) -> None:
+        from mergekit_seed.runner import AdapterRunOptions  # (same: torch)
+
         run_recipe(recipe, out, AdapterRunOptions(**options), overwrite)
 
     return adapter_run_command
@@ -274,6 +269,8 @@ def validate_command(recipes: tuple, offline: bool, allow_crimes: bool) -> None:
     last line says so); 1: problems, one line each; 2: no problem found, but some inputs could
     not be checked (the Hub could not be asked), each named.
     """
+    from mergekit_seed.validation import check_files, check_recipe, recipe_warnings  # here: it imports torch
+
     problems: List[str] = []
     not_checked: List[str] = []
     for path in recipes:
@@ -391,6 +388,8 @@ def reproduce_command(
     whose folders come from --input or --recipe."""
     if quiet:
         quiet_libraries()
+    from mergekit_seed.reproduce import compare_weights, prepare_reproduction  # here: torch, via the methods
+
     plan = prepare_reproduction(source, list(given_inputs), user_recipe, trust_remote_code, check_dir, CHECK_SOURCE)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -509,7 +508,7 @@ SCORING_OPTIONS = ("base", "tokenizer", "num_fewshot", "limit", "include_path", 
 
 def _compare_runs(runs: List[str], out: Path, tasks: Optional[List[str]], given: set, bootstrap: dict) -> None:
     """``compare --lm-eval``: lm-eval runs already made."""
-    from mergekit_seed.tools.harness import compare_runs
+    from mergekit_seed.tools.lm_eval_report import compare_runs
 
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
@@ -520,6 +519,8 @@ def _compare_runs(runs: List[str], out: Path, tasks: Optional[List[str]], given:
 
 
 def _scoring_device(options: dict, work: str) -> str:
+    from mergekit_seed.runner import AdapterRunOptions, check_device  # here: torch, via the methods
+
     device_options = AdapterRunOptions(cuda=options["cuda"], device=options["device"])
     check_device(device_options, work=work)
     return device_options.device
@@ -544,7 +545,7 @@ def _compare_on_data(models: List[str], given: set, options: dict, bootstrap: di
 def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootstrap: dict) -> None:
     """``compare --tasks``: every model evaluated by lm-eval, then the runs compared."""
     from mergekit_seed.tools.compare import unique_models
-    from mergekit_seed.tools.harness import compare_tasks
+    from mergekit_seed.tools.lm_eval_report import compare_tasks
 
     device = _scoring_device(options, "score")
     names = unique_models(models, click.echo)
@@ -612,7 +613,8 @@ def select_command(seeds: tuple, **options: Any) -> None:
     """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
     judge it once on --test against the seed chosen on validation, and publish it in --out
     with its record (docs/select.md). lm-eval tasks may stand in for both files."""
-    from mergekit_seed.tools.selection import dry_run_lines, plan_selection, select
+    from mergekit_seed.tools.selection import select
+    from mergekit_seed.tools.selection.sweep import dry_run_lines, plan_selection
 
     quiet_libraries()  # the merges' and loads' own bars and notices would break up select's one progress bar
     device = _scoring_device(options, "merge and score")
@@ -644,7 +646,7 @@ def select_command(seeds: tuple, **options: Any) -> None:
 
 def _select_splits(options: dict) -> list:
     """``select``'s validation and test splits: two JSONL files, or two lists of lm-eval tasks."""
-    from mergekit_seed.tools.selection import read_task_split
+    from mergekit_seed.tools.selection.sweep import read_task_split
 
     files, tasks = (options["validation"], options["test_data"]), (options["validation_tasks"], options["test_tasks"])
     if files.count(None) + tasks.count(None) != 2 or (files[0] is None) != (files[1] is None):
@@ -681,7 +683,7 @@ def demo_command(out: str, quick: bool, quiet: bool) -> None:
     """Train three seeds of a tiny LLaMA per setting (LoRA, SeRA, full), merge them with every
     method, and report accuracy per seed and per merge."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from mergekit_seed.tools.demo.run import run_demo
+    from mergekit_seed.tools.demo.pipeline import run_demo
     from mergekit_seed.tools.demo.shipped import explain, shipped  # here: the demo imports torch and transformers
 
     results = run_demo(Path(out).absolute(), quick=quick, quiet=quiet, echo=click.echo)

@@ -22,8 +22,8 @@ def is_finite_tensor(tensor: Any) -> bool:
     """Whether every value of ``tensor`` is finite (integer and boolean tensors always are).
 
     By its minimum and maximum: ``aminmax`` propagates a NaN, and an Inf is one of the two. It
-    allocates nothing the size of the tensor, where ``isfinite().all()`` does (7 ms against
-    200 ms on 45.7M float32 values on our 2-core machine: the gate's whole cost)."""
+    allocates nothing the size of the tensor, where ``isfinite().all()`` does (the measured
+    difference: benchmarks/RESULTS.md, the finiteness gate)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     low, high = tensor.aminmax()

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
-import mergekit_seed.profiling as profiling
+import mergekit_seed.kernel_timings as kernel_timings
 from mergekit_seed.errors import MergeRefused
 from mergekit_seed.finite import FLOAT32_MAX, is_finite_tensor
 from mergekit_seed.maths.kernels.lore import DEFAULT_MU_RELATIVE, LoreEstimate, average, lore
@@ -178,7 +178,7 @@ class SeedMergeMethod(GroupMergeMethod):
         return problems
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        with profiling.method_time(self.spec.name):
+        with kernel_timings.method_time(self.spec.name):
             return self._checked_merge(group, parameters)
 
     def _checked_merge(self, group: TensorGroup, parameters: Dict[str, Any]) -> torch.Tensor:
@@ -240,7 +240,7 @@ def _minus(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _seedft_kernel(tau, parameters, group) -> torch.Tensor:
-    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], profile=profiling.SEEDFT)
+    return seedft(tau, rank=parameters["rank"], rtol=parameters["rtol"], profile=kernel_timings.SEEDFT)
 
 
 def _seedft_factored_kernel(tau, shared, per_seed) -> LowRank:
@@ -428,7 +428,7 @@ def _lore_kernel(theta, parameters, group) -> torch.Tensor:
         post_merge=post_merge,
         lambda_=parameters["lambda"],
         report=report,
-        profile=profiling.LORE,
+        profile=kernel_timings.LORE,
     )
 
 

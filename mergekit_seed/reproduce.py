@@ -15,12 +15,12 @@ from pydantic import ValidationError
 from mergekit_seed.card import CARD_NAME, HARDWARE_OPTIONS, LABEL, local_folders, read_card
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import largest_difference
+from mergekit_seed.hub_recipes import hub_references
 from mergekit_seed.installed import package_version
 from mergekit_seed.reader import read_json, sha256
 from mergekit_seed.recipe import (
     TOKENIZER_KEYWORDS,
     Recipe,
-    hub_references,
     parse_mapping,
     parse_recipe,
     read_recipe_text,

@@ -24,20 +24,13 @@ from safetensors import SafetensorError
 from mergekit_seed.card import CARD_NAME, input_labels, public_recipe_text, render_card
 from mergekit_seed.errors import RecipeProblems, UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
+from mergekit_seed.hub_recipes import localize
 from mergekit_seed.output import OutputFolder, check_location, remove, staged_path, write_text
 from mergekit_seed.reader import safetensors_file
-from mergekit_seed.recipe import (
-    Recipe,
-    check_files,
-    check_recipe,
-    load_recipe,
-    local_inputs,
-    localize,
-    merge_inputs,
-    recipe_warnings,
-)
+from mergekit_seed.recipe import Recipe, load_recipe, local_inputs
 from mergekit_seed.references.hub import hub_provenance, is_hub_id
 from mergekit_seed.references.weights import load_weights
+from mergekit_seed.validation import check_files, check_recipe, merge_inputs, recipe_warnings
 
 
 if TYPE_CHECKING:  # importing mergekit.options costs seconds (transformers, peft)
@@ -96,7 +89,8 @@ def _without_torch_dtype_deprecation():
 
 
 # The fields of mergekit.options.MergeOptions an adapter merge reads, kept because importing
-# mergekit.common, .config and .options cost 3.6 s of an adapter merge's 3.8 s start (measured, adapters/engine.py)
+# mergekit.common, .config and .options is most of an adapter merge's start-up
+# (benchmarks/startup.json); tests/test_counterparts.py holds them to mergekit's
 class AdapterRunOptions(BaseModel, frozen=True):
     """The mergekit options an adapter merge uses, under mergekit's names and meanings.
 
@@ -407,7 +401,7 @@ def _run_engine(
     """Run the adapter engine or mergekit's ``run_merge`` on ``local`` (Hub ids resolved) into
     ``staging``; ``recipe`` is the recipe as the user wrote it."""
     if local.is_adapter_recipe:
-        from mergekit_seed.adapters.engine import (
+        from mergekit_seed.engines.adapter_merge import (
             run_adapter_merge,  # here: it imports torch, which validation need not
         )
 

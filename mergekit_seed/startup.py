@@ -20,6 +20,11 @@ _TARGET = "mergekit.merge_methods"
 def _on_registry_import() -> None:
     if "mergekit_seed.plugin" in sys.modules:
         return  # mid-import of our plugin module, which registers on its last line
+    methods = sys.modules.get("mergekit_seed.methods")
+    if methods is not None and getattr(getattr(methods, "__spec__", None), "_initializing", False):
+        # our methods module, mid-import, imported mergekit's registry: it cannot be registered
+        # yet, and every route of ours calls register() before it looks a method up
+        return
     _register_or_warn()
 
 

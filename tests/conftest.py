@@ -157,8 +157,8 @@ def save_random_sera(base: Path, out: Path, r: int, split: int, seed: int, targe
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mergekit_seed.maths.sera import SeraConfig, apply_sera, sera_layers
-    from mergekit_seed.references.sera import save_sera
+    from mergekit_seed.references.sera_files import save_sera
+    from mergekit_seed.references.sera_layer import SeraConfig, apply_sera, sera_layers
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -8,12 +8,12 @@ from conftest import recipe_text, run_cli, save_random_lora, save_random_sera
 from tiny import save_tiny_llama
 from torch import nn
 
-from mergekit_seed.adapters.engine import merge_module
+from mergekit_seed.engines.adapter_merge import merge_module
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.maths.sera import SeraConfig, SeraLinear, apply_sera, merge_sera
 from mergekit_seed.methods import our_method_names
 from mergekit_seed.references.adapter_files import read_adapter
-from mergekit_seed.references.sera import load_sera, save_sera
+from mergekit_seed.references.sera_files import load_sera, save_sera
+from mergekit_seed.references.sera_layer import SeraConfig, SeraLinear, apply_sera, merge_sera
 from mergekit_seed.references.weights import load_weights
 
 

@@ -200,7 +200,7 @@ def test_every_path_parameter_is_attacked():
 def test_an_attacked_path_ends_in_one_line_or_a_result(world, monkeypatch, tmp_path, command_path, name, attack):
     command = dict(commands())[command_path]
     if command_path == ("demo",):  # the attack is on --out; training the demo's models is not
-        import mergekit_seed.tools.demo.run as demo
+        import mergekit_seed.tools.demo.pipeline as demo
         from mergekit_seed.errors import UserError
 
         def stop(*_args, **_kwargs):

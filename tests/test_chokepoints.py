@@ -92,7 +92,10 @@ ALLOWED = {
         "installed.py",
         "read_text",
     ): "importlib.metadata's read of our own installation record (direct_url.json), not a user file",
-    ("profiling.py", "write_text"): "the benchmarks' kernel timings, written to the file MERGEKIT_SEED_PROFILE names "
+    (
+        "kernel_timings.py",
+        "write_text",
+    ): "the benchmarks' kernel timings, written to the file MERGEKIT_SEED_PROFILE names "
     "(set by benchmarks/bench.py for its own child process), never a user folder",
     (
         "tools/demo/shipped.py",

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.tools.analysis import subspace_similarity
-from mergekit_seed.tools.demo.run import MERGEKIT_METHODS, SETTINGS, ours
+from mergekit_seed.tools.demo.pipeline import MERGEKIT_METHODS, SETTINGS, ours
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_demo_merges_and_evaluation_are_deterministic(quick_demo):
 
 
 def test_the_splits_are_disjoint_and_the_best_seed_is_chosen_on_validation():
-    from mergekit_seed.tools.demo.run import DemoConfig, experiment_data, summarise
+    from mergekit_seed.tools.demo.pipeline import DemoConfig, experiment_data, summarise
     from mergekit_seed.tools.demo.task import SKILLS
     from mergekit_seed.tools.demo.train import pretraining_prompts
 
@@ -205,7 +205,7 @@ def test_the_documented_results_are_the_shipped_results_files():
     current protocol under its own kernels, in the papers' regime."""
     from pathlib import Path
 
-    from mergekit_seed.tools.demo.run import DemoConfig
+    from mergekit_seed.tools.demo.pipeline import DemoConfig
     from mergekit_seed.tools.demo.shipped import SUMMARY_FILE, readme_sentence, results_section, summarise_files
 
     root = Path(__file__).parent.parent

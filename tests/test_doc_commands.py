@@ -36,7 +36,7 @@ NOT_OFFLINE = {
     "done": "the end of the lm-eval loop above",
     "accelerate launch": "lm-eval under accelerate on real models",
     "mergekit-seed compare "
-    "--lm-eval": "compares the folders the lm_eval commands above write (tests/test_harness.py builds such folders)",
+    "--lm-eval": "compares the folders the lm_eval commands above write (tests/test_lm_eval.py builds such folders)",
     "mergekit-seed compare runs/seed0 runs/seed1 runs/seed2 merged/seedft "
     "--tasks": "downloads gsm8k and arc_easy, and asks for a GPU",
     "mergekit-seed select ... "

@@ -38,7 +38,7 @@ def fill(recipe: dict, base: Path, seeds) -> dict:
 def is_select_grid(block: dict) -> bool:
     """A `select --grid` file (docs/select.md): method names mapping to parameter values."""
     from mergekit_seed.methods import our_method_names
-    from mergekit_seed.tools.selection import MERGEKIT_METHODS
+    from mergekit_seed.tools.selection.candidates import MERGEKIT_METHODS
 
     return all(
         key in our_method_names() + MERGEKIT_METHODS and isinstance(value, dict) for key, value in block.items()
@@ -49,7 +49,7 @@ def is_select_grid(block: dict) -> bool:
 def test_every_documented_recipe_validates(block, tiny_family, tiny_loras, tmp_path):
     recipe = yaml.safe_load(block)
     if is_select_grid(recipe):  # every candidate of the grid checked as select checks it
-        from mergekit_seed.tools.selection import candidates, parsed_candidates, read_grid
+        from mergekit_seed.tools.selection.candidates import candidates, parsed_candidates, read_grid
 
         path = tmp_path / "grid.yml"
         path.write_text(block, encoding="utf-8")

@@ -27,9 +27,9 @@ LAYERS = {
     ],
     "maths": ["maths"],
     "references": ["references"],
-    "methods": ["methods", "profiling", "plugin"],
-    "recipe": ["recipe"],
-    "engines and cards": ["adapters.engine", "card", "reproduce"],
+    "methods": ["methods", "kernel_timings", "plugin"],
+    "recipe": ["recipe", "catalogue", "hub_recipes", "validation"],
+    "engines and cards": ["engines", "card", "reproduce"],
     "runner": ["runner"],
     "tools": ["tools"],
     "cli": ["cli"],
@@ -111,6 +111,9 @@ def test_every_module_imports_and_the_package_stays_cheap():
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({name!r})\n" for name in names)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "could not register" not in done.stderr, (
+        done.stderr
+    )  # importing ours in any order never breaks registration
     # `import mergekit_seed` (run at every interpreter start by the .pth hook) imports neither torch nor mergekit
     cheap = subprocess.run(
         [sys.executable, "-c", "import sys, mergekit_seed; print('torch' in sys.modules, 'mergekit' in sys.modules)"],
@@ -189,3 +192,20 @@ def test_no_function_is_longer_than_sixty_lines():
         and node.end_lineno - node.body[0].lineno + 1 > LONGEST_FUNCTION
     ]
     assert not long, "\n".join(long)
+
+
+def test_importing_the_methods_first_never_breaks_registration():
+    """Our methods module imports mergekit's registry, whose import hook registers our methods:
+    imported first (a tool module does), it must not try to register itself half-built."""
+    code = "import mergekit_seed.methods; import mergekit_seed; mergekit_seed.register()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and "could not register" not in done.stderr, done.stderr
+
+
+def test_no_two_modules_share_a_name():
+    """Issue 48: maths/sera.py and references/sera.py, maths/profile.py and profiling.py told a
+    reader nothing apart. Every module and package has a name of its own, saying its job."""
+    names = [path.parent.name if path.stem == "__init__" else path.stem for path in PACKAGE.rglob("*.py")]
+    names = [name for name in names if name != PACKAGE.name]
+    shared = sorted({name for name in names if names.count(name) > 1})
+    assert not shared, shared

@@ -83,6 +83,6 @@ def test_select_tries_a_fifth_method_with_its_grid(toy, tiny_family, tmp_path):
 
 
 def test_the_demo_leaves_out_what_its_spec_says(toy):
-    from mergekit_seed.tools.demo.run import ours
+    from mergekit_seed.tools.demo.pipeline import ours
 
     assert "toy_mean" not in ours() and set(ours()) == {m.spec.name for m in METHODS if m.in_demo}

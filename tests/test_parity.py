@@ -261,7 +261,7 @@ def test_paths_that_cannot_be_models(tmp_path):
 
 
 def test_shipped_recipes_with_placeholders_do_not_pass_validate():
-    from mergekit_seed.recipe import shipped_recipes
+    from mergekit_seed.catalogue import shipped_recipes
 
     recipe = shipped_recipes()["seedft-llama2-7b-metamath"]
     refused(run_cli("mergekit-seed", "validate", recipe), "is a placeholder")

@@ -200,6 +200,6 @@ def test_sera_target_modules_match_as_peft_matches_a_list(name, targets):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from mergekit_seed.maths.sera import _matches
+    from mergekit_seed.references.sera_layer import _matches
 
     assert _matches(name, targets) == bool(check_target_module_exists(LoraConfig(target_modules=targets), name))

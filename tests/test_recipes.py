@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli, save_random_lora, save_random_sera, write_recipe
 from tiny import derive_seeds, save_tiny_llama
 
-from mergekit_seed.recipe import shipped_recipes
+from mergekit_seed.catalogue import shipped_recipes
 
 
 REPO = Path(__file__).parent.parent

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_seed.tools import selection
 from mergekit_seed.tools.compare import greedy_continuation, load_model
+from mergekit_seed.tools.selection import sweep
 
 
 PROMPTS = [
@@ -73,13 +74,13 @@ def planted(tmp_path_factory):
 
 def _count_scorings(monkeypatch):
     calls = []
-    original = selection.score_model
+    original = sweep.score_model
 
     def counted(model, rows, *args, **kwargs):
         calls.append((str(model), rows[0].prompt))
         return original(model, rows, *args, **kwargs)
 
-    monkeypatch.setattr(selection, "score_model", counted)
+    monkeypatch.setattr(sweep, "score_model", counted)
     return calls
 
 
@@ -272,7 +273,7 @@ def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(plant
             raise UserError("lore: planted failure")
         return real_merge(recipe, out, *args, **kwargs)
 
-    monkeypatch.setattr(selection, "merge", failing)
+    monkeypatch.setattr(sweep, "merge", failing)
     lines = []
     record = selection.select(
         [str(s) for s in seeds],
@@ -293,7 +294,7 @@ def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(plant
 
 def _mc_task(folder: Path, name: str, words) -> None:
     """An lm-eval multiple-choice task over local JSON documents (no dataset download)."""
-    from test_harness import MC_BODY, TASK_YAML
+    from test_lm_eval import MC_BODY, TASK_YAML
 
     data = folder / f"{name}.jsonl"
     data.write_text(
@@ -307,7 +308,7 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
 
     from lm_eval.tasks import TaskManager
 
-    from mergekit_seed.tools import harness
+    from mergekit_seed.tools import lm_eval_runner
 
     monkeypatch.setattr(
         TaskManager, "__init__", partialmethod(TaskManager.__init__, include_defaults=False)
@@ -319,15 +320,13 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
     _mc_task(tasks, "pick_test", ["bca", "zyx", "onm", "rqp", "jih", "wvu", "mlk", "fed"])
     _mc_task(tasks, "pick_overlap", ["abc", "zzz"])
     runs = []
-    original = harness.evaluate_models
+    original = lm_eval_runner.evaluate_models
     monkeypatch.setattr(
-        selection,
+        sweep,
         "evaluate_models",
         lambda models, out, names, **kw: runs.append((models[0], tuple(names))) or original(models, out, names, **kw),
     )
-    validation, test = (
-        selection.read_task_split([name], str(tasks), None, None) for name in ("pick_val", "pick_test")
-    )
+    validation, test = (sweep.read_task_split([name], str(tasks), None, None) for name in ("pick_val", "pick_test"))
     record = selection.select(
         [str(s) for s in seeds],
         str(base),
@@ -344,9 +343,9 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
     assert len(runs) == len(seeds) + len(record["candidates"]) + 2
     assert record["validation"]["tasks"] == ["pick_val"] and record["validation"]["examples"] == 8
     assert "lm-eval tasks pick_val" in (tmp_path / "out" / "README.md").read_text()
-    overlapping = selection.read_task_split(["pick_overlap"], str(tasks), None, None)
-    with pytest.raises(selection.UserError, match="1 of its 2 examples .* also in lm-eval tasks pick_val"):
-        selection.plan_selection([str(s) for s in seeds], str(base), validation, overlapping)
+    overlapping = sweep.read_task_split(["pick_overlap"], str(tasks), None, None)
+    with pytest.raises(sweep.UserError, match="1 of its 2 examples .* also in lm-eval tasks pick_val"):
+        sweep.plan_selection([str(s) for s in seeds], str(base), validation, overlapping)
 
 
 def test_the_documented_cost_is_the_shipped_benchmark():
@@ -374,14 +373,14 @@ def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes
     from mergekit_seed.errors import UserError
 
     _, base, _, seeds, validation, test = planted
-    original = selection.score_model
+    original = sweep.score_model
 
     def failing(model, *args, **kwargs):
         if "candidate0" in str(model):
             raise UserError("example 1: its exact_match score: nan is not a finite number")
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(selection, "score_model", failing)
+    monkeypatch.setattr(sweep, "score_model", failing)
     record = selection.select(
         [str(s) for s in seeds],
         str(base),

@@ -7,7 +7,7 @@ import numpy
 import pytest
 
 from mergekit_seed.maths.stats import BETTER, NO_DIFFERENCE, WORSE, paired_difference
-from mergekit_seed.tools.demo.run import versus_best_seed
+from mergekit_seed.tools.demo.pipeline import versus_best_seed
 
 
 def test_a_constant_difference_has_a_point_interval():

@@ -27,10 +27,9 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-# From this size on a CPU, eigendecompositions go to scipy's LAPACK (at 4096: 7.5 s against
-# torch's 9.5 s, and no copy of the input); below it torch's eigh is as fast (1408: 0.27 s
-# both; 512: 0.025 s against 0.036 s) and small merges, adapter merges among them, need not
-# import scipy.
+# From this size on a CPU, eigendecompositions go to scipy's LAPACK (faster, and no copy of the
+# input); below it torch's eigh is as fast, and small merges, adapter merges among them, need
+# not import scipy (docs/performance.md, "Threads" and SeedFT).
 _LAPACK_EIGH_SIZE = 2048
 
 
@@ -39,11 +38,10 @@ def _descending_eigh(gram: torch.Tensor, count: Optional[int] = None):
     first, eigenvalues clamped at 0. ``gram`` may be overwritten.
 
     On the CPU from 2048 on a side this is LAPACK's ``syevr`` (all eigenpairs by MRRR) through scipy, reducing
-    ``gram`` in place, on as many threads as torch uses (``torch.get_num_threads()``). Measured
-    on 11008 x 11008 float64, 2 cores: 114 s and O(size) workspace, where torch's ``eigh``
-    (``syevd``, plus a copy of its input) took 177 s and needs 2 size^2 more workspace (1.9 GB
-    there), and scipy's ``syevd`` in place 113 s with that workspace. Asking ``syevr`` for the
-    wanted eigenpairs alone switches it to inverse iteration: 201 s there. Elsewhere torch's
+    ``gram`` in place, on as many threads as torch uses (``torch.get_num_threads()``): O(size)
+    workspace, where torch's ``eigh`` (``syevd``, plus a copy of its input) needs 2 size^2 more,
+    and faster than it at these sizes; asking ``syevr`` for the wanted eigenpairs alone switches
+    it to inverse iteration, which is slower (docs/performance.md, SeedFT). Elsewhere torch's
     ``eigh``.
     """
     size = gram.shape[0]
@@ -183,8 +181,8 @@ def _kth_smallest(flat: torch.Tensor, positions: Sequence[int]) -> List[torch.Te
     """The ``positions``-th smallest entries (0-based) of a 1-D tensor, exactly.
 
     ``kthvalue`` on hundreds of millions of entries is a single-threaded quickselect that slows
-    down on the many repeated values of bf16-derived deltas (3.8 s per call measured on
-    3 x 11008 x 4096 entries). Instead (Floyd and Rivest's selection): a seeded sample of 65536
+    down on the many repeated values of bf16-derived deltas (docs/performance.md,
+    seedlora_twostage). Instead (Floyd and Rivest's selection): a seeded sample of 65536
     entries brackets the wanted order statistics, two vectorised passes count the entries below
     the bracket and gather those inside it, and ``kthvalue`` runs on that small remainder. If
     the bracket misses (rare: it spans 8 standard deviations of the sample's rank error) the
@@ -333,8 +331,7 @@ def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
 def _wide_svd(matrix: torch.Tensor):
     """``U (q, q), S (q,), V (n, q)`` of a wide (q, n) matrix, q <= n, through the QR
     factorisation of its transpose and the SVD of the q x q factor: as accurate as LAPACK's
-    SVD of the whole (float32, 116 x 11008: 1e-6 of S_1 against float64 for both), and 2.6x
-    faster (10 against 27 ms, 2 CPU cores)."""
+    SVD of the whole, and faster (docs/performance.md)."""
     Q, R = torch.linalg.qr(matrix.T)
     U, S, Wh = torch.linalg.svd(R.T)
     return U, S, Q @ Wh.T
@@ -431,8 +428,7 @@ def _sketch_product(matrix, sketch: int, start, start_product, seed: int) -> tor
 
 
 # The spectral norm's sketch: on a CPU a pass with up to about 32 columns costs what one with
-# 17 does (memory-bound: 25 against 23 ms on 11008 x 4096, 2 cores), and the wider sketch
-# converges in fewer passes (0.33 against 0.44 s there on a demo delta, measured).
+# 17 does (the pass is memory-bound), and the wider sketch converges in fewer passes.
 _SPECTRAL_NORM_SKETCH = 32
 
 
@@ -675,7 +671,7 @@ def mean_and_std(tensor: torch.Tensor):
         return 0.0, 0.0
     sizes, block_means, block_squares = [], [], []
     for block in flat.split(_MOMENT_BLOCK):
-        block_mean = block.mean().item()  # a Python float: subtracting a 0-d tensor is 2.5x slower
+        block_mean = block.mean().item()  # a Python float: subtracting a 0-d tensor is slower
         sizes.append(block.numel())
         block_means.append(block_mean)
         block_squares.append((block - block_mean).square_().sum().item())

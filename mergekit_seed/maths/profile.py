@@ -1,7 +1,7 @@
 """Where a kernel's time went, for benchmarks.
 
 A :class:`Profile` is a separate object that a caller passes to a kernel when it wants to know
-(``MERGEKIT_SEED_PROFILE`` through profiling.py, the benchmarks); it is never part of a kernel's result,
+(``MERGEKIT_SEED_PROFILE`` through kernel_timings.py, the benchmarks); it is never part of a kernel's result,
 and a kernel given none times nothing.
 """
 

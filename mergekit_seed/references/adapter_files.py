@@ -21,14 +21,15 @@ from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
 from mergekit_seed.finite import is_finite_tensor
+from mergekit_seed.maths.kernels.sera import sera_delta_factors
 from mergekit_seed.maths.linalg import LowRank
-from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
-from mergekit_seed.maths.sera import SeraConfig, sera_delta_factors
 from mergekit_seed.output import write_tensors, write_text
 from mergekit_seed.reader import load_pickled_tensors, load_safetensors, read_json_object
 from mergekit_seed.references.base_model import has_conv1d_layers
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.sera import CONFIG_NAME, KEY_PREFIX
+from mergekit_seed.references.sera_files import CONFIG_NAME, KEY_PREFIX
+from mergekit_seed.references.sera_layer import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.references.sera_layer import SeraConfig
 from mergekit_seed.references.weights import confined_file, full_model_files, safetensors_index
 from mergekit_seed.untrusted import names_module, pattern_key
 
@@ -831,8 +832,8 @@ def write_lora_adapter(
     ``token_adapter.trainable_tokens_delta``, and ``lora_bias`` deltas as ``lora_B.bias``.
     The ``adapter_config.json`` holds the fields of PEFT's ``LoraConfig`` that define these
     (PEFT fills in its defaults for the rest when it loads the folder); it is written
-    directly because importing peft takes 5.7 s. ``dtype`` (default float32) is the dtype
-    of every tensor written.
+    directly because importing peft costs seconds (``benchmarks/startup.json``). ``dtype``
+    (default float32) is the dtype of every tensor written.
     """
     tensors: Dict[str, torch.Tensor] = {}
     ranks, kinds = _lora_pair_tensors(merged, tensors)

@@ -29,13 +29,13 @@ import yaml
 from mergekit_seed.errors import UserError
 from mergekit_seed.finite import report_json, require_finite_number
 from mergekit_seed.installed import package_version
-from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
 from mergekit_seed.output import OutputFolder, local_paths, staged_path, write_text
 from mergekit_seed.reader import read_lines, read_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.sera import load_sera
+from mergekit_seed.references.sera_files import load_sera
+from mergekit_seed.references.sera_layer import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.references.weights import safetensors_shapes
 from mergekit_seed.untrusted import bounded_safe_load, front_matter
 

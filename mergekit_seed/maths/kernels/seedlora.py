@@ -204,8 +204,8 @@ def robust_and_conflict(tau: torch.Tensor, sigma: torch.Tensor | float, min_agre
 
 
 # Stage 1 makes about twenty elementwise passes over the stacked deltas; over blocks of rows
-# of about this many entries per seed they run in cache instead of from memory (7.4 s -> 1.1 s
-# on three 11008 x 4096 deltas, 2 CPU cores).
+# of about this many entries per seed they run in cache instead of from memory
+# (docs/performance.md, seedlora_twostage).
 _STAGE_ONE_BLOCK = 1 << 16
 
 

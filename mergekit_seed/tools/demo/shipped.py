@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 from mergekit_seed.maths.stats import BETTER
 from mergekit_seed.reader import read_json_object, read_text
-from mergekit_seed.tools.demo.run import best_seed, render_markdown
+from mergekit_seed.tools.demo.pipeline import best_seed, render_markdown
 
 
 SUMMARY_FILE = Path(__file__).with_name("shipped.json")

@@ -11,9 +11,9 @@ from typing import Iterator, List, Sequence
 import torch
 from tqdm import tqdm
 
-from mergekit_seed.maths.sera import SeraConfig, apply_sera, merge_sera
 from mergekit_seed.output import OutputFolder, staged_path
-from mergekit_seed.references.sera import load_sera, save_sera
+from mergekit_seed.references.sera_files import load_sera, save_sera
+from mergekit_seed.references.sera_layer import SeraConfig, apply_sera, merge_sera
 from mergekit_seed.tools.demo.task import CharVocabulary, Example, batch_tensors, pretraining_corpus, save_tokenizer
 
 

@@ -1,4 +1,5 @@
-"""SeRA: Vector Segmented and Recombined Adaptation (Eqs. 1-3), so SeRA seeds can be trained.
+"""The SeRA layer (Eqs. 1-3) as PEFT would have it, so SeRA seeds can be trained and applied:
+its config, the ``nn.Module`` and applying or folding it into a model.
 
 A SeRA layer adds ``x A C B`` (row-vector form) to a frozen linear layer ``x W0^T``, where
 A (d_in x r) is block-diagonal with ``split`` blocks A_k (d_in/split x r/split), C (r x r) is
@@ -7,7 +8,8 @@ dense, and B (r x d_out) is block-diagonal with blocks B_k (r/split x d_out/spli
     h = x W0^T + scaling * x A C B,     scaling = sera_alpha / r           (Eq. 1)
 
 Init per the paper: A and C Kaiming-uniform, B zero (the adapter starts as the identity).
-The layer only: a SeRA adapter on disk is :mod:`mergekit_seed.references.sera`.
+The delta's algebra is :mod:`mergekit_seed.maths.kernels.sera`; a SeRA adapter on disk is
+:mod:`mergekit_seed.references.sera_files`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from mergekit_seed.maths.kernels.sera import sera_delta_factors
 from mergekit_seed.untrusted import names_module
 
 
@@ -46,21 +49,6 @@ class SeraConfig(BaseModel):
     @property
     def scaling(self) -> float:
         return self.sera_alpha / self.r
-
-
-def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(split, p, q) blocks -> the (split*p, split*q) block-diagonal matrix."""
-    return torch.block_diag(*blocks.unbind(0))
-
-
-def sera_delta_factors(A: torch.Tensor, C: torch.Tensor, B: torch.Tensor, scaling: float):
-    """The PyTorch-layout delta ``scaling * (A C B)^T`` (d_out, d_in) as a factor pair.
-
-    Returns ``(left (d_out, r), right (r, d_in))`` with left @ right = scaling * B^T C^T A^T,
-    A and B being the block-diagonal matrices built from the stored blocks.
-    """
-    A_full, B_full = block_diagonal(A), block_diagonal(B)
-    return scaling * B_full.T, C.T @ A_full.T
 
 
 class SeraLinear(nn.Module):
@@ -102,8 +90,8 @@ class SeraLinear(nn.Module):
 
 def _matches(module_name: str, targets: List[str]) -> bool:
     """PEFT's rule for a list of ``target_modules`` (``check_target_module_exists``: the name
-    itself or its last dotted parts); importing peft for it would cost 5.7 s, and a property
-    test holds the two equal."""
+    itself or its last dotted parts); importing peft for it would cost seconds
+    (``benchmarks/startup.json``), and a property test holds the two equal."""
     return any(names_module(module_name, t) for t in targets)
 
 

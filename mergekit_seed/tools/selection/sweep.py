@@ -1,54 +1,26 @@
-"""``mergekit-seed select``: choose the merge on validation, judge it on test, publish the winner.
-
-The protocol (one implementation: the demo's choice and verdict use :func:`choose`,
-:func:`mean_seed` and :func:`judge` too):
-
-1. Every candidate (a method with one setting of the grid) is merged through the real engines
-   (:func:`mergekit_seed.runner.merge`) and scored on the validation set; every seed is too.
-2. The candidate and the seed with the best validation score are chosen.
-3. Only those two are scored on the test set, once, after the choice. The paired per-example
-   difference on test, with :func:`~mergekit_seed.maths.stats.paired_difference`'s interval,
-   gives the verdict ("better", "worse", "no detectable difference"). ``versus_mean_seed``
-   scores the other seeds on test as well (still after the choice) for the comparison with
-   the average seed.
-
-Candidates are merged one at a time and only the best so far stays on disk (two merges at
-most). OUT is the winning merge, card included, with a "Selection" section added to the card,
-and ``select.json``, ``select.md`` and ``select.png`` beside it.
-"""
+"""``select``'s work: the validation and test splits, the scorers, the plan checked before anything
+runs, the sweep over candidates and seeds on validation, the verdict on test (the protocol's
+:func:`choose`, :func:`mean_seed` and :func:`judge`, which the demo uses too), and the
+``--dry-run`` estimates."""
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import yaml
 from tqdm import tqdm
 
-from mergekit_seed.card import CARD_NAME
 from mergekit_seed.errors import UserError
-from mergekit_seed.finite import report_json
-from mergekit_seed.maths.sera import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.maths.stats import paired_difference
-from mergekit_seed.methods import our_method_names, our_methods
 from mergekit_seed.output import (
-    MANIFEST_NAME,
-    OutputFolder,
-    local_paths,
-    move,
     remove,
     scratch_folder,
-    staged_path,
-    write_text,
 )
-from mergekit_seed.reader import read_text, sha256
-from mergekit_seed.recipe import check_recipe, parse_mapping, parse_recipe, read_recipe_text
-from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
+from mergekit_seed.reader import sha256
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.weights import weight_files
 from mergekit_seed.runner import merge
@@ -58,48 +30,23 @@ from mergekit_seed.tools.compare import (
     load_model,
     per_example,
     read_data,
-    run_record,
     score_model,
     score_rows,
     summary,
 )
-from mergekit_seed.tools.harness import (
-    INSTALL_HINT,
-    comparable_metrics,
-    evaluate_models,
-    pooled_metric,
-    read_run,
-    task_manager,
+from mergekit_seed.tools.lm_eval_report import comparable_metrics, pooled_metric, read_run
+from mergekit_seed.tools.lm_eval_runner import INSTALL_HINT, evaluate_models, task_manager
+from mergekit_seed.tools.selection.candidates import (
+    Candidate,
+    candidates,
+    check_methods,
+    default_grid,
+    default_methods,
+    our_method,
+    parsed_candidates,
+    read_grid,
+    seed_kind,
 )
-
-
-# mergekit's own methods select can try (ours come from methods.METHODS), the ones it tries by
-# default, and their default grid
-MERGEKIT_METHODS = ("linear", "ties", "dare_ties")
-MERGEKIT_DEFAULTS = ("linear", "ties")
-MERGEKIT_GRID: Dict[str, Dict[str, List[Any]]] = {"ties": {"density": [0.5]}, "dare_ties": {"density": [0.5]}}
-
-
-def our_method(name: str) -> Optional[Any]:
-    """Our method called ``name`` (its spec object, :mod:`mergekit_seed.methods`), or None."""
-    return next((method for method in our_methods() if method.spec.name == name), None)
-
-
-def default_methods() -> Tuple[str, ...]:
-    return our_method_names() + MERGEKIT_DEFAULTS
-
-
-def default_grid() -> Dict[str, Dict[str, List[Any]]]:
-    """Each method's default values to try: ours from their specs' ``select_grid``, mergekit's
-    from :data:`MERGEKIT_GRID`."""
-    ours = {method.spec.name: {k: list(v) for k, v in method.select_grid.items()} for method in our_methods()}
-    return {**{name: grid for name, grid in ours.items() if grid}, **MERGEKIT_GRID}
-
-
-SELECTION_HEADING = "## Selection"
-
-
-# ------------------------------------------------------------------ the protocol
 
 
 def choose(scores: Mapping[str, float]) -> str:
@@ -126,124 +73,6 @@ def judge(
     with its bootstrap interval and verdict, as a dict."""
     differences = [[m - r for m, r in zip(mine, theirs)] for mine, theirs in zip(model, reference)]
     return paired_difference(differences, confidence, resamples, seed).to_dict()
-
-
-# ------------------------------------------------------------------ candidates
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One merge to try: a method and the recipe-level parameters of one grid point."""
-
-    method: str
-    parameters: Tuple[Tuple[str, Any], ...] = ()
-
-    @property
-    def name(self) -> str:
-        settings = " ".join(f"{key}={value}" for key, value in self.parameters)
-        return f"{self.method} {settings}".strip()
-
-
-def read_grid(path: Path) -> Dict[str, Dict[str, List[Any]]]:
-    """``--grid``: ``{method: {parameter: [values]}}`` (a single value counts as a list of one);
-    one line naming the entry for anything else."""
-    data = parse_mapping(read_recipe_text(str(path)), str(path))
-    grid: Dict[str, Dict[str, List[Any]]] = {}
-    for method, settings in data.items():
-        if not isinstance(settings, dict):
-            raise UserError(f"{path}: {method}: give a mapping of parameter: [values]")
-        grid[str(method)] = {}
-        for parameter, values in settings.items():
-            values = values if isinstance(values, list) else [values]
-            if not values:
-                raise UserError(f"{path}: {method}.{parameter}: an empty list; give at least one value")
-            grid[str(method)][str(parameter)] = values
-    return grid
-
-
-def candidates(methods: Sequence[str], grid: Mapping[str, Mapping[str, Sequence[Any]]]) -> List[Candidate]:
-    """Every method once per point of its grid (the product of its parameters' values), in the
-    order of ``methods``; a method the grid does not name is tried once with its defaults."""
-    found = []
-    for method in methods:
-        settings = grid.get(method, {})
-        for values in itertools.product(*settings.values()):
-            found.append(Candidate(method, tuple(zip(settings, values))))
-    if not found:
-        raise UserError("no candidates: give at least one method")
-    return found
-
-
-def seed_kind(seeds: Sequence[str]) -> str:
-    """``full``, ``lora`` or ``sera``: what the seeds are (all of one kind)."""
-    kinds = {}
-    for seed in seeds:
-        folder = local_folder(seed)
-        if is_adapter_folder(folder):
-            kind = peft_type(read_adapter_config(folder))
-            if kind not in ("LORA", SERA_TYPE):
-                raise UserError(f"{seed}: peft_type {kind!r} is not supported (LORA or SERA)")
-            kinds[seed] = kind.lower()
-        else:
-            kinds[seed] = "full"
-    if len(set(kinds.values())) > 1:
-        listing = ", ".join(f"{seed} ({kind})" for seed, kind in kinds.items())
-        raise UserError(f"the seeds must be of one kind (full models, LoRA or SeRA adapters): {listing}")
-    return next(iter(kinds.values()))
-
-
-def check_methods(methods: Sequence[str], kind: str) -> None:
-    """Refuse a method that cannot merge seeds of ``kind``."""
-    known = our_method_names() + MERGEKIT_METHODS
-    for method in methods:
-        if method not in known:
-            raise UserError(f"--methods {method}: select tries {', '.join(known)}")
-        if kind == "sera" and method in MERGEKIT_METHODS:
-            raise UserError(
-                f"--methods {method}: mergekit's methods cannot read SeRA adapters (PEFT does not know them); "
-                f"use {', '.join(our_method_names())}, or merge the seeds into full models first"
-            )
-
-
-def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str) -> str:
-    """The recipe of ``candidate``: our methods merge adapter seeds into an adapter; mergekit's
-    merge LoRA seeds as ``BASE+ADAPTER`` into a full model. Model Soup (linear) averages the
-    seeds alone, and a method that needs no base (LoRE) gets none for full seeds (adapters'
-    deltas are relative to it)."""
-    ours = our_method(candidate.method)
-    recipe: Dict[str, Any] = {"merge_method": candidate.method}
-    if candidate.method != "linear" and (kind != "full" or not ours or ours.needs_base):
-        recipe["base_model"] = base
-    models = []
-    for seed in seeds:
-        entry: Dict[str, Any] = {"model": f"{base}+{seed}" if kind == "lora" and not ours else seed}
-        if not ours:
-            # mergekit's methods require a per-model weight: 1 each for linear (Model Soup) and TIES;
-            # dare_ties sums the weighted deltas (its `normalize` defaults to false), so 1/N averages them
-            entry["parameters"] = {"weight": round(1 / len(seeds), 6) if candidate.method == "dare_ties" else 1.0}
-        models.append(entry)
-    recipe["models"] = models
-    if candidate.parameters:
-        recipe["parameters"] = dict(candidate.parameters)
-    if kind != "full" and ours:
-        recipe["output"] = {"format": "lora"}
-    return yaml.safe_dump(recipe, sort_keys=False)
-
-
-def parsed_candidates(found: Sequence[Candidate], base: str, seeds: Sequence[str], kind: str) -> Dict[Candidate, Any]:
-    """Each candidate's parsed recipe, every one checked before anything is merged (a bad grid
-    value is one line naming the candidate, not a failure after the sweep has started)."""
-    recipes = {}
-    for candidate in found:
-        recipe = parse_recipe(recipe_text(candidate, base, seeds, kind), f"candidate {candidate.name}")
-        problems = check_recipe(recipe, recipe.origin)
-        if problems:
-            raise UserError(problems[0])
-        recipes[candidate] = recipe
-    return recipes
-
-
-# ------------------------------------------------------------------ data
 
 
 @dataclass(frozen=True)
@@ -372,9 +201,6 @@ def refuse_overlap(validation, test) -> None:
         )
 
 
-# ------------------------------------------------------------------ the sweep
-
-
 @dataclass(frozen=True)
 class Scorer:
     """Scores one model on one split with compare's scorers: (the model's figure, the per-example
@@ -410,7 +236,7 @@ class Scorer:
 
 @dataclass(frozen=True)
 class TaskScorer:
-    """Scores one model on lm-eval tasks (:func:`~mergekit_seed.tools.harness.evaluate_models`,
+    """Scores one model on lm-eval tasks (:func:`~mergekit_seed.tools.lm_eval_runner.evaluate_models`,
     the route of ``compare --tasks``): (the mean of its per-example values, those values signed
     so that higher is better), pooled over the tasks in their order, each task with ``metric``
     (else its first metric whose per-example mean is lm-eval's score)."""
@@ -618,9 +444,6 @@ def _above_bar(progress, warn: Callable[[str], None], message: str) -> None:
         warn(message)
 
 
-# ------------------------------------------------------------------ the test, once
-
-
 def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: Tuple[float, int, int]) -> dict:
     """Score the chosen candidate and the chosen seed on test (the other seeds too with
     ``versus_mean_seed``), after the choice; their paired differences and verdicts."""
@@ -647,220 +470,6 @@ def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: T
         "scores": {name: figure for name, (figure, _) in scored.items()},
         **verdicts,
     }
-
-
-def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[float, int, int]) -> dict:
-    """select.json: the splits and their hashes, every candidate (recipe, validation score or
-    failure), the seeds on validation, what was chosen and the verdict on test."""
-    means = {**sweep.means(sweep.seeds), **{c.name: v for c, v in sweep.means(sweep.candidates).items()}}
-    entries = []
-    for candidate, recipe in plan.recipes.items():
-        entry = {
-            "name": candidate.name,
-            "method": candidate.method,
-            "parameters": dict(candidate.parameters),
-            "recipe": recipe.source,
-        }
-        if candidate in sweep.candidates:
-            entry["validation"] = {"score": sweep.candidates[candidate][0], "compared": means[candidate.name]}
-        else:
-            entry["failed"] = sweep.failures[candidate]
-        entries.append(entry)
-    metric, higher_is_better, compared_on = plan.scorer.describe()
-    return {
-        "seeds_kind": plan.kind,
-        "base": plan.base,
-        "metric": metric,
-        "higher_is_better": higher_is_better,
-        "compared_on": compared_on,
-        "validation": plan.validation.record(),
-        "test": plan.test.record(),
-        "seeds": {seed: {"score": figure, "compared": means[seed]} for seed, (figure, _) in sweep.seeds.items()},
-        "candidates": entries,
-        "failures": [entry["name"] for entry in entries if "failed" in entry],
-        "chosen": {"candidate": test["winner"], "seed": test["best_seed"]},
-        "on_test": test,
-        "test_scored_once_for": test["scored"],
-        **run_record(*bootstrap),
-    }
-
-
-# ------------------------------------------------------------------ the record
-
-
-def _difference(difference: dict) -> str:
-    return f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]: {difference['verdict']}"
-
-
-def selection_markdown(record: dict) -> str:
-    """The "Selection" section of the card, and select.md: the candidates on validation, the
-    chosen pair, the verdict on test and the hashes of both splits."""
-    metric, test = record["metric"], record["on_test"]
-    lines = [
-        SELECTION_HEADING,
-        "",
-        f"Chosen by `mergekit-seed select` among {len(record['candidates'])} candidates on the validation set, "
-        f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after "
-        "the choice). "
-        f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']}.",
-        "",
-        f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 "
-        f"`{record['validation']['sha256']}`",
-        f"- test: `{record['test']['name']}`, {record['test']['examples']} examples, sha256 "
-        f"`{record['test']['sha256']}`",
-        "",
-        f"| candidate | validation {metric} | compared value |",
-        "|---|---|---|",
-    ]
-    for entry in record["candidates"]:
-        mark = " (chosen)" if entry["name"] == test["winner"] else ""
-        if "failed" in entry:
-            lines.append(f"| {entry['name']} | failed | {entry['failed'][:120]} |")
-        else:
-            lines.append(
-                f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | "
-                f"{entry['validation']['compared']:.4f} |"
-            )
-    for seed, entry in record["seeds"].items():
-        mark = " (best seed)" if seed == test["best_seed"] else ""
-        lines.append(f"| seed `{seed}`{mark} | {entry['score']:.4f} | {entry['compared']:.4f} |")
-    confidence = int(100 * record["confidence"])
-    lines += [
-        "",
-        f"On test, `{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): "
-        f"{_difference(test['versus_best_seed'])}.",
-    ]
-    if "versus_mean_seed" in test:
-        lines.append(
-            "Minus the mean seed (every seed scored on test after the choice): "
-            f"{_difference(test['versus_mean_seed'])}."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(record: dict, path: Path) -> None:
-    """select.png: validation score per candidate and seed; the test difference with its interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    test = record["on_test"]
-    rows = [
-        (e["name"], e["validation"]["compared"], "tab:green" if e["name"] == test["winner"] else "tab:blue")
-        for e in record["candidates"]
-        if "validation" in e
-    ]
-    rows += [(f"seed {Path(s).name}", e["compared"], "tab:gray") for s, e in record["seeds"].items()]
-    figure, (left, right) = plt.subplots(
-        1, 2, figsize=(12, 1.5 + 0.35 * len(rows)), gridspec_kw={"width_ratios": [3, 2]}
-    )
-    # points, not bars: log-probabilities are negative and candidates differ by little
-    left.scatter([value for _, value, _ in rows], range(len(rows)), color=[color for _, _, color in rows], zorder=3)
-    left.grid(axis="x", alpha=0.3)
-    left.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
-    left.invert_yaxis()
-    left.set_xlabel(f"validation: per-example {record['compared_on']}")
-    left.set_title("candidates on validation (green: chosen)")
-    references = [key for key in ("versus_best_seed", "versus_mean_seed") if key in test]
-    for position, key in enumerate(references):
-        difference = test[key]
-        right.errorbar(
-            difference["mean"],
-            position,
-            xerr=[[difference["mean"] - difference["low"]], [difference["high"] - difference["mean"]]],
-            fmt="o",
-            capsize=4,
-            color={"better": "tab:green", "worse": "tab:red"}.get(difference["verdict"], "tab:gray"),
-        )
-    right.axvline(0, color="black", linewidth=0.8)
-    right.set_yticks(range(len(references)), [key.replace("versus_", "vs ").replace("_", " ") for key in references])
-    right.set_ylim(-0.5, len(references) - 0.5)
-    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
-    right.set_title(f"test: {test['winner']}")
-    right.set_xlabel(f"difference ({int(100 * record['confidence'])}% interval, positive is better)")
-    figure.tight_layout()
-    figure.savefig(staged_path(path), dpi=120)
-    plt.close(figure)
-
-
-def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
-    """Move the winning merge into ``staging`` (OUT), add the Selection section to its card and
-    write select.json, select.md and select.png beside it."""
-    for entry in sweep.best_folder.iterdir():
-        if entry.name != MANIFEST_NAME:
-            move(entry, staging / entry.name)
-    section = selection_markdown(record)
-    card = staging / CARD_NAME
-    if card.is_file():
-        write_text(card, read_text(card, "model card", within=staging).rstrip("\n") + "\n\n" + section)
-    write_text(staging / "select.json", report_json(record, "select.json"))
-    write_text(staging / "select.md", section.replace(SELECTION_HEADING, "# Selection", 1))
-    plot(record, staging / "select.png")
-
-
-# ------------------------------------------------------------------ the command
-
-
-def select(
-    seeds: Sequence[str],
-    base: str,
-    validation: Union[Path, TaskSplit],
-    test: Union[Path, TaskSplit],
-    out: Path,
-    *,
-    versus_mean_seed: bool = False,
-    confidence: float = 0.95,
-    seed: int = 0,
-    resamples: int = 10_000,
-    overwrite: bool = False,
-    quiet: bool = False,
-    echo: Callable[[str], None] = print,
-    warn: Optional[Callable[[str], None]] = None,
-    **plan_settings: Any,
-) -> dict:
-    """Choose among ``plan_settings``' candidates (:func:`plan_selection`: ``methods``, ``grid``,
-    ``metric``, ``tokenizer``, ``batch_size``, ``device``) on ``validation``, judge the choice
-    on ``test`` (JSONL files, or lm-eval tasks from :func:`read_task_split`) and publish the winning
-    merge with its record in ``out`` (:class:`~mergekit_seed.output.OutputFolder`). Returns what
-    select.json holds."""
-    warn = warn or (lambda message: echo(f"warning: {message}"))
-    plan = plan_selection(seeds, base, validation, test, **plan_settings)
-    bootstrap = (confidence, resamples, seed)
-    with OutputFolder(
-        out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn
-    ) as output:
-        sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
-        results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
-        record = selection_record(plan, sweep, results, bootstrap)
-        publish_winner(sweep, output.staging, record)
-        remove(output.staging / ".sweep")
-        output.publish()
-    for line in summary_lines(record):
-        echo(line)
-    return record
-
-
-def summary_lines(record: dict) -> List[str]:
-    test = record["on_test"]
-    lines = [
-        f"chosen on validation: {test['winner']}; best seed on validation: {test['best_seed']}",
-        f"test ({record['test']['examples']} examples, scored once, after the choice): {test['winner']} minus the "
-        "best seed "
-        f"{_difference(test['versus_best_seed'])}",
-    ]
-    if "versus_mean_seed" in test:
-        lines.append(f"  minus the mean seed {_difference(test['versus_mean_seed'])}")
-    if record["failures"]:
-        lines.append(
-            f"failed to merge or to score ({len(record['failures'])}): {', '.join(record['failures'])} (select.json "
-            "says why)"
-        )
-    return lines
-
-
-# ------------------------------------------------------------------ --dry-run
 
 
 def _weight_bytes(reference: str) -> int:

@@ -1,4 +1,4 @@
-"""SeRA adapters on disk (the layer itself is :mod:`mergekit_seed.maths.sera`).
+"""SeRA adapters on disk (the layer itself is :mod:`mergekit_seed.references.sera_layer`).
 
 A SeRA adapter is a folder like a PEFT adapter: ``adapter_config.json`` with
 ``"peft_type": "SERA"``, ``r``, ``split``, ``sera_alpha``, ``target_modules``,
@@ -16,9 +16,9 @@ from typing import Union
 from torch import nn
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.maths.sera import SeraConfig, apply_sera, sera_layers
 from mergekit_seed.output import OutputFolder, write_tensors, write_text
 from mergekit_seed.reader import load_safetensors, read_json_object
+from mergekit_seed.references.sera_layer import SeraConfig, apply_sera, sera_layers
 
 
 CONFIG_NAME = "adapter_config.json"

@@ -8,12 +8,12 @@ already the task vector; LoRE is translation-equivariant, so running it on the d
 the merged delta).
 
 Nothing here imports ``mergekit.config``, ``mergekit.common``, ``mergekit.options``,
-transformers or peft: importing them takes 3.6 s of start-up that an adapter merge does not
-use (``mergekit-seed run`` on a tiny LoRA recipe, median of 5 on our 2-core machine: 3.8 s
-as it is, 7.3 s with them imported). That is why recipe.py and runner.py keep small
+transformers or peft: importing them is most of the start-up of a small adapter merge, which
+uses none of them (measured: ``benchmarks/startup.json``, quoted in docs/architecture.md). That
+is why recipe.py and runner.py keep small
 counterparts of ``MergeConfiguration``, ``evaluate_setting``, ``dtype_from_name`` and
 ``MergeOptions`` for adapter recipes (docs/architecture.md). Reading and writing tensors uses
-mergekit's own ``mergekit.io`` (0.1 s).
+mergekit's own ``mergekit.io``, which is cheap to import.
 """
 
 from __future__ import annotations

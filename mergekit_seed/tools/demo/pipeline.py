@@ -36,12 +36,12 @@ from typing import Callable, Dict, List, Tuple
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.installed import package_version
-from mergekit_seed.maths.sera import merge_sera
 from mergekit_seed.methods import our_methods
 from mergekit_seed.output import OutputFolder, copy_tree, read_manifest, staged_path, write_text
 from mergekit_seed.quiet import quiet_libraries
 from mergekit_seed.reader import read_lines, read_text
-from mergekit_seed.references.sera import load_sera
+from mergekit_seed.references.sera_files import load_sera
+from mergekit_seed.references.sera_layer import merge_sera
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import compare
 from mergekit_seed.tools.demo.task import SKILLS, CharVocabulary, accuracy_by_skill, exact_matches, make_examples
@@ -55,14 +55,8 @@ from mergekit_seed.tools.demo.train import (
     save_checkpoint,
     seed_names,
 )
-from mergekit_seed.tools.selection import (
-    MERGEKIT_METHODS,
-    Candidate,
-    choose,
-    judge,
-    mean_seed,
-    recipe_text,
-)
+from mergekit_seed.tools.selection.candidates import MERGEKIT_METHODS, Candidate, recipe_text
+from mergekit_seed.tools.selection.sweep import choose, judge, mean_seed
 
 
 LOG = logging.getLogger("mergekit_seed")
@@ -77,7 +71,7 @@ def ours() -> Tuple[str, ...]:
 
 def candidates() -> Dict[str, Candidate]:
     """What the demo merges: each method at its defaults, mergekit's sparsifying methods at
-    density 0.5 (selection.recipe_text gives mergekit's methods their per-model weights)."""
+    density 0.5 (selection.candidates.recipe_text gives mergekit's methods their per-model weights)."""
     return {
         method: Candidate(method, (("density", 0.5),) if method in ("ties", "dare_ties") else ())
         for method in ours() + MERGEKIT_METHODS
