@@ -37,7 +37,10 @@ def debugging() -> bool:
 def first_validation_problem(error) -> Tuple[str, str]:
     """(dotted location, message) of the first problem in a pydantic ``ValidationError``."""
     first = error.errors()[0]
-    return ".".join(str(part) for part in first.get("loc", ())), first.get("msg", str(error))
+    message = str(first.get("msg", error)).removeprefix(
+        "Value error, "
+    )  # pydantic's prefix for a validator's ValueError
+    return ".".join(str(part) for part in first.get("loc", ())), message
 
 
 class UserError(click.ClickException):

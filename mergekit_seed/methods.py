@@ -1,7 +1,7 @@
 """mergekit ``MergeMethod`` specs wrapping the kernels (registration: plugin.py).
 
 Each method is a :class:`SeedMergeMethod` around one kernel. Parameter names, types, ranges and defaults
-here are the recipe format (see DESIGN.md); never rename them.
+here are the recipe format (docs/recipes.md, docs/methods/); never rename them.
 """
 
 from __future__ import annotations

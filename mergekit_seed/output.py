@@ -179,7 +179,7 @@ def _listing(entries: Sequence[str]) -> str:
 
 def _step(name: str) -> None:
     """A point between two file-system steps of the protocol; the fault-injection test kills
-    the process here (``tests/test_crash_recovery.py``). Does nothing."""
+    the process here (``tests/test_output.py``). Does nothing."""
 
 
 # ------------------------------------------------------------------ the swap

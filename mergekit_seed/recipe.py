@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 from huggingface_hub import try_to_load_from_cache
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import Annotated, Literal
 
 from mergekit_seed.errors import UserError, first_validation_problem
@@ -72,13 +72,44 @@ def torch_dtype(name: Optional[str]):
     return getattr(torch, name.removeprefix("torch."))
 
 
+# mergekit.config's grammar of a parameter setting (ScalarParameter, ConditionalParameter,
+# ParameterSetting), to check an adapter recipe's settings exactly as MergeConfiguration does;
+# the settings themselves are kept as the plain values the recipe wrote (evaluate_setting reads them)
+Scalar = Union[bool, int, float, str]
+
+
+class _Condition(BaseModel):
+    value: Union[Scalar, List[Scalar]]
+    filter: Optional[str] = None
+
+
+_SETTINGS = TypeAdapter(Optional[Dict[str, Union[_Condition, List[_Condition], Scalar, List[Scalar]]]])
+
+
+def _mergekit_settings(settings: Any) -> Any:
+    """``settings`` unchanged, once mergekit's grammar accepts them (one line naming the first
+    parameter it refuses otherwise)."""
+    try:
+        _SETTINGS.validate_python(settings)
+    except ValidationError as error:
+        name = first_validation_problem(error)[0].split(".")[0]
+        raise ValueError(
+            f"parameter '{name}': mergekit reads a value (a number, a string, true or false), a list of values "
+            "(a gradient) or {value, filter} conditions, not this"
+        ) from None
+    return settings
+
+
+Settings = Annotated[Optional[Dict[str, Any]], BeforeValidator(_mergekit_settings)]
+
+
 class AdapterInput(BaseModel):
     """One ``models:`` entry of an adapter recipe: an adapter folder or Hub id, and its parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    parameters: Optional[Dict[str, Any]] = None
+    parameters: Settings = None
 
 
 # A counterpart of mergekit.config.MergeConfiguration for adapter recipes, kept for the same
@@ -97,7 +128,7 @@ class AdapterMergeConfig(BaseModel):
     merge_method: str
     models: List[AdapterInput] = Field(min_length=1)
     base_model: Optional[str] = None
-    parameters: Optional[Dict[str, Any]] = None
+    parameters: Settings = None
     dtype: Optional[DtypeName] = None
     out_dtype: Optional[DtypeName] = None
     output: OutputSection = Field(default_factory=OutputSection)

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -171,3 +172,13 @@ def save_random_sera(base: Path, out: Path, r: int, split: int, seed: int, targe
             layer.sera_B.normal_(0, 0.05)
     save_sera(model, out, config)
     return out
+
+
+def lora_copies(tiny_loras, tmp_path):
+    base, seeds = tiny_loras
+    return shutil.copytree(base, tmp_path / "base"), [shutil.copytree(s, tmp_path / s.name) for s in seeds]
+
+
+def no_staging_left(folder: Path) -> None:
+    """No staging or replaced folder of ours is left in ``folder``."""
+    assert not [p for p in folder.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]

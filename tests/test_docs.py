@@ -200,3 +200,30 @@ def test_the_start_up_section_of_results_is_the_benchmarks_own_report():
 
     results = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
     assert report(json.loads((REPO / "benchmarks" / "startup.json").read_text(encoding="utf-8"))) in results
+
+
+# a path into this repository (or into the package, written from its root), as docs and comments name them
+REPO_PATH = re.compile(r"(?<![\w./~-])((?:docs|benchmarks|tests|recipes|mergekit_seed|\.ci)/[\w./-]*\w)")
+# paths that name another project's files, not ours
+ELSEWHERE = {"tests/common.py": "mergekit's sdist lacks it (docs/architecture.md, host tests)"}
+PACKAGE_PATH = re.compile(r"(?<![\w./~-])((?:maths|references|engines|tools)/[\w./-]*\w\.py)")
+
+
+def test_no_doc_or_comment_names_a_file_the_repository_lacks():
+    """Issue 48: comments and docs pointed to a DESIGN.md the repository does not have. Every
+    path a page, a module, a test or a benchmark names exists (globs and placeholders aside)."""
+    sources = [*PAGES, *REPO.glob("mergekit_seed/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("benchmarks/*.py")]
+    missing = []
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        if "DESIGN.md" in text and source.name != "test_docs.py":
+            missing.append(f"{source.relative_to(REPO)}: DESIGN.md")
+        for match in REPO_PATH.finditer(text):
+            path, after = match.group(1), text[match.end() : match.end() + 2]
+            placeholder = "<" in after or "{" in after or any(mark in path for mark in ("*", "...", "NAME", "OUT"))
+            if not placeholder and path not in ELSEWHERE and not (REPO / path).exists():
+                missing.append(f"{source.relative_to(REPO)}: {path}")
+        for path in PACKAGE_PATH.findall(text):
+            if not (REPO / "mergekit_seed" / path).exists():
+                missing.append(f"{source.relative_to(REPO)}: {path}")
+    assert not missing, "\n".join(sorted(set(missing)))

@@ -32,8 +32,10 @@ def test_a_refusal_is_one_line_and_the_debug_switch_shows_its_traceback(unknown_
         line for line in plain.stderr.splitlines() if line.startswith("error:")
     ]
     assert "unknown parameter 'rnak'" in plain.stderr
-    for debug in (_run("run", unknown_parameter_recipe, tmp_path / "out", MERGEKIT_SEED_DEBUG="1"),
-                  _run("run", unknown_parameter_recipe, tmp_path / "out", "-v")):  # fmt: skip
+    for debug in (
+        _run("run", unknown_parameter_recipe, tmp_path / "out", MERGEKIT_SEED_DEBUG="1"),
+        _run("run", unknown_parameter_recipe, tmp_path / "out", "-v"),
+    ):
         assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr, debug.stderr
         assert "RecipeProblems" in debug.stderr and "error: " in debug.stderr.splitlines()[-1]
 

@@ -203,7 +203,7 @@ def test_importing_the_methods_first_never_breaks_registration():
 
 
 def test_no_two_modules_share_a_name():
-    """Issue 48: maths/sera.py and references/sera.py, maths/profile.py and profiling.py told a
+    """Issue 48: two modules named sera (the layer and its files), profile and profiling, told a
     reader nothing apart. Every module and package has a name of its own, saying its job."""
     names = [path.parent.name if path.stem == "__init__" else path.stem for path in PACKAGE.rglob("*.py")]
     names = [name for name in names if name != PACKAGE.name]

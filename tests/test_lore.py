@@ -1,4 +1,4 @@
-"""LoRE-Merging kernel against a float64 coordinate-descent reference (DESIGN.md's restatement)."""
+"""LoRE-Merging kernel against a float64 coordinate-descent reference (docs/methods/lore.md's restatement)."""
 
 import itertools
 

@@ -2,8 +2,7 @@
 
 1. The inputs of a command (``recipe.local_inputs``, ``weights.confined_file``): every path a
    merge reads, ``tokenizer_source`` included; model files only from inside their folder.
-2. One output protocol (``output.OutputFolder``): a lock, staging, an atomic publish, and never
-   deleting a file we did not write.
+2. One output protocol (``output.OutputFolder``): its tests are tests/test_output.py.
 3. One finiteness gate (``finite``): NaN is never published, compared as equal or reported.
 4. Bounded parsing of untrusted text (``untrusted``): no backtracking regex over a card, user
    patterns compiled and matched under a time bound, JSON bounded and checked by type.
@@ -26,7 +25,6 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from mergekit_seed.errors import UserError
-from mergekit_seed.output import MANIFEST_NAME, OutputFolder
 
 
 PROPERTY = settings(
@@ -238,163 +236,6 @@ def test_confinement_returns_only_regular_files_inside_the_folder(tree, tmp_path
             target = path.resolve()
             assert target.is_relative_to(resolved_folder), (listing.__name__, path)
             assert not target.exists() or target.is_file(), (listing.__name__, path)
-
-
-# ------------------------------------------------------------------ 2. the output protocol
-
-
-def test_a_second_run_into_the_same_out_is_refused_naming_the_first(family, tmp_path):
-    base, seeds = family
-    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    out = tmp_path / "out"
-    with OutputFolder(out) as first:
-        refused(
-            run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
-            "another run is writing this output folder",
-            "pid",
-        )
-        assert list(first.staging.iterdir()) == []
-    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)  # the lock is released
-    assert not (tmp_path / ".out.lock").exists()
-
-
-def test_a_file_put_into_out_during_the_merge_is_kept(family, tmp_path, monkeypatch):
-    from mergekit_seed import merge, runner
-
-    base, seeds = family
-    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    out = tmp_path / "out"
-    out.mkdir()
-    checked = runner.check_finite_output
-
-    def meanwhile(folder):  # the user drops a file into the empty OUT while the merge runs
-        (out / "notes.txt").write_text("mine")
-        checked(folder)
-
-    monkeypatch.setattr(runner, "check_finite_output", meanwhile)
-    with pytest.raises(UserError, match="notes.txt appeared in the output folder during the run") as raised:
-        merge(recipe, out, quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
-    (kept,) = staged(out)
-    assert (
-        str(kept) in str(raised.value) and (kept / "model.safetensors").is_file() and (kept / MANIFEST_NAME).is_file()
-    )
-
-
-def test_overwrite_keeps_what_the_user_added_to_an_earlier_merge(family, tmp_path):
-    base, seeds = family
-    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    out = tmp_path / "out"
-    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)
-    (out / "notes.txt").write_text("mine")
-    (out / "evals").mkdir()
-    (out / "evals" / "score.json").write_text("{}")
-    before = tree_hashes(out)
-    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "notes.txt", "was not written by it")
-    assert tree_hashes(out) == before and not staged(out)
-    (out / "notes.txt").unlink()
-    shutil.rmtree(out / "evals")
-    run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet", check=True)  # ours alone: replaced
-
-
-def test_an_earlier_output_copied_into_an_empty_out_during_the_run_is_never_replaced(tmp_path):
-    """Without --overwrite nothing in OUT is replaced, even files under a manifest of ours that
-    appeared while the run was going."""
-    out = tmp_path / "out"
-    earlier = tmp_path / "earlier"
-    publish_earlier(earlier)
-    with pytest.raises(UserError, match="appeared in the output folder during the run"):
-        with OutputFolder(out) as output:
-            (output.staging / "model.safetensors").write_bytes(b"new")
-            shutil.copytree(earlier, out, dirs_exist_ok=True)
-            output.publish()
-    assert (out / "model.safetensors").read_bytes() == b"old" and len(staged(out)) == 1
-
-
-def test_compare_never_writes_into_a_model_folder(family, tmp_path):
-    base, seeds = family
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"text": "abc"}) + "\n")
-    before = tree_hashes(seeds[0])
-    refused(
-        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", seeds[0]),
-        "never writes over its inputs",
-    )
-    refused(
-        run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", seeds[0] / "analysis"),
-        "lies inside",
-    )
-    assert tree_hashes(seeds[0]) == before
-
-
-def test_a_report_folder_holding_other_files_is_refused(tmp_path):
-    out = tmp_path / "report"
-    out.mkdir()
-    (out / "thesis.tex").write_text("mine")
-    with pytest.raises(UserError, match="replaces only a previous mergekit-seed merge or report"):
-        with OutputFolder(out, overwrite=True):
-            pass
-    assert (out / "thesis.tex").read_text() == "mine"
-
-
-# generated runs: an interleaving of two writers into one OUT and a user adding files
-ACTIONS = st.lists(
-    st.sampled_from(["a-enter", "b-enter", "a-publish", "b-publish", "user-file", "a-exit", "b-exit"]), max_size=10
-)
-
-
-@PROPERTY
-@given(actions=ACTIONS, overwrite=st.booleans(), start=st.sampled_from(["absent", "empty", "ours", "foreign"]))
-def test_writers_and_a_user_never_lose_a_user_file(actions, overwrite, start, tmp_path_factory):
-    root = tmp_path_factory.mktemp("out")
-    out = root / "out"
-    if start != "absent":
-        out.mkdir()
-    if start == "ours":
-        publish_earlier(out)
-    if start == "foreign":
-        (out / "user-0.txt").write_text("user")
-    writers = {"a": None, "b": None}
-    user_files = 1 if start == "foreign" else 0
-    for action in actions:
-        who, _, what = action.partition("-")
-        if action == "user-file":
-            if out.is_dir():
-                (out / f"user-{user_files}.txt").write_text("user")
-                user_files += 1
-            continue
-        writer = writers[who]
-        try:
-            if what == "enter" and writer is None:
-                writer = OutputFolder(out, overwrite=overwrite).__enter__()
-                (writer.staging / f"{who}.safetensors").write_bytes(who.encode())
-                writers[who] = writer
-                assert writers["a" if who == "b" else "b"] is None, "two writers hold one OUT"
-            elif what == "publish" and writer is not None:
-                writer.publish()
-                writer.__exit__(None, None, None)  # as every command does once published
-                writers[who] = None
-            elif what == "exit" and writer is not None:
-                writer.__exit__(None, None, None)
-                writers[who] = None
-        except UserError as error:
-            assert "\n" not in str(error)
-            if writer is not None and what != "enter":
-                writer.__exit__(None, None, None)
-                writers[who] = None
-    for writer in writers.values():
-        if writer is not None:
-            writer.__exit__(None, None, None)
-    for index in range(user_files):
-        assert (out / f"user-{index}.txt").read_text() == "user"
-    assert not (root / ".out.lock").exists()
-
-
-def publish_earlier(out: Path) -> None:
-    """An earlier output of ours in ``out``."""
-    with OutputFolder(out, overwrite=True) as output:
-        (output.staging / "model.safetensors").write_bytes(b"old")
-        output.publish()
 
 
 # ------------------------------------------------------------------ 3. the finiteness gate

@@ -77,8 +77,21 @@ def test_select_tries_a_fifth_method_with_its_grid(toy, tiny_family, tmp_path):
     rows = [{"prompt": f"{w}=", "answer": w[::-1]} for w in ("abc", "xyz", "mno", "pqr")]
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[2:]))
-    dry = run_cli("mergekit-seed", "select", *seeds, "--base", base, "--validation", tmp_path / "val.jsonl", "--test",
-                  tmp_path / "test.jsonl", "--out", tmp_path / "out", "--dry-run", check=True)  # fmt: skip
+    dry = run_cli(
+        "mergekit-seed",
+        "select",
+        *seeds,
+        "--base",
+        base,
+        "--validation",
+        tmp_path / "val.jsonl",
+        "--test",
+        tmp_path / "test.jsonl",
+        "--out",
+        tmp_path / "out",
+        "--dry-run",
+        check=True,
+    )
     assert "toy_mean lambda=1.0" in dry.stdout and "toy_mean lambda=0.5" in dry.stdout
 
 

@@ -1,25 +1,43 @@
-"""The one writer (``mergekit_seed.output``), as issue 47 rebuilt it: which output replaces
-which, a lock that is never written through a link, unpredictable staging names, signals in
-every command, a killed run's leftovers cleaned by the next one, and an ``--overwrite`` swap
-that leaves OUT present at every instant. Every case here failed before that change."""
+"""The one writer (``mergekit_seed.output``): every test of the output protocol lives here.
+
+Issue 47 rebuilt it: which output replaces which, a lock that is never written through a link,
+unpredictable staging names, signals in every command, a killed run's leftovers cleaned by the
+next one, and an ``--overwrite`` swap that leaves OUT present at every instant. Issue 36's cases
+(a lock, staging, an atomic publish, never deleting a file we did not write) follow. Every case
+here failed before the change that added it."""
 
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from conftest import refused, run_cli, tree_hashes, write_recipe
+from conftest import BIN, lora_copies, no_staging_left, refused, run_cli, tree_hashes, write_recipe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import MANIFEST_NAME, OutputFolder, copy_file, staged_path, write_text
+from mergekit_seed.references.weights import load_weights
+
+
+PROPERTY = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def leftovers(out: Path):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def leftovers_staged(out: Path):
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def publish(out: Path, content: bytes = b"old", **options) -> None:
@@ -30,8 +48,6 @@ def publish(out: Path, content: bytes = b"old", **options) -> None:
 
 @pytest.fixture
 def family(tiny_family, tmp_path):
-    import shutil
-
     base, seeds = tiny_family
     runs = tmp_path / "runs"
     return shutil.copytree(base, runs / "base"), [shutil.copytree(s, runs / s.name) for s in seeds]
@@ -325,3 +341,350 @@ def test_sigterm_in_every_command_leaves_nothing(family, tmp_path, command):
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert leftovers(out) == [] and not out.exists()
+
+
+# ------------------------------------------------------------------ the protocol (issue 36)
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    with OutputFolder(out) as first:
+        refused(
+            run_cli("mergekit-seed", "run", recipe, out, "--overwrite"),
+            "another run is writing this output folder",
+            "pid",
+        )
+        assert list(first.staging.iterdir()) == []
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)  # the lock is released
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_a_file_put_into_out_during_the_merge_is_kept(family, tmp_path, monkeypatch):
+    from mergekit_seed import merge, runner
+
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    out.mkdir()
+    checked = runner.check_finite_output
+
+    def meanwhile(folder):  # the user drops a file into the empty OUT while the merge runs
+        (out / "notes.txt").write_text("mine")
+        checked(folder)
+
+    monkeypatch.setattr(runner, "check_finite_output", meanwhile)
+    with pytest.raises(UserError, match="notes.txt appeared in the output folder during the run") as raised:
+        merge(recipe, out, quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    (kept,) = leftovers_staged(out)
+    assert (
+        str(kept) in str(raised.value) and (kept / "model.safetensors").is_file() and (kept / MANIFEST_NAME).is_file()
+    )
+
+
+def test_overwrite_keeps_what_the_user_added_to_an_earlier_merge(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    out = tmp_path / "out"
+    run_cli("mergekit-seed", "run", recipe, out, "--quiet", check=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "evals").mkdir()
+    (out / "evals" / "score.json").write_text("{}")
+    before = tree_hashes(out)
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "notes.txt", "was not written by it")
+    assert tree_hashes(out) == before and not leftovers_staged(out)
+    (out / "notes.txt").unlink()
+    shutil.rmtree(out / "evals")
+    run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet", check=True)  # ours alone: replaced
+
+
+def test_an_earlier_output_copied_into_an_empty_out_during_the_run_is_never_replaced(tmp_path):
+    """Without --overwrite nothing in OUT is replaced, even files under a manifest of ours that
+    appeared while the run was going."""
+    out = tmp_path / "out"
+    earlier = tmp_path / "earlier"
+    publish_earlier(earlier)
+    with pytest.raises(UserError, match="appeared in the output folder during the run"):
+        with OutputFolder(out) as output:
+            (output.staging / "model.safetensors").write_bytes(b"new")
+            shutil.copytree(earlier, out, dirs_exist_ok=True)
+            output.publish()
+    assert (out / "model.safetensors").read_bytes() == b"old" and len(leftovers_staged(out)) == 1
+
+
+def test_compare_never_writes_into_a_model_folder(family, tmp_path):
+    base, seeds = family
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    before = tree_hashes(seeds[0])
+    refused(
+        run_cli("mergekit-seed", "compare", seeds[0], seeds[1], "--data", data, "--out", seeds[0]),
+        "never writes over its inputs",
+    )
+    refused(
+        run_cli("mergekit-seed", "analyze", seeds[0], seeds[1], "--base", base, "--out", seeds[0] / "analysis"),
+        "lies inside",
+    )
+    assert tree_hashes(seeds[0]) == before
+
+
+def test_a_report_folder_holding_other_files_is_refused(tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="replaces only a previous mergekit-seed merge or report"):
+        with OutputFolder(out, overwrite=True):
+            pass
+    assert (out / "thesis.tex").read_text() == "mine"
+
+
+# generated runs: an interleaving of two writers into one OUT and a user adding files
+ACTIONS = st.lists(
+    st.sampled_from(["a-enter", "b-enter", "a-publish", "b-publish", "user-file", "a-exit", "b-exit"]), max_size=10
+)
+
+
+@PROPERTY
+@given(actions=ACTIONS, overwrite=st.booleans(), start=st.sampled_from(["absent", "empty", "ours", "foreign"]))
+def test_writers_and_a_user_never_lose_a_user_file(actions, overwrite, start, tmp_path_factory):
+    root = tmp_path_factory.mktemp("out")
+    out = root / "out"
+    if start != "absent":
+        out.mkdir()
+    if start == "ours":
+        publish_earlier(out)
+    if start == "foreign":
+        (out / "user-0.txt").write_text("user")
+    writers = {"a": None, "b": None}
+    user_files = 1 if start == "foreign" else 0
+    for action in actions:
+        who, _, what = action.partition("-")
+        if action == "user-file":
+            if out.is_dir():
+                (out / f"user-{user_files}.txt").write_text("user")
+                user_files += 1
+            continue
+        writer = writers[who]
+        try:
+            if what == "enter" and writer is None:
+                writer = OutputFolder(out, overwrite=overwrite).__enter__()
+                (writer.staging / f"{who}.safetensors").write_bytes(who.encode())
+                writers[who] = writer
+                assert writers["a" if who == "b" else "b"] is None, "two writers hold one OUT"
+            elif what == "publish" and writer is not None:
+                writer.publish()
+                writer.__exit__(None, None, None)  # as every command does once published
+                writers[who] = None
+            elif what == "exit" and writer is not None:
+                writer.__exit__(None, None, None)
+                writers[who] = None
+        except UserError as error:
+            assert "\n" not in str(error)
+            if writer is not None and what != "enter":
+                writer.__exit__(None, None, None)
+                writers[who] = None
+    for writer in writers.values():
+        if writer is not None:
+            writer.__exit__(None, None, None)
+    for index in range(user_files):
+        assert (out / f"user-{index}.txt").read_text() == "user"
+    assert not (root / ".out.lock").exists()
+
+
+def publish_earlier(out: Path) -> None:
+    """An earlier output of ours in ``out``."""
+    with OutputFolder(out, overwrite=True) as output:
+        (output.staging / "model.safetensors").write_bytes(b"old")
+        output.publish()
+
+
+# ------------------------------------------------------------------ where OUT may be (issue 23)
+
+
+@pytest.mark.parametrize("where", ["a seed", "the folder of the seeds", "inside a seed", "the base"])
+def test_out_never_overlaps_an_input_even_with_overwrite(family, tmp_path, where):
+    base, seeds = family
+    out = {
+        "a seed": seeds[1],
+        "the folder of the seeds": seeds[0].parent,
+        "inside a seed": seeds[0] / "merged",
+        "the base": base,
+    }[where]
+    recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds)
+    before = tree_hashes(tmp_path / "runs")
+    result = run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet")
+    refused(result, "a merge never writes over its inputs")
+    assert tree_hashes(tmp_path / "runs") == before
+    no_staging_left(out.parent)
+
+
+def test_out_through_a_symlink_to_an_input_is_refused(family, tmp_path):
+    base, seeds = family
+    link = tmp_path / "link"
+    link.symlink_to(seeds[0])
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    before = tree_hashes(tmp_path / "runs")
+    refused(run_cli("mergekit-seed", "run", recipe, link, "--overwrite"), str(seeds[0]))
+    assert tree_hashes(tmp_path / "runs") == before and link.is_symlink()
+
+
+def test_the_python_api_refuses_an_input_as_out(family, tmp_path):
+    from mergekit_seed import UserError, merge
+
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    before = tree_hashes(tmp_path / "runs")
+    with pytest.raises(UserError, match="never writes over its inputs"):
+        merge(recipe, seeds[0].parent, overwrite=True, quiet=True)
+    assert tree_hashes(tmp_path / "runs") == before
+
+
+def test_out_holding_the_recipe_is_refused(family, tmp_path):
+    base, seeds = family
+    folder = tmp_path / "work"
+    folder.mkdir()
+    recipe = write_recipe(folder / "r.yml", "seedlora_dm", base, seeds)
+    refused(run_cli("mergekit-seed", "run", recipe, folder, "--overwrite"), "contains the input")
+    assert recipe.is_file()
+
+
+def test_out_in_the_hugging_face_cache_is_refused(family, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    base, seeds = family
+    cache = tmp_path / "hf-cache"
+    (cache / "models--org--name").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    refused(run_cli("mergekit-seed", "run", recipe, cache / "models--org--name" / "merged"), "Hugging Face cache")
+    assert not (cache / "models--org--name" / "merged").exists()
+
+
+def test_overwrite_recognises_a_merge_written_without_a_card(family, tmp_path):
+    """(A folder of something else is refused: tests/test_plugin.py.) Without a card, our marker
+    says the folder is a merge of ours."""
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    quiet = tmp_path / "no-card"
+    run_cli("mergekit-seed", "run", recipe, quiet, "--quiet", "--no-write-model-card", check=True)
+    assert not (quiet / "README.md").exists()
+    run_cli("mergekit-seed", "run", recipe, quiet, "--quiet", "--overwrite", check=True)
+    assert (quiet / "README.md").is_file()
+
+
+def test_reproduce_never_writes_over_its_card_or_check_folder(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    merged = tmp_path / "merged"
+    run_cli("mergekit-seed", "run", recipe, merged, "--quiet", check=True)
+    other = tmp_path / "other"
+    run_cli("mergekit-seed", "run", recipe, other, "--quiet", check=True)
+    before = tree_hashes(merged, other)
+    refused(
+        run_cli("mergekit-seed", "reproduce", merged, merged, "--recipe", recipe, "--overwrite", "--check"),
+        "contains the input",
+    )
+    refused(
+        run_cli("mergekit-seed", "reproduce", merged, other, "--recipe", recipe, "--overwrite", "--check", other),
+        "is the input",
+    )
+    assert tree_hashes(merged, other) == before
+
+
+# ------------------------------------------------------------------ output paths
+
+
+def test_a_symlinked_out_is_published_at_its_target(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    run_cli("mergekit-seed", "run", recipe, link, "--quiet", check=True)
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    # a dangling link: the merge appears where it points
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "not-yet")
+    run_cli("mergekit-seed", "run", recipe, dangling, "--quiet", check=True)
+    assert dangling.is_symlink() and (tmp_path / "not-yet" / "model.safetensors").is_file()
+    # a link to a folder holding something else: refused, with or without --overwrite
+    (target / "notes.txt").write_text("mine")
+    for flags in ((), ("--overwrite",)):
+        refused(run_cli("mergekit-seed", "run", recipe, link, *flags))
+    assert link.is_symlink()
+    no_staging_left(tmp_path)
+
+
+def test_out_whose_parent_is_a_file_is_one_line(family, tmp_path):
+    base, seeds = family
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    (tmp_path / "afile").write_text("x")
+    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "afile" / "out"), "cannot create the output folder")
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+@pytest.mark.parametrize("kind", ["checkpoints", "adapters"])
+def test_a_write_that_fails_part_way_is_one_line_and_leaves_nothing(family, tiny_loras, tmp_path, kind):
+    if kind == "checkpoints":
+        base, seeds = family
+        recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    else:
+        base, seeds = lora_copies(tiny_loras, tmp_path)
+        recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds, output={"format": "full"})
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(BIN / "mergekit-seed"), "run", str(recipe), str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    refused(done, "nothing was published", out=out)
+    assert len([line for line in done.stderr.splitlines() if line.startswith("error:")]) == 1, done.stderr
+    assert not out.exists()
+    no_staging_left(tmp_path)
+
+
+# ------------------------------------------------------------------ --overwrite and SIGTERM (issue 5)
+
+
+def test_overwrite_replaces_a_previous_merge(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
+    assert run_cli("mergekit-seed", "run", recipe, out, "--quiet").returncode == 0
+    refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
+    (out / "model.safetensors").write_bytes(b"damaged")  # a file of ours, whatever became of it
+    assert run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet").returncode == 0
+    assert load_weights(out)  # the new merge
+    # a file the user added is never deleted: --overwrite refuses until it is moved out
+    (out / "old.txt").write_text("x")
+    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "old.txt")
+    assert (out / "old.txt").read_text() == "x"
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_run_killed_halfway_leaves_no_partial_model(tiny_family, tmp_path):
+    base, seeds = tiny_family
+    recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds, {"iterations": 100000, "tol": 0})
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [str(BIN / "mergekit-seed"), "run", str(recipe), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".out.partial-*")), "the merge never started writing"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))

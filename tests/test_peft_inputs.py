@@ -493,8 +493,11 @@ def test_a_lora_config_field_no_release_we_know_has_is_refused_naming_it(tiny_lo
     config[field] = True
     (seeds[0] / "adapter_config.json").write_text(json.dumps(config))
     recipe = write_recipe(tmp_path / "r.yml", "seedft", base, seeds, output={"format": "lora"})
-    refused(run_cli("mergekit-seed", "run", recipe, tmp_path / "out"), f"field '{field}' is not a LoraConfig field",
-            out=tmp_path / "out")  # fmt: skip
+    refused(
+        run_cli("mergekit-seed", "run", recipe, tmp_path / "out"),
+        f"field '{field}' is not a LoraConfig field",
+        out=tmp_path / "out",
+    )
 
 
 def test_every_lora_config_field_is_read_refused_or_without_effect():
@@ -638,7 +641,7 @@ def test_a_mixtral_saved_in_checkpoint_layout_merges_on_the_full_route_as_stock_
         return {name: value.double() for name, value in MixtralForCausalLM.from_pretrained(path).state_dict().items()}
 
     base, deltas = state(tiny_mixtral), [state(seed) for seed in seeds]
-    for name, merged in ours.items():  # DESIGN.md's seedlora_dm, written out in float64
+    for name, merged in ours.items():  # docs/methods/seedlora_dm.md's math, written out in float64
         taus = [seed[name] - base[name] for seed in deltas]
         mean = sum(taus) / 3
         mu_hat = sum(tau.mean() for tau in taus) / 3

@@ -2,14 +2,11 @@
 
 import json
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, refused, run_cli, save_random_sera, write_recipe
+from conftest import refused, run_cli, save_random_sera, write_recipe
 from safetensors.torch import load_file, save_file
 
 from mergekit_seed.references.weights import load_weights
@@ -265,44 +262,6 @@ def test_bin_adapters_load_with_weights_only_and_pickles_are_refused(tiny_loras,
     result = run_cli("mergekit-seed", "run", adapter_recipe(tmp_path, seeds), out)
     refused(result, "weights_only", out=out)
     assert "pickle code ran" not in result.stdout
-
-
-# ------------------------------------------------------------------ output
-
-
-def test_overwrite_replaces_a_previous_merge(tiny_family, tmp_path):
-    base, seeds = tiny_family
-    out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
-    assert run_cli("mergekit-seed", "run", recipe, out, "--quiet").returncode == 0
-    refused(run_cli("mergekit-seed", "run", recipe, out), "--overwrite")
-    (out / "model.safetensors").write_bytes(b"damaged")  # a file of ours, whatever became of it
-    assert run_cli("mergekit-seed", "run", recipe, out, "--overwrite", "--quiet").returncode == 0
-    assert load_weights(out)  # the new merge
-    # a file the user added is never deleted: --overwrite refuses until it is moved out
-    (out / "old.txt").write_text("x")
-    refused(run_cli("mergekit-seed", "run", recipe, out, "--overwrite"), "old.txt")
-    assert (out / "old.txt").read_text() == "x"
-    assert not list(tmp_path.glob(".out.*"))
-
-
-def test_a_run_killed_halfway_leaves_no_partial_model(tiny_family, tmp_path):
-    base, seeds = tiny_family
-    recipe = write_recipe(tmp_path / "r.yml", "lore", None, seeds, {"iterations": 100000, "tol": 0})
-    out = tmp_path / "out"
-    process = subprocess.Popen(
-        [str(BIN / "mergekit-seed"), "run", str(recipe), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
-        time.sleep(0.2)
-    assert list(tmp_path.glob(".out.partial-*")), "the merge never started writing"
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    assert process.returncode != 0
-    assert not out.exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
 
 
 # ------------------------------------------------------------------ determinism

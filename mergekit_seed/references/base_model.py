@@ -81,9 +81,6 @@ class BaseWeights:
     def _files(self) -> Dict[str, Path]:
         return {name: file for name, (file, _) in safetensors_index(self.shards).items()}
 
-    def has(self, name: str) -> bool:
-        return name in self._files
-
     def names(self) -> List[str]:
         """Every tensor name of the base's files."""
         return list(self._files)

@@ -1,6 +1,6 @@
 """LoRE-Merging: Exploring Low-Rank Estimation For Large Language Model Merging (Sec. 3.2).
 
-The extracted paper lost its formulas; DESIGN.md restates them. For models theta_i
+The extracted paper lost its formulas; docs/methods/lore.md restates them. For models theta_i
 (i = 1..N) of one shape, LoRE estimates a base theta0 and low-rank task vectors delta_i:
 
     min_{theta0, delta_i}  sum_i 1/2 ||theta0 + delta_i - theta_i||_F^2 + mu ||delta_i||_*   (Eq. 1)

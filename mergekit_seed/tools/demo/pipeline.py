@@ -529,22 +529,6 @@ def verdict_lines(results: dict) -> List[str]:
     return lines
 
 
-def headline(results: dict) -> str:
-    """The README's outcome: per setting, the best of ours (chosen on validation) against the
-    best and the mean seed on test, in points with 95% intervals."""
-    parts = [
-        f"{setting} {entry['best_of_ours_by_validation']} "
-        f"{_interval(entry['versus_best_seed'][entry['best_of_ours_by_validation']])} "
-        f"vs best seed, {_interval(entry['versus_mean_seed'][entry['best_of_ours_by_validation']])} vs mean seed"
-        for setting, entry in results["settings"].items()
-    ]
-    return (
-        f"best of ours (chosen on validation) on test, over {results['experiments']} experiments: "
-        + "; ".join(parts)
-        + "."
-    )
-
-
 def render_markdown(results: dict) -> str:
     """results.md, and the results section of docs/demo.md: the tables, the legend, the verdicts."""
     return (

@@ -196,10 +196,3 @@ def accuracy_by_skill(examples: Sequence[Example], correct: Sequence[bool]) -> D
             result[skill] = sum(hits) / len(hits)
     result["all"] = sum(correct) / max(1, len(correct))
     return result
-
-
-def evaluate(
-    model, examples: Sequence[Example], vocabulary: CharVocabulary, max_new_tokens: int = 12
-) -> Dict[str, float]:
-    """Exact-match accuracy per skill (and ``"all"``) under greedy decoding."""
-    return accuracy_by_skill(examples, exact_matches(model, examples, vocabulary, max_new_tokens))
