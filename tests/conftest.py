@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -182,3 +183,17 @@ def lora_copies(tiny_loras, tmp_path):
 def no_staging_left(folder: Path) -> None:
     """No staging or replaced folder of ours is left in ``folder``."""
     assert not [p for p in folder.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]
+
+
+def write_splits(folder: Path):
+    """A validation and a test JSONL file of prompt/answer rows (reversed words), disjoint, in
+    ``folder``: what ``select`` and ``compare`` read. Returns (validation, test)."""
+    rows = [
+        {"prompt": f"{op}:{word}=", "answer": word[::-1]}
+        for op in ("rev", "sort")
+        for word in ("abc", "xyz", "mno", "pq")
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
+    return folder / "val.jsonl", folder / "test.jsonl"

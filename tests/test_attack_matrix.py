@@ -9,7 +9,6 @@ without anyone writing a case; it needs a baseline only if its required paramete
 :data:`BASELINE` does not know (the test then says which).
 """
 
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import save_random_lora, tree_hashes, write_recipe
+from conftest import save_random_lora, tree_hashes, write_recipe, write_splits
 
 from mergekit_seed.cli import _build_adapter_run_command, _build_run_command, main
 
@@ -75,9 +74,7 @@ def world(tiny_family, tmp_path_factory):
     base = shutil.copytree(base, inputs / "base")
     seeds = [shutil.copytree(seed, inputs / seed.name) for seed in seeds[:2]]
     loras = [save_random_lora(base, inputs / f"lora{i}", r=2, seed=i) for i in range(2)]
-    rows = [{"prompt": f"{w}=", "answer": w[::-1]} for w in ("abc", "xyz", "mno", "pqr")]
-    (inputs / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
-    (inputs / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[2:]))
+    write_splits(inputs)
     (inputs / "grid.yml").write_text("linear: {}\n")
     recipe = write_recipe(inputs / "recipe.yml", "seedlora_dm", base, seeds)
     write_recipe(inputs / "lora.yml", "seedlora_dm", base, loras)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import lora_copies, no_staging_left, refused, run_cli, tree_hashes, write_recipe
+from conftest import lora_copies, no_staging_left, refused, run_cli, tree_hashes, write_recipe, write_splits
 from safetensors.torch import load_file, save_file
 
 from mergekit_seed.references.weights import load_weights
@@ -509,18 +509,6 @@ def test_an_untrusted_card_cannot_make_reproduce_read_files_outside_its_inputs(t
     assert not (tmp_path / "again").exists()
 
 
-def _select_data(folder: Path):
-    rows = [
-        {"prompt": f"{op}:{word}=", "answer": word[::-1]}
-        for op in ("rev", "sort")
-        for word in ("abc", "xyz", "mno", "pq")
-    ]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
-    (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
-    return folder / "val.jsonl", folder / "test.jsonl"
-
-
 @pytest.mark.parametrize(
     "where", ["a seed", "the folder of the seeds", "inside a seed", "the base", "the folder of the data"]
 )
@@ -529,7 +517,7 @@ def test_select_never_writes_over_an_input_and_leaves_every_input_as_it_was(fami
     OUT may not equal, contain or lie inside a seed, the base or a data file, even with
     --overwrite, and a successful selection changes no byte of its inputs."""
     base, seeds = family
-    validation, test = _select_data(tmp_path / "runs" / "data")
+    validation, test = write_splits(tmp_path / "runs" / "data")
     out = {
         "a seed": seeds[1],
         "the folder of the seeds": seeds[0].parent,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import refused, run_cli, write_recipe
+from conftest import refused, run_cli, write_recipe, write_splits
 
 from mergekit_seed.methods import LAMBDA, METHODS, SeedMergeMethod, our_method_names
 from mergekit_seed.references.adapter_files import read_adapter
@@ -74,9 +74,7 @@ def test_a_fifth_method_merges_adapters_natively(toy, tiny_loras, tmp_path):
 
 def test_select_tries_a_fifth_method_with_its_grid(toy, tiny_family, tmp_path):
     base, seeds = tiny_family
-    rows = [{"prompt": f"{w}=", "answer": w[::-1]} for w in ("abc", "xyz", "mno", "pqr")]
-    (tmp_path / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[2:]))
+    validation, test = write_splits(tmp_path)
     dry = run_cli(
         "mergekit-seed",
         "select",
@@ -84,9 +82,9 @@ def test_select_tries_a_fifth_method_with_its_grid(toy, tiny_family, tmp_path):
         "--base",
         base,
         "--validation",
-        tmp_path / "val.jsonl",
+        validation,
         "--test",
-        tmp_path / "test.jsonl",
+        test,
         "--out",
         tmp_path / "out",
         "--dry-run",

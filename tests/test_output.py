@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, lora_copies, no_staging_left, refused, run_cli, tree_hashes, write_recipe
+from conftest import BIN, lora_copies, no_staging_left, refused, run_cli, tree_hashes, write_recipe, write_splits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -296,12 +296,7 @@ def test_sigterm_in_every_command_leaves_nothing(family, tmp_path, command):
     """SIGTERM during run's validation, compare's scoring or select's sweep (each held there
     while the signal comes): no lock, no staging folder, no traceback."""
     base, seeds = family
-    data = tmp_path / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "pqr", "mno"))
-    )
-    test_data = tmp_path / "test.jsonl"
-    test_data.write_text("".join(json.dumps({"prompt": f"{w}:", "answer": w}) + "\n" for w in ("abc", "xyz")))
+    data, test_data = write_splits(tmp_path / "data")
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yml", "seedlora_dm", base, seeds)
     held, arguments = {

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, save_random_lora, write_recipe
+from conftest import run_cli, save_random_lora, write_recipe, write_splits
 
 from mergekit_seed.public import Labels, public_text
 
@@ -104,12 +104,7 @@ def test_no_published_file_names_a_planted_path_or_token(tiny_family, tmp_path, 
     loras = [save_random_lora(base, runs / f"lora{index}", r=4, seed=index) for index in range(2)]
     for folder in (base, *seeds, *loras):
         _plant(folder)
-    data = runs / "data.jsonl"
-    data.write_text(
-        "".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n" for w in ("abc", "xyz", "mno", "pqr"))
-    )
-    test_data = runs / "test.jsonl"
-    test_data.write_text("".join(json.dumps({"prompt": f"{w}:", "answer": w}) + "\n" for w in ("abc", "xyz")))
+    data, test_data = write_splits(runs / "data")
     outs = tmp_path / "outs"
     full = write_recipe(runs / "full.yml", "seedft", base, seeds)
     adapter = write_recipe(runs / "lora.yml", "seedlora_dm", base, loras)
