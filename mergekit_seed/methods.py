@@ -258,7 +258,7 @@ SEEDFT = SeedMergeMethod(
             Union[Literal["auto"], FiniteFloat],
             "auto",
             "float | auto",
-            "global scale alpha of Eq. 7; auto = 1/sqrt(N)",
+            "global scale alpha (Eqs. 2 and 7); auto = 1/sqrt(N)",
         ),
         Parameter(
             "rank",

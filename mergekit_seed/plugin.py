@@ -20,6 +20,7 @@ from mergekit.merge_methods import registry
 from mergekit_seed.after_import import after_import
 from mergekit_seed.errors import MergeRefused, UserError
 from mergekit_seed.methods import METHODS, is_ours
+from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.weights import full_model_files
 from mergekit_seed.version import SUPPORTED_MERGEKIT, __version__
 
@@ -72,13 +73,27 @@ def _check_planned_parameters(config: Any) -> None:
     """mergekit resolves only the parameters a method declares and ignores the rest, so a
     misspelt one (``rnak``) would merge with the default; for our methods, refuse it. Every
     local model's weight files must lie inside its folder (mergekit follows an index entry such
-    as ``../x.safetensors`` wherever it points)."""
+    as ``../x.safetensors`` wherever it points). An unknown method name (a typo of ours, say)
+    and adapter folders given to our methods are one line too, not mergekit's traceback."""
     try:
         method = registry.get(config.merge_method)
-    except RuntimeError:
-        return  # mergekit reports an unknown method itself
+    except RuntimeError:  # mergekit's own report is a traceback
+        names = [known.spec.name for known in registry.registered_methods()]
+        hint = difflib.get_close_matches(str(config.merge_method), names, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise MergeRefused(
+            f"unknown merge_method '{config.merge_method}'{suggestion}; `mergekit-seed methods` lists ours"
+        ) from None
     if not is_ours(method):
         return  # mergekit's methods keep mergekit's behaviour
+    for reference in config.referenced_models():
+        folder = Path(str(reference.model.path))
+        if reference.lora is None and is_adapter_folder(folder):
+            raise MergeRefused(
+                f"{folder} is an adapter folder, and stock mergekit-yaml merges full models: run "
+                "`mergekit-seed run RECIPE OUT`, which merges adapter folders natively (or list each seed as "
+                "model: BASE+ADAPTER)"
+            )
     for where, settings in parameter_sections(config):
         for name in settings:
             problem = unknown_parameter_problem(method, name, where)

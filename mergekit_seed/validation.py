@@ -66,10 +66,22 @@ def _scalar_leaves(setting: Any) -> Iterable[Any]:
         yield setting
 
 
-def _value_problem(error: ValidationError, value: Any) -> str:
+# pydantic's error types that say a value is of the wrong type, not out of range
+_TYPE_ERRORS = {"literal_error", "float_parsing", "int_parsing", "float_type", "int_type", "int_from_float"}
+_TYPE_ERRORS |= {"bool_type", "bool_parsing", "string_type", "none_required"}
+
+
+def _value_problem(error: ValidationError, value: Any, method: Any = None, name: str = "") -> str:
     """The message of ``error`` that speaks to ``value``: for a number against a type such as
-    ``'auto' | float``, the number's range, not the word it is not."""
+    ``'auto' | float``, the number's range, not the word it is not; for a value of the wrong type
+    altogether, every type the parameter takes (our methods say which)."""
     errors = error.errors()
+    out_of_range = [e for e in errors if e.get("type", "").startswith(("greater_than", "less_than"))]
+    if out_of_range:
+        return out_of_range[0].get("msg", "out of range")
+    label = next((p.type_label for p in getattr(method, "parameters", ()) if p.name == name), None)
+    if label and {e.get("type", "") for e in errors} <= _TYPE_ERRORS:
+        return f"takes {label}"
     if not isinstance(value, str):
         errors = [e for e in errors if e.get("type") != "literal_error"] or errors
     return errors[0].get("msg", "invalid value")
@@ -98,7 +110,9 @@ def _check_parameters(method: Any, settings: Optional[dict], where: str, adapter
             try:
                 spec.validate(value)
             except ValidationError as error:
-                problems.append(f"{where}: parameter '{name}' = {value!r}: {_value_problem(error, value)}")
+                problems.append(
+                    f"{where}: parameter '{name}' = {value!r}: {_value_problem(error, value, method, name)}"
+                )
     return problems
 
 
@@ -386,6 +400,9 @@ def check_files(
     problems = _reference_problems(recipe, path, not_checked)
     if problems:
         return problems
+    seeds = [entry.model for entry in config.models or [] if entry.model != config.base_model]
+    if recipe.is_adapter_recipe and len(recipe.adapter_paths) != len(seeds):
+        return []  # adapters mixed with full models: check_recipe says so in one line, which covers these
     if not recipe.is_adapter_recipe and not allow_crimes:
         local = [
             Path(reference_paths(r)[0]) for r in config.referenced_models() if Path(reference_paths(r)[0]).is_dir()

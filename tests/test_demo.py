@@ -181,6 +181,40 @@ def test_analyze_matches_a_direct_computation(tiny_family, tmp_path):
     assert report["energy_top_share_per_layer"]["0"]["25%"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)
 
 
+def test_analyze_names_the_seeds_by_their_folders_and_writes_numbers_in_the_heatmap(
+    tiny_family, tmp_path, monkeypatch
+):
+    """Issue 49: cosine.png called the folders seed1..3 seed0..2, summary.md said "seeds 0-1",
+    and the heatmap's cells carried no numbers."""
+    import matplotlib.axes
+
+    base, seeds = tiny_family
+    written = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "text",
+        lambda axis, x, y, text, *a, **k: written.append(text) or original(axis, x, y, text, *a, **k),
+    )
+    ticks = []
+    original_ticks = matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_xticks",
+        lambda axis, positions, labels=None, **k: ticks.append(labels) or original_ticks(axis, positions, labels, **k),
+    )
+    run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "an", "--quiet", check=True)
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    names = [seed.name for seed in seeds]
+    assert report["labels"] == names and list(report["spectra"]["seeds"]) == names
+    assert f"{names[0]} & {names[1]}" in report["subspace_similarity"]
+    assert list(names) in [list(labels) for labels in ticks if labels is not None]
+    cosine = report["cosine_global"]
+    assert {f"{value:.2f}" for row in cosine for value in row} <= set(written)
+    summary = (tmp_path / "an" / "summary.md").read_text()
+    assert all(name in summary for name in names) and "seeds 0-1" not in summary
+
+
 def test_analyze_reads_adapters_without_a_base(tmp_path):
     from conftest import save_random_lora, save_random_sera
     from tiny import save_tiny_llama
@@ -193,7 +227,7 @@ def test_analyze_reads_adapters_without_a_base(tmp_path):
     result = run_cli("mergekit-seed", "analyze", *seeds, "--out", tmp_path / "an", "--quiet")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "an" / "analysis.json").read_text())
-    assert report["weights"] == 4 and len(report["subspace_similarity"]["0-1"]) == 4
+    assert report["weights"] == 4 and len(report["subspace_similarity"]["a & b"]) == 4
     assert subspace_similarity(torch.eye(5), torch.eye(5), 3, 3) == 1.0
     missing = run_cli("mergekit-seed", "analyze", tmp_path / "a")
     assert missing.returncode != 0

@@ -227,3 +227,15 @@ def test_no_doc_or_comment_names_a_file_the_repository_lacks():
             if not (REPO / "mergekit_seed" / path).exists():
                 missing.append(f"{source.relative_to(REPO)}: {path}")
     assert not missing, "\n".join(sorted(set(missing)))
+
+
+def test_what_the_docs_say_make_does_is_what_the_makefile_does():
+    """Issue 49: the README said `make test` makes a fresh venv; the Makefile builds .venv only when
+    it is missing (or pyproject.toml or constraints.txt changed) and reuses it."""
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^\$\(BIN\)/mergekit-seed: pyproject.toml constraints.txt$", makefile, re.M)
+    assert "rm -rf $(VENV)" not in makefile  # nothing makes the venv afresh
+    for page in PAGES:
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if re.match(r"\s*make (demo|test)\b", line):
+                assert "fresh" not in line, f"{page.name}: {line}"

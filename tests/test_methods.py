@@ -97,3 +97,23 @@ def test_the_demo_leaves_out_what_its_spec_says(toy):
     from mergekit_seed.tools.demo.pipeline import ours
 
     assert "toy_mean" not in ours() and set(ours()) == {m.spec.name for m in METHODS if m.in_demo}
+
+
+def _equations(text: str) -> set:
+    """The equation numbers a text cites ("Eq. 4", "Eqs. 2 and 7")."""
+    import re
+
+    return {int(number) for cited in re.findall(r"Eqs?\. [\d, and-]+", text) for number in re.findall(r"\d+", cited)}
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda method: method.spec.name)
+def test_a_parameter_cites_the_same_equations_in_methods_and_on_its_docs_page(method):
+    """Issue 49: `mergekit-seed methods` gave seedft's lambda as Eq. 7, its docs page as Eq. 2."""
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "methods" / f"{method.spec.name}.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in page.splitlines() if line.startswith("| `")}
+    for parameter in method.parameters:
+        cited = _equations(parameter.description)
+        if cited:
+            assert _equations(rows[parameter.name]) == cited, (parameter.name, rows[parameter.name])

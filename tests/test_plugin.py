@@ -197,3 +197,34 @@ except ValueError as error:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert "refused: parameters: unknown parameter 'rnak' for seedft" in done.stdout, done.stdout + done.stderr
     assert "cannot check parameter names" not in done.stderr
+
+
+def test_stock_mergekit_yaml_at_the_edges_is_one_line(tiny_family, tiny_loras, tmp_path):
+    """Issue 49: stock mergekit-yaml on adapter folders ended in a 20-line traceback ("Should have a
+    model_type key"), and a misspelt method in mergekit's traceback; each is one line now, and
+    nothing is written."""
+    base, seeds = tiny_family
+    lora_base, loras = tiny_loras
+    adapters = tmp_path / "adapters.yml"
+    adapters.write_text(recipe_text("lore", lora_base, loras))
+    refused(
+        run_cli("mergekit-yaml", adapters, tmp_path / "a", isolated=True),
+        "is an adapter folder",
+        "mergekit-seed run",
+        out=tmp_path / "a",
+    )
+    misspelt = tmp_path / "misspelt.yml"
+    misspelt.write_text(recipe_text("seedtf", base, seeds))
+    refused(
+        run_cli("mergekit-yaml", misspelt, tmp_path / "m", isolated=True), "did you mean 'seedft'?", out=tmp_path / "m"
+    )
+
+
+def test_a_recipe_mixing_adapters_and_full_models_is_one_line(tiny_family, tiny_loras, tmp_path):
+    """Issue 49: three lines, two of them calling the full models broken adapters."""
+    lora_base, loras = tiny_loras
+    recipe = tmp_path / "mixed.yml"
+    recipe.write_text(recipe_text("lore", lora_base, [loras[0], *tiny_family[1][:2], loras[1]]))
+    result = run_cli("mergekit-seed", "validate", recipe)
+    refused(result, "mix of adapter folders and full models")
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1

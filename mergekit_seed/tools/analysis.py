@@ -166,14 +166,22 @@ def _showcase_spectra(name: str, deltas: list, decompositions: list, seed_names:
     }
     if k > 0:
         U_a, U_b = decompositions[0][0], decompositions[1][0]
+        spectra["subspace_heatmap_pair"] = [seed_names[0], seed_names[1]]
         spectra["subspace_heatmap_0_1"] = [
             [subspace_similarity(U_a, U_b, i, j) for j in range(1, k + 1)] for i in range(1, k + 1)
         ]
     return spectra
 
 
+def display_names(models: Sequence[str]) -> List[str]:
+    """What the report calls each seed: its folder's name (with its parent's where two share one)."""
+    names = [Path(model).name or str(model) for model in models]
+    return ["/".join(Path(model).parts[-2:]) if names.count(name) > 1 else name for model, name in zip(models, names)]
+
+
 def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) -> dict:
-    """Every statistic of the seeds' deltas (what ``analysis.json`` holds)."""
+    """Every statistic of the seeds' deltas (what ``analysis.json`` holds); seeds are named by
+    their folders (:func:`display_names`) in every key and plot."""
     from tqdm import tqdm
 
     if len(models) < 2:
@@ -182,11 +190,12 @@ def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) ->
     if not inputs.weight_names:
         raise UserError("no 2-D weights are shared by the inputs")
     count = len(models)
+    labels = display_names(models)
     pairs = [(a, b) for a in range(count) for b in range(a + 1, count)]
     dots = torch.zeros(count, count, dtype=DECOMPOSITION_DTYPE)
     layer_dots: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(count, count, dtype=DECOMPOSITION_DTYPE))
     energy: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
-    subspace: Dict[str, List[List[float]]] = {f"{a}-{b}": [] for a, b in pairs}
+    subspace: Dict[str, List[List[float]]] = {f"{labels[a]} & {labels[b]}": [] for a, b in pairs}
     spectra: Dict[str, dict] = {}
     # the weight whose spectra are plotted: the largest one in the first layer
     showcase = max(inputs.weight_names, key=lambda n: (layer_of(n) == "0", "proj" in n))
@@ -197,25 +206,21 @@ def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) ->
         dots += gram
         layer_dots[layer_of(name)] += gram
         decompositions = [left_spectrum(d) for d in deltas]
-        for (U, S), seed in zip(decompositions, inputs.names):
-            total = float((S**2).sum())
-            full_rank = min(deltas[0].shape)
-            for share in TOP_SHARES:
-                top = max(1, math.ceil(share * full_rank))
-                energy[layer_of(name)][f"{int(100 * share)}%"].append(
-                    float((S[:top] ** 2).sum()) / total if total > 0 else 1.0
-                )
+        for _, S in decompositions:
+            for share, value in _top_energy_shares(S, min(deltas[0].shape)).items():
+                energy[layer_of(name)][share].append(value)
         k = min([SUBSPACE_DIRECTIONS] + [S.numel() for _, S in decompositions])
         for a, b in pairs:
             if k > 0:
-                subspace[f"{a}-{b}"].append(
+                subspace[f"{labels[a]} & {labels[b]}"].append(
                     [subspace_similarity(decompositions[a][0], decompositions[b][0], i, i) for i in range(1, k + 1)]
                 )
         if name == showcase:
-            spectra = _showcase_spectra(name, deltas, decompositions, inputs.names, k)
+            spectra = _showcase_spectra(name, deltas, decompositions, labels, k)
 
-    result = {
+    return {
         "models": inputs.names,
+        "labels": labels,
         "base": base,
         "weights": len(inputs.weight_names),
         "cosine_global": _cosine(dots),
@@ -230,7 +235,18 @@ def analysis(models: Sequence[str], base: Optional[str], quiet: bool = False) ->
         },
         "spectra": spectra,
     }
-    return result
+
+
+def _top_energy_shares(S: torch.Tensor, full_rank: int) -> Dict[str, float]:
+    """The share of sum S^2 in the top 10%, 25% and 50% of ``full_rank`` directions
+    (``S``: singular values, descending)."""
+    total = float((S**2).sum())
+    return {
+        f"{int(100 * share)}%": float((S[: max(1, math.ceil(share * full_rank))] ** 2).sum()) / total
+        if total > 0
+        else 1.0
+        for share in TOP_SHARES
+    }
 
 
 def _layer_key(item):
@@ -251,22 +267,25 @@ def _plot_cosine(result: dict, out: Path) -> None:
     """cosine.png: the seeds' cosine similarity over all weights, then per layer and seed pair."""
     import matplotlib.pyplot as plt
 
-    labels = [f"seed{i}" for i in range(len(result["models"]))]
+    labels = result["labels"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     image = axes[0].imshow(result["cosine_global"], vmin=-1, vmax=1, cmap="coolwarm")
+    _numbers_in_cells(axes[0], result["cosine_global"])
     axes[0].set_xticks(range(len(labels)), labels)
     axes[0].set_yticks(range(len(labels)), labels)
     axes[0].set_title("cosine similarity of seed deltas (all weights)")
     figure.colorbar(image, ax=axes[0])
     layers = list(result["cosine_per_layer"])
     count = len(labels)
-    pair_names = [f"{a}-{b}" for a in range(count) for b in range(a + 1, count)]
+    pair_names = [f"{labels[a]} & {labels[b]}" for a in range(count) for b in range(a + 1, count)]
     grid = [
         [result["cosine_per_layer"][layer][a][b] for a in range(count) for b in range(a + 1, count)]
         for layer in layers
     ]
     image = axes[1].imshow(grid, vmin=-1, vmax=1, cmap="coolwarm", aspect="auto")
-    axes[1].set_xticks(range(len(pair_names)), pair_names)
+    if len(grid) * len(pair_names) <= 80:  # beyond that the numbers would not fit their cells
+        _numbers_in_cells(axes[1], grid)
+    axes[1].set_xticks(range(len(pair_names)), pair_names, rotation=20, ha="right", fontsize=8)
     axes[1].set_yticks(range(len(layers)), layers)
     axes[1].set_xlabel("seed pair")
     axes[1].set_ylabel("layer")
@@ -275,6 +294,14 @@ def _plot_cosine(result: dict, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(staged_path(out / "cosine.png"), dpi=110)
     plt.close(figure)
+
+
+def _numbers_in_cells(axis, matrix: List[List[float]]) -> None:
+    """Each cell's value written in it (two decimals), dark on light cells and light on dark ones."""
+    for row, values in enumerate(matrix):
+        for column, value in enumerate(values):
+            color = "white" if abs(value) > 0.6 else "black"
+            axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
 
 
 def _plot_spectra(result: dict, out: Path) -> None:
@@ -286,7 +313,7 @@ def _plot_spectra(result: dict, out: Path) -> None:
     spectra = result["spectra"]
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
     for seed, values in spectra["seeds"].items():
-        axes[0].semilogy(range(1, len(values) + 1), values, label=Path(seed).name)
+        axes[0].semilogy(range(1, len(values) + 1), values, label=seed)
     merged = spectra["seedft_merge"]
     axes[0].semilogy(range(1, len(merged) + 1), merged, "k--", label="SeedFT merge")
     axes[0].set_title(f"singular values: {spectra['weight']}", fontsize=8)
@@ -311,7 +338,7 @@ def _plot_spectra(result: dict, out: Path) -> None:
     axes[1].set_xlabel("layer")
     axes[1].legend(fontsize=7)
     for pair, values in result["subspace_similarity"].items():
-        axes[2].plot(range(1, len(values) + 1), values, marker="o", label=f"seeds {pair}")
+        axes[2].plot(range(1, len(values) + 1), values, marker="o", label=pair)
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("SeRA Eq. 4 similarity phi(i, i)")
     axes[2].set_xlabel("i (leading directions)")
@@ -346,7 +373,7 @@ def _summary(result: dict) -> str:
     lines = [
         "# Seed analysis",
         "",
-        f"{count} seeds, {result['weights']} 2-D weights"
+        f"{count} seeds ({', '.join(result['labels'])}), {result['weights']} 2-D weights"
         + (f", base {result['base']}" if result["base"] else "")
         + ".",
         "",
@@ -377,7 +404,7 @@ def _summary(result: dict) -> str:
     for pair, values in result["subspace_similarity"].items():
         if values:
             lines.append(
-                f"- Subspace similarity (SeRA Eq. 4) of seeds {pair}: phi(1,1) {values[0]:.3f}, "
+                f"- Subspace similarity (SeRA Eq. 4) of {pair}: phi(1,1) {values[0]:.3f}, "
                 f"phi({len(values)},{len(values)}) {values[-1]:.3f}."
             )
     lines += [
