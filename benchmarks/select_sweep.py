@@ -3,12 +3,14 @@
     python benchmarks/select_sweep.py [--out select-bench.json]
 
 Trains the quick demo's three LoRA seeds (experiment 1: its cached base, 250 steps each, one
-thread), writes its validation and test splits as JSONL, then in one process:
+thread), writes its validation and test splits as JSONL (each row's skill as its group), then in
+one process:
 1. ``--dry-run``'s time estimate (:func:`mergekit_seed.tools.selection.sweep.time_estimate`);
 2. ``select`` with the default methods and grid, exact match, timed as a whole;
 3. the same work by hand: every seed scored on validation, every candidate merged with
    ``runner.merge`` and scored on validation, then two scorings on test, each timed.
-Reports select / by hand (target: near 1) and estimate / select.
+Reports select / by hand (target: near 1) and estimate / select, and keeps what select printed
+and the per-group part of its select.md (docs/select.md quotes it).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def demo_lora_seeds(root: Path):
     for name, examples in (("validation", validation), ("test", test)):
         path = root / f"{name}.jsonl"
         path.write_text(
-            "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in examples), encoding="utf-8"
+            "".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "group": e.skill}) + "\n" for e in examples),
+            encoding="utf-8",
         )
         splits.append(path)
     return base, seeds, *splits
@@ -95,6 +98,7 @@ def main() -> None:
         settings = dict(metric="exact_match")
         plan = plan_selection([str(s) for s in seeds], str(base), validation, test, **settings)
         estimate = time_estimate(plan)
+        printed = []
         started = time.perf_counter()
         record = select(
             [str(s) for s in seeds],
@@ -103,11 +107,12 @@ def main() -> None:
             test,
             root / "out",
             quiet=True,
-            echo=lambda _line: None,
+            echo=printed.append,
             warn=lambda _message: None,
             **settings,
         )
         selected = time.perf_counter() - started
+        report = (root / "out" / "select.md").read_text(encoding="utf-8")
         manual = by_hand(plan, root / "by-hand")
     result = {
         "candidates": len(plan.recipes),
@@ -121,6 +126,8 @@ def main() -> None:
         "dry_run_estimate_seconds": {"merges": round(estimate.merges, 2), "scorings": round(estimate.scorings, 2)},
         "estimate_over_select": round(estimate.seconds / selected, 3),
         "estimate_over_by_hand": {kind: round(getattr(estimate, kind) / manual[kind], 3) for kind in manual},
+        "printed": printed,
+        "select_md_groups": report[report.index("Per group") :].rstrip("\n").splitlines(),
         "machine": machine("cpu"),
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -220,6 +221,38 @@ lm_eval_options = _options(
         "--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."
     ),
 )
+
+
+JSONL_METRICS_HELP = (
+    "perplexity, answer_logprob, exact_match (the greedy continuation, up to the end-of-sequence token or a "
+    "--stop string, must be the answer, surrounding whitespace aside: lm-eval's exact_match) or prefix_match (its "
+    "first tokens, as many as the answer's, must be the answer)."
+)
+
+jsonl_options = _options(
+    click.option(
+        "--stop",
+        multiple=True,
+        metavar="TEXT",
+        help="exact_match: a string that ends the generated answer, as lm-eval's until (repeat for more; default "
+        'a newline; --stop "" for none). Backslash escapes such as \\n are read.',
+    ),
+    click.option(
+        "--group-by",
+        metavar="FIELD",
+        help='JSONL: the field naming each row\'s group (default "group", used when the rows have it): every '
+        "model is also compared per group, with the best seed on each group (the oracle).",
+    ),
+)
+
+
+def _stop_strings(given: Sequence[str]):
+    """``--stop``'s strings, backslash escapes read; the default (a newline) when none is given."""
+    from mergekit_seed.tools.compare import DEFAULT_STOP  # here: it imports torch
+
+    if not given:
+        return DEFAULT_STOP
+    return tuple(term for term in (codecs.decode(text, "unicode_escape") for text in given) if term)
 
 
 @main.command("methods")
@@ -465,13 +498,13 @@ def analyze_command(models: tuple, base: Optional[str], out: str, quiet: bool) -
 @click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
 @click.option(
     "--metric",
-    help="--data: perplexity, answer_logprob or exact_match. lm-eval: the metric pooled over tasks (default: each "
-    "task's first).",
+    help="--data: " + JSONL_METRICS_HELP + " lm-eval: the metric pooled over tasks (default: each task's first).",
 )
 @click.option(
     "--reference", help="The model the others are compared with (default: the best model that is not a merge)."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@jsonl_options
 @lm_eval_options
 @click.option("--cuda", is_flag=True, help="Score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to score on (default cpu).")
@@ -503,7 +536,8 @@ def compare_command(models: tuple, **options: Any) -> None:
 
 
 # the options that only apply when compare scores the models itself (not with --lm-eval)
-SCORING_OPTIONS = ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size", "data")
+SCORING_OPTIONS = ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size")
+SCORING_OPTIONS += ("data", "stop", "group_by")
 
 
 def _compare_runs(runs: List[str], out: Path, tasks: Optional[List[str]], given: set, bootstrap: dict) -> None:
@@ -536,7 +570,8 @@ def _compare_on_data(models: List[str], given: set, options: dict, bootstrap: di
         raise UserError(f"--{unused[0].replace('_', '-')} applies to --tasks, not to --data")
     if bootstrap["metric"] is not None and bootstrap["metric"] not in METRICS:
         raise UserError(f"--metric {bootstrap['metric']}: --data gives {', '.join(METRICS)}")
-    scoring = {key: options[key] for key in ("base", "batch_size", "tokenizer", "quiet")}
+    scoring = {key: options[key] for key in ("base", "batch_size", "tokenizer", "quiet", "group_by")}
+    scoring["stop"] = _stop_strings(options["stop"])
     compare(
         models, Path(options["data"]), Path(options["out"]), device=device, echo=click.echo, **scoring, **bootstrap
     )
@@ -548,6 +583,11 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
     from mergekit_seed.tools.lm_eval_report import compare_tasks
 
     device = _scoring_device(options, "score")
+    for name in ("stop", "group_by"):
+        if options[name]:
+            raise UserError(
+                f"--{name.replace('_', '-')} applies to --data; lm-eval tasks set their own (until; a group per task)"
+            )
     names = unique_models(models, click.echo)
     if len(names) < 2:
         raise UserError("compare needs at least two models")
@@ -593,8 +633,7 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
 )
 @click.option(
     "--metric",
-    help="JSONL: perplexity, answer_logprob or exact_match. lm-eval tasks: the metric pooled over them (default: each "
-    "task's first).",
+    help="JSONL: " + JSONL_METRICS_HELP + " lm-eval tasks: the metric pooled over them (default: each task's first).",
 )
 @click.option(
     "--versus-mean-seed",
@@ -603,8 +642,15 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
 )
 @click.option("--dry-run", is_flag=True, help="List the candidates and estimate disk and time; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds a previous mergekit-seed output.")
+@click.option(
+    "--output-rank",
+    callback=lambda _context, _parameter, value: _output_rank(value),
+    help="Adapter seeds: output.rank of our methods' adapter candidates: an integer, auto or exact (default: exact "
+    "for a method that merges LoRA factors exactly, auto for one whose merged delta is dense; docs/select.md).",
+)
 @click.option("--tokenizer", type=click.Path(), help="Tokenizer folder or Hub id for models that ship none.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@jsonl_options
 @click.option("--cuda", is_flag=True, help="Merge and score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to merge and score on (default cpu).")
 @bootstrap_options
@@ -616,7 +662,7 @@ def select_command(seeds: tuple, **options: Any) -> None:
     from mergekit_seed.tools.selection import select
     from mergekit_seed.tools.selection.sweep import dry_run_lines, plan_selection
 
-    quiet_libraries()  # the merges' and loads' own bars and notices would break up select's one progress bar
+    quiet_libraries()  # before the first load: select() says the same
     device = _scoring_device(options, "merge and score")
     splits = _select_splits(options)
     settings = {
@@ -626,6 +672,9 @@ def select_command(seeds: tuple, **options: Any) -> None:
         "tokenizer": options["tokenizer"],
         "batch_size": options["batch_size"],
         "device": device,
+        "stop": _stop_strings(options["stop"]),
+        "group_by": options["group_by"],
+        "output_rank": options["output_rank"],
     }
     if options["dry_run"]:
         for line in dry_run_lines(plan_selection(list(seeds), options["base"], *splits, **settings)):
@@ -642,6 +691,15 @@ def select_command(seeds: tuple, **options: Any) -> None:
         **{key: options[key] for key in keys},
         **settings,
     )
+
+
+def _output_rank(value: Optional[str]):
+    """``--output-rank``: a positive integer, ``auto`` or ``exact`` (None when not given)."""
+    if value is None or value in ("auto", "exact"):
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r}: give a positive integer, auto or exact", param_hint="'--output-rank'")
 
 
 def _select_splits(options: dict) -> list:

@@ -97,7 +97,7 @@ def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
             rows.append({"prompt": prompt, "answer": answer})
     other_model, _ = load_model(other, None, "cpu")
     _, parsed = read_data_rows(rows)
-    hits = score_rows(other_model, tokenizer, parsed, "exact_match")
+    hits = score_rows(other_model, tokenizer, parsed, "prefix_match")
     rows = [row for row, (hit, _) in zip(rows, hits) if hit == 0]
     assert len(rows) >= 5
     data = write_jsonl(tmp_path / "data.jsonl", rows)
@@ -114,7 +114,7 @@ def test_better_on_every_example_and_identical_models(tiny_family, tmp_path):
         "--out",
         tmp_path / "out",
         "--metric",
-        "exact_match",
+        "prefix_match",
         "--reference",
         other,
         "--quiet",
@@ -232,9 +232,10 @@ def _byte_level_bpe(folder: Path):
 
 
 @pytest.mark.parametrize("kind", ["decode inserts spaces", "byte-level BPE"])
-def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, kind):
-    """The answer is the text of the tokens the model generates; decode joins a character
-    vocabulary's tokens with spaces, which must not turn every hit into a miss."""
+def test_prefix_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, kind):
+    """The answer is the text of the tokens the model generates first (prefix_match, the rule
+    exact_match had before issue 49); decode joins a character vocabulary's tokens with spaces,
+    which must not turn every hit into a miss."""
     from tiny import TINY_LLAMA
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -275,7 +276,7 @@ def test_exact_match_scores_a_model_that_answers_right_at_100_percent(tmp_path, 
         "--data",
         data,
         "--metric",
-        "exact_match",
+        "prefix_match",
         "--out",
         tmp_path / "out",
         "--quiet",
@@ -390,3 +391,96 @@ def test_greedy_continuation_is_the_argmax_whatever_the_model_generation_config(
         decoded = greedy_continuation(model, ids, 9)
     assert torch.equal(decoded, expected)
     assert model.generation_config is own and own.repetition_penalty == 1.5
+
+
+GROUPED = [
+    {"prompt": f"{op}:{word}=", "answer": answer, "skill": op}
+    for op, pairs in {
+        "rev": [("abc", "cba"), ("xyz", "zyx"), ("mno", "onm")],
+        "dup": [("ab", "aabb"), ("xy", "xxyy"), ("pq", "ppqq")],
+        "next": [("abc", "bcd"), ("klm", "lmn")],
+    }.items()
+    for word, answer in pairs
+]
+
+
+def _answer_logprobs(folder: Path, rows) -> list:
+    """log p(answer | prompt) per row from transformers' own loss: the independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokens = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    values = []
+    for row in rows:
+        prompt = tokens(row["prompt"])["input_ids"]
+        answer = tokens(row["answer"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            loss = model(
+                input_ids=torch.tensor([prompt + answer]), labels=torch.tensor([[-100] * len(prompt) + answer])
+            )
+        values.append(-loss.loss.item() * len(answer))
+    return values
+
+
+def test_groups_compare_every_model_per_group_with_the_oracle(tiny_family, tmp_path, monkeypatch):
+    """Issue 49: compare reported one pooled number. Rows carrying a group (--group-by names the
+    field) are also compared per group, with paired intervals, and the oracle (the best seed on
+    each group) is what merging could win; compare.json, compare.md and compare.png carry them."""
+    import matplotlib.axes
+
+    from mergekit_seed.tools.compare import compare
+
+    titles = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_title",
+        lambda axis, text, *a, **k: titles.append(text) or original(axis, text, *a, **k),
+    )
+    seeds = tiny_family[1]
+    data = write_jsonl(tmp_path / "d.jsonl", GROUPED)
+    models = [str(seed) for seed in seeds]
+    report = compare(
+        models,
+        data,
+        tmp_path / "out",
+        metric="answer_logprob",
+        group_by="skill",
+        resamples=500,
+        quiet=True,
+        echo=lambda _line: None,
+    )
+    expected = {model: _answer_logprobs(Path(model), GROUPED) for model in models}
+    groups = {op: [i for i, row in enumerate(GROUPED) if row["skill"] == op] for op in ("rev", "dup", "next")}
+    assert list(report["groups"]) == list(groups)
+    reference = report["reference"]
+    for group, indices in groups.items():
+        entry = report["groups"][group]
+        assert entry["examples"] == len(indices)
+        for model in models:
+            mean = sum(expected[model][i] for i in indices) / len(indices)
+            assert entry["scores"][model] == pytest.approx(mean, abs=1e-4)
+            if model != reference:
+                difference = sum(expected[model][i] - expected[reference][i] for i in indices) / len(indices)
+                versus = entry["versus_reference"][model]
+                assert versus["mean"] == pytest.approx(difference, abs=1e-4) and versus["low"] <= versus["high"]
+    picks = {g: max(models, key=lambda m, i=i: sum(expected[m][k] for k in i)) for g, i in groups.items()}
+    assert report["oracle"]["best_seed_per_group"] == picks
+    oracle = sum(expected[picks[row["skill"]]][i] for i, row in enumerate(GROUPED)) / len(GROUPED)
+    assert report["oracle"]["score"] == pytest.approx(oracle, abs=1e-4)
+    assert report["oracle"]["score"] >= max(report["models"][m]["score"] for m in models) - 1e-9
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert all(f"Group {group} ({len(indices)} examples)" in table for group, indices in groups.items())
+    assert "Oracle (the best seed on each group" in table
+    assert [t for t in titles if "examples" in t][1:] == [f"{g}: {len(i)} examples" for g, i in groups.items()]
+
+
+def test_a_named_group_field_must_be_on_every_row(tiny_family, tmp_path):
+    seeds = tiny_family[1]
+    data = write_jsonl(tmp_path / "d.jsonl", [*GROUPED[:2], {"prompt": "rev:q=", "answer": "q"}])
+    refused(
+        run_cli(
+            "mergekit-seed", "compare", *seeds[:2], "--data", data, "--group-by", "skill", "--out", tmp_path / "o"
+        ),
+        "d.jsonl:3",
+        "skill",
+    )

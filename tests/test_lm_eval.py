@@ -49,9 +49,9 @@ metric_list:
 TASKS = "tiny_mc,tiny_gen"
 
 
-def write_tasks(folder: Path, data: Path, version: float = 1.0) -> Path:
+def write_tasks(folder: Path, data: Path, version: float = 1.0, gen_body: str = GEN_BODY) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, body in (("tiny_mc", MC_BODY), ("tiny_gen", GEN_BODY)):
+    for name, body in (("tiny_mc", MC_BODY), ("tiny_gen", gen_body)):
         (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, body=body, version=version))
     return folder
 
@@ -203,6 +203,12 @@ def test_scores_are_lm_evals_own_and_verdicts_follow_construction(harness, tmp_p
     assert pooled["metrics"] == {"tiny_mc": "acc,none", "tiny_gen": "exact_match,none"}
     assert pooled["versus_reference"][published["twin"]]["mean"] == 0.0
     assert pooled["versus_reference"][published["other"]]["groups"] == 2
+    # the tasks are the groups (issue 49): the best seed on each task, and what those picks make
+    assert report["oracle"] == {
+        "best_seed_per_task": {"tiny_mc": published["good"], "tiny_gen": published["good"]},
+        "score": 1.0,
+    }
+    assert "Oracle (the best seed on each task" in (tmp_path / "c" / "compare.md").read_text()
     # --reference and --metric choose the comparison; the other model is better than... nothing
     run_cli(
         "mergekit-seed",
@@ -399,6 +405,41 @@ def test_an_lm_eval_run_is_read_only_from_inside_its_folder(harness, tmp_path, w
         "leads outside the run folder",
         out=tmp_path / "out",
     )
+
+
+def test_exact_match_is_lm_evals_on_the_same_outputs(harness, tmp_path):
+    """Issue 49: compare's exact_match decoded as many tokens as the answer has, so a model that
+    went on after the answer counted as right. Now it is lm-eval's rule for a generate_until task
+    (until a newline), held equal to lm-eval's own exact_match, per example, on the same model and
+    documents: answers that are the model's continuation up to where it stops (a hit), the same with
+    one more letter (a miss), and the same less its last letter (a miss that the old rule, kept as
+    prefix_match, counts right: the model went on after the answer)."""
+    from mergekit_seed.tools.compare import Row, load_model, score_rows
+
+    limit = 40  # room for the tiny models (64 positions) to stop, as lm-eval's max_gen_toks
+    long_body = GEN_BODY.replace("max_gen_toks: 4", f"max_gen_toks: {limit}")
+    docs = [json.loads(line) for line in harness["data"].read_text().splitlines()]
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(dict(doc, answer="x")) + "\n" for doc in docs))
+    first = lm_eval(write_tasks(tmp_path / "probe-tasks", probe, gen_body=long_body), tmp_path / "first",
+                    f"pretrained={harness['good']}", "--log_samples")  # fmt: skip
+    continuations = {row["doc_id"]: row["filtered_resps"][0] for row in samples(first, "tiny_gen")}
+    stopped = [i for i, text in continuations.items() if len(text.strip()) > 1 and len(text) < limit - 1]
+    assert len(stopped) >= 6, "the model stops too rarely for this test"
+    variants = [lambda text: text, lambda text: text + "z", lambda text: text.strip()[:-1]]
+    answers = {i: variants[n % 3](continuations[i]) for n, i in enumerate(stopped)}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(docs[i], answer=answers[i])) + "\n" for i in stopped))
+    second = lm_eval(write_tasks(tmp_path / "tasks", data, gen_body=long_body), tmp_path / "second",
+                     f"pretrained={harness['good']}", "--log_samples")  # fmt: skip
+    theirs = [row["exact_match"] for row in sorted(samples(second, "tiny_gen"), key=lambda row: row["doc_id"])]
+    model, tokenizer = load_model(str(harness["good"]), None, "cpu")
+    rows = [Row(prompt=docs[i]["q"], answer=answers[i]) for i in stopped]
+    ours = [hit for hit, _ in score_rows(model, tokenizer, rows, "exact_match", stop=("\n",))]
+    assert ours == theirs and 0 < sum(ours) < len(ours), (ours, theirs)
+    prefix = [hit for hit, _ in score_rows(model, tokenizer, rows, "prefix_match")]
+    cut_short = [n for n in range(len(stopped)) if n % 3 == 2]
+    assert all(prefix[n] == 1.0 and ours[n] == 0.0 for n in cut_short), (prefix, ours)
 
 
 # generated lm-eval files: one place of a run's results or samples replaced by a hostile value

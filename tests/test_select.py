@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_the_planted_merge_is_chosen_and_judged_better_and_test_is_scored_for_tw
         test,
         tmp_path / "out",
         methods=["seedft", "lore", "linear"],
-        metric="exact_match",
+        metric="prefix_match",
         quiet=True,
         resamples=2000,
         echo=lambda _line: None,
@@ -137,7 +138,7 @@ def test_a_candidate_better_on_validation_only_is_chosen_but_test_decides(plante
         test,
         tmp_path / "out",
         methods=["lore", "linear"],
-        metric="exact_match",
+        metric="prefix_match",
         quiet=True,
         resamples=2000,
         echo=lambda _line: None,
@@ -367,6 +368,10 @@ def test_the_documented_cost_is_the_shipped_benchmark():
         f"{bench['validation_examples']}\nvalidation and {bench['test_examples']} test examples",
     ):
         assert figure in page, figure
+    # the per-group report quoted is the one the benchmark's select printed and wrote (issue 49)
+    quoted = page.split("<!-- select-groups:begin -->\n")[1].split("\n<!-- select-groups:end -->")[0]
+    assert quoted == "\n".join(["```", *bench["printed"], "```", "", *bench["select_md_groups"]])
+    assert any(line.startswith("| group |") for line in bench["select_md_groups"])
 
 
 def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes_on(planted, tmp_path, monkeypatch):
@@ -388,7 +393,7 @@ def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes
         test,
         tmp_path / "out",
         methods=["linear", "seedft"],
-        metric="exact_match",
+        metric="prefix_match",
         quiet=True,
         resamples=200,
         echo=lambda _line: None,
@@ -425,3 +430,307 @@ def test_lora_seeds_stay_adapters_for_our_methods_and_go_through_base_plus_adapt
     assert "format: lora" in recipes["lore mu_relative=0.1"] and f"{base}+{loras[0]}" in recipes["linear"]
     winner_is_adapter = record["chosen"]["candidate"].startswith("lore")
     assert (tmp_path / "out" / ("adapter_config.json" if winner_is_adapter else "config.json")).is_file()
+
+
+# ------------------------------------------------------------------ what a newcomer needed (issue 49)
+
+
+def _grouped(path: Path, out: Path) -> Path:
+    """``path``'s rows with their operation ("rev", "sort", ...) as their group."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    out.write_text("".join(json.dumps(dict(row, group=row["prompt"].split(":")[0])) + "\n" for row in rows))
+    return out
+
+
+def test_the_reports_give_the_scores_on_test_and_every_group(planted, tmp_path, monkeypatch):
+    """The winner's, the best seed's and the mean seed's scores on test in the terminal, select.md
+    and select.png; no duplicate column; per group on validation every seed and the winner, the
+    oracle (the best seed on each group), and the winner minus the best seed per group on test."""
+    import matplotlib.axes
+
+    _, base, _, seeds, validation, test = planted
+    titles = []
+    original = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_title",
+        lambda axis, text, *a, **k: titles.append(text) or original(axis, text, *a, **k),
+    )
+    validation, test = _grouped(validation, tmp_path / "v.jsonl"), _grouped(test, tmp_path / "t.jsonl")
+    lines = []
+    record = selection.select(
+        [str(s) for s in seeds],
+        str(base),
+        validation,
+        test,
+        tmp_path / "out",
+        methods=["linear", "seedft"],
+        metric="prefix_match",
+        versus_mean_seed=True,
+        quiet=True,
+        resamples=500,
+        echo=lines.append,
+    )
+    scores = record["on_test"]["scores"]
+    winner, best = record["on_test"]["winner"], record["on_test"]["best_seed"]
+    expected = (  # the seeds published by their folders' names, as everywhere in OUT
+        f"On test, prefix_match: {winner} {scores[winner]:.4f}, best seed {Path(best).name} {scores[best]:.4f}, "
+        f"mean seed {scores['mean seed']:.4f}."
+    )
+    assert scores["mean seed"] == pytest.approx(sum(scores[str(s)] for s in seeds) / len(seeds))
+    assert expected in lines
+    table = (tmp_path / "out" / "select.md").read_text()
+    assert expected in table.replace("`", "")
+    assert any(expected in title.replace("\n", " ") for title in titles)
+    assert "| candidate | validation prefix_match |\n|---|---|\n" in table  # one column of figures
+    # per group: the groups' means make the pooled mean, and the oracle is the best seed on each
+    groups = {
+        op: sum(1 for line in validation.read_text().splitlines() if f'"{op}:' in line)
+        for op in ("rev", "sort", "dup", "next", "add", "cap")
+    }
+    groups = {op: count for op, count in groups.items() if count}
+    by_group = record["validation_by_group"]
+    assert list(by_group["per_group"]) == list(groups)
+    total = sum(groups.values())
+    for seed in map(str, seeds):
+        pooled = sum(by_group["per_group"][g][seed] * n for g, n in groups.items()) / total
+        assert pooled == pytest.approx(record["seeds"][seed]["compared"])
+    picks = {g: max(map(str, seeds), key=lambda s, g=g: by_group["per_group"][g][s]) for g in groups}
+    assert by_group["oracle"]["best_seed_per_group"] == picks
+    oracle = sum(by_group["per_group"][g][picks[g]] * n for g, n in groups.items()) / total
+    assert by_group["oracle"]["compared"] == pytest.approx(oracle)
+    test_groups = list(dict.fromkeys(json.loads(line)["group"] for line in test.read_text().splitlines()))
+    assert list(record["on_test"]["versus_best_seed_per_group"]) == test_groups
+    assert "Oracle (the best seed on each group, on validation)" in table
+    assert all(f"| {group} |" in table for group in groups)
+
+
+def test_candidates_that_give_the_same_merge_are_scored_once(planted, tmp_path, monkeypatch):
+    """A grid point that makes byte for byte an earlier candidate's merge is recorded as that
+    merge, not scored again, and cannot be chosen in its place."""
+    _, base, _, seeds, validation, test = planted
+    grid = tmp_path / "grid.yml"
+    grid.write_text(f"seedft:\n  lambda: [auto, {1 / math.sqrt(3)!r}, 0.5]\n")  # auto is 1/sqrt(N), N = 3
+    calls = _count_scorings(monkeypatch)
+    lines = []
+    record = selection.select(
+        [str(s) for s in seeds],
+        str(base),
+        validation,
+        test,
+        tmp_path / "out",
+        methods=["seedft"],
+        grid=grid,
+        metric="prefix_match",
+        quiet=True,
+        resamples=200,
+        echo=lines.append,
+    )
+    entries = {entry["name"]: entry for entry in record["candidates"]}
+    twin = f"seedft lambda={1 / math.sqrt(3)!r}"
+    assert entries[twin]["same_merge_as"] == "seedft lambda=auto"
+    assert "validation" in entries["seedft lambda=auto"] and "validation" in entries["seedft lambda=0.5"]
+    assert len(calls) == len(seeds) + 2 + 2  # the seeds and two distinct merges on validation, two on test
+    assert record["on_test"]["winner"] != twin
+    assert any("the same merge as an earlier candidate, scored once (1)" in line for line in lines)
+    assert "the same merge as `seedft lambda=auto`" in (tmp_path / "out" / "select.md").read_text()
+
+
+def test_the_default_lora_grid_gives_distinct_adapters_no_larger_than_the_dense_weights(tiny_loras, tmp_path):
+    """The default grid for LoRA seeds made the two-stage candidates at an exact rank whose
+    factors hold more numbers than the dense weights. Dense methods' adapter candidates now
+    default to output.rank auto (exact-on-factors methods stay exact), --output-rank sets
+    it, and no two default candidates give the same merge."""
+    from mergekit_seed.methods import our_method_names, our_methods
+    from mergekit_seed.references.adapter_files import read_adapter
+    from mergekit_seed.runner import merge
+    from mergekit_seed.tools.selection.sweep import merge_fingerprint, plan_selection
+
+    base, loras = tiny_loras
+    validation, test = (tmp_path / "v.jsonl", tmp_path / "t.jsonl")
+    validation.write_text(json.dumps({"text": "rev:abc=cba"}) + "\n")
+    test.write_text(json.dumps({"text": "rev:xyz=zyx"}) + "\n")
+    seeds = [str(lora) for lora in loras]
+    plan = plan_selection(seeds, str(base), validation, test, methods=list(our_method_names()))
+    dense = {method.spec.name for method in our_methods() if method.factored_kernel is None}
+    assert dense, "every method is exact on factors: nothing to check"
+    fingerprints = {}
+    for index, (candidate, recipe) in enumerate(plan.recipes.items()):
+        output = recipe.config.output
+        assert (output.rank == "auto") == (candidate.method in dense), (candidate.name, output)
+        folder = tmp_path / f"c{index}"
+        merge(recipe, folder, quiet=True, echo=lambda _line: None, warn=lambda _message: None)
+        fingerprints.setdefault(merge_fingerprint(folder), []).append(candidate.name)
+        for delta in read_adapter(folder).deltas.values():
+            rows, columns = delta.shape
+            assert delta.left.numel() + delta.right.numel() <= rows * columns or candidate.method not in dense
+    assert all(len(names) == 1 for names in fingerprints.values()), fingerprints
+    ranked = plan_selection(seeds, str(base), validation, test, methods=["lore", "seedft"], output_rank=3)
+    assert {recipe.config.output.rank for recipe in ranked.recipes.values()} == {3}
+    exact = plan_selection(seeds, str(base), validation, test, methods=["lore"], output_rank="exact")
+    assert {recipe.config.output.rank for recipe in exact.recipes.values()} == {None}
+
+
+def test_one_warning_line_for_every_candidate_that_warned(tiny_loras, tmp_path):
+    """A warning per candidate (here: output.rank exact for a dense method, whose factors then
+    hold more numbers than the dense weights) became one summary line; select.json keeps each
+    candidate's."""
+    base, loras = tiny_loras
+    validation, test = tmp_path / "v.jsonl", tmp_path / "t.jsonl"
+    validation.write_text("".join(json.dumps({"text": f"rev:{w}={w[::-1]}"}) + "\n" for w in ("abc", "xyz")))
+    test.write_text("".join(json.dumps({"text": f"rev:{w}={w[::-1]}"}) + "\n" for w in ("mno", "pq")))
+    warnings = []
+    record = selection.select(
+        [str(lora) for lora in loras],
+        str(base),
+        validation,
+        test,
+        tmp_path / "out",
+        methods=["seedlora_twostage"],
+        output_rank="exact",
+        quiet=True,
+        resamples=200,
+        echo=lambda _line: None,
+        warn=warnings.append,
+    )
+    warned = [entry for entry in record["candidates"] if entry.get("warnings")]
+    assert len(warned) == 2 and all("more numbers than the dense weights" in e["warnings"][0] for e in warned)
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 2 candidates merged with a warning"), warnings
+
+
+def test_select_from_python_is_as_quiet_as_the_cli_and_puts_everything_back(planted, tmp_path, capfd):
+    """From Python, select() printed transformers' loading bars and a FutureWarning. It is quiet
+    now, and the caller's warnings filters and transformers' verbosity are theirs again after."""
+    import warnings
+
+    import transformers
+
+    _, base, _, seeds, validation, test = planted
+    filters, verbosity = list(warnings.filters), transformers.utils.logging.get_verbosity()
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selection.select(
+            [str(s) for s in seeds],
+            str(base),
+            validation,
+            test,
+            tmp_path / "out",
+            methods=["linear"],
+            metric="prefix_match",
+            quiet=True,
+            resamples=200,
+            echo=lambda _line: None,
+        )
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "Warning" not in captured.err, captured.err
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], caught
+    assert list(warnings.filters) == filters and transformers.utils.logging.get_verbosity() == verbosity
+
+
+@pytest.mark.parametrize(
+    "options,fragments",
+    [
+        (["--methods", "seedft,loree"], ["--methods loree", "did you mean 'lore'?"]),
+        (["--metric", "exact-match"], ["--metric exact-match", "did you mean 'exact_match'?"]),
+        (["--base", "{root}/bas"], ["--base", "no such folder"]),
+    ],
+    ids=["methods", "metric", "base"],
+)
+def test_a_mistake_in_an_option_is_one_line_with_the_fix(planted, tmp_path, options, fragments):
+    root, base, _, seeds, validation, test = planted
+    options = [option.replace("{root}", str(root)) for option in options]
+    if "--base" not in options:
+        options += ["--base", base]
+    refused(
+        run_cli(
+            "mergekit-seed",
+            "select",
+            *seeds,
+            *options,
+            "--validation",
+            validation,
+            "--test",
+            test,
+            "--out",
+            tmp_path / "o",
+        ),
+        *fragments,
+        out=tmp_path / "o",
+    )
+
+
+def test_a_base_typo_written_like_a_hub_id_names_the_folder_it_meant(planted, tmp_path, monkeypatch):
+    """`select --base exp/bas` named the validation file and looked the typo up on the Hub."""
+    root, _, _, seeds, validation, test = planted
+    monkeypatch.chdir(root)
+    result = run_cli(
+        "mergekit-seed",
+        "select",
+        *seeds,
+        "--base",
+        f"{root.name}/bas",
+        "--validation",
+        validation,
+        "--test",
+        test,
+        "--out",
+        tmp_path / "o",
+    )
+    monkeypatch.chdir(root.parent)
+    result = run_cli(
+        "mergekit-seed",
+        "select",
+        *seeds,
+        "--base",
+        f"{root.name}/bas",
+        "--validation",
+        validation,
+        "--test",
+        test,
+        "--out",
+        tmp_path / "o",
+    )
+    refused(result, f"--base {root.name}/bas: no such folder; did you mean {root.name}/base?", out=tmp_path / "o")
+    assert validation.name not in result.stderr
+
+
+def test_every_grid_problem_at_once_with_the_valid_types_named(planted, tmp_path):
+    root, base, _, seeds, validation, test = planted
+    grid = tmp_path / "grid.yml"
+    grid.write_text("seedft:\n  lambda: [abc]\nlore:\n  mu_relative: []\nlinear: 3\n")
+    result = run_cli(
+        "mergekit-seed",
+        "select",
+        *seeds,
+        "--base",
+        base,
+        "--validation",
+        validation,
+        "--test",
+        test,
+        "--grid",
+        grid,
+        "--out",
+        tmp_path / "o",
+    )
+    refused(result, "lore.mu_relative: an empty list", "linear: give a mapping", out=tmp_path / "o")
+    grid.write_text("seedft:\n  lambda: [abc, 1.0]\nlore:\n  mu_relative: [-1]\n")
+    result = run_cli(
+        "mergekit-seed",
+        "select",
+        *seeds,
+        "--base",
+        base,
+        "--validation",
+        validation,
+        "--test",
+        test,
+        "--grid",
+        grid,
+        "--methods",
+        "seedft,lore",
+        "--out",
+        tmp_path / "o",
+    )
+    refused(result, "candidate seedft lambda=abc", "float | auto", "candidate lore mu_relative=-1", out=tmp_path / "o")

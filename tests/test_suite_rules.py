@@ -5,6 +5,7 @@ asserted in CPU seconds, ``time.process_time()``, which another process cannot i
 import ast
 from pathlib import Path
 
+
 TESTS = Path(__file__).parent
 WALL_CLOCKS = {"time", "monotonic", "perf_counter", "monotonic_ns", "perf_counter_ns", "time_ns"}
 

@@ -6,9 +6,11 @@ ids) is scored example by example on a JSONL file, one model in memory at a time
 - ``{"text": ...}`` rows: ``perplexity`` (token level). The per-example score is the mean
   log-probability per token; the model's figure is exp(-total log-probability / total tokens).
 - ``{"prompt": ..., "answer": ...}`` rows: ``answer_logprob`` (log-probability of the answer's
-  tokens given the prompt's; no generation) or ``exact_match`` (greedy decoding of as many
-  tokens as the answer has; the generated and the answer's tokens are decoded alike and
-  compared with whitespace normalised).
+  tokens given the prompt's; no generation), ``exact_match`` (lm-eval's rule for a
+  ``generate_until`` task: greedy decoding until the end-of-sequence token or a stop string,
+  default a newline, and the text before it must be the answer, surrounding whitespace aside)
+  or ``prefix_match`` (the first tokens, as many as the answer has, must be the answer, whether
+  or not the model stops there: the rule ``exact_match`` had before it matched lm-eval's).
 
 Each model is compared with a reference (``--reference``, default the best of the models that
 are not merges: the best seed) by the paired per-example differences, with the bootstrap
@@ -17,9 +19,11 @@ interval and verdict of :mod:`mergekit_seed.maths.stats` (the demo's verdict use
 
 from __future__ import annotations
 
+import difflib
 import gc
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,23 +44,44 @@ from mergekit_seed.references.weights import safetensors_shapes
 from mergekit_seed.untrusted import bounded_safe_load, front_matter
 
 
-METRICS = ("perplexity", "answer_logprob", "exact_match")
+METRICS = ("perplexity", "answer_logprob", "exact_match", "prefix_match")
 TEXT_METRICS = ("perplexity",)
-ANSWER_METRICS = ("answer_logprob", "exact_match")
-HIGHER_IS_BETTER = {"perplexity": False, "answer_logprob": True, "exact_match": True}
+ANSWER_METRICS = ("answer_logprob", "exact_match", "prefix_match")
+GENERATED = ("exact_match", "prefix_match")
+HIGHER_IS_BETTER = {"perplexity": False, "answer_logprob": True, "exact_match": True, "prefix_match": True}
+DEFAULT_STOP = ("\n",)  # lm-eval's usual `until` for short answers
+# tokens decoded past the longest answer of a batch, for the model to reach its stop (or show it does not)
+GENERATION_MARGIN = 16
+
+
+DEFAULT_GROUP_KEY = "group"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One example: ``text`` (perplexity) or ``prompt`` and ``answer``."""
+    """One example: ``text`` (perplexity) or ``prompt`` and ``answer``, and the group (a
+    sub-skill, a source) it belongs to, if the data says."""
 
     text: Optional[str] = None
     prompt: Optional[str] = None
     answer: Optional[str] = None
+    group: Optional[str] = None
 
 
-def read_data(path: Path) -> Tuple[str, List[Row]]:
-    """The rows of a JSONL file and their kind (``text`` or ``answer``); one line per problem."""
+def _group_of(record: dict, key: str, where: str) -> Optional[str]:
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise UserError(f'{where}: "{key}" must be a string or an integer naming the row\'s group')
+    return str(value)
+
+
+def read_data(path: Path, group_by: Optional[str] = None) -> Tuple[str, List[Row]]:
+    """The rows of a JSONL file and their kind (``text`` or ``answer``); one line per problem.
+    Each row's group is its ``group_by`` field (default ``"group"``): every row has one, or none
+    does (a ``group_by`` named explicitly must be there)."""
+    key = group_by or DEFAULT_GROUP_KEY
     lines = read_lines(path, "JSONL data file")
     rows: List[Row] = []
     kinds = set()
@@ -69,23 +94,40 @@ def read_data(path: Path) -> Tuple[str, List[Row]]:
             raise UserError(f"{path}:{number}: not a JSON line ({error.msg})") from None
         except RecursionError:
             raise UserError(f"{path}:{number}: JSON nested too deeply; a row is one flat object") from None
+        group = _group_of(record, key, f"{path}:{number}") if isinstance(record, dict) else None
         if isinstance(record, dict) and isinstance(record.get("text"), str):
-            rows.append(Row(text=record["text"]))
+            rows.append(Row(text=record["text"], group=group))
             kinds.add("text")
         elif (
             isinstance(record, dict)
             and isinstance(record.get("prompt"), str)
             and isinstance(record.get("answer"), str)
         ):
-            rows.append(Row(prompt=record["prompt"], answer=record["answer"]))
+            rows.append(Row(prompt=record["prompt"], answer=record["answer"], group=group))
             kinds.add("answer")
         else:
             raise UserError(f'{path}:{number}: needs a string "text", or strings "prompt" and "answer"')
         if len(kinds) > 1:
             raise UserError(f'{path}:{number}: mixes "text" rows with "prompt"/"answer" rows; use one kind per file')
+        if (group is None) != (rows[0].group is None):
+            raise UserError(
+                f'{path}:{number}: has no "{key}" where other rows have one, or the reverse; '
+                "give every row a group, or none"
+            )
     if not rows:
         raise UserError(f"{path}: no examples (one JSON object per line)")
+    if group_by is not None and rows[0].group is None:
+        raise UserError(f'--group-by {group_by}: no row of {path} has a "{group_by}" field')
     return kinds.pop(), rows
+
+
+def groups_of(rows: Sequence[Row]) -> Dict[str, List[int]]:
+    """{group: the indices of its rows}, in the order groups first appear; {} without groups."""
+    found: Dict[str, List[int]] = {}
+    for index, row in enumerate(rows):
+        if row.group is not None:
+            found.setdefault(row.group, []).append(index)
+    return found
 
 
 def choose_metric(kind: str, metric: Optional[str], path: Path) -> str:
@@ -94,7 +136,9 @@ def choose_metric(kind: str, metric: Optional[str], path: Path) -> str:
     allowed = TEXT_METRICS if kind == "text" else ANSWER_METRICS
     if metric not in allowed:
         rows = '"text"' if kind == "text" else '"prompt"/"answer"'
-        raise UserError(f"--metric {metric}: {path} has {rows} rows, which give {' or '.join(allowed)}")
+        hint = difflib.get_close_matches(metric, METRICS, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint and hint[0] in allowed else ""
+        raise UserError(f"--metric {metric}: {path} has {rows} rows, which give {' or '.join(allowed)}{suggestion}")
     return metric
 
 
@@ -213,10 +257,12 @@ def score_rows(
     batch_size: int = 16,
     device: str = "cpu",
     advance: Callable[[int], None] = lambda _count: None,
+    stop: Sequence[str] = DEFAULT_STOP,
 ) -> List[Tuple[float, int]]:
     """Per row: (score, token count). perplexity: (sum of token log-probabilities, tokens
-    predicted); answer_logprob: (log p(answer | prompt), answer tokens); exact_match: (1 or 0,
-    answer tokens)."""
+    predicted); answer_logprob: (log p(answer | prompt), answer tokens); exact_match and
+    prefix_match: (1 or 0, answer tokens), :func:`exact_match_hit` and :func:`prefix_match_hit`
+    (``stop``: exact match's stop strings)."""
     import torch
 
     if metric == "perplexity":
@@ -241,21 +287,8 @@ def score_rows(
             )
     results: List[Tuple[float, int]] = [(0.0, 0)] * len(rows)
     with torch.no_grad():
-        if metric == "exact_match":
-            for batch in _batches(starts, batch_size):
-                ids = torch.tensor([sequences[i][: starts[i]] for i in batch], device=device)
-                ids = greedy_continuation(model, ids, max(len(sequences[i]) - starts[i] for i in batch))
-                for row_index, generated in zip(batch, ids.tolist()):
-                    answer_length = len(sequences[row_index]) - starts[row_index]
-                    text = tokenizer.decode(
-                        generated[starts[row_index] : starts[row_index] + answer_length], skip_special_tokens=True
-                    )
-                    # the answer goes through the same decode: a decoder that joins tokens with
-                    # spaces (WordLevel, character vocabularies) would otherwise never match
-                    expected = tokenizer.decode(sequences[row_index][starts[row_index] :], skip_special_tokens=True)
-                    hit = " ".join(text.split()) == " ".join(expected.split())
-                    results[row_index] = (float(hit), answer_length)
-                advance(len(batch))
+        if metric in GENERATED:
+            _generated_scores(model, tokenizer, sequences, starts, metric, batch_size, device, stop, results, advance)
             return results
         for batch in _batches([len(s) for s in sequences], batch_size):
             ids = torch.tensor([sequences[i] for i in batch], device=device)
@@ -269,15 +302,86 @@ def score_rows(
     return results
 
 
-def greedy_continuation(model, ids, length: int):
-    """``ids`` (batch, prompt) followed by ``length`` greedily decoded tokens (batch, prompt +
-    length): transformers' ``generate`` with its KV cache, and nothing but the argmax. The
-    model's own generation config (an end-of-sequence stop, a repetition penalty, suppressed
-    tokens) is set aside for the call, so every model is scored on the same rule."""
+def _generated_scores(model, tokenizer, sequences, starts, metric, batch_size, device, stop, results, advance) -> None:
+    """exact_match or prefix_match of every row into ``results``, a batch of equal prompts at a time."""
+    import torch
+
+    context = context_length(model)
+    ends = end_token_ids(model, tokenizer) if metric == "exact_match" else []
+    for batch in _batches(starts, batch_size):
+        ids = torch.tensor([sequences[i][: starts[i]] for i in batch], device=device)
+        longest = max(len(sequences[i]) - starts[i] for i in batch)
+        length = longest if metric == "prefix_match" else longest + GENERATION_MARGIN
+        if context is not None:
+            length = max(longest, min(length, context - ids.shape[1]))
+        generated = greedy_continuation(model, ids, length, end_token_ids=ends).tolist()
+        for row_index, row in zip(batch, generated):
+            start, answer = starts[row_index], sequences[row_index][starts[row_index] :]
+            if metric == "exact_match":
+                hit = exact_match_hit(tokenizer, row[start:], answer, stop, ends)
+            else:
+                hit = prefix_match_hit(tokenizer, row[start : start + len(answer)], answer)
+            results[row_index] = (float(hit), len(answer))
+        advance(len(batch))
+
+
+def end_token_ids(model, tokenizer) -> List[int]:
+    """The tokens that end a generation: the model's generation config's ``eos_token_id`` (one id or
+    several, as Llama 3's end of turn and end of text), which is where transformers' ``generate``
+    and so lm-eval stop, and the tokenizer's end-of-sequence token."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    ends: List[int] = []
+    for token in [*ids, tokenizer.eos_token_id]:
+        if isinstance(token, int) and token not in ends:
+            ends.append(token)
+    return ends
+
+
+def exact_match_hit(
+    tokenizer, continuation: List[int], answer: List[int], stop: Sequence[str], end_ids: Sequence[int] = ()
+) -> bool:
+    """lm-eval's ``exact_match`` of a ``generate_until`` task: the greedy continuation up to and
+    including the first of ``end_ids`` (:func:`end_token_ids`), decoded without special tokens,
+    cut at the first of the ``stop`` strings (lm-eval's ``until``) and at the tokenizer's
+    end-of-sequence text (which lm-eval adds to them), equals the answer, surrounding whitespace
+    aside. The answer is compared as the tokenizer decodes its tokens (the answer itself for a
+    tokenizer that round-trips text; for one whose decoder joins tokens with spaces, as the
+    generation is joined)."""
+    for index, token in enumerate(continuation):
+        if token in end_ids:
+            continuation = continuation[: index + 1]
+            break
+    text = tokenizer.decode(continuation, skip_special_tokens=True)
+    for term in [*stop, tokenizer.eos_token]:
+        if isinstance(term, str) and term:
+            text = text.split(term)[0]
+    return text.strip() == tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def prefix_match_hit(tokenizer, continuation: List[int], answer: List[int]) -> bool:
+    """The continuation's first tokens, as many as the answer has, decode to the answer (whitespace
+    normalised): what the model says first, whether or not it stops after it."""
+    text, expected = (tokenizer.decode(tokens, skip_special_tokens=True) for tokens in (continuation, answer))
+    return " ".join(text.split()) == " ".join(expected.split())
+
+
+def greedy_continuation(model, ids, length: int, end_token_ids: Sequence[int] = ()):
+    """``ids`` (batch, prompt) followed by up to ``length`` greedily decoded tokens: transformers'
+    ``generate`` with its KV cache, and nothing but the argmax, stopping a row at any of
+    ``end_token_ids`` (the rest of it padded). The model's own generation config (its
+    end-of-sequence stop, a repetition penalty, suppressed tokens) is set aside for the call, so
+    every model is scored on the same rule."""
     import torch
     from transformers import GenerationConfig
 
-    greedy = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=length, eos_token_id=[], pad_token_id=0)
+    greedy = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=length,
+        eos_token_id=list(end_token_ids),
+        pad_token_id=end_token_ids[0] if end_token_ids else 0,
+    )
     own, model.generation_config = model.generation_config, GenerationConfig()
     try:
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
@@ -338,12 +442,13 @@ def score_model(
     tokenizer: Optional[str],
     batch_size: int,
     device: str,
-    advance: Callable[[int], None],
+    advance: Callable[[int], None] = lambda _count: None,
+    stop: Sequence[str] = DEFAULT_STOP,
 ) -> List[Tuple[float, int]]:
     """One model's (score, tokens) per row (:func:`score_rows`), each score finite; the model is
     freed before the next one loads (one model in memory at a time)."""
     model, model_tokenizer = load_model(name, base, device, tokenizer)
-    scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance)
+    scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance, stop)
     for index, (value, _) in enumerate(scores):
         require_finite_number(
             value, f"example {index + 1}: its {metric} score", "the model's weights or outputs hold NaN or Inf"
@@ -400,52 +505,95 @@ def compare_into(
     resamples: int = 10_000,
     quiet: bool = False,
     echo: Callable[[str], None] = print,
+    stop: Sequence[str] = DEFAULT_STOP,
+    group_by: Optional[str] = None,
 ) -> dict:
-    """Score ``models`` on ``data``, compare each with the reference, write compare.json,
-    compare.md and compare.png into the folder ``out``; returns what compare.json holds."""
+    """Score ``models`` on ``data``, compare each with the reference (pooled, and per group when
+    the rows have groups, ``group_by``), write compare.json, compare.md and compare.png into the
+    folder ``out``; returns what compare.json holds. ``stop``: exact_match's stop strings."""
+    models = _checked_models(models, reference, echo)
+    kind, rows = read_data(data, group_by)
+    metric = choose_metric(kind, metric, data)
+    folders = {model: local_folder(model) for model in models}
+    for model_name in models:  # before any model is loaded
+        tokenizer_folder(model_name, base, tokenizer)
+    scoring = dict(base=base, tokenizer=tokenizer, batch_size=batch_size, device=device, stop=stop)
+    scores = _score_all(models, rows, metric, data, quiet, scoring)
+    values = {name: per_example(scores[name], metric) for name in models}
+    merges = {name: is_merge(folders[name]) for name in models}
+    if reference is None:
+        candidates = [name for name in models if not merges[name]] or list(models)
+        reference = max(candidates, key=lambda name: statistics.fmean(values[name]))
+    bootstrap = (confidence, resamples, seed)
+    results = {
+        "data": str(data),
+        "examples": len(rows),
+        "metric": metric,
+        **({"stop": list(stop)} if metric == "exact_match" else {}),
+        "higher_is_better": HIGHER_IS_BETTER[metric],
+        "compared_on": "mean log-probability per token" if metric == "perplexity" else metric,
+        "reference": reference,
+        "models": {name: {"score": summary(scores[name], metric), "merge": merges[name]} for name in models},
+        "versus_reference": _versus_reference(values, reference, *bootstrap),
+        **by_group(rows, scores, values, merges, reference, metric, bootstrap),
+        **run_record(confidence, resamples, seed),
+    }
+    panels = [(f"{metric} on {len(rows)} examples", results["versus_reference"])]
+    panels += [
+        (f"{group}: {entry['examples']} examples", entry["versus_reference"])
+        for group, entry in results.get("groups", {}).items()
+    ]
+    write_outputs(results, out, format_table(results), panels)
+    return results
+
+
+def _score_all(models: Sequence[str], rows: Sequence[Row], metric: str, data: Path, quiet: bool, scoring: dict):
+    """{model: (score, tokens) per row}, one model in memory at a time, under one progress bar."""
     from tqdm import tqdm
 
-    models = _checked_models(models, reference, echo)
-    kind, rows = read_data(data)
-    metric = choose_metric(kind, metric, data)
     if quiet:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" per model
-    folders = {model: local_folder(model) for model in models}
-    for model_name in models:  # before any model is loaded
-        tokenizer_folder(model_name, base, tokenizer)
     scores: Dict[str, List[Tuple[float, int]]] = {}
     with tqdm(total=len(models) * len(rows), desc="Scoring", unit="example", disable=quiet) as progress:
         for model_name in models:
             progress.set_postfix_str(Path(model_name).name)
             try:
-                scores[model_name] = score_model(
-                    model_name, rows, metric, base, tokenizer, batch_size, device, progress.update
-                )
+                scores[model_name] = score_model(model_name, rows, metric, advance=progress.update, **scoring)
             except UserError as error:
                 raise UserError(f"{data}: {error} for {model_name}") from None
-    values = {name: per_example(scores[name], metric) for name in models}
-    mean_value = {name: sum(v) / len(v) for name, v in values.items()}
-    merges = {name: is_merge(folders[name]) for name in models}
-    if reference is None:
-        candidates = [name for name in models if not merges[name]] or list(models)
-        reference = max(candidates, key=lambda name: mean_value[name])
-    comparisons = _versus_reference(values, reference, confidence, resamples, seed)
-    results = {
-        "data": str(data),
-        "examples": len(rows),
-        "metric": metric,
-        "higher_is_better": HIGHER_IS_BETTER[metric],
-        "compared_on": "mean log-probability per token" if metric == "perplexity" else metric,
-        "reference": reference,
-        "models": {name: {"score": summary(scores[name], metric), "merge": merges[name]} for name in models},
-        "versus_reference": comparisons,
-        **run_record(confidence, resamples, seed),
-    }
-    panels = [(f"{metric} on {len(rows)} examples", comparisons)]
-    write_outputs(results, out, format_table(results), panels)
-    return results
+    return scores
+
+
+def by_group(
+    rows: Sequence[Row],
+    scores: Dict[str, List[Tuple[float, int]]],
+    values: Dict[str, List[float]],
+    merges: Dict[str, bool],
+    reference: str,
+    metric: str,
+    bootstrap: Tuple[float, int, int],
+) -> dict:
+    """``{"groups": ..., "oracle": ...}`` when the rows have groups ({} otherwise): each group's
+    examples, every model's figure on it and its paired difference with ``reference`` there, and
+    the oracle: the best of the models that are not merges (the seeds) on each group, and the
+    figure those picks make together, what merging the seeds could win."""
+    groups = groups_of(rows)
+    if not groups:
+        return {}
+    seeds = [name for name in scores if not merges[name]] or list(scores)
+    entries, picks = {}, {}
+    for group, indices in groups.items():
+        subset = {name: [values[name][i] for i in indices] for name in values}
+        entries[group] = {
+            "examples": len(indices),
+            "scores": {name: summary([scores[name][i] for i in indices], metric) for name in scores},
+            "versus_reference": _versus_reference(subset, reference, *bootstrap),
+        }
+        picks[group] = max(seeds, key=lambda name: statistics.fmean(subset[name]))
+    oracle = [scores[picks[row.group]][index] for index, row in enumerate(rows)]
+    return {"groups": entries, "oracle": {"best_seed_per_group": picks, "score": summary(oracle, metric)}}
 
 
 def unique_models(models: Sequence[str], echo: Callable[[str], None]) -> List[str]:
@@ -506,7 +654,37 @@ def format_table(results: dict) -> str:
         f"{results['examples']} examples of {results['data']}; differences in {unit} are paired per example, "
         f"model minus reference (higher is better); better or worse only when the interval excludes 0."
     )
-    return table + "\n\n" + legend
+    if metric == "exact_match":
+        stops = ", ".join(json.dumps(term) for term in results.get("stop", [])) or "none"
+        legend += (
+            f" Exact match: the greedy continuation up to the end-of-sequence token or a stop ({stops}) is the answer."
+        )
+    return "\n\n".join([table, *group_tables(results), legend])
+
+
+def group_tables(results: dict) -> List[str]:
+    """Per group: every model's figure and its paired difference with the reference there; then
+    the oracle (the best seed on each group) against the reference."""
+    if "groups" not in results:
+        return []
+    merges = {name: entry["merge"] for name, entry in results["models"].items()}
+    parts = []
+    for group, entry in results["groups"].items():
+        parts.append(f"Group {group} ({entry['examples']} examples):")
+        parts.append(
+            comparison_table(
+                results["metric"], entry["scores"], merges, results["reference"], entry["versus_reference"],
+                results["confidence"],
+            )
+        )  # fmt: skip
+    oracle = results["oracle"]
+    picks = ", ".join(f"{name} on {group}" for group, name in oracle["best_seed_per_group"].items())
+    reference_score = results["models"][results["reference"]]["score"]
+    parts.append(
+        f"Oracle (the best seed on each group: {picks}): {results['metric']} {oracle['score']:.4f}, against "
+        f"{reference_score:.4f} for the reference: what merging the seeds could win."
+    )
+    return parts
 
 
 def plot(panels: Sequence[Tuple[str, Dict[str, dict]]], reference: str, confidence: float, path: Path) -> None:

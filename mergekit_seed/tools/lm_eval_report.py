@@ -513,12 +513,23 @@ def compare_runs_into(
         "models": {name: {"merge": merges[name], "model_args": run.model_args} for name, run in zip(names, runs)},
         "tasks": per_task,
         "pooled": pooled,
+        **({"oracle": task_oracle(pooled_sections, names, merges)} if len(pooled_sections) > 1 else {}),
         "confidence": confidence,
         "bootstrap": {"resamples": resamples, "seed": seed},
         "versions": {p: package_version(p) for p in ("lm_eval", "mergekit-seed")},
     }
     write_outputs(results, out, harness_tables(results), harness_panels(results))
     return results
+
+
+def task_oracle(pooled_sections: List[dict], names: List[str], merges: Dict[str, bool]) -> dict:
+    """The tasks are the groups of an lm-eval comparison: on each task the best of the models that
+    are not merges (the seeds), and the pooled mean those picks make together (oriented, higher
+    is better), what merging the seeds could win."""
+    seeds = [name for name in names if not merges[name]] or names
+    picks = {s["task"]: max(seeds, key=lambda name, s=s: sum(_oriented(s, name))) for s in pooled_sections}
+    total = sum(sum(_oriented(s, picks[s["task"]])) for s in pooled_sections)
+    return {"best_seed_per_task": picks, "score": total / sum(s["examples"] for s in pooled_sections)}
 
 
 def _shown_folder(folder: Path, within: Optional[Path]) -> str:
@@ -547,6 +558,13 @@ def harness_tables(results: dict) -> str:
             "mean (higher is better)", pooled["scores"], merges, reference, pooled["versus_reference"], confidence
         ),
     ]
+    if "oracle" in results:
+        oracle = results["oracle"]
+        picks = ", ".join(f"{name} on {task}" for task, name in oracle["best_seed_per_task"].items())
+        parts.append(
+            f"Oracle (the best seed on each task: {picks}): pooled mean {oracle['score']:.4f}, against "
+            f"{pooled['scores'][reference]:.4f} for the reference: what merging the seeds could win."
+        )
     for entry in results["tasks"]:
         direction = "" if entry["higher_is_better"] else ", lower is better"
         parts.append(f"{entry['task']}, {entry['metric']} ({entry['examples']} examples{direction}):")

@@ -181,13 +181,14 @@ def seed_regime(examples: List, correct_per_seed: List[List[bool]]) -> dict:
 
 def compare_full_setting(config: DemoConfig, work: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> None:
     """The last step: `mergekit-seed compare` on the first experiment's full fine-tunes and our
-    merges of them, scoring each held-out answer's log-probability (no generation). ``work`` is
+    merges of them, scoring each held-out answer's log-probability (no generation), pooled and
+    per skill (each row's group), with the oracle (the best seed on each skill). ``work`` is
     the demo's staging folder, published as ``out``: the report names every model as ``out``
     will hold it, relative to the folder the demo was started in, as --out was typed."""
     _, _, held_out = experiment_data(config, 0)
     data = write_text(
         work / "compare-data.jsonl",
-        "".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in held_out),
+        "".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "group": e.skill}) + "\n" for e in held_out),
     )
     models = [work / "models" / "full" / name for name in seed_names(SEED_COUNT)]
     models += [work / "merges" / "full" / method for method in ours()]

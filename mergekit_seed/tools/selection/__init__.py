@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from mergekit_seed.output import OutputFolder, local_paths, remove
+from mergekit_seed.quiet import libraries_quieted
 from mergekit_seed.tools.selection.record import publish_winner, selection_record, summary_lines
 from mergekit_seed.tools.selection.sweep import TaskSplit, judge_on_test, plan_selection, sweep_validation
 
@@ -54,17 +55,19 @@ def select(
     merge with its record in ``out`` (:class:`~mergekit_seed.output.OutputFolder`). Returns what
     select.json holds."""
     warn = warn or (lambda message: echo(f"warning: {message}"))
-    plan = plan_selection(seeds, base, validation, test, **plan_settings)
-    bootstrap = (confidence, resamples, seed)
-    with OutputFolder(
-        out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn
-    ) as output:
-        sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
-        results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
-        record = selection_record(plan, sweep, results, bootstrap)
-        publish_winner(sweep, output.staging, record)
-        remove(output.staging / ".sweep")
-        output.publish()
+    # the merges' and loads' own bars and notices would break up select's one progress bar
+    with libraries_quieted():
+        plan = plan_selection(seeds, base, validation, test, **plan_settings)
+        bootstrap = (confidence, resamples, seed)
+        with OutputFolder(
+            out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn
+        ) as output:
+            sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
+            results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
+            record = selection_record(plan, sweep, results, bootstrap)
+            publish_winner(sweep, output.staging, record, output.public)
+            remove(output.staging / ".sweep")
+            output.publish()
     for line in summary_lines(record):
-        echo(line)
+        echo(output.public(line))  # as select.md names the models
     return record

@@ -3,18 +3,20 @@ candidate's recipe (our methods' grids come from their specs, :data:`mergekit_se
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from mergekit_seed.errors import UserError
+from mergekit_seed.errors import RecipeProblems, UserError
 from mergekit_seed.methods import our_method_names, our_methods
 from mergekit_seed.recipe import parse_mapping, parse_recipe, read_recipe_text
 from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type, read_adapter_config
-from mergekit_seed.references.hub import local_folder
+from mergekit_seed.references.hub import is_hub_id, local_folder
 from mergekit_seed.references.sera_layer import PEFT_TYPE as SERA_TYPE
 from mergekit_seed.validation import check_recipe
 
@@ -61,18 +63,22 @@ class Candidate:
 
 def read_grid(path: Path) -> Dict[str, Dict[str, List[Any]]]:
     """``--grid``: ``{method: {parameter: [values]}}`` (a single value counts as a list of one);
-    one line naming the entry for anything else."""
+    every entry that is not is one line, all at once."""
     data = parse_mapping(read_recipe_text(str(path)), str(path))
     grid: Dict[str, Dict[str, List[Any]]] = {}
+    problems = []
     for method, settings in data.items():
         if not isinstance(settings, dict):
-            raise UserError(f"{path}: {method}: give a mapping of parameter: [values]")
+            problems.append(f"{path}: {method}: give a mapping of parameter: [values]")
+            continue
         grid[str(method)] = {}
         for parameter, values in settings.items():
             values = values if isinstance(values, list) else [values]
             if not values:
-                raise UserError(f"{path}: {method}.{parameter}: an empty list; give at least one value")
+                problems.append(f"{path}: {method}.{parameter}: an empty list; give at least one value")
             grid[str(method)][str(parameter)] = values
+    if problems:
+        raise RecipeProblems(problems)
     return grid
 
 
@@ -89,11 +95,27 @@ def candidates(methods: Sequence[str], grid: Mapping[str, Mapping[str, Sequence[
     return found
 
 
+def checked_reference(reference: str, option: str) -> Path:
+    """The local folder of a seed or the base (a Hub id through the cache). A name written as a
+    Hub id whose first part is a folder here is a typo of a local path, never looked up on the
+    Hub: one line naming ``option`` and the folder's closest entry."""
+    parent, _, name = reference.partition("/")
+    if not os.path.lexists(reference) and name and os.path.isdir(parent) and is_hub_id(reference.partition("@")[0]):
+        entries = sorted(os.listdir(parent))
+        hint = difflib.get_close_matches(name, entries, n=1)
+        suggestion = f"; did you mean {parent}/{hint[0]}?" if hint else f" ({parent}/ holds {', '.join(entries[:5])})"
+        raise UserError(f"{option} {reference}: no such folder{suggestion}")
+    try:
+        return local_folder(reference)
+    except UserError as error:
+        raise UserError(f"{option} {error}") from None
+
+
 def seed_kind(seeds: Sequence[str]) -> str:
     """``full``, ``lora`` or ``sera``: what the seeds are (all of one kind)."""
     kinds = {}
     for seed in seeds:
-        folder = local_folder(seed)
+        folder = checked_reference(seed, "seed")
         if is_adapter_folder(folder):
             kind = peft_type(read_adapter_config(folder))
             if kind not in ("LORA", SERA_TYPE):
@@ -112,7 +134,9 @@ def check_methods(methods: Sequence[str], kind: str) -> None:
     known = our_method_names() + MERGEKIT_METHODS
     for method in methods:
         if method not in known:
-            raise UserError(f"--methods {method}: select tries {', '.join(known)}")
+            hint = difflib.get_close_matches(method, known, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise UserError(f"--methods {method}: not a method select tries{suggestion}; it tries {', '.join(known)}")
         if kind == "sera" and method in MERGEKIT_METHODS:
             raise UserError(
                 f"--methods {method}: mergekit's methods cannot read SeRA adapters (PEFT does not know them); "
@@ -120,11 +144,14 @@ def check_methods(methods: Sequence[str], kind: str) -> None:
             )
 
 
-def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str) -> str:
-    """The recipe of ``candidate``: our methods merge adapter seeds into an adapter; mergekit's
-    merge LoRA seeds as ``BASE+ADAPTER`` into a full model. Model Soup (linear) averages the
-    seeds alone, and a method that needs no base (LoRE) gets none for full seeds (adapters'
-    deltas are relative to it)."""
+def recipe_text(
+    candidate: Candidate, base: str, seeds: Sequence[str], kind: str, output_rank: Optional[Union[int, str]] = None
+) -> str:
+    """The recipe of ``candidate``: our methods merge adapter seeds into an adapter (its
+    ``output.rank`` ``output_rank``, when given); mergekit's merge LoRA seeds as
+    ``BASE+ADAPTER`` into a full model. Model Soup (linear) averages the seeds alone, and a
+    method that needs no base (LoRE) gets none for full seeds (adapters' deltas are relative to
+    it)."""
     ours = our_method(candidate.method)
     recipe: Dict[str, Any] = {"merge_method": candidate.method}
     if candidate.method != "linear" and (kind != "full" or not ours or ours.needs_base):
@@ -141,18 +168,37 @@ def recipe_text(candidate: Candidate, base: str, seeds: Sequence[str], kind: str
     if candidate.parameters:
         recipe["parameters"] = dict(candidate.parameters)
     if kind != "full" and ours:
-        recipe["output"] = {"format": "lora"}
+        recipe["output"] = {"format": "lora", **({"rank": output_rank} if output_rank is not None else {})}
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
-def parsed_candidates(found: Sequence[Candidate], base: str, seeds: Sequence[str], kind: str) -> Dict[Candidate, Any]:
-    """Each candidate's parsed recipe, every one checked before anything is merged (a bad grid
-    value is one line naming the candidate, not a failure after the sweep has started)."""
-    recipes = {}
+def adapter_output_rank(method: str, output_rank: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+    """The ``output.rank`` of a candidate merging adapters: ``output_rank`` when given (``exact``:
+    none); else exact (None) for a method exact on low-rank factors, and ``auto`` for the
+    others, whose merged deltas are dense: an exact LoRA of a dense delta holds more numbers
+    than the dense weights."""
+    if output_rank is not None:
+        return None if output_rank == "exact" else output_rank
+    ours = our_method(method)
+    return None if ours is None or ours.factored_kernel is not None else "auto"
+
+
+def parsed_candidates(
+    found: Sequence[Candidate],
+    base: str,
+    seeds: Sequence[str],
+    kind: str,
+    output_rank: Optional[Union[int, str]] = None,
+) -> Dict[Candidate, Any]:
+    """Each candidate's parsed recipe, every one checked before anything is merged: the problems
+    of every candidate at once (a bad grid value names its candidate), not a failure after the
+    sweep has started."""
+    recipes, problems = {}, []
     for candidate in found:
-        recipe = parse_recipe(recipe_text(candidate, base, seeds, kind), f"candidate {candidate.name}")
-        problems = check_recipe(recipe, recipe.origin)
-        if problems:
-            raise UserError(problems[0])
+        rank = adapter_output_rank(candidate.method, output_rank) if kind != "full" else None
+        recipe = parse_recipe(recipe_text(candidate, base, seeds, kind, rank), f"candidate {candidate.name}")
+        problems += check_recipe(recipe, recipe.origin)
         recipes[candidate] = recipe
+    if problems:
+        raise RecipeProblems(list(dict.fromkeys(problems)))
     return recipes

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 from mergekit_seed.card import CARD_NAME
 from mergekit_seed.finite import report_json
@@ -18,7 +20,7 @@ from mergekit_seed.reader import read_text
 from mergekit_seed.tools.compare import (
     run_record,
 )
-from mergekit_seed.tools.selection.sweep import Plan, Sweep
+from mergekit_seed.tools.selection.sweep import Plan, Sweep, validation_by_group
 
 
 SELECTION_HEADING = "## Selection"
@@ -38,14 +40,20 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
         }
         if candidate in sweep.candidates:
             entry["validation"] = {"score": sweep.candidates[candidate][0], "compared": means[candidate.name]}
+        elif candidate in sweep.same_merge:
+            entry["same_merge_as"] = sweep.same_merge[candidate].name
         else:
             entry["failed"] = sweep.failures[candidate]
+        if candidate in sweep.warnings:
+            entry["warnings"] = sweep.warnings[candidate]
         entries.append(entry)
     metric, higher_is_better, compared_on = plan.scorer.describe()
+    groups = validation_by_group(plan, sweep)
     return {
         "seeds_kind": plan.kind,
         "base": plan.base,
         "metric": metric,
+        **({"stop": list(plan.scorer.stop)} if metric == "exact_match" else {}),
         "higher_is_better": higher_is_better,
         "compared_on": compared_on,
         "validation": plan.validation.record(),
@@ -53,6 +61,7 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
         "seeds": {seed: {"score": figure, "compared": means[seed]} for seed, (figure, _) in sweep.seeds.items()},
         "candidates": entries,
         "failures": [entry["name"] for entry in entries if "failed" in entry],
+        **({"validation_by_group": groups} if groups else {}),
         "chosen": {"candidate": test["winner"], "seed": test["best_seed"]},
         "on_test": test,
         "test_scored_once_for": test["scored"],
@@ -66,7 +75,8 @@ def _difference(difference: dict) -> str:
 
 def selection_markdown(record: dict) -> str:
     """The "Selection" section of the card, and select.md: the candidates on validation, the
-    chosen pair, the verdict on test and the hashes of both splits."""
+    chosen pair and their scores on test, the verdict, per group where the rows have groups,
+    and the hashes of both splits."""
     metric, test = record["metric"], record["on_test"]
     lines = [
         SELECTION_HEADING,
@@ -74,32 +84,73 @@ def selection_markdown(record: dict) -> str:
         f"Chosen by `mergekit-seed select` among {len(record['candidates'])} candidates on the validation set, "
         f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after "
         "the choice). "
-        f"Metric: {metric}; the choice and the verdict compare the per-example {record['compared_on']}.",
+        f"Metric: {metric}{_stop_note(record)}; the choice and the verdict compare the per-example "
+        f"{record['compared_on']}.",
         "",
         f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 "
         f"`{record['validation']['sha256']}`",
         f"- test: `{record['test']['name']}`, {record['test']['examples']} examples, sha256 "
         f"`{record['test']['sha256']}`",
         "",
-        f"| candidate | validation {metric} | compared value |",
-        "|---|---|---|",
+        *_validation_table(record),
+        "",
+        *_test_lines(record),
+        *_group_lines(record),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _stop_note(record: dict) -> str:
+    if "stop" not in record:
+        return ""
+    stops = ", ".join(json.dumps(term) for term in record["stop"]) or "none"
+    return f" (the greedy continuation up to the end-of-sequence token or a stop, {stops}, must be the answer)"
+
+
+def _validation_table(record: dict) -> List[str]:
+    """The candidates and seeds on validation: their figure, and the compared value where it is
+    not the figure itself (perplexity: the mean log-probability per token)."""
+    metric, test = record["metric"], record["on_test"]
+    both = metric == "perplexity"
+    header = f"| candidate | validation {metric} |" + (" compared value |" if both else "")
+    lines = [header, "|---|---|" + ("---|" if both else "")]
     for entry in record["candidates"]:
         mark = " (chosen)" if entry["name"] == test["winner"] else ""
         if "failed" in entry:
-            lines.append(f"| {entry['name']} | failed | {entry['failed'][:120]} |")
-        else:
+            lines.append(f"| {entry['name']} | failed: {entry['failed'][:120]} |" + (" |" if both else ""))
+            continue
+        if "same_merge_as" in entry:
             lines.append(
-                f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} | "
-                f"{entry['validation']['compared']:.4f} |"
+                f"| {entry['name']} | the same merge as `{entry['same_merge_as']}` |" + (" |" if both else "")
             )
+            continue
+        compared = f" {entry['validation']['compared']:.4f} |" if both else ""
+        lines.append(f"| {entry['name']}{mark} | {entry['validation']['score']:.4f} |{compared}")
     for seed, entry in record["seeds"].items():
         mark = " (best seed)" if seed == test["best_seed"] else ""
-        lines.append(f"| seed `{seed}`{mark} | {entry['score']:.4f} | {entry['compared']:.4f} |")
+        compared = f" {entry['compared']:.4f} |" if both else ""
+        lines.append(f"| seed `{seed}`{mark} | {entry['score']:.4f} |{compared}")
+    return lines
+
+
+def scores_on_test_line(record: dict) -> str:
+    """The chosen merge's, the best seed's (and the mean seed's) scores on test, as figures."""
+    test, metric = record["on_test"], record["metric"]
+    scores = [
+        f"`{test['winner']}` {test['scores'][test['winner']]:.4f}",
+        f"best seed `{test['best_seed']}` {test['scores'][test['best_seed']]:.4f}",
+    ]
+    if "mean seed" in test["scores"]:
+        scores.append(f"mean seed {test['scores']['mean seed']:.4f}")
+    return f"On test, {metric}: " + ", ".join(scores) + "."
+
+
+def _test_lines(record: dict) -> List[str]:
+    test = record["on_test"]
     confidence = int(100 * record["confidence"])
-    lines += [
-        "",
-        f"On test, `{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): "
+    lines = [
+        scores_on_test_line(record),
+        f"`{test['winner']}` minus the best seed, per example ({confidence}% bootstrap interval): "
         f"{_difference(test['versus_best_seed'])}.",
     ]
     if "versus_mean_seed" in test:
@@ -107,11 +158,37 @@ def selection_markdown(record: dict) -> str:
             "Minus the mean seed (every seed scored on test after the choice): "
             f"{_difference(test['versus_mean_seed'])}."
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(record: dict, path: Path) -> None:
-    """select.png: validation score per candidate and seed; the test difference with its interval."""
+def _group_lines(record: dict) -> List[str]:
+    """Per group: the seeds and the chosen merge on validation, the oracle (the best seed on
+    each group), and the chosen merge minus the best seed on test."""
+    groups = record.get("validation_by_group")
+    if not groups:
+        return []
+    test, names = record["on_test"], list(next(iter(groups["per_group"].values())))
+    shown = [name for name in names if name in record["seeds"] or name == test["winner"]]
+    lines = ["", f"Per group, validation {record['compared_on']}:", ""]
+    lines += ["| group | " + " | ".join(f"`{name}`" for name in shown) + " | best seed here |"]
+    lines += ["|---|" + "---|" * (len(shown) + 1)]
+    for group, means in groups["per_group"].items():
+        best = groups["oracle"]["best_seed_per_group"][group]
+        lines.append(f"| {group} | " + " | ".join(f"{means[name]:.4f}" for name in shown) + f" | `{best}` |")
+    lines += [
+        "",
+        f"Oracle (the best seed on each group, on validation): {groups['oracle']['compared']:.4f}, what "
+        "merging the seeds could win.",
+    ]
+    for group, difference in test.get("versus_best_seed_per_group", {}).items():
+        lines.append(f"- test, group {group}: `{test['winner']}` minus the best seed {_difference(difference)}")
+    return lines
+
+
+def plot(record: dict, path: Path, public: Callable[[str], str]) -> None:
+    """select.png: validation score per candidate and seed; the test difference with its interval,
+    under the scores on test. A picture is not a text file the provenance gate reads: every text
+    drawn goes through ``public`` (:meth:`~mergekit_seed.output.OutputFolder.public`) first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +201,7 @@ def plot(record: dict, path: Path) -> None:
         for e in record["candidates"]
         if "validation" in e
     ]
-    rows += [(f"seed {Path(s).name}", e["compared"], "tab:gray") for s, e in record["seeds"].items()]
+    rows += [(public(f"seed {s}"), e["compared"], "tab:gray") for s, e in record["seeds"].items()]
     figure, (left, right) = plt.subplots(
         1, 2, figsize=(12, 1.5 + 0.35 * len(rows)), gridspec_kw={"width_ratios": [3, 2]}
     )
@@ -150,16 +227,16 @@ def plot(record: dict, path: Path) -> None:
     right.set_yticks(range(len(references)), [key.replace("versus_", "vs ").replace("_", " ") for key in references])
     right.set_ylim(-0.5, len(references) - 0.5)
     right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
-    right.set_title(f"test: {test['winner']}")
+    right.set_title("\n".join(textwrap.wrap(public(scores_on_test_line(record).replace("`", "")), 60)), fontsize=8)
     right.set_xlabel(f"difference ({int(100 * record['confidence'])}% interval, positive is better)")
     figure.tight_layout()
     figure.savefig(staged_path(path), dpi=120)
     plt.close(figure)
 
 
-def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
+def publish_winner(sweep: Sweep, staging: Path, record: dict, public: Callable[[str], str]) -> None:
     """Move the winning merge into ``staging`` (OUT), add the Selection section to its card and
-    write select.json, select.md and select.png beside it."""
+    write select.json, select.md and select.png (its texts through ``public``) beside it."""
     for entry in sweep.best_folder.iterdir():
         if entry.name != MANIFEST_NAME:
             move(entry, staging / entry.name)
@@ -169,19 +246,28 @@ def publish_winner(sweep: Sweep, staging: Path, record: dict) -> None:
         write_text(card, read_text(card, "model card", within=staging).rstrip("\n") + "\n\n" + section)
     write_text(staging / "select.json", report_json(record, "select.json"))
     write_text(staging / "select.md", section.replace(SELECTION_HEADING, "# Selection", 1))
-    plot(record, staging / "select.png")
+    plot(record, staging / "select.png", public)
 
 
 def summary_lines(record: dict) -> List[str]:
     test = record["on_test"]
     lines = [
         f"chosen on validation: {test['winner']}; best seed on validation: {test['best_seed']}",
+        scores_on_test_line(record).replace("`", ""),
         f"test ({record['test']['examples']} examples, scored once, after the choice): {test['winner']} minus the "
         "best seed "
         f"{_difference(test['versus_best_seed'])}",
     ]
     if "versus_mean_seed" in test:
         lines.append(f"  minus the mean seed {_difference(test['versus_mean_seed'])}")
+    for group, difference in test.get("versus_best_seed_per_group", {}).items():
+        lines.append(f"  group {group}: minus the best seed {_difference(difference)}")
+    same = [entry for entry in record["candidates"] if "same_merge_as" in entry]
+    if same:
+        lines.append(
+            f"the same merge as an earlier candidate, scored once ({len(same)}): "
+            + ", ".join(f"{entry['name']} = {entry['same_merge_as']}" for entry in same)
+        )
     if record["failures"]:
         lines.append(
             f"failed to merge or to score ({len(record['failures'])}): {', '.join(record['failures'])} (select.json "

@@ -21,12 +21,16 @@ from mergekit_seed.output import (
     scratch_folder,
 )
 from mergekit_seed.reader import sha256
+from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.hub import local_folder
-from mergekit_seed.references.weights import weight_files
+from mergekit_seed.references.sera_files import CONFIG_NAME as ADAPTER_CONFIG
+from mergekit_seed.references.weights import weight_file_hashes, weight_files
 from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import (
+    DEFAULT_STOP,
     HIGHER_IS_BETTER,
     choose_metric,
+    groups_of,
     load_model,
     per_example,
     read_data,
@@ -40,6 +44,7 @@ from mergekit_seed.tools.selection.candidates import (
     Candidate,
     candidates,
     check_methods,
+    checked_reference,
     default_grid,
     default_methods,
     our_method,
@@ -100,6 +105,10 @@ class Split:
         """What makes two examples the same question: the prompt (answer rows) or the text."""
         return [_sha256(row.text if row.text is not None else row.prompt) for row in self.rows]
 
+    def groups(self) -> Dict[str, List[int]]:
+        """{group: its rows' indices} ({} when the rows have no groups)."""
+        return groups_of(self.rows)
+
     def record(self) -> dict:
         return {"name": str(self.path), "path": str(self.path), "examples": len(self.rows), "sha256": self.sha256}
 
@@ -144,8 +153,8 @@ class TaskSplit:
         }
 
 
-def read_split(path: Path) -> Split:
-    kind, rows = read_data(path)
+def read_split(path: Path, group_by: Optional[str] = None) -> Split:
+    kind, rows = read_data(path, group_by)
     return Split(path=path, kind=kind, rows=rows, sha256=sha256(path))
 
 
@@ -211,6 +220,7 @@ class Scorer:
     tokenizer: Optional[str]
     batch_size: int = 16
     device: str = "cpu"
+    stop: Tuple[str, ...] = DEFAULT_STOP
 
     def describe(self) -> Tuple[str, bool, str]:
         """(metric, whether its figure is better higher, what the choice and the verdict compare)."""
@@ -227,7 +237,7 @@ class Scorer:
                 self.tokenizer,
                 self.batch_size,
                 self.device,
-                lambda _count: None,
+                stop=self.stop,
             )
         except UserError as error:
             raise UserError(f"{split.path}: {error} for {model}") from None
@@ -327,11 +337,15 @@ class Plan:
 @dataclass
 class Sweep:
     """What the validation pass found: each seed's and candidate's (figure, values), the
-    candidates that failed (to merge, or to score), and the folder of the best candidate so far."""
+    candidates that failed (to merge, or to score), those whose merge was byte for byte an
+    earlier candidate's (``same_merge``: scored once, under the earlier name), and the folder of
+    the best candidate so far."""
 
     seeds: Dict[str, Tuple[float, List[float]]] = field(default_factory=dict)
     candidates: Dict[Candidate, Tuple[float, List[float]]] = field(default_factory=dict)
     failures: Dict[Candidate, str] = field(default_factory=dict)
+    warnings: Dict[Candidate, List[str]] = field(default_factory=dict)
+    same_merge: Dict[Candidate, Candidate] = field(default_factory=dict)
     best_folder: Optional[Path] = None
 
     def means(self, entries: Mapping[Any, Tuple[float, List[float]]]) -> Dict[Any, float]:
@@ -350,13 +364,19 @@ def plan_selection(
     tokenizer: Optional[str] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    stop: Sequence[str] = DEFAULT_STOP,
+    group_by: Optional[str] = None,
+    output_rank: Optional[Union[int, str]] = None,
 ) -> Plan:
     """Check every input of a selection and build its candidates (see :func:`select`).
-    ``validation`` and ``test`` are JSONL files (compare's format) or lm-eval tasks
-    (:func:`read_task_split`), both of one kind."""
+    ``validation`` and ``test`` are JSONL files (compare's format, rows grouped by ``group_by``)
+    or lm-eval tasks (:func:`read_task_split`), both of one kind. ``output_rank``: the adapter
+    candidates' ``output.rank`` (default: exact for methods exact on factors, ``auto`` for the
+    others, whose merged deltas are dense)."""
     seeds = list(dict.fromkeys(seeds))
     if len(seeds) < 2:
         raise UserError("select needs at least two seeds")
+    checked_reference(base, "--base")
     kind = seed_kind(seeds)
     if methods is None:
         methods = [m for m in default_methods() if kind != "sera" or our_method(m)]
@@ -370,20 +390,19 @@ def plan_selection(
         )
     found = candidates(methods, default_grid() if user_grid is None else user_grid)
     validation_split, test_split = (
-        split if isinstance(split, TaskSplit) else read_split(Path(split)) for split in (validation, test)
+        split if isinstance(split, TaskSplit) else read_split(Path(split), group_by) for split in (validation, test)
     )
     refuse_overlap(validation_split, test_split)
     if isinstance(validation_split, TaskSplit):
         scorer = TaskScorer(metric, base, tokenizer, batch_size, device)
     else:
-        scorer = Scorer(
-            choose_metric(validation_split.kind, metric, validation_split.path), base, tokenizer, batch_size, device
-        )
+        metric = choose_metric(validation_split.kind, metric, validation_split.path)
+        scorer = Scorer(metric, base, tokenizer, batch_size, device, tuple(stop))
     return Plan(
         seeds=seeds,
         base=base,
         kind=kind,
-        recipes=parsed_candidates(found, base, seeds, kind),
+        recipes=parsed_candidates(found, base, seeds, kind, output_rank),
         validation=validation_split,
         test=test_split,
         scorer=scorer,
@@ -395,8 +414,11 @@ def sweep_validation(
     plan: Plan, work: Path, out_name: str, quiet: bool, echo: Callable[[str], None], warn: Callable[[str], None]
 ) -> Sweep:
     """Score every seed and every candidate on validation, merging the candidates one at a time
-    under ``work`` and keeping only the best so far on disk."""
+    under ``work`` and keeping only the best so far on disk. A candidate whose weight files (and
+    adapter config) are byte for byte an earlier candidate's is not scored again: it is recorded
+    as the same merge and cannot be chosen in the earlier one's place."""
     sweep = Sweep()
+    merged: Dict[Tuple[Tuple[str, str], ...], Candidate] = {}
     with tqdm(total=len(plan.seeds) + len(plan.recipes), desc="Validation", unit="model", disable=quiet) as progress:
         for seed in plan.seeds:
             progress.set_postfix_str(Path(seed).name)
@@ -413,8 +435,15 @@ def sweep_validation(
                     device=plan.scorer.device,
                     random_seed=0,
                     echo=lambda _line: None,
-                    warn=lambda message, name=candidate.name: _above_bar(progress, warn, f"{name}: {message}"),
+                    warn=lambda message, key=candidate: sweep.warnings.setdefault(key, []).append(message),
                 )
+                fingerprint = merge_fingerprint(folder)
+                if fingerprint in merged:
+                    sweep.same_merge[candidate] = merged[fingerprint]
+                    remove(folder.parent)
+                    progress.update()
+                    continue
+                merged[fingerprint] = candidate
                 sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
             except UserError as error:  # a merge refused, or a merge that scores NaN: the others still count
                 sweep.failures[candidate] = str(error)
@@ -436,7 +465,22 @@ def sweep_validation(
     if not sweep.candidates:
         first = next(iter(sweep.failures.values()))
         raise UserError(f"every candidate failed to merge or to score; the first: {first}")
+    if sweep.warnings:  # one line, not one per candidate: select.json has each candidate's
+        first_candidate, messages = next(iter(sweep.warnings.items()))
+        warn(
+            f"{len(sweep.warnings)} of {len(plan.recipes)} candidates merged with a warning (select.json lists them); "
+            f"the first, {first_candidate.name}: {messages[0]}"
+        )
     return sweep
+
+
+def merge_fingerprint(folder: Path) -> Tuple[Tuple[str, str], ...]:
+    """What makes two merges the same: the sha256 of each weight file, and of the adapter config
+    (its rank and alpha scale the weights) for an adapter."""
+    hashes = dict(weight_file_hashes(folder))
+    if is_adapter_folder(folder):
+        hashes[ADAPTER_CONFIG] = sha256(folder / ADAPTER_CONFIG, folder)
+    return tuple(sorted(hashes.items()))
 
 
 def _above_bar(progress, warn: Callable[[str], None], message: str) -> None:
@@ -446,7 +490,8 @@ def _above_bar(progress, warn: Callable[[str], None], message: str) -> None:
 
 def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: Tuple[float, int, int]) -> dict:
     """Score the chosen candidate and the chosen seed on test (the other seeds too with
-    ``versus_mean_seed``), after the choice; their paired differences and verdicts."""
+    ``versus_mean_seed``), after the choice; their scores (the mean seed's, the mean of every
+    seed's), their paired differences and verdicts, pooled and per group."""
     winner = choose(sweep.means(sweep.candidates))
     chosen_seed = choose(sweep.means(sweep.seeds))
     scored = {
@@ -463,13 +508,41 @@ def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: T
                 scored[other] = plan.scorer(other, plan.test)
         average = mean_seed([scored[name][1] for name in plan.seeds])
         verdicts["versus_mean_seed"] = judge([scored[winner.name][1]], [average], confidence, resamples, seed)
+    scores = {name: figure for name, (figure, _) in scored.items()}
+    if versus_mean_seed:
+        scores["mean seed"] = statistics.fmean(scores[name] for name in plan.seeds)
+    groups = plan.test.groups() if isinstance(plan.test, Split) else {}
+    per_group = {
+        group: judge(
+            [[scored[winner.name][1][i] for i in rows]], [[scored[chosen_seed][1][i] for i in rows]], *bootstrap
+        )
+        for group, rows in groups.items()
+    }
     return {
         "winner": winner.name,
         "best_seed": chosen_seed,
         "scored": list(scored),
-        "scores": {name: figure for name, (figure, _) in scored.items()},
+        "scores": scores,
         **verdicts,
+        **({"versus_best_seed_per_group": per_group} if per_group else {}),
     }
+
+
+def validation_by_group(plan: Plan, sweep: Sweep) -> Dict[str, Any]:
+    """Per group of the validation rows: every seed's and candidate's mean compared value, and
+    the oracle (the best seed on each group, and what those picks make together): what merging
+    the seeds could win. {} when the rows have no groups."""
+    groups = plan.validation.groups() if isinstance(plan.validation, Split) else {}
+    if not groups:
+        return {}
+    entries = {**sweep.seeds, **{candidate.name: value for candidate, value in sweep.candidates.items()}}
+    per_group = {
+        group: {name: statistics.fmean(values[i] for i in rows) for name, (_, values) in entries.items()}
+        for group, rows in groups.items()
+    }
+    picks = {group: choose({seed: means[seed] for seed in sweep.seeds}) for group, means in per_group.items()}
+    oracle = statistics.fmean(sweep.seeds[picks[group]][1][i] for group, rows in groups.items() for i in rows)
+    return {"per_group": per_group, "oracle": {"best_seed_per_group": picks, "compared": oracle}}
 
 
 def _weight_bytes(reference: str) -> int:
