@@ -25,6 +25,11 @@ base cache, adapters saved by the demo).
    ``RENAME_EXCHANGE`` on Linux), so OUT is present at every instant; where the system cannot,
    two renames are journaled and a killed swap is undone by the next run.
 
+5. Work a command finished for OUT and may need again if it is interrupted (``select``'s
+   scorings) is kept beside OUT in ``.OUT.resume`` (:class:`ResumeJournal`): one entry per
+   piece of work, written whole or not at all, kept through a crash, a SIGKILL or Ctrl-C, and
+   removed once OUT is published.
+
 Every write helper (:func:`write_text`, :func:`write_tensors`, :func:`copy_file`, ...) refuses a
 path outside the staging folder of an :class:`OutputFolder` open in this process: a programming
 error, raised as ``RuntimeError``. Libraries that write files themselves (mergekit's
@@ -40,6 +45,7 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -500,6 +506,10 @@ class OutputFolder:
         """``text`` as published here: through the provenance gate, with this folder's labels."""
         return public_text(text, self.labels)
 
+    def resume_journal(self) -> "ResumeJournal":
+        """This command's :class:`ResumeJournal` for OUT, opened under OUT's lock."""
+        return ResumeJournal(self.path, self.command).open()
+
     def publish(self) -> Path:
         """Write the manifest, pass the text files through the provenance gate and move the
         staged output into place; returns OUT."""
@@ -585,6 +595,93 @@ class OutputFolder:
         _step("renamed")
         shutil.rmtree(replaced, ignore_errors=True)
         _step("cleaned")
+
+
+RESUME_MARKER = "resume.json"
+_RESUME_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_RESUME_PARTIAL = re.compile(r"\.(?:[0-9a-f]{64}\.json|resume\.json)\.[0-9a-f]{8}\.tmp")
+
+
+class ResumeJournal:
+    """Work ``command`` finished for OUT, kept beside it in ``.OUT.resume`` until OUT is
+    published, so that the same command run again after a crash, a SIGKILL or Ctrl-C does none
+    of it again. One JSON object per piece of work, named by a key the caller derives from
+    everything the work depends on (a sha256), written to a temporary file and renamed into
+    place (an entry is whole or absent), read back through the one reader. The folder counts as
+    ours only with our marker for ``command`` in it and nothing but entries beside it; anything
+    else is refused in one line and never deleted. :meth:`discard` removes it once OUT is
+    published. ``reused`` counts the entries read back."""
+
+    def __init__(self, out: Path, command: str):
+        self.path = out.parent / f".{out.name}.resume"
+        self.command = command
+        self.reused = 0
+
+    def open(self) -> "ResumeJournal":
+        if not os.path.lexists(self.path):
+            self.path.mkdir()
+            self._write(RESUME_MARKER, {"mergekit_seed": __version__, "command": self.command})
+            return self
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise UserError(f"{self.path}: not a folder of ours (a link or a file); move it away and run again")
+        names = os.listdir(self.path)
+        strays = [n for n in names if n != RESUME_MARKER and not _RESUME_ENTRY.fullmatch(n)]
+        partial = [n for n in strays if _RESUME_PARTIAL.fullmatch(n)]  # an entry a killed run was writing
+        strays = [n for n in strays if n not in partial]
+        for name in partial:
+            os.unlink(self.path / name)
+        if not strays and RESUME_MARKER not in names:  # killed before its marker was written: empty
+            self._write(RESUME_MARKER, {"mergekit_seed": __version__, "command": self.command})
+            return self
+        try:
+            marker = read_json(self.path / RESUME_MARKER, "resume marker", within=self.path)
+        except UserError:
+            marker = None
+        if strays or not isinstance(marker, dict) or marker.get("command") != self.command:
+            found = _listing(strays) if strays else f"no {self.command} marker"
+            raise UserError(f"{self.path}: not {self.command}'s finished work ({found}); move it away and run again")
+        return self
+
+    def get(self, key: str) -> Optional[dict]:
+        """The entry ``key`` (a sha256), or None when there is none (or it cannot be read: the
+        work is then done again)."""
+        entry = self.path / f"{key}.json"
+        if not _RESUME_ENTRY.fullmatch(entry.name) or not os.path.lexists(entry):
+            return None
+        try:
+            data = read_json(entry, "resume entry", within=self.path)
+        except UserError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        self.reused += 1
+        return data
+
+    def put(self, key: str, data: dict) -> None:
+        """Record ``data`` (JSON, finite numbers) as the entry ``key``."""
+        if not _RESUME_ENTRY.fullmatch(f"{key}.json"):
+            raise ValueError(f"{key!r}: a resume entry's key is a sha256 in hexadecimal")
+        self._write(f"{key}.json", data)
+
+    def _write(self, name: str, data: dict) -> None:
+        temporary = self.path / f".{name}.{secrets.token_hex(4)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(temporary, flags, 0o644), "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, allow_nan=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, self.path / name)
+
+    def discard(self) -> None:
+        """Remove the journal (once OUT is published: its work is in OUT's record)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """At the end of a run that did not publish: keep the journal if it holds work, remove it
+        if it holds none (a run stopped before its first entry leaves nothing behind)."""
+        if self.path.is_dir() and not self.path.is_symlink():
+            if not [name for name in os.listdir(self.path) if _RESUME_ENTRY.fullmatch(name)]:
+                self.discard()
 
 
 def _holder(journal: bytes) -> str:

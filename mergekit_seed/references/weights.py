@@ -69,6 +69,33 @@ def hashed_weight_files(folder: Path) -> List[Path]:
     return confined_glob(folder, *WEIGHT_PATTERNS)
 
 
+# besides the weights, what decides how a folder loads and scores (its card does not)
+LOADING_FILES = (
+    "config.json",
+    "adapter_config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def folder_identity(folder: Path) -> Dict[str, str]:
+    """{file name: sha256} of what a model or adapter folder is: its weight files and the files
+    that decide how it loads and tokenizes (:data:`LOADING_FILES`). Two folders with equal
+    identities score alike; a changed weight, config or tokenizer file changes it."""
+    hashes = weight_file_hashes(folder)
+    for name in LOADING_FILES:
+        if os.path.lexists(Path(folder) / name):
+            hashes[name] = sha256(confined_file(folder, name), folder)
+    return hashes
+
+
 def weight_file_hashes(folder: Path) -> Dict[str, str]:
     """{weight file name: sha256} of a folder's weight files (hashing the bytes, through any
     symlink, as in a Hub cache snapshot)."""

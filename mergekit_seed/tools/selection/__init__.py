@@ -1,8 +1,8 @@
 """``mergekit-seed select``: choose the merge on validation, judge it on test, publish the winner.
 
-The candidates (:mod:`.candidates`), the validation sweep and the test verdict (:mod:`.sweep`)
-and the published record (:mod:`.record`) are modules of this package; :func:`select` runs
-them.
+The candidates (:mod:`.candidates`), the validation sweep and the test verdict (:mod:`.sweep`),
+the finished work kept for a resumed run (:mod:`.ledger`) and the published record
+(:mod:`.record`) are modules of this package; :func:`select` runs them.
 
 The protocol (one implementation: the demo's choice and verdict use :func:`choose`,
 :func:`mean_seed` and :func:`judge` too):
@@ -18,7 +18,9 @@ The protocol (one implementation: the demo's choice and verdict use :func:`choos
 
 Candidates are merged one at a time and only the best so far stays on disk (two merges at
 most). OUT is the winning merge, card included, with a "Selection" section added to the card,
-and ``select.json``, ``select.md`` and ``select.png`` beside it.
+and ``select.json``, ``select.md`` and ``select.png`` beside it. Every finished scoring is kept
+in ``.OUT.resume`` until OUT is published: the same command run again after a crash, a SIGKILL
+or Ctrl-C reads it back instead of scoring again, and ends with the same record.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from mergekit_seed.output import OutputFolder, local_paths, remove
 from mergekit_seed.quiet import libraries_quieted
+from mergekit_seed.tools.selection.ledger import Ledger
 from mergekit_seed.tools.selection.record import publish_winner, selection_record, summary_lines
 from mergekit_seed.tools.selection.sweep import TaskSplit, judge_on_test, plan_selection, sweep_validation
 
@@ -62,12 +65,23 @@ def select(
         with OutputFolder(
             out, local_paths(plan.inputs), overwrite, command="select", labels=plan.labels, warn=warn
         ) as output:
-            sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn)
-            results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap)
-            record = selection_record(plan, sweep, results, bootstrap)
-            publish_winner(sweep, output.staging, record, output.public)
-            remove(output.staging / ".sweep")
-            output.publish()
+            journal = output.resume_journal()
+            try:
+                ledger = Ledger(plan.scorer, [*plan.seeds, plan.base], journal)
+                sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn, ledger)
+                results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap, ledger)
+                record = selection_record(plan, sweep, results, bootstrap)
+                publish_winner(sweep, output.staging, record, output.public)
+                remove(output.staging / ".sweep")
+                output.publish()
+                journal.discard()
+            finally:
+                journal.close()
+        if ledger.reused:
+            echo(
+                f"resumed: {ledger.reused} scorings and candidate outcomes of an interrupted run read back from "
+                f"{journal.path.name} instead of done again"
+            )
     for line in summary_lines(record):
         echo(output.public(line))  # as select.md names the models
     return record

@@ -52,6 +52,7 @@ from mergekit_seed.tools.selection.candidates import (
     read_grid,
     seed_kind,
 )
+from mergekit_seed.tools.selection.ledger import Ledger
 
 
 def choose(scores: Mapping[str, float]) -> str:
@@ -411,53 +412,42 @@ def plan_selection(
 
 
 def sweep_validation(
-    plan: Plan, work: Path, out_name: str, quiet: bool, echo: Callable[[str], None], warn: Callable[[str], None]
+    plan: Plan,
+    work: Path,
+    out_name: str,
+    quiet: bool,
+    echo: Callable[[str], None],
+    warn: Callable[[str], None],
+    ledger: Optional[Ledger] = None,
 ) -> Sweep:
     """Score every seed and every candidate on validation, merging the candidates one at a time
     under ``work`` and keeping only the best so far on disk. A candidate whose weight files (and
     adapter config) are byte for byte an earlier candidate's is not scored again: it is recorded
-    as the same merge and cannot be chosen in the earlier one's place."""
+    as the same merge and cannot be chosen in the earlier one's place. What ``ledger``'s journal
+    holds from an interrupted run is read back instead of done again (the winner is merged again
+    at the end if its merge is not on disk)."""
+    ledger = ledger or Ledger(plan.scorer, [*plan.seeds, plan.base])
     sweep = Sweep()
     merged: Dict[Tuple[Tuple[str, str], ...], Candidate] = {}
     with tqdm(total=len(plan.seeds) + len(plan.recipes), desc="Validation", unit="model", disable=quiet) as progress:
         for seed in plan.seeds:
             progress.set_postfix_str(Path(seed).name)
-            sweep.seeds[seed] = plan.scorer(seed, plan.validation)
+            sweep.seeds[seed] = ledger.score(
+                ledger.seed(seed), plan.validation, lambda s=seed: plan.scorer(s, plan.validation)
+            )
             progress.update()
         for index, (candidate, recipe) in enumerate(plan.recipes.items()):
             progress.set_postfix_str(candidate.name)
             folder = work / f"candidate{index}" / out_name  # the card's title is the folder's name
-            try:
-                merge(
-                    recipe,
-                    folder,
-                    quiet=True,
-                    device=plan.scorer.device,
-                    random_seed=0,
-                    echo=lambda _line: None,
-                    warn=lambda message, key=candidate: sweep.warnings.setdefault(key, []).append(message),
-                )
-                fingerprint = merge_fingerprint(folder)
-                if fingerprint in merged:
-                    sweep.same_merge[candidate] = merged[fingerprint]
-                    remove(folder.parent)
-                    progress.update()
-                    continue
-                merged[fingerprint] = candidate
-                sweep.candidates[candidate] = plan.scorer(str(folder), plan.validation)
-            except UserError as error:  # a merge refused, or a merge that scores NaN: the others still count
-                sweep.failures[candidate] = str(error)
-                _above_bar(progress, warn, f"{candidate.name}: failed, the sweep goes on: {error}")
-                remove(folder.parent)
-                progress.update()
-                continue
-            if choose(sweep.means(sweep.candidates)) == candidate:
-                if sweep.best_folder is not None:
-                    remove(sweep.best_folder.parent)
-                sweep.best_folder = folder
-            else:
-                remove(folder.parent)
-            if not quiet:
+            model = ledger.candidate(recipe.source)
+            outcome = ledger.outcome(model, plan.validation)
+            if not _usable(outcome, merged):
+                outcome = _merge_and_score(plan, recipe, folder, merged)
+                ledger.record(model, plan.validation, outcome)
+            _take(plan, sweep, candidate, outcome, folder, merged)
+            if "failed" in outcome:
+                _above_bar(progress, warn, f"{candidate.name}: failed, the sweep goes on: {outcome['failed']}")
+            elif candidate in sweep.candidates and not quiet:
                 progress.write(
                     f"  {candidate.name}: validation {plan.scorer.describe()[0]} {sweep.candidates[candidate][0]:.4f}"
                 )
@@ -465,6 +455,9 @@ def sweep_validation(
     if not sweep.candidates:
         first = next(iter(sweep.failures.values()))
         raise UserError(f"every candidate failed to merge or to score; the first: {first}")
+    if sweep.best_folder is None:  # the winner was scored by an interrupted run: its merge again
+        sweep.best_folder = work / "winner" / out_name
+        _merge(plan, plan.recipes[choose(sweep.means(sweep.candidates))], sweep.best_folder, [])
     if sweep.warnings:  # one line, not one per candidate: select.json has each candidate's
         first_candidate, messages = next(iter(sweep.warnings.items()))
         warn(
@@ -472,6 +465,73 @@ def sweep_validation(
             f"the first, {first_candidate.name}: {messages[0]}"
         )
     return sweep
+
+
+def _merge(plan: Plan, recipe: Any, folder: Path, warnings: List[str]) -> None:
+    merge(
+        recipe,
+        folder,
+        quiet=True,
+        device=plan.scorer.device,
+        random_seed=0,
+        echo=lambda _line: None,
+        warn=warnings.append,
+    )
+
+
+def _merge_and_score(plan: Plan, recipe: Any, folder: Path, merged: Mapping[Any, Candidate]) -> dict:
+    """A candidate's outcome: its merge's fingerprint and warnings, and its validation score
+    unless its merge is an earlier candidate's; or why it failed (a merge refused, or a merge
+    that scores NaN: the others still count)."""
+    warnings: List[str] = []
+    try:
+        _merge(plan, recipe, folder, warnings)
+        fingerprint = merge_fingerprint(folder)
+        outcome: Dict[str, Any] = {"fingerprint": [list(pair) for pair in fingerprint], "warnings": warnings}
+        if fingerprint not in merged:
+            figure, values = plan.scorer(str(folder), plan.validation)
+            outcome.update(score=figure, values=values)
+        return outcome
+    except UserError as error:
+        return {"failed": str(error), "warnings": warnings}
+
+
+def _usable(outcome: Optional[dict], merged: Mapping[Any, Candidate]) -> bool:
+    """A recorded outcome is used when it is a failure, a score, or an earlier candidate's merge."""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("warnings", []), list):
+        return False
+    if isinstance(outcome.get("failed"), str):
+        return True
+    try:
+        fingerprint = tuple((str(name), str(digest)) for name, digest in outcome["fingerprint"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    has_score = isinstance(outcome.get("score"), (int, float)) and isinstance(outcome.get("values"), list)
+    return has_score or fingerprint in merged
+
+
+def _take(plan: Plan, sweep: Sweep, candidate: Candidate, outcome: dict, folder: Path, merged: Dict) -> None:
+    """Enter a candidate's outcome into ``sweep``, keeping its merge on disk only while it is the
+    best so far (a merge read back from the journal is not on disk)."""
+    if outcome.get("warnings"):
+        sweep.warnings[candidate] = [str(message) for message in outcome["warnings"]]
+    if "failed" in outcome:
+        sweep.failures[candidate] = str(outcome["failed"])
+        remove(folder.parent)
+        return
+    fingerprint = tuple((str(name), str(digest)) for name, digest in outcome["fingerprint"])
+    if fingerprint in merged:
+        sweep.same_merge[candidate] = merged[fingerprint]
+        remove(folder.parent)
+        return
+    merged[fingerprint] = candidate
+    sweep.candidates[candidate] = (float(outcome["score"]), [float(value) for value in outcome["values"]])
+    if choose(sweep.means(sweep.candidates)) != candidate:
+        remove(folder.parent)
+        return
+    if sweep.best_folder is not None:
+        remove(sweep.best_folder.parent)
+    sweep.best_folder = folder if folder.is_dir() else None
 
 
 def merge_fingerprint(folder: Path) -> Tuple[Tuple[str, str], ...]:
@@ -488,15 +548,28 @@ def _above_bar(progress, warn: Callable[[str], None], message: str) -> None:
         warn(message)
 
 
-def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: Tuple[float, int, int]) -> dict:
+def judge_on_test(
+    plan: Plan,
+    sweep: Sweep,
+    versus_mean_seed: bool,
+    bootstrap: Tuple[float, int, int],
+    ledger: Optional[Ledger] = None,
+) -> dict:
     """Score the chosen candidate and the chosen seed on test (the other seeds too with
-    ``versus_mean_seed``), after the choice; their scores (the mean seed's, the mean of every
-    seed's), their paired differences and verdicts, pooled and per group."""
+    ``versus_mean_seed``), after the choice (through ``ledger``: a scoring an interrupted run
+    finished is read back); their scores (the mean seed's, the mean of every seed's), their
+    paired differences and verdicts, pooled and per group."""
+    ledger = ledger or Ledger(plan.scorer, [*plan.seeds, plan.base])
     winner = choose(sweep.means(sweep.candidates))
     chosen_seed = choose(sweep.means(sweep.seeds))
+
+    def on_test(reference: str) -> Tuple[float, List[float]]:
+        return ledger.score(ledger.seed(reference), plan.test, lambda: plan.scorer(reference, plan.test))
+
+    merge_on_test = ledger.candidate(plan.recipes[winner].source)
     scored = {
-        winner.name: plan.scorer(str(sweep.best_folder), plan.test),
-        chosen_seed: plan.scorer(chosen_seed, plan.test),
+        winner.name: ledger.score(merge_on_test, plan.test, lambda: plan.scorer(str(sweep.best_folder), plan.test)),
+        chosen_seed: on_test(chosen_seed),
     }
     confidence, resamples, seed = bootstrap
     verdicts = {
@@ -505,7 +578,7 @@ def judge_on_test(plan: Plan, sweep: Sweep, versus_mean_seed: bool, bootstrap: T
     if versus_mean_seed:
         for other in plan.seeds:
             if other not in scored:
-                scored[other] = plan.scorer(other, plan.test)
+                scored[other] = on_test(other)
         average = mean_seed([scored[name][1] for name in plan.seeds])
         verdicts["versus_mean_seed"] = judge([scored[winner.name][1]], [average], confidence, resamples, seed)
     scores = {name: figure for name, (figure, _) in scored.items()}
