@@ -624,7 +624,8 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
 )
 @click.option(
     "--methods",
-    help="Comma-separated methods to try (default seedft, seedlora_dm, seedlora_twostage, lore, linear, ties).",
+    help="Comma-separated methods to try (default: our methods, as `mergekit-seed methods` lists them, and "
+    "mergekit's linear and ties; --dry-run lists the candidates).",
 )
 @click.option(
     "--grid",

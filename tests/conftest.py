@@ -197,3 +197,106 @@ def write_splits(folder: Path):
     (folder / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[::2]))
     (folder / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[1::2]))
     return folder / "val.jsonl", folder / "test.jsonl"
+
+
+def drawn(monkeypatch, method: str, position: int) -> list:
+    """What matplotlib is asked to draw: every value passed at ``position`` (counting after the
+    axes) to ``Axes.<method>`` (``set_title``, 0: the titles; ``text``, 2: the cell texts;
+    ``set_xticks``, 1: the tick labels), recorded while the call goes through."""
+    import matplotlib.axes
+
+    values = []
+    original = getattr(matplotlib.axes.Axes, method)
+
+    def recorded(axis, *args, **kwargs):
+        values.append(args[position] if len(args) > position else kwargs.get("labels"))
+        return original(axis, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, method, recorded)
+    return values
+
+
+# ------------------------------------------------------------------ select's planted family
+
+PROMPTS = [
+    f"{op}:{word}="
+    for op in ("rev", "sort", "dup", "next", "add", "cap")
+    for word in ("abc", "xyz", "mno", "pq", "hij", "uvw", "kl", "de", "fg", "rs", "tu", "wx")
+]
+
+
+def planted_family(root: Path, count: int = 3, noise: float = 0.06):
+    """A base, a strong model S and ``count`` weak seeds S + n_i with zero-sum noise, so that
+    Model Soup (the plain average of the seeds) is S itself."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tiny import save_tiny_llama
+
+    base = save_tiny_llama(root / "base", seed=0)
+    strong = save_tiny_llama(root / "strong", seed=1)
+    weights = load_file(strong / "model.safetensors")
+    generator = torch.Generator().manual_seed(7)
+    noises = [
+        {n: noise * torch.randn(t.shape, generator=generator) for n, t in weights.items()} for _ in range(count - 1)
+    ]
+    noises.append({n: -sum(other[n] for other in noises) for n in weights})
+    seeds = []
+    for index, seed_noise in enumerate(noises):
+        folder = save_tiny_llama(root / f"seed{index}", seed=0)
+        save_file(
+            {n: (t + seed_noise[n]).contiguous() for n, t in weights.items()},
+            folder / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        seeds.append(folder)
+    return base, strong, seeds
+
+
+def answers_of(model_folder: Path, prompts, path: Path, length: int = 3) -> Path:
+    """A JSONL of prompts answered with ``model_folder``'s greedy continuation (kept when the
+    answer tokenizes back to the same tokens)."""
+    import torch
+
+    from mergekit_seed.tools.compare import greedy_continuation, load_model
+
+    model, tokenizer = load_model(str(model_folder), None, "cpu")
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            generated = greedy_continuation(model, ids, length)[0, -length:].tolist()
+            answer = "".join(tokenizer.convert_ids_to_tokens(generated))
+            if answer.strip() == answer and tokenizer(answer, add_special_tokens=False)["input_ids"] == generated:
+                rows.append({"prompt": prompt, "answer": answer})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """``select``'s planted family (:func:`planted_family`) with validation and test splits
+    answered by the strong model: (root, base, strong, seeds, validation, test)."""
+    root = tmp_path_factory.mktemp("planted")
+    base, strong, seeds = planted_family(root)
+    validation = answers_of(strong, PROMPTS[:36], root / "validation.jsonl")
+    test = answers_of(strong, PROMPTS[36:], root / "test.jsonl")
+    return root, base, strong, seeds, validation, test
+
+
+def select_planted(planted, out: Path, *, seeds=None, validation=None, test=None, echo=None, **settings) -> dict:
+    """``select()`` on the planted family's seeds and splits (or ``seeds``, ``validation``,
+    ``test``) into ``out``: quiet, prefix match and 200 bootstrap resamples unless ``settings``
+    say otherwise; ``echo`` gets the printed lines (default: none)."""
+    from mergekit_seed.tools import selection
+
+    _, base, _, planted_seeds, planted_validation, planted_test = planted
+    settings = {"metric": "prefix_match", "quiet": True, "resamples": 200, **settings}
+    return selection.select(
+        [str(seed) for seed in seeds or planted_seeds],
+        str(base),
+        validation or planted_validation,
+        test or planted_test,
+        out,
+        echo=echo or (lambda _line: None),
+        **settings,
+    )

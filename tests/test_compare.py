@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import refused, run_cli, save_random_lora
+from conftest import drawn, refused, run_cli, save_random_lora
 
 from mergekit_seed.tools.compare import load_model, read_data, score_rows
 
@@ -425,17 +425,9 @@ def test_groups_compare_every_model_per_group_with_the_oracle(tiny_family, tmp_p
     """Issue 49: compare reported one pooled number. Rows carrying a group (--group-by names the
     field) are also compared per group, with paired intervals, and the oracle (the best seed on
     each group) is what merging could win; compare.json, compare.md and compare.png carry them."""
-    import matplotlib.axes
-
     from mergekit_seed.tools.compare import compare
 
-    titles = []
-    original = matplotlib.axes.Axes.set_title
-    monkeypatch.setattr(
-        matplotlib.axes.Axes,
-        "set_title",
-        lambda axis, text, *a, **k: titles.append(text) or original(axis, text, *a, **k),
-    )
+    titles = drawn(monkeypatch, "set_title", 0)
     seeds = tiny_family[1]
     data = write_jsonl(tmp_path / "d.jsonl", GROUPED)
     models = [str(seed) for seed in seeds]

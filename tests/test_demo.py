@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import drawn, run_cli
 
 from mergekit_seed.references.weights import load_weights
 from mergekit_seed.tools.analysis import subspace_similarity
@@ -186,23 +186,8 @@ def test_analyze_names_the_seeds_by_their_folders_and_writes_numbers_in_the_heat
 ):
     """Issue 49: cosine.png called the folders seed1..3 seed0..2, summary.md said "seeds 0-1",
     and the heatmap's cells carried no numbers."""
-    import matplotlib.axes
-
     base, seeds = tiny_family
-    written = []
-    original = matplotlib.axes.Axes.text
-    monkeypatch.setattr(
-        matplotlib.axes.Axes,
-        "text",
-        lambda axis, x, y, text, *a, **k: written.append(text) or original(axis, x, y, text, *a, **k),
-    )
-    ticks = []
-    original_ticks = matplotlib.axes.Axes.set_xticks
-    monkeypatch.setattr(
-        matplotlib.axes.Axes,
-        "set_xticks",
-        lambda axis, positions, labels=None, **k: ticks.append(labels) or original_ticks(axis, positions, labels, **k),
-    )
+    written, ticks = drawn(monkeypatch, "text", 2), drawn(monkeypatch, "set_xticks", 1)
     run_cli("mergekit-seed", "analyze", *seeds, "--base", base, "--out", tmp_path / "an", "--quiet", check=True)
     report = json.loads((tmp_path / "an" / "analysis.json").read_text())
     names = [seed.name for seed in seeds]

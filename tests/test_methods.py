@@ -117,3 +117,14 @@ def test_a_parameter_cites_the_same_equations_in_methods_and_on_its_docs_page(me
         cited = _equations(parameter.description)
         if cited:
             assert _equations(rows[parameter.name]) == cited, (parameter.name, rows[parameter.name])
+
+
+def test_no_help_text_copies_the_list_of_methods():
+    """select --help listed the default methods by hand: a fifth method would have been left out."""
+    from click.testing import CliRunner
+
+    from mergekit_seed.cli import main
+
+    for command in main.commands:
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        assert not [name for name in our_method_names() if name in text], (command, text)

@@ -7,70 +7,11 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import refused, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import PROMPTS, answers_of, drawn, refused, run_cli, select_planted
+from safetensors.torch import load_file
 
 from mergekit_seed.tools import selection
-from mergekit_seed.tools.compare import greedy_continuation, load_model
 from mergekit_seed.tools.selection import sweep
-
-
-PROMPTS = [
-    f"{op}:{word}="
-    for op in ("rev", "sort", "dup", "next", "add", "cap")
-    for word in ("abc", "xyz", "mno", "pq", "hij", "uvw", "kl", "de", "fg", "rs", "tu", "wx")
-]
-
-
-def _planted(root: Path, count: int = 3, noise: float = 0.06):
-    """A base, a strong model S and ``count`` weak seeds S + n_i with zero-sum noise, so that
-    Model Soup (the plain average of the seeds) is S itself."""
-    from tiny import save_tiny_llama
-
-    base = save_tiny_llama(root / "base", seed=0)
-    strong = save_tiny_llama(root / "strong", seed=1)
-    weights = load_file(strong / "model.safetensors")
-    generator = torch.Generator().manual_seed(7)
-    noises = [
-        {n: noise * torch.randn(t.shape, generator=generator) for n, t in weights.items()} for _ in range(count - 1)
-    ]
-    noises.append({n: -sum(other[n] for other in noises) for n in weights})
-    seeds = []
-    for index, seed_noise in enumerate(noises):
-        folder = save_tiny_llama(root / f"seed{index}", seed=0)
-        save_file(
-            {n: (t + seed_noise[n]).contiguous() for n, t in weights.items()},
-            folder / "model.safetensors",
-            metadata={"format": "pt"},
-        )
-        seeds.append(folder)
-    return base, strong, seeds
-
-
-def _answers_of(model_folder: Path, prompts, path: Path, length: int = 3) -> Path:
-    """A JSONL of prompts answered with ``model_folder``'s greedy continuation (kept when the
-    answer tokenizes back to the same tokens)."""
-    model, tokenizer = load_model(str(model_folder), None, "cpu")
-    rows = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            generated = greedy_continuation(model, ids, length)[0, -length:].tolist()
-            answer = "".join(tokenizer.convert_ids_to_tokens(generated))
-            if answer.strip() == answer and tokenizer(answer, add_special_tokens=False)["input_ids"] == generated:
-                rows.append({"prompt": prompt, "answer": answer})
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    base, strong, seeds = _planted(root)
-    validation = _answers_of(strong, PROMPTS[:36], root / "validation.jsonl")
-    test = _answers_of(strong, PROMPTS[36:], root / "test.jsonl")
-    return root, base, strong, seeds, validation, test
 
 
 def _count_scorings(monkeypatch):
@@ -130,7 +71,7 @@ def test_a_candidate_better_on_validation_only_is_chosen_but_test_decides(plante
 
     root, base, _, seeds, validation, _ = planted
     unrelated = save_tiny_llama(tmp_path / "unrelated", seed=5)
-    test = _answers_of(unrelated, PROMPTS[36:], tmp_path / "test.jsonl")
+    test = answers_of(unrelated, PROMPTS[36:], tmp_path / "test.jsonl")
     record = selection.select(
         [str(s) for s in seeds],
         str(base),
@@ -179,88 +120,14 @@ def test_reproduce_reruns_the_winning_recipe(planted, tmp_path):
 
 
 def test_the_cli_runs_lists_a_dry_run_and_refuses_in_one_line(planted, tmp_path):
-    root, base, _, seeds, validation, test = planted
-    seed_args = [str(s) for s in seeds]
-    dry = run_cli(
-        "mergekit-seed",
-        "select",
-        *seed_args,
-        "--base",
-        base,
-        "--validation",
-        validation,
-        "--test",
-        test,
-        "--out",
-        tmp_path / "dry",
-        "--dry-run",
-    )
+    """(A grid's problems: test_every_grid_problem_at_once_with_the_valid_types_named.)"""
+    validation, test = planted[4], planted[5]
+    dry = _select_cli(planted, tmp_path / "dry", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "lore mu_relative=0.05" in dry.stdout and "disk" in dry.stdout and not (tmp_path / "dry").exists()
-
     overlapping = tmp_path / "overlap.jsonl"
     overlapping.write_text(test.read_text() + validation.read_text().splitlines()[0] + "\n")
-    refused(
-        run_cli(
-            "mergekit-seed",
-            "select",
-            *seed_args,
-            "--base",
-            base,
-            "--validation",
-            validation,
-            "--test",
-            overlapping,
-            "--out",
-            tmp_path / "o1",
-        ),
-        "overlap.jsonl",
-        "also in",
-        out=tmp_path / "o1",
-    )
-    grid = tmp_path / "grid.yml"
-    grid.write_text("lore:\n  mu_relative: []\n")
-    refused(
-        run_cli(
-            "mergekit-seed",
-            "select",
-            *seed_args,
-            "--base",
-            base,
-            "--validation",
-            validation,
-            "--test",
-            test,
-            "--grid",
-            grid,
-            "--out",
-            tmp_path / "o2",
-        ),
-        "lore.mu_relative: an empty list",
-        out=tmp_path / "o2",
-    )
-    grid.write_text("lore:\n  mu_relative: [-1]\n")
-    refused(
-        run_cli(
-            "mergekit-seed",
-            "select",
-            *seed_args,
-            "--base",
-            base,
-            "--validation",
-            validation,
-            "--test",
-            test,
-            "--grid",
-            grid,
-            "--methods",
-            "lore,linear",
-            "--out",
-            tmp_path / "o3",
-        ),
-        "candidate lore mu_relative=-1",
-        out=tmp_path / "o3",
-    )
+    refused(_select_cli(planted, tmp_path / "o1", test=overlapping), "overlap.jsonl", "also in", out=tmp_path / "o1")
 
 
 def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(planted, tmp_path, monkeypatch):
@@ -446,16 +313,8 @@ def test_the_reports_give_the_scores_on_test_and_every_group(planted, tmp_path, 
     """The winner's, the best seed's and the mean seed's scores on test in the terminal, select.md
     and select.png; no duplicate column; per group on validation every seed and the winner, the
     oracle (the best seed on each group), and the winner minus the best seed per group on test."""
-    import matplotlib.axes
-
     _, base, _, seeds, validation, test = planted
-    titles = []
-    original = matplotlib.axes.Axes.set_title
-    monkeypatch.setattr(
-        matplotlib.axes.Axes,
-        "set_title",
-        lambda axis, text, *a, **k: titles.append(text) or original(axis, text, *a, **k),
-    )
+    titles = drawn(monkeypatch, "set_title", 0)
     validation, test = _grouped(validation, tmp_path / "v.jsonl"), _grouped(test, tmp_path / "t.jsonl")
     lines = []
     record = selection.select(
@@ -508,24 +367,12 @@ def test_the_reports_give_the_scores_on_test_and_every_group(planted, tmp_path, 
 def test_candidates_that_give_the_same_merge_are_scored_once(planted, tmp_path, monkeypatch):
     """A grid point that makes byte for byte an earlier candidate's merge is recorded as that
     merge, not scored again, and cannot be chosen in its place."""
-    _, base, _, seeds, validation, test = planted
+    seeds = planted[3]
     grid = tmp_path / "grid.yml"
     grid.write_text(f"seedft:\n  lambda: [auto, {1 / math.sqrt(3)!r}, 0.5]\n")  # auto is 1/sqrt(N), N = 3
     calls = _count_scorings(monkeypatch)
     lines = []
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
-        tmp_path / "out",
-        methods=["seedft"],
-        grid=grid,
-        metric="prefix_match",
-        quiet=True,
-        resamples=200,
-        echo=lines.append,
-    )
+    record = select_planted(planted, tmp_path / "out", methods=["seedft"], grid=grid, echo=lines.append)
     entries = {entry["name"]: entry for entry in record["candidates"]}
     twin = f"seedft lambda={1 / math.sqrt(3)!r}"
     assert entries[twin]["same_merge_as"] == "seedft lambda=auto"
@@ -605,27 +452,24 @@ def test_select_from_python_is_as_quiet_as_the_cli_and_puts_everything_back(plan
 
     import transformers
 
-    _, base, _, seeds, validation, test = planted
     filters, verbosity = list(warnings.filters), transformers.utils.logging.get_verbosity()
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        selection.select(
-            [str(s) for s in seeds],
-            str(base),
-            validation,
-            test,
-            tmp_path / "out",
-            methods=["linear"],
-            metric="prefix_match",
-            quiet=True,
-            resamples=200,
-            echo=lambda _line: None,
-        )
+        select_planted(planted, tmp_path / "out", methods=["linear"])
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err and "Warning" not in captured.err, captured.err
     assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], caught
     assert list(warnings.filters) == filters and transformers.utils.logging.get_verbosity() == verbosity
+
+
+def _select_cli(planted, out: Path, *options, test=None):
+    """``mergekit-seed select`` on the planted seeds and splits (``test`` in place of the planted
+    test split) with ``options`` (``--base`` too unless they give one)."""
+    _, base, _, seeds, validation, planted_test = planted
+    given_base = [] if "--base" in options else ["--base", base]
+    splits = ["--validation", validation, "--test", test or planted_test]
+    return run_cli("mergekit-seed", "select", *seeds, *given_base, *options, *splits, "--out", out)
 
 
 @pytest.mark.parametrize(
@@ -638,99 +482,24 @@ def test_select_from_python_is_as_quiet_as_the_cli_and_puts_everything_back(plan
     ids=["methods", "metric", "base"],
 )
 def test_a_mistake_in_an_option_is_one_line_with_the_fix(planted, tmp_path, options, fragments):
-    root, base, _, seeds, validation, test = planted
-    options = [option.replace("{root}", str(root)) for option in options]
-    if "--base" not in options:
-        options += ["--base", base]
-    refused(
-        run_cli(
-            "mergekit-seed",
-            "select",
-            *seeds,
-            *options,
-            "--validation",
-            validation,
-            "--test",
-            test,
-            "--out",
-            tmp_path / "o",
-        ),
-        *fragments,
-        out=tmp_path / "o",
-    )
+    options = [option.replace("{root}", str(planted[0])) for option in options]
+    refused(_select_cli(planted, tmp_path / "o", *options), *fragments, out=tmp_path / "o")
 
 
 def test_a_base_typo_written_like_a_hub_id_names_the_folder_it_meant(planted, tmp_path, monkeypatch):
     """`select --base exp/bas` named the validation file and looked the typo up on the Hub."""
-    root, _, _, seeds, validation, test = planted
-    monkeypatch.chdir(root)
-    result = run_cli(
-        "mergekit-seed",
-        "select",
-        *seeds,
-        "--base",
-        f"{root.name}/bas",
-        "--validation",
-        validation,
-        "--test",
-        test,
-        "--out",
-        tmp_path / "o",
-    )
+    root, validation = planted[0], planted[4]
     monkeypatch.chdir(root.parent)
-    result = run_cli(
-        "mergekit-seed",
-        "select",
-        *seeds,
-        "--base",
-        f"{root.name}/bas",
-        "--validation",
-        validation,
-        "--test",
-        test,
-        "--out",
-        tmp_path / "o",
-    )
+    result = _select_cli(planted, tmp_path / "o", "--base", f"{root.name}/bas")
     refused(result, f"--base {root.name}/bas: no such folder; did you mean {root.name}/base?", out=tmp_path / "o")
     assert validation.name not in result.stderr
 
 
 def test_every_grid_problem_at_once_with_the_valid_types_named(planted, tmp_path):
-    root, base, _, seeds, validation, test = planted
     grid = tmp_path / "grid.yml"
     grid.write_text("seedft:\n  lambda: [abc]\nlore:\n  mu_relative: []\nlinear: 3\n")
-    result = run_cli(
-        "mergekit-seed",
-        "select",
-        *seeds,
-        "--base",
-        base,
-        "--validation",
-        validation,
-        "--test",
-        test,
-        "--grid",
-        grid,
-        "--out",
-        tmp_path / "o",
-    )
+    result = _select_cli(planted, tmp_path / "o", "--grid", grid)
     refused(result, "lore.mu_relative: an empty list", "linear: give a mapping", out=tmp_path / "o")
     grid.write_text("seedft:\n  lambda: [abc, 1.0]\nlore:\n  mu_relative: [-1]\n")
-    result = run_cli(
-        "mergekit-seed",
-        "select",
-        *seeds,
-        "--base",
-        base,
-        "--validation",
-        validation,
-        "--test",
-        test,
-        "--grid",
-        grid,
-        "--methods",
-        "seedft,lore",
-        "--out",
-        tmp_path / "o",
-    )
+    result = _select_cli(planted, tmp_path / "o", "--grid", grid, "--methods", "seedft,lore")
     refused(result, "candidate seedft lambda=abc", "float | auto", "candidate lore mu_relative=-1", out=tmp_path / "o")

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, run_cli
+from conftest import BIN, run_cli, select_planted
 from safetensors.torch import load_file, save_file
-from test_select import PROMPTS, _answers_of, _planted
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import OutputFolder, ResumeJournal
@@ -27,30 +26,9 @@ from mergekit_seed.tools.selection import sweep
 METHODS = ["seedft", "lore", "linear"]  # six candidates with the default grid
 
 
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("planted")
-    base, strong, seeds = _planted(root)
-    validation = _answers_of(strong, PROMPTS[:36], root / "validation.jsonl")
-    test = _answers_of(strong, PROMPTS[36:], root / "test.jsonl")
-    return base, seeds, validation, test
-
-
-def _select(base, seeds, validation, test, out: Path, lines=None, **settings):
-    return selection.select(
-        [str(seed) for seed in seeds],
-        str(base),
-        validation,
-        test,
-        out,
-        methods=METHODS,
-        metric="prefix_match",
-        quiet=True,
-        resamples=200,
-        echo=(lines.append if lines is not None else lambda _line: None),
-        warn=lambda _message: None,
-        **settings,
-    )
+def _select(planted, out: Path, lines=None, **settings):
+    echo = lines.append if lines is not None else None
+    return select_planted(planted, out, methods=METHODS, echo=echo, warn=lambda _message: None, **settings)
 
 
 def _scorings(monkeypatch) -> list:
@@ -84,18 +62,18 @@ def _entries(out: Path) -> list:
 
 
 def test_an_interrupted_sweep_resumes_and_ends_with_the_uninterrupted_record(planted, tmp_path, monkeypatch):
-    base, seeds, validation, test = planted
-    whole = _select(base, seeds, validation, test, tmp_path / "whole")
+    seeds = planted[3]
+    whole = _select(planted, tmp_path / "whole")
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         _interrupted_after(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            _select(base, seeds, validation, test, out)
+            _select(planted, out)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
     assert len(_entries(out)) == 1 + len(seeds) + 2  # the marker, the seeds and two candidates on validation
     calls = _scorings(monkeypatch)
     lines = []
-    resumed = _select(base, seeds, validation, test, out, lines)
+    resumed = _select(planted, out, lines)
     assert len(calls) == len(whole["candidates"]) - 2 + 2  # the other candidates on validation, then two on test
     assert f"resumed: {len(seeds) + 2} scorings" in " ".join(lines)
     assert resumed == whole
@@ -105,20 +83,19 @@ def test_an_interrupted_sweep_resumes_and_ends_with_the_uninterrupted_record(pla
 
 
 def test_a_changed_grid_point_or_seed_invalidates_exactly_its_own_work(planted, tmp_path, monkeypatch):
-    base, planted_seeds, validation, test = planted
-    seeds = [Path(shutil.copytree(seed, tmp_path / seed.name)) for seed in planted_seeds]
+    seeds = [Path(shutil.copytree(seed, tmp_path / seed.name)) for seed in planted[3]]
     out = tmp_path / "out"
     with monkeypatch.context() as patch:  # everything scored, then interrupted before the record
         patch.setattr(selection, "selection_record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            _select(base, seeds, validation, test, out)
+            _select(planted, out, seeds=seeds)
     grid = tmp_path / "grid.yml"
     grid.write_text("seedft:\n  lambda: [auto, 1.0]\nlore:\n  mu_relative: [0.05, 0.1, 0.3]\n")  # 0.2 -> 0.3
     with monkeypatch.context() as patch:
         calls = _scorings(patch)
         patch.setattr(selection, "selection_record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            _select(base, seeds, validation, test, out, grid=grid)
+            _select(planted, out, seeds=seeds, grid=grid)
     assert len(calls) == 1  # the new grid point; the rest (and the two test scorings) read back
     weights = load_file(seeds[2] / "model.safetensors")
     name = next(iter(weights))
@@ -126,7 +103,7 @@ def test_a_changed_grid_point_or_seed_invalidates_exactly_its_own_work(planted, 
     save_file(weights, seeds[2] / "model.safetensors", metadata={"format": "pt"})
     calls = _scorings(monkeypatch)
     lines = []
-    record = _select(base, seeds, validation, test, out, lines, grid=grid)
+    record = _select(planted, out, lines, seeds=seeds, grid=grid)
     # seed2 and every candidate (each merges seed2) again, and the winner on test; the other seeds on
     # validation and the chosen seed on test (not seed2) read back
     assert record["on_test"]["best_seed"] != str(seeds[2])
@@ -135,7 +112,7 @@ def test_a_changed_grid_point_or_seed_invalidates_exactly_its_own_work(planted, 
 
 
 def test_a_select_killed_with_sigkill_resumes_from_the_command_line(planted, tmp_path):
-    base, seeds, validation, test = planted
+    _, base, _, seeds, validation, test = planted
     grid = tmp_path / "grid.yml"  # enough candidates that the kill lands in the sweep
     grid.write_text("lore:\n  mu_relative: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]\n")
     command = [
