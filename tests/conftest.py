@@ -285,12 +285,12 @@ def planted(tmp_path_factory):
 
 def select_planted(planted, out: Path, *, seeds=None, validation=None, test=None, echo=None, **settings) -> dict:
     """``select()`` on the planted family's seeds and splits (or ``seeds``, ``validation``,
-    ``test``) into ``out``: quiet, prefix match and 200 bootstrap resamples unless ``settings``
-    say otherwise; ``echo`` gets the printed lines (default: none)."""
+    ``test``) into ``out``: quiet, with 200 bootstrap resamples unless ``settings`` say otherwise;
+    ``echo`` gets the printed lines (default: none)."""
     from mergekit_seed.tools import selection
 
     _, base, _, planted_seeds, planted_validation, planted_test = planted
-    settings = {"metric": "prefix_match", "quiet": True, "resamples": 200, **settings}
+    settings = {"quiet": True, "resamples": 200, **settings}
     return selection.select(
         [str(seed) for seed in seeds or planted_seeds],
         str(base),

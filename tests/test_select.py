@@ -31,11 +31,8 @@ def test_the_planted_merge_is_chosen_and_judged_better_and_test_is_scored_for_tw
 ):
     _, base, _, seeds, validation, test = planted
     calls = _count_scorings(monkeypatch)
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
         methods=["seedft", "lore", "linear"],
         metric="prefix_match",
@@ -72,12 +69,10 @@ def test_a_candidate_better_on_validation_only_is_chosen_but_test_decides(plante
     root, base, _, seeds, validation, _ = planted
     unrelated = save_tiny_llama(tmp_path / "unrelated", seed=5)
     test = answers_of(unrelated, PROMPTS[36:], tmp_path / "test.jsonl")
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
+        test=test,
         methods=["lore", "linear"],
         metric="prefix_match",
         quiet=True,
@@ -92,11 +87,8 @@ def test_a_candidate_better_on_validation_only_is_chosen_but_test_decides(plante
 
 def test_reproduce_reruns_the_winning_recipe(planted, tmp_path):
     _, base, _, seeds, validation, test = planted
-    selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    select_planted(
+        planted,
         tmp_path / "out",
         methods=["seedft", "linear"],
         quiet=True,
@@ -143,11 +135,8 @@ def test_a_candidate_that_fails_to_merge_is_reported_and_the_sweep_goes_on(plant
 
     monkeypatch.setattr(sweep, "merge", failing)
     lines = []
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
         methods=["lore", "linear"],
         quiet=True,
@@ -195,12 +184,11 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
         lambda models, out, names, **kw: runs.append((models[0], tuple(names))) or original(models, out, names, **kw),
     )
     validation, test = (sweep.read_task_split([name], str(tasks), None, None) for name in ("pick_val", "pick_test"))
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
+        validation=validation,
+        test=test,
         methods=["lore", "linear"],
         quiet=True,
         resamples=200,
@@ -253,11 +241,8 @@ def test_a_candidate_whose_merge_cannot_be_scored_is_reported_and_the_sweep_goes
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "score_model", failing)
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
         methods=["linear", "seedft"],
         metric="prefix_match",
@@ -317,12 +302,11 @@ def test_the_reports_give_the_scores_on_test_and_every_group(planted, tmp_path, 
     titles = drawn(monkeypatch, "set_title", 0)
     validation, test = _grouped(validation, tmp_path / "v.jsonl"), _grouped(test, tmp_path / "t.jsonl")
     lines = []
-    record = selection.select(
-        [str(s) for s in seeds],
-        str(base),
-        validation,
-        test,
+    record = select_planted(
+        planted,
         tmp_path / "out",
+        validation=validation,
+        test=test,
         methods=["linear", "seedft"],
         metric="prefix_match",
         versus_mean_seed=True,
@@ -372,7 +356,9 @@ def test_candidates_that_give_the_same_merge_are_scored_once(planted, tmp_path, 
     grid.write_text(f"seedft:\n  lambda: [auto, {1 / math.sqrt(3)!r}, 0.5]\n")  # auto is 1/sqrt(N), N = 3
     calls = _count_scorings(monkeypatch)
     lines = []
-    record = select_planted(planted, tmp_path / "out", methods=["seedft"], grid=grid, echo=lines.append)
+    record = select_planted(
+        planted, tmp_path / "out", methods=["seedft"], grid=grid, metric="prefix_match", echo=lines.append
+    )
     entries = {entry["name"]: entry for entry in record["candidates"]}
     twin = f"seedft lambda={1 / math.sqrt(3)!r}"
     assert entries[twin]["same_merge_as"] == "seedft lambda=auto"
@@ -456,7 +442,7 @@ def test_select_from_python_is_as_quiet_as_the_cli_and_puts_everything_back(plan
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        select_planted(planted, tmp_path / "out", methods=["linear"])
+        select_planted(planted, tmp_path / "out", methods=["linear"], metric="prefix_match")
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err and "Warning" not in captured.err, captured.err
     assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], caught

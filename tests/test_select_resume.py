@@ -28,7 +28,9 @@ METHODS = ["seedft", "lore", "linear"]  # six candidates with the default grid
 
 def _select(planted, out: Path, lines=None, **settings):
     echo = lines.append if lines is not None else None
-    return select_planted(planted, out, methods=METHODS, echo=echo, warn=lambda _message: None, **settings)
+    return select_planted(
+        planted, out, methods=METHODS, metric="prefix_match", echo=echo, warn=lambda _message: None, **settings
+    )
 
 
 def _scorings(monkeypatch) -> list:
