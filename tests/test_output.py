@@ -235,11 +235,22 @@ def test_a_run_killed_at_any_step_of_an_overwrite_is_recovered_by_the_next(tmp_p
         assert len(notices) >= 1 and all("\n" not in notice for notice in notices), notices
 
 
+def _as_in_a_terminal() -> None:
+    """The child's signals at their defaults, as a terminal's foreground job has them: a test
+    suite started as a shell's background job passes SIGINT on ignored, and a program whose
+    Ctrl-C is ignored keeps ignoring it (the output protocol respects that)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_out_is_held_removes_the_staging_folder_and_the_lock(tmp_path, signum):
     out = tmp_path / "out"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(out), "wait", "exchange"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, str(out), "wait", "exchange"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_as_in_a_terminal,
     )
     assert child.stdout.readline().strip() == "staged"
     child.send_signal(signum)
