@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 $(BIN)/mergekit-seed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test,eval]" -c constraints.txt
+	$(BIN)/pip install -e ".[test,eval,ray]" -c constraints.txt
 	touch $@
 
 install: $(BIN)/mergekit-seed

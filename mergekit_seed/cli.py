@@ -654,6 +654,30 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
 @jsonl_options
 @click.option("--cuda", is_flag=True, help="Merge and score on the GPU (as --device cuda).")
 @click.option("--device", default=None, help="torch device to merge and score on (default cpu).")
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Run the seeds' scorings and the candidates as Ray tasks over this machine's CPUs and GPUs, as many at "
+    "once as fit (pip install 'mergekit-seed[ray]'; docs/select.md).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDRESS",
+    help="As --ray, on the Ray cluster at ADDRESS (ray.init's address); every node must see the seeds, the base "
+    "and OUT's parent folder.",
+)
+@click.option(
+    "--cpus-per-task",
+    type=click.FloatRange(min=0, min_open=True),
+    help="--ray: CPUs each task asks for (default 1).",
+)
+@click.option(
+    "--gpus-per-task",
+    type=click.FloatRange(min=0),
+    help="--ray: GPUs each task asks for (default 1 when this machine has CUDA, else 0); a task with a GPU merges "
+    "and scores on it.",
+)
 @bootstrap_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def select_command(seeds: tuple, **options: Any) -> None:
@@ -662,9 +686,11 @@ def select_command(seeds: tuple, **options: Any) -> None:
     with its record (docs/select.md). lm-eval tasks may stand in for both files."""
     from mergekit_seed.tools.selection import select
     from mergekit_seed.tools.selection.sweep import dry_run_lines, plan_selection
+    from mergekit_seed.tools.selection.workers import workers_for
 
     quiet_libraries()  # before the first load: select() says the same
-    device = _scoring_device(options, "merge and score")
+    ray = _ray_settings(options)
+    device = _scoring_device(options, "merge and score") if ray is None else _ray_device(options, ray)
     splits = _select_splits(options)
     settings = {
         "methods": None if options["methods"] is None else _names(options["methods"]),
@@ -678,7 +704,10 @@ def select_command(seeds: tuple, **options: Any) -> None:
         "output_rank": options["output_rank"],
     }
     if options["dry_run"]:
-        for line in dry_run_lines(plan_selection(list(seeds), options["base"], *splits, **settings)):
+        plan = plan_selection(list(seeds), options["base"], *splits, **settings)
+        with workers_for(ray) as workers:
+            lines = dry_run_lines(plan, workers)
+        for line in lines:
             click.echo(line)
         return
     keys = ("versus_mean_seed", "confidence", "seed", "resamples", "overwrite", "quiet")
@@ -689,9 +718,41 @@ def select_command(seeds: tuple, **options: Any) -> None:
         Path(options["out"]),
         echo=click.echo,
         warn=_warn,
+        ray=ray,
         **{key: options[key] for key in keys},
         **settings,
     )
+
+
+def _ray_settings(options: dict):
+    """``--ray`` and ``--ray-address`` with what each task asks for (None without them)."""
+    from mergekit_seed.tools.selection.workers import RaySettings
+
+    if not options["use_ray"] and options["ray_address"] is None:
+        given = [name for name in ("cpus_per_task", "gpus_per_task") if options[name] is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies to Ray tasks: add --ray or --ray-address")
+        return None
+    gpus = options["gpus_per_task"]
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    return RaySettings(options["ray_address"], options["cpus_per_task"] or 1.0, gpus)
+
+
+def _ray_device(options: dict, ray) -> str:
+    """The device Ray tasks merge and score on: a GPU Ray gives the task (``cuda``, Ray sets
+    which), else the CPU."""
+    requested = options["device"] or ("cuda" if options["cuda"] else None)
+    if ray.gpus_per_task and requested not in (None, "cuda"):
+        raise UserError(
+            f"--device {requested}: a Ray task with --gpus-per-task {ray.gpus_per_task:g} runs on the GPU Ray gives "
+            "it (cuda); give --gpus-per-task 0 to run on CPUs"
+        )
+    if not ray.gpus_per_task and requested is not None and requested.startswith("cuda"):
+        raise UserError(f"--device {requested}: Ray tasks get a GPU only with --gpus-per-task, e.g. 1")
+    return "cuda" if ray.gpus_per_task else (requested or "cpu")
 
 
 def _output_rank(value: Optional[str]):

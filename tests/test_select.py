@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import PROMPTS, answers_of, drawn, refused, run_cli, select_planted
+from conftest import PROMPTS, answers_of, drawn, refused, run_cli, save_random_lora, select_planted, write_splits
 from safetensors.torch import load_file
 
 from mergekit_seed.tools import selection
@@ -489,3 +489,33 @@ def test_every_grid_problem_at_once_with_the_valid_types_named(planted, tmp_path
     grid.write_text("seedft:\n  lambda: [abc, 1.0]\nlore:\n  mu_relative: [-1]\n")
     result = _select_cli(planted, tmp_path / "o", "--grid", grid, "--methods", "seedft,lore")
     refused(result, "candidate seedft lambda=abc", "float | auto", "candidate lore mu_relative=-1", out=tmp_path / "o")
+
+
+def test_adapters_scored_on_one_kept_base_score_as_fresh_loads(tiny_loras, tmp_path, monkeypatch):
+    """select keeps the base loaded for adapter seeds and candidates (issue 50): each adapter is
+    put on it for its scoring and taken off after. Every score equals a fresh load's, for LoRA
+    adapters of different ranks and targets and for SeRA, in any order, and the base is loaded
+    once; a full model in between lets the base go (one model in memory at a time)."""
+    from conftest import save_random_sera
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_seed.tools.compare import KeptBase, read_data, score_model
+
+    base, loras = tiny_loras
+    wide = save_random_lora(base, tmp_path / "wide", r=8, seed=5, targets=("q_proj", "v_proj", "o_proj", "up_proj"))
+    sera = save_random_sera(base, tmp_path / "sera", r=4, split=2, seed=6)
+    _, rows = read_data(write_splits(tmp_path / "data")[0])
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        AutoModelForCausalLM, "from_pretrained", lambda folder, **k: loads.append(str(folder)) or original(folder, **k)
+    )
+    kept = KeptBase()
+    order = [loras[0], wide, sera, loras[1], loras[0], sera]
+    for adapter in order:
+        on_kept = score_model(str(adapter), rows, "answer_logprob", str(base), None, 4, "cpu", kept=kept)
+        assert on_kept == score_model(str(adapter), rows, "answer_logprob", str(base), None, 4, "cpu"), adapter
+    assert kept.loads == 1 and loads.count(str(base)) == 1 + len(order)  # once kept, then every fresh load
+    score_model(str(base), rows, "answer_logprob", None, None, 4, "cpu", kept=kept)  # a full model
+    score_model(str(loras[1]), rows, "answer_logprob", str(base), None, 4, "cpu", kept=kept)
+    assert kept.loads == 2

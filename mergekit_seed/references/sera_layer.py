@@ -119,10 +119,20 @@ def sera_layers(model: nn.Module) -> Dict[str, SeraLinear]:
 
 def merge_sera(model: nn.Module) -> nn.Module:
     """Fold every SeRA update into its base weight and put the plain ``nn.Linear`` back."""
+    return _put_base_layers_back(model, fold=True)
+
+
+def unload_sera(model: nn.Module) -> nn.Module:
+    """Put every SeRA layer's plain ``nn.Linear`` back, its weight as it was (PEFT's ``unload``)."""
+    return _put_base_layers_back(model, fold=False)
+
+
+def _put_base_layers_back(model: nn.Module, fold: bool) -> nn.Module:
     for name, layer in sera_layers(model).items():
         base = layer.base_layer
-        with torch.no_grad():
-            base.weight += layer.delta_weight().to(base.weight.dtype)
+        if fold:
+            with torch.no_grad():
+                base.weight += layer.delta_weight().to(base.weight.dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, base)

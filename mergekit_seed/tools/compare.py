@@ -40,6 +40,7 @@ from mergekit_seed.references.adapter_files import is_adapter_folder, peft_type,
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.references.sera_files import load_sera
 from mergekit_seed.references.sera_layer import PEFT_TYPE as SERA_TYPE
+from mergekit_seed.references.sera_layer import sera_layers, unload_sera
 from mergekit_seed.references.weights import safetensors_shapes
 from mergekit_seed.untrusted import bounded_safe_load, front_matter
 
@@ -200,8 +201,57 @@ def tokenizer_folder(reference: str, base: Optional[str], tokenizer_path: Option
     return folder
 
 
-def load_model(reference: str, base: Optional[str], device: str, tokenizer_path: Optional[str] = None):
-    """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base; the
+class KeptBase:
+    """A base model kept loaded in this process for the adapters scored on it one after another
+    (``select``'s seeds and candidates): :func:`load_model` puts each adapter on the kept base
+    and :meth:`take_off` takes it off after its scoring (PEFT's ``unload``,
+    :func:`~mergekit_seed.references.sera_layer.unload_sera`), which leaves the base's modules
+    and weights as they were loaded, so that a score is a fresh load's. ``loads`` counts the
+    base's loads."""
+
+    def __init__(self) -> None:
+        self._key: Optional[Tuple[str, str]] = None
+        self._model = None
+        self._lent = False
+        self.loads = 0
+
+    def model(self, base_folder: Path, device: str):
+        """The base loaded from ``base_folder`` on ``device``: the kept one, or a new load."""
+        from transformers import AutoModelForCausalLM
+
+        key = (str(base_folder), device)
+        if self._key != key or self._model is None:
+            self.clear()
+            self._model = AutoModelForCausalLM.from_pretrained(base_folder).to(device).eval()
+            self._key = key
+            self.loads += 1
+        model, self._model, self._lent = self._model, None, True  # lent out until take_off gives it back
+        return model
+
+    def take_off(self, model) -> None:
+        """Take the adapter off ``model`` (what :func:`load_model` gave) and keep its base; a
+        full model (not on the kept base) is left alone."""
+        if not self._lent:
+            return
+        self._lent = False
+        self._model = unload_sera(model) if sera_layers(model) else model.unload()
+
+    def clear(self) -> None:
+        """Let the kept base go."""
+        self._key = self._model = None
+        self._lent = False
+        gc.collect()
+
+
+def load_model(
+    reference: str,
+    base: Optional[str],
+    device: str,
+    tokenizer_path: Optional[str] = None,
+    kept: Optional[KeptBase] = None,
+):
+    """``(model, tokenizer)`` for a full checkpoint, or an adapter applied to its base (with
+    ``kept``, to the base it keeps loaded: give the model back with ``kept.take_off``); the
     tokenizer from :func:`tokenizer_folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,18 +262,27 @@ def load_model(reference: str, base: Optional[str], device: str, tokenizer_path:
     if config is not None:
         base_folder = local_folder(_base_reference(reference, config, base))
         safetensors_shapes(base_folder)
-        model = AutoModelForCausalLM.from_pretrained(base_folder)
-        if peft_type(config) == SERA_TYPE:
-            model = load_sera(model, folder)
-        else:
-            from peft import PeftModel
+        model = kept.model(base_folder, device) if kept else AutoModelForCausalLM.from_pretrained(base_folder)
+        try:
+            if peft_type(config) == SERA_TYPE:
+                model = load_sera(model, folder)
+            else:
+                from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, folder)
+                model = PeftModel.from_pretrained(model, folder)
+        except BaseException:
+            if kept is not None:  # a base half-changed by a failed adapter is not kept
+                kept.clear()
+            raise
     else:
+        if kept is not None:  # one model in memory at a time: a full model does not sit beside the kept base
+            kept.clear()
         model = AutoModelForCausalLM.from_pretrained(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except Exception as error:
+        if kept is not None:
+            kept.take_off(model)
         raise UserError(
             f"{reference}: no usable tokenizer in {tokenizer_source} ({str(error).splitlines()[0]})"
         ) from None
@@ -444,11 +503,17 @@ def score_model(
     device: str,
     advance: Callable[[int], None] = lambda _count: None,
     stop: Sequence[str] = DEFAULT_STOP,
+    kept: Optional[KeptBase] = None,
 ) -> List[Tuple[float, int]]:
     """One model's (score, tokens) per row (:func:`score_rows`), each score finite; the model is
-    freed before the next one loads (one model in memory at a time)."""
-    model, model_tokenizer = load_model(name, base, device, tokenizer)
-    scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance, stop)
+    freed before the next one loads (one model in memory at a time), or with ``kept``, an
+    adapter is taken off the base ``kept`` keeps loaded."""
+    model, model_tokenizer = load_model(name, base, device, tokenizer, kept)
+    try:
+        scores = score_rows(model, model_tokenizer, rows, metric, batch_size, device, advance, stop)
+    finally:
+        if kept is not None:
+            kept.take_off(model)
     for index, (value, _) in enumerate(scores):
         require_finite_number(
             value, f"example {index + 1}: its {metric} score", "the model's weights or outputs hold NaN or Inf"

@@ -15,6 +15,7 @@ from mergekit_seed.output import staged_path
 from mergekit_seed.references.adapter_files import is_adapter_folder
 from mergekit_seed.references.hub import local_folder
 from mergekit_seed.tools.compare import (
+    KeptBase,
     load_model,
     tokenizer_folder,
 )
@@ -38,9 +39,11 @@ def evaluate_models(
     limit: Optional[float] = None,
     include_path: Optional[str] = None,
     quiet: bool = False,
+    kept: Optional[KeptBase] = None,
 ) -> List[Path]:
-    """Run lm-eval (HF backend, ``log_samples=True``) on each model, one in memory at a time,
-    writing lm-eval's own files to ``out/<n>-<name>``; returns those folders."""
+    """Run lm-eval (HF backend, ``log_samples=True``) on each model, one in memory at a time
+    (with ``kept``, adapters on the base it keeps loaded), writing lm-eval's own files to
+    ``out/<n>-<name>``; returns those folders."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.loggers import EvaluationTracker
@@ -55,7 +58,7 @@ def evaluate_models(
         tokenizer_folder(name, base, tokenizer)
     folders = []
     for index, name in enumerate(models):
-        model, model_tokenizer = load_model(name, base, device, tokenizer)
+        model, model_tokenizer = load_model(name, base, device, tokenizer, kept)
         lm = HFLM(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)
         tracker = EvaluationTracker(output_path=str(staged_path(out)))
         try:
@@ -74,6 +77,9 @@ def evaluate_models(
                 "run once with network access so that the datasets cache holds it, then offline runs read it from "
                 "there"
             ) from None
+        finally:
+            if kept is not None:
+                kept.take_off(model)
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
         folders.append(_save_run(tracker, results, name, index, base, out))

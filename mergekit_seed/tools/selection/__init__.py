@@ -17,10 +17,12 @@ The protocol (one implementation: the demo's choice and verdict use :func:`choos
    the average seed.
 
 Candidates are merged one at a time and only the best so far stays on disk (two merges at
-most). OUT is the winning merge, card included, with a "Selection" section added to the card,
-and ``select.json``, ``select.md`` and ``select.png`` beside it. Every finished scoring is kept
-in ``.OUT.resume`` until OUT is published: the same command run again after a crash, a SIGKILL
-or Ctrl-C reads it back instead of scoring again, and ends with the same record.
+most); with Ray (:mod:`.workers`), as many at once as the cluster holds, and only the best so
+far and those not yet taken stay on disk. OUT is the winning merge, card included, with a
+"Selection" section added to the card, and ``select.json``, ``select.md`` and ``select.png``
+beside it. Every finished scoring is kept in ``.OUT.resume`` until OUT is published: the same
+command run again after a crash, a SIGKILL or Ctrl-C reads it back instead of scoring again,
+and ends with the same record.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from mergekit_seed.output import OutputFolder, local_paths, remove
 from mergekit_seed.quiet import libraries_quieted
 from mergekit_seed.tools.selection.ledger import Ledger
 from mergekit_seed.tools.selection.record import publish_winner, selection_record, summary_lines
-from mergekit_seed.tools.selection.sweep import TaskSplit, judge_on_test, plan_selection, sweep_validation
+from mergekit_seed.tools.selection.sweep import (
+    KEPT_BASE,
+    TaskSplit,
+    judge_on_test,
+    plan_selection,
+    sweep_validation,
+)
+from mergekit_seed.tools.selection.workers import RaySettings, workers_for
 
 
 def select(
@@ -50,13 +59,15 @@ def select(
     quiet: bool = False,
     echo: Callable[[str], None] = print,
     warn: Optional[Callable[[str], None]] = None,
+    ray: Optional[RaySettings] = None,
     **plan_settings: Any,
 ) -> dict:
     """Choose among ``plan_settings``' candidates (:func:`.sweep.plan_selection`: ``methods``, ``grid``,
     ``metric``, ``tokenizer``, ``batch_size``, ``device``) on ``validation``, judge the choice
     on ``test`` (JSONL files, or lm-eval tasks from :func:`.sweep.read_task_split`) and publish the winning
-    merge with its record in ``out`` (:class:`~mergekit_seed.output.OutputFolder`). Returns what
-    select.json holds."""
+    merge with its record in ``out`` (:class:`~mergekit_seed.output.OutputFolder`). With ``ray``,
+    the scorings and candidates run as Ray tasks (:mod:`.workers`) and the record is the same.
+    Returns what select.json holds."""
     warn = warn or (lambda message: echo(f"warning: {message}"))
     # the merges' and loads' own bars and notices would break up select's one progress bar
     with libraries_quieted():
@@ -68,8 +79,12 @@ def select(
             journal = output.resume_journal()
             try:
                 ledger = Ledger(plan.scorer, [*plan.seeds, plan.base], journal)
-                sweep = sweep_validation(plan, output.staging / ".sweep", output.path.name, quiet, echo, warn, ledger)
-                results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap, ledger)
+                with workers_for(ray) as workers:
+                    for line in workers.describe():
+                        echo(line)
+                    work = output.staging / ".sweep"
+                    sweep = sweep_validation(plan, work, output.path.name, quiet, echo, warn, ledger, workers)
+                    results = judge_on_test(plan, sweep, versus_mean_seed, bootstrap, ledger, workers)
                 record = selection_record(plan, sweep, results, bootstrap)
                 publish_winner(sweep, output.staging, record, output.public)
                 remove(output.staging / ".sweep")
@@ -77,6 +92,7 @@ def select(
                 journal.discard()
             finally:
                 journal.close()
+                KEPT_BASE.clear()
         if ledger.reused:
             echo(
                 f"resumed: {ledger.reused} scorings and candidate outcomes of an interrupted run read back from "

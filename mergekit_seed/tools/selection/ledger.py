@@ -58,14 +58,25 @@ class Ledger:
     def score(self, model: dict, split: Any, compute: Callable[[], Score]) -> Score:
         """``compute()`` (the scoring of ``model`` on ``split``), or what an interrupted run
         recorded for it."""
-        key = self._key(model, split)
-        entry = self.journal.get(key) if self.journal is not None else None
-        if entry is not None and _is_score(entry):
-            return float(entry["score"]), [float(value) for value in entry["values"]]
+        recorded = self.recorded(model, split)
+        if recorded is not None:
+            return recorded
         figure, values = compute()
-        if self.journal is not None:
-            self.journal.put(key, {"score": figure, "values": values})
+        self.keep(model, split, (figure, values))
         return figure, values
+
+    def recorded(self, model: dict, split: Any) -> Optional[Score]:
+        """The scoring of ``model`` on ``split`` that an interrupted run recorded (None when none)."""
+        entry = self.journal.get(self._key(model, split)) if self.journal is not None else None
+        if entry is None or not _is_score(entry):
+            return None
+        return float(entry["score"]), [float(value) for value in entry["values"]]
+
+    def keep(self, model: dict, split: Any, score: Score) -> None:
+        """Record the scoring of ``model`` on ``split``."""
+        if self.journal is not None:
+            figure, values = score
+            self.journal.put(self._key(model, split), {"score": figure, "values": values})
 
     def outcome(self, model: dict, split: Any) -> Optional[dict]:
         """A candidate's recorded outcome on ``split`` (None when there is none)."""
@@ -86,6 +97,7 @@ class Ledger:
 
     def _key(self, model: dict, split: Any) -> str:
         scorer = dataclasses.asdict(self.scorer)
+        scorer.pop("share_base", None)  # how the base is loaded does not change a score
         for name in ("base", "tokenizer"):
             scorer[name] = [scorer.get(name), self._identity(scorer.get(name))]
         record = split.record()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from mergekit_seed.runner import merge
 from mergekit_seed.tools.compare import (
     DEFAULT_STOP,
     HIGHER_IS_BETTER,
+    KeptBase,
     choose_metric,
     groups_of,
     load_model,
@@ -53,6 +55,7 @@ from mergekit_seed.tools.selection.candidates import (
     seed_kind,
 )
 from mergekit_seed.tools.selection.ledger import Ledger
+from mergekit_seed.tools.selection.workers import Finish, Workers
 
 
 def choose(scores: Mapping[str, float]) -> str:
@@ -211,6 +214,10 @@ def refuse_overlap(validation, test) -> None:
         )
 
 
+# this process's base kept loaded for adapter scorings (each Ray worker has its own); select lets it go
+KEPT_BASE = KeptBase()
+
+
 @dataclass(frozen=True)
 class Scorer:
     """Scores one model on one split with compare's scorers: (the model's figure, the per-example
@@ -222,6 +229,7 @@ class Scorer:
     batch_size: int = 16
     device: str = "cpu"
     stop: Tuple[str, ...] = DEFAULT_STOP
+    share_base: bool = False  # adapters on this process's KEPT_BASE (scores as a fresh load's)
 
     def describe(self) -> Tuple[str, bool, str]:
         """(metric, whether its figure is better higher, what the choice and the verdict compare)."""
@@ -239,6 +247,7 @@ class Scorer:
                 self.batch_size,
                 self.device,
                 stop=self.stop,
+                kept=KEPT_BASE if self.share_base else None,
             )
         except UserError as error:
             raise UserError(f"{split.path}: {error} for {model}") from None
@@ -257,6 +266,7 @@ class TaskScorer:
     tokenizer: Optional[str]
     batch_size: int = 16
     device: str = "cpu"
+    share_base: bool = False  # adapters on this process's KEPT_BASE (scores as a fresh load's)
 
     def describe(self) -> Tuple[str, bool, str]:
         return (
@@ -279,6 +289,7 @@ class TaskScorer:
                 limit=split.limit,
                 include_path=split.include_path,
                 quiet=True,
+                kept=KEPT_BASE if self.share_base else None,
             )
             run = read_run(folder)
         raw, oriented = [], []
@@ -394,11 +405,12 @@ def plan_selection(
         split if isinstance(split, TaskSplit) else read_split(Path(split), group_by) for split in (validation, test)
     )
     refuse_overlap(validation_split, test_split)
+    share_base = kind != "full"  # every seed and candidate is an adapter on the base
     if isinstance(validation_split, TaskSplit):
-        scorer = TaskScorer(metric, base, tokenizer, batch_size, device)
+        scorer = TaskScorer(metric, base, tokenizer, batch_size, device, share_base)
     else:
         metric = choose_metric(validation_split.kind, metric, validation_split.path)
-        scorer = Scorer(metric, base, tokenizer, batch_size, device, tuple(stop))
+        scorer = Scorer(metric, base, tokenizer, batch_size, device, tuple(stop), share_base)
     return Plan(
         seeds=seeds,
         base=base,
@@ -419,32 +431,54 @@ def sweep_validation(
     echo: Callable[[str], None],
     warn: Callable[[str], None],
     ledger: Optional[Ledger] = None,
+    workers: Optional[Workers] = None,
 ) -> Sweep:
-    """Score every seed and every candidate on validation, merging the candidates one at a time
-    under ``work`` and keeping only the best so far on disk. A candidate whose weight files (and
-    adapter config) are byte for byte an earlier candidate's is not scored again: it is recorded
-    as the same merge and cannot be chosen in the earlier one's place. What ``ledger``'s journal
-    holds from an interrupted run is read back instead of done again (the winner is merged again
-    at the end if its merge is not on disk)."""
+    """Score every seed and every candidate on validation, merging the candidates under
+    ``work`` and keeping only the best so far on disk, with those ``workers`` still run. A
+    candidate whose weight files (and adapter config) are byte for byte an earlier candidate's
+    is not chosen in the earlier one's place: it is recorded as the same merge. What ``ledger``'s
+    journal holds from an interrupted run is read back instead of done again (the winner is
+    merged again at the end if its merge is not on disk). The jobs are taken in order, so the
+    sweep is the same wherever they ran (:mod:`.workers`)."""
     ledger = ledger or Ledger(plan.scorer, [*plan.seeds, plan.base])
+    workers = workers or Workers()
+    shared_plan = workers.shared(plan)
     sweep = Sweep()
     merged: Dict[Tuple[Tuple[str, str], ...], Candidate] = {}
-    with tqdm(total=len(plan.seeds) + len(plan.recipes), desc="Validation", unit="model", disable=quiet) as progress:
-        for seed in plan.seeds:
-            progress.set_postfix_str(Path(seed).name)
-            sweep.seeds[seed] = ledger.score(
-                ledger.seed(seed), plan.validation, lambda s=seed: plan.scorer(s, plan.validation)
-            )
-            progress.update()
-        for index, (candidate, recipe) in enumerate(plan.recipes.items()):
+
+    def start(job: Union[str, Tuple[int, Tuple[Candidate, Any]]]) -> Finish:
+        if isinstance(job, str):
+            return _scoring(ledger, workers, shared_plan, ledger.seed(job), job, "validation", plan.validation)
+        index, (_candidate, recipe) = job
+        model = ledger.candidate(recipe.source)
+        outcome = ledger.outcome(model, plan.validation)
+        if _usable(outcome, merged):
+            return lambda: outcome
+        # in this process the job runs when finished, after every earlier candidate was taken
+        finish = workers.submit(_merge_and_score, shared_plan, recipe, _folder(work, index, out_name), merged)
+
+        def recorded() -> dict:
+            outcome = finish()
+            ledger.record(model, plan.validation, outcome)
+            return outcome
+
+        return recorded
+
+    jobs = [*plan.seeds, *enumerate(plan.recipes.items())]
+    started: Deque[Finish] = deque()
+    with tqdm(total=len(jobs), desc="Validation", unit="model", disable=quiet) as progress:
+        for position, job in enumerate(jobs):
+            while len(started) < workers.window and position + len(started) < len(jobs):
+                started.append(start(jobs[position + len(started)]))
+            if isinstance(job, str):
+                progress.set_postfix_str(Path(job).name)
+                sweep.seeds[job] = started.popleft()()
+                progress.update()
+                continue
+            index, (candidate, _recipe) = job
             progress.set_postfix_str(candidate.name)
-            folder = work / f"candidate{index}" / out_name  # the card's title is the folder's name
-            model = ledger.candidate(recipe.source)
-            outcome = ledger.outcome(model, plan.validation)
-            if not _usable(outcome, merged):
-                outcome = _merge_and_score(plan, recipe, folder, merged)
-                ledger.record(model, plan.validation, outcome)
-            _take(plan, sweep, candidate, outcome, folder, merged)
+            outcome = started.popleft()()
+            _take(plan, sweep, candidate, outcome, _folder(work, index, out_name), merged)
             if "failed" in outcome:
                 _above_bar(progress, warn, f"{candidate.name}: failed, the sweep goes on: {outcome['failed']}")
             elif candidate in sweep.candidates and not quiet:
@@ -457,7 +491,8 @@ def sweep_validation(
         raise UserError(f"every candidate failed to merge or to score; the first: {first}")
     if sweep.best_folder is None:  # the winner was scored by an interrupted run: its merge again
         sweep.best_folder = work / "winner" / out_name
-        _merge(plan, plan.recipes[choose(sweep.means(sweep.candidates))], sweep.best_folder, [])
+        winner = plan.recipes[choose(sweep.means(sweep.candidates))]
+        workers.submit(_merge, shared_plan, winner, sweep.best_folder, [])()
     if sweep.warnings:  # one line, not one per candidate: select.json has each candidate's
         first_candidate, messages = next(iter(sweep.warnings.items()))
         warn(
@@ -465,6 +500,35 @@ def sweep_validation(
             f"the first, {first_candidate.name}: {messages[0]}"
         )
     return sweep
+
+
+def _folder(work: Path, index: int, out_name: str) -> Path:
+    """Where candidate ``index`` is merged (the card's title is the folder's name)."""
+    return work / f"candidate{index}" / out_name
+
+
+def _score(plan: Plan, reference: str, split_name: str) -> Tuple[float, List[float]]:
+    """A job: ``reference`` scored on the plan's ``split_name`` split."""
+    return plan.scorer(reference, getattr(plan, split_name))
+
+
+def _scoring(
+    ledger: Ledger, workers: Workers, shared_plan: Any, model: dict, reference: str, split_name: str, split: Any
+) -> Finish:
+    """Start scoring ``reference`` (``model`` in the ledger) on ``split``, the plan's
+    ``split_name``, or read it back from an interrupted run; ``finish()`` gives the score,
+    recorded."""
+    recorded = ledger.recorded(model, split)
+    if recorded is not None:
+        return lambda: recorded
+    finish = workers.submit(_score, shared_plan, reference, split_name)
+
+    def kept() -> Tuple[float, List[float]]:
+        score = finish()
+        ledger.keep(model, split, score)
+        return score
+
+    return kept
 
 
 def _merge(plan: Plan, recipe: Any, folder: Path, warnings: List[str]) -> None:
@@ -554,31 +618,32 @@ def judge_on_test(
     versus_mean_seed: bool,
     bootstrap: Tuple[float, int, int],
     ledger: Optional[Ledger] = None,
+    workers: Optional[Workers] = None,
 ) -> dict:
     """Score the chosen candidate and the chosen seed on test (the other seeds too with
     ``versus_mean_seed``), after the choice (through ``ledger``: a scoring an interrupted run
-    finished is read back); their scores (the mean seed's, the mean of every seed's), their
-    paired differences and verdicts, pooled and per group."""
+    finished is read back; on ``workers``, all at once); their scores (the mean seed's, the
+    mean of every seed's), their paired differences and verdicts, pooled and per group."""
     ledger = ledger or Ledger(plan.scorer, [*plan.seeds, plan.base])
+    workers = workers or Workers()
+    shared_plan = workers.shared(plan)
     winner = choose(sweep.means(sweep.candidates))
     chosen_seed = choose(sweep.means(sweep.seeds))
-
-    def on_test(reference: str) -> Tuple[float, List[float]]:
-        return ledger.score(ledger.seed(reference), plan.test, lambda: plan.scorer(reference, plan.test))
-
+    others = [other for other in plan.seeds if other != chosen_seed] if versus_mean_seed else []
     merge_on_test = ledger.candidate(plan.recipes[winner].source)
-    scored = {
-        winner.name: ledger.score(merge_on_test, plan.test, lambda: plan.scorer(str(sweep.best_folder), plan.test)),
-        chosen_seed: on_test(chosen_seed),
+    finishes = {
+        winner.name: _scoring(ledger, workers, shared_plan, merge_on_test, str(sweep.best_folder), "test", plan.test),
+        **{
+            seed: _scoring(ledger, workers, shared_plan, ledger.seed(seed), seed, "test", plan.test)
+            for seed in [chosen_seed, *others]
+        },
     }
+    scored = {name: finish() for name, finish in finishes.items()}
     confidence, resamples, seed = bootstrap
     verdicts = {
         "versus_best_seed": judge([scored[winner.name][1]], [scored[chosen_seed][1]], confidence, resamples, seed)
     }
     if versus_mean_seed:
-        for other in plan.seeds:
-            if other not in scored:
-                scored[other] = on_test(other)
         average = mean_seed([scored[name][1] for name in plan.seeds])
         verdicts["versus_mean_seed"] = judge([scored[winner.name][1]], [average], confidence, resamples, seed)
     scores = {name: figure for name, (figure, _) in scored.items()}
@@ -622,10 +687,10 @@ def _weight_bytes(reference: str) -> int:
     return sum(file.stat().st_size for file in weight_files(local_folder(reference)))
 
 
-def disk_estimate(plan: Plan) -> int:
-    """Bytes on disk at the worst moment: the best merge kept, the one being written, and for
-    mergekit's methods on LoRA seeds the ``BASE+ADAPTER`` models mergekit writes first (one
-    full model per seed, removed after that merge)."""
+def disk_estimate(plan: Plan, at_once: int = 1) -> int:
+    """Bytes on disk at the worst moment: the best merge kept and the ``at_once`` being written
+    (with the largest), and for mergekit's methods on LoRA seeds the ``BASE+ADAPTER`` models
+    mergekit writes first (one full model per seed, removed after that merge)."""
     base_bytes = _weight_bytes(plan.base)
     seed_bytes = sum(_weight_bytes(seed) for seed in plan.seeds)
     sizes = []
@@ -636,7 +701,7 @@ def disk_estimate(plan: Plan) -> int:
         else:  # an exact merge of N rank-r adapters has rank up to N * r
             sizes.append((seed_bytes, 0))
     largest_output = max(output for output, _ in sizes)
-    return largest_output + max(output + cache for output, cache in sizes)
+    return largest_output + min(at_once, len(sizes)) * max(output + cache for output, cache in sizes)
 
 
 @dataclass(frozen=True)
@@ -673,24 +738,40 @@ def time_estimate(plan: Plan, probe_rows: int = 256) -> TimeEstimate:
     )
 
 
-def dry_run_lines(plan: Plan) -> List[str]:
-    """What ``--dry-run`` prints: the candidates, the work, the disk and the time it will take."""
+def dry_run_lines(plan: Plan, workers: Optional[Workers] = None) -> List[str]:
+    """What ``--dry-run`` prints: the candidates, the work, the disk and the time it will take;
+    with Ray ``workers``, where the work runs and how much of it at once (the time is measured
+    in one task)."""
+    workers = workers or Workers()
+    at_once = workers.window
     lines = [f"{len(plan.recipes)} candidates for {len(plan.seeds)} {plan.kind} seeds on {plan.base}:"]
     lines += [f"  {candidate.name}" for candidate in plan.recipes]
     lines.append(
         f"work: {len(plan.recipes)} merges, {len(plan.seeds) + len(plan.recipes)} scorings on validation "
         f"({plan.validation.examples} examples), 2 on test ({plan.test.examples} examples)"
     )
-    lines.append(
-        f"disk: about {disk_estimate(plan) / 1e6:,.1f} MB at most while it runs (two merges), then one merge in OUT"
-    )
+    ray = workers.describe()
+    if ray:
+        lines += ray
+        lines.append(
+            f"ray tasks: {len(plan.seeds)} seed scorings and {len(plan.recipes)} candidates (a merge and a scoring "
+            "each) on validation, then 2 scorings on test; OUT's parent must be on storage every node sees"
+        )
+    held = "two merges" if at_once == 1 else f"the best merge and {at_once} in flight"
+    megabytes = disk_estimate(plan, at_once) / 1e6
+    lines.append(f"disk: about {megabytes:,.1f} MB at most while it runs ({held}), then one merge in OUT")
     if isinstance(plan.validation, TaskSplit):
         lines.append(
             "time: not estimated for lm-eval tasks (each scoring is one lm-eval run; time one with compare --tasks)"
         )
+        return lines
+    seconds = workers.submit(time_estimate, workers.shared(plan))().seconds
+    how = "from loading one seed and scoring it on up to 256 validation examples"
+    if not ray:
+        lines.append(f"time: about {seconds:,.0f} s here ({how})")
     else:
         lines.append(
-            f"time: about {time_estimate(plan).seconds:,.0f} s here (from loading one seed and scoring it on up to "
-            "256 validation examples)"
+            f"time: about {seconds:,.0f} s of work, {seconds / at_once:,.0f} s with {at_once} tasks at once if each "
+            f"runs as fast as the one timed ({how}, in a Ray task)"
         )
     return lines
