@@ -220,6 +220,18 @@ lm_eval_options = _options(
     click.option(
         "--include-path", type=click.Path(exists=True), help="lm-eval tasks: a folder of your own task YAML files."
     ),
+    click.option(
+        "--lm-eval-model",
+        metavar="NAME",
+        help="lm-eval tasks: lm-eval's own backend loads each model (its --model: hf, vllm, ...) instead of our "
+        "loader (default).",
+    ),
+    click.option(
+        "--model-args",
+        metavar="K=V,...",
+        help="lm-eval tasks: lm-eval's --model_args for that backend (default hf), e.g. dtype=bfloat16; each "
+        "model's folder, adapter and tokenizer are set for it.",
+    ),
 )
 
 
@@ -537,7 +549,7 @@ def compare_command(models: tuple, **options: Any) -> None:
 
 # the options that only apply when compare scores the models itself (not with --lm-eval)
 SCORING_OPTIONS = ("base", "tokenizer", "num_fewshot", "limit", "include_path", "cuda", "device", "batch_size")
-SCORING_OPTIONS += ("data", "stop", "group_by")
+SCORING_OPTIONS += ("data", "stop", "group_by", "lm_eval_model", "model_args")
 
 
 def _compare_runs(runs: List[str], out: Path, tasks: Optional[List[str]], given: set, bootstrap: dict) -> None:
@@ -565,7 +577,7 @@ def _compare_on_data(models: List[str], given: set, options: dict, bootstrap: di
     from mergekit_seed.tools.compare import METRICS, compare
 
     device = _scoring_device(options, "score")
-    unused = sorted(given & {"num_fewshot", "limit", "include_path"})
+    unused = sorted(given & {"num_fewshot", "limit", "include_path", "lm_eval_model", "model_args"})
     if unused:
         raise UserError(f"--{unused[0].replace('_', '-')} applies to --tasks, not to --data")
     if bootstrap["metric"] is not None and bootstrap["metric"] not in METRICS:
@@ -592,7 +604,7 @@ def _compare_on_tasks(models: List[str], tasks: List[str], options: dict, bootst
     if len(names) < 2:
         raise UserError("compare needs at least two models")
     keys = ("base", "tokenizer", "batch_size", "num_fewshot", "limit", "include_path", "quiet")
-    evaluation = {"device": device, **{key: options[key] for key in keys}}
+    evaluation = {"device": device, "backend": _lm_eval_backend(options), **{key: options[key] for key in keys}}
     compare_tasks(names, tasks, Path(options["out"]), evaluation, echo=click.echo, **bootstrap)
 
 
@@ -702,6 +714,7 @@ def select_command(seeds: tuple, **options: Any) -> None:
         "stop": _stop_strings(options["stop"]),
         "group_by": options["group_by"],
         "output_rank": options["output_rank"],
+        "lm_eval_backend": _lm_eval_backend(options),
     }
     if options["dry_run"]:
         plan = plan_selection(list(seeds), options["base"], *splits, **settings)
@@ -755,6 +768,17 @@ def _ray_device(options: dict, ray) -> str:
     return "cuda" if ray.gpus_per_task else (requested or "cpu")
 
 
+def _lm_eval_backend(options: dict):
+    """``--lm-eval-model`` and ``--model-args``, checked (None without them: our loader)."""
+    if options["lm_eval_model"] is None and options["model_args"] is None:
+        return None
+    from mergekit_seed.tools.lm_eval_runner import LmEvalBackend
+
+    backend = LmEvalBackend(options["lm_eval_model"] or "hf", options["model_args"] or "")
+    backend.check()
+    return backend
+
+
 def _output_rank(value: Optional[str]):
     """``--output-rank``: a positive integer, ``auto`` or ``exact`` (None when not given)."""
     if value is None or value in ("auto", "exact"):
@@ -762,6 +786,9 @@ def _output_rank(value: Optional[str]):
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise click.BadParameter(f"{value!r}: give a positive integer, auto or exact", param_hint="'--output-rank'")
+
+
+LM_EVAL_ONLY = ("num_fewshot", "limit", "include_path", "lm_eval_model", "model_args")
 
 
 def _select_splits(options: dict) -> list:
@@ -774,6 +801,12 @@ def _select_splits(options: dict) -> list:
             "give --validation FILE and --test FILE (JSONL), or --validation-tasks and --test-tasks (lm-eval)"
         )
     if files[0] is not None:
+        given = [name for name in LM_EVAL_ONLY if options[name] is not None]
+        if given:
+            raise UserError(
+                f"--{given[0].replace('_', '-')} applies to lm-eval tasks (--validation-tasks and --test-tasks), "
+                "not to JSONL files"
+            )
         return [Path(path) for path in files]
     lm_eval = (options["include_path"], options["num_fewshot"], options["limit"])
     return [read_task_split(_names(listing), *lm_eval) for listing in tasks]

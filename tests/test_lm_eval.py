@@ -523,3 +523,41 @@ def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_p
         assert "nan" not in (out / "compare.md").read_text().lower()
     else:
         refused(result)
+
+
+def _compare_tasks(harness, out: Path, *models, options=()):
+    return run_cli(
+        "mergekit-seed", "compare", *models, "--base", harness["good"], "--tasks", TASKS,
+        "--include-path", harness["tasks"], "--limit", "6", "--batch-size", "1", "--out", out, "--quiet", *options,
+    )  # fmt: skip
+
+
+def test_lm_evals_own_backend_loads_the_models_with_the_users_arguments(harness, tmp_path):
+    """--lm-eval-model and --model-args (issue 50): lm-eval's hf backend loads a full model and
+    a LoRA adapter (its peft= argument) with the user's dtype, and scores them as our loader
+    does; the arguments are recorded in lm-eval's files; what cannot hold is one line."""
+    from conftest import save_random_sera
+
+    adapter = save_random_lora(harness["good"], tmp_path / "lora", r=4, seed=3)
+    ours = _compare_tasks(harness, tmp_path / "ours", harness["other"], adapter)
+    assert ours.returncode == 0, ours.stderr
+    options = ("--lm-eval-model", "hf", "--model-args", "dtype=float32")
+    theirs = _compare_tasks(harness, tmp_path / "theirs", harness["other"], adapter, options=options)
+    assert theirs.returncode == 0, theirs.stderr
+    assert compare_json(tmp_path / "theirs")["tasks"] == compare_json(tmp_path / "ours")["tasks"]
+    for results_file in (tmp_path / "theirs" / "lm-eval").glob("*/results_*.json"):
+        config = json.loads(results_file.read_text())["config"]
+        assert config["model"] == "hf" and config["model_args"]["dtype"] == "float32", config
+    sera = save_random_sera(harness["good"], tmp_path / "sera", r=4, split=2, seed=4)
+    for options, fragments in [
+        (("--model-args", "pretrained=/elsewhere"), ["--model-args pretrained=", "leave it out"]),
+        (("--model-args", "dtype"), ["'dtype' is not KEY=VALUE"]),
+        (("--lm-eval-model", "no_such_backend"), ["--lm-eval-model no_such_backend"]),
+    ]:
+        refused(_compare_tasks(harness, tmp_path / "no", harness["other"], adapter, options=options), *fragments)
+    refused(
+        _compare_tasks(harness, tmp_path / "no", harness["other"], sera, options=("--lm-eval-model", "hf")),
+        "sera",
+        "cannot load this SERA adapter",
+        "leave --lm-eval-model out",
+    )

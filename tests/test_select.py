@@ -202,6 +202,16 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
     overlapping = sweep.read_task_split(["pick_overlap"], str(tasks), None, None)
     with pytest.raises(sweep.UserError, match="1 of its 2 examples .* also in lm-eval tasks pick_val"):
         sweep.plan_selection([str(s) for s in seeds], str(base), validation, overlapping)
+    # lm-eval's own hf backend, with the user's arguments: the same scores, recorded with them
+    backend = lm_eval_runner.LmEvalBackend("hf", "dtype=float32")
+    again = select_planted(
+        planted, tmp_path / "hf", validation=validation, test=test, methods=["lore", "linear"], lm_eval_backend=backend
+    )
+    assert again["seeds"] == record["seeds"] and again["on_test"] == record["on_test"]
+    assert again["lm_eval_model"] == "hf" and again["model_args"] == "dtype=float32"
+    assert (
+        "lm-eval's `hf` backend loaded the models with `dtype=float32`" in (tmp_path / "hf" / "README.md").read_text()
+    )
 
 
 def test_the_documented_cost_is_the_shipped_benchmark():
@@ -464,8 +474,9 @@ def _select_cli(planted, out: Path, *options, test=None):
         (["--methods", "seedft,loree"], ["--methods loree", "did you mean 'lore'?"]),
         (["--metric", "exact-match"], ["--metric exact-match", "did you mean 'exact_match'?"]),
         (["--base", "{root}/bas"], ["--base", "no such folder"]),
+        (["--model-args", "dtype=bfloat16"], ["--model-args applies to lm-eval tasks", "not to JSONL"]),
     ],
-    ids=["methods", "metric", "base"],
+    ids=["methods", "metric", "base", "model-args"],
 )
 def test_a_mistake_in_an_option_is_one_line_with_the_fix(planted, tmp_path, options, fragments):
     options = [option.replace("{root}", str(planted[0])) for option in options]

@@ -201,6 +201,20 @@ def tokenizer_folder(reference: str, base: Optional[str], tokenizer_path: Option
     return folder
 
 
+def checked_model_files(reference: str, base: Optional[str]) -> Optional[Tuple[dict, Path]]:
+    """Check the weight files of ``reference`` (and of its base, for an adapter) before a
+    loader reads them, so that a corrupt or truncated file is one line; for an adapter, return
+    (its config, its base's folder), else None."""
+    folder = local_folder(reference)
+    safetensors_shapes(folder)
+    config = _adapter_config(folder)
+    if config is None:
+        return None
+    base_folder = local_folder(_base_reference(reference, config, base))
+    safetensors_shapes(base_folder)
+    return config, base_folder
+
+
 class KeptBase:
     """A base model kept loaded in this process for the adapters scored on it one after another
     (``select``'s seeds and candidates): :func:`load_model` puts each adapter on the kept base
@@ -257,11 +271,9 @@ def load_model(
 
     folder = local_folder(reference)
     tokenizer_source = tokenizer_folder(reference, base, tokenizer_path)
-    safetensors_shapes(folder)  # a corrupt or truncated weight file is one line, before transformers reads it
-    config = _adapter_config(folder)
-    if config is not None:
-        base_folder = local_folder(_base_reference(reference, config, base))
-        safetensors_shapes(base_folder)
+    adapter = checked_model_files(reference, base)
+    if adapter is not None:
+        config, base_folder = adapter
         model = kept.model(base_folder, device) if kept else AutoModelForCausalLM.from_pretrained(base_folder)
         try:
             if peft_type(config) == SERA_TYPE:

@@ -56,6 +56,7 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
         **({"stop": list(plan.scorer.stop)} if metric == "exact_match" else {}),
         "higher_is_better": higher_is_better,
         "compared_on": compared_on,
+        **_backend_record(plan.scorer),
         "validation": plan.validation.record(),
         "test": plan.test.record(),
         "seeds": {seed: {"score": figure, "compared": means[seed]} for seed, (figure, _) in sweep.seeds.items()},
@@ -67,6 +68,12 @@ def selection_record(plan: Plan, sweep: Sweep, test: dict, bootstrap: Tuple[floa
         "test_scored_once_for": test["scored"],
         **run_record(*bootstrap),
     }
+
+
+def _backend_record(scorer) -> dict:
+    """lm-eval's backend and its arguments when lm-eval loaded the models ({} for our loader)."""
+    backend = getattr(scorer, "backend", None)
+    return {} if backend is None else {"lm_eval_model": backend.model, "model_args": backend.model_args}
 
 
 def _difference(difference: dict) -> str:
@@ -85,7 +92,7 @@ def selection_markdown(record: dict) -> str:
         f"then judged once on the test set (scored only for {' and '.join(f'`{n}`' for n in test['scored'])}, after "
         "the choice). "
         f"Metric: {metric}{_stop_note(record)}; the choice and the verdict compare the per-example "
-        f"{record['compared_on']}.",
+        f"{record['compared_on']}.{_backend_note(record)}",
         "",
         f"- validation: `{record['validation']['name']}`, {record['validation']['examples']} examples, sha256 "
         f"`{record['validation']['sha256']}`",
@@ -98,6 +105,13 @@ def selection_markdown(record: dict) -> str:
         *_group_lines(record),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _backend_note(record: dict) -> str:
+    if "lm_eval_model" not in record:
+        return ""
+    arguments = f" with `{record['model_args']}`" if record["model_args"] else ""
+    return f" lm-eval's `{record['lm_eval_model']}` backend loaded the models{arguments}."
 
 
 def _stop_note(record: dict) -> str:

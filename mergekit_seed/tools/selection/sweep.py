@@ -41,7 +41,7 @@ from mergekit_seed.tools.compare import (
     summary,
 )
 from mergekit_seed.tools.lm_eval_report import comparable_metrics, pooled_metric, read_run
-from mergekit_seed.tools.lm_eval_runner import INSTALL_HINT, evaluate_models, task_manager
+from mergekit_seed.tools.lm_eval_runner import INSTALL_HINT, LmEvalBackend, evaluate_models, task_manager
 from mergekit_seed.tools.selection.candidates import (
     Candidate,
     candidates,
@@ -267,6 +267,7 @@ class TaskScorer:
     batch_size: int = 16
     device: str = "cpu"
     share_base: bool = False  # adapters on this process's KEPT_BASE (scores as a fresh load's)
+    backend: Optional[LmEvalBackend] = None  # lm-eval's own loader (--lm-eval-model, --model-args)
 
     def describe(self) -> Tuple[str, bool, str]:
         return (
@@ -290,6 +291,7 @@ class TaskScorer:
                 include_path=split.include_path,
                 quiet=True,
                 kept=KEPT_BASE if self.share_base else None,
+                backend=self.backend,
             )
             run = read_run(folder)
         raw, oriented = [], []
@@ -379,12 +381,14 @@ def plan_selection(
     stop: Sequence[str] = DEFAULT_STOP,
     group_by: Optional[str] = None,
     output_rank: Optional[Union[int, str]] = None,
+    lm_eval_backend: Optional[LmEvalBackend] = None,
 ) -> Plan:
     """Check every input of a selection and build its candidates (see :func:`select`).
     ``validation`` and ``test`` are JSONL files (compare's format, rows grouped by ``group_by``)
     or lm-eval tasks (:func:`read_task_split`), both of one kind. ``output_rank``: the adapter
     candidates' ``output.rank`` (default: exact for methods exact on factors, ``auto`` for the
-    others, whose merged deltas are dense)."""
+    others, whose merged deltas are dense). ``lm_eval_backend``: lm-eval's own backend loads
+    the models scored on lm-eval tasks (default: our loader)."""
     seeds = list(dict.fromkeys(seeds))
     if len(seeds) < 2:
         raise UserError("select needs at least two seeds")
@@ -407,7 +411,11 @@ def plan_selection(
     refuse_overlap(validation_split, test_split)
     share_base = kind != "full"  # every seed and candidate is an adapter on the base
     if isinstance(validation_split, TaskSplit):
-        scorer = TaskScorer(metric, base, tokenizer, batch_size, device, share_base)
+        if lm_eval_backend is not None:
+            lm_eval_backend.check()
+        scorer = TaskScorer(metric, base, tokenizer, batch_size, device, share_base, lm_eval_backend)
+    elif lm_eval_backend is not None:
+        raise UserError("--lm-eval-model and --model-args apply to lm-eval tasks, not to JSONL files")
     else:
         metric = choose_metric(validation_split.kind, metric, validation_split.path)
         scorer = Scorer(metric, base, tokenizer, batch_size, device, tuple(stop), share_base)
