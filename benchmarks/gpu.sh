@@ -49,3 +49,13 @@ $PY -m pytest -q -p no:warnings tests/test_devices.py 2>&1 | tee "$OUT/tests.txt
 # The 7B-layer table on the GPU; the adapter routes and the floors are CPU questions.
 timeout 420 $PY benchmarks/bench.py --device cuda --size 7b-layer --dtype bfloat16 --reps 1 \
     --skip-adapters --timeout 120 --out "$OUT/RESULTS-cuda.md" 2>&1 | tee "$OUT/bench.log"
+
+# select over Ray with GPU tasks (two on the one GPU: --gpus-per-task 0.5) against the sequential
+# sweep, on the 45.7M model. The image has no Ray, and Ray's wheel (about 70 MiB) exceeds what a
+# run may carry, so this step runs only on a machine where Ray is installed.
+if $PY -c "import ray" 2>/dev/null; then
+    timeout 300 $PY benchmarks/select_scale.py --device cuda --gpus-per-task 0.5 \
+        --out "$OUT/select-scale-cuda.json" 2>&1 | tail -30 | tee "$OUT/select-scale.log"
+else
+    echo "select over Ray on the GPU: skipped, Ray is not installed here" | tee "$OUT/select-scale.log"
+fi

@@ -56,6 +56,7 @@ MODULES = (
     "numpy",
     "tqdm",
     "lm_eval.evaluator",
+    "ray",
 )
 
 

@@ -696,9 +696,8 @@ def select_command(seeds: tuple, **options: Any) -> None:
     """Choose the best merge of SEEDS (full models, LoRA or SeRA adapters) on --validation,
     judge it once on --test against the seed chosen on validation, and publish it in --out
     with its record (docs/select.md). lm-eval tasks may stand in for both files."""
-    from mergekit_seed.tools.selection import select
+    from mergekit_seed.tools.selection import select, workers_for
     from mergekit_seed.tools.selection.sweep import dry_run_lines, plan_selection
-    from mergekit_seed.tools.selection.workers import workers_for
 
     quiet_libraries()  # before the first load: select() says the same
     ray = _ray_settings(options)
@@ -739,7 +738,7 @@ def select_command(seeds: tuple, **options: Any) -> None:
 
 def _ray_settings(options: dict):
     """``--ray`` and ``--ray-address`` with what each task asks for (None without them)."""
-    from mergekit_seed.tools.selection.workers import RaySettings
+    from mergekit_seed.tools.selection import RaySettings
 
     if not options["use_ray"] and options["ray_address"] is None:
         given = [name for name in ("cpus_per_task", "gpus_per_task") if options[name] is not None]

@@ -43,6 +43,12 @@ NOT_OFFLINE = {
     "--dry-run": "elided arguments: the command above with --dry-run (tests/test_select.py runs it)",
     "mergekit-seed select SEEDS... --base BASE --validation-tasks "
     "arc_easy_val": "downloads ARC-Easy (tests/test_select.py runs local lm-eval tasks)",
+    "mergekit-seed select SEEDS... --base BASE --validation V --test T --out merged/ "
+    "--ray": "placeholder arguments (tests/test_select_ray.py runs select on a two-node Ray cluster)",
+    "mergekit-seed select ... "
+    "--ray-address": "joins a running Ray cluster (tests/test_select_ray.py starts one on this machine)",
+    "mergekit-seed select ... --ray "
+    "--dry-run": "elided arguments (tests/test_select_ray.py runs --ray --dry-run on a local runtime)",
 }
 
 

@@ -214,6 +214,24 @@ def test_lm_eval_tasks_choose_and_judge_and_the_test_tasks_run_for_two_models(pl
     )
 
 
+def test_the_documented_ray_figures_are_the_shipped_benchmark():
+    """docs/select.md's Ray and kept-base figures are benchmarks/select-scale.json's
+    (benchmarks/select_scale.py), and that run's records agreed."""
+    root = Path(__file__).parent.parent
+    bench = json.loads((root / "benchmarks" / "select-scale.json").read_text())
+    page = (root / "docs" / "select.md").read_text()
+    seconds = bench["seconds"]
+    for figure in (
+        f"{bench['ray_over_sequential_one_thread']:.3f} of the sequential sweep on one",
+        f"({seconds['ray']:.1f} s against {seconds['sequential_kept_base']:.1f} s)",
+        f"{bench['ray_over_sequential_two_threads']:.3f} of the sequential sweep using both cores",
+        f"from {bench['base_loads']['sequential_load_per_scoring']} to {bench['base_loads']['sequential_kept_base']}",
+        f"({bench['kept_base_over_load_per_scoring']:.3f} of a load per scoring)",
+    ):
+        assert figure in " ".join(page.split()), figure
+    assert bench["select_json_identical_at_one_thread"] and bench["two_threads_same_choice"]
+
+
 def test_the_documented_cost_is_the_shipped_benchmark():
     """docs/select.md's figures are benchmarks/select-bench.json's (benchmarks/select_sweep.py)."""
     root = Path(__file__).parent.parent

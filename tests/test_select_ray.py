@@ -64,7 +64,7 @@ def test_ray_dry_run_reports_the_plan_on_a_local_runtime(planted, tmp_path):
     dry = _select_cli(planted, tmp_path / "out", "--ray", "--cpus-per-task", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "tasks at once, each asking for 1 CPU (local runtime:" in dry.stdout
-    assert "3 seed scorings and 6 candidates" in dry.stdout and "in flight" in dry.stdout
+    assert "3 seed scorings and 6 candidates" in dry.stdout and "started, running or queued" in dry.stdout
     assert "s of work," in dry.stdout and "in a Ray task" in dry.stdout
     assert not (tmp_path / "out").exists()
 

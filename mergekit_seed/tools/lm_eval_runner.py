@@ -9,7 +9,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.errors import UserError
 from mergekit_seed.output import staged_path
@@ -62,18 +62,7 @@ def evaluate_models(
         tokenizer_folder(name, base, tokenizer)
     folders = []
     for index, name in enumerate(models):
-        if backend is None:
-            model, model_tokenizer = load_model(name, base, device, tokenizer, kept)
-            lm = HFLM(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)
-            how = {"model": lm}
-        else:  # lm-eval's backend loads it, from the files load_model would read, checked the same way
-            model = lm = None
-            how = {
-                "model": backend.model,
-                "model_args": backend.arguments(name, base, tokenizer),
-                "batch_size": batch_size,
-                "device": device,
-            }
+        model, how = _model_for_lm_eval(HFLM, name, base, tokenizer, device, batch_size, kept, backend)
         tracker = EvaluationTracker(output_path=str(staged_path(out)))
         try:
             results = simple_evaluate(
@@ -102,9 +91,20 @@ def evaluate_models(
         if results is None:
             raise UserError(f"{name}: lm-eval returned no results")
         folders.append(_save_run(tracker, results, name, index, base, out, backend))
-        del model, lm
+        del model, how
         gc.collect()
     return folders
+
+
+def _model_for_lm_eval(hf_lm, name, base, tokenizer, device, batch_size, kept, backend) -> Tuple[Any, Dict[str, Any]]:
+    """(the model we loaded, or None; ``simple_evaluate``'s arguments for it): our loader's
+    model in lm-eval's HF backend (``hf_lm``), or ``backend``'s name and arguments, for lm-eval
+    to load the files load_model would read, checked the same way."""
+    if backend is None:
+        model, model_tokenizer = load_model(name, base, device, tokenizer, kept)
+        return model, {"model": hf_lm(pretrained=model, tokenizer=model_tokenizer, batch_size=batch_size)}
+    arguments = backend.arguments(name, base, tokenizer)
+    return None, {"model": backend.model, "model_args": arguments, "batch_size": batch_size, "device": device}
 
 
 # the argument of lm-eval's backend that takes a LoRA adapter's folder (lm-eval's --model_args)

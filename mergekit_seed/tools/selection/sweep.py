@@ -458,19 +458,8 @@ def sweep_validation(
         if isinstance(job, str):
             return _scoring(ledger, workers, shared_plan, ledger.seed(job), job, "validation", plan.validation)
         index, (_candidate, recipe) = job
-        model = ledger.candidate(recipe.source)
-        outcome = ledger.outcome(model, plan.validation)
-        if _usable(outcome, merged):
-            return lambda: outcome
-        # in this process the job runs when finished, after every earlier candidate was taken
-        finish = workers.submit(_merge_and_score, shared_plan, recipe, _folder(work, index, out_name), merged)
-
-        def recorded() -> dict:
-            outcome = finish()
-            ledger.record(model, plan.validation, outcome)
-            return outcome
-
-        return recorded
+        folder = _folder(work, index, out_name)
+        return _candidate_outcome(plan, ledger, workers, shared_plan, recipe, folder, merged)
 
     jobs = [*plan.seeds, *enumerate(plan.recipes.items())]
     started: Deque[Finish] = deque()
@@ -508,6 +497,27 @@ def sweep_validation(
             f"the first, {first_candidate.name}: {messages[0]}"
         )
     return sweep
+
+
+def _candidate_outcome(
+    plan: Plan, ledger: Ledger, workers: Workers, shared_plan: Any, recipe: Any, folder: Path, merged: Dict
+) -> Finish:
+    """Start merging ``recipe`` into ``folder`` and scoring it on validation, or read its
+    outcome back from an interrupted run; ``finish()`` gives the outcome, recorded. In this
+    process the job runs when finished, after every earlier candidate was taken into
+    ``merged``."""
+    model = ledger.candidate(recipe.source)
+    outcome = ledger.outcome(model, plan.validation)
+    if _usable(outcome, merged):
+        return lambda: outcome
+    finish = workers.submit(_merge_and_score, shared_plan, recipe, folder, merged)
+
+    def recorded() -> dict:
+        outcome = finish()
+        ledger.record(model, plan.validation, outcome)
+        return outcome
+
+    return recorded
 
 
 def _folder(work: Path, index: int, out_name: str) -> Path:
@@ -751,7 +761,7 @@ def dry_run_lines(plan: Plan, workers: Optional[Workers] = None) -> List[str]:
     with Ray ``workers``, where the work runs and how much of it at once (the time is measured
     in one task)."""
     workers = workers or Workers()
-    at_once = workers.window
+    at_once, started = workers.at_once, workers.window
     lines = [f"{len(plan.recipes)} candidates for {len(plan.seeds)} {plan.kind} seeds on {plan.base}:"]
     lines += [f"  {candidate.name}" for candidate in plan.recipes]
     lines.append(
@@ -765,8 +775,8 @@ def dry_run_lines(plan: Plan, workers: Optional[Workers] = None) -> List[str]:
             f"ray tasks: {len(plan.seeds)} seed scorings and {len(plan.recipes)} candidates (a merge and a scoring "
             "each) on validation, then 2 scorings on test; OUT's parent must be on storage every node sees"
         )
-    held = "two merges" if at_once == 1 else f"the best merge and {at_once} in flight"
-    megabytes = disk_estimate(plan, at_once) / 1e6
+    held = "two merges" if started == 1 else f"the best merge and {started} started, running or queued"
+    megabytes = disk_estimate(plan, started) / 1e6
     lines.append(f"disk: about {megabytes:,.1f} MB at most while it runs ({held}), then one merge in OUT")
     if isinstance(plan.validation, TaskSplit):
         lines.append(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 from mergekit_seed.errors import UserError
+from mergekit_seed.quiet import quiet_libraries
 
 
 RAY_INSTALL_HINT = "pip install 'mergekit-seed[ray]'"
@@ -24,8 +25,10 @@ Finish = Callable[[], Any]
 
 
 class Workers:
-    """Jobs run in this process, each when its result is asked for (``window`` 1)."""
+    """Jobs run in this process, each when its result is asked for: one at a time, none
+    started ahead (``window``)."""
 
+    at_once = 1
     window = 1
 
     def shared(self, value: Any) -> Any:
@@ -65,16 +68,16 @@ class RaySettings:
 
 def _run_job(function: Callable[..., Any], *args: Any) -> Any:
     """A job inside a Ray worker: other libraries' bars and notices silenced, as select's own."""
-    from mergekit_seed.quiet import quiet_libraries
-
     quiet_libraries()
     return function(*args)
 
 
 class RayWorkers(Workers):
-    """Jobs run as Ray tasks, each asking for ``settings.resources``; ``window`` is how many of
-    them the cluster holds at once. Every worker must see the folders the jobs name (the seeds,
-    the base, and OUT's parent, where candidates are merged)."""
+    """Jobs run as Ray tasks, each asking for ``settings.resources``. ``at_once`` is how many of
+    them the cluster holds at once; twice as many are started (``window``), the rest queued by
+    Ray, so that a task slot whose job finished early is not idle while the sweep waits, in
+    order, for a slower one. Every worker must see the folders the jobs name (the seeds, the
+    base, and OUT's parent, where candidates are merged)."""
 
     def __init__(self, settings: RaySettings):
         try:
@@ -96,8 +99,9 @@ class RayWorkers(Workers):
         self._shared: Dict[int, Any] = {}
         self.cluster = {name: float(ray.cluster_resources().get(name, 0.0)) for name in ("CPU", "GPU")}
         fits = [math.floor(self.cluster[name] / need + 1e-9) for name, need in settings.resources.items()]
-        self.window = min(fits)
-        if self.window < 1:
+        self.at_once = min(fits)
+        self.window = 2 * self.at_once
+        if self.at_once < 1:
             ray.shutdown()
             lacking = next(name for name, fit in zip(settings.resources, fits) if fit < 1)
             raise UserError(
@@ -138,7 +142,7 @@ class RayWorkers(Workers):
         asks = ", ".join(f"{amount:g} {name}" for name, amount in self.settings.resources.items())
         held = ", ".join(f"{self.cluster[name]:g} {name}s" for name in ("CPU", "GPU"))
         where = self.settings.address or "local runtime"
-        return [f"ray: {self.window} tasks at once, each asking for {asks} ({where}: {held})"]
+        return [f"ray: {self.at_once} tasks at once, each asking for {asks} ({where}: {held})"]
 
     def close(self) -> None:
         running = list(self._running)
