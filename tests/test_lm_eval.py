@@ -240,30 +240,19 @@ def test_an_output_path_with_every_model_is_one_argument(harness, tmp_path):
     assert len(report["models"]) == 2 and {entry["task"] for entry in report["tasks"]} == {"tiny_mc"}
 
 
+def _compare_tasks(harness, out: Path, *models, options=()):
+    return run_cli(
+        "mergekit-seed", "compare", *models, "--base", harness["good"], "--tasks", TASKS,
+        "--include-path", harness["tasks"], "--limit", "6", "--batch-size", "1", "--out", out, "--quiet", *options,
+    )  # fmt: skip
+
+
 def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_path):
     """`compare --tasks` on a full model and a PEFT adapter gives the scores lm-eval's own CLI
     gives them (the adapter through lm-eval's peft= argument)."""
     adapter = save_random_lora(harness["good"], tmp_path / "lora", r=4, seed=3)
-    result = run_cli(
-        "mergekit-seed",
-        "compare",
-        harness["other"],
-        adapter,
-        "--base",
-        harness["good"],
-        "--tasks",
-        TASKS,
-        "--include-path",
-        harness["tasks"],
-        "--limit",
-        "6",
-        "--batch-size",
-        "1",
-        "--out",
-        tmp_path / "c",
-        "--quiet",
-        check=True,
-    )
+    result = _compare_tasks(harness, tmp_path / "c", harness["other"], adapter)
+    assert result.returncode == 0, result.stderr
     assert "Pooled over tasks" in result.stdout
     report = compare_json(tmp_path / "c")
     assert set(report["models"]) == {harness["other"].name, adapter.name}  # published by folder name, not path
@@ -299,20 +288,7 @@ def test_the_tasks_route_runs_lm_eval_and_matches_its_command_line(harness, tmp_
     assert all(folder.startswith("lm-eval/") for folder in report["lm_eval_runs"].values())
     (tmp_path / "c" / "lm-eval" / "notes.txt").write_text("mine")
     refused(
-        run_cli(
-            "mergekit-seed",
-            "compare",
-            harness["other"],
-            adapter,
-            "--base",
-            harness["good"],
-            "--tasks",
-            TASKS,
-            "--include-path",
-            harness["tasks"],
-            "--out",
-            tmp_path / "c",
-        ),
+        _compare_tasks(harness, tmp_path / "c", harness["other"], adapter),
         "lm-eval/notes.txt",
         "was not written by it",
     )
@@ -523,13 +499,6 @@ def test_generated_lm_eval_structures_end_in_a_report_or_one_line(harness, tmp_p
         assert "nan" not in (out / "compare.md").read_text().lower()
     else:
         refused(result)
-
-
-def _compare_tasks(harness, out: Path, *models, options=()):
-    return run_cli(
-        "mergekit-seed", "compare", *models, "--base", harness["good"], "--tasks", TASKS,
-        "--include-path", harness["tasks"], "--limit", "6", "--batch-size", "1", "--out", out, "--quiet", *options,
-    )  # fmt: skip
 
 
 def test_lm_evals_own_backend_loads_the_models_with_the_users_arguments(harness, tmp_path):

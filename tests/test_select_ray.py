@@ -51,7 +51,14 @@ def test_more_than_the_cluster_holds_is_one_line(planted, tmp_path, cluster):
 
     with pytest.raises(UserError, match="--gpus-per-task 1: .* has 0 GPUs"):
         select_planted(planted, tmp_path / "out", ray=RaySettings(address=cluster.address, gpus_per_task=1))
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir()) and not ray.is_initialized()
+    ray.init(address=cluster.address)  # a caller's own Ray session is used, and left running
+    try:
+        with pytest.raises(UserError, match="has 0 GPUs"):
+            select_planted(planted, tmp_path / "out", ray=RaySettings(gpus_per_task=1))
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
 
 
 def _select_cli(planted, out, *options):

@@ -87,9 +87,11 @@ class RayWorkers(Workers):
         self._ray = ray
         self.settings = settings
         where = settings.address or "a local Ray runtime"
+        # a caller's own Ray session (select() from Python inside one) is used as it is, and left running
+        self._owned = not ray.is_initialized()
         try:
-            # workers' own output would break up select's progress bar; their errors come back with their results
-            ray.init(address=settings.address, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
+            if self._owned:  # workers' output would break up select's progress bar; errors come back with results
+                ray.init(address=settings.address, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise UserError(
                 f"--ray-address {settings.address}: cannot join that Ray cluster ({_first_line(error)})"
@@ -102,7 +104,7 @@ class RayWorkers(Workers):
         self.at_once = min(fits)
         self.window = 2 * self.at_once
         if self.at_once < 1:
-            ray.shutdown()
+            self._shutdown()
             lacking = next(name for name, fit in zip(settings.resources, fits) if fit < 1)
             raise UserError(
                 f"--{lacking.lower()}s-per-task {settings.resources[lacking]:g}: {where} has "
@@ -152,7 +154,11 @@ class RayWorkers(Workers):
             self._ray.wait(running, num_returns=len(running), timeout=30)
         self._running.clear()
         self._shared.clear()
-        self._ray.shutdown()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._owned:
+            self._ray.shutdown()
 
 
 def workers_for(settings: Optional[RaySettings]) -> Workers:
