@@ -442,7 +442,8 @@ def sweep_validation(
     workers: Optional[Workers] = None,
 ) -> Sweep:
     """Score every seed and every candidate on validation, merging the candidates under
-    ``work`` and keeping only the best so far on disk, with those ``workers`` still run. A
+    ``work`` and keeping only the best so far on disk (and, on Ray ``workers``, the candidates
+    started and not yet taken). A
     candidate whose weight files (and adapter config) are byte for byte an earlier candidate's
     is not chosen in the earlier one's place: it is recorded as the same merge. What ``ledger``'s
     journal holds from an interrupted run is read back instead of done again (the winner is
