@@ -89,7 +89,7 @@ FIGURE_SOURCES = {
     "docs/architecture.md": STARTUP,
     "docs/cli.md": STARTUP,
     "docs/compare.md": STARTUP,
-    "docs/select.md": ["benchmarks/select-bench.json"] + BENCHMARKS,
+    "docs/select.md": ["benchmarks/select-bench.json", "benchmarks/select-scale.json"] + BENCHMARKS,
     "README.md": ["benchmarks/demo-timing.json"],
     "docs/demo.md": [
         "docs/demo-results-default.json",
