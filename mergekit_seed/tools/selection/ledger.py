@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_seed.output import ResumeJournal
 from mergekit_seed.references.hub import local_folder
@@ -54,16 +54,6 @@ class Ledger:
             "recipe": recipe_source,
             "inputs": {reference: self._identity(reference) for reference in self._inputs},
         }
-
-    def score(self, model: dict, split: Any, compute: Callable[[], Score]) -> Score:
-        """``compute()`` (the scoring of ``model`` on ``split``), or what an interrupted run
-        recorded for it."""
-        recorded = self.recorded(model, split)
-        if recorded is not None:
-            return recorded
-        figure, values = compute()
-        self.keep(model, split, (figure, values))
-        return figure, values
 
     def recorded(self, model: dict, split: Any) -> Optional[Score]:
         """The scoring of ``model`` on ``split`` that an interrupted run recorded (None when none)."""

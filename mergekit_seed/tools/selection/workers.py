@@ -93,9 +93,12 @@ class RayWorkers(Workers):
             if self._owned:  # workers' output would break up select's progress bar; errors come back with results
                 ray.init(address=settings.address, log_to_driver=False, include_dashboard=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise UserError(
-                f"--ray-address {settings.address}: cannot join that Ray cluster ({_first_line(error)})"
-            ) from None
+            what = (
+                f"--ray-address {settings.address}: cannot join that Ray cluster"
+                if settings.address
+                else "--ray: cannot start a local Ray runtime"
+            )
+            raise UserError(f"{what} ({_first_line(error)})") from None
         self._remote = ray.remote(_run_job)
         self._running: Dict[Any, None] = {}
         self._shared: Dict[int, Any] = {}
