@@ -64,27 +64,9 @@ def evaluate_models(
     for index, name in enumerate(models):
         model, how = _model_for_lm_eval(HFLM, name, base, tokenizer, device, batch_size, kept, backend)
         tracker = EvaluationTracker(output_path=str(staged_path(out)))
+        settings = {"num_fewshot": num_fewshot, "limit": limit, "evaluation_tracker": tracker, "task_manager": manager}
         try:
-            results = simple_evaluate(
-                **how,
-                tasks=list(tasks),
-                num_fewshot=num_fewshot,
-                limit=limit,
-                log_samples=True,
-                evaluation_tracker=tracker,
-                task_manager=manager,
-            )
-        except ImportError as error:
-            if backend is None:
-                raise
-            # a backend whose own package is missing (vllm): lm-eval imports it when the backend is built
-            raise UserError(f"--lm-eval-model {backend.model}: {str(error).splitlines()[0]}") from None
-        except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline or not
-            raise UserError(
-                f"--tasks {','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]}); "
-                "run once with network access so that the datasets cache holds it, then offline runs read it from "
-                "there"
-            ) from None
+            results = _simple_evaluate(simple_evaluate, how, tasks, backend, settings)
         finally:
             if kept is not None and model is not None:
                 kept.take_off(model)
@@ -94,6 +76,24 @@ def evaluate_models(
         del model, how
         gc.collect()
     return folders
+
+
+def _simple_evaluate(simple_evaluate, how: Dict[str, Any], tasks: Sequence[str], backend, settings: dict):
+    """lm-eval's ``simple_evaluate`` of the model ``how`` names on ``tasks`` (with
+    ``log_samples``), a missing backend package or an unreachable dataset one line."""
+    try:
+        return simple_evaluate(**how, tasks=list(tasks), log_samples=True, **settings)
+    except ImportError as error:
+        if backend is None:
+            raise
+        # a backend whose own package is missing (vllm): lm-eval imports it when the backend is built
+        raise UserError(f"--lm-eval-model {backend.model}: {str(error).splitlines()[0]}") from None
+    except ConnectionError as error:  # datasets' "Couldn't reach ... on the Hub", offline or not
+        raise UserError(
+            f"--tasks {','.join(tasks)}: lm-eval could not fetch a task's dataset ({str(error).splitlines()[0]}); "
+            "run once with network access so that the datasets cache holds it, then offline runs read it from "
+            "there"
+        ) from None
 
 
 def _model_for_lm_eval(hf_lm, name, base, tokenizer, device, batch_size, kept, backend) -> Tuple[Any, Dict[str, Any]]:

@@ -394,17 +394,7 @@ def plan_selection(
         raise UserError("select needs at least two seeds")
     checked_reference(base, "--base")
     kind = seed_kind(seeds)
-    if methods is None:
-        methods = [m for m in default_methods() if kind != "sera" or our_method(m)]
-    check_methods(methods, kind)
-    user_grid = None if grid is None else read_grid(grid)
-    strays = [method for method in user_grid or {} if method not in methods]
-    if strays:
-        raise UserError(
-            f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or "
-            "drop it from the grid"
-        )
-    found = candidates(methods, default_grid() if user_grid is None else user_grid)
+    found = _grid_candidates(methods, grid, kind)
     validation_split, test_split = (
         split if isinstance(split, TaskSplit) else read_split(Path(split), group_by) for split in (validation, test)
     )
@@ -429,6 +419,22 @@ def plan_selection(
         scorer=scorer,
         grid_path=grid,
     )
+
+
+def _grid_candidates(methods: Optional[Sequence[str]], grid: Optional[Path], kind: str) -> List[Candidate]:
+    """The candidates of ``methods`` (default: every method that reads seeds of ``kind``) over
+    ``grid`` (default: each method's own grid), both checked."""
+    if methods is None:
+        methods = [m for m in default_methods() if kind != "sera" or our_method(m)]
+    check_methods(methods, kind)
+    user_grid = None if grid is None else read_grid(grid)
+    strays = [method for method in user_grid or {} if method not in methods]
+    if strays:
+        raise UserError(
+            f"{grid}: names {', '.join(strays)}, which --methods ({', '.join(methods)}) leaves out; add it there or "
+            "drop it from the grid"
+        )
+    return candidates(methods, default_grid() if user_grid is None else user_grid)
 
 
 def sweep_validation(
