@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import SIZES, build_models, machine  # noqa: E402
+from select_sweep import jsonl_splits  # noqa: E402
 
 
 def models_and_splits(root: Path, size: str):
@@ -45,15 +46,7 @@ def models_and_splits(root: Path, size: str):
     base, _, loras, parameters = build_models(root / "models", size, 3)
     char_tokenizer(CharVocabulary()).save_pretrained(str(base))
     _, validation, test = experiment_data(DemoConfig.for_mode(quick=True), 0)
-    splits = []
-    for name, examples in (("validation", validation), ("test", test)):
-        path = root / f"{name}.jsonl"
-        path.write_text(
-            "".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "group": e.skill}) + "\n" for e in examples),
-            encoding="utf-8",
-        )
-        splits.append(path)
-    return base, loras, parameters, *splits
+    return base, loras, parameters, *jsonl_splits(root, validation, test)
 
 
 def counting_base_loads(base: Path):

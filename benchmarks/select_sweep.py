@@ -43,6 +43,12 @@ def demo_lora_seeds(root: Path):
     for index in range(SEED_COUNT):
         seeds.append(root / f"seed{index}")
         finetune(base, seeds[-1], train, config.finetune["lora"], index, vocabulary, quiet=True)
+    return base, seeds, *jsonl_splits(root, validation, test)
+
+
+def jsonl_splits(root: Path, validation, test) -> list:
+    """The demo's validation and test examples as compare's JSONL rows, each skill its group:
+    ``root/validation.jsonl`` and ``root/test.jsonl``."""
     splits = []
     for name, examples in (("validation", validation), ("test", test)):
         path = root / f"{name}.jsonl"
@@ -51,7 +57,7 @@ def demo_lora_seeds(root: Path):
             encoding="utf-8",
         )
         splits.append(path)
-    return base, seeds, *splits
+    return splits
 
 
 def by_hand(plan, work: Path) -> dict:
