@@ -521,6 +521,7 @@ def test_lm_evals_own_backend_loads_the_models_with_the_users_arguments(harness,
     for options, fragments in [
         (("--model-args", "pretrained=/elsewhere"), ["--model-args pretrained=", "leave it out"]),
         (("--model-args", "dtype"), ["'dtype' is not KEY=VALUE"]),
+        (("--model-args", "token=hf_abcdefgh"), ["--model-args token=...", "HF_TOKEN"]),
         (("--lm-eval-model", "no_such_backend"), ["--lm-eval-model no_such_backend"]),
     ]:
         refused(_compare_tasks(harness, tmp_path / "no", harness["other"], adapter, options=options), *fragments)

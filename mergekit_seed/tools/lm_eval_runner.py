@@ -111,6 +111,8 @@ def _model_for_lm_eval(hf_lm, name, base, tokenizer, device, batch_size, kept, b
 ADAPTER_ARGUMENTS = {"hf": "peft", "vllm": "lora_local_path"}
 # what the scored model sets itself, once per model: the rest of --model-args is lm-eval's
 OWN_ARGUMENTS = ("pretrained", "peft", "lora_local_path", "tokenizer", "batch_size", "device")
+# credentials: --model-args are recorded in select.json, the card and lm-eval's files
+SECRET_ARGUMENTS = ("token", "use_auth_token", "api_key", "hf_token")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,12 @@ class LmEvalBackend:
             get_model(self.model)
         except (ValueError, KeyError, ImportError) as error:
             raise UserError(f"--lm-eval-model {self.model}: {str(error).splitlines()[0]}") from None
+        secret = [key for key in self.user_arguments if key in SECRET_ARGUMENTS]
+        if secret:
+            raise UserError(
+                f"--model-args {secret[0]}=...: it would be written into the record and the card; set HF_TOKEN in the "
+                "environment instead (its value is never published)"
+            )
         taken = [key for key in self.user_arguments if key in OWN_ARGUMENTS]
         if taken:
             raise UserError(
