@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import refused, run_cli, select_planted
+from conftest import refused, run_cli, select_planted, tree_hashes
 
 from mergekit_seed.references.weights import weight_file_hashes
 from mergekit_seed.tools.selection.workers import RaySettings
@@ -35,6 +35,7 @@ def cluster():
 def test_a_sweep_on_a_two_node_cluster_gives_the_sequential_record(planted, tmp_path, cluster):
     settings = {"methods": METHODS, "metric": "prefix_match", "versus_mean_seed": True, "warn": lambda _m: None}
     sequential = select_planted(planted, tmp_path / "sequential", **settings)
+    inputs = tree_hashes(planted[0])  # the seeds, the base and the splits
     lines = []
     spread = select_planted(
         planted, tmp_path / "ray", echo=lines.append, ray=RaySettings(address=cluster.address), **settings
@@ -44,6 +45,7 @@ def test_a_sweep_on_a_two_node_cluster_gives_the_sequential_record(planted, tmp_
     assert (tmp_path / "ray" / "select.json").read_bytes() == (tmp_path / "sequential" / "select.json").read_bytes()
     assert weight_file_hashes(tmp_path / "ray") == weight_file_hashes(tmp_path / "sequential")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ray", "sequential"]  # no staging, no journal
+    assert tree_hashes(planted[0]) == inputs  # the tasks wrote nothing beside OUT's staging
 
 
 def test_more_than_the_cluster_holds_is_one_line(planted, tmp_path, cluster):
